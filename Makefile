@@ -1,0 +1,53 @@
+# Every install step lives here: a fresh machine needs only Python 3.11 and make.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+ADDRESS ?= 127.0.0.1:8080
+
+.PHONY: install run serve test test-pg lint format bench clean
+
+$(BIN)/activate:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or make PYTHON=python3)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip uv
+
+$(VENV)/.installed: $(BIN)/activate requirements.txt requirements-dev.txt
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -r requirements-dev.txt
+	@touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	DEBUG=$${DEBUG:-1} $(BIN)/python manage.py migrate --noinput
+	DEBUG=$${DEBUG:-1} $(BIN)/python manage.py runserver $(ADDRESS)
+
+# Production-style: uvicorn with lifespan (graceful shutdown on SIGTERM), listening on ADDRESS.
+# Set SECRET_KEY (and DEBUG stays off). Client addresses come from TRUSTED_PROXIES, not uvicorn.
+serve: install
+	$(BIN)/python manage.py migrate --noinput
+	$(BIN)/python -m uvicorn turbo_site.asgi:application --host $(word 1,$(subst :, ,$(ADDRESS))) \
+		--port $(word 2,$(subst :, ,$(ADDRESS))) --lifespan on --no-proxy-headers --no-access-log
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The second leg: the same suite on Postgres + Redis.
+test-pg: install
+	DB_ADDRESS=$${DB_ADDRESS:-postgresql://postgres@127.0.0.1:5432/test} \
+	REDIS_ADDRESS=$${REDIS_ADDRESS:-redis://127.0.0.1:6379/0} \
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Benchmarks (not tests): the proxy's overhead, direct vs through Turbo. ARGS=--quick for a short run.
+bench: install
+	$(BIN)/python -m bench.proxy_overhead $(ARGS)
+
+lint: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache

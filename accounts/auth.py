@@ -1,0 +1,162 @@
+"""Where a request's token comes from, and the one authentication path for HTTP and WebSocket.
+
+Sources, first match wins: `Authorization: Bearer <token>`, HTTP Basic whose password is the token,
+the `sess` cookie, and (WebSocket handshakes only) a `token` query parameter. A cookie is sent by
+browsers on their own, so unsafe requests it authenticates must come from an allowed origin.
+"""
+
+import base64
+import binascii
+from urllib.parse import urlsplit
+
+from django.conf import settings
+from rest_framework import authentication, exceptions
+
+from accounts.services import AuthSession, asession_lookup, session_lookup
+from turbo_site.core.http import mark_event
+
+COOKIE_NAME = "sess"
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+def token_from_headers(authorization: str, cookies: dict) -> tuple[str | None, str | None]:
+    """(token, source) from an Authorization header value and the cookies; source names where it came from."""
+    scheme, _, credentials = authorization.strip().partition(" ")
+    scheme = scheme.lower()
+    credentials = credentials.strip()
+    if scheme == "bearer" and credentials:
+        return credentials, "bearer"
+    if scheme == "basic" and credentials:
+        try:
+            decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return None, None
+        _, _, password = decoded.partition(":")  # the username part is not used
+        if password:
+            return password, "basic"
+        return None, None
+    cookie = cookies.get(COOKIE_NAME, "")
+    if cookie:
+        return cookie, "cookie"
+    return None, None
+
+
+def token_from_request(request) -> tuple[str | None, str | None]:
+    return token_from_headers(request.META.get("HTTP_AUTHORIZATION", ""), request.COOKIES)
+
+
+def _origin_of(url: str) -> str | None:
+    parts = urlsplit(url)
+    if not parts.scheme or not parts.netloc:
+        return None
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def origin_allowed(origin: str | None, host_origin: str | None) -> bool:
+    """Is a browser origin this server itself or on the CORS allow-list? No origin means no browser."""
+    if origin is None:
+        return True
+    origin = origin.strip().lower()
+    if not origin or origin == "null":
+        return False
+    allowed = {o.lower().rstrip("/") for o in settings.CORS_ALLOWED_ORIGINS}
+    return origin == host_origin or origin in allowed
+
+
+def request_origin_allowed(request) -> bool:
+    """The CSRF rule for cookie-authenticated requests: Origin (or Referer) must be ours or allowed."""
+    origin = request.META.get("HTTP_ORIGIN")
+    if origin is None and request.META.get("HTTP_REFERER"):
+        origin = _origin_of(request.META["HTTP_REFERER"]) or "null"
+    if origin is None and request.META.get("HTTP_SEC_FETCH_SITE") == "cross-site":
+        return False
+    try:
+        host_origin = f"{request.scheme}://{request.get_host()}".lower()
+    except Exception:  # DisallowedHost: no origin can match it
+        host_origin = None
+    return origin_allowed(origin, host_origin)
+
+
+class CrossSiteRefused(exceptions.PermissionDenied):
+    default_detail = "cross-site request refused: the Origin is not allowed"
+
+
+class TokenAuthentication(authentication.BaseAuthentication):
+    """DRF authentication over Turbo sessions; `request.auth` is the AuthSession."""
+
+    def authenticate(self, request) -> tuple | None:
+        token, source = token_from_request(request._request)
+        if token is None:
+            return None
+        found: AuthSession | None = session_lookup(token)
+        if found is None:
+            raise exceptions.AuthenticationFailed("invalid, expired or revoked token")
+        if source == "cookie" and request.method not in SAFE_METHODS and not request_origin_allowed(request):
+            raise CrossSiteRefused()
+        mark_event(request, user_id=found.user.pk)
+        return found.user, found
+
+    def authenticate_header(self, request) -> str:
+        return 'Bearer realm="turbo"'
+
+
+class AuthRefused(Exception):
+    """Why a request may not proceed, for views outside DRF (the proxy, async chat views)."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+async def aauthenticate(request) -> AuthSession:
+    """The caller's session, for async views; the same rules as TokenAuthentication."""
+    token, source = token_from_request(request)
+    if token is None:
+        raise AuthRefused(401, "unauthorized", "no token: send Authorization: Bearer <token> or the sess cookie")
+    found = await asession_lookup(token)
+    if found is None:
+        raise AuthRefused(401, "unauthorized", "invalid, expired or revoked token")
+    if source == "cookie" and request.method not in SAFE_METHODS and not request_origin_allowed(request):
+        raise AuthRefused(403, "forbidden", "cross-site request refused: the Origin is not allowed")
+    request.turbo_user_id = found.user.pk
+    return found
+
+
+def _scope_headers(scope) -> dict[str, str]:
+    return {name.decode("latin1").lower(): value.decode("latin1") for name, value in scope.get("headers", [])}
+
+
+async def aauthenticate_websocket(scope) -> AuthSession:
+    """The session of a WebSocket handshake: `token` query parameter, Authorization header or cookie.
+
+    A browser always sends Origin on a WebSocket handshake; it must be this server or an allowed origin,
+    so that a foreign page cannot ride on the cookie (cross-site WebSocket hijacking).
+    """
+    from http.cookies import SimpleCookie
+    from urllib.parse import parse_qs
+
+    headers = _scope_headers(scope)
+    origin = headers.get("origin")
+    scheme = "https" if scope.get("scheme") in ("wss", "https") else "http"
+    host = headers.get("host", "")
+    if origin is not None and not origin_allowed(origin, f"{scheme}://{host}".lower()):
+        raise AuthRefused(403, "forbidden", "cross-site WebSocket refused: the Origin is not allowed")
+    query = parse_qs(scope.get("query_string", b"").decode("latin1"))
+    token = (query.get("token") or [""])[0].strip()
+    if not token:
+        cookies = SimpleCookie()
+        try:
+            cookies.load(headers.get("cookie", ""))
+        except Exception:
+            cookies = SimpleCookie()
+        token, _ = token_from_headers(
+            headers.get("authorization", ""), {key: morsel.value for key, morsel in cookies.items()}
+        )
+    if not token:
+        raise AuthRefused(401, "unauthorized", "no token: pass ?token=<token> or the sess cookie")
+    found = await asession_lookup(token)
+    if found is None:
+        raise AuthRefused(401, "unauthorized", "invalid, expired or revoked token")
+    return found

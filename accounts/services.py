@@ -1,0 +1,311 @@
+"""Users and their login sessions.
+
+Tokens are random strings shown to the client once; the database keeps only their SHA-256. A token
+lookup is cached for SESSION_CACHE_SECONDS, and every revocation deletes the cached entry, so a
+revoked token stops working at once (in every process when the cache is Redis).
+"""
+
+import hashlib
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+import jwt
+from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
+from django.conf import settings
+from django.contrib.auth import password_validation
+from django.contrib.auth.hashers import check_password, make_password
+from django.core.cache import cache, caches
+from django.core.cache.backends.locmem import LocMemCache
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from accounts.models import Session, User
+from accounts.throttle import login_throttle_check, login_throttle_fail, login_throttle_reset
+from turbo_site.core.errors import Conflict, Invalid, NotFound, Unauthorized
+
+CACHE_PREFIX = "session:"
+# A hash to compare against when the username is unknown, so both failures take the same time.
+_DUMMY_PASSWORD_HASH = None
+
+
+@dataclass(frozen=True)
+class AuthSession:
+    """What a valid token resolves to: the session's id and its user."""
+
+    session_id: uuid.UUID
+    user: User
+    expires_at: datetime
+    kind: str
+    token_hash: str
+
+
+def _jwt_key() -> bytes:
+    """JWTs are signed with a key derived from SECRET_KEY, never with SECRET_KEY itself."""
+    return hashlib.sha256(f"turbo-jwt:{settings.SECRET_KEY}".encode()).digest()
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _cache_key(hashed: str) -> str:
+    return CACHE_PREFIX + hashed
+
+
+def _forget(hashes) -> None:
+    """Drop cached lookups now and again after commit, so no request re-caches the old row."""
+    keys = [_cache_key(h) for h in hashes]
+    if keys:
+        cache.delete_many(keys)
+        transaction.on_commit(lambda: cache.delete_many(keys))
+
+
+# --- sessions -------------------------------------------------------------------------------------
+
+
+def session_create(
+    *, user: User, kind: str = "token", client_ip: str | None = None, user_agent: str = ""
+) -> tuple[Session, str]:
+    """Start a login for `user`; returns the session and its token (the only time it is seen)."""
+    now = timezone.now()
+    session_id = uuid.uuid4()
+    if kind == "jwt":
+        expires_at = now + settings.JWT_TTL
+        claims = {"sub": str(user.pk), "sid": str(session_id), "iat": now, "exp": expires_at}
+        token = jwt.encode(claims, _jwt_key(), algorithm="HS256")
+    else:
+        expires_at = now + settings.SESSION_TTL
+        token = secrets.token_urlsafe(32)
+    session = Session.objects.create(
+        id=session_id,
+        user=user,
+        kind=kind,
+        token_hash=token_hash(token),
+        expires_at=expires_at,
+        last_used_at=now,
+        client_ip=client_ip,
+        user_agent=(user_agent or "")[:256],
+    )
+    return session, token
+
+
+def _looks_like_jwt(token: str) -> bool:
+    return token.count(".") == 2
+
+
+def _token_acceptable(token: str) -> bool:
+    if not token or len(token) > 4096:
+        return False
+    if _looks_like_jwt(token):
+        try:
+            jwt.decode(token, _jwt_key(), algorithms=["HS256"], options={"require": ["exp", "sid"]})
+        except jwt.PyJWTError:
+            return False
+    return True
+
+
+def _session_from_db(hashed: str) -> AuthSession | None:
+    now = timezone.now()
+    session = (
+        Session.objects.select_related("user")
+        .filter(token_hash=hashed, revoked_at__isnull=True, expires_at__gt=now, user__is_active=True)
+        .first()
+    )
+    if session is None:
+        return None
+    # Written at most once per cache period, not on every request.
+    Session.objects.filter(pk=session.pk).update(last_used_at=now)
+    return AuthSession(session.id, session.user, session.expires_at, session.kind, hashed)
+
+
+def _still_valid(found: AuthSession | None) -> AuthSession | None:
+    if found is None or found.expires_at <= timezone.now():
+        return None
+    return found
+
+
+def session_lookup(token: str) -> AuthSession | None:
+    """The live session for `token`, or None if it is unknown, expired or revoked."""
+    if not _token_acceptable(token):
+        return None
+    hashed = token_hash(token)
+    key = _cache_key(hashed)
+    found = cache.get(key)
+    if found is None:
+        found = _session_from_db(hashed)
+        if found is not None:
+            cache.set(key, found, settings.SESSION_CACHE_SECONDS)
+    return _still_valid(found)
+
+
+async def asession_lookup(token: str) -> AuthSession | None:
+    """session_lookup for async code: a cache hit costs no thread hop and no query."""
+    if not _token_acceptable(token):
+        return None
+    hashed = token_hash(token)
+    key = _cache_key(hashed)
+    found = await _cache_call(cache.get, key)
+    if found is None:
+        found = await database_sync_to_async(_session_from_db)(hashed)
+        if found is not None:
+            await _cache_call(cache.set, key, found, settings.SESSION_CACHE_SECONDS)
+    return _still_valid(found)
+
+
+async def _cache_call(method, *args):
+    """A cache call from async code without funnelling every request through Django's one sync thread.
+
+    The in-process cache answers from memory at once; a network cache (Redis) runs in the thread pool.
+    """
+    if isinstance(caches["default"], LocMemCache):
+        return method(*args)
+    return await sync_to_async(method, thread_sensitive=False)(*args)
+
+
+def session_revoke(*, session_id: uuid.UUID) -> None:
+    """End one session now."""
+    hashes = list(Session.objects.filter(pk=session_id).values_list("token_hash", flat=True))
+    Session.objects.filter(pk=session_id, revoked_at__isnull=True).update(revoked_at=timezone.now())
+    _forget(hashes)
+
+
+def sessions_revoke_all(*, user_id: uuid.UUID, except_session_id: uuid.UUID | None = None) -> int:
+    """End every session of a user (but one, if given). Returns how many were ended."""
+    active = Session.objects.filter(user_id=user_id, revoked_at__isnull=True)
+    if except_session_id is not None:
+        active = active.exclude(pk=except_session_id)
+    hashes = list(active.values_list("token_hash", flat=True))
+    count = active.update(revoked_at=timezone.now())
+    _forget(hashes)
+    return count
+
+
+def session_cache_forget_user(*, user_id: uuid.UUID) -> None:
+    """Drop cached lookups of a user's sessions, so the next request sees the user as saved now."""
+    _forget(Session.objects.filter(user_id=user_id, revoked_at__isnull=True).values_list("token_hash", flat=True))
+
+
+# --- users ----------------------------------------------------------------------------------------
+
+
+def _check_password_strength(password: str, user: User | None = None) -> None:
+    if not password:
+        raise Invalid("password: may not be empty", code="invalid")
+    try:
+        password_validation.validate_password(password, user)
+    except DjangoValidationError as exc:
+        raise Invalid("password: " + " ".join(exc.messages)) from exc
+
+
+def _username_taken(username: str, *, exclude_id: uuid.UUID | None = None) -> bool:
+    users = User.objects.filter(username__iexact=username)
+    if exclude_id is not None:
+        users = users.exclude(pk=exclude_id)
+    return users.exists()
+
+
+@transaction.atomic
+def user_create(
+    *,
+    username: str,
+    password: str,
+    first_name: str = "",
+    last_name: str = "",
+    group_name: str = "",
+) -> User:
+    """Create a user and their first group ("Personal" unless named), all or nothing."""
+    from groups.services import group_create  # signup is the one flow that reaches into groups
+
+    _check_password_strength(password)
+    if _username_taken(username):
+        raise Conflict(f"username {username!r} is already taken", code="username_taken")
+    if not first_name and "@" in username:
+        first_name = username.split("@", 1)[0][:150]
+    user = User(username=username, first_name=first_name, last_name=last_name)
+    user.set_password(password)
+    try:
+        with transaction.atomic():
+            user.save()
+    except IntegrityError as exc:  # lost a race for the same username
+        raise Conflict(f"username {username!r} is already taken", code="username_taken") from exc
+    group_create(owner=user, name=group_name or "Personal")
+    return user
+
+
+def user_authenticate(*, username: str, password: str, client_ip: str | None) -> User:
+    """The user with these credentials, or Unauthorized (the same for unknown user and wrong password)."""
+    global _DUMMY_PASSWORD_HASH
+    login_throttle_check(username=username, client_ip=client_ip)
+    user = User.objects.filter(username__iexact=username).first()
+    if user is None:
+        if _DUMMY_PASSWORD_HASH is None:
+            _DUMMY_PASSWORD_HASH = make_password(secrets.token_urlsafe(16))
+        check_password(password, _DUMMY_PASSWORD_HASH)
+        valid = False
+    else:
+        valid = user.check_password(password) and user.is_active
+    if not valid:
+        login_throttle_fail(username=username, client_ip=client_ip)
+        raise Unauthorized("invalid username or password", code="invalid_credentials")
+    login_throttle_reset(username=username)
+    return user
+
+
+def user_get(*, user_id) -> User:
+    user = User.objects.filter(pk=user_id).first()
+    if user is None:
+        raise NotFound("user not found")
+    return user
+
+
+@transaction.atomic
+def user_update(
+    *, user: User, first_name: str | None = None, last_name: str | None = None, username: str | None = None
+) -> User:
+    """Change a user's own profile; only the fields given change."""
+    if username is not None and username != user.username:
+        if _username_taken(username, exclude_id=user.pk):
+            raise Conflict(f"username {username!r} is already taken", code="username_taken")
+        user.username = username
+    if first_name is not None:
+        user.first_name = first_name
+    if last_name is not None:
+        user.last_name = last_name
+    try:
+        with transaction.atomic():
+            user.save()
+    except IntegrityError as exc:
+        raise Conflict(f"username {username!r} is already taken", code="username_taken") from exc
+    return user
+
+
+@transaction.atomic
+def user_password_change(
+    *, user: User, session_id: uuid.UUID, old_password: str, new_password: str, client_ip: str | None
+) -> None:
+    """Set a new password after checking the old one; every other session of the user ends."""
+    login_throttle_check(username=user.username, client_ip=client_ip)
+    if not user.check_password(old_password):
+        login_throttle_fail(username=user.username, client_ip=client_ip)
+        raise Unauthorized("old password is wrong", code="invalid_credentials")
+    _check_password_strength(new_password, user)
+    user.set_password(new_password)
+    user.save(update_fields=["password"])
+    sessions_revoke_all(user_id=user.pk, except_session_id=session_id)
+
+
+@transaction.atomic
+def user_password_reset(*, username: str, password: str) -> User:
+    """An operator sets a user's password; all of that user's sessions end."""
+    user = User.objects.filter(username__iexact=username).first()
+    if user is None:
+        raise NotFound(f"no user named {username!r}")
+    _check_password_strength(password, user)
+    user.set_password(password)
+    user.save(update_fields=["password"])
+    sessions_revoke_all(user_id=user.pk)
+    return user

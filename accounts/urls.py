@@ -1,0 +1,15 @@
+from django.urls import path
+
+from accounts import api
+
+urlpatterns = [
+    path("user/signup", api.SignupView.as_view()),
+    path("user/login", api.LoginView.as_view()),
+    path("user/logout", api.LogoutView.as_view()),
+    path("user/session", api.SessionView.as_view()),
+    path("user/read", api.UserReadView.as_view()),
+    path("user/update", api.UserUpdateView.as_view()),
+    path("user/password/update", api.PasswordUpdateView.as_view()),
+    path("api/users/register", api.RegisterView.as_view()),
+    path("api/users/login", api.JwtLoginView.as_view()),
+]

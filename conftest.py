@@ -1,0 +1,177 @@
+"""Shared fixtures: a real ASGI server on a loopback socket, and real HTTP clients against it."""
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from django.core.cache import cache
+
+
+@pytest.fixture(autouse=True)
+def _clean_cache(request):
+    """Rate-limit counters, cached sessions and queued events must not leak from one test into the next."""
+    cache.clear()
+    yield
+    if request.node.get_closest_marker("django_db"):
+        from proxy.events import events_flush
+
+        events_flush()
+
+
+class LiveServer:
+    """uvicorn serving turbo_site.asgi in a background thread, on a port the OS picks."""
+
+    def __init__(self):
+        from turbo_site.asgi import application
+
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind(("127.0.0.1", 0))
+        self.port = self.socket.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            application, log_level="warning", lifespan="off", ws="websockets-sansio", proxy_headers=False
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        asyncio.run(self.server.serve(sockets=[self.socket]))
+
+    def start(self):
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the test server failed to start")
+            threading.Event().wait(0.01)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def turbo_server(django_db_setup, django_db_blocker):
+    server = LiveServer()
+    server.start()
+    yield server
+    server.stop()
+    from django.db import connections
+
+    from proxy.events import events_flush, events_shutdown
+
+    with django_db_blocker.unblock():
+        events_flush()
+        events_shutdown(flush=False)  # nothing may be written once the test database is gone
+        connections.close_all()
+
+
+@pytest.fixture
+def client(turbo_server):
+    """An HTTP client for the live server, like curl would be: it keeps no cookies between calls."""
+    jar = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+    with httpx.Client(base_url=turbo_server.url, timeout=30, cookies=jar) as http:
+        yield http
+
+
+def unique_name(prefix: str = "user") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def signup(client):
+    """Sign a new user up over HTTP; returns (token, user JSON, password)."""
+
+    def _signup(username: str | None = None, password: str = "correct-horse", **extra):
+        username = username or unique_name()
+        response = client.post("/user/signup", data={"username": username, "password": password, **extra})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        return body["token"], body["user"], password
+
+    return _signup
+
+
+@pytest.fixture
+def paused_event_writer():
+    """The event writer stopped: whatever is recorded stays queued until events_flush()."""
+    from proxy.events import events_writer_pause, events_writer_resume
+
+    events_writer_pause()
+    yield
+    events_writer_resume()
+
+
+# --- operator commands, run as an operator would: `manage.py ...` in a subprocess ----------------
+
+PROJECT_ROOT = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="session")
+def cli_env(tmp_path_factory):
+    """Environment for `manage.py` subprocesses: DEBUG and a migrated SQLite database of their own."""
+    database = tmp_path_factory.mktemp("cli") / "t.db"
+    env = {
+        **os.environ,
+        "DEBUG": "1",
+        "DB_ADDRESS": f"sqlite:///{database}",
+        "DJANGO_SETTINGS_MODULE": "turbo_site.test_settings",
+    }
+    env.pop("REDIS_ADDRESS", None)
+    migrate = subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--noinput", "-v0"], cwd=PROJECT_ROOT, env=env, capture_output=True
+    )
+    assert migrate.returncode == 0, migrate.stderr
+    return env
+
+
+def run_manage(env, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "manage.py", *args], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def run_python(env, code: str, *args: str) -> str:
+    """Run Django code against the subprocess database; returns its stdout."""
+    script = "import django; django.setup()\n" + code
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+# --- the fake OpenAI-compatible upstream -----------------------------------------------------------
+
+SERVER_KEY = "sk-server-side-key"
+FAKE_HEADERS = ["x-fake-scenario", "x-fake-delay", "x-fake-chunk-delay", "x-fake-tool", "x-fake-tool-args"]
+
+
+@pytest.fixture(scope="session")
+def fake_upstream():
+    from turbo_site.testing.fake_upstream import FakeUpstream
+
+    fake = FakeUpstream()
+    fake.start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def upstream(fake_upstream, settings):
+    """Turbo pointed at a fresh fake upstream, with a server-side key."""
+    fake_upstream.reset()
+    settings.OPENAI_API_URL = fake_upstream.url + "/v1"
+    settings.OPENAI_API_KEY = SERVER_KEY
+    settings.PROXY_FORWARD_HEADERS = FAKE_HEADERS
+    yield fake_upstream
+    fake_upstream.release()  # never leave a gated response hanging

@@ -1,0 +1,27 @@
+"""ASGI entry point: HTTP goes to Django, WebSockets to Channels consumers."""
+
+import os
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "turbo_site.settings")
+
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
+from django.core.asgi import get_asgi_application  # noqa: E402
+
+# /static/ (the admin's CSS and JS) is answered from the apps' files; every other path goes straight
+# to Django, so the async views (proxy, streams) never pass through sync-only code.
+django_application = ASGIStaticFilesHandler(get_asgi_application())
+
+from chats.routing import websocket_urlpatterns as chat_websockets  # noqa: E402
+from proxy.routing import websocket_urlpatterns as rpc_websockets  # noqa: E402
+from turbo_site.lifespan import lifespan  # noqa: E402
+
+# Consumers check the Origin themselves (accounts.auth.aauthenticate_websocket): this server, or
+# CORS_ALLOWED_ORIGINS; a client that sends none (not a browser) is judged by its token alone.
+application = ProtocolTypeRouter(
+    {
+        "http": django_application,
+        "websocket": URLRouter(chat_websockets + rpc_websockets),
+        "lifespan": lifespan,
+    }
+)

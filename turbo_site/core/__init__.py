@@ -1,0 +1,1 @@
+"""Plain shared code (errors, HTTP helpers, middleware) that imports no Turbo app."""

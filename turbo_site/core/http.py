@@ -1,0 +1,50 @@
+"""Small HTTP helpers shared by every app."""
+
+import ipaddress
+
+from django.conf import settings
+
+
+def _valid_ip(value: str) -> str | None:
+    value = value.strip()
+    if value.startswith("[") and "]" in value:
+        value = value[1 : value.index("]")]
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        return None
+
+
+def client_ip_from(remote_addr: str | None, forwarded_for: str | None) -> str | None:
+    """The caller's address: X-Forwarded-For is believed only when the peer is a trusted proxy.
+
+    Walks the forwarded chain from the right and stops at the first address that is not one of
+    our own proxies, so a client cannot spoof its address by sending the header itself.
+    """
+    peer = _valid_ip(remote_addr or "")
+    trusted = set(settings.TRUSTED_PROXIES)
+    if not peer or peer not in trusted or not forwarded_for:
+        return peer
+    for hop in reversed(forwarded_for.split(",")):
+        address = _valid_ip(hop)
+        if address is None:
+            break
+        if address not in trusted:
+            return address
+    return peer
+
+
+def client_ip(request) -> str | None:
+    return client_ip_from(request.META.get("REMOTE_ADDR"), request.META.get("HTTP_X_FORWARDED_FOR"))
+
+
+def mark_event(request, *, event_type: str | None = None, user_id=None) -> None:
+    """Tell the event log what this request was (login, signup, ...) and who made it.
+
+    Takes a DRF Request or a Django HttpRequest; the mark lands on the HttpRequest the middleware sees.
+    """
+    target = getattr(request, "_request", request)
+    if event_type is not None:
+        target.turbo_event_type = event_type
+    if user_id is not None:
+        target.turbo_user_id = user_id

@@ -1,0 +1,285 @@
+"""Turbo's settings: every knob comes from an environment variable (see the README's table)."""
+
+import os
+import re
+from datetime import timedelta
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_str(name: str, default: str = "") -> str:
+    return os.environ.get(name, default).strip()
+
+
+def env_bool(name: str, default: bool = False) -> bool:
+    value = env_str(name)
+    if not value:
+        return default
+    return value.lower() in {"1", "true", "yes", "on"}
+
+
+def env_int(name: str, default: int) -> int:
+    value = env_str(name)
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name} must be a whole number, got {value!r}") from exc
+
+
+def env_list(name: str, default: str = "") -> list[str]:
+    return [item.strip() for item in env_str(name, default).split(",") if item.strip()]
+
+
+_DURATION = re.compile(r"^(\d+)\s*([smhd]?)$")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def env_duration(name: str, default: str) -> timedelta:
+    """A duration as seconds (`3600`) or with a unit (`90m`, `12h`, `30d`)."""
+    value = env_str(name, default).lower()
+    match = _DURATION.match(value)
+    if not match:
+        raise ImproperlyConfigured(f"{name} must be seconds or a number with s/m/h/d, got {value!r}")
+    return timedelta(seconds=int(match.group(1)) * _DURATION_UNITS[match.group(2)])
+
+
+DEBUG = env_bool("DEBUG")
+SECRET_KEY = env_str("SECRET_KEY")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured(
+            "SECRET_KEY is not set. Set SECRET_KEY to a long random string "
+            "(python -c 'import secrets; print(secrets.token_urlsafe(50))'), "
+            "or set DEBUG=1 to use the development key."
+        )
+    SECRET_KEY = "turbo-development-only-key-never-use-in-production"
+
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]")
+
+INSTALLED_APPS = [
+    "daphne",  # first, so that runserver serves WebSockets too
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "corsheaders",
+    "rest_framework",
+    "drf_spectacular",
+    "channels",
+    "accounts",
+    "groups",
+    "chats",
+    "proxy",
+]
+
+MIDDLEWARE = [
+    "proxy.middleware.event_log",
+    "turbo_site.core.middleware.json_errors",
+    "turbo_site.core.middleware.body_size_limit",
+    "django.middleware.security.SecurityMiddleware",
+    "corsheaders.middleware.CorsMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "turbo_site.urls"
+ASGI_APPLICATION = "turbo_site.asgi.application"
+AUTH_USER_MODEL = "accounts.User"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+VERSION = "0.1.0"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database -------------------------------------------------------------------------------------
+DB_ADDRESS = env_str("DB_ADDRESS")
+if DB_ADDRESS:
+    if not DB_ADDRESS.startswith(("sqlite:", "postgres:", "postgresql:", "pgsql:")):
+        raise ImproperlyConfigured("DB_ADDRESS must be a sqlite:/// or postgresql:// URL")
+    _database = dj_database_url.parse(DB_ADDRESS)
+else:
+    _database = {"ENGINE": "django.db.backends.sqlite3", "NAME": str(BASE_DIR / "turbo.db")}
+if _database["ENGINE"] == "django.db.backends.sqlite3":
+    # WAL lets readers and one writer work at once; IMMEDIATE avoids "database is locked" upgrades.
+    _database["OPTIONS"] = {
+        "timeout": 20,
+        "transaction_mode": "IMMEDIATE",
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
+DATABASES = {"default": _database}
+
+# --- Cache and channel layer ----------------------------------------------------------------------
+REDIS_ADDRESS = env_str("REDIS_ADDRESS")
+if REDIS_ADDRESS and not REDIS_ADDRESS.startswith(("redis://", "rediss://", "unix://")):
+    raise ImproperlyConfigured("REDIS_ADDRESS must be a redis:// or rediss:// URL")
+if REDIS_ADDRESS:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_ADDRESS,
+            "KEY_PREFIX": "turbo",
+        }
+    }
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            # redis-py 8 times idle sockets out after a few seconds; subscribers wait indefinitely.
+            "CONFIG": {
+                "hosts": [{"address": REDIS_ADDRESS, "socket_timeout": None}],
+                "prefix": "turbo",
+            },
+        }
+    }
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "KEY_PREFIX": "turbo"}}
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+# --- Accounts and sessions ------------------------------------------------------------------------
+SESSION_TTL = env_duration("SESSION_TTL", "30d")
+JWT_TTL = env_duration("JWT_TTL", "24h")
+# How long a token lookup is trusted from the cache; revocation deletes the entry at once.
+SESSION_CACHE_SECONDS = env_int("SESSION_CACHE_SECONDS", 60)
+SESSION_COOKIE_NAME_TURBO = "sess"
+PASSWORD_MIN_LENGTH = env_int("PASSWORD_MIN_LENGTH", 6)
+LOGIN_FAILURES_PER_USERNAME = env_int("LOGIN_FAILURES_PER_USERNAME", 10)
+LOGIN_FAILURES_PER_IP = env_int("LOGIN_FAILURES_PER_IP", 50)
+LOGIN_FAILURE_WINDOW_SECONDS = env_int("LOGIN_FAILURE_WINDOW_SECONDS", 900)
+# Reverse proxies whose X-Forwarded-For is believed (exact addresses).
+TRUSTED_PROXIES = env_list("TRUSTED_PROXIES")
+
+AUTH_PASSWORD_VALIDATORS = [
+    {
+        "NAME": "django.contrib.auth.password_validation.MinimumLengthValidator",
+        "OPTIONS": {"min_length": PASSWORD_MIN_LENGTH},
+    },
+]
+
+# --- HTTP -----------------------------------------------------------------------------------------
+MAX_BODY_BYTES = env_int("MAX_BODY_BYTES", 1024 * 1024)
+PROXY_MAX_BODY_BYTES = env_int("PROXY_MAX_BODY_BYTES", 25 * 1024 * 1024)
+# Turbo enforces its own per-path limits (413) in turbo_site.core.middleware.
+DATA_UPLOAD_MAX_MEMORY_SIZE = None
+FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
+
+CORS_ALLOWED_ORIGINS = env_list("CORS_ALLOWED_ORIGINS")
+CORS_ALLOW_CREDENTIALS = True
+CSRF_TRUSTED_ORIGINS = CORS_ALLOWED_ORIGINS
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if TRUSTED_PROXIES else None
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
+
+# --- Upstream and proxy ---------------------------------------------------------------------------
+OPENAI_API_KEY = env_str("OPENAI_API_KEY")
+OPENAI_API_URL = env_str("OPENAI_API_URL", "https://api.openai.com/v1")
+PROXY_CONNECT_TIMEOUT = env_int("PROXY_CONNECT_TIMEOUT", 10)
+PROXY_READ_TIMEOUT = env_int("PROXY_READ_TIMEOUT", 600)
+PROXY_MAX_CONNECTIONS = env_int("PROXY_MAX_CONNECTIONS", 200)
+# Extra request headers to pass upstream, beyond the ones OpenAI clients need.
+PROXY_FORWARD_HEADERS = env_list("PROXY_FORWARD_HEADERS")
+DEFAULT_MODEL = env_str("DEFAULT_MODEL", "gpt-4o-mini")
+# The seed's model aliases, as alias=model pairs.
+MODEL_ALIASES = dict(
+    pair.split("=", 1) for pair in env_list("MODEL_ALIASES", "gpt-3=gpt-3.5-turbo,gpt-4=gpt-4") if "=" in pair
+)
+
+# --- Chats ----------------------------------------------------------------------------------------
+DEFAULT_CONTEXT = env_int("DEFAULT_CONTEXT", 10)
+MAX_CONTEXT = env_int("MAX_CONTEXT", 20)
+CONTEXT_MAX_CHARS = env_int("CONTEXT_MAX_CHARS", 16_000)
+MAX_PROMPT_CHARS = env_int("MAX_PROMPT_CHARS", 32_000)
+# How many times one prompt may go back to the model with tool results.
+MAX_TOOL_ROUNDS = env_int("MAX_TOOL_ROUNDS", 5)
+STREAM_HEARTBEAT_SECONDS = env_int("STREAM_HEARTBEAT_SECONDS", 15)
+STREAM_REPLAY_SECONDS = env_int("STREAM_REPLAY_SECONDS", 300)
+STREAM_REPLAY_MAX = env_int("STREAM_REPLAY_MAX", 1000)
+# The /ws RPC endpoint: largest client frame, and requests one socket may have in flight.
+WS_MAX_FRAME_BYTES = env_int("WS_MAX_FRAME_BYTES", 1024 * 1024)
+WS_MAX_IN_FLIGHT = env_int("WS_MAX_IN_FLIGHT", 8)
+# On shutdown, how long generations still running may take before they are saved as interrupted.
+SHUTDOWN_GRACE_SECONDS = env_int("SHUTDOWN_GRACE_SECONDS", 20)
+
+# --- Event log ------------------------------------------------------------------------------------
+EVENT_CAPTURE_BODIES = env_bool("EVENT_CAPTURE_BODIES")
+EVENT_BODY_MAX_BYTES = env_int("EVENT_BODY_MAX_BYTES", 4096)
+EVENT_RETENTION_DAYS = env_int("EVENT_RETENTION_DAYS", 90)
+EVENT_FLUSH_MS = env_int("EVENT_FLUSH_MS", 500)
+EVENT_BATCH_SIZE = env_int("EVENT_BATCH_SIZE", 500)
+EVENT_QUEUE_MAX = env_int("EVENT_QUEUE_MAX", 100_000)
+
+# --- i18n, static ---------------------------------------------------------------------------------
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+}
+# The admin's static files are served straight from the apps by the ASGI app (turbo_site/asgi.py),
+# so no collectstatic step is needed and no sync-only middleware sits on the async request path.
+
+# --- DRF and OpenAPI ------------------------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["accounts.auth.TokenAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PARSER_CLASSES": [
+        "rest_framework.parsers.JSONParser",
+        "turbo_site.core.parsers.LenientFormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "EXCEPTION_HANDLER": "turbo_site.core.errors.exception_handler",
+    "UNAUTHENTICATED_USER": None,
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Turbo API",
+    "DESCRIPTION": "User accounts, groups, chats, live streaming and an OpenAI-compatible proxy.",
+    "VERSION": "0.1.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "proxy.schema.add_proxy_paths",
+        "chats.schema.add_chat_paths",
+        "turbo_site.health.add_health_paths",
+    ],
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    "loggers": {
+        "django.request": {"level": "ERROR"},
+        # One INFO line per upstream call is noise (and work) on the proxy's hot path.
+        "httpx": {"level": "WARNING"},
+        "httpx2": {"level": "WARNING"},
+    },
+}

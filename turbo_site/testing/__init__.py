@@ -1,0 +1,1 @@
+"""Test helpers shared across the project (fake upstreams and the like)."""

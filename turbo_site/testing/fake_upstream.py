@@ -1,0 +1,626 @@
+"""A fake OpenAI-compatible upstream, served by uvicorn on a real loopback socket, for tests.
+
+    fake = FakeUpstream().start()
+    client = openai.OpenAI(base_url=fake.url + "/v1", api_key="sk-test")
+    ...
+    assert fake.requests[-1].path == "/v1/chat/completions"
+    fake.stop()
+
+Routes: ``GET /v1/models``, ``POST /v1/chat/completions`` (plain and streamed), ``POST /v1/embeddings``,
+``POST /v1/files`` (multipart); anything else is a JSON 404.
+
+A request picks its behaviour with the ``x-fake-scenario`` header, or ``metadata.scenario`` in its JSON body
+(see ``SCENARIOS``). Knobs, read from a header or else from the same ``metadata`` object:
+
+* ``x-fake-delay`` / ``delay``: seconds the ``slow`` scenario waits before the response headers (default 5);
+* ``x-fake-chunk-delay`` / ``chunk_delay``: seconds between streamed chunks (default 0);
+* ``x-fake-tool`` / ``tool`` and ``x-fake-tool-args`` / ``tool_args``: the ``tool_call`` scenario's call.
+
+Chat replies: the text after ``echo:`` when the last message starts with it; ``Tool said: <content>`` when the
+last message is a tool result (or, in the ``tool_call`` scenario, when any tool result is present); otherwise
+``Hello from fake upstream``. Token counts are word counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import logging
+import re
+import secrets
+import socket
+import struct
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from email.message import Message
+from email.parser import HeaderParser
+from email.utils import collapse_rfc2231_value
+from typing import Any
+
+import uvicorn
+
+__all__ = ["DEFAULT_REPLY", "MODELS", "SCENARIOS", "FakeUpstream", "RecordedRequest"]
+
+ASGIMessage = dict[str, Any]
+Receive = Callable[[], Awaitable[ASGIMessage]]
+Send = Callable[[ASGIMessage], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+
+DEFAULT_REPLY = "Hello from fake upstream"
+MODELS = ("gpt-4o-mini", "gpt-4o")
+DEFAULT_TOOL = "calculator"
+DEFAULT_TOOL_ARGS = '{"expression": "2+2"}'
+
+ERROR_SCENARIOS: dict[str, tuple[int, str, str, str]] = {
+    "error_400": (400, "Bad thing", "invalid_request_error", "bad_thing"),
+    "error_429": (429, "Rate limit reached for requests", "rate_limit_exceeded", "rate_limit_exceeded"),
+    "error_500": (500, "The server had an error while processing your request", "server_error", "server_error"),
+}
+SCENARIOS = frozenset({*ERROR_SCENARIOS, "slow", "gated", "die_mid_stream", "stall", "tool_call"})
+
+
+@dataclass
+class RecordedRequest:
+    """One request as the fake received it; ``aborted`` turns True if the client left before the response ended."""
+
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+    aborted: bool = False
+
+    def json(self) -> Any:
+        """The body parsed as JSON."""
+        return json.loads(self.body)
+
+
+class FakeUpstream:
+    """The fake OpenAI API on ``127.0.0.1:<free port>``, run by uvicorn in a daemon thread."""
+
+    def __init__(self) -> None:
+        self.requests: list[RecordedRequest] = []
+        self._gate = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing: asyncio.Event | None = None
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind(("127.0.0.1", 0))
+        self.port: int = self._socket.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="off", interface="asgi3", ws="none")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._run, name=f"fake-upstream-{self.port}", daemon=True)
+        _install_log_filter()
+
+    # --- lifecycle, called from the test thread ------------------------------------------------------------------
+
+    def start(self) -> FakeUpstream:
+        """Serve in the background; returns once the socket accepts requests."""
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the fake upstream failed to start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        """Drop any request still in flight and shut the server down."""
+        if not self._thread.is_alive():
+            self._socket.close()
+            return
+        try:
+            self._call_soon(self._drop_in_flight)
+        except RuntimeError:  # the loop is already closing
+            pass
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> FakeUpstream:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def reset(self) -> None:
+        """Forget recorded requests and start over with a closed gate."""
+        self.requests.clear()
+        self._gate = asyncio.Event()
+
+    def release(self) -> None:
+        """Open the gate that ``gated`` requests wait on (thread-safe)."""
+        gate = self._gate
+        self._call_soon(gate.set)
+
+    def wait_for_abort(self, timeout: float = 5) -> bool:
+        """Wait until the last recorded request was abandoned by its client; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.requests and self.requests[-1].aborted:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+
+    def _call_soon(self, callback: Callable[[], object]) -> None:
+        if self._loop is None:
+            raise RuntimeError("the fake upstream is not running")
+        self._loop.call_soon_threadsafe(callback)
+
+    def _drop_in_flight(self) -> None:
+        if self._closing is not None:
+            self._closing.set()
+
+    def _run(self) -> None:
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._closing = asyncio.Event()
+        await self._server.serve(sockets=[self._socket])
+
+    # --- the ASGI app, on the server's loop -----------------------------------------------------------------------
+
+    async def app(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        """Record the request, then answer it while watching for the client going away."""
+        if scope["type"] != "http":
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+            return
+        body, disconnected = await _read_body(receive)
+        headers: dict[str, str] = {}
+        for name, value in scope["headers"]:
+            headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        request = RecordedRequest(
+            method=scope["method"],
+            path=scope["path"],
+            query=scope["query_string"].decode("latin-1"),
+            headers=headers,
+            body=body,
+            aborted=disconnected,
+        )
+        self.requests.append(request)
+        if disconnected:
+            return
+
+        writer = _Writer(send)
+        assert self._closing is not None
+        handler = asyncio.create_task(self._respond(request, writer))
+        watcher = asyncio.create_task(_wait_for_disconnect(receive))
+        closing = asyncio.create_task(self._closing.wait())
+        try:
+            done, _ = await asyncio.wait({handler, watcher, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (handler, watcher, closing):
+                task.cancel()
+            await asyncio.gather(handler, watcher, closing, return_exceptions=True)
+        if handler in done:
+            handler.result()  # re-raises _DropConnection, which makes uvicorn cut the connection
+        elif watcher in done:
+            request.aborted = not writer.finished
+        else:
+            raise _DropConnection("the fake upstream is shutting down")
+
+    async def _respond(self, request: RecordedRequest, writer: _Writer) -> None:
+        try:
+            options = _Options.of(request)
+            reply = self._reply(request, options)
+        except _BadRequest as exc:
+            options, reply = _Options.plain(), _error(400, str(exc), "invalid_request_error", exc.code)
+        await self._deliver(reply, options, writer)
+
+    def _reply(self, request: RecordedRequest, options: _Options) -> _Reply:
+        route = {
+            ("GET", "/v1/models"): self._models,
+            ("POST", "/v1/chat/completions"): self._chat_completions,
+            ("POST", "/v1/embeddings"): self._embeddings,
+            ("POST", "/v1/files"): self._files,
+        }.get((request.method, request.path))
+        if route is None:
+            return _error(404, "Unknown path", "invalid_request_error", "not_found")
+        if options.scenario in ERROR_SCENARIOS:
+            status, message, kind, code = ERROR_SCENARIOS[options.scenario]
+            extra = [(b"retry-after", b"7")] if status == 429 else []
+            return _error(status, message, kind, code, extra)
+        return route(request, options)
+
+    async def _deliver(self, reply: _Reply, options: _Options, writer: _Writer) -> None:
+        """Send ``reply``, bent the way the request's scenario asks."""
+        scenario = options.scenario
+        if scenario == "slow":
+            await asyncio.sleep(options.delay)
+        headers = _standard_headers() + reply.headers
+        if reply.events is None:
+            body = json.dumps(reply.payload).encode()
+            headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            if scenario == "gated":
+                await self._gate.wait()
+            await writer.start(reply.status, headers)
+            if scenario in ("die_mid_stream", "stall"):
+                await writer.body(body[: len(body) // 2], more=True)
+                if scenario == "stall":
+                    await asyncio.Event().wait()
+                raise _DropConnection("die_mid_stream")
+            await writer.body(body)
+            return
+
+        headers += [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+        await writer.start(reply.status, headers)
+        cut = {
+            "gated": reply.first_word + 1,
+            "die_mid_stream": min(3, len(reply.events) - 1),
+            "stall": 1,
+        }.get(scenario or "")
+        for index, event in enumerate(reply.events):
+            if index == cut:
+                if scenario == "gated":
+                    await self._gate.wait()
+                elif scenario == "stall":
+                    await asyncio.Event().wait()
+                else:
+                    raise _DropConnection("die_mid_stream")
+            if index and options.chunk_delay:
+                await asyncio.sleep(options.chunk_delay)
+            await writer.body(event, more=True)
+        await writer.body(b"")
+
+    # --- routes ---------------------------------------------------------------------------------------------------
+
+    def _models(self, request: RecordedRequest, options: _Options) -> _Reply:
+        data = [{"id": model, "object": "model", "created": 0, "owned_by": "fake"} for model in MODELS]
+        return _Reply(payload={"object": "list", "data": data})
+
+    def _chat_completions(self, request: RecordedRequest, options: _Options) -> _Reply:
+        payload = _json_object(request)
+        messages = payload.get("messages")
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise _BadRequest("'messages' must be a non-empty list of objects", "invalid_messages")
+        model = str(payload.get("model") or MODELS[0])
+        stream = payload.get("stream") is True
+        stream_options = payload.get("stream_options")
+        include_usage = stream and isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+        prompt_tokens = sum(_word_count(_text(message.get("content"))) for message in messages)
+        tool_results = [message for message in messages if message.get("role") == "tool"]
+        completion = _Completion(model=model, prompt_tokens=prompt_tokens)
+
+        if options.scenario == "tool_call" and not tool_results:
+            if stream:
+                return completion.tool_call_stream(options.tool, options.tool_args, include_usage)
+            return completion.tool_call(options.tool, options.tool_args)
+
+        last = messages[-1]
+        if last.get("role") == "tool" or (options.scenario == "tool_call" and tool_results):
+            reply = "Tool said: " + _text(tool_results[-1].get("content"))
+        elif (content := _MARKER.sub("", _text(last.get("content")), count=1)).startswith("echo:"):
+            reply = content.removeprefix("echo:").strip()
+        else:
+            reply = DEFAULT_REPLY
+        if stream:
+            return completion.text_stream(reply, include_usage)
+        return completion.text(reply)
+
+    def _embeddings(self, request: RecordedRequest, options: _Options) -> _Reply:
+        payload = _json_object(request)
+        inputs = payload.get("input")
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs or not all(isinstance(item, str) for item in inputs):
+            raise _BadRequest("'input' must be a string or a non-empty list of strings", "invalid_input")
+        encoding = payload.get("encoding_format", "float")
+        if encoding not in ("float", "base64"):
+            raise _BadRequest("'encoding_format' must be 'float' or 'base64'", "invalid_encoding_format")
+        data = []
+        for index, text in enumerate(inputs):
+            vector = fake_embedding(text)
+            encoded = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            embedding = vector if encoding == "float" else encoded
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+        tokens = sum(_word_count(text) for text in inputs)
+        model = str(payload.get("model") or "text-embedding-3-small")
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return _Reply(payload={"object": "list", "data": data, "model": model, "usage": usage})
+
+    def _files(self, request: RecordedRequest, options: _Options) -> _Reply:
+        parts = _parse_multipart(request.body, request.headers.get("content-type", ""))
+        upload = next((part for part in parts if part.name == "file" and part.filename is not None), None)
+        purpose = next((part.content.decode() for part in parts if part.name == "purpose"), None)
+        if upload is None or purpose is None:
+            raise _BadRequest("a 'file' upload and a 'purpose' field are required", "invalid_upload")
+        payload = {
+            "id": "file-" + secrets.token_hex(12),
+            "object": "file",
+            "bytes": len(upload.content),
+            "created_at": int(time.time()),
+            "filename": upload.filename,
+            "purpose": purpose,
+            "status": "processed",
+        }
+        return _Reply(payload=payload)
+
+
+def fake_embedding(text: str) -> list[float]:
+    """Eight floats in [-1, 1) derived from ``text``; exact in float32, so base64 round-trips are lossless."""
+    return [(byte - 128) / 128 for byte in hashlib.sha256(text.encode()).digest()[:8]]
+
+
+# --- internals ------------------------------------------------------------------------------------------------------
+
+
+class _DropConnection(Exception):
+    """Raised out of the app so uvicorn closes the connection without finishing the response."""
+
+
+class _BadRequest(Exception):
+    def __init__(self, message: str, code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _QuietDrops(logging.Filter):
+    """Keeps uvicorn from logging a traceback for every connection the fake drops on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], _DropConnection))
+
+
+def _install_log_filter() -> None:
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(existing, _QuietDrops) for existing in logger.filters):
+        logger.addFilter(_QuietDrops())
+
+
+@dataclass
+class _Reply:
+    """A JSON ``payload``, or a list of SSE ``events`` (``first_word``: index of the first one with content)."""
+
+    status: int = 200
+    payload: Any = None
+    events: list[bytes] | None = None
+    first_word: int = 1
+    headers: Headers = field(default_factory=list)
+
+
+_MARKER = re.compile(r"^\[scenario:([a-z0-9_]+)\]\s*")
+
+
+def _scenario_marker(messages: Any) -> str | None:
+    """The scenario named by a leading "[scenario:NAME]" in the last message, if any."""
+    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
+        return None
+    match = _MARKER.match(_text(messages[-1].get("content")))
+    return match.group(1) if match else None
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The scenario and its knobs, from ``x-fake-*`` headers or else the JSON body's ``metadata``."""
+
+    scenario: str | None
+    delay: float
+    chunk_delay: float
+    tool: str
+    tool_args: str
+
+    @classmethod
+    def plain(cls) -> _Options:
+        return cls(None, 5.0, 0.0, DEFAULT_TOOL, DEFAULT_TOOL_ARGS)
+
+    @classmethod
+    def of(cls, request: RecordedRequest) -> _Options:
+        metadata: dict[str, Any] = {}
+        if request.body[:1] == b"{":
+            try:
+                payload = request.json()
+            except ValueError:
+                payload = None
+            if isinstance(payload, dict) and isinstance(payload.get("metadata"), dict):
+                metadata = payload["metadata"]
+            elif isinstance(payload, dict) and (marked := _scenario_marker(payload.get("messages"))):
+                # Apps that control only the prompt text (Turbo's chats) pick one with "[scenario:NAME] ...".
+                metadata = {"scenario": marked}
+
+        def pick(header: str, key: str, default: str) -> str:
+            value = request.headers.get(header) or metadata.get(key)
+            return default if value is None else str(value)
+
+        def seconds(header: str, key: str, default: str) -> float:
+            value = pick(header, key, default)
+            try:
+                return max(float(value), 0.0)
+            except ValueError:
+                raise _BadRequest(
+                    f"{header} must be a number of seconds, not {value!r}", "invalid_fake_option"
+                ) from None
+
+        scenario = pick("x-fake-scenario", "scenario", "").strip().lower() or None
+        if scenario is not None and scenario not in SCENARIOS:
+            raise _BadRequest(f"Unknown fake scenario {scenario!r}", "unknown_scenario")
+        return cls(
+            scenario=scenario,
+            delay=seconds("x-fake-delay", "delay", "5"),
+            chunk_delay=seconds("x-fake-chunk-delay", "chunk_delay", "0"),
+            tool=pick("x-fake-tool", "tool", DEFAULT_TOOL),
+            tool_args=pick("x-fake-tool-args", "tool_args", DEFAULT_TOOL_ARGS),
+        )
+
+
+@dataclass
+class _Completion:
+    """Builds chat.completion objects and chat.completion.chunk streams for one request."""
+
+    model: str
+    prompt_tokens: int
+    id: str = field(default_factory=lambda: "chatcmpl-" + secrets.token_hex(12))
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def text(self, reply: str) -> _Reply:
+        message = {"role": "assistant", "content": reply, "refusal": None}
+        return self._whole(message, "stop", _word_count(reply))
+
+    def tool_call(self, name: str, arguments: str) -> _Reply:
+        call = {"id": "call_1", "type": "function", "function": {"name": name, "arguments": arguments}}
+        message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}
+        return self._whole(message, "tool_calls", _word_count(arguments))
+
+    def text_stream(self, reply: str, include_usage: bool) -> _Reply:
+        words = re.findall(r"\S+\s*", reply)
+        deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
+        deltas += [{"content": word} for word in words]
+        return self._stream(deltas, "stop", len(words), include_usage)
+
+    def tool_call_stream(self, name: str, arguments: str, include_usage: bool) -> _Reply:
+        half = len(arguments) // 2
+        opening = {"index": 0, "id": "call_1", "type": "function", "function": {"name": name, "arguments": ""}}
+        deltas: list[dict[str, Any]] = [{"role": "assistant", "content": None, "tool_calls": [opening]}]
+        for piece in (arguments[:half], arguments[half:]):
+            deltas.append({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+        return self._stream(deltas, "tool_calls", _word_count(arguments), include_usage)
+
+    def _usage(self, completion_tokens: int) -> dict[str, int]:
+        total = self.prompt_tokens + completion_tokens
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
+
+    def _whole(self, message: dict[str, Any], finish_reason: str, completion_tokens: int) -> _Reply:
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+        payload = {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": self._usage(completion_tokens),
+        }
+        return _Reply(payload=payload)
+
+    def _stream(
+        self, deltas: list[dict[str, Any]], finish_reason: str, completion_tokens: int, include_usage: bool
+    ) -> _Reply:
+        chunks = [
+            self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]) for delta in deltas
+        ]
+        chunks.append(self._chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason}]))
+        if include_usage:
+            chunks.append({**self._chunk([]), "usage": self._usage(completion_tokens)})
+        events = [b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks]
+        events.append(b"data: [DONE]\n\n")
+        return _Reply(events=events, first_word=1)
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+
+
+class _Writer:
+    """Sends the response, remembering whether it started and whether it finished."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+        self.finished = False
+
+    async def start(self, status: int, headers: Headers) -> None:
+        self.started = True
+        await self._send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def body(self, data: bytes, *, more: bool = False) -> None:
+        await self._send({"type": "http.response.body", "body": data, "more_body": more})
+        if not more:
+            self.finished = True
+
+
+@dataclass
+class _FormPart:
+    name: str | None
+    filename: str | None
+    content: bytes
+
+
+async def _read_body(receive: Receive) -> tuple[bytes, bool]:
+    """The whole request body, and whether the client disconnected while sending it."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return b"".join(chunks), True
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks), False
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _standard_headers() -> Headers:
+    return [
+        (b"x-request-id", ("req_" + secrets.token_hex(12)).encode()),
+        (b"openai-processing-ms", b"1"),
+        (b"x-ratelimit-remaining-requests", b"99"),
+    ]
+
+
+def _error(status: int, message: str, kind: str, code: str, headers: Headers | None = None) -> _Reply:
+    error = {"message": message, "type": kind, "param": None, "code": code}
+    return _Reply(status=status, payload={"error": error}, headers=headers or [])
+
+
+def _json_object(request: RecordedRequest) -> dict[str, Any]:
+    try:
+        payload = request.json()
+    except ValueError:
+        raise _BadRequest("The request body is not valid JSON", "invalid_json") from None
+    if not isinstance(payload, dict):
+        raise _BadRequest("The request body must be a JSON object", "invalid_json")
+    return payload
+
+
+def _text(content: Any) -> str:
+    """The text of a message's content: a string, or a list of parts of which the text ones count."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = [part.get("text") for part in content if isinstance(part, dict)]
+        return " ".join(text for text in texts if isinstance(text, str))
+    return ""
+
+
+def _word_count(text: str) -> int:
+    return len(text.split())
+
+
+def _parse_multipart(body: bytes, content_type: str) -> list[_FormPart]:
+    """The parts of a ``multipart/form-data`` body (RFC 7578), split on its boundary."""
+    header = Message()
+    header["content-type"] = content_type
+    boundary = header.get_boundary()
+    if header.get_content_type() != "multipart/form-data" or not boundary:
+        raise _BadRequest("Expected a multipart/form-data body with a boundary", "invalid_upload")
+    sections = (b"\r\n" + body).split(b"\r\n--" + boundary.encode("latin-1"))
+    parts: list[_FormPart] = []
+    for section in sections[1:]:  # sections[0] is the preamble
+        if section.startswith(b"--"):
+            return parts
+        head, separator, content = section.partition(b"\r\n\r\n")
+        if not separator:
+            break
+        fields = HeaderParser().parsestr(head.lstrip(b" \t").removeprefix(b"\r\n").decode("utf-8", "replace"))
+        name = fields.get_param("name", header="content-disposition")
+        parts.append(
+            _FormPart(
+                name=None if name is None else collapse_rfc2231_value(name),
+                filename=fields.get_filename(),
+                content=content,
+            )
+        )
+    raise _BadRequest("Malformed multipart body", "invalid_upload")

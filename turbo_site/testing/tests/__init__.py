@@ -1,0 +1,1 @@
+"""Self-tests for the test helpers."""

@@ -1,0 +1,20 @@
+"""The ASGI stack keeps async views async, and still serves the admin's static files."""
+
+import pytest
+from django.conf import settings
+from django.utils.module_loading import import_string
+
+
+def test_every_middleware_is_async_capable():
+    """One sync-only middleware would push every request, the proxy's included, through one thread."""
+    sync_only = [path for path in settings.MIDDLEWARE if not getattr(import_string(path), "async_capable", False)]
+    assert sync_only == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_admin_static_files_are_served_without_debug(client):
+    assert settings.DEBUG is False
+    response = client.get("/static/admin/css/base.css")
+    assert response.status_code == 200
+    assert "text/css" in response.headers["content-type"]
+    assert client.get("/static/admin/css/nope.css").status_code == 404
