@@ -1,0 +1,256 @@
+"""`/ws`: many RPC requests multiplexed on one authenticated WebSocket (seed 003's envelope).
+
+Request:  {"type": <method>, "request_id": <string>, "payload": {...}}
+Response: {"type": <method>, "request_id": ..., "data": {...}}
+          or {"type": "error", "request_id": ..., "error": {"code", "message"}}
+
+Methods: chat_completion, chat_completion_stream (chat_completion_chunk frames, then chat_completion_done),
+embedding, ping (-> pong), tools_list, tool_execute, and cancel (stops one in-flight request).
+Requests run concurrently and are answered as they finish; a bad frame gets an error frame and the
+socket stays open.
+"""
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+from rest_framework import serializers
+
+from accounts.auth import AuthRefused, aauthenticate_websocket
+from proxy import ai, tools
+from proxy.events import event_record
+
+logger = logging.getLogger("turbo.ws")
+
+# Connected /ws clients in this process (reported by /health).
+connected_clients = 0
+
+
+class RpcError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class MessageInput(serializers.Serializer):
+    role = serializers.ChoiceField(choices=["system", "user", "assistant", "tool", "developer"])
+    content = serializers.JSONField(required=False, allow_null=True)
+    name = serializers.CharField(required=False, max_length=64)
+    tool_calls = serializers.ListField(child=serializers.DictField(), required=False)
+    tool_call_id = serializers.CharField(required=False, max_length=200)
+
+
+class ChatPayload(serializers.Serializer):
+    messages = MessageInput(many=True, allow_empty=False, max_length=1000)
+    model = serializers.CharField(required=False, max_length=100)
+    max_tokens = serializers.IntegerField(required=False, min_value=1)
+    temperature = serializers.FloatField(required=False, min_value=0, max_value=2)
+    tools = serializers.ListField(child=serializers.DictField(), required=False, max_length=128)
+    tool_choice = serializers.JSONField(required=False)
+
+
+class EmbeddingPayload(serializers.Serializer):
+    input = serializers.JSONField()
+    model = serializers.CharField(required=False, max_length=100)
+
+    def validate_input(self, value):
+        if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+            return value
+        raise serializers.ValidationError("must be a string or a non-empty list of strings")
+
+
+class ToolExecutePayload(serializers.Serializer):
+    tool_call = serializers.DictField()
+
+
+def _validated(serializer_class, payload) -> dict:
+    parsed = serializer_class(data=payload)
+    if not parsed.is_valid():
+        field, problems = next(iter(parsed.errors.items()))
+        problem = problems[0] if isinstance(problems, list) else problems
+        if isinstance(problem, dict):  # nested (e.g. messages[n].role)
+            inner_field, inner = next(iter(problem.items())) if problem else ("", ["invalid"])
+            problem = f"{inner_field}: {inner[0] if isinstance(inner, list) else inner}"
+        raise RpcError("invalid_payload", f"payload.{field}: {problem}")
+    data = dict(parsed.validated_data)
+    if "messages" in data:
+        data["messages"] = [{k: v for k, v in dict(m).items()} for m in data["messages"]]
+    return data
+
+
+def _chat_request(payload: dict) -> dict:
+    data = _validated(ChatPayload, payload)
+    data.setdefault("model", settings.DEFAULT_MODEL)
+    return data
+
+
+class RpcConsumer(AsyncWebsocketConsumer):
+    """One client's socket: each request runs as its own task, matched by request_id."""
+
+    user_id = None
+
+    async def connect(self):
+        global connected_clients
+        try:
+            session = await aauthenticate_websocket(self.scope)
+        except AuthRefused:
+            await self.close()
+            return
+        self.user_id = session.user.pk
+        self.tasks: dict[str, asyncio.Task] = {}
+        connected_clients += 1
+        await self.accept()
+
+    async def disconnect(self, code):
+        global connected_clients
+        if self.user_id is None:
+            return
+        connected_clients -= 1
+        for task in list(getattr(self, "tasks", {}).values()):
+            task.cancel()
+
+    async def send_frame(self, frame: dict) -> None:
+        await self.send(text_data=json.dumps(frame, separators=(",", ":"), default=str))
+
+    async def send_error(self, request_id: Any, code: str, message: str) -> None:
+        await self.send_frame({"type": "error", "request_id": request_id, "error": {"code": code, "message": message}})
+
+    async def receive(self, text_data=None, bytes_data=None):
+        raw = text_data if text_data is not None else bytes_data
+        if len(raw) > settings.WS_MAX_FRAME_BYTES:
+            await self.send_error(None, "frame_too_large", f"frames may be at most {settings.WS_MAX_FRAME_BYTES} bytes")
+            return
+        try:
+            frame = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            await self.send_error(None, "invalid_json", "the frame is not valid JSON")
+            return
+        if not isinstance(frame, dict):
+            await self.send_error(None, "invalid_frame", "the frame must be a JSON object")
+            return
+        request_id = frame.get("request_id")
+        if not isinstance(request_id, str) or not request_id or len(request_id) > 200:
+            await self.send_error(
+                request_id if isinstance(request_id, str) else None,
+                "missing_request_id",
+                "request_id must be a non-empty string of at most 200 characters",
+            )
+            return
+        kind = frame.get("type")
+        payload = frame.get("payload", {})
+        if kind not in HANDLERS and kind != "cancel":
+            await self.send_error(
+                request_id, "unknown_type", f"unknown type {kind!r}; one of {sorted([*HANDLERS, 'cancel'])}"
+            )
+            return
+        if not isinstance(payload, dict):
+            await self.send_error(request_id, "invalid_payload", "payload must be a JSON object")
+            return
+        if kind == "cancel":
+            await self.cancel(request_id)
+            return
+        if request_id in self.tasks:
+            await self.send_error(request_id, "duplicate_request_id", "a request with this request_id is in flight")
+            return
+        if len(self.tasks) >= settings.WS_MAX_IN_FLIGHT:
+            await self.send_error(
+                request_id,
+                "too_many_requests",
+                f"at most {settings.WS_MAX_IN_FLIGHT} requests may be in flight on one socket",
+            )
+            return
+        task = asyncio.ensure_future(self.run(kind, request_id, payload))
+        self.tasks[request_id] = task
+        task.add_done_callback(lambda _: self.tasks.pop(request_id, None))
+
+    async def cancel(self, request_id: str) -> None:
+        task = self.tasks.get(request_id)
+        if task is None:
+            await self.send_error(request_id, "not_found", "no request in flight with this request_id")
+            return
+        task.cancel()
+        await self.send_frame({"type": "cancelled", "request_id": request_id, "data": {}})
+
+    async def run(self, kind: str, request_id: str, payload: dict) -> None:
+        started = time.perf_counter()
+        status = 200
+        try:
+            await HANDLERS[kind](self, request_id, payload)
+        except asyncio.CancelledError:
+            status = 499
+        except RpcError as exc:
+            status = 400
+            await self.send_error(request_id, exc.code, exc.message)
+        except ai.AIError as exc:
+            status = exc.status
+            await self.send_error(request_id, "upstream_error", exc.message)
+        except Exception:
+            status = 500
+            logger.exception("ws request %s failed", kind)
+            await self.send_error(request_id, "internal_error", "internal error")
+        finally:
+            event_record(
+                type="request",
+                user_id=self.user_id,
+                method=kind[:10],
+                path="/ws",
+                query=f"type={kind}",
+                status=status,
+                duration_ms=(time.perf_counter() - started) * 1000,
+                client_ip=(self.scope.get("client") or [None])[0],
+                model=str(payload.get("model") or "") if kind.startswith(("chat", "embedding")) else "",
+            )
+
+    # --- methods ---
+
+    async def do_ping(self, request_id, payload):
+        await self.send_frame({"type": "pong", "request_id": request_id, "data": {}})
+
+    async def do_chat_completion(self, request_id, payload):
+        data = await ai.achat(_chat_request(payload))
+        await self.send_frame({"type": "chat_completion", "request_id": request_id, "data": data})
+
+    async def do_chat_completion_stream(self, request_id, payload):
+        request = {**_chat_request(payload), "stream_options": {"include_usage": True}}
+        text, usage, model = "", None, request["model"]
+        async for chunk in ai.achat_stream(request):
+            usage = chunk.get("usage") or usage
+            model = chunk.get("model") or model
+            for choice in chunk.get("choices", []):
+                text += (choice.get("delta") or {}).get("content") or ""
+            await self.send_frame({"type": "chat_completion_chunk", "request_id": request_id, "data": chunk})
+        await self.send_frame(
+            {
+                "type": "chat_completion_done",
+                "request_id": request_id,
+                "data": {"content": text, "model": model, "usage": usage},
+            }
+        )
+
+    async def do_embedding(self, request_id, payload):
+        data = _validated(EmbeddingPayload, payload)
+        data.setdefault("model", "text-embedding-3-small")
+        await self.send_frame({"type": "embedding", "request_id": request_id, "data": await ai.aembed(data)})
+
+    async def do_tools_list(self, request_id, payload):
+        await self.send_frame({"type": "tools_list", "request_id": request_id, "data": {"tools": tools.tools_list()}})
+
+    async def do_tool_execute(self, request_id, payload):
+        data = _validated(ToolExecutePayload, payload)
+        result = await tools.tool_execute(data["tool_call"])
+        await self.send_frame({"type": "tool_execute", "request_id": request_id, "data": result})
+
+
+HANDLERS = {
+    "ping": RpcConsumer.do_ping,
+    "chat_completion": RpcConsumer.do_chat_completion,
+    "chat_completion_stream": RpcConsumer.do_chat_completion_stream,
+    "embedding": RpcConsumer.do_embedding,
+    "tools_list": RpcConsumer.do_tools_list,
+    "tool_execute": RpcConsumer.do_tool_execute,
+}

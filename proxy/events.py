@@ -1,0 +1,261 @@
+"""The request and event log.
+
+`event_record()` costs no database write: it queues the event and schedules its publication on the
+pub/sub topic `events`. A writer thread saves queued events in batches, at most every
+EVENT_FLUSH_MS; what is still queued at a clean exit is saved then.
+"""
+
+import asyncio
+import atexit
+import json
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from collections import deque
+from datetime import timedelta
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+from django.conf import settings
+from django.db import close_old_connections, connection, transaction
+from django.utils import timezone
+
+from proxy.models import Event
+from turbo_site.core.pubsub import apublish, publish
+
+logger = logging.getLogger("turbo.events")
+
+TOPIC = "events"
+_SECRET_KEYS = re.compile(r"pass|token|secret|key|authorization|cookie|credential", re.IGNORECASE)
+REDACTED = "[redacted]"
+
+_queue: deque[dict[str, Any]] = deque()
+_wake = threading.Event()
+_flush_lock = threading.Lock()
+_writer_lock = threading.Lock()
+_writer: threading.Thread | None = None
+_writer_pid: int | None = None
+_stopped = False
+_last_prune = 0.0
+_pending_publishes: set[asyncio.Task] = set()
+
+
+# --- body capture -------------------------------------------------------------------------------
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: REDACTED if _SECRET_KEYS.search(str(k)) else _redact_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_value(v) for v in value]
+    return value
+
+
+def capture_body(raw: bytes, content_type: str = "") -> str:
+    """A body as stored in the log: secrets redacted, truncated to EVENT_BODY_MAX_BYTES."""
+    if not settings.EVENT_CAPTURE_BODIES or not raw:
+        return ""
+    limit = settings.EVENT_BODY_MAX_BYTES
+    content_type = content_type.split(";")[0].strip().lower()
+    text: str
+    if content_type == "application/json" or raw[:1] in (b"{", b"["):
+        try:
+            text = json.dumps(_redact_value(json.loads(raw)), ensure_ascii=False)
+        except (ValueError, UnicodeDecodeError):
+            text = raw[:limit].decode("utf-8", "replace")
+    elif content_type == "application/x-www-form-urlencoded":
+        pairs = parse_qsl(raw[: limit * 4].decode("utf-8", "replace"), keep_blank_values=True)
+        text = urlencode([(k, REDACTED if _SECRET_KEYS.search(k) else v) for k, v in pairs])
+    elif content_type.startswith("text/"):
+        text = raw[:limit].decode("utf-8", "replace")
+        # Server-sent events carry JSON lines; redact keys inside them too.
+        text = re.sub(
+            r'("[^"]*(?:token|key|secret|password)[^"]*"\s*:\s*)"[^"]*"', rf'\1"{REDACTED}"', text, flags=re.I
+        )
+    else:
+        return f"[{len(raw)} bytes of {content_type or 'unknown type'}]"
+    if len(text) > limit:
+        text = text[:limit] + "…[truncated]"
+    return text
+
+
+# --- recording ----------------------------------------------------------------------------------
+
+
+def _payload(event: dict[str, Any]) -> dict[str, Any]:
+    """What subscribers of `events` see: no bodies."""
+    shown = {k: v for k, v in event.items() if k not in ("request_body", "response_body")}
+    shown["id"] = str(shown["id"])
+    shown["user_id"] = str(shown["user_id"]) if shown.get("user_id") else None
+    shown["created_at"] = shown["created_at"].isoformat()
+    return shown
+
+
+def event_record(
+    *,
+    type: str,
+    user_id: uuid.UUID | str | None = None,
+    method: str = "",
+    path: str = "",
+    query: str = "",
+    status: int | None = None,
+    duration_ms: float | None = None,
+    client_ip: str | None = None,
+    model: str = "",
+    prompt_tokens: int | None = None,
+    completion_tokens: int | None = None,
+    total_tokens: int | None = None,
+    request_body: str = "",
+    response_body: str = "",
+) -> dict[str, Any]:
+    """Queue one event for the log and publish it on `events`. Never touches the database."""
+    event = {
+        "id": uuid.uuid4(),
+        "type": type,
+        "user_id": user_id,
+        "method": method[:10],
+        "path": path[:2000],
+        "query": query[:2000],
+        "status": status,
+        "duration_ms": round(duration_ms, 3) if duration_ms is not None else None,
+        "client_ip": client_ip,
+        "model": (model or "")[:100],
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": total_tokens,
+        "request_body": request_body,
+        "response_body": response_body,
+        "created_at": timezone.now(),
+    }
+    if len(_queue) >= settings.EVENT_QUEUE_MAX:
+        logger.warning("event queue full (%d); dropping the oldest event", len(_queue))
+        _queue.popleft()
+    _queue.append(event)
+    _ensure_writer()
+    if len(_queue) >= settings.EVENT_BATCH_SIZE:
+        _wake.set()
+    _publish_soon(_payload(event))
+    return event
+
+
+def _publish_soon(payload: dict[str, Any]) -> None:
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
+    if loop is not None:
+        task = loop.create_task(_publish_quietly(payload))
+        _pending_publishes.add(task)
+        task.add_done_callback(_pending_publishes.discard)
+        return
+    try:
+        publish(TOPIC, payload)
+    except Exception:  # the log must never break the request it records
+        logger.exception("could not publish an event")
+
+
+async def _publish_quietly(payload: dict[str, Any]) -> None:
+    try:
+        await apublish(TOPIC, payload)
+    except Exception:
+        logger.exception("could not publish an event")
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+def events_flush() -> int:
+    """Save every queued event now; returns how many were saved. Safe to call from any thread."""
+    saved = 0
+    with _flush_lock:
+        while _queue:
+            batch = []
+            while _queue and len(batch) < settings.EVENT_BATCH_SIZE:
+                batch.append(_queue.popleft())
+            try:
+                with transaction.atomic():
+                    Event.objects.bulk_create([Event(**event) for event in batch])
+            except Exception:
+                # Keep them for the next try (the database may be restarting).
+                _queue.extendleft(reversed(batch))
+                logger.exception("could not write %d events; will retry", len(batch))
+                break
+            saved += len(batch)
+    return saved
+
+
+def events_prune(*, days: int | None = None) -> int:
+    """Delete events older than `days` (default EVENT_RETENTION_DAYS); returns how many went."""
+    days = settings.EVENT_RETENTION_DAYS if days is None else days
+    cutoff = timezone.now() - timedelta(days=days)
+    deleted = 0
+    while True:
+        ids = list(Event.objects.filter(created_at__lt=cutoff).values_list("id", flat=True)[:5000])
+        if not ids:
+            return deleted
+        deleted += Event.objects.filter(id__in=ids).delete()[0]
+
+
+def _writer_loop() -> None:
+    global _last_prune
+    while not _stopped:
+        _wake.wait(settings.EVENT_FLUSH_MS / 1000)
+        _wake.clear()
+        try:
+            close_old_connections()
+            if _queue:
+                events_flush()
+            if settings.EVENT_RETENTION_DAYS and time.monotonic() - _last_prune > 3600:
+                _last_prune = time.monotonic()
+                events_prune()
+        except Exception:
+            logger.exception("event writer failed; continuing")
+        finally:
+            # Hold no connection while idle.
+            connection.close()
+
+
+def _ensure_writer() -> None:
+    global _writer, _writer_pid
+    if _stopped or (_writer is not None and _writer_pid == os.getpid() and _writer.is_alive()):
+        return
+    with _writer_lock:
+        if _writer is None or _writer_pid != os.getpid() or not _writer.is_alive():
+            _writer = threading.Thread(target=_writer_loop, name="turbo-event-writer", daemon=True)
+            _writer_pid = os.getpid()
+            _writer.start()
+
+
+def events_writer_pause() -> None:
+    """Stop the background writer without saving (events keep queueing); see events_writer_resume."""
+    global _stopped
+    _stopped = True
+    _wake.set()
+    if _writer is not None:
+        _writer.join(timeout=10)
+
+
+def events_writer_resume() -> None:
+    global _stopped
+    _stopped = False
+    _ensure_writer()
+
+
+def events_shutdown(*, flush: bool = True) -> None:
+    """Stop the writer; save what is queued (unless told not to)."""
+    global _stopped
+    _stopped = True
+    _wake.set()
+    if flush:
+        try:
+            events_flush()
+        except Exception:
+            logger.exception("could not save queued events at shutdown")
+        finally:
+            connection.close()
+
+
+atexit.register(events_shutdown)

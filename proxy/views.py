@@ -1,0 +1,237 @@
+"""`/v1/*`: an OpenAI-compatible passthrough that keeps the provider key on the server.
+
+Every method and path is forwarded with its query string and body unchanged; the upstream's status,
+headers and body come back as they arrive (server-sent events chunk by chunk). The request is logged
+once its response has ended, off the hot path.
+"""
+
+import json
+import logging
+import time
+from urllib.parse import unquote
+
+import httpx
+from django.conf import settings
+from django.http import JsonResponse, StreamingHttpResponse
+from django.utils.encoding import escape_uri_path
+from django.views.decorators.csrf import csrf_exempt
+
+from accounts.auth import AuthRefused, aauthenticate
+from proxy.events import capture_body, event_record
+from proxy.upstream import UpstreamNotConfigured, auth_headers, client, upstream_base
+from turbo_site.core.http import client_ip
+
+logger = logging.getLogger("turbo.proxy")
+
+# Client headers an OpenAI client needs upstream; everything else (Authorization, Cookie, Host,
+# hop-by-hop and forwarding headers) stays here.
+FORWARDED_REQUEST_HEADERS = {
+    "content-type",
+    "accept",
+    "user-agent",
+    "idempotency-key",
+    "openai-organization",
+    "openai-project",
+    "openai-beta",
+}
+FORWARDED_REQUEST_PREFIXES = ("openai-", "x-stainless-")
+FORWARDED_RESPONSE_HEADERS = {
+    "content-type",
+    "content-disposition",
+    "cache-control",
+    "retry-after",
+    "retry-after-ms",
+    "x-request-id",
+}
+FORWARDED_RESPONSE_PREFIXES = ("openai-", "x-ratelimit-")
+SNIFF_LIMIT = 1024 * 1024  # bodies larger than this are not parsed for the model name or usage
+
+
+def openai_error(status: int, message: str, error_type: str, code: str) -> JsonResponse:
+    """An error in the shape OpenAI clients parse (which also has Turbo's code and message)."""
+    return JsonResponse({"error": {"message": message, "type": error_type, "code": code}}, status=status)
+
+
+def _request_headers(request) -> dict[str, str]:
+    extra = {name.lower() for name in settings.PROXY_FORWARD_HEADERS}
+    headers = {}
+    for meta_key, value in request.META.items():
+        if meta_key.startswith("HTTP_"):
+            name = meta_key[5:].replace("_", "-").lower()
+        elif meta_key == "CONTENT_TYPE":
+            name = "content-type"
+        else:
+            continue
+        if name in FORWARDED_REQUEST_HEADERS or name.startswith(FORWARDED_REQUEST_PREFIXES) or name in extra:
+            headers[name] = value
+    headers["accept-encoding"] = "identity"  # pass bytes through untouched, and read usage from them
+    headers.update(auth_headers())
+    return headers
+
+
+def _response_headers(upstream: httpx.Response) -> dict[str, str]:
+    return {
+        name: value
+        for name, value in upstream.headers.items()
+        if name in FORWARDED_RESPONSE_HEADERS or name.startswith(FORWARDED_RESPONSE_PREFIXES)
+    }
+
+
+def _has_dot_segment(path: str) -> bool:
+    return any(segment in (".", "..") for segment in unquote(path).split("/"))
+
+
+def _model_of(body: bytes, content_type: str) -> str:
+    if not body or len(body) > SNIFF_LIMIT or not content_type.startswith("application/json"):
+        return ""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return ""
+    model = data.get("model") if isinstance(data, dict) else None
+    return model if isinstance(model, str) else ""
+
+
+class UsageReader:
+    """Finds `model` and `usage` in a response as it streams by: JSON bodies and SSE chunks alike."""
+
+    def __init__(self, is_event_stream: bool):
+        self.is_event_stream = is_event_stream
+        self.buffer = b""
+        self.size = 0
+        self.model = ""
+        self.usage: dict = {}
+
+    def feed(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.is_event_stream:
+            self.buffer += chunk
+            *lines, self.buffer = self.buffer.split(b"\n")
+            for line in lines:
+                if line.startswith(b"data:") and b'"usage"' in line:
+                    self._read(line[5:])
+            if len(self.buffer) > SNIFF_LIMIT:
+                self.buffer = b""
+        elif self.size <= SNIFF_LIMIT:
+            self.buffer += chunk
+
+    def finish(self) -> None:
+        if not self.is_event_stream and self.buffer and self.size <= SNIFF_LIMIT:
+            self._read(self.buffer)
+        self.buffer = b""
+
+    def _read(self, raw: bytes) -> None:
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            return
+        if not isinstance(data, dict):
+            return
+        if isinstance(data.get("model"), str):
+            self.model = data["model"]
+        if isinstance(data.get("usage"), dict):
+            self.usage = data["usage"]
+
+    def token(self, name: str) -> int | None:
+        value = self.usage.get(name)
+        return value if isinstance(value, int) else None
+
+
+@csrf_exempt
+async def proxy_view(request, path: str = ""):
+    started = time.perf_counter()
+    try:
+        found = await aauthenticate(request)
+    except AuthRefused as refused:
+        return openai_error(refused.status, refused.message, "invalid_request_error", refused.code)
+    user_id = found.user.pk
+    request.turbo_event_handled = True
+    query = request.META.get("QUERY_STRING", "")
+    body = request.body
+    content_type = request.META.get("CONTENT_TYPE", "")
+    model = _model_of(body, content_type)
+
+    def log(status: int, reader: UsageReader | None = None, response_body: str = "") -> None:
+        event_record(
+            type="proxy",
+            user_id=user_id,
+            method=request.method,
+            path=request.path,
+            query=query,
+            status=status,
+            duration_ms=(time.perf_counter() - started) * 1000,
+            client_ip=client_ip(request),
+            model=(reader.model if reader and reader.model else model),
+            prompt_tokens=reader.token("prompt_tokens") if reader else None,
+            completion_tokens=reader.token("completion_tokens") if reader else None,
+            total_tokens=reader.token("total_tokens") if reader else None,
+            request_body=capture_body(body, content_type) if settings.EVENT_CAPTURE_BODIES else "",
+            response_body=response_body,
+        )
+
+    def fail(status: int, message: str, error_type: str, code: str) -> JsonResponse:
+        log(status)
+        return openai_error(status, message, error_type, code)
+
+    if _has_dot_segment(path):
+        return fail(400, "the path may not contain '.' or '..' segments", "invalid_request_error", "invalid_path")
+    try:
+        base = upstream_base()
+    except UpstreamNotConfigured as exc:
+        return fail(503, str(exc), "server_error", "upstream_not_configured")
+
+    url = f"{base}/{escape_uri_path(path)}"
+    if query:
+        url = f"{url}?{query}"
+    http = client()
+    outgoing = http.build_request(request.method, url, headers=_request_headers(request), content=body)
+    sent = time.perf_counter()
+    try:
+        upstream = await http.send(outgoing, stream=True)
+    except httpx.TimeoutException:
+        return fail(504, "the upstream did not answer in time", "server_error", "upstream_timeout")
+    except httpx.HTTPError as exc:
+        logger.warning("upstream request failed: %s", type(exc).__name__)
+        return fail(502, "the upstream could not be reached", "server_error", "upstream_unreachable")
+    answered = time.perf_counter()
+
+    response_type = upstream.headers.get("content-type", "")
+    is_event_stream = response_type.startswith("text/event-stream")
+    reader = UsageReader(is_event_stream)
+    capture_limit = settings.EVENT_BODY_MAX_BYTES if settings.EVENT_CAPTURE_BODIES else 0
+
+    async def relay():
+        captured = bytearray()
+        status = upstream.status_code
+        try:
+            async for chunk in upstream.aiter_raw():
+                reader.feed(chunk)
+                if len(captured) < capture_limit:
+                    captured += chunk[: capture_limit - len(captured)]
+                yield chunk
+        except httpx.HTTPError as exc:
+            status = 504 if isinstance(exc, httpx.TimeoutException) else 502
+            logger.warning("upstream stream broke: %s", type(exc).__name__)
+            if is_event_stream:
+                error = {
+                    "error": {
+                        "message": "the upstream stream ended early",
+                        "type": "server_error",
+                        "code": "upstream_stream_error",
+                    }
+                }
+                yield f"event: error\ndata: {json.dumps(error)}\n\n".encode()
+        except BaseException:
+            status = 499  # the client went away: the upstream request is closed below
+            raise
+        finally:
+            await upstream.aclose()
+            reader.finish()
+            log(status, reader, capture_body(bytes(captured), response_type) if captured else "")
+
+    response = StreamingHttpResponse(relay(), status=upstream.status_code, headers=_response_headers(upstream))
+    if is_event_stream:
+        response["X-Accel-Buffering"] = "no"
+    overhead_ms = (sent - started + time.perf_counter() - answered) * 1000
+    response["X-Turbo-Overhead-Ms"] = f"{overhead_ms:.3f}"
+    return response
