@@ -1,0 +1,330 @@
+"""The chat API: the seed's /chat/* paths. Prompt and stream are async views (they wait on the model)."""
+
+import asyncio
+import functools
+import json
+import logging
+
+from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
+from django.conf import settings
+from django.http import JsonResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+from drf_spectacular.utils import extend_schema, inline_serializer
+from rest_framework import serializers
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from accounts.api import UserBriefOutput
+from accounts.auth import AuthRefused, aauthenticate
+from chats import selectors, services
+from chats.models import Message
+from chats.serializers import ChatOutput, MessageOutput, chat_data, message_data
+from proxy import ai, tools
+from turbo_site.core.errors import Invalid, TurboError, error_response
+from turbo_site.core.pubsub import subscribe
+from turbo_site.core.schema import EmptyResponse, errors, get_and_post
+from turbo_site.core.serializers import StrictCharField, plain_request_input, request_input
+
+logger = logging.getLogger("turbo.chats")
+
+MODEL_FIELD = {"max_length": 100, "required": False, "allow_blank": True}
+SYSTEM_PROMPT_FIELD = {"max_length": 16_000, "required": False, "allow_blank": True}
+
+
+def _parse(serializer_class, data: dict) -> dict:
+    parsed = serializer_class(data=data)
+    parsed.is_valid(raise_exception=True)
+    return dict(parsed.validated_data)
+
+
+class ChatIdInput(serializers.Serializer):
+    """A chat id, as `id` or (the seed's form key) `chat_id`."""
+
+    id = serializers.UUIDField(required=False)
+    chat_id = serializers.UUIDField(required=False)
+
+    def validate(self, data):
+        chat_id = data.get("id") or data.get("chat_id")
+        if chat_id is None:
+            raise Invalid("id: this field is required")
+        data["id"] = chat_id
+        return data
+
+
+class ToolNamesField(serializers.ListField):
+    """Registered tool names: a JSON array, repeated form fields or one comma-separated string."""
+
+    def __init__(self, **kwargs):
+        super().__init__(child=serializers.CharField(max_length=64), max_length=32, allow_empty=True, **kwargs)
+
+    def to_internal_value(self, data):
+        if isinstance(data, str):
+            data = [name.strip() for name in data.split(",") if name.strip()]
+        names = list(dict.fromkeys(super().to_internal_value(data)))
+        unknown = sorted(set(names) - tools.tool_names())
+        if unknown:
+            raise serializers.ValidationError(
+                f"unknown tool(s): {', '.join(unknown)}; see /info for the registered ones"
+            )
+        return names
+
+
+class ChatCreateInput(serializers.Serializer):
+    name = StrictCharField(max_length=200)
+    model = StrictCharField(**MODEL_FIELD)
+    group_id = serializers.UUIDField(required=False, allow_null=True)
+    system_prompt = StrictCharField(**SYSTEM_PROMPT_FIELD)
+    tools = ToolNamesField(required=False)
+
+
+class ChatUpdateInput(ChatIdInput):
+    name = StrictCharField(max_length=200, required=False)
+    model = StrictCharField(**MODEL_FIELD)
+    system_prompt = StrictCharField(**SYSTEM_PROMPT_FIELD)
+    tools = ToolNamesField(required=False)
+
+
+class ChatReadInput(ChatIdInput):
+    limit = serializers.IntegerField(required=False, min_value=1, max_value=500, default=100)
+    before = serializers.UUIDField(required=False, help_text="a message id: return the messages before it")
+
+
+class ChatUserInput(serializers.Serializer):
+    chat_id = serializers.UUIDField(required=False)
+    id = serializers.UUIDField(required=False)
+    user_id = serializers.UUIDField()
+
+    def validate(self, data):
+        if not data.get("chat_id") and not data.get("id"):
+            raise Invalid("chat_id: this field is required")
+        return data
+
+
+class ChatReadOutput(serializers.Serializer):
+    chat = ChatOutput()
+    messages = MessageOutput(many=True)
+    users = UserBriefOutput(many=True)
+
+
+class ChatCreateView(APIView):
+    @extend_schema(
+        request=ChatCreateInput, responses={200: ChatOutput, **errors(400, 401, 404)}, summary="Create a chat"
+    )
+    def post(self, request):
+        fields = _parse(ChatCreateInput, request_input(request))
+        chat = services.chat_create(owner=request.user, **fields)
+        return Response(chat_data(chat))
+
+
+@get_and_post(
+    request=ChatReadInput,
+    responses={200: ChatReadOutput, **errors(400, 401, 404)},
+    summary="A chat, its messages (oldest first, paged with limit/before) and its users",
+)
+class ChatReadView(APIView):
+    def post(self, request):
+        fields = _parse(ChatReadInput, request_input(request))
+        chat = selectors.chat_get_for_member(user=request.user, chat_id=fields["id"])
+        before = None
+        if fields.get("before"):
+            anchor = Message.objects.filter(chat=chat, pk=fields["before"]).values_list("created_at", flat=True).first()
+            if anchor is None:
+                raise Invalid("before: no such message in this chat")
+            before = anchor
+        messages = selectors.chat_messages(chat=chat, limit=fields["limit"], before=before)
+        return Response(
+            {
+                "chat": chat_data(chat),
+                "messages": MessageOutput(messages, many=True).data,
+                "users": UserBriefOutput(selectors.chat_users(chat=chat), many=True).data,
+            }
+        )
+
+
+class ChatUpdateView(APIView):
+    @extend_schema(
+        request=ChatUpdateInput,
+        responses={200: ChatOutput, **errors(400, 401, 403, 404)},
+        summary="Rename a chat or change its model or system prompt (owner)",
+    )
+    def post(self, request):
+        fields = _parse(ChatUpdateInput, request_input(request))
+        chat = selectors.chat_get_for_member(user=request.user, chat_id=fields.pop("id"))
+        fields.pop("chat_id", None)
+        if fields.get("model") == "":
+            fields.pop("model")
+        chat = services.chat_update(chat=chat, user=request.user, **fields)
+        return Response(chat_data(chat))
+
+
+class ChatDeleteView(APIView):
+    @extend_schema(
+        request=ChatIdInput, responses={200: EmptyResponse, **errors(400, 401, 403, 404)}, summary="Delete a chat"
+    )
+    def post(self, request):
+        fields = _parse(ChatIdInput, request_input(request))
+        chat = selectors.chat_get_for_member(user=request.user, chat_id=fields["id"])
+        services.chat_delete(chat=chat, user=request.user)
+        return Response({})
+
+
+@get_and_post(
+    responses={200: inline_serializer("ChatIndex", {"chats": ChatOutput(many=True)}), **errors(401)},
+    summary="The chats you may see, newest activity first",
+)
+class ChatIndexView(APIView):
+    def post(self, request):
+        return Response({"chats": ChatOutput(selectors.chats_visible_to(user=request.user), many=True).data})
+
+
+class ChatUserAddView(APIView):
+    @extend_schema(
+        request=ChatUserInput,
+        responses={200: EmptyResponse, **errors(400, 401, 403, 404)},
+        summary="Add a user to a chat (owner)",
+    )
+    def post(self, request):
+        fields = _parse(ChatUserInput, request_input(request))
+        chat = selectors.chat_get_for_member(user=request.user, chat_id=fields.get("chat_id") or fields["id"])
+        services.chat_user_add(chat=chat, user=request.user, user_id=fields["user_id"])
+        return Response({})
+
+
+class ChatUserRemoveView(APIView):
+    @extend_schema(
+        request=ChatUserInput,
+        responses={200: EmptyResponse, **errors(400, 401, 403, 404)},
+        summary="Remove a user from a chat (owner); they lose access at once",
+    )
+    def post(self, request):
+        fields = _parse(ChatUserInput, request_input(request))
+        chat = selectors.chat_get_for_member(user=request.user, chat_id=fields.get("chat_id") or fields["id"])
+        services.chat_user_remove(chat=chat, user=request.user, user_id=fields["user_id"])
+        return Response({})
+
+
+# --- async views ----------------------------------------------------------------------------------
+
+
+def async_endpoint(methods: tuple[str, ...]):
+    """Authentication, method check and the error shape for async views (which DRF does not serve)."""
+
+    def decorate(view):
+        @csrf_exempt
+        @functools.wraps(view)
+        async def wrapper(request, *args, **kwargs):
+            if request.method not in methods:
+                response = error_response(405, "method_not_allowed", f"method {request.method} is not allowed here")
+                response["Allow"] = ", ".join(methods)
+                return response
+            try:
+                session = await aauthenticate(request)
+                request.user = session.user
+                return await view(request, *args, **kwargs)
+            except AuthRefused as refused:
+                return error_response(refused.status, refused.code, refused.message)
+            except TurboError as exc:
+                return error_response(exc.status_code, exc.code, exc.message, exc.headers)
+            except serializers.ValidationError as exc:
+                from turbo_site.core.errors import exception_handler
+
+                return exception_handler(exc, {})
+
+        return wrapper
+
+    return decorate
+
+
+class PromptInput(ChatIdInput):
+    prompt = StrictCharField(trim_whitespace=False)
+    context = serializers.IntegerField(required=False)
+    stream = serializers.BooleanField(required=False, default=False)
+    otr = serializers.BooleanField(required=False, default=False)
+
+    def validate_prompt(self, value: str) -> str:
+        if not value.strip():
+            raise serializers.ValidationError("may not be empty")
+        if len(value) > settings.MAX_PROMPT_CHARS:
+            raise serializers.ValidationError(f"may be at most {settings.MAX_PROMPT_CHARS} characters")
+        return value
+
+
+@async_endpoint(("POST",))
+async def chat_prompt(request):
+    fields = _parse(PromptInput, plain_request_input(request))
+    chat = await database_sync_to_async(selectors.chat_get_for_member)(user=request.user, chat_id=fields["id"])
+    context = fields.get("context", settings.DEFAULT_CONTEXT)
+    context = max(0, min(context, settings.MAX_CONTEXT))
+    try:
+        message = await services.message_prompt(
+            chat=chat,
+            user=request.user,
+            prompt=fields["prompt"],
+            context_size=context,
+            stream=fields["stream"],
+            otr=fields["otr"],
+        )
+    except ai.AIError as exc:
+        status = 504 if exc.status == 504 else 502
+        return error_response(status, "upstream_error", exc.message)
+    return JsonResponse({"message": message_data(message)})
+
+
+def _sse(event: dict) -> bytes:
+    return f"id: {event['seq']}\nevent: message\ndata: {json.dumps(event, separators=(',', ':'))}\n\n".encode()
+
+
+@async_endpoint(("GET", "POST"))
+async def chat_stream(request):
+    fields = _parse(ChatIdInput, plain_request_input(request))
+    chat = await database_sync_to_async(selectors.chat_get_for_member)(user=request.user, chat_id=fields["id"])
+    last_seen = request.META.get("HTTP_LAST_EVENT_ID") or request.GET.get("last_event_id")
+    try:
+        last_seen = int(last_seen) if last_seen else None
+    except ValueError:
+        return error_response(400, "invalid", "Last-Event-ID: must be a number")
+    subscription = await subscribe(services.chat_topic(chat.pk)).start()
+    user_id, chat_id = request.user.pk, chat.pk
+
+    async def events():
+        waiting = None
+        try:
+            yield b"retry: 2000\n\n"  # headers and a first line go out at once
+            high = last_seen or 0
+            if last_seen is not None:
+                replayed = await sync_to_async(services.chat_replay, thread_sensitive=False)(
+                    chat_id=chat_id, after_seq=last_seen
+                )
+                for event in replayed:
+                    high = event["seq"]
+                    yield _sse(event)
+            while True:
+                # A pending receive is kept across heartbeats rather than cancelled and restarted.
+                waiting = waiting or asyncio.ensure_future(subscription.__anext__())
+                done, _ = await asyncio.wait({waiting}, timeout=settings.STREAM_HEARTBEAT_SECONDS)
+                if not done:
+                    yield b": heartbeat\n\n"
+                    continue
+                data, waiting = waiting.result(), None
+                control = data.get("control")
+                if control == "chat_deleted":
+                    return
+                if control == "access_changed":
+                    if str(user_id) in data.get("user_ids", []) and not await database_sync_to_async(
+                        selectors.chat_can_see
+                    )(user_id=user_id, chat_id=chat_id):
+                        return
+                    continue
+                if control or data.get("seq", 0) <= high:
+                    continue  # other control messages; events already replayed
+                yield _sse(data)
+        finally:
+            if waiting is not None:
+                waiting.cancel()
+            await subscription.close()
+
+    response = StreamingHttpResponse(events(), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    return response

@@ -1,0 +1,133 @@
+"""`manage.py chats ...`: inspect a chat, its members and messages; delete a message.
+
+Replaces the old admin CLI's `chat`, `chatUsers`, `messages` and `deleteMessage`. Member listings show
+no password hashes, and deleting a message also forgets the chat's cached context.
+"""
+
+import uuid
+
+from django.core.management.base import CommandError
+
+from chats.models import Chat, ChatMember, Message
+from chats.services import message_delete
+from turbo_site.core.commands import ActionCommand, fields, one_line, printable, table, uuid_argument, when
+
+# How much of a system prompt, prompt or reply fits on a line without --full.
+PREVIEW_WIDTH = 100
+
+EXAMPLES = """\
+examples:
+  manage.py chats show 5f0c8a9e-8f3b-4d8e-9a43-2b7f1f0e3c21
+  manage.py chats members 5f0c8a9e-8f3b-4d8e-9a43-2b7f1f0e3c21
+  manage.py chats messages 5f0c8a9e-8f3b-4d8e-9a43-2b7f1f0e3c21 --full
+  manage.py chats delete-message 9d2b4c1e-6a7f-4f0b-8c3d-1e2f3a4b5c6d
+"""
+
+
+def _chat_get(chat_id: uuid.UUID) -> Chat:
+    chat = Chat.objects.select_related("owner", "group").filter(pk=chat_id).first()
+    if chat is None:
+        raise CommandError(f"no chat with id {chat_id}")
+    return chat
+
+
+def _indented(label: str, text: str) -> list[str]:
+    """`label: text`, the text's further lines indented under its first."""
+    first, *rest = printable(text).splitlines() or [""]
+    return [f"  {label + ':':<7} {first}".rstrip()] + [f"  {'':<7} {line}".rstrip() for line in rest]
+
+
+class Command(ActionCommand):
+    help = "Inspect Turbo chats: show one, list its members or messages; delete a message."
+
+    def create_parser(self, prog_name, subcommand, **kwargs):
+        kwargs.setdefault("epilog", EXAMPLES)
+        return super().create_parser(prog_name, subcommand, **kwargs)
+
+    def add_actions(self, actions) -> None:
+        chat_id_help = "The chat's UUID."
+
+        show = self.add_action(
+            actions,
+            "show",
+            "Show one chat: name, model, owner, group, system prompt, dates and counts.",
+        )
+        show.add_argument("chat_id", metavar="CHAT_ID", type=uuid_argument("chat"), help=chat_id_help)
+
+        members = self.add_action(actions, "members", "List a chat's members: user id, username, when they joined.")
+        members.add_argument("chat_id", metavar="CHAT_ID", type=uuid_argument("chat"), help=chat_id_help)
+
+        messages = self.add_action(
+            actions,
+            "messages",
+            "List a chat's messages, oldest first.",
+            "List a chat's messages, oldest first: id, time, author, status, off-the-record flag, then the "
+            f"prompt and reply cut to {PREVIEW_WIDTH} characters on one line each (see --full).",
+        )
+        messages.add_argument("chat_id", metavar="CHAT_ID", type=uuid_argument("chat"), help=chat_id_help)
+        messages.add_argument("--full", action="store_true", help="Print prompts and replies whole, line by line.")
+
+        delete = self.add_action(
+            actions,
+            "delete-message",
+            "Delete one message for good and forget its chat's cached context.",
+        )
+        delete.add_argument(
+            "message_id", metavar="MESSAGE_ID", type=uuid_argument("message"), help="The message's UUID."
+        )
+
+    def handle_show(self, *, chat_id: uuid.UUID, **options) -> None:
+        chat = _chat_get(chat_id)
+        group = f"{chat.group.name} ({chat.group_id})" if chat.group else "-"
+        self.write_lines(
+            fields(
+                [
+                    ("id", str(chat.pk)),
+                    ("name", chat.name),
+                    ("model", chat.model),
+                    ("owner", f"{chat.owner.username} ({chat.owner_id})"),
+                    ("group", group),
+                    ("system prompt", one_line(chat.system_prompt, PREVIEW_WIDTH) or "-"),
+                    ("created", when(chat.created_at)),
+                    ("updated", when(chat.updated_at)),
+                    ("members", str(chat.memberships.count())),
+                    ("messages", str(chat.messages.count())),
+                ]
+            )
+        )
+
+    def handle_members(self, *, chat_id: uuid.UUID, **options) -> None:
+        chat = _chat_get(chat_id)
+        members = ChatMember.objects.filter(chat=chat).select_related("user").order_by("created_at", "user__username")
+        rows = [(str(member.user_id), member.user.username, when(member.created_at)) for member in members]
+        if not rows:
+            self.stdout.write(f"chat {chat.pk} has no members")
+            return
+        self.write_lines(table(("USER ID", "USERNAME", "JOINED"), rows))
+
+    def handle_messages(self, *, chat_id: uuid.UUID, full: bool, **options) -> None:
+        chat = _chat_get(chat_id)
+        messages = Message.objects.filter(chat=chat).select_related("author").order_by("created_at", "id")
+        count = 0
+        for message in messages.iterator():
+            if count:
+                self.stdout.write("")
+            count += 1
+            author = message.author.username if message.author else "(deleted user)"
+            otr = "  off-the-record" if message.is_otr else ""
+            self.stdout.write(f"{message.pk}  {when(message.created_at)}  {printable(author)}  {message.status}{otr}")
+            lines: list[str] = []
+            for label, text in (("prompt", message.prompt), ("reply", message.reply), ("error", message.error)):
+                if label == "error" and not text:
+                    continue
+                if full:
+                    lines += _indented(label, text)
+                else:
+                    lines.append(f"  {label + ':':<7} {one_line(text, PREVIEW_WIDTH)}".rstrip())
+            self.write_lines(lines)
+        if not count:
+            self.stdout.write(f"chat {chat.pk} has no messages")
+
+    def handle_delete_message(self, *, message_id: uuid.UUID, **options) -> None:
+        message_delete(message_id=message_id)
+        self.stdout.write(f"deleted message {message_id}")

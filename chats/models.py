@@ -1,0 +1,76 @@
+import uuid
+
+from django.conf import settings
+from django.db import models
+
+
+class Chat(models.Model):
+    """A 1:1 or group conversation with a model."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=200)
+    model = models.CharField(max_length=100)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="owned_chats")
+    group = models.ForeignKey("groups.Group", on_delete=models.SET_NULL, null=True, blank=True, related_name="chats")
+    system_prompt = models.TextField(blank=True, default="")
+    # Names of registered tools the model may call in this chat.
+    tools = models.JSONField(default=list, blank=True)
+    # A conversation's own upstream key (seed 002), encrypted; never returned in full.
+    api_key_encrypted = models.TextField(blank=True, default="", editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    # Bumped by every prompt: /chat/index sorts by latest activity.
+    updated_at = models.DateTimeField(auto_now=True, db_index=True)
+
+    class Meta:
+        db_table = "chats"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ChatMember(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    chat = models.ForeignKey(Chat, on_delete=models.CASCADE, related_name="memberships")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="chat_memberships")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        db_table = "chat_members"
+        constraints = [models.UniqueConstraint(fields=["chat", "user"], name="chat_members_unique")]
+        indexes = [models.Index(fields=["user", "chat"], name="chat_members_user_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.user_id} in {self.chat_id}"
+
+
+class Message(models.Model):
+    """One prompt/reply exchange in a chat."""
+
+    class Status(models.TextChoices):
+        STREAMING = "streaming"
+        COMPLETE = "complete"
+        ERROR = "error"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    chat = models.ForeignKey(Chat, on_delete=models.CASCADE, related_name="messages")
+    author = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="messages")
+    prompt = models.TextField()
+    reply = models.TextField(blank=True, default="")
+    model = models.CharField(max_length=100, blank=True, default="")
+    # Off the record: stored and shown to members, never sent to the model nor used as context.
+    is_otr = models.BooleanField(default=False)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.COMPLETE)
+    error = models.TextField(blank=True, default="")
+    tool_calls = models.JSONField(default=list, blank=True)
+    prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
+    completion_tokens = models.PositiveIntegerField(null=True, blank=True)
+    total_tokens = models.PositiveIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        db_table = "messages"
+        indexes = [models.Index(fields=["chat", "created_at"], name="messages_chat_time_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.id} in {self.chat_id}"

@@ -1,0 +1,117 @@
+"""Documents the async chat views (/chat/prompt, /chat/stream), which DRF does not serve, in OpenAPI."""
+
+_ERROR = {"$ref": "#/components/schemas/ErrorResponse"}
+
+
+def _errors(*codes: int) -> dict:
+    return {str(code): {"description": "error", "content": {"application/json": {"schema": _ERROR}}} for code in codes}
+
+
+def _form_and_json(schema: dict) -> dict:
+    return {
+        "content": {
+            "application/json": {"schema": schema},
+            "application/x-www-form-urlencoded": {"schema": schema},
+        }
+    }
+
+
+PROMPT_INPUT = {
+    "type": "object",
+    "required": ["id", "prompt"],
+    "properties": {
+        "id": {"type": "string", "format": "uuid"},
+        "prompt": {"type": "string"},
+        "context": {"type": "integer", "description": "earlier exchanges to send (default 10, clamped to MAX_CONTEXT)"},
+        "stream": {"type": "boolean", "description": "return at once; the reply streams on /chat/stream"},
+        "otr": {"type": "boolean", "description": "store and show, but never send to the model"},
+    },
+}
+STREAM_EVENT = {
+    "type": "object",
+    "properties": {
+        "seq": {"type": "integer", "description": "per-chat event number; the SSE id"},
+        "message": {"$ref": "#/components/schemas/MessageOutput"},
+        "delta": {"type": "string", "description": "text added since the previous event"},
+        "partial": {"type": "boolean", "description": "false on the last event of a prompt"},
+    },
+}
+
+
+def add_chat_paths(result, generator, request, public):
+    """drf-spectacular postprocessing hook."""
+    security = [{"bearerAuth": []}, {"cookieAuth": []}]
+    result.setdefault("paths", {})["/chat/prompt"] = {
+        "post": {
+            "operationId": "chat_prompt",
+            "tags": ["chat"],
+            "summary": "Send a prompt; with stream=true the reply streams on /chat/stream",
+            "requestBody": _form_and_json(PROMPT_INPUT),
+            "security": security,
+            "responses": {
+                "200": {
+                    "description": "the stored message (status 'streaming' with stream=true)",
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {"message": {"$ref": "#/components/schemas/MessageOutput"}},
+                            }
+                        }
+                    },
+                },
+                **_errors(400, 401, 404, 405, 502, 504),
+            },
+        }
+    }
+    stream = {
+        "tags": ["chat"],
+        "summary": "Live events of a chat: SSE here, WebSocket (ws://.../chat/stream?id=&token=) on the same path",
+        "description": (
+            "Each event is sent as `id: <seq>`, `event: message`, `data: <json>`. Resume with the Last-Event-ID "
+            "header (or last_event_id) within STREAM_REPLAY_SECONDS. A comment line is sent every "
+            "STREAM_HEARTBEAT_SECONDS."
+        ),
+        "security": security,
+        "responses": {
+            "200": {"description": "server-sent events", "content": {"text/event-stream": {"schema": STREAM_EVENT}}},
+            **_errors(400, 401, 404),
+        },
+    }
+    id_param = {"name": "id", "in": "query", "required": True, "schema": {"type": "string", "format": "uuid"}}
+    result["paths"]["/chat/stream"] = {
+        "get": {**stream, "operationId": "chat_stream_get", "parameters": [id_param]},
+        "post": {
+            **stream,
+            "operationId": "chat_stream_post",
+            "requestBody": _form_and_json(
+                {"type": "object", "properties": {"id": {"type": "string", "format": "uuid"}}}
+            ),
+        },
+    }
+    conversation_chat = {
+        "operationId": "conversation_chat",
+        "tags": ["api"],
+        "summary": "Chat in a conversation (seed 002): the reply streams back as server-sent events",
+        "description": (
+            "Events: `message` (data: a JSON string, one delta), then `done` (data: {message_id, status}) and "
+            "`full_response` (data: the whole reply as a JSON string); `error` before `done` if the upstream failed."
+        ),
+        "parameters": [
+            {"name": "chat_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
+        ],
+        "requestBody": _form_and_json(
+            {"type": "object", "required": ["message"], "properties": {"message": {"type": "string"}}}
+        ),
+        "security": security,
+        "responses": {
+            "200": {
+                "description": "server-sent events",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            },
+            **_errors(400, 401, 404),
+        },
+    }
+    result["paths"]["/api/chat/{chat_id}"] = {"post": conversation_chat}
+    result["paths"]["/api/chat/{chat_id}/"] = {"post": {**conversation_chat, "operationId": "conversation_chat_slash"}}
+    return result

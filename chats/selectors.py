@@ -1,0 +1,86 @@
+"""Reads about chats, with the access rule inside.
+
+Who may see a chat: its owner, its current members, and, for a chat in a group, the group's current
+members. Anyone else gets a 404, so that a chat's existence does not leak.
+"""
+
+import uuid
+from datetime import datetime
+
+from django.db.models import Exists, OuterRef, Q, QuerySet
+
+from accounts.models import User
+from chats.models import Chat, ChatMember, Message
+from groups.models import GroupMember
+from turbo_site.core.errors import NotFound
+
+
+def _access(user_id) -> Q:
+    is_member = ChatMember.objects.filter(chat=OuterRef("pk"), user_id=user_id)
+    in_group = GroupMember.objects.filter(group=OuterRef("group_id"), user_id=user_id)
+    return Q(owner_id=user_id) | Q(Exists(is_member)) | Q(Exists(in_group))
+
+
+def chats_visible_to(*, user: User) -> QuerySet[Chat]:
+    """Every chat `user` may see, newest activity first."""
+    return Chat.objects.filter(_access(user.pk)).order_by("-updated_at")
+
+
+def chat_get_for_member(*, user: User, chat_id: uuid.UUID) -> Chat:
+    chat = Chat.objects.filter(_access(user.pk), pk=chat_id).first()
+    if chat is None:
+        raise NotFound("chat not found")
+    return chat
+
+
+def chat_can_see(*, user_id: uuid.UUID, chat_id: uuid.UUID) -> bool:
+    return Chat.objects.filter(_access(user_id), pk=chat_id).exists()
+
+
+def chat_users(*, chat: Chat) -> list[User]:
+    """The owner, then the members in the order they joined (one query)."""
+    members = list(
+        User.objects.filter(Q(pk=chat.owner_id) | Q(chat_memberships__chat=chat)).distinct().order_by("date_joined")
+    )
+    members.sort(key=lambda user: user.pk != chat.owner_id)
+    return members
+
+
+def chat_messages(*, chat: Chat, limit: int, before: datetime | None = None) -> list[Message]:
+    """Up to `limit` messages before `before` (default: the newest), oldest first."""
+    messages = Message.objects.filter(chat=chat)
+    if before is not None:
+        messages = messages.filter(created_at__lt=before)
+    newest_first = list(messages.order_by("-created_at", "-id")[:limit])
+    newest_first.reverse()
+    return newest_first
+
+
+def chat_context(*, chat_id: uuid.UUID, size: int) -> list[tuple[str, str]]:
+    """The last `size` exchanges that count as context (not off the record, not failed), oldest first."""
+    if size <= 0:
+        return []
+    rows = list(
+        Message.objects.filter(chat_id=chat_id, is_otr=False, status=Message.Status.COMPLETE)
+        .order_by("-created_at", "-id")
+        .values_list("prompt", "reply")[:size]
+    )
+    rows.reverse()
+    return rows
+
+
+def conversations_of(*, user: User) -> QuerySet[Chat]:
+    """Seed 002's conversations: the chats a user owns, newest first."""
+    return Chat.objects.filter(owner=user).order_by("-created_at")
+
+
+def conversation_get(*, user: User, chat_id: uuid.UUID) -> Chat:
+    """A conversation of its owner's; anyone else gets a 404."""
+    chat = Chat.objects.filter(owner=user, pk=chat_id).first()
+    if chat is None:
+        raise NotFound("conversation not found")
+    return chat
+
+
+def conversation_history(*, chat: Chat) -> list[Message]:
+    return list(Message.objects.filter(chat=chat).order_by("created_at", "id"))

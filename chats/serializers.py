@@ -1,0 +1,51 @@
+"""How chats and messages look on the wire: REST responses and stream events use these same shapes."""
+
+from rest_framework import serializers
+
+from chats.models import Chat, Message
+
+
+class ChatOutput(serializers.Serializer):
+    id = serializers.UUIDField()
+    name = serializers.CharField()
+    model = serializers.CharField()
+    owner_id = serializers.UUIDField()
+    group_id = serializers.UUIDField(allow_null=True)
+    system_prompt = serializers.CharField()
+    tools = serializers.ListField(child=serializers.CharField())
+    created_at = serializers.DateTimeField()
+    updated_at = serializers.DateTimeField()
+
+
+class MessageOutput(serializers.Serializer):
+    id = serializers.UUIDField()
+    chat_id = serializers.UUIDField()
+    user_id = serializers.UUIDField(source="author_id", allow_null=True)
+    prompt = serializers.CharField()
+    reply = serializers.CharField()
+    model = serializers.CharField()
+    otr = serializers.BooleanField(source="is_otr")
+    status = serializers.CharField()
+    error = serializers.CharField()
+    tool_calls = serializers.ListField(child=serializers.DictField())
+    prompt_tokens = serializers.IntegerField(allow_null=True)
+    completion_tokens = serializers.IntegerField(allow_null=True)
+    total_tokens = serializers.IntegerField(allow_null=True)
+    created_at = serializers.DateTimeField()
+
+
+class StreamEventOutput(serializers.Serializer):
+    """One event on a chat's live stream."""
+
+    seq = serializers.IntegerField(help_text="increases by one per event of the chat; the SSE id")
+    message = MessageOutput(help_text="the message, with the reply so far")
+    delta = serializers.CharField(help_text="the text added since the previous event")
+    partial = serializers.BooleanField(help_text="false on the last event of a prompt")
+
+
+def chat_data(chat: Chat) -> dict:
+    return dict(ChatOutput(chat).data)
+
+
+def message_data(message: Message) -> dict:
+    return dict(MessageOutput(message).data)

@@ -1,0 +1,22 @@
+from django.urls import path
+
+from chats import api, conversations
+
+urlpatterns = [
+    path("chat/create", api.ChatCreateView.as_view()),
+    path("chat/read", api.ChatReadView.as_view()),
+    path("chat/update", api.ChatUpdateView.as_view()),
+    path("chat/delete", api.ChatDeleteView.as_view()),
+    path("chat/index", api.ChatIndexView.as_view()),
+    path("chat/prompt", api.chat_prompt),
+    path("chat/stream", api.chat_stream),
+    path("chat/user/add", api.ChatUserAddView.as_view()),
+    path("chat/user/remove", api.ChatUserRemoveView.as_view()),
+    # seed 002
+    path("api/conversations/create", conversations.ConversationCreateView.as_view()),
+    path("api/conversations/list", conversations.ConversationListView.as_view()),
+    path("api/conversations/history/<uuid:chat_id>", conversations.ConversationHistoryView.as_view()),
+    path("api/conversations/del/<uuid:chat_id>", conversations.ConversationDeleteView.as_view()),
+    path("api/chat/<uuid:chat_id>", conversations.conversation_chat),
+    path("api/chat/<uuid:chat_id>/", conversations.conversation_chat),
+]
