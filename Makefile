@@ -26,7 +26,7 @@ run: install
 serve: install
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python -m uvicorn turbo_site.asgi:application --host $(word 1,$(subst :, ,$(ADDRESS))) \
-		--port $(word 2,$(subst :, ,$(ADDRESS))) --lifespan on --no-proxy-headers --no-access-log
+		--port $(word 2,$(subst :, ,$(ADDRESS))) --loop uvloop --http httptools --lifespan on --no-proxy-headers --no-access-log
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -45,7 +45,13 @@ class LiveServer:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
-        asyncio.run(self.server.serve(sockets=[self.socket]))
+        async def serve():
+            from proxy.upstream import clients_close
+
+            await self.server.serve(sockets=[self.socket])
+            await clients_close()
+
+        asyncio.run(serve())
 
     def start(self):
         self.thread.start()

@@ -2,18 +2,33 @@
 
 `OPENAI_API_URL` may end in `/v1` or not; `upstream_base()` always ends in `/v1`, so the proxy never
 builds `/v1/v1/...` and the `openai` SDK (used by `proxy.ai`) takes the same value as its base URL.
+
+The proxy talks to the upstream through one small interface, `upstream_send()`, which returns an
+`UpstreamResponse` (status, headers, the body chunk by chunk as it arrives, `aclose()`). Two clients
+implement it: aiohttp (the default: it costs about half the CPU per request of httpx, see
+bench/README.md) and httpx; `PROXY_HTTP_CLIENT` picks one.
 """
 
 import asyncio
 import weakref
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
+import aiohttp
 import httpx
 from django.conf import settings
 
 
 class UpstreamNotConfigured(Exception):
     """No upstream to send to; the message says which variable to set."""
+
+
+class UpstreamError(Exception):
+    """The upstream could not be reached, or its answer broke off; `timeout` says if it was too slow."""
+
+    def __init__(self, message: str, *, timeout: bool = False):
+        super().__init__(message)
+        self.timeout = timeout
 
 
 def upstream_base() -> str:
@@ -43,28 +58,160 @@ def auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-# One client per event loop: a connection pool cannot be shared between loops, and production
-# runs one loop per process, so this is one pooled client per process there.
-_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[tuple, httpx.AsyncClient]]" = (
-    weakref.WeakKeyDictionary()
-)
+# --- the interface --------------------------------------------------------------------------------
 
 
-def client() -> httpx.AsyncClient:
-    """The pooled, keep-alive client of the running event loop (rebuilt if its settings change)."""
+class UpstreamResponse:
+    """An upstream answer whose headers have arrived; the body is read with `chunks()`."""
+
+    status: int
+    headers: list[tuple[str, str]]  # names in lower case, in the upstream's order
+
+    def header(self, name: str) -> str:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return ""
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives (transfer coding removed, content coding kept). Raises UpstreamError."""
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        """Give the connection back if the body was read to its end, else close it (the upstream sees it)."""
+        raise NotImplementedError
+
+
+async def upstream_send(method: str, url: str, headers: dict[str, str], body: bytes) -> UpstreamResponse:
+    """Send one request and wait for the answer's headers. Raises UpstreamError."""
+    if settings.PROXY_HTTP_CLIENT == "httpx":
+        return await _httpx_send(method, url, headers, body)
+    return await _aiohttp_send(method, url, headers, body)
+
+
+def _options() -> tuple[int, int, int]:
+    return settings.PROXY_CONNECT_TIMEOUT, settings.PROXY_READ_TIMEOUT, settings.PROXY_MAX_CONNECTIONS
+
+
+# One client per event loop: a connection pool cannot be shared between loops, and production runs
+# one loop per process, so this is one pooled client per process there.
+_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict]" = weakref.WeakKeyDictionary()
+
+
+def _loop_client(kind: str, make, is_closed):
     loop = asyncio.get_running_loop()
-    options = (settings.PROXY_CONNECT_TIMEOUT, settings.PROXY_READ_TIMEOUT, settings.PROXY_MAX_CONNECTIONS)
-    cached = _clients.get(loop)
-    if cached is not None and cached[0] == options and not cached[1].is_closed:
+    per_loop = _clients.setdefault(loop, {})
+    options = _options()
+    cached = per_loop.get(kind)
+    if cached is not None and cached[0] == options and not is_closed(cached[1]):
         return cached[1]
-    connect, read, max_connections = options
-    http = httpx.AsyncClient(
-        timeout=httpx.Timeout(connect=connect, read=read, write=read, pool=connect),
-        limits=httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections, keepalive_expiry=30
-        ),
-        follow_redirects=False,
-        trust_env=False,
-    )
-    _clients[loop] = (options, http)
-    return http
+    client = make(*options)
+    per_loop[kind] = (options, client)
+    return client
+
+
+async def clients_close() -> None:
+    """Close the running loop's pooled clients (at shutdown)."""
+    per_loop = _clients.pop(asyncio.get_running_loop(), {})
+    for _, client in per_loop.values():
+        await client.close() if isinstance(client, aiohttp.ClientSession) else await client.aclose()
+
+
+# --- aiohttp --------------------------------------------------------------------------------------
+
+
+def _aiohttp_session() -> aiohttp.ClientSession:
+    def make(connect: int, read: int, max_connections: int) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=30, ttl_dns_cache=300),
+            timeout=aiohttp.ClientTimeout(total=None, connect=connect, sock_read=read),
+            auto_decompress=False,
+            trust_env=False,
+            skip_auto_headers=("User-Agent",),
+        )
+
+    return _loop_client("aiohttp", make, lambda session: session.closed)
+
+
+class _AiohttpResponse(UpstreamResponse):
+    def __init__(self, response: aiohttp.ClientResponse):
+        self._response = response
+        self._done = False
+        self.status = response.status
+        self.headers = [(name.lower(), value) for name, value in response.headers.items()]
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamError("the upstream stopped sending", timeout=True) from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"the upstream's answer broke off: {type(exc).__name__}") from exc
+        self._done = True
+
+    async def aclose(self) -> None:
+        if self._done:
+            self._response.release()
+        else:
+            self._response.close()
+
+
+async def _aiohttp_send(method: str, url: str, headers: dict[str, str], body: bytes) -> UpstreamResponse:
+    try:
+        response = await _aiohttp_session().request(
+            method, url, headers=headers, data=body or None, allow_redirects=False
+        )
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        raise UpstreamError("the upstream did not answer in time", timeout=True) from exc
+    except (aiohttp.ClientError, OSError, ValueError) as exc:
+        raise UpstreamError(f"the upstream could not be reached: {type(exc).__name__}") from exc
+    return _AiohttpResponse(response)
+
+
+# --- httpx ----------------------------------------------------------------------------------------
+
+
+def _httpx_client() -> httpx.AsyncClient:
+    def make(connect: int, read: int, max_connections: int) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            timeout=httpx.Timeout(connect=connect, read=read, write=read, pool=connect),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections, keepalive_expiry=30
+            ),
+            follow_redirects=False,
+            trust_env=False,
+        )
+
+    return _loop_client("httpx", make, lambda client: client.is_closed)
+
+
+class _HttpxResponse(UpstreamResponse):
+    def __init__(self, response: httpx.Response):
+        self._response = response
+        self.status = response.status_code
+        self.headers = [(name.lower(), value) for name, value in response.headers.items()]
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.aiter_raw():
+                yield chunk
+        except httpx.TimeoutException as exc:
+            raise UpstreamError("the upstream stopped sending", timeout=True) from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"the upstream's answer broke off: {type(exc).__name__}") from exc
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+async def _httpx_send(method: str, url: str, headers: dict[str, str], body: bytes) -> UpstreamResponse:
+    client = _httpx_client()
+    try:
+        request = client.build_request(method, url, headers=headers, content=body)
+        response = await client.send(request, stream=True)
+    except httpx.TimeoutException as exc:
+        raise UpstreamError("the upstream did not answer in time", timeout=True) from exc
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        raise UpstreamError(f"the upstream could not be reached: {type(exc).__name__}") from exc
+    return _HttpxResponse(response)

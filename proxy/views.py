@@ -3,22 +3,27 @@
 Every method and path is forwarded with its query string and body unchanged; the upstream's status,
 headers and body come back as they arrive (server-sent events chunk by chunk). The request is logged
 once its response has ended, off the hot path.
+
+`exchange()` is the proxy itself, shared by its two front doors: `proxy.fast` (raw ASGI, for API
+clients with a token in the Authorization header: the hot path) and `proxy_view` below (Django, for
+everything else: browsers with an Origin and CORS, cookies, preflights, requests without a token).
 """
 
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from urllib.parse import unquote
 
-import httpx
 from django.conf import settings
-from django.http import JsonResponse, StreamingHttpResponse
+from django.http import HttpResponse, StreamingHttpResponse
 from django.utils.encoding import escape_uri_path
 from django.views.decorators.csrf import csrf_exempt
 
 from accounts.auth import AuthRefused, aauthenticate
 from proxy.events import capture_body, event_record
-from proxy.upstream import UpstreamNotConfigured, auth_headers, client, upstream_base
+from proxy.upstream import UpstreamError, UpstreamNotConfigured, auth_headers, upstream_base, upstream_send
 from turbo_site.core.http import client_ip
 
 logger = logging.getLogger("turbo.proxy")
@@ -47,32 +52,31 @@ FORWARDED_RESPONSE_PREFIXES = ("openai-", "x-ratelimit-")
 SNIFF_LIMIT = 1024 * 1024  # bodies larger than this are not parsed for the model name or usage
 
 
-def openai_error(status: int, message: str, error_type: str, code: str) -> JsonResponse:
+def openai_error_body(message: str, error_type: str, code: str) -> bytes:
     """An error in the shape OpenAI clients parse (which also has Turbo's code and message)."""
-    return JsonResponse({"error": {"message": message, "type": error_type, "code": code}}, status=status)
+    return json.dumps({"error": {"message": message, "type": error_type, "code": code}}).encode()
 
 
-def _request_headers(request) -> dict[str, str]:
+def openai_error(status: int, message: str, error_type: str, code: str) -> HttpResponse:
+    return HttpResponse(openai_error_body(message, error_type, code), status=status, content_type="application/json")
+
+
+def _request_headers(client_headers: dict[str, str]) -> dict[str, str]:
     extra = {name.lower() for name in settings.PROXY_FORWARD_HEADERS}
-    headers = {}
-    for meta_key, value in request.META.items():
-        if meta_key.startswith("HTTP_"):
-            name = meta_key[5:].replace("_", "-").lower()
-        elif meta_key == "CONTENT_TYPE":
-            name = "content-type"
-        else:
-            continue
-        if name in FORWARDED_REQUEST_HEADERS or name.startswith(FORWARDED_REQUEST_PREFIXES) or name in extra:
-            headers[name] = value
+    headers = {
+        name: value
+        for name, value in client_headers.items()
+        if name in FORWARDED_REQUEST_HEADERS or name.startswith(FORWARDED_REQUEST_PREFIXES) or name in extra
+    }
     headers["accept-encoding"] = "identity"  # pass bytes through untouched, and read usage from them
     headers.update(auth_headers())
     return headers
 
 
-def _response_headers(upstream: httpx.Response) -> dict[str, str]:
+def _response_headers(upstream_headers: list[tuple[str, str]]) -> dict[str, str]:
     return {
         name: value
-        for name, value in upstream.headers.items()
+        for name, value in upstream_headers
         if name in FORWARDED_RESPONSE_HEADERS or name.startswith(FORWARDED_RESPONSE_PREFIXES)
     }
 
@@ -137,81 +141,95 @@ class UsageReader:
         return value if isinstance(value, int) else None
 
 
-@csrf_exempt
-async def proxy_view(request, path: str = ""):
-    started = time.perf_counter()
-    try:
-        found = await aauthenticate(request)
-    except AuthRefused as refused:
-        return openai_error(refused.status, refused.message, "invalid_request_error", refused.code)
-    user_id = found.user.pk
-    request.turbo_event_handled = True
-    query = request.META.get("QUERY_STRING", "")
-    body = request.body
-    content_type = request.META.get("CONTENT_TYPE", "")
-    model = _model_of(body, content_type)
+@dataclass(slots=True)
+class ProxyRequest:
+    """What the proxy needs of a client's request, from either front door."""
+
+    user_id: object
+    method: str
+    path: str  # the part after /v1/, percent-decoded
+    request_path: str  # the whole path, for the log
+    query: str
+    headers: dict[str, str]  # names in lower case
+    body: bytes
+    client_ip: str | None
+    started: float  # time.perf_counter() when the request arrived
+
+
+@dataclass(slots=True)
+class ProxyReply:
+    """The answer: status and headers, then either `content` (an error of ours) or `stream`."""
+
+    status: int
+    headers: dict[str, str]
+    content: bytes = b""
+    stream: AsyncIterator[bytes] | None = None
+
+
+async def exchange(request: ProxyRequest) -> ProxyReply:
+    """Forward one authenticated request upstream; the reply streams the upstream's answer back."""
+    content_type = request.headers.get("content-type", "")
+    model = _model_of(request.body, content_type)
 
     def log(status: int, reader: UsageReader | None = None, response_body: str = "") -> None:
         event_record(
             type="proxy",
-            user_id=user_id,
+            user_id=request.user_id,
             method=request.method,
-            path=request.path,
-            query=query,
+            path=request.request_path,
+            query=request.query,
             status=status,
-            duration_ms=(time.perf_counter() - started) * 1000,
-            client_ip=client_ip(request),
+            duration_ms=(time.perf_counter() - request.started) * 1000,
+            client_ip=request.client_ip,
             model=(reader.model if reader and reader.model else model),
             prompt_tokens=reader.token("prompt_tokens") if reader else None,
             completion_tokens=reader.token("completion_tokens") if reader else None,
             total_tokens=reader.token("total_tokens") if reader else None,
-            request_body=capture_body(body, content_type) if settings.EVENT_CAPTURE_BODIES else "",
+            request_body=capture_body(request.body, content_type) if settings.EVENT_CAPTURE_BODIES else "",
             response_body=response_body,
         )
 
-    def fail(status: int, message: str, error_type: str, code: str) -> JsonResponse:
+    def fail(status: int, message: str, error_type: str, code: str) -> ProxyReply:
         log(status)
-        return openai_error(status, message, error_type, code)
+        return ProxyReply(status, {"Content-Type": "application/json"}, openai_error_body(message, error_type, code))
 
-    if _has_dot_segment(path):
+    if _has_dot_segment(request.path):
         return fail(400, "the path may not contain '.' or '..' segments", "invalid_request_error", "invalid_path")
     try:
         base = upstream_base()
     except UpstreamNotConfigured as exc:
         return fail(503, str(exc), "server_error", "upstream_not_configured")
 
-    url = f"{base}/{escape_uri_path(path)}"
-    if query:
-        url = f"{url}?{query}"
-    http = client()
-    outgoing = http.build_request(request.method, url, headers=_request_headers(request), content=body)
+    url = f"{base}/{escape_uri_path(request.path)}"
+    if request.query:
+        url = f"{url}?{request.query}"
     sent = time.perf_counter()
     try:
-        upstream = await http.send(outgoing, stream=True)
-    except httpx.TimeoutException:
-        return fail(504, "the upstream did not answer in time", "server_error", "upstream_timeout")
-    except httpx.HTTPError as exc:
-        logger.warning("upstream request failed: %s", type(exc).__name__)
+        upstream = await upstream_send(request.method, url, _request_headers(request.headers), request.body)
+    except UpstreamError as exc:
+        if exc.timeout:
+            return fail(504, "the upstream did not answer in time", "server_error", "upstream_timeout")
+        logger.warning("upstream request failed: %s", exc)
         return fail(502, "the upstream could not be reached", "server_error", "upstream_unreachable")
     answered = time.perf_counter()
 
-    response_type = upstream.headers.get("content-type", "")
+    response_type = upstream.header("content-type")
     is_event_stream = response_type.startswith("text/event-stream")
     reader = UsageReader(is_event_stream)
     capture_limit = settings.EVENT_BODY_MAX_BYTES if settings.EVENT_CAPTURE_BODIES else 0
 
     async def relay():
         captured = bytearray()
-        status = upstream.status_code
+        status = upstream.status
         try:
-            async for chunk in upstream.aiter_raw():
+            async for chunk in upstream.chunks():
                 reader.feed(chunk)
                 if len(captured) < capture_limit:
                     captured += chunk[: capture_limit - len(captured)]
                 yield chunk
-        except httpx.HTTPError as exc:
-            status = 504 if isinstance(exc, httpx.TimeoutException) else 502
-            logger.warning("upstream stream broke: %s", type(exc).__name__)
+        except UpstreamError as exc:
+            status = 504 if exc.timeout else 502
+            logger.warning("upstream stream broke: %s", exc)
             if is_event_stream:
                 error = {
                     "error": {
@@ -229,9 +247,46 @@ async def proxy_view(request, path: str = ""):
             reader.finish()
             log(status, reader, capture_body(bytes(captured), response_type) if captured else "")
 
-    response = StreamingHttpResponse(relay(), status=upstream.status_code, headers=_response_headers(upstream))
+    headers = _response_headers(upstream.headers)
     if is_event_stream:
-        response["X-Accel-Buffering"] = "no"
-    overhead_ms = (sent - started + time.perf_counter() - answered) * 1000
-    response["X-Turbo-Overhead-Ms"] = f"{overhead_ms:.3f}"
-    return response
+        headers["X-Accel-Buffering"] = "no"
+    overhead_ms = (sent - request.started + time.perf_counter() - answered) * 1000
+    headers["X-Turbo-Overhead-Ms"] = f"{overhead_ms:.3f}"
+    return ProxyReply(upstream.status, headers, stream=relay())
+
+
+def _django_headers(request) -> dict[str, str]:
+    headers = {}
+    for meta_key, value in request.META.items():
+        if meta_key.startswith("HTTP_"):
+            headers[meta_key[5:].replace("_", "-").lower()] = value
+        elif meta_key == "CONTENT_TYPE":
+            headers["content-type"] = value
+    return headers
+
+
+@csrf_exempt
+async def proxy_view(request, path: str = ""):
+    """The proxy behind Django's middleware (CORS, cookies, sessions); `proxy.fast` takes the rest."""
+    started = time.perf_counter()
+    try:
+        found = await aauthenticate(request)
+    except AuthRefused as refused:
+        return openai_error(refused.status, refused.message, "invalid_request_error", refused.code)
+    request.turbo_event_handled = True  # the proxy logs its own, once the stream has ended
+    reply = await exchange(
+        ProxyRequest(
+            user_id=found.user.pk,
+            method=request.method,
+            path=path,
+            request_path=request.path,
+            query=request.META.get("QUERY_STRING", ""),
+            headers=_django_headers(request),
+            body=request.body,
+            client_ip=client_ip(request),
+            started=started,
+        )
+    )
+    if reply.stream is None:
+        return HttpResponse(reply.content, status=reply.status, headers=reply.headers)
+    return StreamingHttpResponse(reply.stream, status=reply.status, headers=reply.headers)

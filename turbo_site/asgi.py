@@ -13,6 +13,7 @@ from django.core.asgi import get_asgi_application  # noqa: E402
 django_application = ASGIStaticFilesHandler(get_asgi_application())
 
 from chats.routing import websocket_urlpatterns as chat_websockets  # noqa: E402
+from proxy.fast import ProxyFastPath  # noqa: E402
 from proxy.routing import websocket_urlpatterns as rpc_websockets  # noqa: E402
 from turbo_site.lifespan import lifespan  # noqa: E402
 
@@ -20,7 +21,8 @@ from turbo_site.lifespan import lifespan  # noqa: E402
 # CORS_ALLOWED_ORIGINS; a client that sends none (not a browser) is judged by its token alone.
 application = ProtocolTypeRouter(
     {
-        "http": django_application,
+        # /v1/ calls from API clients skip Django's middleware (proxy.fast); the rest is Django's.
+        "http": ProxyFastPath(django_application),
         "websocket": URLRouter(chat_websockets + rpc_websockets),
         "lifespan": lifespan,
     }

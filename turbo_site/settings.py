@@ -198,6 +198,10 @@ OPENAI_API_URL = env_str("OPENAI_API_URL", "https://api.openai.com/v1")
 PROXY_CONNECT_TIMEOUT = env_int("PROXY_CONNECT_TIMEOUT", 10)
 PROXY_READ_TIMEOUT = env_int("PROXY_READ_TIMEOUT", 600)
 PROXY_MAX_CONNECTIONS = env_int("PROXY_MAX_CONNECTIONS", 200)
+# The proxy's HTTP client for the upstream: aiohttp (faster, see bench/README.md) or httpx.
+PROXY_HTTP_CLIENT = env_str("PROXY_HTTP_CLIENT", "aiohttp").lower()
+if PROXY_HTTP_CLIENT not in ("aiohttp", "httpx"):
+    raise ImproperlyConfigured("PROXY_HTTP_CLIENT must be aiohttp or httpx")
 # Extra request headers to pass upstream, beyond the ones OpenAI clients need.
 PROXY_FORWARD_HEADERS = env_list("PROXY_FORWARD_HEADERS")
 DEFAULT_MODEL = env_str("DEFAULT_MODEL", "gpt-4o-mini")

@@ -18,6 +18,13 @@ def bearer(token: str) -> dict:
     return {"Authorization": f"Bearer {token}"}
 
 
+@pytest.fixture(autouse=True, params=["aiohttp", "httpx"])
+def http_client(request, settings):
+    """Every test here runs with each of the proxy's upstream clients."""
+    settings.PROXY_HTTP_CLIENT = request.param
+    return request.param
+
+
 @pytest.fixture
 def account(signup):
     token, user, _ = signup()

@@ -1,0 +1,213 @@
+"""The proxy's hot path: `/v1/*` as a plain ASGI app, in front of Django.
+
+Django's middleware stack costs a dozen thread hops per request (every `MiddlewareMixin` runs its
+hooks through `sync_to_async`), several milliseconds of CPU that an API client with a token gains
+nothing from. So a request to `/v1/` that carries its token in the Authorization header and no
+Origin (a program, not a browser page) is served here: the same checks the Django path makes
+(allowed host, body size limit, token), then `proxy.views.exchange`, the proxy both paths share.
+
+Everything else under `/v1/` goes to Django and `proxy.views.proxy_view`: browsers (Origin, CORS,
+preflights, cookies) and requests without a token, which get Django's answers.
+"""
+
+import asyncio
+import json
+import logging
+import time
+
+from django.conf import settings
+from django.http.request import split_domain_port, validate_host
+
+from accounts.auth import token_from_headers
+from accounts.services import asession_lookup
+from proxy.views import ProxyReply, ProxyRequest, exchange, openai_error_body
+from turbo_site.core.errors import error_body
+from turbo_site.core.http import client_ip_from
+
+logger = logging.getLogger("turbo.proxy")
+
+PREFIX = "/v1/"
+# What Django's SecurityMiddleware and XFrameOptionsMiddleware add to every response.
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"same-origin"),
+    (b"x-frame-options", b"DENY"),
+]
+TOKEN_SCHEMES = (b"bearer ", b"basic ")
+
+
+def takes(scope) -> bool:
+    """Is this request for the hot path? Only token-bearing, non-browser calls to /v1/."""
+    if scope["type"] != "http" or not scope["path"].startswith(PREFIX) or scope["method"] == "OPTIONS":
+        return False
+    authorized = False
+    for name, value in scope["headers"]:
+        if name == b"origin":
+            return False
+        if name == b"authorization":
+            authorized = value[:7].lower().startswith(TOKEN_SCHEMES)
+    return authorized
+
+
+class Refused(Exception):
+    def __init__(self, status: int, body: bytes):
+        self.status = status
+        self.body = body
+
+
+def _turbo_error(status: int, code: str, message: str) -> Refused:
+    return Refused(status, json.dumps(error_body(code, message)).encode())
+
+
+def _openai_refusal(status: int, code: str, message: str) -> Refused:
+    return Refused(status, openai_error_body(message, "invalid_request_error", code))
+
+
+def _headers_of(scope) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for raw_name, raw_value in scope["headers"]:
+        name = raw_name.decode("latin1").lower()
+        value = raw_value.decode("latin1")
+        headers[name] = f"{headers[name]},{value}" if name in headers else value
+    return headers
+
+
+def _allowed_hosts() -> list[str]:
+    allowed = settings.ALLOWED_HOSTS
+    if settings.DEBUG and not allowed:
+        return [".localhost", "127.0.0.1", "[::1]"]  # as Django's HttpRequest.get_host() does
+    return allowed
+
+
+def _check_host(headers: dict[str, str]) -> None:
+    domain, _ = split_domain_port(headers.get("host", ""))
+    if not domain or not validate_host(domain, _allowed_hosts()):
+        raise _turbo_error(400, "bad_request", "the Host header is not one this server answers to")
+
+
+async def _read_body(receive, headers: dict[str, str]) -> bytes | None:
+    """The whole body, or None if the client left; a body over PROXY_MAX_BODY_BYTES is refused unread."""
+    limit = settings.PROXY_MAX_BODY_BYTES
+    declared = headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise _turbo_error(400, "bad_request", "Content-Length is not a number") from None
+        if size > limit:
+            raise _turbo_error(413, "body_too_large", f"request body is larger than {limit} bytes")
+    parts = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _turbo_error(413, "body_too_large", f"request body is larger than {limit} bytes")
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+async def _send_whole(send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *SECURITY_HEADERS,
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _relay(send, reply: ProxyReply) -> None:
+    headers = [(name.lower().encode("latin1"), value.encode("latin1")) for name, value in reply.headers.items()]
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers + SECURITY_HEADERS})
+    async for chunk in reply.stream:
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def _until_disconnect(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def serve(scope, receive, send) -> None:
+    """Answer one /v1/ request that `takes()` accepted."""
+    started = time.perf_counter()
+    headers = _headers_of(scope)
+    try:
+        _check_host(headers)
+        token, _ = token_from_headers(headers.get("authorization", ""), {})
+        found = await asession_lookup(token) if token else None
+        if found is None:
+            raise _openai_refusal(401, "unauthorized", "invalid, expired or revoked token")
+        body = await _read_body(receive, headers)
+        if body is None:
+            return
+    except Refused as refused:
+        await _send_whole(send, refused.status, refused.body)
+        return
+    path = scope["path"]
+    reply = await exchange(
+        ProxyRequest(
+            user_id=found.user.pk,
+            method=scope["method"],
+            path=path[len(PREFIX) :],
+            request_path=path,
+            query=scope.get("query_string", b"").decode("latin1"),
+            headers=headers,
+            body=body,
+            client_ip=client_ip_from((scope.get("client") or (None,))[0], headers.get("x-forwarded-for")),
+            started=started,
+        )
+    )
+    if reply.stream is None:
+        await _send_whole(send, reply.status, reply.content)
+        return
+    # Like Django's ASGI handler: a client that hangs up cancels the relay, which closes the
+    # upstream request and logs the exchange as 499.
+    relay = asyncio.ensure_future(_relay(send, reply))
+    watcher = asyncio.ensure_future(_until_disconnect(receive))
+    try:
+        await asyncio.wait((relay, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (relay, watcher):
+            task.cancel()
+        await asyncio.gather(relay, watcher, return_exceptions=True)
+    if relay.done() and not relay.cancelled() and relay.exception() is not None:
+        raise relay.exception()
+
+
+class ProxyFastPath:
+    """ASGI: the hot path for `/v1/` calls it `takes()`, everything else to the wrapped app (Django)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if not takes(scope):
+            await self.app(scope, receive, send)
+            return
+        began = False
+
+        async def sending(message) -> None:
+            nonlocal began
+            began = True
+            await send(message)
+
+        try:
+            await serve(scope, receive, sending)
+        except Exception:
+            logger.exception("the proxy failed on %s %s", scope["method"], scope["path"])
+            if began:
+                raise  # the answer had begun: the server closes the connection
+            await _send_whole(send, 500, json.dumps(error_body("server_error", "internal error")).encode())
