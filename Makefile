@@ -13,6 +13,9 @@ $(BIN)/activate:
 
 $(VENV)/.installed: $(BIN)/activate requirements.txt requirements-dev.txt
 	$(BIN)/uv pip install --quiet --python $(BIN)/python -r requirements-dev.txt
+	@# Byte-compile the dependencies once: with PYTHONDONTWRITEBYTECODE set, every process (server,
+	@# subprocess in a test, benchmark) would otherwise compile them again (seconds each).
+	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib >/dev/null || true
 	@touch $@
 
 install: $(VENV)/.installed

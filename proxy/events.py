@@ -1,8 +1,9 @@
 """The request and event log.
 
 `event_record()` costs no database write: it queues the event and schedules its publication on the
-pub/sub topic `events`. A writer thread saves queued events in batches, at most every
-EVENT_FLUSH_MS; what is still queued at a clean exit is saved then.
+pub/sub topic `events`, where the events of each EVENT_PUBLISH_MS go out together in one message
+(one Redis round trip however busy the server is). A writer thread saves queued events in batches,
+at most every EVENT_FLUSH_MS; what is still queued at a clean exit is saved then.
 """
 
 import asyncio
@@ -14,6 +15,7 @@ import re
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from datetime import timedelta
 from typing import Any
@@ -24,7 +26,7 @@ from django.db import close_old_connections, connection, transaction
 from django.utils import timezone
 
 from proxy.models import Event
-from turbo_site.core.pubsub import apublish, publish
+from turbo_site.core.pubsub import apublish_many, publish
 
 logger = logging.getLogger("turbo.events")
 
@@ -41,6 +43,8 @@ _writer_pid: int | None = None
 _stopped = False
 _last_prune = 0.0
 _pending_publishes: set[asyncio.Task] = set()
+# Events waiting to be published, per event loop (a loop's batch goes out from that loop).
+_outboxes: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[dict[str, Any]]]" = weakref.WeakKeyDictionary()
 
 
 # --- body capture -------------------------------------------------------------------------------
@@ -146,22 +150,32 @@ def _publish_soon(payload: dict[str, Any]) -> None:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         loop = None
-    if loop is not None:
-        task = loop.create_task(_publish_quietly(payload))
+    if loop is None:
+        try:
+            publish(TOPIC, payload)
+        except Exception:  # the log must never break the request it records
+            logger.exception("could not publish an event")
+        return
+    outbox = _outboxes.get(loop)
+    if outbox is None:
+        outbox = _outboxes[loop] = []
+        loop.call_later(settings.EVENT_PUBLISH_MS / 1000, _publish_outbox, loop)
+    outbox.append(payload)
+
+
+def _publish_outbox(loop: asyncio.AbstractEventLoop) -> None:
+    outbox = _outboxes.pop(loop, None)
+    if outbox:
+        task = loop.create_task(_publish_quietly(outbox))
         _pending_publishes.add(task)
         task.add_done_callback(_pending_publishes.discard)
-        return
-    try:
-        publish(TOPIC, payload)
-    except Exception:  # the log must never break the request it records
-        logger.exception("could not publish an event")
 
 
-async def _publish_quietly(payload: dict[str, Any]) -> None:
+async def _publish_quietly(payloads: list[dict[str, Any]]) -> None:
     try:
-        await apublish(TOPIC, payload)
+        await apublish_many(TOPIC, payloads)
     except Exception:
-        logger.exception("could not publish an event")
+        logger.exception("could not publish %d events", len(payloads))
 
 
 # --- writing ------------------------------------------------------------------------------------

@@ -7,10 +7,12 @@
 
 A topic is a Channels group; a subscriber is a fresh channel in it. Delivery is at most once: a
 message published while nobody listens is gone, and a subscriber that falls too far behind loses
-messages rather than slowing the publisher down.
+messages rather than slowing the publisher down. `apublish_many` sends several messages as one
+Channels message (one Redis round trip); subscribers still receive them one by one, in order.
 """
 
 import re
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -36,6 +38,14 @@ async def apublish(topic: str, data: Any) -> None:
     await layer.group_send(topic_group(topic), {"type": MESSAGE_TYPE, "topic": topic, "data": data})
 
 
+async def apublish_many(topic: str, items: list[Any]) -> None:
+    """Send each of `items` to every current subscriber of `topic`, in order, as one layer message."""
+    layer = get_channel_layer()
+    if layer is None or not items:
+        return
+    await layer.group_send(topic_group(topic), {"type": MESSAGE_TYPE, "topic": topic, "items": items})
+
+
 def publish(topic: str, data: Any) -> None:
     """apublish for sync code (inside a request it runs on the server's event loop)."""
     async_to_sync(apublish)(topic, data)
@@ -49,6 +59,7 @@ class Subscription:
         self.group = topic_group(topic)
         self.layer = get_channel_layer()
         self.channel: str | None = None
+        self._pending: deque[Any] = deque()
 
     async def start(self) -> "Subscription":
         if self.channel is None:
@@ -72,10 +83,15 @@ class Subscription:
 
     async def __anext__(self) -> Any:
         await self.start()
-        while True:
+        while not self._pending:
             message = await self.layer.receive(self.channel)
-            if message.get("type") == MESSAGE_TYPE:
+            if message.get("type") != MESSAGE_TYPE:
+                continue
+            if "items" in message:
+                self._pending.extend(message["items"])
+            else:
                 return message["data"]
+        return self._pending.popleft()
 
 
 def subscribe(topic: str) -> Subscription:

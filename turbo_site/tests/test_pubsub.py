@@ -1,0 +1,29 @@
+"""Topic pub/sub over the configured Channels layer (in-memory, or Redis on the second test leg)."""
+
+import asyncio
+
+import pytest
+
+from turbo_site.core.pubsub import apublish, apublish_many, subscribe, topic_group
+
+
+def test_single_and_batched_messages_arrive_one_by_one_in_order():
+    async def scenario():
+        async with subscribe("test-order") as first, subscribe("test-order") as second:
+            await apublish("test-order", {"n": 0})
+            await apublish_many("test-order", [{"n": 1}, {"n": 2}, {"n": 3}])
+            await apublish_many("test-order", [])  # nothing to send: no message
+            await apublish("test-order", {"n": 4})
+            return [
+                [await asyncio.wait_for(sub.__anext__(), timeout=10) for _ in range(5)] for sub in (first, second)
+            ]
+
+    received = asyncio.run(scenario())
+    assert received == [[{"n": n} for n in range(5)]] * 2
+
+
+def test_topic_names_are_checked():
+    assert topic_group("events") == "topic.events"
+    for bad in ("", "a b", "x" * 91, "ü"):
+        with pytest.raises(ValueError):
+            topic_group(bad)
