@@ -47,9 +47,11 @@ class LiveServer:
     def _run(self):
         async def serve():
             from proxy.upstream import clients_close
+            from turbo_site.core.acache import aclose
 
             await self.server.serve(sockets=[self.socket])
             await clients_close()
+            await aclose()
 
         asyncio.run(serve())
 

@@ -25,6 +25,7 @@ from django.utils import timezone
 
 from accounts.models import Session, User
 from accounts.throttle import login_throttle_check, login_throttle_fail, login_throttle_reset
+from turbo_site.core.acache import acache_get
 from turbo_site.core.errors import Conflict, Invalid, NotFound, Unauthorized
 
 CACHE_PREFIX = "session:"
@@ -148,22 +149,20 @@ async def asession_lookup(token: str) -> AuthSession | None:
         return None
     hashed = token_hash(token)
     key = _cache_key(hashed)
-    found = await _cache_call(cache.get, key)
+    found = await acache_get(key)
     if found is None:
         found = await database_sync_to_async(_session_from_db)(hashed)
         if found is not None:
-            await _cache_call(cache.set, key, found, settings.SESSION_CACHE_SECONDS)
+            await _cache_set(key, found, settings.SESSION_CACHE_SECONDS)
     return _still_valid(found)
 
 
-async def _cache_call(method, *args):
-    """A cache call from async code without funnelling every request through Django's one sync thread.
-
-    The in-process cache answers from memory at once; a network cache (Redis) runs in the thread pool.
-    """
+async def _cache_set(key: str, value, timeout: int) -> None:
+    """A cache write from async code (after a miss: rare), off Django's one sync thread."""
     if isinstance(caches["default"], LocMemCache):
-        return method(*args)
-    return await sync_to_async(method, thread_sensitive=False)(*args)
+        cache.set(key, value, timeout)
+    else:
+        await sync_to_async(cache.set, thread_sensitive=False)(key, value, timeout)
 
 
 def session_revoke(*, session_id: uuid.UUID) -> None:

@@ -1,0 +1,49 @@
+"""Cache reads from async code without a thread hop.
+
+Django's Redis cache is synchronous: from async code every `cache.get` would go through a thread
+pool. The hot paths (token lookups on every proxied request) read through `acache_get` instead: the
+in-process cache answers from memory, Redis through one asyncio client per event loop that reads the
+very keys and values Django's cache writes.
+"""
+
+import asyncio
+import weakref
+from typing import Any
+
+import redis.asyncio
+from asgiref.sync import sync_to_async
+from django.core.cache import caches
+from django.core.cache.backends.locmem import LocMemCache
+from django.core.cache.backends.redis import RedisCache
+
+_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[str, redis.asyncio.Redis]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _client(location: str) -> redis.asyncio.Redis:
+    loop = asyncio.get_running_loop()
+    cached = _clients.get(loop)
+    if cached is not None and cached[0] == location:
+        return cached[1]
+    client = redis.asyncio.Redis.from_url(location, socket_timeout=10, socket_connect_timeout=10)
+    _clients[loop] = (location, client)
+    return client
+
+
+async def acache_get(key: str, default: Any = None) -> Any:
+    """`cache.get(key, default)` for async code, on the default cache."""
+    cache = caches["default"]
+    if isinstance(cache, LocMemCache):
+        return cache.get(key, default)
+    if isinstance(cache, RedisCache) and len(cache._servers) == 1:
+        raw = await _client(cache._servers[0]).get(cache.make_and_validate_key(key))
+        return default if raw is None else cache._cache._serializer.loads(raw)
+    return await sync_to_async(cache.get, thread_sensitive=False)(key, default)
+
+
+async def aclose() -> None:
+    """Close the running loop's Redis client (at shutdown)."""
+    cached = _clients.pop(asyncio.get_running_loop(), None)
+    if cached is not None:
+        await cached[1].aclose()

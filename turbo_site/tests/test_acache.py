@@ -1,0 +1,25 @@
+"""acache_get reads what Django's cache wrote (in-process on the first test leg, Redis on the second)."""
+
+import asyncio
+import uuid
+
+from django.core.cache import cache
+
+from turbo_site.core.acache import acache_get, aclose
+
+
+def test_async_reads_see_the_values_django_wrote():
+    key = f"acache-{uuid.uuid4().hex}"
+    values = {"number": 7, "text": "hé", "object": {"a": [1, 2]}, "uuid": uuid.uuid4()}
+
+    async def read_all():
+        try:
+            return {name: await acache_get(f"{key}-{name}") for name in [*values, "missing"]}
+        finally:
+            await aclose()
+
+    for name, value in values.items():
+        cache.set(f"{key}-{name}", value, 60)
+    assert asyncio.run(read_all()) == {**values, "missing": None}
+    cache.delete(f"{key}-number")
+    assert asyncio.run(read_all())["number"] is None
