@@ -8,9 +8,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 from accounts.auth import AuthRefused, aauthenticate_websocket
-from chats import selectors
-from chats.services import chat_topic
-from turbo_site.core.pubsub import topic_group
+from chats import hub, selectors
 
 MAX_CLIENT_FRAME = 4096
 
@@ -18,7 +16,7 @@ MAX_CLIENT_FRAME = 4096
 class ChatStreamConsumer(AsyncWebsocketConsumer):
     """Sends every event of one chat, as JSON text frames, to one member."""
 
-    group: str | None = None
+    joined = False
 
     async def connect(self):
         try:
@@ -37,13 +35,14 @@ class ChatStreamConsumer(AsyncWebsocketConsumer):
         if not await database_sync_to_async(selectors.chat_can_see)(user_id=self.user_id, chat_id=chat_id):
             await self.close()
             return
-        self.group = topic_group(chat_topic(chat_id))
-        await self.channel_layer.group_add(self.group, self.channel_name)
+        await hub.join(chat_id, self)  # before accepting: no event after the handshake is missed
+        self.joined = True
         await self.accept()
 
     async def disconnect(self, code):
-        if self.group:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
+        if self.joined:
+            self.joined = False
+            await hub.leave(self.chat_id, self)
 
     async def receive(self, text_data=None, bytes_data=None):
         """Clients only listen; a ping is answered so that they can check the line."""
@@ -55,9 +54,12 @@ class ChatStreamConsumer(AsyncWebsocketConsumer):
             if isinstance(frame, dict) and frame.get("type") == "ping":
                 await self.send(text_data=json.dumps({"type": "pong"}))
 
-    async def pubsub_message(self, message):
-        data = message["data"]
-        control = data.get("control")
+    async def deliver(self, text: str) -> None:
+        """One event of the chat, already JSON (chats.hub serialises it once for all members)."""
+        await self.send(text_data=text)
+
+    async def on_control(self, data: dict) -> None:
+        control = data["control"]
         if control == "chat_deleted":
             await self.close(code=4404)
         elif control == "access_changed":
@@ -65,5 +67,3 @@ class ChatStreamConsumer(AsyncWebsocketConsumer):
                 selectors.chat_can_see
             )(user_id=self.user_id, chat_id=self.chat_id):
                 await self.close(code=4403)
-        elif not control:
-            await self.send(text_data=json.dumps(data, separators=(",", ":")))

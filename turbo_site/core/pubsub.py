@@ -63,7 +63,9 @@ class Subscription:
 
     async def start(self) -> "Subscription":
         if self.channel is None:
-            self.channel = await self.layer.new_channel("sub.")
+            # The layer's default prefix: channels_redis reads every process-specific channel through
+            # one shared inbox, which only works if they all share the prefix (consumers use it too).
+            self.channel = await self.layer.new_channel()
             await self.layer.group_add(self.group, self.channel)
         return self
 

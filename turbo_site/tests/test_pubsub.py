@@ -14,9 +14,7 @@ def test_single_and_batched_messages_arrive_one_by_one_in_order():
             await apublish_many("test-order", [{"n": 1}, {"n": 2}, {"n": 3}])
             await apublish_many("test-order", [])  # nothing to send: no message
             await apublish("test-order", {"n": 4})
-            return [
-                [await asyncio.wait_for(sub.__anext__(), timeout=10) for _ in range(5)] for sub in (first, second)
-            ]
+            return [[await asyncio.wait_for(sub.__anext__(), timeout=10) for _ in range(5)] for sub in (first, second)]
 
     received = asyncio.run(scenario())
     assert received == [[{"n": n} for n in range(5)]] * 2
@@ -27,3 +25,23 @@ def test_topic_names_are_checked():
     for bad in ("", "a b", "x" * 91, "ü"):
         with pytest.raises(ValueError):
             topic_group(bad)
+
+
+def test_a_subscriber_is_served_while_a_consumer_waits_on_its_own_channel():
+    """channels_redis reads all of a process's channels through one inbox: a consumer waiting on its
+    channel (as every WebSocket consumer does) must not keep a subscription from its messages."""
+    from channels.layers import get_channel_layer
+
+    async def scenario():
+        layer = get_channel_layer()
+        consumer_channel = await layer.new_channel()
+        waiting = asyncio.ensure_future(layer.receive(consumer_channel))
+        await asyncio.sleep(0.1)  # the consumer now holds the layer's inbox
+        try:
+            async with subscribe("test-shared-inbox") as sub:
+                await apublish("test-shared-inbox", {"ok": True})
+                return await asyncio.wait_for(sub.__anext__(), timeout=10)
+        finally:
+            waiting.cancel()
+
+    assert asyncio.run(scenario()) == {"ok": True}
