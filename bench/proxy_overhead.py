@@ -8,6 +8,10 @@ load generator (bench.loadgen). For each concurrency and mode (plain, stream) it
 directly and through Turbo, `--runs` times each, and reports the median of each figure across runs.
 Prints a table and writes bench/results/proxy_overhead-<timestamp>.json and bench/results/latest.json.
 This is a benchmark, not a test: it asserts nothing about wall-clock times.
+
+`--servers uvicorn,daphne,gunicorn` runs Turbo under each of those servers (all at once, each on its own
+database), and `--peers litellm` puts LiteLLM's proxy (in its own virtualenv, bench/.venv-litellm) in front
+of the same upstream; each is measured like Turbo and is one more "via" row. See bench/README.peers.md.
 """
 
 import argparse
@@ -15,6 +19,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import secrets
 import shutil
 import signal
@@ -32,6 +37,8 @@ from pathlib import Path
 import httpx
 
 from bench.fast_upstream import fastest_server_parts
+from bench.peers import PEERS, litellm_peer
+from bench.servers import SERVERS, turbo_server, unavailable, websocket_ping
 
 PROJECT = Path(__file__).resolve().parent.parent
 RESULTS = PROJECT / "bench" / "results"
@@ -44,6 +51,9 @@ TARGETS = [
     ("plain", "latency_ms", "p99", 16, 25.0),
     ("stream", "ttft_ms", "p99", 1, 3.0),
 ]
+# Against LiteLLM: Turbo's throughput at this concurrency should be at least this many times LiteLLM's.
+THROUGHPUT_CONCURRENCY, THROUGHPUT_RATIO = 16, 10.0
+PROBLEM_WORDS = re.compile(r"error|exception|traceback|warning", re.IGNORECASE)
 FIGURES = ("latency_ms", "ttft_ms", "chunk_gap_ms", "chunk_delay_ms", "turbo_overhead_ms")
 
 
@@ -63,14 +73,27 @@ class Processes:
         self.log_dir = log_dir
         self.started: list[tuple[str, subprocess.Popen]] = []
 
-    def start(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen:
+    def start(self, name: str, command: list[str], env: dict[str, str], cwd: Path = PROJECT) -> subprocess.Popen:
         # Its own session, so Ctrl-C reaches only us and we stop the servers in order.
         with open(self.log_dir / f"{name}.log", "wb") as log:
             process = subprocess.Popen(
-                command, cwd=PROJECT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         self.started.append((name, process))
         return process
+
+    def stop(self, name: str) -> None:
+        """Ends one server (one that failed its start-up checks) and forgets it."""
+        for entry in [entry for entry in self.started if entry[0] == name]:
+            process = entry[1]
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+            self.started.remove(entry)
 
     def log_lines(self, name: str) -> list[str]:
         path = self.log_dir / f"{name}.log"
@@ -92,9 +115,11 @@ class Processes:
         self.started.clear()
 
 
-def wait_until_answering(processes: Processes, name: str, process: subprocess.Popen, url: str) -> None:
+def wait_until_answering(
+    processes: Processes, name: str, process: subprocess.Popen, url: str, timeout: float = 60
+) -> None:
     """Polls `url` until the server answers anything at all; raises with its log if it exits first."""
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{name} exited with {process.returncode}:\n{processes.log_tail(name)}")
@@ -103,7 +128,7 @@ def wait_until_answering(processes: Processes, name: str, process: subprocess.Po
             return
         except httpx.HTTPError:
             time.sleep(0.1)
-    raise RuntimeError(f"{name} did not answer at {url} within 60 s:\n{processes.log_tail(name)}")
+    raise RuntimeError(f"{name} did not answer at {url} within {timeout:g} s:\n{processes.log_tail(name)}")
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -113,6 +138,28 @@ def cpu_seconds(pid: int) -> float | None:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def tree_cpu_seconds(pid: int) -> float | None:
+    """CPU time of a process and of its live descendants (gunicorn's workers); None without /proc."""
+    own = cpu_seconds(pid)
+    if own is None:
+        return None
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        parents.setdefault(parent, []).append(int(entry.name))
+    total, pending = own, list(parents.get(pid, []))
+    while pending:
+        child = pending.pop()
+        total += cpu_seconds(child) or 0.0
+        pending += parents.get(child, [])
+    return total
 
 
 def turbo_env(args, *, upstream_port: int, db_address: str) -> dict[str, str]:
@@ -190,11 +237,16 @@ def added(via: dict, direct: dict, figure: str) -> dict | None:
     return {stat: round(via[figure][stat] - direct[figure][stat], 3) for stat in ("p50", "p99")}
 
 
-def judge_targets(results: list[dict]) -> list[dict]:
+def added_of(row: dict, side: str = "via_turbo") -> dict:
+    """A result row's added figures for one via side ("via_turbo", the first server, unless told)."""
+    return row["added"] if side == "via_turbo" else row["added_by_side"][side]
+
+
+def judge_targets(results: list[dict], side: str = "via_turbo") -> list[dict]:
     verdicts = []
     for mode, figure, stat, concurrency, limit in TARGETS:
         row = next((r for r in results if r["mode"] == mode and r["concurrency"] == concurrency), None)
-        value = row["added"][figure][stat] if row and row["added"].get(figure) else None
+        value = added_of(row, side)[figure][stat] if row and added_of(row, side).get(figure) else None
         verdict = "NOT MEASURED" if value is None else ("MET" if value <= limit else "MISSED")
         name = "added latency, non-streamed" if mode == "plain" else "added TTFT, streamed"
         verdicts.append(
@@ -206,11 +258,37 @@ def judge_targets(results: list[dict]) -> list[dict]:
                 "concurrency": concurrency,
                 "limit_ms": limit,
                 "value_ms": value,
-                "p50_ms": row["added"][figure]["p50"] if value is not None else None,
+                "p50_ms": added_of(row, side)[figure]["p50"] if value is not None else None,
                 "verdict": verdict,
             }
         )
     return verdicts
+
+
+def judge_throughput(results: list[dict], turbo: dict, peer: dict) -> dict:
+    """Turbo's throughput at THROUGHPUT_CONCURRENCY against a peer's: met when it is THROUGHPUT_RATIO times or more.
+
+    Judged on non-streamed requests; the streamed ratio is given alongside.
+    """
+    ratios = {}
+    for mode in MODES:
+        row = next((r for r in results if r["mode"] == mode and r["concurrency"] == THROUGHPUT_CONCURRENCY), None)
+        turbo_rps = row[turbo["key"]]["rps"] if row else None
+        peer_rps = row[peer["key"]]["rps"] if row else None
+        ratio = round(turbo_rps / peer_rps, 2) if turbo_rps and peer_rps else None
+        ratios[mode] = {"turbo_rps": turbo_rps, "peer_rps": peer_rps, "ratio": ratio}
+    ratio = ratios["plain"]["ratio"]
+    return {
+        "target": f"throughput through {turbo['label']} at c={THROUGHPUT_CONCURRENCY} >= "
+        f"{THROUGHPUT_RATIO:g}x {peer['label']}'s (non-streamed)",
+        "turbo": turbo["key"],
+        "peer": peer["key"],
+        "concurrency": THROUGHPUT_CONCURRENCY,
+        "min_ratio": THROUGHPUT_RATIO,
+        "plain": ratios["plain"],
+        "stream": ratios["stream"],
+        "verdict": "NOT MEASURED" if ratio is None else ("MET" if ratio >= THROUGHPUT_RATIO else "MISSED"),
+    }
 
 
 # --- table ----------------------------------------------------------------------------------------
@@ -228,67 +306,186 @@ def pair(figures: dict | None, width: int = 7) -> str:
     return fmt(figures["p50"], width) + " " + fmt(figures["p99"], width)
 
 
+def event_line(events: dict, name: str = "Event log", server: str = "Turbo") -> str:
+    if events["expected"] is None:
+        return f"{name}: not checked (the run was interrupted)."
+    logged = "not counted (not SQLite)" if events["logged"] is None else str(events["logged"])
+    return (
+        f"{name}: {logged} proxy events saved for {events['expected']} requests sent through Turbo; "
+        f"{server}'s log had {events['httpx_info_lines']} httpx 'HTTP Request:' INFO lines."
+    )
+
+
+def target_lines(verdicts: list[dict]) -> list[str]:
+    lines = []
+    for verdict in verdicts:
+        value = "-" if verdict["value_ms"] is None else f"{verdict['value_ms']:.2f} ms"
+        extra = f" (p50 {verdict['p50_ms']:.2f} ms)" if verdict["p50_ms"] is not None else ""
+        lines.append(f"  {verdict['target']:<48} {value:>10}{extra:<18} {verdict['verdict']}")
+    return lines
+
+
+def side_by_side_tables(report: dict) -> list[str]:
+    """The two tables with one row per via side under each concurrency (Turbo's servers, then peers)."""
+    sides = report["sides"]
+    results = report["results"]
+    width = max(18, *(len(side["label"]) for side in sides.values()))
+    lines = [
+        "Non-streamed POST /v1/chat/completions",
+        f"    c | {'via':<{width}} |  direct p50     p99 |     via p50     p99 |   added p50     p99 "
+        "| rps direct     via | X-Turbo-Overhead p50 p99 | server CPU ms/req | errors d/v",
+    ]
+    for row in (r for r in results if r["mode"] == "plain"):
+        direct = row["direct"]
+        for key, side in sides.items():
+            via, extra = row.get(key), added_of(row, key)
+            if via is None:
+                continue
+            lines.append(
+                f"{row['concurrency']:>5} | {side['label']:<{width}} | {pair(direct['latency_ms'])} | "
+                f"{pair(via['latency_ms'])} | {pair(extra['latency_ms'])} | "
+                f"{fmt(direct['rps'], 10, 0)} {fmt(via['rps'], 7, 0)} | {pair(via['turbo_overhead_ms'], 12)} | "
+                f"{fmt(via['server_cpu_ms_per_request'], 17)} | {direct['errors']}/{via['errors']}"
+            )
+    lines += [
+        "",
+        "Streamed POST /v1/chat/completions (TTFT = until the first content chunk)",
+        f"    c | {'via':<{width}} |    TTFT direct p50 p99 |    TTFT via p50 p99 | TTFT added p50 p99 "
+        "| via chunk gap p50 p99 | chunk delay direct p50 p99 |    via p50     p99 | rps direct     via "
+        "| server CPU ms/req | errors d/v",
+    ]
+    for row in (r for r in results if r["mode"] == "stream"):
+        direct = row["direct"]
+        for key, side in sides.items():
+            via, extra = row.get(key), added_of(row, key)
+            if via is None:
+                continue
+            lines.append(
+                f"{row['concurrency']:>5} | {side['label']:<{width}} | {pair(direct['ttft_ms'], 11)} | "
+                f"{pair(via['ttft_ms'], 9)} | {pair(extra['ttft_ms'], 9)} | {pair(via['chunk_gap_ms'], 10)} | "
+                f"{pair(direct['chunk_delay_ms'], 13)} | {pair(via['chunk_delay_ms'])} | "
+                f"{fmt(direct['rps'], 10, 0)} {fmt(via['rps'], 7, 0)} | "
+                f"{fmt(via['server_cpu_ms_per_request'], 17)} | {direct['errors']}/{via['errors']}"
+            )
+    return lines
+
+
+def describe_side(side: dict) -> str:
+    if side["kind"] == "peer":
+        facts = [side.get("requirement", side["label"])]
+        facts.append(f"under uvicorn {side['uvicorn']}" if side.get("uvicorn") else "")
+        facts.append(f"{side['workers']} worker" + ("s" if side.get("workers", 1) != 1 else ""))
+        facts.append(f"loop {side['loop']}, HTTP {side['http']}" if side.get("loop") else "")
+        facts.append("no database")
+    else:
+        processes = side["processes"]
+        shape = "1 process" if processes == 1 else f"{processes - 1} workers + master"
+        facts = [shape, f"loop {side['loop']}, HTTP {side['http']}"]
+    facts.append(f"answering {side['ready_after_s']:g} s after its start" if side.get("ready_after_s") else "")
+    command = f": {side['command']}" if side["kind"] == "turbo" else ""
+    return f"  {side['label']}: " + ", ".join(fact for fact in facts if fact) + command
+
+
 def render(report: dict) -> str:
     settings = report["settings"]
     results = report["results"]
+    # Present when the run was given --servers or --peers; a plain run prints exactly what it always has.
+    sides = report.get("sides")
     lines = [
         f"Turbo /v1 proxy overhead: median of {settings['runs']} run(s) of {settings['requests']} requests "
         f"(+{settings['warmup']} warm-up) per cell; upstream latency {settings['latency_ms']:g} ms, "
         f"{settings['chunks']} chunks {settings['chunk_gap_ms']:g} ms apart; all times in ms",
         "",
-        "Non-streamed POST /v1/chat/completions",
-        "    c |  direct p50     p99 |     via p50     p99 |   added p50     p99 | rps direct     via "
-        "| X-Turbo-Overhead p50 p99 | Turbo CPU ms/req | errors d/v",
     ]
-    for row in (r for r in results if r["mode"] == "plain"):
-        direct, via = row["direct"], row["via_turbo"]
-        lines.append(
-            f"{row['concurrency']:>5} | {pair(direct['latency_ms'])} | {pair(via['latency_ms'])} | "
-            f"{pair(row['added']['latency_ms'])} | {fmt(direct['rps'], 10, 0)} {fmt(via['rps'], 7, 0)} | "
-            f"{pair(via['turbo_overhead_ms'], 12)} | {fmt(via['server_cpu_ms_per_request'], 16)} | "
-            f"{direct['errors']}/{via['errors']}"
-        )
-    lines += [
-        "",
-        "Streamed POST /v1/chat/completions (TTFT = until the first content chunk)",
-        "    c |    TTFT direct p50 p99 |    TTFT via p50 p99 | TTFT added p50 p99 | via chunk gap p50 p99 "
-        "| chunk delay direct p50 p99 |    via p50     p99 | rps direct     via | errors d/v",
-    ]
-    for row in (r for r in results if r["mode"] == "stream"):
-        direct, via = row["direct"], row["via_turbo"]
-        lines.append(
-            f"{row['concurrency']:>5} | {pair(direct['ttft_ms'], 11)} | {pair(via['ttft_ms'], 9)} | "
-            f"{pair(row['added']['ttft_ms'], 9)} | {pair(via['chunk_gap_ms'], 10)} | "
-            f"{pair(direct['chunk_delay_ms'], 13)} | {pair(via['chunk_delay_ms'])} | "
-            f"{fmt(direct['rps'], 10, 0)} {fmt(via['rps'], 7, 0)} | {direct['errors']}/{via['errors']}"
-        )
-    lines += ["", "Targets (from the issue):"]
-    for verdict in report["targets"]:
-        value = "-" if verdict["value_ms"] is None else f"{verdict['value_ms']:.2f} ms"
-        extra = f" (p50 {verdict['p50_ms']:.2f} ms)" if verdict["p50_ms"] is not None else ""
-        lines.append(f"  {verdict['target']:<48} {value:>10}{extra:<18} {verdict['verdict']}")
-    cpus = report["machine"]["cpus"]
-    events = report["events"]
-    if events["expected"] is None:
-        event_line = "Event log: not checked (the run was interrupted)."
+    if sides and len(sides) > 1:
+        lines += side_by_side_tables(report)
     else:
-        logged = "not counted (not SQLite)" if events["logged"] is None else str(events["logged"])
-        event_line = (
-            f"Event log: {logged} proxy events saved for {events['expected']} requests sent through Turbo; "
-            f"Turbo's log had {events['httpx_info_lines']} httpx 'HTTP Request:' INFO lines."
+        lines += [
+            "Non-streamed POST /v1/chat/completions",
+            "    c |  direct p50     p99 |     via p50     p99 |   added p50     p99 | rps direct     via "
+            "| X-Turbo-Overhead p50 p99 | Turbo CPU ms/req | errors d/v",
+        ]
+        for row in (r for r in results if r["mode"] == "plain"):
+            direct, via = row["direct"], row["via_turbo"]
+            lines.append(
+                f"{row['concurrency']:>5} | {pair(direct['latency_ms'])} | {pair(via['latency_ms'])} | "
+                f"{pair(row['added']['latency_ms'])} | {fmt(direct['rps'], 10, 0)} {fmt(via['rps'], 7, 0)} | "
+                f"{pair(via['turbo_overhead_ms'], 12)} | {fmt(via['server_cpu_ms_per_request'], 16)} | "
+                f"{direct['errors']}/{via['errors']}"
+            )
+        lines += [
+            "",
+            "Streamed POST /v1/chat/completions (TTFT = until the first content chunk)",
+            "    c |    TTFT direct p50 p99 |    TTFT via p50 p99 | TTFT added p50 p99 | via chunk gap p50 p99 "
+            "| chunk delay direct p50 p99 |    via p50     p99 | rps direct     via | errors d/v",
+        ]
+        for row in (r for r in results if r["mode"] == "stream"):
+            direct, via = row["direct"], row["via_turbo"]
+            lines.append(
+                f"{row['concurrency']:>5} | {pair(direct['ttft_ms'], 11)} | {pair(via['ttft_ms'], 9)} | "
+                f"{pair(row['added']['ttft_ms'], 9)} | {pair(via['chunk_gap_ms'], 10)} | "
+                f"{pair(direct['chunk_delay_ms'], 13)} | {pair(via['chunk_delay_ms'])} | "
+                f"{fmt(direct['rps'], 10, 0)} {fmt(via['rps'], 7, 0)} | {direct['errors']}/{via['errors']}"
+            )
+    if sides:
+        lines += ["", "Targets (from the issue), " + sides["via_turbo"]["label"] + ":"]
+    else:
+        lines += ["", "Targets (from the issue):"]
+    lines += target_lines(report["targets"])
+    for key, verdicts in report.get("targets_by_side", {}).items():
+        lines += [f"Targets (from the issue), {sides[key]['label']}:", *target_lines(verdicts)]
+    if report.get("throughput_targets"):
+        lines.append(
+            f"Throughput against peers at c={THROUGHPUT_CONCURRENCY} (judged on non-streamed rps; streamed shown "
+            "alongside):"
         )
-    lines += [
-        "",
-        event_line,
-        f"{cpus} CPU(s) shared by the upstream, Turbo and the load generator: at high concurrency the numbers "
-        f"include waiting for a core. Took {report['duration_s']:.0f} s.",
-    ]
+    for target in report.get("throughput_targets", []):
+        plain, stream = target["plain"], target["stream"]
+        figures = (
+            f"{plain['turbo_rps']:.0f} vs {plain['peer_rps']:.0f} rps = {plain['ratio']:.2f}x"
+            if plain["ratio"] is not None
+            else "-"
+        )
+        if stream["ratio"] is not None:
+            figures += (
+                f" (streamed: {stream['turbo_rps']:.0f} vs {stream['peer_rps']:.0f} rps = {stream['ratio']:.2f}x)"
+            )
+        lines.append(f"  {target['target']}: {figures} {target['verdict']}")
+    cpus = report["machine"]["cpus"]
+    lines += ["", event_line(report["events"])]
+    if sides:
+        for key, events in report["events"].get("by_side", {}).items():
+            if key != "via_turbo":
+                label = sides[key]["label"]
+                lines.append(event_line(events, f"Event log, {label}", label))
+        websockets = report.get("websockets", {})
+        if websockets:
+            answers = [
+                f"{sides[key]['label']} " + (f"yes ({check['ms']:.0f} ms)" if check["ok"] else f"NO: {check['detail']}")
+                for key, check in websockets.items()
+            ]
+            lines.append(
+                "WebSockets (/ws with a token and the server's own Origin, ping -> pong): " + "; ".join(answers)
+            )
+        lines += ["Via:", *(describe_side(side) for side in sides.values())]
+        for name, reason in report.get("not_measured", {}).items():
+            lines.append(f"Not measured: {name}: {reason}")
+        lines.append(
+            f"{cpus} CPU(s) shared by the upstream, every server measured (all running at once, idle but one) "
+            f"and the load generator: at high concurrency the numbers include waiting for a core. "
+            f"Took {report['duration_s']:.0f} s."
+        )
+    else:
+        lines.append(
+            f"{cpus} CPU(s) shared by the upstream, Turbo and the load generator: at high concurrency the numbers "
+            f"include waiting for a core. Took {report['duration_s']:.0f} s."
+        )
     return "\n".join(lines)
 
 
 def print_errors(results: list[dict]) -> None:
     for row in results:
-        for side in ("direct", "via_turbo"):
+        for side in [key for key in row if key == "direct" or key.startswith("via_")]:
             figures = row[side]
             if figures["errors"]:
                 print(
@@ -310,25 +507,26 @@ def events_logged(db_path: Path) -> int | None:
 # --- the run --------------------------------------------------------------------------------------
 
 
-def measure(
-    args, results: list[dict], *, upstream_url: str, turbo_url: str, token: str, pids: dict, work: Path
-) -> None:
-    """Runs every cell, appending each to `results` as it completes (so an interrupted run keeps them)."""
+def measure(args, results: list[dict], *, upstream_url: str, upstream_pid: int, sides: list[dict], work: Path) -> None:
+    """Runs every cell, appending each to `results` as it completes (so an interrupted run keeps them).
+
+    `sides` are the servers measured besides the upstream, each {"key", "label", "url" (ending in /v1),
+    "token", "pid"}; the first is Turbo under the first of --servers, "via_turbo".
+    """
+    extended = len(sides) > 1
+    targets = [{"key": "direct", "url": upstream_url, "token": "bench", "pid": upstream_pid}, *sides]
     total = len(args.concurrency) * len(MODES) * args.runs
     done = 0
     for concurrency in args.concurrency:
         for mode in MODES:
-            runs: dict[str, list[dict]] = {"direct": [], "via_turbo": []}
+            runs: dict[str, list[dict]] = {target["key"]: [] for target in targets}
             for run in range(args.runs):
-                for side, url, side_token in (
-                    ("direct", upstream_url, "bench"),
-                    ("via_turbo", turbo_url + "/v1", token),
-                ):
-                    server_pid = pids["upstream"] if side == "direct" else pids["turbo"]
-                    cpu_before = cpu_seconds(server_pid)
+                for target in targets:
+                    side = target["key"]
+                    cpu_before = tree_cpu_seconds(target["pid"])
                     summary = loadgen(
-                        url=url,
-                        token=side_token,
+                        url=target["url"],
+                        token=target["token"],
                         mode=mode,
                         concurrency=concurrency,
                         requests=args.requests,
@@ -336,9 +534,9 @@ def measure(
                         pool=args.pool,
                         out=work / f"{side}-{mode}-{concurrency}-{run}.json",
                     )
-                    cpu_after = cpu_seconds(server_pid)
-                    # Whole-process CPU over warm-up and measurement: Turbo's cost per request (for
-                    # via_turbo this excludes the upstream's share, which runs in its own process).
+                    cpu_after = tree_cpu_seconds(target["pid"])
+                    # Whole-process CPU over warm-up and measurement: the server's cost per request (for a
+                    # proxy this excludes the upstream's share, which runs in its own process).
                     summary["server_cpu_ms_per_request"] = (
                         round((cpu_after - cpu_before) * 1000 / (args.requests + args.warmup), 3)
                         if cpu_before is not None and cpu_after is not None
@@ -346,26 +544,42 @@ def measure(
                     )
                     runs[side].append(summary)
                 done += 1
-                direct, via = runs["direct"][-1], runs["via_turbo"][-1]
-                print(
-                    f"[{done}/{total}] c={concurrency} {mode} run {run + 1}: "
-                    f"p50 direct {direct['latency_ms']['p50'] if direct['latency_ms'] else '-'} ms, "
-                    f"via Turbo {via['latency_ms']['p50'] if via['latency_ms'] else '-'} ms, "
-                    f"errors {direct['errors']}/{via['errors']}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            direct, via = median_of_runs(runs["direct"]), median_of_runs(runs["via_turbo"])
-            results.append(
-                {
-                    "concurrency": concurrency,
-                    "mode": mode,
-                    "direct": direct,
-                    "via_turbo": via,
-                    "added": {figure: added(via, direct, figure) for figure in ("latency_ms", "ttft_ms")},
-                    "runs": runs,
+                last = {side: summaries[-1] for side, summaries in runs.items()}
+
+                def p50(summary: dict):
+                    return summary["latency_ms"]["p50"] if summary["latency_ms"] else "-"
+
+                if extended:
+                    vias = ", ".join(f"via {side['label']} {p50(last[side['key']])} ms" for side in sides)
+                    errors = "/".join(str(summary["errors"]) for summary in last.values())
+                    progress = f"p50 direct {p50(last['direct'])} ms, {vias}, errors {errors}"
+                else:
+                    direct, via = last["direct"], last["via_turbo"]
+                    progress = (
+                        f"p50 direct {p50(direct)} ms, via Turbo {p50(via)} ms, "
+                        f"errors {direct['errors']}/{via['errors']}"
+                    )
+                print(f"[{done}/{total}] c={concurrency} {mode} run {run + 1}: {progress}", file=sys.stderr, flush=True)
+            medians = {side: median_of_runs(summaries) for side, summaries in runs.items()}
+            direct, via = medians["direct"], medians["via_turbo"]
+            row = {
+                "concurrency": concurrency,
+                "mode": mode,
+                "direct": direct,
+                "via_turbo": via,
+                "added": {figure: added(via, direct, figure) for figure in ("latency_ms", "ttft_ms")},
+                "runs": runs,
+            }
+            if extended:
+                for side in sides[1:]:
+                    row[side["key"]] = medians[side["key"]]
+                row["added_by_side"] = {
+                    side["key"]: {
+                        figure: added(medians[side["key"]], direct, figure) for figure in ("latency_ms", "ttft_ms")
+                    }
+                    for side in sides
                 }
-            )
+            results.append(row)
 
 
 def parse_args() -> argparse.Namespace:
@@ -388,7 +602,33 @@ def parse_args() -> argparse.Namespace:
         "--redis", nargs="?", const="redis://127.0.0.1:6379/0", default="", help="run Turbo with this REDIS_ADDRESS"
     )
     parser.add_argument("--postgres", default="", metavar="URL", help="run Turbo on this database instead of SQLite")
+    parser.add_argument(
+        "--peers",
+        default="",
+        metavar="LIST",
+        help=f"other proxies to measure with the same load, comma-separated: {', '.join(PEERS)} (default none)",
+    )
+    parser.add_argument(
+        "--servers",
+        default=None,
+        metavar="LIST",
+        help=f"servers to run Turbo under, comma-separated: {', '.join(SERVERS)} (default uvicorn); the first "
+        "is the main one (via_turbo in the JSON)",
+    )
     args = parser.parse_args()
+    args.peers_given, args.servers_given = bool(args.peers), args.servers is not None
+    args.peers = list(dict.fromkeys(name.strip().lower() for name in args.peers.split(",") if name.strip()))
+    args.servers = list(
+        dict.fromkeys(name.strip().lower() for name in (args.servers or "uvicorn").split(",") if name.strip())
+    )
+    if unknown := [name for name in args.peers if name not in PEERS]:
+        parser.error(f"unknown peer(s) {', '.join(unknown)}; --peers takes {', '.join(PEERS)}")
+    if unknown := [name for name in args.servers if name not in SERVERS]:
+        parser.error(f"unknown server(s) {', '.join(unknown)}; --servers takes {', '.join(SERVERS)}")
+    if not args.servers:
+        parser.error("--servers needs at least one server")
+    if reason := unavailable(args.servers[0]):
+        parser.error(f"cannot run Turbo under {args.servers[0]}: {reason}")
     if args.quick:
         args.concurrency, args.requests, args.runs = QUICK["concurrency"], QUICK["requests"], QUICK["runs"]
     else:
@@ -404,9 +644,13 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def build_report(args, results: list[dict], *, started_at: datetime, duration_s: float, events: dict) -> dict:
+def build_report(
+    args, results: list[dict], *, started_at: datetime, duration_s: float, events: dict, setup: dict | None = None
+) -> dict:
+    """The JSON report. `setup` ({"sides", "websockets", "not_measured"}) is given when the run had --servers
+    or --peers; without it the report has exactly the keys it always had."""
     loop, http = fastest_server_parts()
-    return {
+    report = {
         "started_at": started_at.isoformat(),
         "finished_at": datetime.now(UTC).isoformat(),
         "partial": events["expected"] is None,
@@ -433,8 +677,21 @@ def build_report(args, results: list[dict], *, started_at: datetime, duration_s:
         "duration_s": round(duration_s, 1),
         "events": events,
         "targets": judge_targets(results),
-        "results": results,
     }
+    if setup is not None:
+        sides = setup["sides"]
+        turbos = [side for side in sides.values() if side["kind"] == "turbo"]
+        peers = [side for side in sides.values() if side["kind"] == "peer"]
+        report["settings"].update(servers=args.servers, peers=args.peers)
+        report["sides"] = sides
+        report["targets_by_side"] = {
+            side["key"]: judge_targets(results, side["key"]) for side in turbos if side["key"] != "via_turbo"
+        }
+        report["throughput_targets"] = [judge_throughput(results, turbo, peer) for turbo in turbos for peer in peers]
+        report["websockets"] = setup["websockets"]
+        report["not_measured"] = setup["not_measured"]
+    report["results"] = results
+    return report
 
 
 def report_write(report: dict, names: list[str]) -> None:
@@ -445,8 +702,26 @@ def report_write(report: dict, names: list[str]) -> None:
     print("\nwrote " + " and ".join(str(path) for path in paths))
 
 
+def probe_chat(url: str, token: str) -> None:
+    """One non-streamed completion through a peer before it is measured; raises unless it answers 200."""
+    response = httpx.post(
+        f"{url}/chat/completions",
+        json={"model": "bench-model", "messages": [{"role": "user", "content": "Say hello."}]},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=120,
+        trust_env=False,
+    )
+    if response.status_code != 200 or b'"choices"' not in response.content:
+        raise RuntimeError(f"a test completion answered {response.status_code}: {response.text[:500]}")
+
+
+def first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0].rstrip(":") if str(exc).strip() else type(exc).__name__
+
+
 def main() -> None:
     args = parse_args()
+    extended = args.servers_given or args.peers_given
     # SIGTERM (e.g. from make or CI) unwinds like Ctrl-C, so the finally below stops the servers.
     signal.signal(signal.SIGTERM, _interrupt)
     started_at = datetime.now(UTC)
@@ -454,11 +729,31 @@ def main() -> None:
     clock_started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="turbo-bench-"))
     processes = Processes(work)
-    db_path = work / "bench.db"
-    db_address = args.postgres or f"sqlite:///{db_path}"
     results: list[dict] = []
+    # Each Turbo server: {key, label, server, process_name, process, url, db_path}; the first is "via_turbo".
+    turbos: list[dict] = []
+    peers: list[dict] = []
+    sides: list[dict] = []  # what is measured besides the upstream, in table order
+    described: dict[str, dict] = {}
+    websockets: dict[str, dict] = {}
+    not_measured: dict[str, str] = {}
+
+    def note(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    def skip(label: str, reason: str, process_name: str | None = None) -> None:
+        not_measured[label] = reason
+        note(f"{label} will not be measured: {reason}")
+        if process_name:
+            processes.stop(process_name)
+
+    def setup() -> dict | None:
+        if not extended:
+            return None
+        return {"sides": described, "websockets": websockets, "not_measured": not_measured}
+
     try:
-        upstream_port, turbo_port = free_port(), free_port()
+        upstream_port = free_port()
         upstream = processes.start(
             "upstream",
             [PYTHON, "-m", "bench.fast_upstream", "--port", str(upstream_port), "--latency-ms", str(args.latency_ms)]
@@ -468,52 +763,133 @@ def main() -> None:
         upstream_url = f"http://127.0.0.1:{upstream_port}/v1"
         wait_until_answering(processes, "upstream", upstream, f"{upstream_url}/models")
 
-        env = turbo_env(args, upstream_port=upstream_port, db_address=db_address)
-        migrated = subprocess.run(
-            [PYTHON, "manage.py", "migrate", "--noinput"], cwd=PROJECT, env=env, capture_output=True, text=True
-        )
-        if migrated.returncode != 0:
-            raise RuntimeError(f"migrate failed:\n{migrated.stdout[-2000:]}{migrated.stderr[-3000:]}")
-        turbo = processes.start(
-            "turbo",
-            [PYTHON, "-m", "uvicorn", "turbo_site.asgi:application", "--port", str(turbo_port)]
-            + ["--log-level", "warning", "--no-access-log"],
-            env,
-        )
-        turbo_url = f"http://127.0.0.1:{turbo_port}"
-        wait_until_answering(processes, "turbo", turbo, f"{turbo_url}/v1/models")
-        token = signup(turbo_url)
+        # Every server is started first and waited for afterwards: their start-ups overlap.
+        for index, name in enumerate(args.servers):
+            label = f"Turbo {name}"
+            if index and (reason := unavailable(name)):
+                skip(label, reason)
+                continue
+            db_path = work / ("bench.db" if index == 0 else f"bench-{name}.db")
+            env = turbo_env(args, upstream_port=upstream_port, db_address=args.postgres or f"sqlite:///{db_path}")
+            migrated = subprocess.run(
+                [PYTHON, "manage.py", "migrate", "--noinput"], cwd=PROJECT, env=env, capture_output=True, text=True
+            )
+            if migrated.returncode != 0:
+                raise RuntimeError(f"migrate failed:\n{migrated.stdout[-2000:]}{migrated.stderr[-3000:]}")
+            port = free_port()
+            server = turbo_server(name, port)
+            process_name = "turbo" if index == 0 else f"turbo-{name}"
+            turbos.append(
+                {
+                    "key": "via_turbo" if index == 0 else "via_turbo_" + name.replace("-", "_"),
+                    "label": label,
+                    "server": server,
+                    "process_name": process_name,
+                    "process": processes.start(process_name, server.command, env),
+                    "started": time.monotonic(),
+                    "url": f"http://127.0.0.1:{port}",
+                    "db_path": db_path,
+                }
+            )
+        for name in args.peers:  # only LiteLLM so far
+            try:
+                peer = litellm_peer(work=work, port=(port := free_port()), upstream_url=upstream_url, log=note)
+            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                skip("LiteLLM", first_line(exc))
+                note(str(exc))
+                continue
+            process = processes.start(name, peer.command, peer.env, cwd=work / name)
+            peers.append(
+                {"peer": peer, "process": process, "url": f"http://127.0.0.1:{port}", "started": time.monotonic()}
+            )
 
-        measure(
+        for index, turbo in enumerate(turbos):
+            try:
+                wait_until_answering(processes, turbo["process_name"], turbo["process"], f"{turbo['url']}/v1/models")
+                ready_after_s = round(time.monotonic() - turbo["started"], 1)
+                token = signup(turbo["url"])
+            except RuntimeError as exc:
+                if index == 0:
+                    raise
+                skip(turbo["label"], first_line(exc), turbo["process_name"])
+                note(str(exc))
+                turbo["skipped"] = True
+                continue
+            if extended:
+                websockets[turbo["key"]] = check = websocket_ping(turbo["url"], token)
+                note(f"{turbo['label']}: WebSocket /ws ping " + ("answered pong" if check["ok"] else check["detail"]))
+            sides.append(
+                {
+                    "key": turbo["key"],
+                    "label": turbo["label"],
+                    "url": turbo["url"] + "/v1",
+                    "token": token,
+                    "pid": turbo["process"].pid,
+                }
+            )
+            described[turbo["key"]] = {"key": turbo["key"], "kind": "turbo", "label": turbo["label"]}
+            described[turbo["key"]].update(turbo["server"].describe(), ready_after_s=ready_after_s)
+        turbos = [turbo for turbo in turbos if not turbo.get("skipped")]
+        for entry in peers:
+            peer = entry["peer"]
+            try:
+                url = entry["url"]
+                wait_until_answering(processes, peer.name, entry["process"], url + peer.health_path, peer.startup_s)
+                ready_after_s = round(time.monotonic() - entry["started"], 1)
+                probe_chat(url + "/v1", peer.token)
+            except (RuntimeError, httpx.HTTPError) as exc:
+                skip(peer.label, first_line(exc), peer.name)
+                note(str(exc))
+                continue
+            key = f"via_{peer.name}"
+            sides.append(
+                {"key": key, "label": peer.label, "url": url + "/v1", "token": peer.token, "pid": entry["process"].pid}
+            )
+            described[key] = {"key": key, "kind": "peer", "label": peer.label, "command": " ".join(peer.command)}
+            described[key].update(peer.info, ready_after_s=ready_after_s)
+
+        measure(args, results, upstream_url=upstream_url, upstream_pid=upstream.pid, sides=sides, work=work)
+        processes.stop_all()  # Turbo saves its queued events as it stops
+        expected = sum((args.requests + args.warmup) * args.runs for _ in args.concurrency for _ in MODES)
+        by_side, other_logs = {}, {}
+        for turbo in turbos:
+            turbo_log = processes.log_lines(turbo["process_name"])
+            # httpx logs every upstream request at INFO; count those, show anything else Turbo said.
+            other_logs[turbo["label"]] = [line for line in turbo_log if not line.startswith("HTTP Request:")]
+            by_side[turbo["key"]] = {
+                "expected": expected,
+                "logged": None if args.postgres else events_logged(turbo["db_path"]),
+                "httpx_info_lines": sum(1 for line in turbo_log if line.startswith("HTTP Request:")),
+            }
+        events = dict(by_side["via_turbo"])
+        if extended:
+            events["by_side"] = by_side
+        report = build_report(
             args,
             results,
-            upstream_url=upstream_url,
-            turbo_url=turbo_url,
-            token=token,
-            pids={"upstream": upstream.pid, "turbo": turbo.pid},
-            work=work,
-        )
-        processes.stop_all()  # Turbo saves its queued events as it stops
-        turbo_log = processes.log_lines("turbo")
-        # httpx logs every upstream request at INFO; count those, show anything else Turbo said.
-        httpx_lines = sum(1 for line in turbo_log if line.startswith("HTTP Request:"))
-        other_lines = [line for line in turbo_log if not line.startswith("HTTP Request:")]
-        events = {
-            "expected": sum((args.requests + args.warmup) * args.runs for _ in args.concurrency for _ in MODES),
-            "logged": None if args.postgres else events_logged(db_path),
-            "httpx_info_lines": httpx_lines,
-        }
-        report = build_report(
-            args, results, started_at=started_at, duration_s=time.monotonic() - clock_started, events=events
+            started_at=started_at,
+            duration_s=time.monotonic() - clock_started,
+            events=events,
+            setup=setup(),
         )
         report["table"] = render(report)
         print(report["table"])
         print_errors(results)
-        if events["logged"] is not None and events["logged"] != events["expected"]:
-            print(f"event log: {events['logged']} proxy events saved, {events['expected']} expected", file=sys.stderr)
-        if other_lines:
-            tail = "\n".join(other_lines[-30:])
-            print(f"Turbo's log, {len(other_lines)} lines besides httpx's; the last:\n{tail}", file=sys.stderr)
+        for turbo in turbos:
+            counted = by_side[turbo["key"]]
+            whose = "" if turbo["key"] == "via_turbo" else f" ({turbo['label']})"
+            if counted["logged"] is not None and counted["logged"] != counted["expected"]:
+                note(f"event log{whose}: {counted['logged']} proxy events saved, {counted['expected']} expected")
+            if other_lines := other_logs[turbo["label"]]:
+                tail = "\n".join(other_lines[-30:])
+                whose = "Turbo's" if turbo["key"] == "via_turbo" else f"{turbo['label']}'s"
+                note(f"{whose} log, {len(other_lines)} lines besides httpx's; the last:\n{tail}")
+        for entry in peers:
+            name = entry["peer"].name
+            problems = [line for line in processes.log_lines(name) if PROBLEM_WORDS.search(line)]
+            if problems:
+                tail = "\n".join(problems[-20:])
+                note(f"{entry['peer'].label}'s log has {len(problems)} error or warning lines; the last:\n{tail}")
         report_write(report, [f"proxy_overhead-{stamp}.json", "latest.json"])
     except KeyboardInterrupt:
         print("interrupted; stopping the servers", file=sys.stderr)
@@ -521,7 +897,12 @@ def main() -> None:
         if results:
             events = {"expected": None, "logged": None, "httpx_info_lines": None}
             report = build_report(
-                args, results, started_at=started_at, duration_s=time.monotonic() - clock_started, events=events
+                args,
+                results,
+                started_at=started_at,
+                duration_s=time.monotonic() - clock_started,
+                events=events,
+                setup=setup(),
             )
             report["table"] = render(report)
             print(f"{report['table']}\n(interrupted: only the cells above were completed)")
