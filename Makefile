@@ -29,7 +29,8 @@ run: install
 serve: install
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python -m uvicorn turbo_site.asgi:application --host $(word 1,$(subst :, ,$(ADDRESS))) \
-		--port $(word 2,$(subst :, ,$(ADDRESS))) --loop uvloop --http httptools --lifespan on --no-proxy-headers --no-access-log
+		--port $(word 2,$(subst :, ,$(ADDRESS))) --loop uvloop --http httptools --ws-per-message-deflate false \
+		--lifespan on --no-proxy-headers --no-access-log
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -40,9 +41,14 @@ test-pg: install
 	REDIS_ADDRESS=$${REDIS_ADDRESS:-redis://127.0.0.1:6379/0} \
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Benchmarks (not tests): the proxy's overhead, direct vs through Turbo. ARGS=--quick for a short run.
+# Benchmarks (not tests), each printing its table and targets and writing JSON to bench/results/:
+# proxy overhead (PEERS=litellm adds LiteLLM, SERVERS=uvicorn,daphne,gunicorn compares servers),
+# fan-out, prompt cost, soak. ARGS=--quick for a short run of each. See bench/README.md.
 bench: install
-	$(BIN)/python -m bench.proxy_overhead $(ARGS)
+	$(BIN)/python -m bench.proxy_overhead $(if $(PEERS),--peers $(PEERS)) $(if $(SERVERS),--servers $(SERVERS)) $(ARGS)
+	$(BIN)/python -m bench.fanout $(ARGS)
+	$(BIN)/python -m bench.prompt_cost $(ARGS)
+	$(BIN)/python -m bench.soak $(ARGS)
 
 lint: install
 	$(BIN)/ruff format --check .

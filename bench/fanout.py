@@ -62,6 +62,9 @@ MEMBERS_PER_CALL = 100  # /group/members/add takes at most 100 ids at once
 ISSUES = ("missing", "duplicated", "unexpected", "out_of_order", "late", "no_final", "silent", "wrong_reply")
 FIGURES = ("delay_ms", "spread_ms", "prompt_ms")
 
+# As `make serve` runs it (uvloop, httptools, no per-message compression of WebSocket frames).
+SERVE_FLAGS = ["--loop", "uvloop", "--http", "httptools", "--ws-per-message-deflate", "false"]
+
 
 # --- the subscriber process -----------------------------------------------------------------------
 
@@ -408,7 +411,8 @@ def run_layer(
         turbo = processes.start(
             name,
             [PYTHON, "-m", "uvicorn", "turbo_site.asgi:application", "--port", str(port)]
-            + ["--log-level", "warning", "--no-access-log"],
+            + ["--log-level", "warning", "--no-access-log"]
+            + SERVE_FLAGS,
             env,
         )
         wait_until_answering(processes, name, turbo, f"{turbo_url}/health")
