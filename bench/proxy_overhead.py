@@ -195,7 +195,7 @@ def signup(turbo_url: str) -> str:
 def loadgen(
     *, url: str, token: str, mode: str, concurrency: int, requests: int, warmup: int, pool: str, out: Path
 ) -> dict:
-    command = [PYTHON, "-m", "bench.loadgen", "--url", url, "--token", token, "--mode", mode]
+    command = [PYTHON, "-m", "bench.loadgen", "--url", url, f"--token={token}", "--mode", mode]
     command += ["--concurrency", str(concurrency), "--requests", str(requests), "--warmup", str(warmup)]
     command += ["--pool", pool, "--out", str(out)]
     finished = subprocess.run(
