@@ -13,7 +13,6 @@ import logging
 import uuid
 from dataclasses import dataclass
 
-from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.core.cache import cache
@@ -26,6 +25,7 @@ from chats.models import Chat, ChatMember, Message
 from chats.serializers import message_data
 from groups.selectors import is_group_member
 from proxy import ai, tools
+from turbo_site.core.acache import acache_count, acache_set, cache_count
 from turbo_site.core.crypto import secret_decrypt, secret_encrypt
 from turbo_site.core.errors import Forbidden, NotFound
 from turbo_site.core.pubsub import apublish, publish
@@ -62,26 +62,24 @@ def _replay_key(chat_id, seq: int) -> str:
     return f"chat-event:{chat_id}:{seq}"
 
 
-def _next_seq(chat_id) -> int:
-    key = _seq_key(chat_id)
-    cache.add(key, 0, timeout=None)
-    try:
-        return cache.incr(key)
-    except ValueError:  # evicted between add and incr
-        cache.add(key, 0, timeout=None)
-        return cache.incr(key)
-
-
 def _stamp(chat_id, event: dict) -> dict:
-    seq = _next_seq(chat_id)
+    seq = cache_count(cache, _seq_key(chat_id))
     event = {"seq": seq, **event}
     cache.set(_replay_key(chat_id, seq), event, settings.STREAM_REPLAY_SECONDS)
     return event
 
 
+async def _astamp(chat_id, event: dict) -> dict:
+    """Number an event and keep it for replay (two cache round trips on Redis, no thread hop)."""
+    seq = await acache_count(_seq_key(chat_id))
+    event = {"seq": seq, **event}
+    await acache_set(_replay_key(chat_id, seq), event, settings.STREAM_REPLAY_SECONDS)
+    return event
+
+
 async def achat_publish(chat_id, event: dict) -> dict:
     """Number an event, keep it for replay, and send it to every subscriber of the chat."""
-    event = await sync_to_async(_stamp, thread_sensitive=False)(chat_id, event)
+    event = await _astamp(chat_id, event)
     await apublish(chat_topic(chat_id), event)
     return event
 
