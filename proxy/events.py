@@ -190,8 +190,7 @@ def events_flush() -> int:
             while _queue and len(batch) < settings.EVENT_BATCH_SIZE:
                 batch.append(_queue.popleft())
             try:
-                with transaction.atomic():
-                    Event.objects.bulk_create([Event(**event) for event in batch])
+                _insert(batch)
             except Exception:
                 # Keep them for the next try (the database may be restarting).
                 _queue.extendleft(reversed(batch))
@@ -199,6 +198,36 @@ def events_flush() -> int:
                 break
             saved += len(batch)
     return saved
+
+
+def _insert(batch: list[dict[str, Any]]) -> None:
+    """One multi-row INSERT of queued events, in a transaction.
+
+    `bulk_create` builds a model instance and runs every field's conversion per event: about 8 ms of
+    CPU for 50 events, long enough to hold up the event loop's requests. The values are already
+    clean (event_record made them), so only what the database needs is converted here.
+    """
+    fields = [field.attname for field in Event._meta.concrete_fields]
+    ops = connection.ops
+    native_uuid = connection.features.has_native_uuid_field
+
+    def db_uuid(value):
+        if value is None:
+            return None
+        value = value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+        return value if native_uuid else value.hex
+
+    rows = []
+    for event in batch:
+        row = {**event, "id": db_uuid(event["id"]), "user_id": db_uuid(event["user_id"])}
+        row["client_ip"] = ops.adapt_ipaddressfield_value(event["client_ip"])
+        row["created_at"] = ops.adapt_datetimefield_value(event["created_at"])
+        rows.append(tuple(row[name] for name in fields))
+    table = ops.quote_name(Event._meta.db_table)
+    columns = ", ".join(ops.quote_name(name) for name in fields)
+    placeholders = ", ".join(["%s"] * len(fields))
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.executemany(f"INSERT INTO {table} ({columns}) VALUES ({placeholders})", rows)
 
 
 def events_prune(*, days: int | None = None) -> int:

@@ -131,3 +131,39 @@ def test_forwarded_for_is_believed_only_from_trusted_proxies(client, signup, set
     client.get("/user/session", headers=headers, params={"n": "trusted"})
     by_query = {e.query: e.client_ip for e in events_of(user["id"], type="request")}
     assert by_query == {"n=untrusted": "127.0.0.1", "n=trusted": "203.0.113.9"}
+
+
+def test_flushed_events_keep_every_field(signup):
+    from proxy.events import event_record
+
+    _, user, _ = signup()
+    events_flush()
+    recorded = [
+        event_record(
+            type="proxy",
+            user_id=user["id"],
+            method="POST",
+            path="/v1/chat/completions",
+            query="a=1",
+            status=200,
+            duration_ms=1.23456,
+            client_ip="2001:db8::1",
+            model="gpt-4o",
+            prompt_tokens=3,
+            completion_tokens=4,
+            total_tokens=7,
+            request_body='{"model": "gpt-4o"}',
+            response_body="ok",
+        ),
+        event_record(type="request", path="/user/session"),  # no user, no address, no usage
+    ]
+    assert events_flush() == 2
+    for event in recorded:
+        saved = Event.objects.get(pk=event["id"])
+        assert saved.created_at == event["created_at"]
+        for name in ("type", "method", "path", "query", "status", "duration_ms", "model", "prompt_tokens"):
+            assert getattr(saved, name) == event[name], name
+        for name in ("completion_tokens", "total_tokens", "request_body", "response_body", "client_ip"):
+            assert getattr(saved, name) == event[name], name
+    assert str(Event.objects.get(pk=recorded[0]["id"]).user_id) == user["id"]
+    assert Event.objects.get(pk=recorded[1]["id"]).user_id is None
