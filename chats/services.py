@@ -69,18 +69,18 @@ def _stamp(chat_id, event: dict) -> dict:
     return event
 
 
-async def _astamp(chat_id, event: dict) -> dict:
-    """Number an event and keep it for replay (two cache round trips on Redis, no thread hop)."""
+async def achat_publish(chat_id, event: dict) -> dict:
+    """Number an event, keep it for replay, and send it to every subscriber of the chat.
+
+    On Redis: one round trip for the number, then the replay copy and the publication side by side;
+    a client that missed the event reconnects (Last-Event-ID) a round trip later, when both are done.
+    """
     seq = await acache_count(_seq_key(chat_id))
     event = {"seq": seq, **event}
-    await acache_set(_replay_key(chat_id, seq), event, settings.STREAM_REPLAY_SECONDS)
-    return event
-
-
-async def achat_publish(chat_id, event: dict) -> dict:
-    """Number an event, keep it for replay, and send it to every subscriber of the chat."""
-    event = await _astamp(chat_id, event)
-    await apublish(chat_topic(chat_id), event)
+    await asyncio.gather(
+        acache_set(_replay_key(chat_id, seq), event, settings.STREAM_REPLAY_SECONDS),
+        apublish(chat_topic(chat_id), event),
+    )
     return event
 
 
