@@ -46,12 +46,10 @@ class LiveServer:
 
     def _run(self):
         async def serve():
-            from proxy.upstream import clients_close
-            from turbo_site.core.acache import aclose
+            from turbo_site.core.loops import loop_clients_close
 
             await self.server.serve(sockets=[self.socket])
-            await clients_close()
-            await aclose()
+            await loop_clients_close()
 
         asyncio.run(serve())
 

@@ -13,7 +13,7 @@ from django.conf import settings
 from rest_framework import authentication, exceptions
 
 from accounts.services import AuthSession, asession_lookup, session_lookup
-from turbo_site.core.http import mark_event
+from turbo_site.core.http import mark_event, scope_headers
 
 COOKIE_NAME = "sess"
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
@@ -124,10 +124,6 @@ async def aauthenticate(request) -> AuthSession:
     return found
 
 
-def _scope_headers(scope) -> dict[str, str]:
-    return {name.decode("latin1").lower(): value.decode("latin1") for name, value in scope.get("headers", [])}
-
-
 async def aauthenticate_websocket(scope) -> AuthSession:
     """The session of a WebSocket handshake: `token` query parameter, Authorization header or cookie.
 
@@ -137,7 +133,7 @@ async def aauthenticate_websocket(scope) -> AuthSession:
     from http.cookies import SimpleCookie
     from urllib.parse import parse_qs
 
-    headers = _scope_headers(scope)
+    headers = scope_headers(scope)
     origin = headers.get("origin")
     scheme = "https" if scope.get("scheme") in ("wss", "https") else "http"
     host = headers.get("host", "")

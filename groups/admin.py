@@ -62,9 +62,13 @@ class MembershipAdmin(admin.ModelAdmin):
     readonly_fields = ("created_at",)
     actions = ["remove_selected"]
 
-    def members_remove(self, parent, user_ids: list) -> None:
-        """Remove these users through the parent app's service, as its owner would."""
-        raise NotImplementedError
+    # Subclasses define `members_remove(self, parent, user_ids)`: remove these users through the parent
+    # app's service, as its owner would (checked when the subclass is defined).
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if not callable(getattr(cls, "members_remove", None)):
+            raise TypeError(f"{cls.__name__} must define members_remove(self, parent, user_ids)")
 
     def _is_owner(self, member) -> bool:
         return member.user_id == getattr(member, self.parent).owner_id

@@ -22,7 +22,7 @@ from accounts.auth import token_from_headers
 from accounts.services import asession_lookup
 from proxy.views import ProxyReply, ProxyRequest, exchange, openai_error_body
 from turbo_site.core.errors import error_body
-from turbo_site.core.http import client_ip_from
+from turbo_site.core.http import client_ip_from, scope_headers
 
 logger = logging.getLogger("turbo.proxy")
 
@@ -61,15 +61,6 @@ def _turbo_error(status: int, code: str, message: str) -> Refused:
 
 def _openai_refusal(status: int, code: str, message: str) -> Refused:
     return Refused(status, openai_error_body(message, "invalid_request_error", code))
-
-
-def _headers_of(scope) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    for raw_name, raw_value in scope["headers"]:
-        name = raw_name.decode("latin1").lower()
-        value = raw_value.decode("latin1")
-        headers[name] = f"{headers[name]},{value}" if name in headers else value
-    return headers
 
 
 def _allowed_hosts() -> list[str]:
@@ -143,7 +134,7 @@ async def _until_disconnect(receive) -> None:
 async def serve(scope, receive, send) -> None:
     """Answer one /v1/ request that `takes()` accepted."""
     started = time.perf_counter()
-    headers = _headers_of(scope)
+    headers = scope_headers(scope)
     try:
         _check_host(headers)
         token, _ = token_from_headers(headers.get("authorization", ""), {})

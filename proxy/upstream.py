@@ -9,14 +9,15 @@ implement it: aiohttp (the default: it costs about half the CPU per request of h
 bench/README.md) and httpx; `PROXY_HTTP_CLIENT` picks one.
 """
 
-import asyncio
-import weakref
+import abc
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
 from django.conf import settings
+
+from turbo_site.core.loops import loop_client
 
 
 class UpstreamNotConfigured(Exception):
@@ -61,7 +62,7 @@ def auth_headers() -> dict[str, str]:
 # --- the interface --------------------------------------------------------------------------------
 
 
-class UpstreamResponse:
+class UpstreamResponse(abc.ABC):
     """An upstream answer whose headers have arrived; the body is read with `chunks()`."""
 
     status: int
@@ -73,13 +74,13 @@ class UpstreamResponse:
                 return value
         return ""
 
+    @abc.abstractmethod
     def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives (transfer coding removed, content coding kept). Raises UpstreamError."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def aclose(self) -> None:
         """Give the connection back if the body was read to its end, else close it (the upstream sees it)."""
-        raise NotImplementedError
 
 
 async def upstream_send(method: str, url: str, headers: dict[str, str], body: bytes) -> UpstreamResponse:
@@ -93,35 +94,13 @@ def _options() -> tuple[int, int, int]:
     return settings.PROXY_CONNECT_TIMEOUT, settings.PROXY_READ_TIMEOUT, settings.PROXY_MAX_CONNECTIONS
 
 
-# One client per event loop: a connection pool cannot be shared between loops, and production runs
-# one loop per process, so this is one pooled client per process there.
-_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict]" = weakref.WeakKeyDictionary()
-
-
-def _loop_client(kind: str, make, is_closed):
-    loop = asyncio.get_running_loop()
-    per_loop = _clients.setdefault(loop, {})
-    options = _options()
-    cached = per_loop.get(kind)
-    if cached is not None and cached[0] == options and not is_closed(cached[1]):
-        return cached[1]
-    client = make(*options)
-    per_loop[kind] = (options, client)
-    return client
-
-
-async def clients_close() -> None:
-    """Close the running loop's pooled clients (at shutdown)."""
-    per_loop = _clients.pop(asyncio.get_running_loop(), {})
-    for _, client in per_loop.values():
-        await client.close() if isinstance(client, aiohttp.ClientSession) else await client.aclose()
-
-
 # --- aiohttp --------------------------------------------------------------------------------------
 
 
 def _aiohttp_session() -> aiohttp.ClientSession:
-    def make(connect: int, read: int, max_connections: int) -> aiohttp.ClientSession:
+    connect, read, max_connections = options = _options()
+
+    def make() -> aiohttp.ClientSession:
         return aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=30, ttl_dns_cache=300),
             timeout=aiohttp.ClientTimeout(total=None, connect=connect, sock_read=read),
@@ -130,7 +109,7 @@ def _aiohttp_session() -> aiohttp.ClientSession:
             skip_auto_headers=("User-Agent",),
         )
 
-    return _loop_client("aiohttp", make, lambda session: session.closed)
+    return loop_client("upstream-aiohttp", options, make, lambda session: session.closed)
 
 
 class _AiohttpResponse(UpstreamResponse):
@@ -173,7 +152,9 @@ async def _aiohttp_send(method: str, url: str, headers: dict[str, str], body: by
 
 
 def _httpx_client() -> httpx.AsyncClient:
-    def make(connect: int, read: int, max_connections: int) -> httpx.AsyncClient:
+    connect, read, max_connections = options = _options()
+
+    def make() -> httpx.AsyncClient:
         return httpx.AsyncClient(
             timeout=httpx.Timeout(connect=connect, read=read, write=read, pool=connect),
             limits=httpx.Limits(
@@ -183,7 +164,7 @@ def _httpx_client() -> httpx.AsyncClient:
             trust_env=False,
         )
 
-    return _loop_client("httpx", make, lambda client: client.is_closed)
+    return loop_client("upstream-httpx", options, make, lambda client: client.is_closed)
 
 
 class _HttpxResponse(UpstreamResponse):

@@ -17,12 +17,10 @@ logger = logging.getLogger("turbo")
 async def on_shutdown() -> None:
     from chats.services import generations_stop
     from proxy.events import events_shutdown
-    from proxy.upstream import clients_close
-    from turbo_site.core.acache import aclose as acache_close
+    from turbo_site.core.loops import loop_clients_close
 
     await generations_stop(grace_seconds=settings.SHUTDOWN_GRACE_SECONDS)
-    await clients_close()
-    await acache_close()
+    await loop_clients_close()
     await sync_to_async(events_shutdown, thread_sensitive=False)()
 
 

@@ -2,12 +2,11 @@
 
 Django's Redis cache is synchronous: from async code every `cache.get` would go through a thread
 pool. The hot paths (token lookups on every proxied request) read through `acache_get` instead: the
-in-process cache answers from memory, Redis through one asyncio client per event loop that reads the
+in-process cache answers from memory, Redis through one asyncio client per event loop
+(`turbo_site.core.loops`) that reads the
 very keys and values Django's cache writes.
 """
 
-import asyncio
-import weakref
 from typing import Any
 
 import redis.asyncio
@@ -16,19 +15,16 @@ from django.core.cache import caches
 from django.core.cache.backends.locmem import LocMemCache
 from django.core.cache.backends.redis import RedisCache
 
-_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[str, redis.asyncio.Redis]]" = (
-    weakref.WeakKeyDictionary()
-)
+from turbo_site.core.loops import loop_client
 
 
 def _client(location: str) -> redis.asyncio.Redis:
-    loop = asyncio.get_running_loop()
-    cached = _clients.get(loop)
-    if cached is not None and cached[0] == location:
-        return cached[1]
-    client = redis.asyncio.Redis.from_url(location, socket_timeout=10, socket_connect_timeout=10)
-    _clients[loop] = (location, client)
-    return client
+    return loop_client(
+        "cache-redis",
+        location,
+        lambda: redis.asyncio.Redis.from_url(location, socket_timeout=10, socket_connect_timeout=10),
+        lambda client: False,
+    )
 
 
 async def acache_get(key: str, default: Any = None) -> Any:
@@ -73,10 +69,3 @@ def cache_count(cache, key: str) -> int:
     except ValueError:  # evicted between add and incr
         cache.add(key, 0, timeout=None)
         return cache.incr(key)
-
-
-async def aclose() -> None:
-    """Close the running loop's Redis client (at shutdown)."""
-    cached = _clients.pop(asyncio.get_running_loop(), None)
-    if cached is not None:
-        await cached[1].aclose()

@@ -48,3 +48,13 @@ def mark_event(request, *, event_type: str | None = None, user_id=None) -> None:
         target.turbo_event_type = event_type
     if user_id is not None:
         target.turbo_user_id = user_id
+
+
+def scope_headers(scope) -> dict[str, str]:
+    """An ASGI scope's headers by lower-case name; repeated headers joined with commas, as Django does."""
+    headers: dict[str, str] = {}
+    for raw_name, raw_value in scope.get("headers", []):
+        name = raw_name.decode("latin1").lower()
+        value = raw_value.decode("latin1")
+        headers[name] = f"{headers[name]},{value}" if name in headers else value
+    return headers

@@ -5,7 +5,8 @@ import uuid
 
 from django.core.cache import cache
 
-from turbo_site.core.acache import acache_get, aclose
+from turbo_site.core.acache import acache_get
+from turbo_site.core.loops import loop_clients_close
 
 
 def test_async_reads_see_the_values_django_wrote():
@@ -16,7 +17,7 @@ def test_async_reads_see_the_values_django_wrote():
         try:
             return {name: await acache_get(f"{key}-{name}") for name in [*values, "missing"]}
         finally:
-            await aclose()
+            await loop_clients_close()
 
     for name, value in values.items():
         cache.set(f"{key}-{name}", value, 60)
@@ -36,7 +37,7 @@ def test_async_counts_and_writes_are_what_django_reads():
             await acache_set(f"{key}-event", {"seq": counted[-1], "text": "hé"}, 60)
             return counted
         finally:
-            await aclose()
+            await loop_clients_close()
 
     assert asyncio.run(count_and_set()) == [1, 2, 3]
     assert cache.get(key) == 3
