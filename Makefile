@@ -30,7 +30,7 @@ serve: install
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python -m uvicorn turbo_site.asgi:application --host $(word 1,$(subst :, ,$(ADDRESS))) \
 		--port $(word 2,$(subst :, ,$(ADDRESS))) --loop uvloop --http httptools --ws-per-message-deflate false \
-		--lifespan on --no-proxy-headers --no-access-log
+		--lifespan on --no-proxy-headers --no-access-log --timeout-graceful-shutdown $${SHUTDOWN_SERVER_SECONDS:-5}
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

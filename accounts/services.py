@@ -23,6 +23,7 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from accounts.live import sessions_revoked_announce
 from accounts.models import Session, User
 from accounts.throttle import login_throttle_check, login_throttle_fail, login_throttle_reset
 from turbo_site.core.acache import acache_get
@@ -170,6 +171,7 @@ def session_revoke(*, session_id: uuid.UUID) -> None:
     hashes = list(Session.objects.filter(pk=session_id).values_list("token_hash", flat=True))
     Session.objects.filter(pk=session_id, revoked_at__isnull=True).update(revoked_at=timezone.now())
     _forget(hashes)
+    sessions_revoked_announce([session_id])
 
 
 def sessions_revoke_all(*, user_id: uuid.UUID, except_session_id: uuid.UUID | None = None) -> int:
@@ -177,15 +179,22 @@ def sessions_revoke_all(*, user_id: uuid.UUID, except_session_id: uuid.UUID | No
     active = Session.objects.filter(user_id=user_id, revoked_at__isnull=True)
     if except_session_id is not None:
         active = active.exclude(pk=except_session_id)
-    hashes = list(active.values_list("token_hash", flat=True))
-    count = active.update(revoked_at=timezone.now())
-    _forget(hashes)
+    ended = list(active.values_list("pk", "token_hash"))
+    count = active.filter(pk__in=[pk for pk, _ in ended]).update(revoked_at=timezone.now())
+    _forget([hashed for _, hashed in ended])
+    sessions_revoked_announce([pk for pk, _ in ended])
     return count
 
 
-def session_cache_forget_user(*, user_id: uuid.UUID) -> None:
-    """Drop cached lookups of a user's sessions, so the next request sees the user as saved now."""
-    _forget(Session.objects.filter(user_id=user_id, revoked_at__isnull=True).values_list("token_hash", flat=True))
+def session_cache_forget_user(*, user_id: uuid.UUID, is_active: bool = True) -> None:
+    """Drop cached lookups of a user's sessions, so the next request sees the user as saved now.
+
+    A user who is no longer active (or is being deleted) also loses their open streams and sockets.
+    """
+    live = list(Session.objects.filter(user_id=user_id, revoked_at__isnull=True).values_list("pk", "token_hash"))
+    _forget([hashed for _, hashed in live])
+    if not is_active:
+        sessions_revoked_announce([pk for pk, _ in live])
 
 
 # --- users ----------------------------------------------------------------------------------------

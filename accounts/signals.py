@@ -11,4 +11,5 @@ from accounts.models import User
 def forget_cached_sessions(sender, instance: User, **kwargs) -> None:
     from accounts.services import session_cache_forget_user
 
-    session_cache_forget_user(user_id=instance.pk)
+    deleted = kwargs.get("signal") is pre_delete
+    session_cache_forget_user(user_id=instance.pk, is_active=instance.is_active and not deleted)

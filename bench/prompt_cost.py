@@ -238,7 +238,7 @@ class Target:
     async def prompt(self, *, cold: bool):
         from django.core.cache import cache
 
-        from chats.services import CONTEXT_CACHE_PREFIX
+        from chats.context import CONTEXT_CACHE_PREFIX
 
         if cold:
             await cache.adelete(f"{CONTEXT_CACHE_PREFIX}{self.chat_id}")

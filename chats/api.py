@@ -1,11 +1,8 @@
 """The chat API: the seed's /chat/* paths. Prompt and stream are async views (they wait on the model)."""
 
-import asyncio
 import functools
-import json
 import logging
 
-from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.http import JsonResponse, StreamingHttpResponse
@@ -17,14 +14,15 @@ from rest_framework.views import APIView
 
 from accounts.api import UserBriefOutput
 from accounts.auth import AuthRefused, aauthenticate
-from chats import selectors, services
+from chats import generation, selectors, services
 from chats.models import Message
 from chats.serializers import ChatOutput, MessageOutput, chat_data, message_data
+from chats.stream import ChatSubscriber
 from proxy import ai, tools
-from turbo_site.core.errors import Invalid, TurboError, error_response
-from turbo_site.core.pubsub import subscribe
+from turbo_site.core.errors import Invalid, TurboError, error_response, is_unavailable, unavailable_response
 from turbo_site.core.schema import EmptyResponse, errors, get_and_post
 from turbo_site.core.serializers import StrictCharField, plain_request_input, request_input
+from turbo_site.core.streams import Entry
 
 logger = logging.getLogger("turbo.chats")
 
@@ -221,6 +219,7 @@ def async_endpoint(methods: tuple[str, ...]):
             try:
                 session = await aauthenticate(request)
                 request.user = session.user
+                request.turbo_session = session
                 return await view(request, *args, **kwargs)
             except AuthRefused as refused:
                 return error_response(refused.status, refused.code, refused.message)
@@ -230,6 +229,10 @@ def async_endpoint(methods: tuple[str, ...]):
                 from turbo_site.core.errors import exception_handler
 
                 return exception_handler(exc, {})
+            except Exception as exc:
+                if is_unavailable(exc):
+                    return unavailable_response(exc)
+                raise
 
         return wrapper
 
@@ -257,7 +260,7 @@ async def chat_prompt(request):
     context = fields.get("context", settings.DEFAULT_CONTEXT)
     context = max(0, min(context, settings.MAX_CONTEXT))
     try:
-        message = await services.message_prompt(
+        message = await generation.message_prompt(
             chat=chat,
             user=request.user,
             prompt=fields["prompt"],
@@ -271,60 +274,64 @@ async def chat_prompt(request):
     return JsonResponse({"message": message_data(message)})
 
 
-def _sse(event: dict) -> bytes:
-    return f"id: {event['seq']}\nevent: message\ndata: {json.dumps(event, separators=(',', ':'))}\n\n".encode()
+def sse_frame(entry: Entry) -> bytes:
+    """One SSE frame: stored events carry their number as `id:`, notices (no number) do not."""
+    if entry.is_notice:
+        return f"event: message\ndata: {entry.text}\n\n".encode()
+    return f"id: {entry.seq}\nevent: message\ndata: {entry.text}\n\n".encode()
+
+
+def _resume_point(request) -> int | None:
+    """Where a client resumes: Last-Event-ID (EventSource sets it), or `last_event_id` / `after`."""
+    raw = request.META.get("HTTP_LAST_EVENT_ID") or request.GET.get("last_event_id") or request.GET.get("after")
+    if raw in (None, ""):
+        return None
+    try:
+        after = int(raw)
+    except ValueError:
+        raise Invalid("Last-Event-ID: must be a whole number (the seq of the last event received)") from None
+    if after < 0:
+        raise Invalid("Last-Event-ID: may not be negative")
+    return after
 
 
 @async_endpoint(("GET", "POST"))
 async def chat_stream(request):
+    """The chat's events as Server-Sent Events: what came after Last-Event-ID, then live."""
     fields = _parse(ChatIdInput, plain_request_input(request))
     chat = await database_sync_to_async(selectors.chat_get_for_member)(user=request.user, chat_id=fields["id"])
-    last_seen = request.META.get("HTTP_LAST_EVENT_ID") or request.GET.get("last_event_id")
-    try:
-        last_seen = int(last_seen) if last_seen else None
-    except ValueError:
-        return error_response(400, "invalid", "Last-Event-ID: must be a number")
-    subscription = await subscribe(services.chat_topic(chat.pk)).start()
-    user_id, chat_id = request.user.pk, chat.pk
+    after = _resume_point(request)
+    subscriber = await ChatSubscriber(chat_id=chat.pk, session=request.turbo_session, after=after).start()
 
-    async def events():
-        waiting = None
+    async def frames():
         try:
             yield b"retry: 2000\n\n"  # headers and a first line go out at once
-            high = last_seen or 0
-            if last_seen is not None:
-                replayed = await sync_to_async(services.chat_replay, thread_sensitive=False)(
-                    chat_id=chat_id, after_seq=last_seen
-                )
-                for event in replayed:
-                    high = event["seq"]
-                    yield _sse(event)
             while True:
-                # A pending receive is kept across heartbeats rather than cancelled and restarted.
-                waiting = waiting or asyncio.ensure_future(subscription.__anext__())
-                done, _ = await asyncio.wait({waiting}, timeout=settings.STREAM_HEARTBEAT_SECONDS)
-                if not done:
-                    yield b": heartbeat\n\n"
-                    continue
-                data, waiting = waiting.result(), None
-                control = data.get("control")
-                if control == "chat_deleted":
+                try:
+                    entry = await subscriber.get(timeout=settings.STREAM_HEARTBEAT_SECONDS)
+                except StopAsyncIteration:
                     return
-                if control == "access_changed":
-                    if str(user_id) in data.get("user_ids", []) and not await database_sync_to_async(
-                        selectors.chat_can_see
-                    )(user_id=user_id, chat_id=chat_id):
-                        return
-                    continue
-                if control or data.get("seq", 0) <= high:
-                    continue  # other control messages; events already replayed
-                yield _sse(data)
+                yield b": heartbeat\n\n" if entry is None else sse_frame(entry)
         finally:
-            if waiting is not None:
-                waiting.cancel()
-            await subscription.close()
+            await subscriber.close()
 
-    response = StreamingHttpResponse(events(), content_type="text/event-stream")
+    response = StreamingHttpResponse(frames(), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
     return response
+
+
+class MessageDeleteInput(serializers.Serializer):
+    id = serializers.UUIDField(help_text="the message's id")
+
+
+class MessageDeleteView(APIView):
+    @extend_schema(
+        request=MessageDeleteInput,
+        responses={200: EmptyResponse, **errors(400, 401, 403, 404)},
+        summary="Delete a message (its author, or the chat's owner); members see message.deleted",
+    )
+    def post(self, request):
+        fields = _parse(MessageDeleteInput, request_input(request))
+        services.message_delete(message_id=fields["id"], user=request.user)
+        return Response({})

@@ -1,5 +1,13 @@
-"""The WebSocket side of /chat/stream: authenticate, check access, join the chat's topic, relay."""
+"""The WebSocket side of /chat/stream: authenticate, check access, relay the chat's events.
 
+Each event is a JSON text frame (the same objects as the SSE `data:` lines). A client resumes with
+`?after=<seq>` or, as its first frame, `{"type": "resume", "after": <seq>}`; `{"type": "ping"}` is
+answered with `{"type": "pong"}`. The socket closes after a notice saying why: 4404 the chat was
+deleted, 4403 access was lost, 4401 the session ended, 1012 the server is stopping, 1013 the stream
+broke (reconnect and resume).
+"""
+
+import asyncio
 import json
 import uuid
 from urllib.parse import parse_qs
@@ -8,15 +16,33 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 from accounts.auth import AuthRefused, aauthenticate_websocket
-from chats import hub, selectors
+from chats import selectors
+from chats.stream import ChatSubscriber
+from turbo_site.core.streams import StreamUnavailable
 
 MAX_CLIENT_FRAME = 4096
+CLOSE_CODES = {"chat_deleted": 4404, "access": 4403, "session": 4401}
+
+
+def _after_of(value) -> int | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        after = int(value)
+    except (TypeError, ValueError):
+        return None
+    return after if after >= 0 else None
 
 
 class ChatStreamConsumer(AsyncWebsocketConsumer):
     """Sends every event of one chat, as JSON text frames, to one member."""
 
-    joined = False
+    # No channel layer: events come through chats.stream, so a Redis outage cannot kill the consumer.
+    channel_layer_alias = "turbo-no-channel-layer"
+
+    subscriber: ChatSubscriber | None = None
+    pump: asyncio.Task | None = None
+    sent_any = False
 
     async def connect(self):
         try:
@@ -30,40 +56,83 @@ class ChatStreamConsumer(AsyncWebsocketConsumer):
         except ValueError:
             await self.close()
             return
-        self.user_id = session.user.pk
-        self.chat_id = chat_id
-        if not await database_sync_to_async(selectors.chat_can_see)(user_id=self.user_id, chat_id=chat_id):
+        if not await database_sync_to_async(selectors.chat_can_see)(user_id=session.user.pk, chat_id=chat_id):
             await self.close()
             return
-        await hub.join(chat_id, self)  # before accepting: no event after the handshake is missed
-        self.joined = True
+        self.session = session
+        self.chat_id = chat_id
+        after = _after_of((query.get("after") or [None])[0])
+        try:
+            # Subscribed before accepting: no event after the handshake is missed.
+            self.subscriber = await ChatSubscriber(chat_id=chat_id, session=session, after=after).start()
+        except StreamUnavailable:
+            await self.accept()
+            await self._send_notice("stream.error", "the live stream is unavailable; reconnect shortly")
+            await self.close(code=1013)
+            return
         await self.accept()
+        self.pump = asyncio.get_running_loop().create_task(self._relay(self.subscriber))
 
     async def disconnect(self, code):
-        if self.joined:
-            self.joined = False
-            await hub.leave(self.chat_id, self)
+        await self._stop()
+
+    async def _stop(self) -> None:
+        pump, self.pump = self.pump, None
+        if pump is not None and pump is not asyncio.current_task():
+            pump.cancel()
+        subscriber, self.subscriber = self.subscriber, None
+        if subscriber is not None:
+            await subscriber.close()
+
+    async def _relay(self, subscriber: ChatSubscriber) -> None:
+        ending = None
+        try:
+            async for entry in subscriber:
+                self.sent_any = self.sent_any or not entry.is_notice
+                await self.send(text_data=entry.text)
+                if entry.is_notice and entry.type != "stream.gap":
+                    ending = entry
+        except StopAsyncIteration:
+            pass
+        if ending is not None and self.subscriber is subscriber:
+            reason = ending.data.get("reason")
+            code = CLOSE_CODES.get(reason) or (1012 if ending.type == "server.shutdown" else 1013)
+            await self.close(code=code)
+
+    async def _send_notice(self, type: str, message: str, **fields) -> None:
+        await self.send(text_data=json.dumps({"type": type, "message": message, **fields}))
 
     async def receive(self, text_data=None, bytes_data=None):
-        """Clients only listen; a ping is answered so that they can check the line."""
-        if text_data and len(text_data) <= MAX_CLIENT_FRAME:
-            try:
-                frame = json.loads(text_data)
-            except ValueError:
-                return
-            if isinstance(frame, dict) and frame.get("type") == "ping":
-                await self.send(text_data=json.dumps({"type": "pong"}))
+        """Clients listen; they may resume (first frame only) and ping to check the line."""
+        if not text_data or len(text_data) > MAX_CLIENT_FRAME:
+            await self._send_notice("error", f"frames must be JSON text of at most {MAX_CLIENT_FRAME} bytes")
+            return
+        try:
+            frame = json.loads(text_data)
+        except ValueError:
+            await self._send_notice("error", "frames must be JSON objects")
+            return
+        kind = frame.get("type") if isinstance(frame, dict) else None
+        if kind == "ping":
+            await self.send(text_data=json.dumps({"type": "pong"}))
+        elif kind == "resume":
+            await self._resume(_after_of(frame.get("after")))
+        else:
+            await self._send_notice("error", 'unknown frame: send {"type": "ping"} or {"type": "resume", "after": N}')
 
-    async def deliver(self, text: str) -> None:
-        """One event of the chat, already JSON (chats.hub serialises it once for all members)."""
-        await self.send(text_data=text)
-
-    async def on_control(self, data: dict) -> None:
-        control = data["control"]
-        if control == "chat_deleted":
-            await self.close(code=4404)
-        elif control == "access_changed":
-            if str(self.user_id) in data.get("user_ids", []) and not await database_sync_to_async(
-                selectors.chat_can_see
-            )(user_id=self.user_id, chat_id=self.chat_id):
-                await self.close(code=4403)
+    async def _resume(self, after: int | None) -> None:
+        if after is None:
+            await self._send_notice("error", "resume: after must be a whole number (the last seq received)")
+            return
+        if self.sent_any or self.subscriber is None:
+            await self._send_notice("error", "resume must be the first frame (or connect with ?after=N)")
+            return
+        try:
+            replacement = await ChatSubscriber(chat_id=self.chat_id, session=self.session, after=after).start()
+        except StreamUnavailable:
+            await self._send_notice("stream.error", "the live stream is unavailable; reconnect shortly")
+            await self.close(code=1013)
+            return
+        await self._stop()  # the live-only subscription started at connect: the replacement covers it
+        self.subscriber = replacement
+        self.pump = asyncio.get_running_loop().create_task(self._relay(replacement))

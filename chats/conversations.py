@@ -11,11 +11,11 @@ from rest_framework import serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from chats import selectors, services
+from chats import generation, selectors, services
 from chats.api import async_endpoint
+from chats.stream import FINAL_TYPES, MESSAGE_DELTA, ChatSubscriber
 from turbo_site.core.crypto import secret_decrypt, secret_mask
 from turbo_site.core.errors import Invalid
-from turbo_site.core.pubsub import subscribe
 from turbo_site.core.schema import errors
 from turbo_site.core.serializers import StrictCharField, plain_request_input, request_input
 
@@ -128,22 +128,30 @@ async def conversation_chat(request, chat_id):
     if not isinstance(text, str) or not text.strip():
         raise Invalid("message: this field is required and may not be empty")
     chat = await database_sync_to_async(selectors.conversation_get)(user=request.user, chat_id=chat_id)
-    subscription = await subscribe(services.chat_topic(chat.pk)).start()
+    subscriber = await ChatSubscriber(chat_id=chat.pk, session=request.turbo_session).start()
     try:
-        message = await services.message_prompt(
+        message = await generation.message_prompt(
             chat=chat, user=request.user, prompt=text, context_size=10, stream=True, otr=False
         )
     except BaseException:
-        await subscription.close()
+        await subscriber.close()
         raise
     message_id = str(message.pk)
 
     async def frames():
         try:
-            async for event in subscription:
-                if event.get("control") or event["message"]["id"] != message_id:
+            async for entry in subscriber:
+                if entry.is_notice:
+                    if entry.type != "stream.gap":  # the stream ended: say why
+                        yield _frame("error", {"error": {"code": entry.type, "message": entry.data["message"]}})
+                        return
                     continue
-                if event["partial"]:
+                if entry.type != MESSAGE_DELTA and entry.type not in FINAL_TYPES:
+                    continue
+                event = entry.data
+                if event["message"]["id"] != message_id:
+                    continue
+                if entry.type == MESSAGE_DELTA:
                     if event["delta"]:
                         yield _frame("message", event["delta"])
                     continue
@@ -155,7 +163,7 @@ async def conversation_chat(request, chat_id):
                 return
         finally:
             with contextlib.suppress(asyncio.CancelledError):
-                await subscription.close()
+                await subscriber.close()
 
     response = StreamingHttpResponse(frames(), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"

@@ -1,5 +1,7 @@
 """Documents the async chat views (/chat/prompt, /chat/stream), which DRF does not serve, in OpenAPI."""
 
+from chats.stream import EVENT_TYPES, NOTICE_TYPES
+
 _ERROR = {"$ref": "#/components/schemas/ErrorResponse"}
 
 
@@ -29,11 +31,27 @@ PROMPT_INPUT = {
 }
 STREAM_EVENT = {
     "type": "object",
+    "required": ["type"],
+    "description": "An event of the chat (with seq) or a notice for this subscriber (without); see chats/stream.py",
     "properties": {
-        "seq": {"type": "integer", "description": "per-chat event number; the SSE id"},
+        "seq": {"type": "integer", "description": "per-chat event number, one more than the previous; the SSE id"},
+        "type": {
+            "type": "string",
+            "enum": [
+                *EVENT_TYPES,
+                *NOTICE_TYPES,
+            ],
+        },
+        "chat_id": {"type": "string", "format": "uuid"},
         "message": {"$ref": "#/components/schemas/MessageOutput"},
-        "delta": {"type": "string", "description": "text added since the previous event"},
-        "partial": {"type": "boolean", "description": "false on the last event of a prompt"},
+        "delta": {"type": "string", "description": "message.*: text added since the previous event"},
+        "partial": {"type": "boolean", "description": "message.*: false on the last event of a prompt"},
+        "message_id": {"type": "string", "format": "uuid", "description": "message.deleted"},
+        "chat": {"$ref": "#/components/schemas/ChatOutput"},
+        "user_id": {"type": "string", "format": "uuid", "description": "member.added, member.removed"},
+        "user_ids": {"type": "array", "items": {"type": "string", "format": "uuid"}, "description": "access.changed"},
+        "reason": {"type": "string", "description": "stream.closed: chat_deleted, access or session"},
+        "after": {"type": "integer", "description": "stream.gap: the events after this seq are gone"},
     },
 }
 
@@ -60,7 +78,7 @@ def add_chat_paths(result, generator, request, public):
                         }
                     },
                 },
-                **_errors(400, 401, 404, 405, 502, 504),
+                **_errors(400, 401, 404, 405, 502, 503, 504),
             },
         }
     }
@@ -68,14 +86,17 @@ def add_chat_paths(result, generator, request, public):
         "tags": ["chat"],
         "summary": "Live events of a chat: SSE here, WebSocket (ws://.../chat/stream?id=&token=) on the same path",
         "description": (
-            "Each event is sent as `id: <seq>`, `event: message`, `data: <json>`. Resume with the Last-Event-ID "
-            "header (or last_event_id) within STREAM_REPLAY_SECONDS. A comment line is sent every "
-            "STREAM_HEARTBEAT_SECONDS."
+            "Each event is sent as `id: <seq>`, `event: message`, `data: <json>` (notices have no id). Resume "
+            "with the Last-Event-ID header (or `last_event_id` / `after`) within STREAM_REPLAY_SECONDS; when the "
+            "events after it are gone a `stream.gap` notice says to reload the chat. A comment line is sent every "
+            "STREAM_HEARTBEAT_SECONDS. The stream ends after `chat.deleted`, when access or the session ends "
+            "(`stream.closed`), when the server stops (`server.shutdown`) or the stream breaks (`stream.error`): "
+            "reconnect with the last seq. 503 `unavailable` (with Retry-After) while Redis is away."
         ),
         "security": security,
         "responses": {
             "200": {"description": "server-sent events", "content": {"text/event-stream": {"schema": STREAM_EVENT}}},
-            **_errors(400, 401, 404),
+            **_errors(400, 401, 404, 503),
         },
     }
     id_param = {"name": "id", "in": "query", "required": True, "schema": {"type": "string", "format": "uuid"}}

@@ -12,6 +12,7 @@ urlpatterns = [
     path("chat/stream", api.chat_stream),
     path("chat/user/add", api.ChatUserAddView.as_view()),
     path("chat/user/remove", api.ChatUserRemoveView.as_view()),
+    path("chat/message/delete", api.MessageDeleteView.as_view()),
     # seed 002
     path("api/conversations/create", conversations.ConversationCreateView.as_view()),
     path("api/conversations/list", conversations.ConversationListView.as_view()),

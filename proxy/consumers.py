@@ -21,8 +21,10 @@ from django.conf import settings
 from rest_framework import serializers
 
 from accounts.auth import AuthRefused, aauthenticate_websocket
+from accounts.live import session_watch
 from proxy import ai, tools
 from proxy.events import event_record
+from turbo_site.core.streams import StreamUnavailable
 
 logger = logging.getLogger("turbo.ws")
 
@@ -92,7 +94,11 @@ def _chat_request(payload: dict) -> dict:
 class RpcConsumer(AsyncWebsocketConsumer):
     """One client's socket: each request runs as its own task, matched by request_id."""
 
+    # No channel layer: nothing is sent to this consumer through it, and a Redis outage must not kill it.
+    channel_layer_alias = "turbo-no-channel-layer"
+
     user_id = None
+    watch = None
 
     async def connect(self):
         global connected_clients
@@ -101,6 +107,16 @@ class RpcConsumer(AsyncWebsocketConsumer):
         except AuthRefused:
             await self.close()
             return
+        # The socket lives as long as its session: revoked or expired, it is closed (in any process).
+        watch = session_watch(session.session_id, session.expires_at, self._session_ended)
+        try:
+            await watch.__aenter__()
+        except StreamUnavailable:
+            await self.accept()
+            await self.send_error(None, "unavailable", "a service Turbo depends on is unavailable; reconnect shortly")
+            await self.close(code=1013)
+            return
+        self.watch = watch
         self.user_id = session.user.pk
         self.tasks: dict[str, asyncio.Task] = {}
         connected_clients += 1
@@ -108,11 +124,27 @@ class RpcConsumer(AsyncWebsocketConsumer):
 
     async def disconnect(self, code):
         global connected_clients
+        watch, self.watch = self.watch, None
+        if watch is not None:
+            await watch.__aexit__(None, None, None)
         if self.user_id is None:
             return
+        self.user_id = None
         connected_clients -= 1
         for task in list(getattr(self, "tasks", {}).values()):
             task.cancel()
+
+    def _session_ended(self, reason: str) -> None:
+        for task in list(getattr(self, "tasks", {}).values()):
+            task.cancel()
+        asyncio.get_running_loop().create_task(self._close_for(reason))
+
+    async def _close_for(self, reason: str) -> None:
+        try:
+            await self.send_error(None, "session_ended", reason)
+            await self.close(code=4401)
+        except Exception:
+            pass  # the socket is already gone
 
     async def send_frame(self, frame: dict) -> None:
         await self.send(text_data=json.dumps(frame, separators=(",", ":"), default=str))

@@ -21,7 +21,7 @@ from django.http.request import split_domain_port, validate_host
 from accounts.auth import token_from_headers
 from accounts.services import asession_lookup
 from proxy.views import ProxyReply, ProxyRequest, exchange, openai_error_body
-from turbo_site.core.errors import error_body
+from turbo_site.core.errors import error_body, is_unavailable
 from turbo_site.core.http import client_ip_from, scope_headers
 
 logger = logging.getLogger("turbo.proxy")
@@ -197,8 +197,13 @@ class ProxyFastPath:
 
         try:
             await serve(scope, receive, sending)
-        except Exception:
-            logger.exception("the proxy failed on %s %s", scope["method"], scope["path"])
+        except Exception as exc:
             if began:
+                logger.exception("the proxy failed on %s %s", scope["method"], scope["path"])
                 raise  # the answer had begun: the server closes the connection
+            if is_unavailable(exc):  # Redis (the token cache) is away: try again shortly
+                body = error_body("unavailable", "a service Turbo depends on is unavailable; try again shortly")
+                await _send_whole(send, 503, json.dumps(body).encode(), [(b"retry-after", b"2")])
+                return
+            logger.exception("the proxy failed on %s %s", scope["method"], scope["path"])
             await _send_whole(send, 500, json.dumps(error_body("server_error", "internal error")).encode())

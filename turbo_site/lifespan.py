@@ -1,12 +1,17 @@
 """ASGI lifespan: what Turbo does when the server (uvicorn) starts and stops.
 
-On shutdown, generations still running get SHUTDOWN_GRACE_SECONDS to finish (then they are cancelled
-and saved as interrupted), and queued events are written. Servers without lifespan (daphne) exit
-through the atexit hook in proxy.events, which writes queued events too.
+SIGTERM first drains this process, before the server stops: new prompts are refused (503), running
+generations get SHUTDOWN_GRACE_SECONDS to finish (then they are cancelled and saved as interrupted),
+their final events reach the subscribers here, and every open stream gets a `server.shutdown` notice
+and ends. Only then is the signal handed to the server, which closes what is left, and on lifespan
+shutdown queued events are written. A second SIGTERM (or SIGINT) goes straight to the server.
+Servers without lifespan (daphne) exit through the atexit hook in proxy.events.
 """
 
 import asyncio
 import logging
+import signal
+import threading
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -14,12 +19,55 @@ from django.conf import settings
 logger = logging.getLogger("turbo")
 
 
+async def drain() -> None:
+    """Finish (or save) running generations, then end every open stream with a shutdown notice."""
+    from chats.generation import generations_stop
+    from chats.stream import shutdown_notice
+    from turbo_site.core import streams
+
+    await generations_stop(grace_seconds=settings.SHUTDOWN_GRACE_SECONDS)
+    ended = streams.subscriptions_end_all(shutdown_notice())
+    logger.info("shutdown: %d open streams told to reconnect", ended)
+    for _ in range(50):  # the streams' last frames go out before the server closes their connections
+        if not len(streams._open):
+            break
+        await asyncio.sleep(0.05)
+
+
+def _drain_before_server_stops(loop: asyncio.AbstractEventLoop) -> None:
+    """Put drain() in front of the server's own SIGTERM handler (uvicorn's, in the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # a server in a thread (tests) installs no signal handlers
+    server_handler = signal.getsignal(signal.SIGTERM)
+    if not callable(server_handler):
+        return
+    started = False
+
+    def on_sigterm(signum, frame):
+        nonlocal started
+        if started:
+            server_handler(signum, frame)
+            return
+        started = True
+        logger.info("SIGTERM: draining before shutdown")
+        loop.call_soon_threadsafe(lambda: loop.create_task(_drain_then(server_handler, signum)))
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+async def _drain_then(server_handler, signum) -> None:
+    try:
+        await asyncio.wait_for(drain(), settings.SHUTDOWN_GRACE_SECONDS + settings.FINAL_SAVE_RETRY_SECONDS + 10)
+    except Exception:
+        logger.exception("draining did not finish cleanly")
+    server_handler(signum, None)
+
+
 async def on_shutdown() -> None:
-    from chats.services import generations_stop
     from proxy.events import events_shutdown
     from turbo_site.core.loops import loop_clients_close
 
-    await generations_stop(grace_seconds=settings.SHUTDOWN_GRACE_SECONDS)
+    await drain()  # a no-op when SIGTERM already drained
     await loop_clients_close()
     await sync_to_async(events_shutdown, thread_sensitive=False)()
 
@@ -28,6 +76,7 @@ async def lifespan(scope, receive, send) -> None:
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
+            _drain_before_server_stops(asyncio.get_running_loop())
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             try:

@@ -220,6 +220,10 @@ MAX_TOOL_ROUNDS = env_int("MAX_TOOL_ROUNDS", 5)
 STREAM_HEARTBEAT_SECONDS = env_int("STREAM_HEARTBEAT_SECONDS", 15)
 STREAM_REPLAY_SECONDS = env_int("STREAM_REPLAY_SECONDS", 300)
 STREAM_REPLAY_MAX = env_int("STREAM_REPLAY_MAX", 1000)
+# Events a slow subscriber may have waiting in this process before it reads them back from the replay store.
+STREAM_SUBSCRIBER_BUFFER = env_int("STREAM_SUBSCRIBER_BUFFER", 2000)
+# How long the end of a reply (its save, then its final event) is retried while the database or Redis is away.
+FINAL_SAVE_RETRY_SECONDS = env_int("FINAL_SAVE_RETRY_SECONDS", 30)
 # The /ws RPC endpoint: largest client frame, and requests one socket may have in flight.
 WS_MAX_FRAME_BYTES = env_int("WS_MAX_FRAME_BYTES", 1024 * 1024)
 WS_MAX_IN_FLIGHT = env_int("WS_MAX_IN_FLIGHT", 8)

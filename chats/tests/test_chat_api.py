@@ -325,7 +325,7 @@ def test_query_counts_do_not_grow_with_history(client, alice, upstream):
     from asgiref.sync import async_to_sync
 
     from accounts.models import User
-    from chats import selectors, services
+    from chats import generation, selectors
 
     user = User.objects.get(pk=chat["owner_id"])
     chat_row = Chat.objects.get(pk=chat["id"])
@@ -335,7 +335,7 @@ def test_query_counts_do_not_grow_with_history(client, alice, upstream):
         selectors.chat_users(chat=chat_row)
 
     def send():
-        async_to_sync(services.message_prompt)(
+        async_to_sync(generation.message_prompt)(
             chat=chat_row, user=user, prompt="echo: x", context_size=10, stream=False, otr=False
         )
 

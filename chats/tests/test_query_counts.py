@@ -17,8 +17,8 @@ from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
+from chats.context import CONTEXT_CACHE_PREFIX
 from chats.models import Chat, Message
-from chats.services import CONTEXT_CACHE_PREFIX
 from conftest import unique_name
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -23,10 +23,12 @@ def ws_url(server, chat_id: str, token: str | None = None) -> str:
 
 
 def receive_until_final(ws, timeout: float = 15) -> list[dict]:
-    """Events up to and including the first one with partial=false (skipping the prompt's first event)."""
+    """message.* events up to and including the first one with partial=false (other types skipped)."""
     events = []
     while True:
         event = json.loads(ws.recv(timeout=timeout))
+        if not event["type"].startswith("message."):
+            continue
         events.append(event)
         if event["partial"] is False:
             return events
@@ -137,8 +139,11 @@ def test_otr_and_plain_prompts_end_with_a_final_event(client, turbo_server, grou
         (otr_event,) = receive_until_final(ws)
         assert otr_event["message"]["otr"] is True and otr_event["partial"] is False
         client.post("/chat/prompt", data={"id": chat["id"], "prompt": "echo: plain"}, headers=bearer(owner))
-        (final,) = receive_until_final(ws)
-        assert final["message"]["reply"] == "plain"
+        events = receive_until_final(ws)
+    # a prompt that was not streamed to its sender still streams to the members
+    assert [e["type"] for e in events] == ["message.created", "message.delta", "message.completed"]
+    assert events[-1]["message"]["reply"] == "plain"
+    assert otr_event["type"] == "message.created"
 
 
 def test_failure_mid_stream_keeps_prompt_and_partial_reply(client, turbo_server, group_chat, upstream):
@@ -195,7 +200,9 @@ def test_sse_stream_like_the_seeds_curl_line(turbo_server, group_chat, client, u
 
 def test_sse_resumes_after_last_event_id(turbo_server, group_chat, client, upstream):
     chat, owner, _, _ = group_chat
-    client.post("/chat/prompt", data={"id": chat["id"], "prompt": "echo: a b c d"}, headers=bearer(owner))
+    with connect(ws_url(turbo_server, chat["id"], owner)) as ws:
+        client.post("/chat/prompt", data={"id": chat["id"], "prompt": "echo: a b c d"}, headers=bearer(owner))
+        seen = receive_until_final(ws)[-1]["seq"]
     client.post(
         "/chat/prompt", data={"id": chat["id"], "prompt": "echo: missed", "stream": "true"}, headers=bearer(owner)
     )
@@ -206,7 +213,7 @@ def test_sse_resumes_after_last_event_id(turbo_server, group_chat, client, upstr
         threading.Event().wait(0.05)
     with httpx.Client(base_url=turbo_server.url, timeout=20) as http:
         with http.stream(
-            "GET", "/chat/stream", params={"id": chat["id"]}, headers={**bearer(owner), "Last-Event-ID": "1"}
+            "GET", "/chat/stream", params={"id": chat["id"]}, headers={**bearer(owner), "Last-Event-ID": str(seen)}
         ) as response:
             events = []
             for line in response.iter_lines():
@@ -214,8 +221,8 @@ def test_sse_resumes_after_last_event_id(turbo_server, group_chat, client, upstr
                     events.append(json.loads(line[5:]))
                     if events[-1]["partial"] is False and events[-1]["message"]["prompt"] == "echo: missed":
                         break
-    assert events[0]["seq"] == 2
-    assert [e["seq"] for e in events] == list(range(2, 2 + len(events)))
+    assert [e["seq"] for e in events] == list(range(seen + 1, seen + 1 + len(events)))
+    assert events[0]["type"] == "message.created"
     assert events[-1]["message"]["reply"] == "missed"
 
 

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from django.conf import settings
 from django.db import connection
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from conftest import PROJECT_ROOT, SERVER_KEY
@@ -93,3 +94,25 @@ def test_prompt_on_one_process_streams_to_a_subscriber_on_the_other(two_servers)
                 events.append(json.loads(ws.recv(timeout=15)))
     assert "".join(e["delta"] for e in events) == "across two processes"
     assert events[-1]["message"]["status"] == "complete"
+
+
+def test_logout_on_one_process_closes_streams_on_the_other(two_servers):
+    first, second = two_servers
+    with httpx.Client(base_url=f"http://{first}", timeout=20) as one:
+        signed = one.post("/user/signup", data={"username": "two-procs-out", "password": "correct-horse"}).json()
+        token = signed["token"]
+        chat = one.post("/chat/create", data={"name": "s"}, headers={"Authorization": f"Bearer {token}"}).json()
+        with (
+            connect(f"ws://{second}/chat/stream?id={chat['id']}&token={token}", open_timeout=10) as chat_ws,
+            connect(f"ws://{second}/ws?token={token}", open_timeout=10) as rpc,
+        ):
+            assert one.post("/user/logout", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+            frames = []
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    frames.append(json.loads(chat_ws.recv(timeout=15)))
+            assert chat_ws.close_code == 4401 and frames[-1]["type"] == "stream.closed"
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    rpc.recv(timeout=15)
+            assert rpc.close_code == 4401

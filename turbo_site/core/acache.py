@@ -36,36 +36,3 @@ async def acache_get(key: str, default: Any = None) -> Any:
         raw = await _client(cache._servers[0]).get(cache.make_and_validate_key(key))
         return default if raw is None else cache._cache._serializer.loads(raw)
     return await sync_to_async(cache.get, thread_sensitive=False)(key, default)
-
-
-async def acache_set(key: str, value: Any, timeout: int | None) -> None:
-    """`cache.set(key, value, timeout)` for async code, on the default cache."""
-    cache = caches["default"]
-    if isinstance(cache, LocMemCache):
-        cache.set(key, value, timeout)
-    elif isinstance(cache, RedisCache) and len(cache._servers) == 1:
-        raw = cache._cache._serializer.dumps(value)
-        await _client(cache._servers[0]).set(cache.make_and_validate_key(key), raw, ex=timeout)
-    else:
-        await sync_to_async(cache.set, thread_sensitive=False)(key, value, timeout)
-
-
-async def acache_count(key: str) -> int:
-    """Add one to the counter at `key` (created at 0, never expiring) and return the new value."""
-    cache = caches["default"]
-    if isinstance(cache, LocMemCache):
-        return cache_count(cache, key)
-    if isinstance(cache, RedisCache) and len(cache._servers) == 1:
-        # Django stores integers as plain numbers in Redis, so INCR counts on the cache's own value.
-        return await _client(cache._servers[0]).incr(cache.make_and_validate_key(key))
-    return await sync_to_async(cache_count, thread_sensitive=False)(cache, key)
-
-
-def cache_count(cache, key: str) -> int:
-    """acache_count for sync code (any cache backend)."""
-    cache.add(key, 0, timeout=None)
-    try:
-        return cache.incr(key)
-    except ValueError:  # evicted between add and incr
-        cache.add(key, 0, timeout=None)
-        return cache.incr(key)

@@ -62,6 +62,37 @@ class RateLimited(TurboError):
         self.retry_after = retry_after
 
 
+class ServiceUnavailable(TurboError):
+    """A service Turbo needs (Redis, the database) is away, or the server is stopping: try again soon."""
+
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    code = "unavailable"
+
+    def __init__(self, message: str, *, retry_after: int = 2):
+        super().__init__(message, headers={"Retry-After": str(max(1, int(retry_after)))})
+
+
+# Failures of a backing service that mean "try again later", not a bug (redis-py's, the stream's).
+def _unavailable_errors() -> tuple[type[BaseException], ...]:
+    import redis
+
+    from turbo_site.core.streams import StreamUnavailable
+
+    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, StreamUnavailable)
+
+
+def unavailable_response(exc: BaseException | None = None):
+    """503 `unavailable` with Retry-After, for a backing service that is away."""
+    logger.warning("a backing service is unavailable: %s", exc)
+    return error_response(
+        503, "unavailable", "a service Turbo depends on is unavailable; try again shortly", {"Retry-After": "2"}
+    )
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    return isinstance(exc, _unavailable_errors())
+
+
 def error_body(code: str, message: str, **extra) -> dict:
     return {"error": {"code": code, "message": message, **extra}}
 
@@ -132,6 +163,8 @@ def exception_handler(exc, context):
             headers["WWW-Authenticate"] = 'Bearer realm="turbo"'
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         return error_response(exc.status_code, code, str(detail), headers)
+    if is_unavailable(exc):
+        return unavailable_response(exc)
     logger.exception("unhandled error in %s", context.get("view").__class__.__name__)
     return error_response(500, "internal_error", "internal server error")
 

@@ -5,7 +5,7 @@ import logging
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 
-from turbo_site.core.errors import error_response
+from turbo_site.core.errors import error_response, is_unavailable, unavailable_response
 
 logger = logging.getLogger("turbo")
 
@@ -84,7 +84,13 @@ def _stream_size(stream) -> int | None:
 
 
 class json_errors(TurboMiddleware):
-    """Any HTML error page (Django's 404/500, DEBUG pages) becomes the JSON error shape."""
+    """Any HTML error page (Django's 404/500, DEBUG pages) becomes the JSON error shape; a backing
+    service that is away (Redis) is a 503 with Retry-After, not a 500."""
+
+    def process_exception(self, request, exception):
+        if is_unavailable(exception):
+            return unavailable_response(exception)
+        return None
 
     def after(self, request, response):
         if response.status_code < 400 or request.path.startswith(HTML_PREFIXES):

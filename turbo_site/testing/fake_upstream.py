@@ -385,15 +385,17 @@ class _Reply:
     headers: Headers = field(default_factory=list)
 
 
-_MARKER = re.compile(r"^\[scenario:([a-z0-9_]+)\]\s*")
+_MARKER = re.compile(r"^(?:\[(?:scenario|delay|chunk_delay):[a-z0-9_.]+\]\s*)+")
+_MARKER_ITEM = re.compile(r"\[(scenario|delay|chunk_delay):([a-z0-9_.]+)\]")
 
 
-def _scenario_marker(messages: Any) -> str | None:
-    """The scenario named by a leading "[scenario:NAME]" in the last message, if any."""
+def _scenario_marker(messages: Any) -> dict[str, str] | None:
+    """The knobs set by leading markers in the last message: "[scenario:NAME]", "[chunk_delay:0.05]",
+    "[delay:2]" (apps that control only the prompt text, like Turbo's chats, pick behaviour this way)."""
     if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
         return None
     match = _MARKER.match(_text(messages[-1].get("content")))
-    return match.group(1) if match else None
+    return dict(_MARKER_ITEM.findall(match.group(0))) if match else None
 
 
 @dataclass(frozen=True)
@@ -422,7 +424,7 @@ class _Options:
                 metadata = payload["metadata"]
             elif isinstance(payload, dict) and (marked := _scenario_marker(payload.get("messages"))):
                 # Apps that control only the prompt text (Turbo's chats) pick one with "[scenario:NAME] ...".
-                metadata = {"scenario": marked}
+                metadata = marked
 
         def pick(header: str, key: str, default: str) -> str:
             value = request.headers.get(header) or metadata.get(key)

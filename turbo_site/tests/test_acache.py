@@ -24,22 +24,3 @@ def test_async_reads_see_the_values_django_wrote():
     assert asyncio.run(read_all()) == {**values, "missing": None}
     cache.delete(f"{key}-number")
     assert asyncio.run(read_all())["number"] is None
-
-
-def test_async_counts_and_writes_are_what_django_reads():
-    from turbo_site.core.acache import acache_count, acache_set, cache_count
-
-    key = f"acache-count-{uuid.uuid4().hex}"
-
-    async def count_and_set():
-        try:
-            counted = [await acache_count(key) for _ in range(3)]
-            await acache_set(f"{key}-event", {"seq": counted[-1], "text": "hé"}, 60)
-            return counted
-        finally:
-            await loop_clients_close()
-
-    assert asyncio.run(count_and_set()) == [1, 2, 3]
-    assert cache.get(key) == 3
-    assert cache_count(cache, key) == 4  # the sync twin counts on the same value
-    assert cache.get(f"{key}-event") == {"seq": 3, "text": "hé"}

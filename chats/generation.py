@@ -1,0 +1,323 @@
+"""The prompt-to-reply loop: store the prompt, stream the model's answer (running the tools it asks
+for between rounds), save the reply, and tell the chat's members at every step.
+
+Every prompt, streamed to the caller or not, runs as a background task that streams from the model,
+so members always see the reply grow and a client that hangs up does not stop it. The final save is
+retried while the database is away (FINAL_SAVE_RETRY_SECONDS) and the final event is always sent
+(retried the same way while the stream's transport is away). At shutdown, running generations get
+SHUTDOWN_GRACE_SECONDS to finish; the rest are saved as interrupted.
+"""
+
+import asyncio
+import contextvars
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from channels.db import database_sync_to_async
+from django.conf import settings
+from django.db import DatabaseError, InterfaceError, transaction
+from django.utils import timezone
+
+from accounts.models import User
+from chats.context import chat_context_extend, chat_context_get, context_fit
+from chats.models import Chat, Message
+from chats.serializers import message_data
+from chats.stream import (
+    MESSAGE_COMPLETED,
+    MESSAGE_CREATED,
+    MESSAGE_DELTA,
+    MESSAGE_FAILED,
+    aevent_send,
+    message_event,
+)
+from proxy import ai, tools
+from turbo_site.core.crypto import secret_decrypt
+from turbo_site.core.errors import ServiceUnavailable
+from turbo_site.core.streams import StreamUnavailable
+
+logger = logging.getLogger("turbo.chats")
+
+INTERRUPTED = "interrupted: the server stopped during generation"
+
+
+@dataclass
+class PromptPlan:
+    """Everything the model call needs, read before it starts (no database during generation)."""
+
+    message: Message
+    request: dict
+    api_key: str | None
+    allowed_tools: list[str]
+
+
+@dataclass
+class Outcome:
+    """How a generation ended."""
+
+    message: Message
+    error: ai.AIError | None = None
+
+
+@dataclass
+class _Reply:
+    """The reply as it grows, and its deltas on the chat's stream."""
+
+    message: Message
+    base: dict
+    text: str = ""
+    usage: dict = field(default_factory=dict)
+    records: list[dict] = field(default_factory=list)
+    unsent: str = ""  # text whose delta event could not be sent: it goes out with the next one
+
+    def snapshot(self) -> dict:
+        return {**self.base, "reply": self.text, "tool_calls": self.records}
+
+    async def add(self, text: str) -> None:
+        self.text += text
+        self.unsent += text
+        try:
+            await aevent_send(
+                self.message.chat_id, MESSAGE_DELTA, **message_event(MESSAGE_DELTA, self.snapshot(), self.unsent)
+            )
+            self.unsent = ""
+        except StreamUnavailable:
+            pass  # subscribers were told to reconnect; the final event carries the whole reply
+
+
+@transaction.atomic
+def _message_start(*, chat: Chat, user: User, prompt: str, context_size: int, otr: bool) -> PromptPlan:
+    message = Message.objects.create(
+        chat=chat,
+        author=user,
+        prompt=prompt,
+        model=chat.model,
+        is_otr=otr,
+        status=Message.Status.COMPLETE if otr else Message.Status.STREAMING,
+    )
+    Chat.objects.filter(pk=chat.pk).update(updated_at=timezone.now())
+    if otr:
+        return PromptPlan(message, {}, None, [])
+    context = context_fit(
+        chat_context_get(chat_id=chat.pk, size=context_size), prompt=prompt, system=chat.system_prompt
+    )
+    request = {
+        "model": chat.model,
+        "messages": ai.build_messages(prompt, context, chat.system_prompt or None),
+        "user": ai.user_tag(user),
+        "stream_options": {"include_usage": True},
+    }
+    if chat.tools:
+        request["tools"] = tools.openai_tools(chat.tools)
+    return PromptPlan(message, request, secret_decrypt(chat.api_key_encrypted), list(chat.tools))
+
+
+def _message_finish(*, message: Message, reply: _Reply, status: str, error: str) -> None:
+    message.reply = reply.text
+    message.tool_calls = reply.records
+    message.status = status
+    message.error = error
+    message.prompt_tokens = reply.usage.get("prompt_tokens")
+    message.completion_tokens = reply.usage.get("completion_tokens")
+    message.total_tokens = reply.usage.get("total_tokens")
+    message.save(
+        update_fields=[
+            "reply",
+            "status",
+            "error",
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+            "tool_calls",
+            "updated_at",
+        ]
+    )
+    if status == Message.Status.COMPLETE and not message.is_otr:
+        chat_context_extend(message.chat_id, message.prompt, reply.text)
+
+
+# --- running generations ----------------------------------------------------------------------------
+
+# Generations running in this process, so that they are not garbage-collected and shutdown finds them.
+_generations: set[asyncio.Task] = set()
+_draining = False
+
+
+def generations_running() -> int:
+    return len(_generations)
+
+
+async def message_prompt(*, chat: Chat, user: User, prompt: str, context_size: int, stream: bool, otr: bool) -> Message:
+    """Store a prompt, have the model answer it, and send the reply to the chat's members.
+
+    With `stream`, this returns at once with the stored message (status "streaming") while the reply
+    is generated in the background. Without it, this waits for the reply and raises ai.AIError if the
+    upstream failed. Either way the prompt is stored first and never lost; a failure marks the message
+    "error", keeping any partial reply.
+    """
+    if _draining:
+        raise ServiceUnavailable("this server is shutting down; send the prompt again", retry_after=2)
+    plan = await database_sync_to_async(_message_start)(
+        chat=chat, user=user, prompt=prompt, context_size=context_size, otr=otr
+    )
+    message = plan.message
+    if otr:
+        await _send_final(message, MESSAGE_CREATED)
+        return message
+    base = message_data(message)
+    try:
+        await aevent_send(message.chat_id, MESSAGE_CREATED, **message_event(MESSAGE_CREATED, base))
+    except StreamUnavailable:
+        logger.warning("chat %s: message.created not sent, the stream is unavailable", message.chat_id)
+    # A fresh context: the task outlives this request, whose thread executor ends with it.
+    task = asyncio.get_running_loop().create_task(_generate(plan, base), context=contextvars.Context())
+    _generations.add(task)
+    task.add_done_callback(_generations.discard)
+    if stream:
+        return message
+    outcome: Outcome = await asyncio.shield(task)
+    if outcome.error is not None:
+        raise outcome.error
+    return outcome.message
+
+
+async def _generate(plan: PromptPlan, base: dict) -> Outcome:
+    """Stream the answer to the chat's members, running requested tools between rounds; save it."""
+    reply = _Reply(plan.message, base)
+    status, error, failure = Message.Status.COMPLETE, "", None
+    try:
+        await _rounds(plan, reply)
+    except ai.AIError as exc:
+        status, error, failure = Message.Status.ERROR, exc.message, exc
+    except asyncio.CancelledError:
+        status, error = Message.Status.ERROR, INTERRUPTED
+        failure = ai.AIError(INTERRUPTED, status=503)
+        # Saved whether or not anyone is listening, even though the task is being cancelled.
+        await asyncio.shield(_finish(plan.message, reply, status, error))
+        raise
+    except Exception:
+        logger.exception("generation of message %s failed", plan.message.pk)
+        status, error = Message.Status.ERROR, "internal error during generation"
+        failure = ai.AIError(error, status=502)
+    await asyncio.shield(_finish(plan.message, reply, status, error))
+    return Outcome(plan.message, failure)
+
+
+async def _rounds(plan: PromptPlan, reply: _Reply) -> None:
+    """Ask the model, streaming its text; run the tools it calls and ask again, MAX_TOOL_ROUNDS at most."""
+    request = plan.request
+    for _ in range(settings.MAX_TOOL_ROUNDS + 1):
+        calls: dict[int, dict] = {}
+        round_text = ""
+        async for chunk in ai.achat_stream(request, api_key=plan.api_key):
+            _add_usage(reply.usage, chunk.get("usage"))
+            for choice in chunk.get("choices") or []:
+                delta = choice.get("delta") or {}
+                for piece in delta.get("tool_calls") or []:
+                    _merge_tool_call(calls, piece)
+                if delta.get("content"):
+                    round_text += delta["content"]
+                    await reply.add(delta["content"])
+        if not calls:
+            return
+        tool_calls = [calls[index] for index in sorted(calls)]
+        records, answers = await _run_tools(tool_calls, plan.allowed_tools)
+        reply.records += records
+        await reply.add("")  # members see the calls and their results
+        assistant = {"role": "assistant", "content": round_text or None, "tool_calls": tool_calls}
+        request = {**request, "messages": [*request["messages"], assistant, *answers]}
+    raise ai.AIError(f"the model was still calling tools after {settings.MAX_TOOL_ROUNDS} rounds", status=502)
+
+
+def _merge_tool_call(calls: dict[int, dict], piece: dict) -> None:
+    slot = calls.setdefault(
+        piece.get("index", 0), {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
+    )
+    slot["id"] = piece.get("id") or slot["id"]
+    function = piece.get("function") or {}
+    slot["function"]["name"] += function.get("name") or ""
+    slot["function"]["arguments"] += function.get("arguments") or ""
+
+
+def _add_usage(total: dict, usage: dict | None) -> None:
+    for name, value in (usage or {}).items():
+        if isinstance(value, int):
+            total[name] = (total.get(name) or 0) + value
+
+
+async def _run_tool(call: dict, allowed: list[str]) -> dict:
+    name = (call.get("function") or {}).get("name")
+    if name not in allowed:  # the model may only use the tools enabled for this chat
+        return {"tool_call_id": call.get("id", ""), "content": f"tool {name!r} is not enabled here", "is_error": True}
+    return await tools.tool_execute(call)
+
+
+async def _run_tools(calls: list[dict], allowed: list[str]) -> tuple[list[dict], list[dict]]:
+    """Execute tool calls concurrently: (records for the message, `tool` messages for the model)."""
+    results = await asyncio.gather(*(_run_tool(call, allowed) for call in calls))
+    records = [
+        {
+            "id": call.get("id", ""),
+            "name": (call.get("function") or {}).get("name", ""),
+            "arguments": (call.get("function") or {}).get("arguments", ""),
+            "result": result["content"],
+            "is_error": bool(result.get("is_error")),
+        }
+        for call, result in zip(calls, results, strict=True)
+    ]
+    answers = [{"role": "tool", "tool_call_id": r["tool_call_id"], "content": r["content"]} for r in results]
+    return records, answers
+
+
+# --- the end of a reply -------------------------------------------------------------------------------
+
+
+async def _retrying(what: str, message_id: uuid.UUID, attempt, errors: tuple) -> bool:
+    """Call `attempt` until it succeeds or FINAL_SAVE_RETRY_SECONDS have passed; did it succeed?"""
+    deadline = time.monotonic() + settings.FINAL_SAVE_RETRY_SECONDS
+    pause = 0.1
+    while True:
+        try:
+            await attempt()
+            return True
+        except errors as exc:
+            if time.monotonic() + pause > deadline:
+                logger.error("message %s: could not %s, giving up: %s", message_id, what, exc)
+                return False
+            logger.warning("message %s: could not %s, retrying: %s", message_id, what, exc)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 2.0)
+
+
+async def _finish(message: Message, reply: _Reply, status: str, error: str) -> None:
+    """Save the reply (retried while the database is away), then send the final event (always)."""
+
+    async def save():
+        await database_sync_to_async(_message_finish)(message=message, reply=reply, status=status, error=error)
+
+    await _retrying("save the reply", message.pk, save, (DatabaseError, InterfaceError))
+    await _send_final(message, MESSAGE_COMPLETED if status == Message.Status.COMPLETE else MESSAGE_FAILED)
+
+
+async def _send_final(message: Message, type: str) -> None:
+    data = message_data(message)
+
+    async def send():
+        await aevent_send(message.chat_id, type, **message_event(type, data, partial=False))
+
+    await _retrying(f"send {type}", message.pk, send, (StreamUnavailable,))
+
+
+async def generations_stop(*, grace_seconds: float) -> None:
+    """Graceful shutdown: refuse new prompts, let running generations finish for a while, then stop
+    and save the rest as interrupted."""
+    global _draining
+    _draining = True
+    if _generations:
+        logger.info("waiting up to %ss for %d generations", grace_seconds, len(_generations))
+        _, pending = await asyncio.wait(list(_generations), timeout=grace_seconds)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=settings.FINAL_SAVE_RETRY_SECONDS + 5)

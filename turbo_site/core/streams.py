@@ -1,0 +1,614 @@
+"""Numbered, replayable event streams: the transport under every live front.
+
+A stream has a key (`chat.<id>`, `sessions`). `append` gives an event the next sequence number of its
+stream and keeps it for replay (STREAM_REPLAY_MAX events, and STREAM_REPLAY_SECONDS after the last
+one); a `Subscription` replays what came after a number it is given, then follows the stream live.
+Nothing is dropped silently: a subscriber that falls behind reads what it missed back from the
+replay store, and when that is not possible (the window has passed, the store restarted empty) it
+gets a `stream.gap` entry; when the transport fails it gets `stream.error` and ends.
+
+Backends: in-process memory (the embedded default: one process) or Redis Streams when REDIS_ADDRESS
+is set. Redis Streams were chosen over Pub/Sub because the stream *is* the replay store (one XADD
+numbers, stores and publishes an event in one round trip; XREAD from the last id resumes with
+nothing lost), while Pub/Sub drops whatever a subscriber misses and needs a second store beside
+it (bench/README.md has the measurements). Each process reads every stream it has subscribers for
+with one blocking XREAD on one connection, and hands each event to its local subscribers.
+
+Sequence numbers: a stream's counter starts at the clock's time in microseconds, then counts up by
+one per event. Redis here keeps nothing on disk, so a restart loses every counter; the new counter
+starts from the clock again, above every number handed out before (unless a stream averaged more
+than a million events a second), so numbers never go backwards and subscribers see the jump as a gap.
+"""
+
+import asyncio
+import json
+import logging
+import os
+import threading
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import redis.asyncio
+from django.conf import settings
+
+from turbo_site.core.loops import loop_client
+
+logger = logging.getLogger("turbo.streams")
+
+# Redis failures that mean "the transport is unavailable", not a bug.
+TRANSPORT_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+class StreamUnavailable(Exception):
+    """The stream transport (Redis) cannot be reached; the caller should answer 503 or retry."""
+
+
+@dataclass(slots=True)
+class Entry:
+    """One event of a stream: `text` is its JSON, `seq` its number (0 for a notice that is not stored)."""
+
+    seq: int
+    type: str
+    text: str
+
+    @property
+    def data(self) -> dict:
+        return json.loads(self.text)
+
+    @property
+    def is_notice(self) -> bool:
+        return self.seq == 0
+
+
+def notice(type: str, message: str, **fields: Any) -> Entry:
+    """An entry for one subscriber only (gap, error, shutdown, closed): not numbered, not stored."""
+    return Entry(0, type, json.dumps({"type": type, "message": message, **fields}, separators=(",", ":")))
+
+
+def _clock_seq() -> int:
+    return time.time_ns() // 1000
+
+
+def _event_text(seq: int, type: str, payload: dict) -> str:
+    body = json.dumps({"type": type, **payload}, separators=(",", ":"), default=str)
+    return f'{{"seq":{seq},{body[1:]}'
+
+
+# --- backends -------------------------------------------------------------------------------------
+
+
+class _MemoryStream:
+    __slots__ = ("counter", "entries", "touched", "listeners")
+
+    def __init__(self):
+        self.counter = 0
+        self.entries: deque[Entry] = deque(maxlen=settings.STREAM_REPLAY_MAX)
+        self.touched = 0.0
+        self.listeners: set[Subscription] = set()
+
+
+class MemoryBackend:
+    """Streams in this process's memory, safe to append to from any thread."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._streams: dict[str, _MemoryStream] = {}
+
+    def _stream(self, key: str) -> _MemoryStream:
+        stream = self._streams.get(key)
+        if stream is None:
+            stream = self._streams[key] = _MemoryStream()
+        return stream
+
+    def append_sync(self, key: str, type: str, payload: dict) -> int:
+        with self._lock:
+            stream = self._stream(key)
+            now = time.monotonic()
+            if now - stream.touched > settings.STREAM_REPLAY_SECONDS:
+                stream.entries.clear()
+            stream.touched = now
+            stream.counter = stream.counter + 1 if stream.counter else _clock_seq()
+            entry = Entry(stream.counter, type, _event_text(stream.counter, type, payload))
+            stream.entries.append(entry)
+            # Handed over inside the lock, so every subscriber sees the stream's order.
+            for subscription in stream.listeners:
+                subscription.push_threadsafe(entry)
+            return entry.seq
+
+    async def append(self, key: str, type: str, payload: dict) -> int:
+        return self.append_sync(key, type, payload)
+
+    async def range(self, key: str, after: int) -> tuple[list[Entry], int]:
+        with self._lock:
+            stream = self._streams.get(key)
+            if stream is None:
+                return [], 0
+            if time.monotonic() - stream.touched > settings.STREAM_REPLAY_SECONDS:
+                stream.entries.clear()
+            return [entry for entry in stream.entries if entry.seq > after], stream.counter
+
+    async def listen(self, key: str, subscription: "Subscription") -> None:
+        with self._lock:
+            self._stream(key).listeners.add(subscription)
+
+    async def unlisten(self, key: str, subscription: "Subscription") -> None:
+        with self._lock:
+            stream = self._streams.get(key)
+            if stream is not None:
+                stream.listeners.discard(subscription)
+
+
+# Numbers the event, keeps it (bounded in length and time) and publishes it: one round trip.
+_APPEND_SCRIPT = """
+local seq = redis.call('INCR', KEYS[1])
+if seq == 1 then
+  local now = redis.call('TIME')
+  seq = tonumber(now[1]) * 1000000 + tonumber(now[2])
+end
+local id = string.format('%.0f', seq)
+redis.call('SET', KEYS[1], id, 'EX', ARGV[5])
+local text = '{"seq":' .. id .. ',' .. string.sub(ARGV[2], 2)
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], id .. '-0', 't', ARGV[1], 'd', text)
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return id
+"""
+
+
+def _redis_keys(key: str) -> tuple[str, str]:
+    # One hash tag for both, so that they live on the same node of a Redis Cluster.
+    return f"turbo:seq:{{{key}}}", f"turbo:stream:{{{key}}}"
+
+
+def _seq_of(stream_id: bytes) -> int:
+    return int(stream_id.split(b"-", 1)[0])
+
+
+class RedisBackend:
+    """Streams in Redis, shared by every process; one reader task per process follows them."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self._sync_client: redis.Redis | None = None
+        self._sync_pid: int | None = None
+
+    # writes and reads
+    def _client(self) -> redis.asyncio.Redis:
+        return loop_client(
+            "streams-redis",
+            self.url,
+            lambda: redis.asyncio.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=3),
+            lambda client: False,
+        )
+
+    def _sync(self) -> redis.Redis:
+        if self._sync_client is None or self._sync_pid != os.getpid():
+            self._sync_client = redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=3)
+            self._sync_pid = os.getpid()
+        return self._sync_client
+
+    def _append_args(self, key: str, type: str, payload: dict) -> tuple[list, list]:
+        body = json.dumps({"type": type, **payload}, separators=(",", ":"), default=str)
+        keep_seconds = max(settings.STREAM_REPLAY_SECONDS, 1)
+        counter_seconds = max(7 * 86400, 2 * keep_seconds)
+        return list(_redis_keys(key)), [type, body, settings.STREAM_REPLAY_MAX, keep_seconds, counter_seconds]
+
+    def append_sync(self, key: str, type: str, payload: dict) -> int:
+        keys, args = self._append_args(key, type, payload)
+        try:
+            return int(self._sync().eval(_APPEND_SCRIPT, len(keys), *keys, *args))
+        except TRANSPORT_ERRORS as exc:
+            raise StreamUnavailable(str(exc)) from exc
+
+    async def append(self, key: str, type: str, payload: dict) -> int:
+        keys, args = self._append_args(key, type, payload)
+        client = self._client()
+        script = getattr(client, "_turbo_append", None)
+        if script is None:
+            script = client._turbo_append = client.register_script(_APPEND_SCRIPT)
+        try:
+            return int(await script(keys=keys, args=args))
+        except TRANSPORT_ERRORS as exc:
+            raise StreamUnavailable(str(exc)) from exc
+
+    async def range(self, key: str, after: int) -> tuple[list[Entry], int]:
+        seq_key, stream_key = _redis_keys(key)
+        start = f"({after}-0" if after else "-"
+        try:
+            async with self._client().pipeline(transaction=False) as pipe:
+                pipe.xrange(stream_key, start, "+", count=settings.STREAM_REPLAY_MAX)
+                pipe.get(seq_key)
+                found, counter = await pipe.execute()
+        except TRANSPORT_ERRORS as exc:
+            raise StreamUnavailable(str(exc)) from exc
+        entries = [Entry(_seq_of(i), f[b"t"].decode(), f[b"d"].decode()) for i, f in found]
+        return entries, int(counter or 0)
+
+    async def listen(self, key: str, subscription: "Subscription") -> None:
+        await _reader_for(self).add(key, subscription)
+
+    async def unlisten(self, key: str, subscription: "Subscription") -> None:
+        reader = _readers.get(asyncio.get_running_loop())
+        if reader is not None:
+            reader.remove(key, subscription)
+
+
+class _RedisReader:
+    """One process's follower of every stream its subscribers want: one blocking XREAD, one connection."""
+
+    BLOCK_MS = 5000
+
+    def __init__(self, backend: RedisBackend):
+        self.backend = backend
+        self.listeners: dict[str, set[Subscription]] = {}
+        self.positions: dict[bytes, bytes] = {}  # redis stream key -> last id read
+        self.keys: dict[bytes, str] = {}
+        self.connection: redis.asyncio.Redis | None = None
+        self.connection_id: int | None = None
+        self.reading = False
+        self.version = 0  # bumped when the set of streams changes
+        self.read_version = 0  # the version the running XREAD was sent with
+        self.changed = asyncio.Event()
+        self.task: asyncio.Task | None = None
+
+    async def add(self, key: str, subscription: "Subscription") -> None:
+        subscribers = self.listeners.get(key)
+        if subscribers is not None:
+            subscribers.add(subscription)
+            return
+        stream_key = _redis_keys(key)[1].encode()
+        try:
+            last = await self.backend._client().xrevrange(stream_key, "+", "-", count=1)
+        except TRANSPORT_ERRORS as exc:
+            raise StreamUnavailable(str(exc)) from exc
+        subscribers = self.listeners.setdefault(key, set())
+        subscribers.add(subscription)
+        if stream_key not in self.positions:
+            self.positions[stream_key] = last[0][0] if last else b"0-0"
+            self.keys[stream_key] = key
+            await self._wake()
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._run())
+
+    def remove(self, key: str, subscription: "Subscription") -> None:
+        subscribers = self.listeners.get(key)
+        if subscribers is None:
+            return
+        subscribers.discard(subscription)
+        if not subscribers:
+            del self.listeners[key]
+            stream_key = _redis_keys(key)[1].encode()
+            self.positions.pop(stream_key, None)
+            self.keys.pop(stream_key, None)
+
+    async def _wake(self) -> None:
+        """Make the blocked XREAD return, so that the next one includes a new stream."""
+        self.version += 1
+        self.changed.set()
+        # The XREAD may not have reached Redis yet (it travels on another connection): try a few times.
+        for _ in range(50):
+            if not self.reading or self.read_version == self.version or self.connection_id is None:
+                return
+            try:
+                if await self.backend._client().client_unblock(self.connection_id):
+                    return
+            except TRANSPORT_ERRORS:
+                return  # the reader fails on its own connection and tells the subscribers
+            await asyncio.sleep(0.002)
+
+    async def _connect(self) -> None:
+        self.connection = redis.asyncio.Redis.from_url(
+            self.backend.url,
+            single_connection_client=True,
+            socket_timeout=self.BLOCK_MS / 1000 + 5,
+            socket_connect_timeout=3,
+        )
+        self.connection_id = await self.connection.client_id()
+
+    async def _run(self) -> None:
+        while self.listeners:
+            try:
+                if self.connection is None:
+                    await self._connect()
+                if not self.positions:
+                    self.changed.clear()
+                    await self.changed.wait()
+                    continue
+                self.changed.clear()
+                self.reading = True
+                self.read_version = self.version
+                try:
+                    found = await self.connection.xread(dict(self.positions), count=1000, block=self.BLOCK_MS)
+                finally:
+                    self.reading = False
+                for stream_key, entries in found or ():
+                    key = self.keys.get(stream_key)
+                    if key is None:
+                        continue
+                    for stream_id, fields in entries:
+                        self.positions[stream_key] = stream_id
+                        entry = Entry(_seq_of(stream_id), fields[b"t"].decode(), fields[b"d"].decode())
+                        for subscription in tuple(self.listeners.get(key, ())):
+                            subscription.push(entry)
+            except asyncio.CancelledError:
+                await self._disconnect()
+                raise
+            except TRANSPORT_ERRORS as exc:
+                logger.warning("live streams interrupted: Redis unavailable (%s)", exc)
+                self._fail_all()
+                await self._disconnect()
+            except Exception:
+                logger.exception("live stream reader failed")
+                self._fail_all()
+                await self._disconnect()
+        await self._disconnect()
+
+    def _fail_all(self) -> None:
+        listeners, self.listeners = self.listeners, {}
+        self.positions.clear()
+        self.keys.clear()
+        for subscribers in listeners.values():
+            for subscription in subscribers:
+                subscription.end(
+                    notice("stream.error", "the live stream was interrupted; reconnect (with Last-Event-ID) to resume")
+                )
+
+    async def _disconnect(self) -> None:
+        connection, self.connection, self.connection_id = self.connection, None, None
+        if connection is not None:
+            try:
+                await connection.aclose()
+            except Exception:
+                pass
+
+
+_readers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _RedisReader]" = weakref.WeakKeyDictionary()
+
+
+def _reader_for(backend: RedisBackend) -> _RedisReader:
+    loop = asyncio.get_running_loop()
+    reader = _readers.get(loop)
+    if reader is None or reader.backend is not backend:
+        reader = _readers[loop] = _RedisReader(backend)
+    return reader
+
+
+_backend: MemoryBackend | RedisBackend | None = None
+_backend_config: str | None = None
+_backend_lock = threading.Lock()
+
+
+def backend() -> MemoryBackend | RedisBackend:
+    """The process's stream backend, by REDIS_ADDRESS (made again if the setting changes, as in tests)."""
+    global _backend, _backend_config
+    config = settings.REDIS_ADDRESS or ""
+    if _backend is None or _backend_config != config:
+        with _backend_lock:
+            if _backend is None or _backend_config != config:
+                _backend = RedisBackend(config) if config else MemoryBackend()
+                _backend_config = config
+    return _backend
+
+
+# --- the API --------------------------------------------------------------------------------------
+
+
+def append_sync(key: str, type: str, payload: dict) -> int:
+    """Number, keep and publish one event from sync code; returns its number. Raises StreamUnavailable."""
+    return backend().append_sync(key, type, payload)
+
+
+async def append(key: str, type: str, payload: dict) -> int:
+    """Number, keep and publish one event; returns its number. Raises StreamUnavailable."""
+    return await backend().append(key, type, payload)
+
+
+async def replay(key: str, after: int) -> tuple[list[Entry], bool]:
+    """The kept events after `after`, and whether some between `after` and them are gone.
+
+    `after=0` asks for everything kept and never reports a gap.
+    """
+    entries, counter = await backend().range(key, after)
+    if not after:
+        return entries, False
+    if entries:
+        return entries, entries[0].seq != after + 1
+    return entries, counter != after
+
+
+# Subscriptions open in this process, ended together at shutdown (after which no new one starts).
+_open: "weakref.WeakSet[Subscription]" = weakref.WeakSet()
+_closing = False
+
+
+class Subscription:
+    """Events of one stream: those after `after` (if given) from the replay store, then live, each once.
+
+        async with Subscription("chat.1", after=41) as events:
+            while (entry := await events.get(timeout=15)) is not None: ...   # None: nothing for 15 s
+
+    `get` raises StopAsyncIteration once the subscription has ended (after handing out the notice that
+    says why: `stream.error`, `server.shutdown`, `stream.closed`).
+    """
+
+    def __init__(self, key: str, after: int | None = None):
+        self.key = key
+        self.last = after or None  # the newest number handed out
+        self._after = after
+        self._replayed: deque[Entry] = deque()
+        self._live: deque[Entry] = deque()
+        self._ending: Entry | None = None
+        self._ended = False
+        self._lagging = False
+        self._settled = 0  # a live number whose hole was already filled (or reported)
+        self._waiter: asyncio.Future | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = False
+
+    async def start(self) -> "Subscription":
+        """Follow live first, then read the replay: together they miss nothing. Raises StreamUnavailable."""
+        if _closing:
+            raise StreamUnavailable("this server is shutting down")
+        self._loop = asyncio.get_running_loop()
+        await backend().listen(self.key, self)
+        self._started = True
+        _open.add(self)
+        if self._after is not None:
+            try:
+                entries, gap = await replay(self.key, self._after)
+            except BaseException:
+                await self.close()
+                raise
+            if gap:
+                self._replayed.append(self._gap_notice())
+            self._replayed.extend(entries)
+        return self
+
+    async def close(self) -> None:
+        if self._started:
+            self._started = False
+            _open.discard(self)
+            await backend().unlisten(self.key, self)
+
+    async def __aenter__(self) -> "Subscription":
+        return await self.start()
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Entry:
+        while True:
+            entry = await self.get(timeout=None)
+            if entry is not None:
+                return entry
+
+    # called by the backend, on this subscription's loop
+    def push(self, entry: Entry) -> None:
+        if self._ending is not None:
+            return
+        if len(self._live) >= settings.STREAM_SUBSCRIBER_BUFFER:
+            # Too slow a reader: drop what is buffered here and read it back from the replay store.
+            self._live.clear()
+            self._lagging = True
+        else:
+            self._live.append(entry)
+        self._wake()
+
+    def push_threadsafe(self, entry: Entry) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self.push(entry)
+        else:
+            loop.call_soon_threadsafe(self.push, entry)
+
+    def end(self, why: Entry, *, at_once: bool = True) -> None:
+        """End the subscription with a notice; `at_once=False` hands out what is already buffered first."""
+        if self._ending is None:
+            self._ending = why
+            if at_once:
+                self._replayed.clear()
+                self._live.clear()
+            self._wake()
+
+    def end_threadsafe(self, why: Entry, *, at_once: bool = True) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(lambda: self.end(why, at_once=at_once))
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _gap_notice(self) -> Entry:
+        return notice(
+            "stream.gap",
+            "some events are no longer available (the replay window has passed); reload the chat",
+            after=self.last or self._after or 0,
+        )
+
+    async def get(self, timeout: float | None = None) -> Entry | None:
+        """The next entry; None if nothing came within `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._ended:
+                raise StopAsyncIteration
+            entry = await self._next_ready()
+            if entry is not None:
+                return entry
+            if self._ending is not None and not self._replayed and not self._live:
+                self._ended = True
+                return self._ending
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return None
+            self._waiter = self._loop.create_future()
+            try:
+                await asyncio.wait_for(self._waiter, remaining)
+            except TimeoutError:
+                return None
+            finally:
+                self._waiter = None
+
+    async def _next_ready(self) -> Entry | None:
+        while True:
+            if self._replayed:
+                entry = self._replayed.popleft()
+            elif self._lagging and self._ending is None:
+                self._lagging = False
+                await self._refill(upto=None)
+                continue
+            elif self._live:
+                entry = self._live[0]
+                if self.last is not None and entry.seq > self.last + 1 and entry.seq != self._settled:
+                    # A hole between what was handed out and what came live: fill it from the store.
+                    self._settled = entry.seq
+                    await self._refill(upto=entry.seq)
+                    continue
+                self._live.popleft()
+            else:
+                return None
+            if entry.is_notice:
+                return entry
+            if self.last is not None and entry.seq <= self.last:
+                continue  # already handed out (replay and live overlap)
+            self.last = entry.seq
+            return entry
+
+    async def _refill(self, upto: int | None) -> None:
+        """Queue the stored events after `last` (and before `upto`), with a gap notice if some are gone."""
+        if self.last is None:
+            self._replayed.append(self._gap_notice())
+            return
+        try:
+            entries, gap = await replay(self.key, self.last)
+        except StreamUnavailable:
+            self.end(notice("stream.error", "the live stream was interrupted; reconnect to resume"))
+            return
+        if upto is not None:
+            entries = [entry for entry in entries if entry.seq < upto]
+            gap = gap or (entries[-1].seq if entries else self.last) != upto - 1
+        if gap:
+            self._replayed.append(self._gap_notice())
+        self._replayed.extend(entries)
+
+
+def subscriptions_end_all(why: Entry) -> int:
+    """End every open subscription of this process (at shutdown), after what each has buffered."""
+    global _closing
+    _closing = True
+    count = 0
+    for subscription in list(_open):
+        subscription.end_threadsafe(why, at_once=False)
+        count += 1
+    return count
