@@ -1,25 +1,39 @@
 """Fan-out: how long a streamed reply's deltas take to reach every member of a group chat over WebSocket.
 
     python -m bench.fanout [--subscribers 1,10,100] [--deltas 20] [--runs 3] [--layer memory|redis|both] [--quick]
+    python -m bench.fanout --chats 10 --prompts 50 --subscribers 20 [--servers 2] [--db-address postgresql://...]
 
 Starts the fake upstream (bench.fast_upstream: `--deltas` chunks `--chunk-gap-ms` apart, each carrying its
-send time `t=<time.time_ns()>`) and, for each channel layer, Turbo under uvicorn as bench.proxy_overhead
-does, on one throwaway SQLite database (the Redis layer: with REDIS_ADDRESS). For each subscriber count S
+send time `t=<time.time_ns()>`) and, for each stream backend ("layer": in-memory, or Redis Streams with
+REDIS_ADDRESS), Turbo under uvicorn as bench.proxy_overhead does, on one throwaway SQLite database (or
+`--db-address`). For each subscriber count S
 it makes a group of S users signed up through the API, creates a chat in that group, opens one WebSocket
 per member on the chat's `/chat/stream` from a separate process (bench.fanout_subscribers), and has the
 first member send streamed prompts through `/chat/prompt`. A delta's delay at a subscriber is its arrival
 time there minus the upstream's send time (same machine, same clock). Reports p50/p99 per (layer, S),
 the median across runs, and every delta missing or duplicated at any subscriber; prints a table and the
 target, and writes bench/results/fanout-<timestamp>.json and bench/results/fanout-latest.json.
+
+`--chats N` is the many-chats case instead (as chats/tests/test_stream_load.py, measured): N group chats
+of `--subscribers` members each, every member subscribed to its chat from this process (members alternate
+SSE and WebSocket, and pairs of them the Turbo process), Turbo in `--servers` processes sharing the
+database and Redis (one process in-memory); then `--runs` rounds of `--prompts` streamed prompts sent all
+at once, spread over the chats and the processes. Per round: delivery delay p50/p99 (as above), POST
+/chat/prompt latency, every delta missing, duplicated or out of order, final events missing or repeated,
+holes in each subscriber's seqs and any notice (stream.gap, stream.error), and the Turbo processes' CPU
+(/proc utime+stime, first prompt to last final event) per delta delivered. Writes
+bench/results/fanout-many-<timestamp>.json and fanout-many-latest.json.
 This is a benchmark, not a test: it asserts nothing about wall-clock times.
 """
 
 import argparse
+import asyncio
 import json
 import os
 import platform
 import queue
 import re
+import secrets
 import shutil
 import signal
 import statistics
@@ -33,6 +47,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+from websockets.asyncio.client import connect as ws_connect
 
 from bench.fast_upstream import fastest_server_parts
 from bench.loadgen import distribution
@@ -378,15 +393,14 @@ def redis_check(url: str) -> None:
 
 
 def redis_forget(url: str, chat_ids: list[str]) -> None:
-    """Delete the chats' sequence counters (kept without expiry) from the Redis database we used."""
+    """Delete the chats' streams and sequence counters (kept for days) from the Redis database we used."""
     import redis
 
     try:
         client = redis.Redis.from_url(url, socket_timeout=5)
         for chat_id in chat_ids:
-            keys = list(client.scan_iter(match=f"*chat-seq:{chat_id}"))
-            if keys:
-                client.delete(*keys)
+            # turbo_site.core.streams: one counter and one Redis stream per chat, both tagged {chat.<id>}.
+            client.delete(f"turbo:seq:{{chat.{chat_id}}}", f"turbo:stream:{{chat.{chat_id}}}")
     except redis.RedisError as exc:
         print(f"could not tidy Redis up: {exc}", file=sys.stderr)
 
@@ -432,6 +446,509 @@ def run_layer(
             redis_forget(args.redis_url, chat_ids)
     # httpx logs every upstream request at INFO; anything else Turbo said is worth a look.
     return [line for line in processes.log_lines(name) if not line.startswith("HTTP Request:")]
+
+
+# --- many chats at once ---------------------------------------------------------------------------
+
+# Per subscriber, counted over a run's prompts (deltas for the first four, events or messages for the rest).
+MANY_ISSUES = (
+    "missing",
+    "duplicated",
+    "unexpected",
+    "out_of_order",
+    "no_final",
+    "extra_final",
+    "wrong_reply",
+    "seq_holes",
+    "notices",
+    "late",
+)
+SIGNUPS_AT_ONCE = 16
+HANDSHAKES_AT_ONCE = 20
+FINAL_TYPES = ('"type":"message.completed"', '"type":"message.failed"')  # compact JSON, right after "seq"
+SETTLE_SECONDS = 0.5  # after a run's last final event, for late duplicates to show up
+
+
+class Stream:
+    """One member's subscription to its chat, over SSE or WebSocket, in this process.
+
+    Frames are kept as text with their arrival time (`time.time_ns()` as the bytes are handed over) and
+    parsed only after a run, so that receiving adds as little as it can to the delays.
+    """
+
+    def __init__(self, index: int, *, kind: str, chat: int, chat_id: str, base: str, token: str):
+        self.index, self.kind, self.chat, self.chat_id, self.base, self.token = index, kind, chat, chat_id, base, token
+        self.frames: list[tuple[int, str]] = []  # (arrival_ns, SSE frame or WebSocket text)
+        self.finals = 0
+        self.finals_wanted = 0
+        self.last_seq: int | None = None
+        self.failure: str | None = None
+        self.ready = asyncio.Event()
+        self.done = asyncio.Event()
+        self.task: asyncio.Task | None = None
+
+    def _got(self, arrival: int, text: str) -> None:
+        self.frames.append((arrival, text))
+        if any(mark in text[:200] for mark in FINAL_TYPES):
+            self.finals += 1
+            if self.finals >= self.finals_wanted:
+                self.done.set()
+
+    def expect(self, finals: int) -> None:
+        """The next `finals` final events end the round."""
+        self.finals, self.finals_wanted = 0, finals
+        self.done.clear()
+        if self.failure is not None:
+            self.done.set()
+
+    async def run(self, sse: httpx.AsyncClient, gate: asyncio.Semaphore) -> None:
+        try:
+            if self.kind == "sse":
+                await self._sse(sse, gate)
+            else:
+                await self._ws(gate)
+            self.failure = self.failure or "the stream ended"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # reported with the results, not raised
+            self.failure = f"{type(exc).__name__}: {exc}"[:300]
+        finally:
+            self.ready.set()
+            self.done.set()
+
+    async def _sse(self, http: httpx.AsyncClient, gate: asyncio.Semaphore) -> None:
+        await gate.acquire()
+        held = True
+        try:
+            headers = {"Authorization": f"Bearer {self.token}"}
+            async with http.stream("GET", f"{self.base}/chat/stream?id={self.chat_id}", headers=headers) as response:
+                if response.status_code != 200:
+                    self.failure = f"SSE answered {response.status_code}"
+                    return
+                buffer = b""
+                async for chunk in response.aiter_raw():
+                    arrival = time.time_ns()
+                    buffer += chunk
+                    *complete, buffer = buffer.split(b"\n\n")
+                    for frame in complete:
+                        if frame.startswith(b"retry:"):  # the first frame: subscribed
+                            if held:
+                                gate.release()
+                                held = False
+                            self.ready.set()
+                        elif not frame.startswith(b":"):  # heartbeats are comments
+                            self._got(arrival, frame.decode())
+        finally:
+            if held:
+                gate.release()
+
+    async def _ws(self, gate: asyncio.Semaphore) -> None:
+        url = self.base.replace("http://", "ws://", 1) + f"/chat/stream?id={self.chat_id}&token={self.token}"
+        async with gate:
+            connection = await ws_connect(
+                url, origin=self.base, proxy=None, ping_interval=None, open_timeout=60, max_size=None, max_queue=None
+            )
+        self.ready.set()  # the server subscribes before it accepts the handshake
+        try:
+            async for frame in connection:
+                self._got(time.time_ns(), frame)
+            self.failure = f"closed: code {connection.close_code} {connection.close_reason or ''}".strip()
+        finally:
+            await asyncio.wait_for(connection.close(), 5)
+
+    def take(self) -> list[tuple[int, dict, int | None]]:
+        """The frames so far as (arrival_ns, event, SSE id), emptied."""
+        frames, self.frames = self.frames, []
+        events = []
+        for arrival, text in frames:
+            sse_id = None
+            if self.kind == "sse":
+                data = []
+                for line in text.split("\n"):
+                    if line.startswith("id:"):
+                        sse_id = int(line[3:].strip())
+                    elif line.startswith("data:"):
+                        data.append(line[5:].removeprefix(" "))
+                text = "\n".join(data)
+            events.append((arrival, json.loads(text), sse_id))
+        return events
+
+
+def check_stream(stream: Stream, events: list, stored: dict[str, dict], earlier: set[str]) -> tuple[Counter, list]:
+    """One subscriber's round against the replies Turbo saved: its issues, and each delta's delay (ms)."""
+    issues = Counter()
+    delays = []
+    by_message: dict[str, list[tuple[int, dict]]] = defaultdict(list)
+    for arrival, event, sse_id in events:
+        if "seq" not in event:
+            issues["notices"] += 1  # stream.gap, stream.error, server.shutdown, stream.closed
+            continue
+        seq = event["seq"]
+        if (stream.last_seq is not None and seq != stream.last_seq + 1) or (stream.kind == "sse" and sse_id != seq):
+            issues["seq_holes"] += 1
+        stream.last_seq = seq
+        message_id = str((event.get("message") or {}).get("id"))
+        if message_id in stored:
+            by_message[message_id].append((arrival, event))
+        elif message_id in earlier:
+            issues["late"] += 1
+        else:
+            issues["unexpected"] += 1
+    for message_id, message in stored.items():
+        reply = message.get("reply") or ""
+        position = {int(sent): index for index, sent in enumerate(SENT_AT.findall(reply))}
+        seen: set[int] = set()
+        highest = -1
+        finals = []
+        for arrival, event in by_message.get(message_id, []):
+            if event["type"] in ("message.completed", "message.failed"):
+                finals.append(event)
+            for match in SENT_AT.findall(event.get("delta") or ""):
+                sent = int(match)
+                if sent in seen:
+                    issues["duplicated"] += 1
+                    continue
+                seen.add(sent)
+                delays.append((arrival - sent) / 1e6)
+                if sent not in position:
+                    issues["unexpected"] += 1
+                elif position[sent] < highest:
+                    issues["out_of_order"] += 1
+                highest = max(highest, position.get(sent, -1))
+        issues["missing"] += len(position.keys() - seen)
+        issues["no_final"] += int(not finals)
+        issues["extra_final"] += max(len(finals) - 1, 0)
+        issues["wrong_reply"] += sum(final["message"].get("reply") != reply for final in finals)
+    return issues, delays
+
+
+async def many_signups(bases: list[str], count: int) -> list[dict]:
+    gate = asyncio.Semaphore(SIGNUPS_AT_ONCE)
+    limits = httpx.Limits(keepalive_expiry=1)  # see many_measure
+    async with httpx.AsyncClient(timeout=60, limits=limits, trust_env=False) as http:
+
+        async def one(index: int) -> dict:
+            async with gate:
+                response = await http.post(
+                    f"{bases[index % len(bases)]}/user/signup",
+                    data={"username": f"bench-{secrets.token_hex(5)}", "password": secrets.token_urlsafe(16)},
+                )
+            if response.status_code != 200:
+                raise RuntimeError(f"signup failed: {response.status_code} {response.text[:500]}")
+            body = response.json()
+            return {"token": body["token"], "id": body["user"]["id"]}
+
+        return list(await asyncio.gather(*(one(index) for index in range(count))))
+
+
+async def acall(http: httpx.AsyncClient, url: str, token: str, **data) -> dict:
+    try:
+        response = await http.post(url, json=data, headers={"Authorization": f"Bearer {token}"})
+    except httpx.TransportError as exc:
+        raise RuntimeError(f"{url}: {type(exc).__name__} {exc}") from exc
+    if response.status_code != 200:
+        raise RuntimeError(f"{url} answered {response.status_code}: {response.text[:500]}")
+    return response.json()
+
+
+async def many_measure(args, *, layer: str, bases: list[str], pids: list[int], members: list[dict]) -> dict:
+    """Chats of `--subscribers` members each, all subscribed; rounds of `--prompts` streamed prompts at once."""
+    size, chats = args.subscribers[0], args.chats
+    # Idle connections are dropped well before uvicorn's keep-alive timeout (5 s) closes them: reusing one
+    # just as the server closes it fails the request (httpx's default expiry is that same 5 s).
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=1)
+    timeout = httpx.Timeout(60, connect=10)
+    async with (
+        httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as http,
+        httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as sse,
+    ):
+        groups = [members[chat * size : (chat + 1) * size] for chat in range(chats)]
+
+        async def make_chat(chat: int) -> str:
+            base, owner = bases[chat % len(bases)], groups[chat][0]["token"]
+            name = f"many {layer} {chat}"
+            group = await acall(http, f"{base}/group/create", owner, name=name)
+            others = [member["id"] for member in groups[chat][1:]]
+            for start in range(0, len(others), MEMBERS_PER_CALL):
+                chunk = others[start : start + MEMBERS_PER_CALL]
+                await acall(http, f"{base}/group/members/add", owner, group_id=group["id"], user_ids=chunk)
+            return (await acall(http, f"{base}/chat/create", owner, name=name, group_id=group["id"]))["id"]
+
+        chat_ids = list(await asyncio.gather(*(make_chat(chat) for chat in range(chats))))
+        # In each chat members alternate SSE / WebSocket, and each pair of them the server process.
+        streams = [
+            Stream(
+                chat * size + member,
+                kind="sse" if member % 2 == 0 else "ws",
+                chat=chat,
+                chat_id=chat_ids[chat],
+                base=bases[(chat + member // 2) % len(bases)],
+                token=groups[chat][member]["token"],
+            )
+            for chat in range(chats)
+            for member in range(size)
+        ]
+        gate = asyncio.Semaphore(HANDSHAKES_AT_ONCE)
+        for stream in streams:
+            stream.task = asyncio.create_task(stream.run(sse, gate))
+        try:
+            await asyncio.wait_for(asyncio.gather(*(s.ready.wait() for s in streams)), 60 + len(streams) / 2)
+            failed = [f"#{s.index} ({s.kind}): {s.failure}" for s in streams if s.failure]
+            if failed:
+                raise RuntimeError(f"{len(failed)} of {len(streams)} subscribers failed to connect: {failed[:5]}")
+            print(
+                f"  {layer}: {len(streams)} subscribers on {chats} chats over {len(bases)} process(es) connected",
+                file=sys.stderr,
+                flush=True,
+            )
+            earlier: set[str] = set()
+
+            async def round_of(count: int) -> dict:
+                """`count` prompts at once, spread over the chats and the processes; waits for every final."""
+                per_chat = Counter(index % chats for index in range(count))
+                for stream in streams:
+                    stream.expect(per_chat[stream.chat])
+
+                async def prompt(index: int) -> tuple[int, str, float]:
+                    chat = index % chats
+                    author = groups[chat][(index // chats) % size]["token"]
+                    started = time.perf_counter()
+                    body = await acall(
+                        http,
+                        f"{bases[index % len(bases)]}/chat/prompt",
+                        author,
+                        id=chat_ids[chat],
+                        prompt="Count for me.",
+                        stream=True,
+                        context=0,
+                    )
+                    return chat, body["message"]["id"], (time.perf_counter() - started) * 1000
+
+                cpu_servers = [cpu_seconds(pid) for pid in pids]
+                cpu_client = cpu_seconds(os.getpid())
+                wall = time.monotonic()
+                sent = await asyncio.gather(*(prompt(index) for index in range(count)))
+                timed_out = False
+                try:
+                    await asyncio.wait_for(asyncio.gather(*(s.done.wait() for s in streams)), args.timeout)
+                except TimeoutError:
+                    timed_out = True
+                wall = time.monotonic() - wall
+                cpu_servers_after = [cpu_seconds(pid) for pid in pids]
+                cpu_client_after = cpu_seconds(os.getpid())
+                await asyncio.sleep(SETTLE_SECONDS)
+                # What Turbo saved, read only now so that it is not part of the CPU figures.
+                stored: dict[int, dict[str, dict]] = defaultdict(dict)
+                wanted = defaultdict(set)
+                for chat, message_id, _ in sent:
+                    wanted[chat].add(message_id)
+                for chat, ids in wanted.items():
+                    read = await acall(
+                        http, f"{bases[0]}/chat/read", groups[chat][0]["token"], id=chat_ids[chat], limit=len(ids) + 5
+                    )
+                    stored[chat] = {m["id"]: m for m in read["messages"] if m["id"] in ids}
+                    for message_id in ids - stored[chat].keys():
+                        stored[chat][message_id] = {"reply": "", "status": "not found"}
+                issues = Counter()
+                per_stream: dict[int, dict] = {}
+                delays: list[float] = []
+                for stream in streams:
+                    found, stream_delays = check_stream(stream, stream.take(), stored[stream.chat], earlier)
+                    issues.update(found)
+                    delays += stream_delays
+                    if any(found.values()) or stream.failure:
+                        per_stream[stream.index] = {
+                            "kind": stream.kind,
+                            **{k: v for k, v in found.items() if v},
+                            **({"failure": stream.failure} if stream.failure else {}),
+                        }
+                earlier.update(message_id for _, message_id, _ in sent)
+                saved = [m for messages in stored.values() for m in messages.values()]
+                if None in cpu_servers + cpu_servers_after:
+                    server_cpu = None
+                else:
+                    server_cpu = sum(cpu_servers_after) - sum(cpu_servers)
+                return {
+                    "prompts": count,
+                    "wall_s": round(wall, 3),
+                    "timed_out": timed_out,
+                    "delay_ms": distribution(delays),
+                    "prompt_ms": distribution([ms for _, _, ms in sent]),
+                    "deltas_delivered": len(delays),
+                    "deltas_due": sum(
+                        len(SENT_AT.findall(stored[s.chat][m].get("reply") or ""))
+                        for s in streams
+                        for m in stored[s.chat]
+                    ),
+                    "server_cpu_s": None if server_cpu is None else round(server_cpu, 3),
+                    "server_cpu_us_per_delta": (
+                        round(server_cpu * 1e6 / len(delays), 1) if server_cpu is not None and delays else None
+                    ),
+                    "server_cpu_ms_per_prompt": None if server_cpu is None else round(server_cpu * 1000 / count, 2),
+                    "client_cpu_share": (
+                        round((cpu_client_after - cpu_client) / wall, 3)
+                        if cpu_client is not None and cpu_client_after is not None and wall > 0
+                        else None
+                    ),
+                    "issues": {name: issues[name] for name in MANY_ISSUES},
+                    "subscribers_with_issues": per_stream,
+                    "saved_incomplete": sum(
+                        m.get("status") != "complete" or len(SENT_AT.findall(m.get("reply") or "")) != args.deltas
+                        for m in saved
+                    ),
+                }
+
+            warmup = await round_of(args.warmup * chats) if args.warmup else None
+            runs = []
+            for run in range(args.runs):
+                summary = await round_of(args.prompts)
+                runs.append(summary)
+                delay = summary["delay_ms"] or {}
+                print(
+                    f"  {layer} run {run + 1}/{args.runs}: delay p50 {delay.get('p50', '-')} ms, "
+                    f"p99 {delay.get('p99', '-')} ms, {summary['server_cpu_us_per_delta']} us server CPU per delta, "
+                    f"missing {summary['issues']['missing']}, duplicated {summary['issues']['duplicated']}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        finally:
+            for stream in streams:
+                stream.task.cancel()
+            await asyncio.wait([s.task for s in streams], timeout=15)
+    return {
+        "layer": layer,
+        "processes": len(bases),
+        "chats": chats,
+        "subscribers_per_chat": size,
+        "transports": {"sse": sum(s.kind == "sse" for s in streams), "ws": sum(s.kind == "ws" for s in streams)},
+        "chat_ids": chat_ids,
+        **many_median(runs),
+        "warmup_issues": {k: v for k, v in (warmup or {}).get("issues", {}).items() if v},
+        "run_summaries": runs,
+    }
+
+
+def many_median(runs: list[dict]) -> dict:
+    """Each figure's median across runs; issue counts are summed, so that no median hides one."""
+    merged: dict = {"runs": len(runs)}
+    for figure in ("delay_ms", "prompt_ms"):
+        present = [run[figure] for run in runs if run.get(figure)]
+        merged[figure] = (
+            {stat: round(statistics.median(d[stat] for d in present), 3) for stat in ("p50", "p99", "mean", "max")}
+            if present
+            else None
+        )
+    for key in ("wall_s", "server_cpu_s", "server_cpu_us_per_delta", "server_cpu_ms_per_prompt", "client_cpu_share"):
+        values = [run[key] for run in runs if run.get(key) is not None]
+        merged[key] = round(statistics.median(values), 3) if values else None
+    for key in ("deltas_delivered", "deltas_due", "saved_incomplete"):
+        merged[key] = sum(run[key] for run in runs)
+    merged["timed_out"] = sum(run["timed_out"] for run in runs)
+    merged["issues"] = {name: sum(run["issues"][name] for run in runs) for name in MANY_ISSUES}
+    with_issues: dict[int, dict] = {}
+    for run in runs:
+        for index, found in run["subscribers_with_issues"].items():
+            with_issues.setdefault(index, {}).update(found)
+    merged["subscribers_with_issues"] = with_issues
+    return merged
+
+
+def run_many_layer(
+    args, layer: str, results: list[dict], *, work: Path, upstream_port: int, db_address: str, members: list[dict]
+) -> list[str]:
+    """Turbo with this stream backend in `--servers` processes (one for in-memory), the many-chats case."""
+    env = turbo_env(
+        argparse.Namespace(redis=args.redis_url if layer == "redis" else ""),
+        upstream_port=upstream_port,
+        db_address=db_address,
+    )
+    if not args.production_hasher:
+        env["DJANGO_SETTINGS_MODULE"] = "bench.settings"
+    processes = Processes(work)
+    count = args.servers if layer == "redis" else 1
+    names, bases, pids = [], [], []
+    row = None
+    try:
+        for index in range(count):
+            name, port = f"turbo-{layer}-{index}", free_port()
+            process = processes.start(
+                name,
+                [PYTHON, "-m", "uvicorn", "turbo_site.asgi:application", "--port", str(port)]
+                + ["--log-level", "warning", "--no-access-log", "--timeout-graceful-shutdown", "10"]
+                + SERVE_FLAGS,
+                env,
+            )
+            names.append(name)
+            bases.append(f"http://127.0.0.1:{port}")
+            pids.append(process.pid)
+        for name, base, (_, process) in zip(names, bases, processes.started, strict=True):
+            wait_until_answering(processes, name, process, f"{base}/health")
+        needed = args.chats * args.subscribers[0]
+        if len(members) < needed:
+            started = time.monotonic()
+            members.extend(asyncio.run(many_signups(bases, needed - len(members))))
+            print(f"signed up {len(members)} users in {time.monotonic() - started:.1f} s", file=sys.stderr)
+        row = asyncio.run(many_measure(args, layer=layer, bases=bases, pids=pids, members=members))
+        results.append(row)
+    finally:
+        processes.stop_all()
+        if layer == "redis" and row is not None:
+            redis_forget(args.redis_url, row["chat_ids"])
+    lines = []
+    for name in names:
+        lines += [f"[{name}] {line}" for line in processes.log_lines(name) if not line.startswith("HTTP Request:")]
+    return lines
+
+
+def render_many(report: dict) -> str:
+    settings = report["settings"]
+    first = report["results"][0] if report["results"] else {}
+    transports = first.get("transports", {})
+    lines = [
+        f"Many chats at once: {settings['chats']} chats x {settings['subscribers'][0]} subscribers "
+        f"({transports.get('sse', '?')} SSE + {transports.get('ws', '?')} WebSocket, spread over the processes), "
+        f"{settings['prompts']} streamed prompts sent at once per run (+{settings['warmup']} per chat warm-up), "
+        f"{settings['deltas']} deltas {settings['chunk_gap_ms']:g} ms apart; median of {settings['runs']} run(s)",
+        "delay = arrival at a subscriber - the upstream's send time (ms); CPU = user+system of the Turbo "
+        "process(es) from the first prompt to the last final event, per delta delivered",
+        "",
+        "layer  | procs | delay p50     p99     max | POST /chat/prompt p50 p99 | run s | server CPU s "
+        "| us/delta | ms/prompt | client CPU | delivered / due | missing dup order final | holes notices",
+    ]
+    for row in report["results"]:
+        delay, issues = row["delay_ms"] or {}, row["issues"]
+        final_issues = issues["no_final"] + issues["extra_final"] + issues["wrong_reply"]
+        lines.append(
+            f"{row['layer']:<6} | {row['processes']:>5} | {fmt(delay.get('p50'), 9)} {fmt(delay.get('p99'))} "
+            f"{fmt(delay.get('max'))} | {pair(row['prompt_ms'], 13)} | {fmt(row['wall_s'], 5)} | "
+            f"{fmt(row['server_cpu_s'], 12)} | {fmt(row['server_cpu_us_per_delta'], 8, 1)} | "
+            f"{fmt(row['server_cpu_ms_per_prompt'], 9)} | {fmt(row['client_cpu_share'], 10)} | "
+            f"{row['deltas_delivered']:>7} / {row['deltas_due']:<6}| {issues['missing']:>7} {issues['duplicated']:>3} "
+            f"{issues['out_of_order']:>5} {final_issues:>5} | {issues['seq_holes']:>5} {issues['notices']:>7}"
+        )
+    problems = []
+    for row in report["results"]:
+        found = {name: count for name, count in row["issues"].items() if count}
+        if found or row["timed_out"] or row["saved_incomplete"] or row["warmup_issues"]:
+            shown = list(row["subscribers_with_issues"].items())[:10]
+            problems.append(
+                f"  {row['layer']}: {found}, runs timed out {row['timed_out']}, saved incomplete "
+                f"{row['saved_incomplete']}, warm-up {row['warmup_issues']}; by subscriber: {shown}"
+            )
+    if problems:
+        lines += ["", "Delivery problems:", *problems]
+    else:
+        delivered = sum(row["deltas_delivered"] for row in report["results"])
+        lines += [
+            "",
+            f"Delivery: every subscriber got each of the {delivered} deltas it was due exactly once, in order, "
+            "with one final event each; seqs consecutive, no gap or error notice.",
+        ]
+    lines.append(
+        f"{report['machine']['cpus']} CPU(s) shared by the upstream, Turbo, Redis, the database and the subscribers "
+        f"(this process): the delays include waiting for a core. Took {report['duration_s']:.0f} s."
+    )
+    return "\n".join(lines)
 
 
 # --- the table ------------------------------------------------------------------------------------
@@ -503,13 +1020,46 @@ def render(report: dict) -> str:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--subscribers", default="1,10,100", help="comma-separated member counts (default 1,10,100)")
+    parser.add_argument(
+        "--subscribers",
+        default=None,
+        help="comma-separated member counts (default 1,10,100); with --chats, one count: members per chat (default 20)",
+    )
     parser.add_argument("--deltas", type=int, default=20, help="deltas per streamed reply (default 20)")
     parser.add_argument("--runs", type=int, default=3, help="runs per cell; the median is reported (default 3)")
-    parser.add_argument("--prompts", type=int, default=10, help="measured prompts per run (default 10)")
-    parser.add_argument("--warmup", type=int, default=2, help="unmeasured prompts per cell first (default 2)")
-    parser.add_argument("--layer", choices=("memory", "redis", "both"), default="both", help="channel layer(s)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 run of 5 prompts, 1 warm-up prompt")
+    parser.add_argument(
+        "--prompts",
+        type=int,
+        default=None,
+        help="measured prompts per run (default 10); with --chats, sent all at once, spread over the chats "
+        "(default 5 per chat)",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="unmeasured prompts per cell first (default 2; with --chats: per chat)"
+    )
+    parser.add_argument("--layer", choices=("memory", "redis", "both"), default="both", help="stream backend(s)")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 1 run of 5 prompts (with --chats: of --prompts), 1 warm-up"
+    )
+    parser.add_argument(
+        "--chats",
+        type=int,
+        default=0,
+        help="the many-chats case: this many group chats at once, their members half on SSE and half on "
+        "WebSocket, all subscribed from this process (default 0: the one-chat cells)",
+    )
+    parser.add_argument(
+        "--servers",
+        type=int,
+        default=2,
+        help="with --chats: Turbo processes for the Redis backend, sharing the database (default 2; in-memory: 1)",
+    )
+    parser.add_argument(
+        "--db-address",
+        default="",
+        help="DB_ADDRESS for Turbo (default: a throwaway SQLite file); with --chats and several processes, "
+        "give a Postgres database (postgresql://user@host:port/name); it is migrated, and users are added to it",
+    )
     parser.add_argument("--chunk-gap-ms", type=float, default=5.0, help="upstream pause between deltas (default 5)")
     parser.add_argument("--latency-ms", type=float, default=5.0, help="upstream wait before answering (default 5)")
     parser.add_argument(
@@ -524,14 +1074,26 @@ def parse_args() -> argparse.Namespace:
         help="keep Django's slow password hasher for the signups (bench.settings swaps it for a cheap one)",
     )
     args = parser.parse_args()
+    if args.chats < 0:
+        parser.error("--chats must be at least 1 (or 0: the one-chat cells)")
+    if args.prompts is None:
+        args.prompts = 5 * args.chats if args.chats else (QUICK["prompts"] if args.quick else 10)
     if args.quick:
-        args.runs, args.prompts, args.warmup = QUICK["runs"], QUICK["prompts"], QUICK["warmup"]
+        args.runs, args.warmup = QUICK["runs"], QUICK["warmup"]
+        if not args.chats:
+            args.prompts = QUICK["prompts"]
+    if args.subscribers is None:
+        args.subscribers = "20" if args.chats else "1,10,100"
     try:
         args.subscribers = sorted({int(size) for size in args.subscribers.split(",") if size.strip()})
     except ValueError:
         parser.error("--subscribers takes comma-separated numbers")
     if not args.subscribers or min(args.subscribers) < 1:
         parser.error("every --subscribers count must be at least 1")
+    if args.chats and len(args.subscribers) != 1:
+        parser.error("with --chats, --subscribers takes one count (members per chat)")
+    if args.servers < 1:
+        parser.error("--servers must be at least 1")
     if args.deltas < 1 or args.runs < 1 or args.prompts < 1 or args.warmup < 0:
         parser.error("--deltas, --runs and --prompts must be at least 1, --warmup at least 0")
     args.layers = list(LAYERS) if args.layer == "both" else [args.layer]
@@ -558,7 +1120,8 @@ def build_report(args, results: list[dict], *, started_at: datetime, duration_s:
             "quick": args.quick,
             "chunk_gap_ms": args.chunk_gap_ms,
             "latency_ms": args.latency_ms,
-            "database": "sqlite",
+            "database": "postgresql" if args.db_address.startswith("postgres") else "sqlite",
+            **({"chats": args.chats, "redis_processes": args.servers} if args.chats else {}),
             "password_hasher": "production" if args.production_hasher else "md5 (bench.settings)",
         },
         "machine": {
@@ -569,7 +1132,7 @@ def build_report(args, results: list[dict], *, started_at: datetime, duration_s:
             "upstream_http": http,
         },
         "duration_s": round(duration_s, 1),
-        "target": judge_target(results),
+        **({"case": "many_chats"} if args.chats else {"target": judge_target(results)}),
         "results": results,
     }
 
@@ -585,7 +1148,10 @@ def main() -> None:
     clock_started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="turbo-fanout-"))
     upstream_processes = Processes(work)
-    db_address = f"sqlite:///{work / 'bench.db'}"
+    db_address = args.db_address or f"sqlite:///{work / 'bench.db'}"
+    run = run_many_layer if args.chats else run_layer
+    show = render_many if args.chats else render
+    prefix = "fanout-many" if args.chats else "fanout"
     results: list[dict] = []
     try:
         upstream_port = free_port()
@@ -607,14 +1173,14 @@ def main() -> None:
         turbo_logs: dict[str, list[str]] = {}
         for layer in args.layers:
             print(f"{layer} layer:", file=sys.stderr, flush=True)
-            turbo_logs[layer] = run_layer(
+            turbo_logs[layer] = run(
                 args, layer, results, work=work, upstream_port=upstream_port, db_address=db_address, members=members
             )
         upstream_processes.stop_all()
         report = build_report(
             args, results, started_at=started_at, duration_s=time.monotonic() - clock_started, partial=False
         )
-        report["table"] = render(report)
+        report["table"] = show(report)
         print(report["table"])
         for layer, lines in turbo_logs.items():
             if lines:
@@ -623,7 +1189,7 @@ def main() -> None:
                     f"Turbo's log ({layer} layer), {len(lines)} lines besides httpx's; the last:\n{tail}",
                     file=sys.stderr,
                 )
-        report_write(report, [f"fanout-{stamp}.json", "fanout-latest.json"])
+        report_write(report, [f"{prefix}-{stamp}.json", f"{prefix}-latest.json"])
     except KeyboardInterrupt:
         print("interrupted; stopping the servers", file=sys.stderr)
         upstream_processes.stop_all()
@@ -631,9 +1197,9 @@ def main() -> None:
             report = build_report(
                 args, results, started_at=started_at, duration_s=time.monotonic() - clock_started, partial=True
             )
-            report["table"] = render(report)
+            report["table"] = show(report)
             print(f"{report['table']}\n(interrupted: only the cells above were completed)")
-            report_write(report, [f"fanout-{stamp}-partial.json"])
+            report_write(report, [f"{prefix}-{stamp}-partial.json"])
         sys.exit(130)
     finally:
         upstream_processes.stop_all()

@@ -70,6 +70,17 @@ def event(chat: int, publisher: int, n: int) -> dict:
     return {"chat": chat, "publisher": publisher, "n": n, "sent": time.perf_counter(), "padding": PADDING}
 
 
+async def publish_all(args, publish, tally: Tally, readers: list[asyncio.Future], *, wait: float) -> None:
+    """Every publisher at once; then wait (at most `wait` s) until all is delivered, and stop the readers."""
+    await asyncio.gather(*(publish(c, p) for c in range(args.chats) for p in range(args.publishers)))
+    try:
+        await asyncio.wait_for(tally.done.wait(), wait)
+    except TimeoutError:
+        pass
+    for task in readers:
+        task.cancel()
+
+
 async def run_streams(args, tally: Tally, prefix: str) -> None:
     keys = [f"{prefix}.{chat}" for chat in range(args.chats)]
     subscriptions = [[streams.Subscription(key) for _ in range(args.readers)] for key in keys]
@@ -91,10 +102,7 @@ async def run_streams(args, tally: Tally, prefix: str) -> None:
         for n in range(args.events):
             await streams.append(keys[chat], "bench", event(chat, publisher, n))
 
-    await asyncio.gather(*(publish(c, p) for c in range(args.chats) for p in range(args.publishers)))
-    await asyncio.wait_for(tally.done.wait(), 60)
-    for task in readers:
-        task.cancel()
+    await publish_all(args, publish, tally, readers, wait=60)
     for chat_subscriptions in subscriptions:
         for subscription in chat_subscriptions:
             await subscription.close()
@@ -126,13 +134,7 @@ async def run_pubsub(args, tally: Tally, prefix: str) -> None:
                 pipe.publish(channel, text)
                 await pipe.execute()
 
-    await asyncio.gather(*(publish(c, p) for c in range(args.chats) for p in range(args.publishers)))
-    try:
-        await asyncio.wait_for(tally.done.wait(), 10)
-    except TimeoutError:
-        pass
-    for task in readers:
-        task.cancel()
+    await publish_all(args, publish, tally, readers, wait=10)
     for _, pubsub in listeners:
         await pubsub.aclose()
     async for key in client.scan_iter(f"{prefix}.*"):
@@ -160,13 +162,7 @@ async def run_group_send(args, tally: Tally, prefix: str) -> None:
         for n in range(args.events):
             await layer.group_send(f"{prefix}-{chat}", {"type": "bench", "data": event(chat, publisher, n)})
 
-    await asyncio.gather(*(publish(c, p) for c in range(args.chats) for p in range(args.publishers)))
-    try:
-        await asyncio.wait_for(tally.done.wait(), 10)
-    except TimeoutError:
-        pass
-    for task in readers:
-        task.cancel()
+    await publish_all(args, publish, tally, readers, wait=10)
     await layer.flush()
 
 

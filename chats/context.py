@@ -18,6 +18,10 @@ def _context_key(chat_id) -> str:
     return f"{CONTEXT_CACHE_PREFIX}{chat_id}"
 
 
+def chat_context_forget_now(chat_id) -> None:
+    cache.delete(_context_key(chat_id))
+
+
 def chat_context_forget(chat_id) -> None:
     """Drop a chat's cached context, now and again after commit (so no prompt re-caches old rows)."""
     key = _context_key(chat_id)

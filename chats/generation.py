@@ -15,13 +15,14 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError, transaction
 from django.utils import timezone
 
 from accounts.models import User
-from chats.context import chat_context_extend, chat_context_get, context_fit
+from chats.context import chat_context_extend, chat_context_forget_now, chat_context_get, context_fit
 from chats.models import Chat, Message
 from chats.serializers import message_data
 from chats.stream import (
@@ -133,8 +134,20 @@ def _message_finish(*, message: Message, reply: _Reply, status: str, error: str)
             "updated_at",
         ]
     )
-    if status == Message.Status.COMPLETE and not message.is_otr:
+
+
+def _context_after(message: Message, reply: _Reply) -> None:
+    """The cached context learns the new exchange; if the cache is away, it is dropped (rebuilt later)."""
+    if message.status != Message.Status.COMPLETE or message.is_otr:
+        return
+    try:
         chat_context_extend(message.chat_id, message.prompt, reply.text)
+    except Exception as exc:
+        logger.warning("message %s: the cached context could not be extended: %s", message.pk, exc)
+        try:
+            chat_context_forget_now(message.chat_id)
+        except Exception:
+            pass  # a cache that is away lost the key or will expire it (CONTEXT_CACHE_SECONDS)
 
 
 # --- running generations ----------------------------------------------------------------------------
@@ -296,7 +309,11 @@ async def _finish(message: Message, reply: _Reply, status: str, error: str) -> N
     async def save():
         await database_sync_to_async(_message_finish)(message=message, reply=reply, status=status, error=error)
 
-    await _retrying("save the reply", message.pk, save, (DatabaseError, InterfaceError))
+    try:
+        if await _retrying("save the reply", message.pk, save, (DatabaseError, InterfaceError)):
+            await sync_to_async(_context_after, thread_sensitive=False)(message, reply)
+    except Exception:
+        logger.exception("message %s: the reply could not be saved", message.pk)
     await _send_final(message, MESSAGE_COMPLETED if status == Message.Status.COMPLETE else MESSAGE_FAILED)
 
 
@@ -306,7 +323,10 @@ async def _send_final(message: Message, type: str) -> None:
     async def send():
         await aevent_send(message.chat_id, type, **message_event(type, data, partial=False))
 
-    await _retrying(f"send {type}", message.pk, send, (StreamUnavailable,))
+    try:
+        await _retrying(f"send {type}", message.pk, send, (StreamUnavailable,))
+    except Exception:
+        logger.exception("message %s: %s could not be sent", message.pk, type)
 
 
 async def generations_stop(*, grace_seconds: float) -> None:

@@ -107,7 +107,7 @@ async def aevent_send(chat_id, type: str, **fields: Any) -> int:
     return await streams.append(chat_stream_key(chat_id), type, _payload(chat_id, type, fields))
 
 
-class ChatSubscriber:
+class ChatSubscriber(streams.ReadsByGet):
     """One member's view of a chat's stream, for every front.
 
         async with ChatSubscriber(chat_id=..., session=auth_session, after=last_seq) as events:
@@ -173,15 +173,6 @@ class ChatSubscriber:
                     notice("stream.closed", "you no longer have access to this chat", reason="access")
                 )
         return entry
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> Entry:
-        while True:
-            entry = await self.get(timeout=None)
-            if entry is not None:
-                return entry
 
 
 def shutdown_notice() -> Entry:

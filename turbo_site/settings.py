@@ -8,6 +8,8 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from turbo_site.core.redis_retry import sync_retry_options
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -142,6 +144,8 @@ if REDIS_ADDRESS:
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
             "LOCATION": REDIS_ADDRESS,
             "KEY_PREFIX": "turbo",
+            # A pooled connection found dead after a Redis restart is replaced, not reported as an error.
+            "OPTIONS": sync_retry_options(),
         }
     }
     CHANNEL_LAYERS = {

@@ -16,13 +16,16 @@ from django.core.cache.backends.locmem import LocMemCache
 from django.core.cache.backends.redis import RedisCache
 
 from turbo_site.core.loops import loop_client
+from turbo_site.core.redis_retry import async_retry_options
 
 
 def _client(location: str) -> redis.asyncio.Redis:
     return loop_client(
         "cache-redis",
         location,
-        lambda: redis.asyncio.Redis.from_url(location, socket_timeout=10, socket_connect_timeout=10),
+        lambda: redis.asyncio.Redis.from_url(
+            location, socket_timeout=10, socket_connect_timeout=10, **async_retry_options()
+        ),
         lambda client: False,
     )
 

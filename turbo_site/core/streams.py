@@ -20,7 +20,9 @@ starts from the clock again, above every number handed out before (unless a stre
 than a million events a second), so numbers never go backwards and subscribers see the jump as a gap.
 """
 
+import abc
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -36,6 +38,7 @@ import redis.asyncio
 from django.conf import settings
 
 from turbo_site.core.loops import loop_client
+from turbo_site.core.redis_retry import async_retry_options, sync_retry_options
 
 logger = logging.getLogger("turbo.streams")
 
@@ -180,13 +183,17 @@ class RedisBackend:
         return loop_client(
             "streams-redis",
             self.url,
-            lambda: redis.asyncio.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=3),
+            lambda: redis.asyncio.Redis.from_url(
+                self.url, socket_timeout=5, socket_connect_timeout=3, **async_retry_options()
+            ),
             lambda client: False,
         )
 
     def _sync(self) -> redis.Redis:
         if self._sync_client is None or self._sync_pid != os.getpid():
-            self._sync_client = redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=3)
+            self._sync_client = redis.Redis.from_url(
+                self.url, socket_timeout=5, socket_connect_timeout=3, **sync_retry_options()
+            )
             self._sync_pid = os.getpid()
         return self._sync_client
 
@@ -309,13 +316,19 @@ class _RedisReader:
         self.connection_id = await self.connection.client_id()
 
     async def _run(self) -> None:
+        me = asyncio.current_task()
         while self.listeners:
             try:
+                # redis-py can swallow a cancellation that lands mid-command: look for it each round.
+                if me.cancelling():
+                    raise asyncio.CancelledError
                 if self.connection is None:
                     await self._connect()
+                    continue  # look for a cancellation again
                 if not self.positions:
                     self.changed.clear()
-                    await self.changed.wait()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.changed.wait(), self.BLOCK_MS / 1000)
                     continue
                 self.changed.clear()
                 self.reading = True
@@ -357,12 +370,17 @@ class _RedisReader:
                 )
 
     async def _disconnect(self) -> None:
-        connection, self.connection, self.connection_id = self.connection, None, None
-        if connection is not None:
-            try:
-                await connection.aclose()
-            except Exception:
-                pass
+        client, self.connection, self.connection_id = self.connection, None, None
+        if client is None:
+            return
+        try:
+            # Close the socket without waiting for it to drain: a read cut short (cancelled at
+            # shutdown, or Redis gone) can leave the graceful close waiting forever.
+            if client.connection is not None:
+                await asyncio.wait_for(client.connection.disconnect(nowait=True), 1)
+            await asyncio.wait_for(client.aclose(), 1)
+        except (Exception, TimeoutError):
+            pass
 
 
 _readers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _RedisReader]" = weakref.WeakKeyDictionary()
@@ -419,12 +437,29 @@ async def replay(key: str, after: int) -> tuple[list[Entry], bool]:
     return entries, counter != after
 
 
+class ReadsByGet(abc.ABC):
+    """`async for entry in x` over `x.get()`, for subscriptions (ended: StopAsyncIteration)."""
+
+    @abc.abstractmethod
+    async def get(self, timeout: float | None = None) -> Entry | None:
+        """The next entry; None if nothing came within `timeout` seconds."""
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Entry:
+        while True:
+            entry = await self.get(timeout=None)
+            if entry is not None:
+                return entry
+
+
 # Subscriptions open in this process, ended together at shutdown (after which no new one starts).
 _open: "weakref.WeakSet[Subscription]" = weakref.WeakSet()
 _closing = False
 
 
-class Subscription:
+class Subscription(ReadsByGet):
     """Events of one stream: those after `after` (if given) from the replay store, then live, each once.
 
         async with Subscription("chat.1", after=41) as events:
@@ -436,7 +471,10 @@ class Subscription:
 
     def __init__(self, key: str, after: int | None = None):
         self.key = key
-        self.last = after or None  # the newest number handed out
+        # The newest number handed out: None before the first of a live-only subscription, 0 before
+        # the first of one that replays everything kept.
+        self.last = after
+        self._first_live: int | None = None
         self._after = after
         self._replayed: deque[Entry] = deque()
         self._live: deque[Entry] = deque()
@@ -479,19 +517,12 @@ class Subscription:
     async def __aexit__(self, *exc_info) -> None:
         await self.close()
 
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> Entry:
-        while True:
-            entry = await self.get(timeout=None)
-            if entry is not None:
-                return entry
-
     # called by the backend, on this subscription's loop
     def push(self, entry: Entry) -> None:
         if self._ending is not None:
             return
+        if self._first_live is None:
+            self._first_live = entry.seq
         if len(self._live) >= settings.STREAM_SUBSCRIBER_BUFFER:
             # Too slow a reader: drop what is buffered here and read it back from the replay store.
             self._live.clear()
@@ -534,7 +565,7 @@ class Subscription:
         return notice(
             "stream.gap",
             "some events are no longer available (the replay window has passed); reload the chat",
-            after=self.last or self._after or 0,
+            after=self.last if self.last is not None else (self._after or 0),
         )
 
     async def get(self, timeout: float | None = None) -> Entry | None:
@@ -570,7 +601,7 @@ class Subscription:
                 continue
             elif self._live:
                 entry = self._live[0]
-                if self.last is not None and entry.seq > self.last + 1 and entry.seq != self._settled:
+                if self.last and entry.seq > self.last + 1 and entry.seq != self._settled:
                     # A hole between what was handed out and what came live: fill it from the store.
                     self._settled = entry.seq
                     await self._refill(upto=entry.seq)
@@ -587,17 +618,22 @@ class Subscription:
 
     async def _refill(self, upto: int | None) -> None:
         """Queue the stored events after `last` (and before `upto`), with a gap notice if some are gone."""
-        if self.last is None:
-            self._replayed.append(self._gap_notice())
-            return
+        after = self.last
+        if after is None:  # live only, nothing handed out yet: from the first event that came live
+            if self._first_live is None:
+                return
+            after = self._first_live - 1
         try:
-            entries, gap = await replay(self.key, self.last)
+            entries, gap = await replay(self.key, after)
         except StreamUnavailable:
             self.end(notice("stream.error", "the live stream was interrupted; reconnect to resume"))
             return
+        if self.last is None:
+            gap = bool(entries) and entries[0].seq != after + 1  # did the live start leave the window?
         if upto is not None:
             entries = [entry for entry in entries if entry.seq < upto]
-            gap = gap or (entries[-1].seq if entries else self.last) != upto - 1
+            if after:
+                gap = gap or (entries[-1].seq if entries else after) != upto - 1
         if gap:
             self._replayed.append(self._gap_notice())
         self._replayed.extend(entries)

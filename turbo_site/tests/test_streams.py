@@ -1,0 +1,130 @@
+"""The stream transport on its real backend (memory on the first leg, Redis Streams on the second):
+numbering, replay, gaps, slow subscribers and restarts."""
+
+import asyncio
+import uuid
+
+from django.core.cache import cache
+
+from turbo_site.core import streams
+from turbo_site.core.loops import loop_clients_close
+
+
+def run(coroutine_function):
+    async def main():
+        try:
+            return await coroutine_function()
+        finally:
+            await loop_clients_close()
+
+    return asyncio.run(main())
+
+
+def new_key() -> str:
+    return f"test.{uuid.uuid4().hex}"
+
+
+def test_numbers_are_consecutive_and_replay_gives_what_came_after():
+    key = new_key()
+
+    async def scenario():
+        seqs = [await streams.append(key, "t", {"n": n}) for n in range(5)]
+        entries, gap = await streams.replay(key, seqs[1])
+        return seqs, entries, gap
+
+    seqs, entries, gap = run(scenario)
+    assert seqs == list(range(seqs[0], seqs[0] + 5))
+    assert seqs[0] > 1_600_000_000_000_000  # started from the clock, in microseconds
+    assert not gap
+    assert [(e.seq, e.type, e.data["n"]) for e in entries] == [(seqs[n], "t", n) for n in (2, 3, 4)]
+    assert entries[0].data == {"seq": seqs[2], "type": "t", "n": 2}
+
+
+def test_a_resume_from_before_the_window_is_told_so():
+    key = new_key()
+
+    async def scenario():
+        first = await streams.append(key, "t", {})
+        await streams.append(key, "t", {})
+        subscription = await streams.Subscription(key, after=first - 1000).start()
+        try:
+            return first, [await subscription.get(timeout=5) for _ in range(3)]
+        finally:
+            await subscription.close()
+
+    first, got = run(scenario)
+    assert got[0].type == "stream.gap" and got[0].is_notice and got[0].data["after"] == first - 1000
+    assert [entry.seq for entry in got[1:]] == [first, first + 1]
+
+
+def test_live_and_replay_together_deliver_each_event_once_in_order(settings):
+    key = new_key()
+
+    async def scenario():
+        start = await streams.append(key, "t", {"n": -1})
+        subscription = await streams.Subscription(key, after=start).start()
+        publisher = asyncio.ensure_future(asyncio.gather(*(streams.append(key, "t", {"n": n}) for n in range(50))))
+        got = []
+        while len(got) < 50:
+            got.append(await subscription.get(timeout=10))
+        await publisher
+        extra = await subscription.get(timeout=0.2)
+        await subscription.close()
+        return start, got, extra
+
+    start, got, extra = run(scenario)
+    assert [entry.seq for entry in got] == list(range(start + 1, start + 51))
+    assert extra is None
+
+
+def test_a_slow_subscriber_reads_what_it_could_not_hold_back_from_the_store(settings):
+    settings.STREAM_SUBSCRIBER_BUFFER = 5
+    key = new_key()
+
+    async def scenario():
+        subscription = await streams.Subscription(key, after=0).start()
+        seqs = [await streams.append(key, "t", {"n": n}) for n in range(40)]
+        await asyncio.sleep(0.2)  # the reader hands them over while nobody reads
+        got = [await subscription.get(timeout=10) for _ in range(40)]
+        await subscription.close()
+        return seqs, got
+
+    seqs, got = run(scenario)
+    assert [entry.seq for entry in got] == seqs
+
+
+def test_counters_lost_with_a_restarted_store_never_go_backwards():
+    key = new_key()
+
+    async def scenario():
+        return await streams.append(key, "t", {})
+
+    before = run(scenario)
+    cache.clear()  # on the Redis leg: FLUSHDB, as a Redis restart without persistence would leave it
+    streams._backend = None  # and on the memory leg: a new process
+    after = run(scenario)
+    assert after > before
+
+
+def test_ending_hands_out_what_is_buffered_then_the_notice():
+    key = new_key()
+
+    async def scenario():
+        subscription = await streams.Subscription(key).start()
+        await streams.append(key, "t", {"n": 1})
+        await asyncio.sleep(0.2)
+        assert streams.subscriptions_end_all(streams.notice("server.shutdown", "bye")) >= 1
+        streams._closing = False  # this test process goes on
+        got = [await subscription.get(timeout=5), await subscription.get(timeout=5)]
+        try:
+            await subscription.get(timeout=1)
+        except StopAsyncIteration:
+            ended = True
+        else:
+            ended = False
+        await subscription.close()
+        return got, ended
+
+    got, ended = run(scenario)
+    assert [entry.type for entry in got] == ["t", "server.shutdown"]
+    assert ended
