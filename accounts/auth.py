@@ -1,8 +1,9 @@
 """Where a request's token comes from, and the one authentication path for HTTP and WebSocket.
 
 Sources, first match wins: `Authorization: Bearer <token>`, HTTP Basic whose password is the token,
-the `sess` cookie, and (WebSocket handshakes only) a `token` query parameter. A cookie is sent by
-browsers on their own, so unsafe requests it authenticates must come from an allowed origin.
+the `sess` cookie, and (WebSocket handshakes and the SSE /chat/stream only) a `token` parameter. A
+cookie is sent by browsers on their own, so unsafe requests it authenticates must come from an allowed
+origin.
 """
 
 import base64
@@ -110,9 +111,25 @@ class AuthRefused(Exception):
         self.message = message
 
 
-async def aauthenticate(request) -> AuthSession:
-    """The caller's session, for async views; the same rules as TokenAuthentication."""
+def token_from_parameter(request) -> str | None:
+    """A `token` query or form parameter: how seed 000's SSE clients (EventSource sends no headers) sign in."""
+    token = request.GET.get("token") or (request.POST.get("token") if request.method == "POST" else None)
+    if not isinstance(token, str):
+        return None
+    return token.strip() or None
+
+
+async def aauthenticate(request, *, token_parameter: bool = False) -> AuthSession:
+    """The caller's session, for async views; the same rules as TokenAuthentication.
+
+    With `token_parameter` (only for endpoints an EventSource opens), a `token` query or form parameter
+    also counts: after the Authorization header, before the cookie.
+    """
     token, source = token_from_request(request)
+    if token_parameter and source in (None, "cookie"):
+        parameter = token_from_parameter(request)
+        if parameter is not None:
+            token, source = parameter, "parameter"
     if token is None:
         raise AuthRefused(401, "unauthorized", "no token: send Authorization: Bearer <token> or the sess cookie")
     found = await asession_lookup(token)

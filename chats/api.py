@@ -99,10 +99,16 @@ class ChatUserInput(serializers.Serializer):
         return data
 
 
+class ChatUserOutput(UserBriefOutput):
+    """A user who can see the chat, and how: its owner, a member of the chat, or a member of its group."""
+
+    access = serializers.ChoiceField(choices=selectors.ACCESS_KINDS)
+
+
 class ChatReadOutput(serializers.Serializer):
     chat = ChatOutput()
     messages = MessageOutput(many=True)
-    users = UserBriefOutput(many=True)
+    users = ChatUserOutput(many=True, help_text="everyone who can see the chat: owner, members, group members")
 
 
 class ChatCreateView(APIView):
@@ -135,7 +141,7 @@ class ChatReadView(APIView):
             {
                 "chat": chat_data(chat),
                 "messages": MessageOutput(messages, many=True).data,
-                "users": UserBriefOutput(selectors.chat_users(chat=chat), many=True).data,
+                "users": ChatUserOutput(selectors.chat_users(chat=chat), many=True).data,
             }
         )
 
@@ -205,8 +211,12 @@ class ChatUserRemoveView(APIView):
 # --- async views ----------------------------------------------------------------------------------
 
 
-def async_endpoint(methods: tuple[str, ...]):
-    """Authentication, method check and the error shape for async views (which DRF does not serve)."""
+def async_endpoint(methods: tuple[str, ...], *, token_parameter: bool = False):
+    """Authentication, method check and the error shape for async views (which DRF does not serve).
+
+    `token_parameter` also accepts a `token` query or form parameter, for endpoints a browser's EventSource
+    opens (it cannot send headers); the event log stores such query strings with the token redacted.
+    """
 
     def decorate(view):
         @csrf_exempt
@@ -217,7 +227,7 @@ def async_endpoint(methods: tuple[str, ...]):
                 response["Allow"] = ", ".join(methods)
                 return response
             try:
-                session = await aauthenticate(request)
+                session = await aauthenticate(request, token_parameter=token_parameter)
                 request.user = session.user
                 request.turbo_session = session
                 return await view(request, *args, **kwargs)
@@ -295,7 +305,7 @@ def _resume_point(request) -> int | None:
     return after
 
 
-@async_endpoint(("GET", "POST"))
+@async_endpoint(("GET", "POST"), token_parameter=True)
 async def chat_stream(request):
     """The chat's events as Server-Sent Events: what came after Last-Event-ID, then live."""
     fields = _parse(ChatIdInput, plain_request_input(request))

@@ -18,6 +18,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from accounts.auth import AuthRefused, aauthenticate_websocket
 from chats import selectors
 from chats.stream import ChatSubscriber
+from turbo_site.core.parsers import client_json_loads
 from turbo_site.core.streams import StreamUnavailable
 
 MAX_CLIENT_FRAME = 4096
@@ -108,7 +109,7 @@ class ChatStreamConsumer(AsyncWebsocketConsumer):
             await self._send_notice("error", f"frames must be JSON text of at most {MAX_CLIENT_FRAME} bytes")
             return
         try:
-            frame = json.loads(text_data)
+            frame = client_json_loads(text_data)
         except ValueError:
             await self._send_notice("error", "frames must be JSON objects")
             return

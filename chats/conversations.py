@@ -1,12 +1,19 @@
-"""Seed 002's conversation API over the same chats and messages: /api/conversations/*, /api/chat/<id>."""
+"""Seed 002's conversation API over the same chats and messages: /api/conversations/*, /api/chat/<id>.
+
+It speaks the seed's wire format: a conversation is known by its owner's integer number (Chat.number, not
+our UUID), times are Unix seconds, history turns are numbered 1, 2, 3... (a user turn, then its reply),
+and the chat stream's `data:` lines carry raw text.
+"""
 
 import asyncio
 import contextlib
 import json
+import re
 
 from channels.db import database_sync_to_async
 from django.http import StreamingHttpResponse
-from drf_spectacular.utils import extend_schema, inline_serializer
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema, extend_schema_field, inline_serializer
 from rest_framework import serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -15,7 +22,6 @@ from chats import generation, selectors, services
 from chats.api import async_endpoint
 from chats.stream import FINAL_TYPES, MESSAGE_DELTA, ChatSubscriber
 from turbo_site.core.crypto import secret_decrypt, secret_mask
-from turbo_site.core.errors import Invalid
 from turbo_site.core.schema import errors
 from turbo_site.core.serializers import StrictCharField, plain_request_input, request_input
 
@@ -26,28 +32,49 @@ class ConversationCreateInput(serializers.Serializer):
     api_key = StrictCharField(max_length=500, required=False, allow_blank=True)
 
 
+class ConversationMessageInput(serializers.Serializer):
+    # StrictCharField refuses NUL and lone surrogates, which Postgres and UTF-8 cannot store.
+    message = StrictCharField(trim_whitespace=False)
+
+    def validate_message(self, value: str) -> str:
+        if not value.strip():
+            raise serializers.ValidationError("may not be empty")
+        return value
+
+
+STREAM_FINISHED = "Stream finished"
+
+
+@extend_schema_field(OpenApiTypes.INT)
+class UnixTimeField(serializers.Field):
+    """A datetime as whole seconds since the epoch, as the seed sends `created_time`."""
+
+    def to_representation(self, value) -> int:
+        return int(value.timestamp())
+
+
 class ConversationOutput(serializers.Serializer):
-    conversation_id = serializers.UUIDField(source="id")
+    conversation_id = serializers.IntegerField(source="number")
     title = serializers.CharField(source="name")
     model = serializers.CharField()
-    api_key = serializers.SerializerMethodField(help_text="masked; never returned in full")
-    created_time = serializers.DateTimeField(source="created_at")
+    api_key = serializers.SerializerMethodField(help_text="masked; never returned in full; empty if none")
+    created_time = UnixTimeField(source="created_at")
 
-    def get_api_key(self, chat) -> str | None:
+    def get_api_key(self, chat) -> str:
         plain = secret_decrypt(chat.api_key_encrypted)
-        return secret_mask(plain) if plain else None
+        return secret_mask(plain) if plain else ""
 
 
 class ConversationBriefOutput(serializers.Serializer):
-    conversation_id = serializers.UUIDField(source="id")
+    conversation_id = serializers.IntegerField(source="number")
     title = serializers.CharField(source="name")
-    created_time = serializers.DateTimeField(source="created_at")
+    created_time = UnixTimeField(source="created_at")
 
 
 class HistoryMessage(serializers.Serializer):
     role = serializers.CharField()
     content = serializers.CharField()
-    message_id = serializers.UUIDField()
+    message_id = serializers.IntegerField(help_text="the turn's number in the conversation: 1, 2, 3...")
 
 
 class ConversationCreateView(APIView):
@@ -77,29 +104,31 @@ class ConversationHistoryView(APIView):
             200: inline_serializer(
                 "ConversationHistory",
                 {
-                    "conversation_id": serializers.UUIDField(),
+                    "conversation_id": serializers.IntegerField(),
                     "title": serializers.CharField(),
                     "model": serializers.CharField(),
                     "messages": HistoryMessage(many=True),
+                    "created_time": serializers.IntegerField(help_text="Unix seconds"),
                 },
             ),
             **errors(401, 404),
         },
         summary="A conversation's messages as user/assistant turns",
     )
-    def get(self, request, chat_id):
-        chat = selectors.conversation_get(user=request.user, chat_id=chat_id)
+    def get(self, request, number):
+        chat = selectors.conversation_get(user=request.user, number=number)
         turns = []
         for message in selectors.conversation_history(chat=chat):
-            turns.append({"role": "user", "content": message.prompt, "message_id": message.id})
+            turns.append({"role": "user", "content": message.prompt, "message_id": len(turns) + 1})
             if message.reply:
-                turns.append({"role": "assistant", "content": message.reply, "message_id": message.id})
+                turns.append({"role": "assistant", "content": message.reply, "message_id": len(turns) + 1})
         return Response(
             {
-                "conversation_id": chat.id,
+                "conversation_id": chat.number,
                 "title": chat.name,
                 "model": chat.model,
                 "messages": HistoryMessage(turns, many=True).data,
+                "created_time": UnixTimeField().to_representation(chat.created_at),
             }
         )
 
@@ -110,24 +139,29 @@ class ConversationDeleteView(APIView):
         responses={200: inline_serializer("Deleted", {"message": serializers.CharField()}), **errors(401, 404)},
         summary="Delete a conversation",
     )
-    def post(self, request, chat_id):
-        chat = selectors.conversation_get(user=request.user, chat_id=chat_id)
+    def post(self, request, number):
+        chat = selectors.conversation_get(user=request.user, number=number)
         services.chat_delete(chat=chat, user=request.user)
         return Response({"message": "Conversation deleted successfully"})
 
 
-def _frame(event: str, data) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+def _frame(event: str, text: str) -> bytes:
+    """An SSE frame whose data is `text` as is; a line break in it starts another `data:` line, as SSE says."""
+    data = "".join(f"data: {line}\n" for line in re.split(r"\r\n|\r|\n", text))
+    return f"event: {event}\n{data}\n".encode()
+
+
+def _error_frame(code: str, message: str) -> bytes:
+    return _frame("error", json.dumps({"error": {"code": code, "message": message}}, ensure_ascii=False))
 
 
 @async_endpoint(("POST",))
-async def conversation_chat(request, chat_id):
-    """POST {message}: the reply as SSE `message` events (deltas), then `done` and `full_response`."""
-    fields = plain_request_input(request)
-    text = fields.get("message")
-    if not isinstance(text, str) or not text.strip():
-        raise Invalid("message: this field is required and may not be empty")
-    chat = await database_sync_to_async(selectors.conversation_get)(user=request.user, chat_id=chat_id)
+async def conversation_chat(request, number):
+    """POST {message}: the reply as SSE `message` events (raw deltas), then `done` and `full_response`."""
+    parsed = ConversationMessageInput(data=plain_request_input(request))
+    parsed.is_valid(raise_exception=True)
+    text = parsed.validated_data["message"]
+    chat = await database_sync_to_async(selectors.conversation_get)(user=request.user, number=number)
     subscriber = await ChatSubscriber(chat_id=chat.pk, session=request.turbo_session).start()
     try:
         message = await generation.message_prompt(
@@ -143,7 +177,7 @@ async def conversation_chat(request, chat_id):
             async for entry in subscriber:
                 if entry.is_notice:
                     if entry.type != "stream.gap":  # the stream ended: say why
-                        yield _frame("error", {"error": {"code": entry.type, "message": entry.data["message"]}})
+                        yield _error_frame(entry.type, entry.data["message"])
                         return
                     continue
                 if entry.type != MESSAGE_DELTA and entry.type not in FINAL_TYPES:
@@ -157,8 +191,8 @@ async def conversation_chat(request, chat_id):
                     continue
                 final = event["message"]
                 if final["status"] == "error":
-                    yield _frame("error", {"error": {"code": "upstream_error", "message": final["error"]}})
-                yield _frame("done", {"message_id": message_id, "status": final["status"]})
+                    yield _error_frame("upstream_error", final["error"])
+                yield _frame("done", STREAM_FINISHED)
                 yield _frame("full_response", final["reply"])
                 return
         finally:

@@ -1,7 +1,10 @@
 import uuid
 
 from django.conf import settings
-from django.db import models
+from django.db import IntegrityError, models, transaction
+
+# Attempts at a free per-owner conversation number when two chats of one owner are created at once.
+NUMBER_ATTEMPTS = 5
 
 
 class Chat(models.Model):
@@ -17,15 +20,33 @@ class Chat(models.Model):
     tools = models.JSONField(default=list, blank=True)
     # A conversation's own upstream key (seed 002), encrypted; never returned in full.
     api_key_encrypted = models.TextField(blank=True, default="", editable=False)
+    # Seed 002's integer conversation_id: 1, 2, 3... per owner, given on creation (our own API uses the UUID).
+    number = models.PositiveIntegerField(editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     # Bumped by every prompt: /chat/index sorts by latest activity.
     updated_at = models.DateTimeField(auto_now=True, db_index=True)
 
     class Meta:
         db_table = "chats"
+        constraints = [models.UniqueConstraint(fields=["owner", "number"], name="chats_owner_number_unique")]
 
     def __str__(self) -> str:
         return self.name
+
+    def save(self, *args, **kwargs):
+        if not (self._state.adding and self.number is None):
+            return super().save(*args, **kwargs)
+        # The owner's next number; a concurrent creation that took it makes the insert fail: take the next.
+        for attempt in range(NUMBER_ATTEMPTS):
+            latest = Chat.objects.filter(owner_id=self.owner_id).aggregate(models.Max("number"))["number__max"]
+            self.number = (latest or 0) + 1
+            try:
+                with transaction.atomic():
+                    return super().save(*args, **kwargs)
+            except IntegrityError:
+                if attempt == NUMBER_ATTEMPTS - 1:
+                    raise
+                self.number = None
 
 
 class ChatMember(models.Model):

@@ -100,13 +100,27 @@ def add_chat_paths(result, generator, request, public):
         },
     }
     id_param = {"name": "id", "in": "query", "required": True, "schema": {"type": "string", "format": "uuid"}}
+    token_help = "a session token, for an EventSource (it cannot send headers); only this endpoint takes it"
+    token_param = {
+        "name": "token",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": token_help,
+    }
     result["paths"]["/chat/stream"] = {
-        "get": {**stream, "operationId": "chat_stream_get", "parameters": [id_param]},
+        "get": {**stream, "operationId": "chat_stream_get", "parameters": [id_param, token_param]},
         "post": {
             **stream,
             "operationId": "chat_stream_post",
             "requestBody": _form_and_json(
-                {"type": "object", "properties": {"id": {"type": "string", "format": "uuid"}}}
+                {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "string", "format": "uuid"},
+                        "token": {"type": "string", "description": token_help + " (form bodies)"},
+                    },
+                }
             ),
         },
     }
@@ -115,11 +129,18 @@ def add_chat_paths(result, generator, request, public):
         "tags": ["api"],
         "summary": "Chat in a conversation (seed 002): the reply streams back as server-sent events",
         "description": (
-            "Events: `message` (data: a JSON string, one delta), then `done` (data: {message_id, status}) and "
-            "`full_response` (data: the whole reply as a JSON string); `error` before `done` if the upstream failed."
+            "Events, each `data:` raw text as in seed 002 (a line break in it continues on another `data:` line): "
+            "`message` (one delta of the reply), then `done` (`Stream finished`) and `full_response` (the whole "
+            "reply); `error` (data: the JSON error envelope) before `done` if the upstream failed."
         ),
         "parameters": [
-            {"name": "chat_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
+            {
+                "name": "number",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "integer"},
+                "description": "the conversation_id from /api/conversations/create",
+            }
         ],
         "requestBody": _form_and_json(
             {"type": "object", "required": ["message"], "properties": {"message": {"type": "string"}}}
@@ -133,6 +154,6 @@ def add_chat_paths(result, generator, request, public):
             **_errors(400, 401, 404),
         },
     }
-    result["paths"]["/api/chat/{chat_id}"] = {"post": conversation_chat}
-    result["paths"]["/api/chat/{chat_id}/"] = {"post": {**conversation_chat, "operationId": "conversation_chat_slash"}}
+    result["paths"]["/api/chat/{number}"] = {"post": conversation_chat}
+    result["paths"]["/api/chat/{number}/"] = {"post": {**conversation_chat, "operationId": "conversation_chat_slash"}}
     return result

@@ -7,7 +7,8 @@ members. Anyone else gets a 404, so that a chat's existence does not leak.
 import uuid
 from datetime import datetime
 
-from django.db.models import Exists, OuterRef, Q, QuerySet
+from django.db.models import Case, Exists, OuterRef, Q, QuerySet, Subquery, Value, When
+from django.db.models.functions import Coalesce
 
 from accounts.models import User
 from chats.models import Chat, ChatMember, Message
@@ -37,13 +38,46 @@ def chat_can_see(*, user_id: uuid.UUID, chat_id: uuid.UUID) -> bool:
     return Chat.objects.filter(_access(user_id), pk=chat_id).exists()
 
 
+# How a user reaches a chat, strongest first: chat_users() marks each user with one of these.
+ACCESS_OWNER, ACCESS_MEMBER, ACCESS_GROUP = "owner", "member", "group"
+ACCESS_KINDS = (ACCESS_OWNER, ACCESS_MEMBER, ACCESS_GROUP)
+
+
 def chat_users(*, chat: Chat) -> list[User]:
-    """The owner, then the members in the order they joined (one query)."""
-    members = list(
-        User.objects.filter(Q(pk=chat.owner_id) | Q(chat_memberships__chat=chat)).distinct().order_by("date_joined")
+    """Everyone who can see `chat` (one query), each with `access` (owner, member or group) and `joined_at`.
+
+    The owner first, then the chat's members, then the members of its group only, each in the order
+    they joined.
+    """
+    membership = ChatMember.objects.filter(chat_id=chat.pk, user_id=OuterRef("pk"))
+    group_membership = GroupMember.objects.filter(group_id=chat.group_id, user_id=OuterRef("pk"))
+    sees = Q(pk=chat.owner_id) | Q(Exists(membership))
+    if chat.group_id is not None:
+        sees |= Q(Exists(group_membership))
+    rank = Case(
+        When(pk=chat.owner_id, then=Value(0)),
+        When(Exists(membership), then=Value(1)),
+        default=Value(2),
     )
-    members.sort(key=lambda user: user.pk != chat.owner_id)
-    return members
+    return list(
+        User.objects.filter(sees)
+        .annotate(
+            access_rank=rank,
+            joined_at=Coalesce(
+                Subquery(membership.values("created_at")[:1]),
+                Subquery(group_membership.values("created_at")[:1]),
+                Value(chat.created_at),
+            ),
+        )
+        .annotate(
+            access=Case(
+                When(access_rank=0, then=Value(ACCESS_OWNER)),
+                When(access_rank=1, then=Value(ACCESS_MEMBER)),
+                default=Value(ACCESS_GROUP),
+            )
+        )
+        .order_by("access_rank", "joined_at", "username")
+    )
 
 
 def chat_messages(*, chat: Chat, limit: int, before: datetime | None = None) -> list[Message]:
@@ -74,9 +108,9 @@ def conversations_of(*, user: User) -> QuerySet[Chat]:
     return Chat.objects.filter(owner=user).order_by("-created_at")
 
 
-def conversation_get(*, user: User, chat_id: uuid.UUID) -> Chat:
-    """A conversation of its owner's; anyone else gets a 404."""
-    chat = Chat.objects.filter(owner=user, pk=chat_id).first()
+def conversation_get(*, user: User, number: int) -> Chat:
+    """A conversation of its owner's by its per-owner number; anyone else gets a 404."""
+    chat = Chat.objects.filter(owner=user, number=number).first()
     if chat is None:
         raise NotFound("conversation not found")
     return chat

@@ -16,8 +16,8 @@ urlpatterns = [
     # seed 002
     path("api/conversations/create", conversations.ConversationCreateView.as_view()),
     path("api/conversations/list", conversations.ConversationListView.as_view()),
-    path("api/conversations/history/<uuid:chat_id>", conversations.ConversationHistoryView.as_view()),
-    path("api/conversations/del/<uuid:chat_id>", conversations.ConversationDeleteView.as_view()),
-    path("api/chat/<uuid:chat_id>", conversations.conversation_chat),
-    path("api/chat/<uuid:chat_id>/", conversations.conversation_chat),
+    path("api/conversations/history/<int:number>", conversations.ConversationHistoryView.as_view()),
+    path("api/conversations/del/<int:number>", conversations.ConversationDeleteView.as_view()),
+    path("api/chat/<int:number>", conversations.conversation_chat),
+    path("api/chat/<int:number>/", conversations.conversation_chat),
 ]

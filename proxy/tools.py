@@ -28,6 +28,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import jsonschema
 
+from turbo_site.core.parsers import client_json_loads
+
 logger = logging.getLogger("turbo.tools")
 
 TOOL_TIMEOUT_SECONDS = 10
@@ -81,6 +83,14 @@ def openai_tools(names: list[str]) -> list[dict]:
     return [_registry[name].openai_definition() for name in names if name in _registry]
 
 
+def tool_to_openai(definition: dict) -> dict:
+    """A client-supplied tool in OpenAI's shape: seed 003's flat `{name, description, parameters}` becomes
+    `{"type": "function", "function": {...}}`; a tool already in OpenAI's shape (it has `type`) is kept."""
+    if "type" in definition or "function" in definition or "name" not in definition:
+        return definition
+    return {"type": "function", "function": dict(definition)}
+
+
 def _result(call_id: str, content: Any, *, is_error: bool = False) -> dict:
     if not isinstance(content, str):
         content = json.dumps(content, ensure_ascii=False, default=str)
@@ -102,7 +112,7 @@ async def tool_execute(tool_call: dict) -> dict:
         return _result(call_id, f"unknown tool {name!r}", is_error=True)
     raw = function.get("arguments") or "{}"
     try:
-        arguments = json.loads(raw) if isinstance(raw, str) else raw
+        arguments = client_json_loads(raw) if isinstance(raw, str) else raw
     except ValueError:
         return _result(call_id, "arguments are not valid JSON", is_error=True)
     if not isinstance(arguments, dict):

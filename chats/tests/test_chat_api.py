@@ -63,6 +63,30 @@ def test_seed_walkthrough_create_add_prompt_read(client, alice, signup, upstream
     assert [c["id"] for c in index] == [chat["id"]]
 
 
+def test_read_lists_everyone_who_can_see_a_group_chat_and_how(client, alice, signup):
+    token, owner = alice
+    member_token, member, _ = signup()
+    in_group_token, in_group, _ = signup()
+    outsider_token, _, _ = signup()
+    group = client.post("/group/create", data={"name": "team"}, headers=bearer(token)).json()
+    added = client.post(
+        "/group/members/add", data={"id": group["id"], "user_ids": in_group["id"]}, headers=bearer(token)
+    )
+    assert added.status_code == 200, added.text
+    chat = create_chat(client, token, group_id=group["id"])
+    client.post("/chat/user/add", data={"chat_id": chat["id"], "user_id": member["id"]}, headers=bearer(token))
+
+    for reader in (token, member_token, in_group_token):
+        users = client.post("/chat/read", data={"id": chat["id"]}, headers=bearer(reader)).json()["users"]
+        assert [(u["id"], u["access"]) for u in users] == [
+            (owner["id"], "owner"),
+            (member["id"], "member"),
+            (in_group["id"], "group"),
+        ]
+        assert set(users[0]) == {"id", "username", "first_name", "last_name", "access"}
+    assert client.post("/chat/read", data={"id": chat["id"]}, headers=bearer(outsider_token)).status_code == 404
+
+
 def test_model_aliases_and_default(client, alice, settings):
     token, _ = alice
     assert create_chat(client, token, model="gpt-3")["model"] == "gpt-3.5-turbo"

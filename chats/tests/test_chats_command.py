@@ -16,6 +16,7 @@ from accounts.services import user_create
 from chats.models import Chat, ChatMember, Message
 from chats.services import message_delete
 from conftest import PROJECT_ROOT, run_manage
+from groups.models import GroupMember
 from turbo_site.core.errors import NotFound
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -80,14 +81,19 @@ def test_show_malformed_id_fails():
         chats("show", "123")
 
 
-def test_members_lists_user_id_username_and_join_time(chat):
+def test_members_lists_everyone_who_can_see_the_chat_and_how(chat):
+    carol = user_create(username="carol", password="correct-horse")
+    GroupMember.objects.create(group=chat.group, user=carol)  # in the chat's group, not in the chat
+    user_create(username="dave", password="correct-horse")  # neither: not listed
+
     out = chats("members", str(chat.pk))
 
     header, *rows = out.splitlines()
-    assert header.split() == ["USER", "ID", "USERNAME", "JOINED"]
-    assert [row.split()[:2] for row in rows] == [
-        [str(chat.owner_id), "alice"],
-        [str(ChatMember.objects.get(chat=chat, user__username="bob").user_id), "bob"],
+    assert header.split() == ["USER", "ID", "USERNAME", "ACCESS", "JOINED"]
+    assert [row.split()[:3] for row in rows] == [
+        [str(chat.owner_id), "alice", "owner"],
+        [str(ChatMember.objects.get(chat=chat, user__username="bob").user_id), "bob", "member"],
+        [str(carol.pk), "carol", "group"],
     ]
     assert "md5$" not in out and "pbkdf2" not in out
 

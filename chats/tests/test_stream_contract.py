@@ -124,10 +124,11 @@ def test_conversations_subscriber_gets_the_reply_and_its_failure(client, signup,
     url = f"/api/chat/{conversation['conversation_id']}"
     with client.stream("POST", url, data={"message": "echo: via conversations"}, headers=bearer(token)) as response:
         body = "".join(response.iter_text())
-    assert body.count("event: message") == 2 and "event: done" in body and '"via conversations"' in body
+    assert body.count("event: message") == 2 and "event: done" in body
+    assert "event: full_response\ndata: via conversations\n\n" in body
     with client.stream("POST", url, data={"message": "[scenario:error_500] x"}, headers=bearer(token)) as response:
         body = "".join(response.iter_text())
-    assert "event: error" in body and '"status": "error"' in body
+    assert "event: error" in body and "event: done\ndata: Stream finished\n\n" in body
 
 
 def test_websocket_resumes_with_after_or_a_first_resume_frame(client, turbo_server, signup, upstream):

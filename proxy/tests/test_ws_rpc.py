@@ -175,3 +175,20 @@ def test_handshake_needs_a_token_and_an_allowed_origin(turbo_server, signup):
     with connect(f"{base}?token={token}", additional_headers={"Origin": f"http://127.0.0.1:{turbo_server.port}"}) as ok:
         send(ok, "ping", "1")
         assert recv(ok)["type"] == "pong"
+
+
+WEATHER = {
+    "name": "get_weather",
+    "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+
+
+@pytest.mark.parametrize("kind", ["chat_completion", "chat_completion_stream"])
+def test_seed_003_flat_tools_reach_the_upstream_in_openai_shape(ws, upstream, kind):
+    already_openai = {"type": "function", "function": {"name": "now", "parameters": {"type": "object"}}}
+    send(ws, kind, "t1", {**user("echo: hi"), "tools": [WEATHER, already_openai], "tool_choice": "auto"})
+    recv_for(ws, "t1", "chat_completion_done" if kind.endswith("stream") else "chat_completion")
+    sent = json.loads(upstream.requests[-1].body)
+    assert sent["tools"] == [{"type": "function", "function": WEATHER}, already_openai]
+    assert sent["tool_choice"] == "auto"

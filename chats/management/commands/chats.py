@@ -8,7 +8,8 @@ import uuid
 
 from django.core.management.base import CommandError
 
-from chats.models import Chat, ChatMember, Message
+from chats import selectors
+from chats.models import Chat, Message
 from chats.services import message_delete
 from turbo_site.core.commands import ActionCommand, fields, one_line, printable, table, uuid_argument, when
 
@@ -54,7 +55,11 @@ class Command(ActionCommand):
         )
         show.add_argument("chat_id", metavar="CHAT_ID", type=uuid_argument("chat"), help=chat_id_help)
 
-        members = self.add_action(actions, "members", "List a chat's members: user id, username, when they joined.")
+        members = self.add_action(
+            actions,
+            "members",
+            "List everyone who can see a chat: user id, username, access (owner, member, group), when they joined.",
+        )
         members.add_argument("chat_id", metavar="CHAT_ID", type=uuid_argument("chat"), help=chat_id_help)
 
         messages = self.add_action(
@@ -98,12 +103,9 @@ class Command(ActionCommand):
 
     def handle_members(self, *, chat_id: uuid.UUID, **options) -> None:
         chat = _chat_get(chat_id)
-        members = ChatMember.objects.filter(chat=chat).select_related("user").order_by("created_at", "user__username")
-        rows = [(str(member.user_id), member.user.username, when(member.created_at)) for member in members]
-        if not rows:
-            self.stdout.write(f"chat {chat.pk} has no members")
-            return
-        self.write_lines(table(("USER ID", "USERNAME", "JOINED"), rows))
+        users = selectors.chat_users(chat=chat)
+        rows = [(str(user.pk), user.username, user.access, when(user.joined_at)) for user in users]
+        self.write_lines(table(("USER ID", "USERNAME", "ACCESS", "JOINED"), rows))
 
     def handle_messages(self, *, chat_id: uuid.UUID, full: bool, **options) -> None:
         chat = _chat_get(chat_id)
