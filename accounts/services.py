@@ -259,7 +259,7 @@ def user_authenticate(*, username: str, password: str, client_ip: str | None) ->
     if not valid:
         login_throttle_fail(username=username, client_ip=client_ip)
         raise Unauthorized("invalid username or password", code="invalid_credentials")
-    login_throttle_reset(username=username)
+    login_throttle_reset(username=username, client_ip=client_ip)
     return user
 
 

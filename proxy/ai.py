@@ -13,6 +13,7 @@ or the upstream's own 4xx/5xx); a stream that breaks raises too, it never just e
 
 import asyncio
 import hashlib
+import re
 import weakref
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
@@ -22,11 +23,27 @@ from django.conf import settings
 
 from proxy.upstream import UpstreamNotConfigured, is_azure, upstream_base
 
+# An OpenAI-style key (sk-..., sk-proj-..., or the masked sk-abc***xyz an upstream quotes back).
+_KEY_LIKE = re.compile(r"\bsk-[A-Za-z0-9_*.\-]{3,}")
+
+
+def upstream_text_redact(text: str) -> str:
+    """Upstream error text with keys taken out: the configured server key, and anything key-like."""
+    key = settings.OPENAI_API_KEY
+    if key:
+        text = text.replace(key, "[redacted]")
+    return _KEY_LIKE.sub("[redacted]", text)
+
 
 class AIError(Exception):
-    """The model call failed; `status` says how (as an HTTP status)."""
+    """The model call failed; `status` says how (as an HTTP status).
+
+    Every surface (the /chat/prompt body, message.error, stream error events, /ws error frames) shows
+    `message`, so keys an upstream quoted back are redacted here, once.
+    """
 
     def __init__(self, message: str, *, status: int = 502):
+        message = upstream_text_redact(message)
         super().__init__(message)
         self.message = message
         self.status = status
@@ -69,6 +86,8 @@ def _client_options(api_key: str | None = None) -> dict:
         "base_url": base,
         "api_key": key,
         "default_headers": {"api-key": key} if is_azure() else None,
+        "organization": settings.OPENAI_ORGANIZATION or None,
+        "project": settings.OPENAI_PROJECT or None,
         "timeout": openai.Timeout(settings.PROXY_READ_TIMEOUT, connect=settings.PROXY_CONNECT_TIMEOUT),
         "max_retries": 1,
     }

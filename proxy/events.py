@@ -8,6 +8,7 @@ at most every EVENT_FLUSH_MS; what is still queued at a clean exit is saved then
 
 import asyncio
 import atexit
+import ipaddress
 import json
 import logging
 import os
@@ -26,6 +27,8 @@ from django.db import close_old_connections, connection, transaction
 from django.utils import timezone
 
 from proxy.models import Event
+from turbo_site.core.http import redact_query
+from turbo_site.core.parsers import client_json_loads
 from turbo_site.core.pubsub import apublish_many, publish
 
 logger = logging.getLogger("turbo.events")
@@ -42,6 +45,8 @@ _writer: threading.Thread | None = None
 _writer_pid: int | None = None
 _stopped = False
 _last_prune = 0.0
+# Events dropped because the database refused them (bad values), since the process started; /health shows it.
+events_dropped = 0
 _pending_publishes: set[asyncio.Task] = set()
 # Events waiting to be published, per event loop (a loop's batch goes out from that loop).
 _outboxes: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[dict[str, Any]]]" = weakref.WeakKeyDictionary()
@@ -67,7 +72,7 @@ def capture_body(raw: bytes, content_type: str = "") -> str:
     text: str
     if content_type == "application/json" or raw[:1] in (b"{", b"["):
         try:
-            text = json.dumps(_redact_value(json.loads(raw)), ensure_ascii=False)
+            text = json.dumps(_redact_value(client_json_loads(raw)), ensure_ascii=False)
         except (ValueError, UnicodeDecodeError):
             text = raw[:limit].decode("utf-8", "replace")
     elif content_type == "application/x-www-form-urlencoded":
@@ -98,6 +103,29 @@ def _payload(event: dict[str, Any]) -> dict[str, Any]:
     return shown
 
 
+def _text(value: Any, limit: int) -> str:
+    """Text any database accepts: no NUL (Postgres refuses it), no lone surrogate (no UTF-8 for it), bounded."""
+    text = value if isinstance(value, str) else str(value or "")
+    text = text.replace("\x00", "")
+    if not text.isascii():
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text if len(text) <= limit else text[:limit]
+
+
+def _count(value: Any, limit: int) -> int | None:
+    """A non-negative integer the column can hold, or nothing."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+        return None
+    return value
+
+
+def _address(value: Any) -> str | None:
+    try:
+        return str(ipaddress.ip_address(value)) if value else None
+    except ValueError:
+        return None
+
+
 def event_record(
     *,
     type: str,
@@ -115,23 +143,27 @@ def event_record(
     request_body: str = "",
     response_body: str = "",
 ) -> dict[str, Any]:
-    """Queue one event for the log and publish it on `events`. Never touches the database."""
+    """Queue one event for the log and publish it on `events`. Never touches the database.
+
+    Every field is cleaned here, whatever the client sent, so that one request cannot hold up the log.
+    """
+    body_limit = settings.EVENT_BODY_MAX_BYTES + len("…[truncated]")
     event = {
         "id": uuid.uuid4(),
-        "type": type,
+        "type": _text(type, 32),
         "user_id": user_id,
-        "method": method[:10],
-        "path": path[:2000],
-        "query": query[:2000],
-        "status": status,
+        "method": _text(method, 10),
+        "path": _text(path, 2000),
+        "query": _text(redact_query(_text(query, 4000)), 2000),
+        "status": _count(status, 32767),
         "duration_ms": round(duration_ms, 3) if duration_ms is not None else None,
-        "client_ip": client_ip,
-        "model": (model or "")[:100],
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": total_tokens,
-        "request_body": request_body,
-        "response_body": response_body,
+        "client_ip": _address(client_ip),
+        "model": _text(model, 100),
+        "prompt_tokens": _count(prompt_tokens, 2147483647),
+        "completion_tokens": _count(completion_tokens, 2147483647),
+        "total_tokens": _count(total_tokens, 2147483647),
+        "request_body": _text(request_body, body_limit),
+        "response_body": _text(response_body, body_limit),
         "created_at": timezone.now(),
     }
     if len(_queue) >= settings.EVENT_QUEUE_MAX:
@@ -182,22 +214,62 @@ async def _publish_quietly(payloads: list[dict[str, Any]]) -> None:
 
 
 def events_flush() -> int:
-    """Save every queued event now; returns how many were saved. Safe to call from any thread."""
+    """Save every queued event now; returns how many were saved. Safe to call from any thread.
+
+    A batch the database refuses is split until the rows it refuses are found; those are dropped and
+    counted (events_dropped), the rest saved. Only when the database itself is unreachable do the
+    events stay queued for the next try.
+    """
     saved = 0
     with _flush_lock:
         while _queue:
             batch = []
             while _queue and len(batch) < settings.EVENT_BATCH_SIZE:
                 batch.append(_queue.popleft())
-            try:
-                _insert(batch)
-            except Exception:
-                # Keep them for the next try (the database may be restarting).
-                _queue.extendleft(reversed(batch))
-                logger.exception("could not write %d events; will retry", len(batch))
+            written, unsaved = _insert_or_split(batch)
+            saved += written
+            if unsaved:
+                # The database is away (restarting?): keep what is left for the next try.
+                _queue.extendleft(reversed(unsaved))
                 break
-            saved += len(batch)
     return saved
+
+
+def _insert_or_split(batch: list[dict[str, Any]]) -> tuple[int, list[dict[str, Any]]]:
+    """Insert `batch`, halving it around refused rows; returns (saved, events to keep for later)."""
+    global events_dropped
+    try:
+        _insert(batch)
+        return len(batch), []
+    except Exception as exc:
+        if not _database_reachable():
+            logger.warning("could not write %d events (%s); will retry", len(batch), type(exc).__name__)
+            return 0, batch
+        if len(batch) == 1:
+            events_dropped += 1
+            logger.error("dropped an event the database refused (%s: %s)", type(exc).__name__, exc)
+            return 0, []
+    half = len(batch) // 2
+    saved, unsaved = _insert_or_split(batch[:half])
+    if unsaved:
+        return saved, unsaved + batch[half:]
+    more, unsaved = _insert_or_split(batch[half:])
+    return saved + more, unsaved
+
+
+def events_state() -> dict[str, int]:
+    """This process's log: events waiting to be written, and events the database refused (dropped)."""
+    return {"queued": len(_queue), "dropped": events_dropped}
+
+
+def _database_reachable() -> bool:
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        return True
+    except Exception:
+        connection.close()
+        return False
 
 
 def _insert(batch: list[dict[str, Any]]) -> None:

@@ -19,6 +19,11 @@ from django.core.asgi import get_asgi_application  # noqa: E402
 # to Django, so the async views (proxy, streams) never pass through sync-only code.
 django_application = ASGIStaticFilesHandler(get_asgi_application())
 
+from turbo_site.core.logs import log_redaction_install  # noqa: E402
+
+# After Django's logging setup, so that the filters sit on the loggers the server configured.
+log_redaction_install()
+
 from chats.routing import websocket_urlpatterns as chat_websockets  # noqa: E402
 from proxy.fast import ProxyFastPath  # noqa: E402
 from proxy.routing import websocket_urlpatterns as rpc_websockets  # noqa: E402

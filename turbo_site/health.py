@@ -13,7 +13,7 @@ from django.db import connection
 from django.http import JsonResponse
 from django.views.decorators.http import require_GET
 
-from proxy import consumers, tools
+from proxy import consumers, events, tools
 from proxy.upstream import UpstreamNotConfigured, upstream_base
 
 CHECK_TIMEOUT_SECONDS = 3
@@ -78,6 +78,8 @@ async def health(request):
             "status": "ok" if healthy else "unavailable",
             "checks": checks,
             "websocket_clients": consumers.connected_clients,
+            # This process's event log: waiting to be written, and refused by the database (dropped).
+            "events": events.events_state(),
         },
         status=200 if healthy else 503,
     )
@@ -148,6 +150,10 @@ def add_health_paths(result, generator, request, public):
                                         },
                                     },
                                     "websocket_clients": {"type": "integer"},
+                                    "events": {
+                                        "type": "object",
+                                        "properties": {"queued": {"type": "integer"}, "dropped": {"type": "integer"}},
+                                    },
                                 },
                             }
                         }

@@ -104,7 +104,7 @@ def test_login_failures_are_identical_for_unknown_user_and_wrong_password(client
     assert wrong.json() == unknown.json()
 
 
-def test_failed_logins_are_rate_limited_per_username(client, signup, settings):
+def test_failed_logins_are_rate_limited_per_username_and_address(client, signup, settings):
     settings.LOGIN_FAILURES_PER_USERNAME = 3
     _, user, password = signup()
     for _ in range(3):
@@ -115,6 +115,24 @@ def test_failed_logins_are_rate_limited_per_username(client, signup, settings):
     assert limited.status_code == 429
     assert int(limited.headers["Retry-After"]) > 0
     assert limited.json()["error"]["code"] == "rate_limited"
+
+
+def test_a_lockout_from_one_address_leaves_the_user_free_elsewhere(client, signup, settings):
+    settings.TRUSTED_PROXIES = ["127.0.0.1"]  # the test client stands for a reverse proxy: X-Forwarded-For counts
+    settings.LOGIN_FAILURES_PER_USERNAME = 3
+    _, user, password = signup()
+    attacker, owner = {"X-Forwarded-For": "203.0.113.5"}, {"X-Forwarded-For": "198.51.100.7"}
+
+    def login(headers, pw):
+        return client.post("/user/login", data={"username": user["username"], "password": pw}, headers=headers)
+
+    for _ in range(3):
+        assert login(attacker, "wrong-pw").status_code == 401
+    assert login(attacker, password).status_code == 429  # the attacker's address is locked out
+    assert login(owner, password).status_code == 200  # the real user, elsewhere, is not
+    for _ in range(3):
+        login(owner, "wrong-pw")
+    assert login(owner, password).status_code == 429  # and the owner's address has its own count
 
 
 def test_failed_logins_are_rate_limited_per_client_address(client, settings):

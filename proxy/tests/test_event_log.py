@@ -167,3 +167,119 @@ def test_flushed_events_keep_every_field(signup):
             assert getattr(saved, name) == event[name], name
     assert str(Event.objects.get(pk=recorded[0]["id"]).user_id) == user["id"]
     assert Event.objects.get(pk=recorded[1]["id"]).user_id is None
+
+
+# --- one bad request cannot stop the log ------------------------------------------------------------
+
+
+def wait_for_event(**filters) -> Event:
+    """The event matching `filters` once it has been saved (a proxied call logs when its stream ends)."""
+    import time
+
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        events_flush()
+        found = Event.objects.filter(**filters).first()
+        if found is not None:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"no event matching {filters}")
+
+
+def assert_next_events_are_written(client, token, user_id, marker):
+    for n in range(20):
+        client.get("/user/session", headers={"Authorization": f"Bearer {token}"}, params={"after": f"{marker}-{n}"})
+    events_flush()
+    written = Event.objects.filter(user_id=user_id, query__startswith=f"after={marker}-")
+    assert written.count() == 20
+    from proxy.events import _queue
+
+    assert not any(str(event["user_id"]) == user_id for event in _queue)
+
+
+def test_a_lone_surrogate_model_does_not_stop_the_log(client, signup, upstream):
+    token, user, _ = signup()
+    body = '{"model": "\\ud800", "messages": [{"role": "user", "content": "echo: hi"}]}'
+    response = client.post(
+        "/v1/chat/completions",
+        content=body,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    assert response.status_code < 500
+    logged = wait_for_event(user_id=user["id"], type="proxy")
+    assert "\ud800" not in logged.model
+    assert_next_events_are_written(client, token, user["id"], "surrogate")
+
+
+def test_a_nul_model_on_the_ws_does_not_stop_the_log(client, signup, upstream, turbo_server):
+    import json
+
+    from websockets.sync.client import connect
+
+    token, user, _ = signup()
+    with connect(f"ws://127.0.0.1:{turbo_server.port}/ws?token={token}", open_timeout=10) as socket:
+        frame = {"type": "chat_completion", "request_id": "n1", "payload": {"model": "\u0000", "messages": []}}
+        socket.send(json.dumps(frame))
+        answer = json.loads(socket.recv(timeout=15))
+        assert answer["type"] == "error" and answer["request_id"] == "n1"
+    logged = wait_for_event(user_id=user["id"], path="/ws", query="type=chat_completion")
+    assert "\x00" not in logged.model
+    assert_next_events_are_written(client, token, user["id"], "nul-ws")
+
+
+def test_a_nul_in_the_path_does_not_stop_the_log(client, signup, upstream):
+    token, user, _ = signup()
+    client.get("/v1/models%00", headers={"Authorization": f"Bearer {token}"})
+    logged = wait_for_event(user_id=user["id"], path__startswith="/v1/models")
+    assert "\x00" not in logged.path
+    assert_next_events_are_written(client, token, user["id"], "nul-path")
+
+
+def test_rows_the_database_refuses_are_dropped_and_counted_the_rest_saved(client, signup, paused_event_writer):
+    from proxy.events import _queue, event_record
+
+    _, user, _ = signup()
+    events_flush()
+    dropped_before = client.get("/health").json()["events"]["dropped"]
+    good = [event_record(type="request", user_id=user["id"], path=f"/good/{n}") for n in range(7)]
+    # A value no database accepts (no UTF-8 for a lone surrogate), as if it had slipped past the cleaning.
+    bad = {**good[0], "id": __import__("uuid").uuid4(), "path": "/bad/\ud800"}
+    _queue.insert(3, bad)
+    assert events_flush() == 7
+    assert not _queue
+    assert Event.objects.filter(user_id=user["id"], path__startswith="/good/").count() == 7
+    assert not Event.objects.filter(path__startswith="/bad/").exists()
+    assert client.get("/health").json()["events"]["dropped"] == dropped_before + 1
+
+
+def test_recorded_fields_are_cleaned_and_bounded(signup):
+    from proxy.events import event_record
+
+    recorded = event_record(
+        type="request",
+        method="G\x00ET",
+        path="/p\x00ath\udfff",
+        query="x=\x00" + "q" * 5000,
+        model="m" * 500,
+        status=70000,
+        prompt_tokens=-1,
+        total_tokens=2**40,
+        client_ip="not an address",
+    )
+    assert events_flush() == 1
+    saved = Event.objects.get(pk=recorded["id"])
+    assert (saved.method, saved.path) == ("GET", "/path?")
+    assert saved.query.startswith("x=qqq") and len(saved.query) == 2000
+    assert len(saved.model) == 100
+    assert (saved.status, saved.prompt_tokens, saved.total_tokens, saved.client_ip) == (None, None, None, None)
+
+
+def test_tokens_in_query_strings_are_redacted_in_the_log(client, signup, upstream):
+    token, user, _ = signup()
+    headers = {"Authorization": f"Bearer {token}"}
+    client.get("/user/session", headers=headers, params={"token": token, "n": "1"})
+    client.get("/v1/models", headers=headers, params={"n": "2", "api_key": token})
+    session = wait_for_event(user_id=user["id"], path="/user/session")
+    proxied = wait_for_event(user_id=user["id"], path="/v1/models")
+    assert (session.query, proxied.query) == ("token=[redacted]&n=1", "n=2&api_key=[redacted]")
+    assert not Event.objects.filter(query__contains=token).exists()

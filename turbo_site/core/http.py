@@ -1,8 +1,17 @@
 """Small HTTP helpers shared by every app."""
 
 import ipaddress
+import re
 
 from django.conf import settings
+
+# A query parameter whose name says it holds a secret (?token=, ?api_key=, ?password=, ...).
+_SECRET_PARAMETER = re.compile(
+    r"(?P<name>(?:^|(?<=[?&;\s]))[^=&;\s?]*(?:token|key|secret|pass|auth|session|sess|credential)[^=&;\s]*=)"
+    r"[^&;\s\"']*",
+    re.IGNORECASE,
+)
+REDACTED = "[redacted]"
 
 
 def _valid_ip(value: str) -> str | None:
@@ -13,6 +22,13 @@ def _valid_ip(value: str) -> str | None:
         return str(ipaddress.ip_address(value))
     except ValueError:
         return None
+
+
+def redact_query(text: str) -> str:
+    """`text` (a query string, or a log line holding URLs) with the values of secret parameters redacted."""
+    if not text or "=" not in text:
+        return text
+    return _SECRET_PARAMETER.sub(rf"\g<name>{REDACTED}", text)
 
 
 def client_ip_from(remote_addr: str | None, forwarded_for: str | None) -> str | None:
