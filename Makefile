@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ADDRESS ?= 127.0.0.1:8080
 
-.PHONY: install run serve test test-pg lint format bench clean
+.PHONY: install env demo run serve test test-pg lint format bench clean
 
 $(BIN)/activate:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or make PYTHON=python3)"; exit 1; }
@@ -20,9 +20,24 @@ $(VENV)/.installed: $(BIN)/activate requirements.txt requirements-dev.txt
 
 install: $(VENV)/.installed
 
-run: install
+# A local install's secrets: a generated SECRET_KEY in a git-ignored .env that settings read (the
+# environment wins), so `manage.py ...` works as printed. Never overwritten; production sets its own.
+ENV_FILE ?= .env
+env: $(ENV_FILE)
+$(ENV_FILE):
+	@umask 077 && $(PYTHON) -c 'import secrets; print("SECRET_KEY=" + secrets.token_urlsafe(50))' > $@
+	@echo "wrote a generated SECRET_KEY to $@"
+
+run: install $(ENV_FILE)
 	DEBUG=$${DEBUG:-1} $(BIN)/python manage.py migrate --noinput
 	DEBUG=$${DEBUG:-1} $(BIN)/python manage.py runserver $(ADDRESS)
+
+# Try the whole product without a provider key: a fake OpenAI-compatible upstream (manage.py fakellm)
+# on FAKE_PORT, and Turbo (as `make run`) pointed at it. "echo: some words" is answered "some words".
+FAKE_PORT ?= 8081
+demo: install $(ENV_FILE)
+	@$(BIN)/python manage.py fakellm --port $(FAKE_PORT) & trap "kill $$! 2>/dev/null" EXIT INT TERM; \
+		OPENAI_API_URL=http://127.0.0.1:$(FAKE_PORT)/v1 OPENAI_API_KEY=sk-demo-not-a-real-key $(MAKE) --no-print-directory run
 
 # Production-style: uvicorn with lifespan (graceful shutdown on SIGTERM), listening on ADDRESS.
 # Set SECRET_KEY (and DEBUG stays off). Client addresses come from TRUSTED_PROXIES, not uvicorn.

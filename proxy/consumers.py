@@ -24,6 +24,7 @@ from accounts.auth import AuthRefused, aauthenticate_websocket
 from accounts.live import session_watch
 from proxy import ai, tools
 from proxy.events import event_record
+from turbo_site.core.parsers import client_json_loads
 from turbo_site.core.streams import StreamUnavailable
 
 logger = logging.getLogger("turbo.ws")
@@ -54,6 +55,9 @@ class ChatPayload(serializers.Serializer):
     temperature = serializers.FloatField(required=False, min_value=0, max_value=2)
     tools = serializers.ListField(child=serializers.DictField(), required=False, max_length=128)
     tool_choice = serializers.JSONField(required=False)
+
+    def validate_tools(self, value: list[dict]) -> list[dict]:
+        return [tools.tool_to_openai(definition) for definition in value]
 
 
 class EmbeddingPayload(serializers.Serializer):
@@ -158,9 +162,9 @@ class RpcConsumer(AsyncWebsocketConsumer):
             await self.send_error(None, "frame_too_large", f"frames may be at most {settings.WS_MAX_FRAME_BYTES} bytes")
             return
         try:
-            frame = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            await self.send_error(None, "invalid_json", "the frame is not valid JSON")
+            frame = client_json_loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            await self.send_error(None, "invalid_json", f"the frame is not valid JSON: {exc}")
             return
         if not isinstance(frame, dict):
             await self.send_error(None, "invalid_frame", "the frame must be a JSON object")
@@ -175,7 +179,7 @@ class RpcConsumer(AsyncWebsocketConsumer):
             return
         kind = frame.get("type")
         payload = frame.get("payload", {})
-        if kind not in HANDLERS and kind != "cancel":
+        if not isinstance(kind, str) or (kind not in HANDLERS and kind != "cancel"):
             await self.send_error(
                 request_id, "unknown_type", f"unknown type {kind!r}; one of {sorted([*HANDLERS, 'cancel'])}"
             )

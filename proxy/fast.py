@@ -151,6 +151,7 @@ async def serve(scope, receive, send) -> None:
     reply = await exchange(
         ProxyRequest(
             user_id=found.user.pk,
+            is_staff=found.user.is_staff,
             method=scope["method"],
             path=path[len(PREFIX) :],
             request_path=path,

@@ -18,8 +18,9 @@ def add_proxy_paths(result, generator, request, public):
         "tags": ["proxy"],
         "summary": "OpenAI-compatible passthrough",
         "description": (
-            "Forwards any method and path under /v1/ to OPENAI_API_URL with the query string and body "
-            "unchanged and the server's key; the upstream's status, headers and body (server-sent events "
+            "Forwards a request under /v1/ to OPENAI_API_URL with the query string and body unchanged and "
+            "the server's key, if its path is under PROXY_ALLOWED_PATHS (or, for staff, PROXY_ADMIN_PATHS); "
+            "any other path is a 403. The upstream's status, headers and body (server-sent events "
             "chunk by chunk) come back as they arrive. Authenticate with any Turbo token, e.g. the openai "
             "SDK with base_url=<turbo>/v1 and api_key=<token>. X-Turbo-Overhead-Ms tells the time Turbo added."
         ),
@@ -30,6 +31,7 @@ def add_proxy_paths(result, generator, request, public):
         "responses": {
             "200": {"description": "the upstream's response, passed through"},
             "401": {"description": "missing or invalid token", "content": error},
+            "403": {"description": "a path this server does not proxy, or one for staff only", "content": error},
             "413": {"description": "body over PROXY_MAX_BODY_BYTES", "content": error},
             "502": {"description": "the upstream could not be reached", "content": error},
             "503": {"description": "no upstream configured", "content": error},

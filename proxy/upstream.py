@@ -11,6 +11,7 @@ bench/README.md) and httpx; `PROXY_HTTP_CLIENT` picks one.
 
 import abc
 from collections.abc import AsyncIterator
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -50,13 +51,18 @@ def is_azure() -> bool:
 
 
 def auth_headers() -> dict[str, str]:
-    """The server's credentials for the upstream (never the client's)."""
+    """The server's credentials for the upstream (never the client's): key, organization and project."""
+    headers = {}
     key = settings.OPENAI_API_KEY
-    if not key:
-        return {}
-    if is_azure():
-        return {"api-key": key}
-    return {"Authorization": f"Bearer {key}"}
+    if key and is_azure():
+        headers["api-key"] = key
+    elif key:
+        headers["Authorization"] = f"Bearer {key}"
+    if settings.OPENAI_ORGANIZATION:
+        headers["OpenAI-Organization"] = settings.OPENAI_ORGANIZATION
+    if settings.OPENAI_PROJECT:
+        headers["OpenAI-Project"] = settings.OPENAI_PROJECT
+    return headers
 
 
 # --- the interface --------------------------------------------------------------------------------
@@ -107,6 +113,8 @@ def _aiohttp_session() -> aiohttp.ClientSession:
             auto_decompress=False,
             trust_env=False,
             skip_auto_headers=("User-Agent",),
+            # One client serves every user: a cookie an upstream sets must never ride on the next request.
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     return loop_client("upstream-aiohttp", options, make, lambda session: session.closed)
@@ -162,6 +170,8 @@ def _httpx_client() -> httpx.AsyncClient:
             ),
             follow_redirects=False,
             trust_env=False,
+            # One client serves every user: a cookie an upstream sets must never ride on the next request.
+            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
         )
 
     return loop_client("upstream-httpx", options, make, lambda client: client.is_closed)

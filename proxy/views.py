@@ -1,8 +1,10 @@
 """`/v1/*`: an OpenAI-compatible passthrough that keeps the provider key on the server.
 
-Every method and path is forwarded with its query string and body unchanged; the upstream's status,
-headers and body come back as they arrive (server-sent events chunk by chunk). The request is logged
-once its response has ended, off the hot path.
+Requests to the paths PROXY_ALLOWED_PATHS names (and, for staff, PROXY_ADMIN_PATHS) are forwarded
+with their method, query string and body unchanged; any other path is refused before the upstream
+hears of it, since every call upstream carries the server's key. The upstream's status, headers and
+body come back as they arrive (server-sent events chunk by chunk). The request is logged once its
+response has ended, off the hot path.
 
 `exchange()` is the proxy itself, shared by its two front doors: `proxy.fast` (raw ASGI, for API
 clients with a token in the Authorization header: the hot path) and `proxy_view` below (Django, for
@@ -22,9 +24,11 @@ from django.utils.encoding import escape_uri_path
 from django.views.decorators.csrf import csrf_exempt
 
 from accounts.auth import AuthRefused, aauthenticate
+from proxy.ai import upstream_text_redact
 from proxy.events import capture_body, event_record
 from proxy.upstream import UpstreamError, UpstreamNotConfigured, auth_headers, upstream_base, upstream_send
 from turbo_site.core.http import client_ip
+from turbo_site.core.parsers import JSONTooDeep, client_json_loads
 
 logger = logging.getLogger("turbo.proxy")
 
@@ -35,21 +39,41 @@ FORWARDED_REQUEST_HEADERS = {
     "accept",
     "user-agent",
     "idempotency-key",
-    "openai-organization",
-    "openai-project",
     "openai-beta",
 }
 FORWARDED_REQUEST_PREFIXES = ("openai-", "x-stainless-")
-FORWARDED_RESPONSE_HEADERS = {
-    "content-type",
-    "content-disposition",
-    "cache-control",
-    "retry-after",
-    "retry-after-ms",
-    "x-request-id",
+# They pick whose account the server's key bills: the server's to set (OPENAI_ORGANIZATION,
+# OPENAI_PROJECT), never a client's, even if PROXY_FORWARD_HEADERS names them.
+SERVER_ONLY_REQUEST_HEADERS = {"openai-organization", "openai-project"}
+# Upstream response headers all come back, but for hop-by-hop ones (RFC 9110 7.6.1), the body's
+# framing (the server frames it again) and those Turbo owns: cookies for Turbo's domain, CORS, the
+# security headers it sets, and its own X-Turbo-*.
+DROPPED_RESPONSE_HEADERS = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "set-cookie",
+    "set-cookie2",
+    "server",
+    "date",
+    "alt-svc",
+    "strict-transport-security",
+    "content-security-policy",
+    "x-content-type-options",
+    "x-frame-options",
+    "referrer-policy",
+    "vary",
 }
-FORWARDED_RESPONSE_PREFIXES = ("openai-", "x-ratelimit-")
+DROPPED_RESPONSE_PREFIXES = ("access-control-", "x-turbo-")
 SNIFF_LIMIT = 1024 * 1024  # bodies larger than this are not parsed for the model name or usage
+ERROR_BODY_MAX_BYTES = 64 * 1024  # an upstream error's body is passed on up to this size
 
 
 def openai_error_body(message: str, error_type: str, code: str) -> bytes:
@@ -66,7 +90,8 @@ def _request_headers(client_headers: dict[str, str]) -> dict[str, str]:
     headers = {
         name: value
         for name, value in client_headers.items()
-        if name in FORWARDED_REQUEST_HEADERS or name.startswith(FORWARDED_REQUEST_PREFIXES) or name in extra
+        if (name in FORWARDED_REQUEST_HEADERS or name.startswith(FORWARDED_REQUEST_PREFIXES) or name in extra)
+        and name not in SERVER_ONLY_REQUEST_HEADERS
     }
     headers["accept-encoding"] = "identity"  # pass bytes through untouched, and read usage from them
     headers.update(auth_headers())
@@ -77,7 +102,7 @@ def _response_headers(upstream_headers: list[tuple[str, str]]) -> dict[str, str]
     return {
         name: value
         for name, value in upstream_headers
-        if name in FORWARDED_RESPONSE_HEADERS or name.startswith(FORWARDED_RESPONSE_PREFIXES)
+        if name not in DROPPED_RESPONSE_HEADERS and not name.startswith(DROPPED_RESPONSE_PREFIXES)
     }
 
 
@@ -85,13 +110,35 @@ def _has_dot_segment(path: str) -> bool:
     return any(segment in (".", "..") for segment in unquote(path).split("/"))
 
 
+def _under_any(path: str, prefixes: list[str]) -> bool:
+    """Is `path` (after /v1/) one of `prefixes` or below one, whole segments only (`models` ≠ `modelsx`)?"""
+    path = path.strip("/")
+    for prefix in prefixes:
+        prefix = prefix.strip("/")
+        if prefix and (path == prefix or path.startswith(prefix + "/")):
+            return True
+    return False
+
+
+def path_refusal(path: str, *, is_staff: bool) -> tuple[str, str] | None:
+    """Why this user may not call /v1/`path` (code, message), or None if they may."""
+    if _under_any(path, settings.PROXY_ALLOWED_PATHS):
+        return None
+    if _under_any(path, settings.PROXY_ADMIN_PATHS):
+        return None if is_staff else ("staff_only", f"/v1/{path} is for staff users only")
+    return ("path_not_allowed", f"this server does not proxy /v1/{path}")
+
+
 def _model_of(body: bytes, content_type: str) -> str:
+    """The `model` a JSON body names, or "". Raises JSONTooDeep (refused: no upstream wants it either)."""
     if not body or len(body) > SNIFF_LIMIT or not content_type.startswith("application/json"):
         return ""
     try:
-        data = json.loads(body)
-    except ValueError:
-        return ""
+        data = client_json_loads(body)
+    except JSONTooDeep:
+        raise
+    except (ValueError, UnicodeDecodeError):
+        return ""  # the upstream answers malformed JSON in its own words
     model = data.get("model") if isinstance(data, dict) else None
     return model if isinstance(model, str) else ""
 
@@ -146,6 +193,7 @@ class ProxyRequest:
     """What the proxy needs of a client's request, from either front door."""
 
     user_id: object
+    is_staff: bool
     method: str
     path: str  # the part after /v1/, percent-decoded
     request_path: str  # the whole path, for the log
@@ -169,7 +217,12 @@ class ProxyReply:
 async def exchange(request: ProxyRequest) -> ProxyReply:
     """Forward one authenticated request upstream; the reply streams the upstream's answer back."""
     content_type = request.headers.get("content-type", "")
-    model = _model_of(request.body, content_type)
+    try:
+        model = _model_of(request.body, content_type)
+    except JSONTooDeep as exc:
+        model, too_deep = "", str(exc)
+    else:
+        too_deep = ""
 
     def log(status: int, reader: UsageReader | None = None, response_body: str = "") -> None:
         event_record(
@@ -193,8 +246,14 @@ async def exchange(request: ProxyRequest) -> ProxyReply:
         log(status)
         return ProxyReply(status, {"Content-Type": "application/json"}, openai_error_body(message, error_type, code))
 
+    if too_deep:
+        return fail(400, too_deep, "invalid_request_error", "invalid_json")
     if _has_dot_segment(request.path):
         return fail(400, "the path may not contain '.' or '..' segments", "invalid_request_error", "invalid_path")
+    refusal = path_refusal(request.path, is_staff=request.is_staff)
+    if refusal is not None:
+        code, message = refusal
+        return fail(403, message, "invalid_request_error", code)
     try:
         base = upstream_base()
     except UpstreamNotConfigured as exc:
@@ -221,12 +280,20 @@ async def exchange(request: ProxyRequest) -> ProxyReply:
     async def relay():
         captured = bytearray()
         status = upstream.status
+        # An error's body may quote the key it was sent ("Incorrect API key provided: sk-..."): it is
+        # read whole (errors are small) and sent on with keys taken out.
+        error_body = bytearray() if upstream.status >= 400 else None
         try:
             async for chunk in upstream.chunks():
                 reader.feed(chunk)
                 if len(captured) < capture_limit:
                     captured += chunk[: capture_limit - len(captured)]
-                yield chunk
+                if error_body is None:
+                    yield chunk
+                elif len(error_body) < ERROR_BODY_MAX_BYTES:
+                    error_body += chunk[: ERROR_BODY_MAX_BYTES - len(error_body)]
+            if error_body is not None:
+                yield upstream_text_redact(error_body.decode("utf-8", "replace")).encode()
         except UpstreamError as exc:
             status = 504 if exc.timeout else 502
             logger.warning("upstream stream broke: %s", exc)
@@ -277,6 +344,7 @@ async def proxy_view(request, path: str = ""):
     reply = await exchange(
         ProxyRequest(
             user_id=found.user.pk,
+            is_staff=found.user.is_staff,
             method=request.method,
             path=path,
             request_path=request.path,

@@ -13,6 +13,27 @@ from turbo_site.core.redis_retry import sync_retry_options
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
+def _load_env_file(path: Path) -> None:
+    """KEY=VALUE lines of a local install's env file (`make run` writes a generated SECRET_KEY there);
+    a variable set in the environment wins over the file."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        name, _, value = line.partition("=")
+        name, value = name.strip().removeprefix("export "), value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        os.environ.setdefault(name.strip(), value)
+
+
+_load_env_file(Path(os.environ.get("TURBO_ENV_FILE") or BASE_DIR / ".env"))
+
+
 def env_str(name: str, default: str = "") -> str:
     return os.environ.get(name, default).strip()
 
@@ -57,8 +78,8 @@ if not SECRET_KEY:
     if not DEBUG:
         raise ImproperlyConfigured(
             "SECRET_KEY is not set. Set SECRET_KEY to a long random string "
-            "(python -c 'import secrets; print(secrets.token_urlsafe(50))'), "
-            "or set DEBUG=1 to use the development key."
+            "(python -c 'import secrets; print(secrets.token_urlsafe(50))'), run `make env` to write a "
+            "generated one to .env for a local install, or set DEBUG=1 to use the development key."
         )
     SECRET_KEY = "turbo-development-only-key-never-use-in-production"
 
@@ -75,6 +96,7 @@ INSTALLED_APPS = [
     "corsheaders",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "channels",
     "accounts",
     "groups",
@@ -208,6 +230,15 @@ if PROXY_HTTP_CLIENT not in ("aiohttp", "httpx"):
     raise ImproperlyConfigured("PROXY_HTTP_CLIENT must be aiohttp or httpx")
 # Extra request headers to pass upstream, beyond the ones OpenAI clients need.
 PROXY_FORWARD_HEADERS = env_list("PROXY_FORWARD_HEADERS")
+# Paths under /v1/ the proxy serves (prefixes, segment by segment); anything else is refused before
+# the upstream sees it. PROXY_ADMIN_PATHS are served to staff users only.
+PROXY_ALLOWED_PATHS = env_list(
+    "PROXY_ALLOWED_PATHS", "models,chat/completions,completions,embeddings,responses,audio,images,moderations"
+)
+PROXY_ADMIN_PATHS = env_list("PROXY_ADMIN_PATHS")
+# Sent upstream as OpenAI-Organization / OpenAI-Project when set; clients' own are never forwarded.
+OPENAI_ORGANIZATION = env_str("OPENAI_ORGANIZATION")
+OPENAI_PROJECT = env_str("OPENAI_PROJECT")
 DEFAULT_MODEL = env_str("DEFAULT_MODEL", "gpt-4o-mini")
 # The seed's model aliases, as alias=model pairs.
 MODEL_ALIASES = dict(
@@ -230,6 +261,9 @@ STREAM_SUBSCRIBER_BUFFER = env_int("STREAM_SUBSCRIBER_BUFFER", 2000)
 FINAL_SAVE_RETRY_SECONDS = env_int("FINAL_SAVE_RETRY_SECONDS", 30)
 # The /ws RPC endpoint: largest client frame, and requests one socket may have in flight.
 WS_MAX_FRAME_BYTES = env_int("WS_MAX_FRAME_BYTES", 1024 * 1024)
+# runserver (daphne) drops a socket whose frame passes its own limit (1 MiB) without a close frame; let
+# frames through up to uvicorn's limit (16 MiB), so the consumer answers frame_too_large on both servers.
+DAPHNE_WEBSOCKET_MAX_MESSAGE_SIZE = DAPHNE_WEBSOCKET_MAX_FRAME_SIZE = max(16 * 1024 * 1024, 2 * WS_MAX_FRAME_BYTES)
 WS_MAX_IN_FLIGHT = env_int("WS_MAX_IN_FLIGHT", 8)
 # On shutdown, how long generations still running may take before they are saved as interrupted.
 SHUTDOWN_GRACE_SECONDS = env_int("SHUTDOWN_GRACE_SECONDS", 20)
@@ -262,7 +296,7 @@ REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["accounts.auth.TokenAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_PARSER_CLASSES": [
-        "rest_framework.parsers.JSONParser",
+        "turbo_site.core.parsers.JSONParser",
         "turbo_site.core.parsers.LenientFormParser",
         "rest_framework.parsers.MultiPartParser",
     ],
@@ -276,6 +310,10 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "User accounts, groups, chats, live streaming and an OpenAI-compatible proxy.",
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # /api/docs/ loads Swagger UI from our own static files, so it works offline and loads nothing foreign.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
@@ -288,9 +326,15 @@ SPECTACULAR_SETTINGS = {
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    # Secret query parameters (a WebSocket's ?token=) never reach a log line; asgi.py also puts this
+    # filter on the servers' own loggers, which do not go through this handler.
+    "filters": {"redact_secrets": {"()": "turbo_site.core.logs.RedactSecrets"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "filters": ["redact_secrets"]}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {
+        # Named so that Django's default handlers on it (a console handler when DEBUG is on) are removed:
+        # its records reach the root's handler once, not twice.
+        "django": {"level": "INFO"},
         "django.request": {"level": "ERROR"},
         # One INFO line per upstream call is noise (and work) on the proxy's hot path.
         "httpx": {"level": "WARNING"},

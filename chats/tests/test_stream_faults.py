@@ -467,6 +467,7 @@ def test_redis_killed_mid_stream_then_restarted(start_server, processes):
         ("POST", "/chat/index", None),
         ("GET", "/chat/read", {"id": chat_id}),
         ("GET", "/chat/stream", {"id": chat_id}),
+        ("GET", "/v1/models", None),  # the proxy's fast path
     ):
         answer = api.http.request(method, path, params=params, headers=api.headers)
         assert answer.status_code == 503, (path, answer.status_code, answer.text, server.stderr()[-3000:])

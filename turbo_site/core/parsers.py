@@ -1,10 +1,62 @@
-"""Body parsers."""
+"""Body parsers, and the one way a client's JSON is read (bodies, WebSocket frames)."""
 
 import json
+import re
 
 from django.http import QueryDict
 from rest_framework.exceptions import ParseError
 from rest_framework.parsers import FormParser
+from rest_framework.parsers import JSONParser as DrfJSONParser
+
+# Deeper than any real request (OpenAI tool schemas nest a few dozen levels at most); Python's parser
+# would raise RecursionError (a 500, or a dead socket) somewhere past a thousand.
+MAX_JSON_DEPTH = 100
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_JSON_BRACKET = re.compile(rb"[\[\]{}]")
+
+
+class JSONTooDeep(ValueError):
+    """The JSON nests deeper than MAX_JSON_DEPTH."""
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _check_depth(raw: bytes, max_depth: int) -> None:
+    if raw.count(b"[") + raw.count(b"{") <= max_depth:
+        return  # cannot nest deeper than it has brackets: the common case costs two scans in C
+    depth = 0
+    for bracket in _JSON_BRACKET.finditer(_JSON_STRING.sub(b'""', raw)):
+        if bracket.group() in (b"[", b"{"):
+            depth += 1
+            if depth > max_depth:
+                raise JSONTooDeep(f"JSON nested more than {max_depth} levels deep")
+        else:
+            depth -= 1
+
+
+def client_json_loads(raw: bytes | str, *, max_depth: int = MAX_JSON_DEPTH):
+    """Parse JSON a client sent. Raises ValueError (JSONTooDeep for deep nesting) or UnicodeDecodeError.
+
+    Use it wherever a client's body or frame is parsed: json.loads alone turns deep nesting into a
+    RecursionError, and accepts NaN and Infinity, which are not JSON.
+    """
+    _check_depth(raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw, max_depth)
+    return json.loads(raw, parse_constant=_refuse_constant)
+
+
+class JSONParser(DrfJSONParser):
+    """DRF's JSON parser over client_json_loads."""
+
+    def parse(self, stream, media_type=None, parser_context=None):
+        encoding = (parser_context or {}).get("encoding", "utf-8")
+        raw = stream.read() if stream is not None else b""
+        try:
+            return client_json_loads(raw.decode(encoding))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ParseError(f"JSON parse error - {exc}") from exc
 
 
 class LenientFormParser(FormParser):
@@ -19,7 +71,7 @@ class LenientFormParser(FormParser):
         raw = stream.read() if stream is not None else b""
         if raw.lstrip().startswith(b"{"):
             try:
-                data = json.loads(raw.decode(encoding))
+                data = client_json_loads(raw.decode(encoding))
             except (UnicodeDecodeError, ValueError) as exc:
                 raise ParseError(f"JSON parse error - {exc}") from exc
             if not isinstance(data, dict):

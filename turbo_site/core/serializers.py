@@ -58,9 +58,8 @@ class IdListField(serializers.ListField):
 
 def plain_request_input(request) -> dict:
     """request_input for plain (non-DRF) Django views, such as the async ones: query string + body."""
-    import json
-
     from turbo_site.core.errors import TurboError
+    from turbo_site.core.parsers import client_json_loads
 
     merged: dict = {}
     for key, values in request.GET.lists():
@@ -73,7 +72,7 @@ def plain_request_input(request) -> dict:
         content_type in ("", "application/x-www-form-urlencoded") and body.lstrip().startswith(b"{")
     ):
         try:
-            data = json.loads(body)
+            data = client_json_loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise TurboError(f"malformed JSON body: {exc}", code="malformed_body") from exc
         if not isinstance(data, dict):

@@ -60,7 +60,9 @@ ERROR_SCENARIOS: dict[str, tuple[int, str, str, str]] = {
     "error_429": (429, "Rate limit reached for requests", "rate_limit_exceeded", "rate_limit_exceeded"),
     "error_500": (500, "The server had an error while processing your request", "server_error", "server_error"),
 }
-SCENARIOS = frozenset({*ERROR_SCENARIOS, "slow", "gated", "die_mid_stream", "stall", "tool_call"})
+# OpenAI's answer to a wrong key quotes the key it was sent; so does this scenario.
+ECHO_KEY_SCENARIO = "error_401_echo"
+SCENARIOS = frozenset({*ERROR_SCENARIOS, ECHO_KEY_SCENARIO, "slow", "gated", "die_mid_stream", "stall", "tool_call"})
 
 
 @dataclass
@@ -82,16 +84,16 @@ class RecordedRequest:
 class FakeUpstream:
     """The fake OpenAI API on ``127.0.0.1:<free port>``, run by uvicorn in a daemon thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0) -> None:
         self.requests: list[RecordedRequest] = []
         self._gate = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing: asyncio.Event | None = None
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind(("127.0.0.1", 0))
+        self._socket.bind((host, port))
         self.port: int = self._socket.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
         config = uvicorn.Config(self.app, log_level="warning", lifespan="off", interface="asgi3", ws="none")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name=f"fake-upstream-{self.port}", daemon=True)
@@ -223,6 +225,10 @@ class FakeUpstream:
         }.get((request.method, request.path))
         if route is None:
             return _error(404, "Unknown path", "invalid_request_error", "not_found")
+        if options.scenario == ECHO_KEY_SCENARIO:
+            sent = request.headers.get("authorization", "").removeprefix("Bearer ")
+            message = f"Incorrect API key provided: {sent}. You can find your API key at https://platform.openai.com."
+            return _error(401, message, "invalid_request_error", "invalid_api_key")
         if options.scenario in ERROR_SCENARIOS:
             status, message, kind, code = ERROR_SCENARIOS[options.scenario]
             extra = [(b"retry-after", b"7")] if status == 429 else []
@@ -569,6 +575,9 @@ def _standard_headers() -> Headers:
         (b"x-request-id", ("req_" + secrets.token_hex(12)).encode()),
         (b"openai-processing-ms", b"1"),
         (b"x-ratelimit-remaining-requests", b"99"),
+        # What a proxy must pass on (a header it has never heard of) and must not (a cookie for its domain).
+        (b"x-fake-upstream", b"yes"),
+        (b"set-cookie", b"fake-upstream-session=1; Path=/"),
     ]
 
 

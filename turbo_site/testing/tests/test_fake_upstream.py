@@ -418,3 +418,13 @@ def test_sdk_tool_call_and_errors(sdk):
     assert caught.value.code == "rate_limit_exceeded"
     with pytest.raises(openai.BadRequestError):
         sdk.models.list(extra_headers=scenario("error_400"))
+
+
+def test_error_401_echo_quotes_the_key_it_was_sent(http):
+    response = http.post(
+        "/v1/chat/completions", json=chat(), headers={**scenario("error_401_echo"), "Authorization": "Bearer sk-abc123"}
+    )
+    assert response.status_code == 401
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_api_key")
+    assert "Incorrect API key provided: sk-abc123." in error["message"]

@@ -1,0 +1,171 @@
+"""What a new user runs first: a local secret without a manual step, the fake upstream to try Turbo
+without a provider key, and the API docs working offline."""
+
+import os
+import re
+import subprocess
+import sys
+
+import openai
+import pytest
+
+from conftest import PROJECT_ROOT
+
+
+def bare_env(tmp_path, **extra) -> dict:
+    """The environment of a new user's shell: no Turbo settings at all."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("DJANGO_", "DEBUG"))}
+    for name in ("SECRET_KEY", "DB_ADDRESS", "REDIS_ADDRESS", "TURBO_ENV_FILE", "OPENAI_API_URL", "OPENAI_API_KEY"):
+        env.pop(name, None)
+    env["DB_ADDRESS"] = f"sqlite:///{tmp_path / 'turbo.db'}"
+    env.update(extra)
+    return env
+
+
+def manage(env, *args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "manage.py", *args], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_make_env_writes_a_secret_once_and_the_documented_commands_then_work(tmp_path):
+    env_file = tmp_path / ".env"
+    made = subprocess.run(
+        ["make", "--no-print-directory", f"ENV_FILE={env_file}", "PYTHON=" + sys.executable, "env"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    text = env_file.read_text()
+    assert re.fullmatch(r"SECRET_KEY=[A-Za-z0-9_\-]{50,}\n", text)
+    assert env_file.stat().st_mode & 0o077 == 0  # readable by its owner only
+    subprocess.run(["make", f"ENV_FILE={env_file}", "env"], cwd=PROJECT_ROOT, capture_output=True, timeout=60)
+    assert env_file.read_text() == text  # never overwritten
+
+    without = bare_env(tmp_path, TURBO_ENV_FILE=str(tmp_path / "missing.env"))
+    refused = manage(without, "users", "list")
+    assert refused.returncode == 1 and "SECRET_KEY is not set" in refused.stderr  # production refuses
+
+    with_file = bare_env(tmp_path, TURBO_ENV_FILE=str(env_file))
+    assert manage(with_file, "migrate", "--noinput", "-v0").returncode == 0
+    made_chat = manage(
+        with_file,
+        "shell",
+        "-c",
+        "from accounts.services import user_create; from chats.services import chat_create; "
+        "from chats.models import Message; owner = user_create(username='chat-owner', password='correct-horse'); "
+        "chat = chat_create(owner=owner, name='c'); "
+        "m = Message.objects.create(chat=chat, author=owner, prompt='p', reply='r'); print(chat.pk, m.pk)",
+    )
+    chat_id, message_id = made_chat.stdout.split()[-2:]
+    # Every operator command of the README, as printed there (placeholders filled in), works.
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    block = readme.split("Management commands", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].split() for line in block.strip().splitlines()]
+    assert len(commands) >= 9
+    fills = {
+        "<id-or-username>": ["chat-owner"],
+        "<username>": ["first-user"],
+        "<password>": ["another-horse"],
+        "[--password": ["--password"],
+        "P]": ["correct-horse"],
+        "[--days": ["--days"],
+        "N]": ["30"],
+    }
+    for words in commands:
+        assert words[:3] == [".venv/bin/python", "manage.py", words[2]]
+        args = []
+        for word in words[2:]:
+            if word == "<id>":
+                word = message_id if "delete-message" in words else chat_id
+            args += fills.get(word, [word])
+        done = manage(with_file, *args)
+        assert done.returncode == 0, (args, done.stderr)
+    listed = manage(with_file, "users", "list")
+    assert listed.returncode == 0 and "first-user" in listed.stdout
+    # the environment wins over the file
+    code = "from django.conf import settings; print(settings.SECRET_KEY)"
+    overridden = manage({**with_file, "SECRET_KEY": "from-the-environment"}, "shell", "-c", code)
+    assert overridden.stdout.splitlines()[-1] == "from-the-environment"
+    from_file = manage(with_file, "shell", "-c", code)
+    assert from_file.stdout.splitlines()[-1] == text.strip().removeprefix("SECRET_KEY=")
+
+
+def test_fakellm_serves_an_openai_compatible_stand_in(tmp_path, unused_port):
+    env = bare_env(tmp_path, DEBUG="1")
+    process = subprocess.Popen(
+        [sys.executable, "manage.py", "fakellm", "--port", str(unused_port)],
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        banner = process.stdout.readline()
+        assert f"127.0.0.1:{unused_port}/v1" in banner
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{unused_port}/v1", api_key="sk-anything")
+        assert [model.id for model in client.models.list()]
+        reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "echo: hi"}])
+        assert reply.choices[0].message.content == "hi"
+        streamed = client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "echo: a b c"}], stream=True
+        )
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices) == "a b c"
+    finally:
+        process.terminate()
+        assert process.wait(timeout=20) == 0
+
+
+@pytest.fixture
+def unused_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_fakellm_help_and_a_taken_port(tmp_path):
+    env = bare_env(tmp_path, DEBUG="1")
+    helped = manage(env, "fakellm", "--help")
+    assert helped.returncode == 0 and "OPENAI_API_URL" in helped.stdout
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = manage(env, "fakellm", "--port", str(holder.getsockname()[1]))
+    assert taken.returncode == 1 and "cannot listen" in taken.stderr and "Traceback" not in taken.stderr
+
+
+@pytest.mark.django_db(transaction=True)
+def test_api_docs_load_no_external_asset(client):
+    page = client.get("/api/docs/")
+    assert page.status_code == 200
+    assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", page.text)
+    assert assets, page.text[:500]
+    assert not [asset for asset in assets if asset.startswith(("http:", "https:", "//"))]
+    for asset in assets:
+        if asset.startswith("/"):
+            assert client.get(asset).status_code == 200, asset
+    # and no script is pulled in by URL from inside an inline script either
+    assert "cdn." not in page.text and "unpkg" not in page.text and "jsdelivr" not in page.text
+
+
+@pytest.mark.django_db(transaction=True)
+def test_unknown_upstream_headers_pass_and_owned_ones_do_not(client, signup, upstream):
+    token, _, _ = signup()
+    for path in ("/v1/models", "/v1/chat/completions"):
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+        response = (
+            client.get(path, headers={"Authorization": f"Bearer {token}"})
+            if path.endswith("models")
+            else client.post(path, json=body, headers={"Authorization": f"Bearer {token}"})
+        )
+        assert response.status_code == 200
+        assert response.headers["x-fake-upstream"] == "yes"  # a header Turbo has never heard of
+        assert response.headers["x-request-id"].startswith("req_")
+        assert "set-cookie" not in response.headers  # a cookie for Turbo's domain is Turbo's to set

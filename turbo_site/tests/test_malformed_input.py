@@ -1,0 +1,139 @@
+"""Malformed client input is a 400 with our error shape (an error frame on a WebSocket), never a 500.
+
+Deeply nested JSON made Python's parser raise RecursionError; text the database or UTF-8 cannot hold
+(NUL, lone surrogates) reached the database or the response encoder. Every body and frame a client
+sends is parsed by turbo_site.core.parsers.client_json_loads, and text fields are StrictCharFields.
+"""
+
+import json
+
+import pytest
+from websockets.sync.client import connect
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+DEEP = "[" * 5000 + "]" * 5000
+DEEP_OBJECT = '{"a":' * 5000 + "1" + "}" * 5000
+# The chat stream takes frames of at most 4096 bytes; 1,500 levels is still past Python's recursion limit.
+DEEP_SMALL = "[" * 1500 + "]" * 1500
+
+
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def assert_turbo_error(response, status: int = 400) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] and error["message"]
+    return error
+
+
+JSON_ENDPOINTS = [
+    ("/user/signup", False, "application/json"),  # DRF, before authentication
+    ("/user/login", False, "application/x-www-form-urlencoded"),  # JSON under curl's default type
+    ("/chat/create", True, "application/json"),  # DRF, authenticated
+    ("/chat/prompt", True, "application/json"),  # a plain async view
+    ("/api/conversations/create", True, "application/json"),
+    ("/api/chat/1", True, "application/json"),
+]
+
+
+@pytest.mark.parametrize(
+    "path, authenticated, content_type, body",
+    [(*endpoint, DEEP_OBJECT) for endpoint in JSON_ENDPOINTS]
+    # under the form type, only a body that starts with { is read as JSON
+    + [(*endpoint, DEEP) for endpoint in JSON_ENDPOINTS if endpoint[2] == "application/json"],
+)
+def test_deeply_nested_json_is_a_400(client, signup, path, authenticated, content_type, body):
+    headers = {"Content-Type": content_type}
+    if authenticated:
+        token, _, _ = signup()
+        headers |= bearer(token)
+        if path == "/api/chat/1":
+            client.post("/api/conversations/create", json={"title": "t"}, headers=bearer(token))
+    error = assert_turbo_error(client.post(path, content=body, headers=headers))
+    assert error["code"] in ("malformed_body", "invalid")
+
+
+@pytest.mark.parametrize("through_django", [False, True], ids=["fast", "django"])
+def test_deeply_nested_json_to_the_proxy_is_a_400_that_never_reaches_the_upstream(
+    client, signup, upstream, settings, through_django
+):
+    token, _, _ = signup()
+    headers = {**bearer(token), "Content-Type": "application/json"}
+    if through_django:
+        settings.CORS_ALLOWED_ORIGINS = ["https://app.example.com"]
+        headers["Origin"] = "https://app.example.com"
+    response = client.post("/v1/chat/completions", content=DEEP_OBJECT, headers=headers)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert response.json()["error"]["code"] == "invalid_json"
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("text", ["a\\u0000b", "\\ud800", "x\\udfffy"], ids=["nul", "high-surrogate", "low-surrogate"])
+def test_conversation_message_with_nul_or_a_lone_surrogate_is_a_400(client, signup, upstream, text):
+    token, _, _ = signup()
+    client.post("/api/conversations/create", json={"title": "t"}, headers=bearer(token))
+    response = client.post(
+        "/api/chat/1", content=f'{{"message": "{text}"}}', headers={**bearer(token), "Content-Type": "application/json"}
+    )
+    error = assert_turbo_error(response)
+    assert error["code"] == "invalid" and "message" in error["fields"]
+    assert upstream.requests == []  # nothing was stored or sent to the model
+    history = client.get("/api/conversations/history/1", headers=bearer(token)).json()
+    assert history["messages"] == []
+
+
+def ws_send_and_expect_error(socket, frame: str) -> dict:
+    socket.send(frame)
+    while True:
+        reply = json.loads(socket.recv(timeout=10))
+        if reply["type"] == "error":
+            return reply
+
+
+@pytest.mark.parametrize(
+    "frame, code",
+    [
+        (DEEP, "invalid_json"),
+        (json.dumps({"type": ["ping"], "request_id": "r1"}), "unknown_type"),
+        (json.dumps({"type": {"ping": 1}, "request_id": "r1"}), "unknown_type"),
+    ],
+    ids=["deep", "type-list", "type-object"],
+)
+def test_rpc_socket_answers_malformed_frames_with_an_error_and_stays_open(turbo_server, signup, frame, code):
+    token, _, _ = signup()
+    with connect(f"ws://127.0.0.1:{turbo_server.port}/ws?token={token}", open_timeout=10) as socket:
+        error = ws_send_and_expect_error(socket, frame)
+        assert error["error"]["code"] == code
+        socket.send(json.dumps({"type": "ping", "request_id": "p1"}))
+        assert json.loads(socket.recv(timeout=10)) == {"type": "pong", "request_id": "p1", "data": {}}
+
+
+def test_chat_stream_socket_answers_deep_json_with_an_error_and_stays_open(client, turbo_server, signup):
+    token, _, _ = signup()
+    chat = client.post("/chat/create", data={"name": "c"}, headers=bearer(token)).json()
+    url = f"ws://127.0.0.1:{turbo_server.port}/chat/stream?id={chat['id']}&token={token}"
+    with connect(url, open_timeout=10) as socket:
+        error = ws_send_and_expect_error(socket, DEEP_SMALL)
+        assert error["message"]
+        socket.send(json.dumps({"type": "ping"}))
+        while (reply := json.loads(socket.recv(timeout=10)))["type"] != "pong":
+            assert reply["type"] != "error", reply
+
+
+def test_nesting_a_real_request_needs_is_still_accepted(client, signup, upstream):
+    token, _, _ = signup()
+    schema = {"type": "string"}
+    for _ in range(40):  # a tool's JSON schema, nested deeper than any real one
+        schema = {"type": "object", "properties": {"inner": schema}}
+    completion = {
+        "model": "gpt-4o",
+        "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}],
+    }
+    response = client.post("/v1/chat/completions", json=completion, headers=bearer(token))
+    assert response.status_code == 200, response.text
+    assert upstream.requests[-1].json()["tools"][0]["function"]["parameters"] == schema
