@@ -405,10 +405,8 @@ def redis_forget(url: str, chat_ids: list[str]) -> None:
         print(f"could not tidy Redis up: {exc}", file=sys.stderr)
 
 
-def run_layer(
-    args, layer: str, results: list[dict], *, work: Path, upstream_port: int, db_address: str, members: list[dict]
-) -> list[str]:
-    """Turbo with this layer, every subscriber count in turn; returns Turbo's notable log lines."""
+def layer_env(args, layer: str, *, upstream_port: int, db_address: str) -> dict:
+    """Turbo's environment for one stream backend (Redis when `layer` is redis)."""
     env = turbo_env(
         argparse.Namespace(redis=args.redis_url if layer == "redis" else ""),
         upstream_port=upstream_port,
@@ -416,6 +414,14 @@ def run_layer(
     )
     if not args.production_hasher:
         env["DJANGO_SETTINGS_MODULE"] = "bench.settings"
+    return env
+
+
+def run_layer(
+    args, layer: str, results: list[dict], *, work: Path, upstream_port: int, db_address: str, members: list[dict]
+) -> list[str]:
+    """Turbo with this layer, every subscriber count in turn; returns Turbo's notable log lines."""
+    env = layer_env(args, layer, upstream_port=upstream_port, db_address=db_address)
     processes = Processes(work)
     name = f"turbo-{layer}"
     port = free_port()
@@ -857,13 +863,7 @@ def run_many_layer(
     args, layer: str, results: list[dict], *, work: Path, upstream_port: int, db_address: str, members: list[dict]
 ) -> list[str]:
     """Turbo with this stream backend in `--servers` processes (one for in-memory), the many-chats case."""
-    env = turbo_env(
-        argparse.Namespace(redis=args.redis_url if layer == "redis" else ""),
-        upstream_port=upstream_port,
-        db_address=db_address,
-    )
-    if not args.production_hasher:
-        env["DJANGO_SETTINGS_MODULE"] = "bench.settings"
+    env = layer_env(args, layer, upstream_port=upstream_port, db_address=db_address)
     processes = Processes(work)
     count = args.servers if layer == "redis" else 1
     names, bases, pids = [], [], []

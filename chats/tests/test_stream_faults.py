@@ -370,6 +370,13 @@ class Api:
         self.http.close()
 
 
+def followed_chat(server, name: str) -> tuple["Api", str, "SSEFollower", "WSFollower"]:
+    """A new user's chat on `server`, followed by an SSE and a WebSocket subscriber."""
+    api = Api(server.url, name)
+    chat_id = api.chat()
+    return api, chat_id, SSEFollower(server.url, api.token, chat_id), WSFollower(server.url, api.token, chat_id)
+
+
 def sse_when_back(url: str, token: str, chat_id: str, last_event_id: int) -> tuple[SSEFollower, list[str]]:
     """Open an SSE stream, retrying while it answers 503 `unavailable` (Retry-After), for 30 s at most.
 
@@ -437,10 +444,7 @@ def test_redis_killed_mid_stream_then_restarted(start_server, processes):
     redis_process = redis_start(redis_port)
     processes.append(redis_process)
     server = start_server(REDIS_ADDRESS=f"redis://127.0.0.1:{redis_port}/0", FINAL_SAVE_RETRY_SECONDS=60)
-    api = Api(server.url, "redis-fault")
-    chat_id = api.chat()
-    sse = SSEFollower(server.url, api.token, chat_id)
-    ws = WSFollower(server.url, api.token, chat_id)
+    api, chat_id, sse, ws = followed_chat(server, "redis-fault")
 
     reply = words(30)
     message = api.prompt(chat_id, "[chunk_delay:0.2] echo: " + reply)
@@ -678,13 +682,23 @@ def _shutdown_tail(follower: Follower) -> list[dict]:
     return events
 
 
+def assert_streams_ended_and_server_exited(server, sse, ws) -> None:
+    """After SIGTERM: the SSE response ended cleanly, the WebSocket closed with 1012, the process exited."""
+    assert_sse_ids(sse.seen)
+    assert sse.ended_cleanly and sse.failure is None, sse.failure
+    assert ws.close_code == 1012, (ws.close_code, ws.failure)
+    try:
+        code = server.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the server did not exit:\n{server.stderr()[-3000:]}") from None
+    # uvicorn re-raises the SIGTERM it handled once it has shut down, hence -SIGTERM (or 0).
+    assert code in (0, -signal.SIGTERM), (code, server.stderr()[-3000:])
+
+
 @pytest.mark.parametrize("transport", ["memory", "redis"])
 def test_sigterm_lets_the_running_reply_finish_then_ends_streams(start_server, transport):
     server = start_server(REDIS_ADDRESS=_transport_env(transport), SHUTDOWN_GRACE_SECONDS=10)
-    api = Api(server.url, f"sigterm-{transport}")
-    chat_id = api.chat()
-    sse = SSEFollower(server.url, api.token, chat_id)
-    ws = WSFollower(server.url, api.token, chat_id)
+    api, chat_id, sse, ws = followed_chat(server, f"sigterm-{transport}")
     reply = words(20)
     message = api.prompt(chat_id, "[chunk_delay:0.1] echo: " + reply)
     for follower in (sse, ws):
@@ -696,15 +710,7 @@ def test_sigterm_lets_the_running_reply_finish_then_ends_streams(start_server, t
     for follower in (sse, ws):
         events = _shutdown_tail(follower)
         assert_whole_reply(events[:-1], message["id"], reply)
-    assert_sse_ids(sse.seen)
-    assert sse.ended_cleanly and sse.failure is None, sse.failure
-    assert ws.close_code == 1012, (ws.close_code, ws.failure)
-    try:
-        code = server.process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"the server did not exit:\n{server.stderr()[-3000:]}") from None
-    # uvicorn re-raises the SIGTERM it handled once it has shut down, hence -SIGTERM (or 0).
-    assert code in (0, -signal.SIGTERM), (code, server.stderr()[-3000:])
+    assert_streams_ended_and_server_exited(server, sse, ws)
     row = stored(message["id"])
     assert (row.status, row.reply) == ("complete", reply)
 
@@ -712,10 +718,7 @@ def test_sigterm_lets_the_running_reply_finish_then_ends_streams(start_server, t
 @pytest.mark.parametrize("transport", ["memory", "redis"])
 def test_sigterm_saves_a_stalled_reply_as_interrupted(start_server, transport):
     server = start_server(REDIS_ADDRESS=_transport_env(transport), SHUTDOWN_GRACE_SECONDS=1)
-    api = Api(server.url, f"stall-{transport}")
-    chat_id = api.chat()
-    sse = SSEFollower(server.url, api.token, chat_id)
-    ws = WSFollower(server.url, api.token, chat_id)
+    api, chat_id, sse, ws = followed_chat(server, f"stall-{transport}")
     message = api.prompt(chat_id, "[scenario:stall] echo: never finishes")
     for follower in (sse, ws):
         follower.until(lambda event: event.get("type") == "message.created")
@@ -732,14 +735,6 @@ def test_sigterm_saves_a_stalled_reply_as_interrupted(start_server, transport):
         assert failed["message"]["status"] == "error"
         assert failed["message"]["error"].startswith("interrupted"), failed
         assert mine[1]["seq"] == mine[0]["seq"] + 1
-    assert_sse_ids(sse.seen)
-    assert sse.ended_cleanly and sse.failure is None, sse.failure
-    assert ws.close_code == 1012, (ws.close_code, ws.failure)
-    try:
-        code = server.process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"the server did not exit:\n{server.stderr()[-3000:]}") from None
-    # uvicorn re-raises the SIGTERM it handled once it has shut down, hence -SIGTERM (or 0).
-    assert code in (0, -signal.SIGTERM), (code, server.stderr()[-3000:])
+    assert_streams_ended_and_server_exited(server, sse, ws)
     row = stored(message["id"])
     assert row.status == "error" and row.error.startswith("interrupted"), (row.status, row.error)
