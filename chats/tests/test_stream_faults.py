@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import queue
-import shutil
 import signal
 import socket
 import subprocess
@@ -34,11 +33,11 @@ from conftest import PROJECT_ROOT, SERVER_KEY
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
-    pytest.mark.skipif(
-        connection.vendor != "postgresql",
-        reason="the server subprocesses share the test database: needs DB_ADDRESS=postgresql://...",
-    ),
 ]
+# Cutting the server's database connections, or refusing new ones, is Postgres's to do.
+needs_postgres = pytest.mark.skipif(
+    connection.vendor != "postgresql", reason="cuts the server's Postgres connections: needs DB_ADDRESS=postgresql://"
+)
 
 FINAL_TYPES = ("message.completed", "message.failed")
 
@@ -179,11 +178,15 @@ def start_server(upstream, processes, tmp_path, request):
         logs.mkdir(parents=True, exist_ok=True)
     db = connection.settings_dict
     password = f":{db['PASSWORD']}" if db.get("PASSWORD") else ""
+    if connection.vendor == "postgresql":
+        db_address = f"postgresql://{db['USER']}{password}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+    else:  # the test database is a file (turbo_site/test_settings.py), which the server opens too
+        db_address = f"sqlite:///{db['NAME']}"
     base = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "turbo_site.test_settings",
         "DEBUG": "0",
-        "DB_ADDRESS": f"postgresql://{db['USER']}{password}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+        "DB_ADDRESS": db_address,
         "OPENAI_API_URL": upstream.url + "/v1",
         "OPENAI_API_KEY": SERVER_KEY,
         "STREAM_HEARTBEAT_SECONDS": "2",
@@ -438,7 +441,6 @@ def words(count: int, prefix: str = "w") -> str:
 # --- 1. Redis killed and restarted mid-stream -------------------------------------------------------------------
 
 
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary")
 def test_redis_killed_mid_stream_then_restarted(start_server, processes):
     redis_port = free_port()
     redis_process = redis_start(redis_port)
@@ -521,7 +523,6 @@ def test_redis_killed_mid_stream_then_restarted(start_server, processes):
     api.close()
 
 
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary")
 def test_redis_still_away_when_the_reply_ends(start_server, processes):
     """The reply ends while Redis is down: it is saved, its final event waits for Redis and then goes out."""
     redis_port = free_port()
@@ -602,6 +603,7 @@ def _waiting_on_a_lock() -> list[int]:
         return [pid for (pid,) in cursor.fetchall()]
 
 
+@needs_postgres
 def test_database_connection_cut_in_the_middle_of_the_final_save(start_server):
     """The final save's own connection is terminated while the save runs.
 
@@ -633,6 +635,7 @@ def test_database_connection_cut_in_the_middle_of_the_final_save(start_server):
     api.close()
 
 
+@needs_postgres
 def test_database_away_during_the_final_save(start_server):
     """Harder: the connections are cut and the database refuses new ones until the save has failed."""
     server = start_server(REDIS_ADDRESS=settings.REDIS_ADDRESS or None, FINAL_SAVE_RETRY_SECONDS=60)
@@ -664,12 +667,13 @@ def test_database_away_during_the_final_save(start_server):
 # --- 3. SIGTERM with SSE and WebSocket subscribers connected --------------------------------------------------
 
 
-def _transport_env(transport: str) -> str | None:
-    if transport == "redis":
-        if not settings.REDIS_ADDRESS:
-            pytest.skip("needs REDIS_ADDRESS")
-        return settings.REDIS_ADDRESS
-    return None
+def _transport_env(transport: str, processes: list) -> str | None:
+    """The server's REDIS_ADDRESS: a Redis of the test's own, or none (the in-memory backend)."""
+    if transport != "redis":
+        return None
+    port = free_port()
+    processes.append(redis_start(port))
+    return f"redis://127.0.0.1:{port}/0"
 
 
 def _shutdown_tail(follower: Follower) -> list[dict]:
@@ -696,8 +700,8 @@ def assert_streams_ended_and_server_exited(server, sse, ws) -> None:
 
 
 @pytest.mark.parametrize("transport", ["memory", "redis"])
-def test_sigterm_lets_the_running_reply_finish_then_ends_streams(start_server, transport):
-    server = start_server(REDIS_ADDRESS=_transport_env(transport), SHUTDOWN_GRACE_SECONDS=10)
+def test_sigterm_lets_the_running_reply_finish_then_ends_streams(start_server, processes, transport):
+    server = start_server(REDIS_ADDRESS=_transport_env(transport, processes), SHUTDOWN_GRACE_SECONDS=10)
     api, chat_id, sse, ws = followed_chat(server, f"sigterm-{transport}")
     reply = words(20)
     message = api.prompt(chat_id, "[chunk_delay:0.1] echo: " + reply)
@@ -716,8 +720,8 @@ def test_sigterm_lets_the_running_reply_finish_then_ends_streams(start_server, t
 
 
 @pytest.mark.parametrize("transport", ["memory", "redis"])
-def test_sigterm_saves_a_stalled_reply_as_interrupted(start_server, transport):
-    server = start_server(REDIS_ADDRESS=_transport_env(transport), SHUTDOWN_GRACE_SECONDS=1)
+def test_sigterm_saves_a_stalled_reply_as_interrupted(start_server, processes, transport):
+    server = start_server(REDIS_ADDRESS=_transport_env(transport, processes), SHUTDOWN_GRACE_SECONDS=1)
     api, chat_id, sse, ws = followed_chat(server, f"stall-{transport}")
     message = api.prompt(chat_id, "[scenario:stall] echo: never finishes")
     for follower in (sse, ws):
