@@ -13,7 +13,6 @@ or the upstream's own 4xx/5xx); a stream that breaks raises too, it never just e
 
 import asyncio
 import hashlib
-import re
 import weakref
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
@@ -21,18 +20,7 @@ from typing import Any
 import openai
 from django.conf import settings
 
-from proxy.upstream import UpstreamNotConfigured, is_azure, upstream_base
-
-# An OpenAI-style key (sk-..., sk-proj-..., or the masked sk-abc***xyz an upstream quotes back).
-_KEY_LIKE = re.compile(r"\bsk-[A-Za-z0-9_*.\-]{3,}")
-
-
-def upstream_text_redact(text: str) -> str:
-    """Upstream error text with keys taken out: the configured server key, and anything key-like."""
-    key = settings.OPENAI_API_KEY
-    if key:
-        text = text.replace(key, "[redacted]")
-    return _KEY_LIKE.sub("[redacted]", text)
+from proxy.upstream import UpstreamNotConfigured, is_azure, upstream_base, upstream_text_redact
 
 
 class AIError(Exception):

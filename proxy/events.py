@@ -27,15 +27,13 @@ from django.db import close_old_connections, connection, transaction
 from django.utils import timezone
 
 from proxy.models import Event
-from turbo_site.core.http import redact_query
+from turbo_site.core.http import REDACTED, SECRET_NAME, redact_query
 from turbo_site.core.parsers import client_json_loads
 from turbo_site.core.pubsub import apublish_many, publish
 
 logger = logging.getLogger("turbo.events")
 
 TOPIC = "events"
-_SECRET_KEYS = re.compile(r"pass|token|secret|key|authorization|cookie|credential", re.IGNORECASE)
-REDACTED = "[redacted]"
 
 _queue: deque[dict[str, Any]] = deque()
 _wake = threading.Event()
@@ -57,7 +55,7 @@ _outboxes: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[dict[str, 
 
 def _redact_value(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: REDACTED if _SECRET_KEYS.search(str(k)) else _redact_value(v) for k, v in value.items()}
+        return {k: REDACTED if SECRET_NAME.search(str(k)) else _redact_value(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_redact_value(v) for v in value]
     return value
@@ -77,7 +75,7 @@ def capture_body(raw: bytes, content_type: str = "") -> str:
             text = raw[:limit].decode("utf-8", "replace")
     elif content_type == "application/x-www-form-urlencoded":
         pairs = parse_qsl(raw[: limit * 4].decode("utf-8", "replace"), keep_blank_values=True)
-        text = urlencode([(k, REDACTED if _SECRET_KEYS.search(k) else v) for k, v in pairs])
+        text = urlencode([(k, REDACTED if SECRET_NAME.search(k) else v) for k, v in pairs])
     elif content_type.startswith("text/"):
         text = raw[:limit].decode("utf-8", "replace")
         # Server-sent events carry JSON lines; redact keys inside them too.

@@ -18,6 +18,7 @@ import aiohttp
 import httpx
 from django.conf import settings
 
+from turbo_site.core.http import redact_keys
 from turbo_site.core.loops import loop_client
 
 
@@ -48,6 +49,12 @@ def upstream_base() -> str:
 
 def is_azure() -> bool:
     return "openai.azure.com" in (urlsplit(settings.OPENAI_API_URL or "").netloc or "")
+
+
+def upstream_text_redact(text: str) -> str:
+    """Upstream error text with keys taken out: the configured server key, and anything key-like
+    (an upstream may quote the key it was sent: "Incorrect API key provided: sk-...")."""
+    return redact_keys(text, settings.OPENAI_API_KEY)
 
 
 def auth_headers() -> dict[str, str]:

@@ -24,9 +24,15 @@ from django.utils.encoding import escape_uri_path
 from django.views.decorators.csrf import csrf_exempt
 
 from accounts.auth import AuthRefused, aauthenticate
-from proxy.ai import upstream_text_redact
 from proxy.events import capture_body, event_record
-from proxy.upstream import UpstreamError, UpstreamNotConfigured, auth_headers, upstream_base, upstream_send
+from proxy.upstream import (
+    UpstreamError,
+    UpstreamNotConfigured,
+    auth_headers,
+    upstream_base,
+    upstream_send,
+    upstream_text_redact,
+)
 from turbo_site.core.http import client_ip
 from turbo_site.core.parsers import JSONTooDeep, client_json_loads
 

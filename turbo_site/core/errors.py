@@ -6,10 +6,13 @@ them, and anything else that goes wrong, into that shape.
 
 import logging
 
+import redis
 from django.core.exceptions import PermissionDenied, RequestDataTooBig, SuspiciousOperation
 from django.http import Http404, JsonResponse
 from rest_framework import exceptions as drf_exceptions
 from rest_framework import status
+
+from turbo_site.core.streams import StreamUnavailable
 
 logger = logging.getLogger("turbo")
 
@@ -73,12 +76,7 @@ class ServiceUnavailable(TurboError):
 
 
 # Failures of a backing service that mean "try again later", not a bug (redis-py's, the stream's).
-def _unavailable_errors() -> tuple[type[BaseException], ...]:
-    import redis
-
-    from turbo_site.core.streams import StreamUnavailable
-
-    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, StreamUnavailable)
+UNAVAILABLE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, StreamUnavailable)
 
 
 def unavailable_response(exc: BaseException | None = None):
@@ -90,7 +88,7 @@ def unavailable_response(exc: BaseException | None = None):
 
 
 def is_unavailable(exc: BaseException) -> bool:
-    return isinstance(exc, _unavailable_errors())
+    return isinstance(exc, UNAVAILABLE_ERRORS)
 
 
 def error_body(code: str, message: str, **extra) -> dict:

@@ -5,12 +5,15 @@ import re
 
 from django.conf import settings
 
+# Words in a name (a query parameter, a form field, a JSON key) that say its value is a secret.
+_SECRET_WORDS = r"token|key|secret|pass|auth|session|sess|credential|cookie"
+SECRET_NAME = re.compile(_SECRET_WORDS, re.IGNORECASE)
 # A query parameter whose name says it holds a secret (?token=, ?api_key=, ?password=, ...).
 _SECRET_PARAMETER = re.compile(
-    r"(?P<name>(?:^|(?<=[?&;\s]))[^=&;\s?]*(?:token|key|secret|pass|auth|session|sess|credential)[^=&;\s]*=)"
-    r"[^&;\s\"']*",
-    re.IGNORECASE,
+    rf"(?P<name>(?:^|(?<=[?&;\s]))[^=&;\s?]*(?:{_SECRET_WORDS})[^=&;\s]*=)[^&;\s\"']*", re.IGNORECASE
 )
+# An OpenAI-style key (sk-..., sk-proj-..., or the masked sk-abc***xyz an upstream quotes back).
+_KEY_LIKE = re.compile(r"\bsk-[A-Za-z0-9_*.\-]{3,}")
 REDACTED = "[redacted]"
 
 
@@ -22,6 +25,14 @@ def _valid_ip(value: str) -> str | None:
         return str(ipaddress.ip_address(value))
     except ValueError:
         return None
+
+
+def redact_keys(text: str, *known: str) -> str:
+    """`text` with the `known` secrets and anything that looks like an OpenAI key replaced by REDACTED."""
+    for secret in known:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return _KEY_LIKE.sub(REDACTED, text)
 
 
 def redact_query(text: str) -> str:
