@@ -43,6 +43,8 @@ class AuthSession:
     expires_at: datetime
     kind: str
     token_hash: str
+    # The public model names the user's groups allow (the intersection of the limited ones); None: any.
+    allowed_models: frozenset[str] | None = None
 
 
 def _jwt_key() -> bytes:

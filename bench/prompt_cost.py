@@ -306,7 +306,7 @@ async def measure(args) -> list[dict]:
     """Every history length, every operation, `--runs` runs of `--repeats` requests each, interleaved."""
     from django.test import AsyncClient
 
-    from proxy import ai
+    from turbo_site.core.loops import loop_clients_close
 
     client = AsyncClient()
     targets = await prepare(client, args.history)
@@ -328,8 +328,7 @@ async def measure(args) -> list[dict]:
                     connects[target.size, operation].append(captured.connects)
                     last_sql[target.size, operation] = captured.queries
         print(f"run {run + 1}/{args.runs} done", file=sys.stderr)
-    for openai_client in list(ai._async_clients.get(asyncio.get_running_loop(), {}).values()):
-        await openai_client.close()  # before the loop ends, so no connection is left dangling
+    await loop_clients_close()  # before the loop ends, so no connection is left dangling
     results = []
     for target in targets:
         for operation in OPERATIONS:

@@ -18,7 +18,8 @@ from chats import generation, selectors, services
 from chats.models import Message
 from chats.serializers import ChatOutput, MessageOutput, chat_data, message_data
 from chats.stream import ChatSubscriber
-from proxy import ai, tools
+from proxy import tools
+from proxy.gateway import GatewayError
 from turbo_site.core.errors import Invalid, TurboError, error_response, is_unavailable, unavailable_response
 from turbo_site.core.schema import EmptyResponse, errors, get_and_post
 from turbo_site.core.serializers import StrictCharField, plain_request_input, request_input
@@ -278,7 +279,9 @@ async def chat_prompt(request):
             stream=fields["stream"],
             otr=fields["otr"],
         )
-    except ai.AIError as exc:
+    except GatewayError as exc:
+        if exc.status in (400, 403, 404):  # the model asked for: unknown, not allowed, or fits no route
+            return error_response(exc.status, exc.code, exc.message)
         status = 504 if exc.status == 504 else 502
         return error_response(status, "upstream_error", exc.message)
     return JsonResponse({"message": message_data(message)})

@@ -33,7 +33,8 @@ from chats.stream import (
     aevent_send,
     message_event,
 )
-from proxy import ai, tools
+from proxy import ai, gateway, tools
+from proxy.gateway import GatewayError
 from turbo_site.core.crypto import secret_decrypt
 from turbo_site.core.errors import ServiceUnavailable
 from turbo_site.core.streams import StreamUnavailable
@@ -58,7 +59,7 @@ class Outcome:
     """How a generation ended."""
 
     message: Message
-    error: ai.AIError | None = None
+    error: GatewayError | None = None
 
 
 @dataclass
@@ -165,7 +166,7 @@ async def message_prompt(*, chat: Chat, user: User, prompt: str, context_size: i
     """Store a prompt, have the model answer it, and send the reply to the chat's members.
 
     With `stream`, this returns at once with the stored message (status "streaming") while the reply
-    is generated in the background. Without it, this waits for the reply and raises ai.AIError if the
+    is generated in the background. Without it, this waits for the reply and raises GatewayError if the
     upstream failed. Either way the prompt is stored first and never lost; a failure marks the message
     "error", keeping any partial reply.
     """
@@ -201,18 +202,18 @@ async def _generate(plan: PromptPlan, base: dict) -> Outcome:
     status, error, failure = Message.Status.COMPLETE, "", None
     try:
         await _rounds(plan, reply)
-    except ai.AIError as exc:
+    except GatewayError as exc:
         status, error, failure = Message.Status.ERROR, exc.message, exc
     except asyncio.CancelledError:
         status, error = Message.Status.ERROR, INTERRUPTED
-        failure = ai.AIError(INTERRUPTED, status=503)
+        failure = GatewayError(INTERRUPTED, status=503)
         # Saved whether or not anyone is listening, even though the task is being cancelled.
         await asyncio.shield(_finish(plan.message, reply, status, error))
         raise
     except Exception:
         logger.exception("generation of message %s failed", plan.message.pk)
         status, error = Message.Status.ERROR, "internal error during generation"
-        failure = ai.AIError(error, status=502)
+        failure = GatewayError(error, status=502)
     await asyncio.shield(_finish(plan.message, reply, status, error))
     return Outcome(plan.message, failure)
 
@@ -221,36 +222,20 @@ async def _rounds(plan: PromptPlan, reply: _Reply) -> None:
     """Ask the model, streaming its text; run the tools it calls and ask again, MAX_TOOL_ROUNDS at most."""
     request = plan.request
     for _ in range(settings.MAX_TOOL_ROUNDS + 1):
-        calls: dict[int, dict] = {}
-        round_text = ""
-        async for chunk in ai.achat_stream(request, api_key=plan.api_key):
-            _add_usage(reply.usage, chunk.get("usage"))
-            for choice in chunk.get("choices") or []:
-                delta = choice.get("delta") or {}
-                for piece in delta.get("tool_calls") or []:
-                    _merge_tool_call(calls, piece)
-                if delta.get("content"):
-                    round_text += delta["content"]
-                    await reply.add(delta["content"])
-        if not calls:
+        stream = gateway.chat_stream(request, api_key=plan.api_key)
+        async for delta in stream:
+            if delta.text:
+                await reply.add(delta.text)
+        _add_usage(reply.usage, stream.usage)
+        if not stream.tool_calls:
             return
-        tool_calls = [calls[index] for index in sorted(calls)]
+        tool_calls = stream.tool_calls
         records, answers = await _run_tools(tool_calls, plan.allowed_tools)
         reply.records += records
         await reply.add("")  # members see the calls and their results
-        assistant = {"role": "assistant", "content": round_text or None, "tool_calls": tool_calls}
+        assistant = {"role": "assistant", "content": stream.text or None, "tool_calls": tool_calls}
         request = {**request, "messages": [*request["messages"], assistant, *answers]}
-    raise ai.AIError(f"the model was still calling tools after {settings.MAX_TOOL_ROUNDS} rounds", status=502)
-
-
-def _merge_tool_call(calls: dict[int, dict], piece: dict) -> None:
-    slot = calls.setdefault(
-        piece.get("index", 0), {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
-    )
-    slot["id"] = piece.get("id") or slot["id"]
-    function = piece.get("function") or {}
-    slot["function"]["name"] += function.get("name") or ""
-    slot["function"]["arguments"] += function.get("arguments") or ""
+    raise GatewayError(f"the model was still calling tools after {settings.MAX_TOOL_ROUNDS} rounds", status=502)
 
 
 def _add_usage(total: dict, usage: dict | None) -> None:

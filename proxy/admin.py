@@ -53,6 +53,7 @@ class EventAdmin(admin.ModelAdmin):
         "status",
         "duration_ms",
         "model",
+        "upstream",
         "total_tokens",
         "client_ip",
         "created_at",

@@ -22,7 +22,7 @@ from rest_framework import serializers
 
 from accounts.auth import AuthRefused, aauthenticate_websocket
 from accounts.live import session_watch
-from proxy import ai, tools
+from proxy import gateway, tools
 from proxy.events import event_record
 from turbo_site.core.parsers import client_json_loads
 from turbo_site.core.streams import StreamUnavailable
@@ -122,7 +122,9 @@ class RpcConsumer(AsyncWebsocketConsumer):
             return
         self.watch = watch
         self.user_id = session.user.pk
+        self.allowed_models = session.allowed_models
         self.tasks: dict[str, asyncio.Task] = {}
+        self.attempts: dict[str, tuple] = {}  # the gateway's attempts per request, for the log
         connected_clients += 1
         await self.accept()
 
@@ -215,6 +217,7 @@ class RpcConsumer(AsyncWebsocketConsumer):
     async def run(self, kind: str, request_id: str, payload: dict) -> None:
         started = time.perf_counter()
         status = 200
+        attempts = ()
         try:
             await HANDLERS[kind](self, request_id, payload)
         except asyncio.CancelledError:
@@ -222,14 +225,18 @@ class RpcConsumer(AsyncWebsocketConsumer):
         except RpcError as exc:
             status = 400
             await self.send_error(request_id, exc.code, exc.message)
-        except ai.AIError as exc:
+        except gateway.GatewayError as exc:
             status = exc.status
-            await self.send_error(request_id, "upstream_error", exc.message)
+            attempts = exc.attempts
+            code = exc.code if exc.status in (400, 403, 404) else "upstream_error"
+            await self.send_error(request_id, code, exc.message)
         except Exception:
             status = 500
             logger.exception("ws request %s failed", kind)
             await self.send_error(request_id, "internal_error", "internal error")
         finally:
+            recorded = self.attempts.pop(request_id, ())
+            attempts = attempts or recorded
             event_record(
                 type="request",
                 user_id=self.user_id,
@@ -240,6 +247,7 @@ class RpcConsumer(AsyncWebsocketConsumer):
                 duration_ms=(time.perf_counter() - started) * 1000,
                 client_ip=(self.scope.get("client") or [None])[0],
                 model=str(payload.get("model") or "") if kind.startswith(("chat", "embedding")) else "",
+                attempts=attempts,
             )
 
     # --- methods ---
@@ -248,30 +256,29 @@ class RpcConsumer(AsyncWebsocketConsumer):
         await self.send_frame({"type": "pong", "request_id": request_id, "data": {}})
 
     async def do_chat_completion(self, request_id, payload):
-        data = await ai.achat(_chat_request(payload))
-        await self.send_frame({"type": "chat_completion", "request_id": request_id, "data": data})
+        completion = await gateway.chat(_chat_request(payload), allowed_models=self.allowed_models)
+        self.attempts[request_id] = completion.attempts
+        await self.send_frame({"type": "chat_completion", "request_id": request_id, "data": completion.data})
 
     async def do_chat_completion_stream(self, request_id, payload):
         request = {**_chat_request(payload), "stream_options": {"include_usage": True}}
-        text, usage, model = "", None, request["model"]
-        async for chunk in ai.achat_stream(request):
-            usage = chunk.get("usage") or usage
-            model = chunk.get("model") or model
-            for choice in chunk.get("choices", []):
-                text += (choice.get("delta") or {}).get("content") or ""
-            await self.send_frame({"type": "chat_completion_chunk", "request_id": request_id, "data": chunk})
+        stream = gateway.chat_stream(request, allowed_models=self.allowed_models)
+        async for delta in stream:
+            self.attempts[request_id] = stream.attempts
+            await self.send_frame({"type": "chat_completion_chunk", "request_id": request_id, "data": delta.chunk})
         await self.send_frame(
             {
                 "type": "chat_completion_done",
                 "request_id": request_id,
-                "data": {"content": text, "model": model, "usage": usage},
+                "data": {"content": stream.text, "model": stream.model, "usage": stream.usage or None},
             }
         )
 
     async def do_embedding(self, request_id, payload):
         data = _validated(EmbeddingPayload, payload)
         data.setdefault("model", "text-embedding-3-small")
-        await self.send_frame({"type": "embedding", "request_id": request_id, "data": await ai.aembed(data)})
+        result = await gateway.embeddings(data, allowed_models=self.allowed_models)
+        await self.send_frame({"type": "embedding", "request_id": request_id, "data": result})
 
     async def do_tools_list(self, request_id, payload):
         await self.send_frame({"type": "tools_list", "request_id": request_id, "data": {"tools": tools.tools_list()}})

@@ -140,6 +140,7 @@ def event_record(
     total_tokens: int | None = None,
     request_body: str = "",
     response_body: str = "",
+    attempts: tuple = (),
 ) -> dict[str, Any]:
     """Queue one event for the log and publish it on `events`. Never touches the database.
 
@@ -162,6 +163,9 @@ def event_record(
         "total_tokens": _count(total_tokens, 2147483647),
         "request_body": _text(request_body, body_limit),
         "response_body": _text(response_body, body_limit),
+        # Attempt objects (proxy.gateway.Attempt): the last one tried is the one that answered, if any.
+        "upstream": _text(attempts[-1].deployment, 200) if attempts and not attempts[-1].error else "",
+        "attempts": [{"deployment": _text(a.deployment, 200), "error": _text(a.error, 300)} for a in attempts[:20]],
         "created_at": timezone.now(),
     }
     if len(_queue) >= settings.EVENT_QUEUE_MAX:
@@ -287,10 +291,13 @@ def _insert(batch: list[dict[str, Any]]) -> None:
         value = value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
         return value if native_uuid else value.hex
 
+    attempts_field = Event._meta.get_field("attempts")
     rows = []
     for event in batch:
         row = {**event, "id": db_uuid(event["id"]), "user_id": db_uuid(event["user_id"])}
         row["client_ip"] = ops.adapt_ipaddressfield_value(event["client_ip"])
+        row["attempts"] = attempts_field.get_db_prep_save(event.get("attempts") or [], connection)
+        row.setdefault("upstream", "")
         row["created_at"] = ops.adapt_datetimefield_value(event["created_at"])
         rows.append(tuple(row[name] for name in fields))
     table = ops.quote_name(Event._meta.db_table)

@@ -152,6 +152,7 @@ async def serve(scope, receive, send) -> None:
         ProxyRequest(
             user_id=found.user.pk,
             is_staff=found.user.is_staff,
+            allowed_models=found.allowed_models,
             method=scope["method"],
             path=path[len(PREFIX) :],
             request_path=path,

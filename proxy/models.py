@@ -38,6 +38,9 @@ class Event(models.Model):
     prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
     completion_tokens = models.PositiveIntegerField(null=True, blank=True)
     total_tokens = models.PositiveIntegerField(null=True, blank=True)
+    # The model gateway: the deployment that answered, and every deployment tried with why it failed.
+    upstream = models.CharField(max_length=200, blank=True, default="")
+    attempts = models.JSONField(default=list, blank=True)
     request_body = models.TextField(blank=True, default="")
     response_body = models.TextField(blank=True, default="")
     created_at = models.DateTimeField(default=timezone.now, db_index=True)

@@ -24,15 +24,8 @@ from django.utils.encoding import escape_uri_path
 from django.views.decorators.csrf import csrf_exempt
 
 from accounts.auth import AuthRefused, aauthenticate
+from proxy import gateway
 from proxy.events import capture_body, event_record
-from proxy.upstream import (
-    UpstreamError,
-    UpstreamNotConfigured,
-    auth_headers,
-    upstream_base,
-    upstream_send,
-    upstream_text_redact,
-)
 from turbo_site.core.http import client_ip
 from turbo_site.core.parsers import JSONTooDeep, client_json_loads
 
@@ -79,7 +72,6 @@ DROPPED_RESPONSE_HEADERS = {
 }
 DROPPED_RESPONSE_PREFIXES = ("access-control-", "x-turbo-")
 SNIFF_LIMIT = 1024 * 1024  # bodies larger than this are not parsed for the model name or usage
-ERROR_BODY_MAX_BYTES = 64 * 1024  # an upstream error's body is passed on up to this size
 
 
 def openai_error_body(message: str, error_type: str, code: str) -> bytes:
@@ -99,9 +91,7 @@ def _request_headers(client_headers: dict[str, str]) -> dict[str, str]:
         if (name in FORWARDED_REQUEST_HEADERS or name.startswith(FORWARDED_REQUEST_PREFIXES) or name in extra)
         and name not in SERVER_ONLY_REQUEST_HEADERS
     }
-    headers["accept-encoding"] = "identity"  # pass bytes through untouched, and read usage from them
-    headers.update(auth_headers())
-    return headers
+    return headers  # the gateway adds the upstream's credentials, and asks for bytes untouched
 
 
 def _response_headers(upstream_headers: list[tuple[str, str]]) -> dict[str, str]:
@@ -135,18 +125,18 @@ def path_refusal(path: str, *, is_staff: bool) -> tuple[str, str] | None:
     return ("path_not_allowed", f"this server does not proxy /v1/{path}")
 
 
-def _model_of(body: bytes, content_type: str) -> str:
-    """The `model` a JSON body names, or "". Raises JSONTooDeep (refused: no upstream wants it either)."""
+def _payload_of(body: bytes, content_type: str) -> dict | None:
+    """A JSON object body, parsed (to find its model), or None. Raises JSONTooDeep (refused: no
+    upstream wants it either)."""
     if not body or len(body) > SNIFF_LIMIT or not content_type.startswith("application/json"):
-        return ""
+        return None
     try:
         data = client_json_loads(body)
     except JSONTooDeep:
         raise
     except (ValueError, UnicodeDecodeError):
-        return ""  # the upstream answers malformed JSON in its own words
-    model = data.get("model") if isinstance(data, dict) else None
-    return model if isinstance(model, str) else ""
+        return None  # the upstream answers malformed JSON in its own words
+    return data if isinstance(data, dict) else None
 
 
 class UsageReader:
@@ -208,6 +198,7 @@ class ProxyRequest:
     body: bytes
     client_ip: str | None
     started: float  # time.perf_counter() when the request arrived
+    allowed_models: frozenset[str] | None = None  # the user's groups' limit; None: any model
 
 
 @dataclass(slots=True)
@@ -221,16 +212,18 @@ class ProxyReply:
 
 
 async def exchange(request: ProxyRequest) -> ProxyReply:
-    """Forward one authenticated request upstream; the reply streams the upstream's answer back."""
+    """Forward one authenticated request through the gateway; the reply streams the answer back."""
     content_type = request.headers.get("content-type", "")
     try:
-        model = _model_of(request.body, content_type)
+        payload = _payload_of(request.body, content_type)
     except JSONTooDeep as exc:
-        model, too_deep = "", str(exc)
+        payload, too_deep = None, str(exc)
     else:
         too_deep = ""
+    model = payload.get("model") if payload is not None else None
+    model = model if isinstance(model, str) else ""
 
-    def log(status: int, reader: UsageReader | None = None, response_body: str = "") -> None:
+    def log(status: int, reader: UsageReader | None = None, response_body: str = "", attempts: tuple = ()) -> None:
         event_record(
             type="proxy",
             user_id=request.user_id,
@@ -246,11 +239,18 @@ async def exchange(request: ProxyRequest) -> ProxyReply:
             total_tokens=reader.token("total_tokens") if reader else None,
             request_body=capture_body(request.body, content_type) if settings.EVENT_CAPTURE_BODIES else "",
             response_body=response_body,
+            attempts=attempts,
         )
 
-    def fail(status: int, message: str, error_type: str, code: str) -> ProxyReply:
-        log(status)
-        return ProxyReply(status, {"Content-Type": "application/json"}, openai_error_body(message, error_type, code))
+    def fail(
+        status: int, message: str, error_type: str, code: str, headers: dict | None = None, attempts=()
+    ) -> ProxyReply:
+        log(status, attempts=attempts)
+        return ProxyReply(
+            status,
+            {"Content-Type": "application/json", **(headers or {})},
+            openai_error_body(message, error_type, code),
+        )
 
     if too_deep:
         return fail(400, too_deep, "invalid_request_error", "invalid_json")
@@ -260,24 +260,35 @@ async def exchange(request: ProxyRequest) -> ProxyReply:
     if refusal is not None:
         code, message = refusal
         return fail(403, message, "invalid_request_error", code)
-    try:
-        base = upstream_base()
-    except UpstreamNotConfigured as exc:
-        return fail(503, str(exc), "server_error", "upstream_not_configured")
 
-    url = f"{base}/{escape_uri_path(request.path)}"
-    if request.query:
-        url = f"{url}?{request.query}"
-    sent = time.perf_counter()
     try:
-        upstream = await upstream_send(request.method, url, _request_headers(request.headers), request.body)
-    except UpstreamError as exc:
-        if exc.timeout:
-            return fail(504, "the upstream did not answer in time", "server_error", "upstream_timeout")
-        logger.warning("upstream request failed: %s", exc)
-        return fail(502, "the upstream could not be reached", "server_error", "upstream_unreachable")
+        listed = _models_answer(request)
+        if listed is not None:
+            log(listed.status)
+            return listed
+        sent = time.perf_counter()
+        answer = await gateway.send(
+            gateway.Call(
+                path=escape_uri_path(request.path),
+                method=request.method,
+                query=request.query,
+                headers=_request_headers(request.headers),
+                body=request.body,
+                payload=payload,
+                model=model,
+                allowed_models=request.allowed_models,
+            )
+        )
+    except gateway.GatewayError as exc:
+        if exc.status >= 500:
+            logger.warning("upstream request failed: %s", exc.message)
+        headers = {"X-Turbo-Attempts": str(len(exc.attempts))} if exc.attempts else {}
+        if exc.retry_after:
+            headers["Retry-After"] = str(int(exc.retry_after))
+        return fail(exc.status, exc.message, exc.error_type, exc.code, headers, exc.attempts)
     answered = time.perf_counter()
 
+    upstream = answer.response
     response_type = upstream.header("content-type")
     is_event_stream = response_type.startswith("text/event-stream")
     reader = UsageReader(is_event_stream)
@@ -286,21 +297,22 @@ async def exchange(request: ProxyRequest) -> ProxyReply:
     async def relay():
         captured = bytearray()
         status = upstream.status
-        # An error's body may quote the key it was sent ("Incorrect API key provided: sk-..."): it is
-        # read whole (errors are small) and sent on with keys taken out.
-        error_body = bytearray() if upstream.status >= 400 else None
+        # An error's body may quote the key it was sent ("Incorrect API key provided: sk-..."): the
+        # gateway has read it whole (errors are small), and it is sent on with keys taken out.
+        is_error = upstream.status >= 400
         try:
-            async for chunk in upstream.chunks():
-                reader.feed(chunk)
-                if len(captured) < capture_limit:
-                    captured += chunk[: capture_limit - len(captured)]
-                if error_body is None:
+            if is_error:
+                body = await upstream.read_all(gateway.ERROR_BODY_MAX_BYTES)
+                reader.feed(body)
+                captured += body[:capture_limit]
+                yield gateway.text_redact(body.decode("utf-8", "replace")).encode()
+            else:
+                async for chunk in upstream.chunks():
+                    reader.feed(chunk)
+                    if len(captured) < capture_limit:
+                        captured += chunk[: capture_limit - len(captured)]
                     yield chunk
-                elif len(error_body) < ERROR_BODY_MAX_BYTES:
-                    error_body += chunk[: ERROR_BODY_MAX_BYTES - len(error_body)]
-            if error_body is not None:
-                yield upstream_text_redact(error_body.decode("utf-8", "replace")).encode()
-        except UpstreamError as exc:
+        except gateway.TransportError as exc:
             status = 504 if exc.timeout else 502
             logger.warning("upstream stream broke: %s", exc)
             if is_event_stream:
@@ -318,14 +330,40 @@ async def exchange(request: ProxyRequest) -> ProxyReply:
         finally:
             await upstream.aclose()
             reader.finish()
-            log(status, reader, capture_body(bytes(captured), response_type) if captured else "")
+            log(status, reader, capture_body(bytes(captured), response_type) if captured else "", answer.attempts)
 
     headers = _response_headers(upstream.headers)
     if is_event_stream:
         headers["X-Accel-Buffering"] = "no"
     overhead_ms = (sent - request.started + time.perf_counter() - answered) * 1000
     headers["X-Turbo-Overhead-Ms"] = f"{overhead_ms:.3f}"
+    headers["X-Turbo-Upstream"] = answer.deployment.id
+    headers["X-Turbo-Attempts"] = str(len(answer.attempts))
     return ProxyReply(upstream.status, headers, stream=relay())
+
+
+def _models_answer(request: ProxyRequest) -> ProxyReply | None:
+    """/v1/models from the gateway's file: the public names, no upstream asked (None: not that)."""
+    path = request.path.strip("/")
+    if request.method != "GET" or not (path == "models" or path.startswith("models/")):
+        return None
+    if not gateway.gateway_config().is_file:
+        return None  # one upstream serving every model: its own list is the answer
+    listed = gateway.models_list(request.allowed_models)
+    if path == "models":
+        body = listed
+    else:
+        name = path[len("models/") :]
+        found = [entry for entry in listed["data"] if entry["id"] == name]
+        if not found:
+            message = f"the model {name!r} does not exist on this server"
+            return ProxyReply(
+                404,
+                {"Content-Type": "application/json"},
+                openai_error_body(message, "invalid_request_error", "model_not_found"),
+            )
+        body = found[0]
+    return ProxyReply(200, {"Content-Type": "application/json"}, json.dumps(body).encode())
 
 
 def _django_headers(request) -> dict[str, str]:
@@ -351,6 +389,7 @@ async def proxy_view(request, path: str = ""):
         ProxyRequest(
             user_id=found.user.pk,
             is_staff=found.user.is_staff,
+            allowed_models=found.allowed_models,
             method=request.method,
             path=path,
             request_path=request.path,

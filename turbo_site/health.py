@@ -14,7 +14,7 @@ from django.http import JsonResponse
 from django.views.decorators.http import require_GET
 
 from proxy import consumers, events, tools
-from proxy.upstream import UpstreamNotConfigured, upstream_base
+from proxy.gateway import GatewayError, gateway_config
 
 CHECK_TIMEOUT_SECONDS = 3
 
@@ -58,9 +58,11 @@ async def _timed(check) -> dict:
 
 def _upstream_state() -> dict:
     try:
-        upstream_base()
-    except UpstreamNotConfigured as exc:
-        return {"configured": False, "message": str(exc)}
+        problems = [upstream.problem for upstream in gateway_config().upstreams if upstream.problem]
+    except GatewayError as exc:
+        return {"configured": False, "message": exc.message}
+    if problems:
+        return {"configured": False, "message": problems[0]}
     return {"configured": True}
 
 

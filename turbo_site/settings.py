@@ -55,6 +55,16 @@ def env_int(name: str, default: int) -> int:
         raise ImproperlyConfigured(f"{name} must be a whole number, got {value!r}") from exc
 
 
+def env_float(name: str, default: float) -> float:
+    value = env_str(name)
+    if not value:
+        return default
+    try:
+        return float(value)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name} must be a number, got {value!r}") from exc
+
+
 def env_list(name: str, default: str = "") -> list[str]:
     return [item.strip() for item in env_str(name, default).split(",") if item.strip()]
 
@@ -224,10 +234,18 @@ OPENAI_API_URL = env_str("OPENAI_API_URL", "https://api.openai.com/v1")
 PROXY_CONNECT_TIMEOUT = env_int("PROXY_CONNECT_TIMEOUT", 10)
 PROXY_READ_TIMEOUT = env_int("PROXY_READ_TIMEOUT", 600)
 PROXY_MAX_CONNECTIONS = env_int("PROXY_MAX_CONNECTIONS", 200)
-# The proxy's HTTP client for the upstream: aiohttp (faster, see bench/README.md) or httpx.
-PROXY_HTTP_CLIENT = env_str("PROXY_HTTP_CLIENT", "aiohttp").lower()
-if PROXY_HTTP_CLIENT not in ("aiohttp", "httpx"):
-    raise ImproperlyConfigured("PROXY_HTTP_CLIENT must be aiohttp or httpx")
+# The model gateway's file of upstreams and models (README, "The model gateway"); without it,
+# OPENAI_API_URL and OPENAI_API_KEY are the one upstream. A bad file stops Turbo here, in one line.
+TURBO_CONFIG = env_str("TURBO_CONFIG")
+if TURBO_CONFIG:
+    from proxy.gateway.config import ConfigError, load
+
+    try:
+        load(TURBO_CONFIG)
+    except ConfigError as exc:
+        raise ImproperlyConfigured(str(exc)) from None
+# How often a process reads the deployments' shared health (cooldowns) from Redis, at most.
+GATEWAY_HEALTH_SYNC_SECONDS = env_float("GATEWAY_HEALTH_SYNC_SECONDS", 1.0)
 # Extra request headers to pass upstream, beyond the ones OpenAI clients need.
 PROXY_FORWARD_HEADERS = env_list("PROXY_FORWARD_HEADERS")
 # Paths under /v1/ the proxy serves (prefixes, segment by segment); anything else is refused before

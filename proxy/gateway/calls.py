@@ -1,0 +1,236 @@
+"""Model calls for Turbo's own code (chats, /ws, conversations, `proxy.ai`), as typed results.
+
+    completion = await gateway.chat({"model": "gpt-4o-mini", "messages": [...]})
+    stream = gateway.chat_stream({...})
+    async for delta in stream:          # Delta(chunk=<the upstream's chunk>, text=<its content>)
+        ...
+    stream.tool_calls, stream.usage, stream.finish_reason   # merged, once the stream has ended
+
+Every failure is a GatewayError. The upstream's JSON and server-sent events are parsed here, and only
+here: code above sees text, merged tool calls, usage and the finish reason.
+"""
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+
+from proxy.gateway import client
+from proxy.gateway.dispatch import ERROR_BODY_MAX_BYTES, Answer, Call, send
+from proxy.gateway.errors import Attempt, GatewayError
+
+
+@dataclass
+class Completion:
+    """A whole reply, with what the upstream said about it."""
+
+    text: str
+    model: str
+    usage: dict
+    tool_calls: list[dict]
+    finish_reason: str | None
+    data: dict  # the upstream's JSON object, for fronts that pass it on (/ws)
+    deployment: str = ""
+    attempts: tuple[Attempt, ...] = ()
+
+
+@dataclass
+class Delta:
+    """One chunk of a streamed reply: the upstream's chunk as parsed, and the text it adds."""
+
+    chunk: dict
+    text: str
+
+
+def _call(path: str, body: dict, api_key: str | None, allowed_models: frozenset[str] | None) -> Call:
+    body = {**body, "model": body.get("model") or settings.DEFAULT_MODEL}
+    return Call(
+        path=path,
+        headers={"content-type": "application/json", "accept": "application/json"},
+        body=json.dumps(body, ensure_ascii=False).encode(),
+        payload=body,
+        model=body["model"],
+        allowed_models=allowed_models,
+        api_key=api_key,
+    )
+
+
+def _upstream_error(status: int, body: bytes, attempts: tuple[Attempt, ...]) -> GatewayError:
+    try:
+        error = json.loads(body).get("error")
+        detail = error.get("message") if isinstance(error, dict) else str(error or "")
+    except (ValueError, AttributeError):
+        detail = body[:300].decode("utf-8", "replace").strip()
+    return GatewayError(
+        f"upstream error {status}: {detail or 'the upstream refused the request'}",
+        status=status,
+        code="upstream_error",
+        error_type="invalid_request_error" if status < 500 else "server_error",
+        attempts=attempts,
+    )
+
+
+async def _answer(call: Call) -> Answer:
+    answer = await send(call)
+    if answer.response.status >= 400:
+        try:
+            body = await answer.response.read_all(ERROR_BODY_MAX_BYTES)
+        except client.TransportError:
+            body = b""
+        finally:
+            await answer.response.aclose()
+        raise _upstream_error(answer.response.status, body, answer.attempts)
+    return answer
+
+
+def _usage(value: Any) -> dict:
+    return (
+        {name: number for name, number in (value or {}).items() if isinstance(number, int)}
+        if isinstance(value, dict)
+        else {}
+    )
+
+
+async def _json_body(answer: Answer) -> dict:
+    try:
+        body = await answer.response.read_all(settings.PROXY_MAX_BODY_BYTES)
+    except client.TransportError as exc:
+        raise GatewayError(str(exc), status=504 if exc.timeout else 502, attempts=answer.attempts) from None
+    finally:
+        await answer.response.aclose()
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise GatewayError("the upstream's answer was not a JSON object", status=502, attempts=answer.attempts)
+    return data
+
+
+async def chat(body: dict, *, api_key: str | None = None, allowed_models: frozenset[str] | None = None) -> Completion:
+    """One chat completion for a ready-made request body (model, messages, tools, ...)."""
+    answer = await _answer(_call("chat/completions", {**body, "stream": False}, api_key, allowed_models))
+    data = await _json_body(answer)
+    choices = data.get("choices") or []
+    if not choices or not isinstance(choices[0], dict):
+        raise GatewayError("the upstream returned no choices", status=502, attempts=answer.attempts)
+    message = choices[0].get("message") or {}
+    return Completion(
+        text=message.get("content") or "",
+        model=str(data.get("model") or ""),
+        usage=_usage(data.get("usage")),
+        tool_calls=list(message.get("tool_calls") or []),
+        finish_reason=choices[0].get("finish_reason"),
+        data=data,
+        deployment=answer.deployment.id,
+        attempts=answer.attempts,
+    )
+
+
+async def embeddings(body: dict, *, api_key: str | None = None, allowed_models: frozenset[str] | None = None) -> dict:
+    """Embeddings, as the upstream's JSON object."""
+    answer = await _answer(_call("embeddings", body, api_key, allowed_models))
+    return await _json_body(answer)
+
+
+class ChatStream:
+    """A streamed chat completion: iterate for Delta objects; when it ends, the merged results are here.
+
+    A stream that breaks raises GatewayError; it never just ends.
+    """
+
+    def __init__(self, body: dict, *, api_key: str | None = None, allowed_models: frozenset[str] | None = None):
+        self.call = _call("chat/completions", {**body, "stream": True}, api_key, allowed_models)
+        self.text = ""
+        self.usage: dict = {}
+        self.finish_reason: str | None = None
+        self.model = self.call.model
+        self.deployment = ""
+        self.attempts: tuple[Attempt, ...] = ()
+        self._calls: dict[int, dict] = {}
+
+    @property
+    def tool_calls(self) -> list[dict]:
+        """The tool calls the model made, merged from their pieces, in order."""
+        return [self._calls[index] for index in sorted(self._calls)]
+
+    async def __aiter__(self) -> AsyncIterator[Delta]:
+        answer = await _answer(self.call)
+        self.deployment, self.attempts = answer.deployment.id, answer.attempts
+        try:
+            async for data in _events(answer):
+                delta = self._take(data)
+                yield Delta(chunk=data, text=delta)
+        except client.TransportError as exc:
+            raise GatewayError(
+                "the upstream stream ended early" if not exc.timeout else "the upstream stopped sending",
+                status=504 if exc.timeout else 502,
+                code="upstream_stream_error",
+                attempts=answer.attempts,
+            ) from None
+        finally:
+            await answer.response.aclose()
+
+    def _take(self, data: dict) -> str:
+        if isinstance(data.get("model"), str) and data["model"]:
+            self.model = data["model"]
+        if data.get("usage"):
+            for name, value in _usage(data["usage"]).items():
+                self.usage[name] = value
+        text = ""
+        for choice in data.get("choices") or []:
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta") or {}
+            for piece in delta.get("tool_calls") or []:
+                self._merge(piece)
+            if isinstance(delta.get("content"), str):
+                text += delta["content"]
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+        self.text += text
+        return text
+
+    def _merge(self, piece: dict) -> None:
+        slot = self._calls.setdefault(
+            piece.get("index", 0), {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
+        )
+        slot["id"] = piece.get("id") or slot["id"]
+        function = piece.get("function") or {}
+        slot["function"]["name"] += function.get("name") or ""
+        slot["function"]["arguments"] += function.get("arguments") or ""
+
+
+async def _events(answer: Answer) -> AsyncIterator[dict]:
+    """The JSON objects of a server-sent event stream, up to [DONE]. An `error` object raises."""
+    buffer = b""
+    async for chunk in answer.response.chunks():
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            line = line.strip()
+            if not line.startswith(b"data:"):
+                continue
+            raw = line[5:].strip()
+            if raw == b"[DONE]":
+                return
+            try:
+                data = json.loads(raw)
+            except ValueError:
+                continue
+            if not isinstance(data, dict):
+                continue
+            if data.get("error"):
+                error = data["error"]
+                detail = error.get("message") if isinstance(error, dict) else str(error)
+                raise GatewayError(f"the upstream failed mid-stream: {detail}", status=502, attempts=answer.attempts)
+            yield data
+    if buffer.strip():
+        raise client.TransportError("the upstream's stream ended in the middle of an event")
+
+
+def chat_stream(body: dict, *, api_key: str | None = None, allowed_models: frozenset[str] | None = None) -> ChatStream:
+    """A streamed chat completion (see ChatStream)."""
+    return ChatStream(body, api_key=api_key, allowed_models=allowed_models)

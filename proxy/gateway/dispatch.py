@@ -1,0 +1,200 @@
+"""`send()`: one request to the best deployment that answers, falling over while nothing has been sent.
+
+An attempt fails over to the next deployment (within the first model's `retries`) when the upstream
+cannot be reached, times out, answers 429 or 5xx, or ends its body before the first byte. Before it
+hands an answer on, `send()` reads the first chunk of its body (or the whole of an error's), so a
+break before the first byte is still a failover, and once the caller has an answer nothing is tried
+again: the client sees the upstream's break as it happens. A 400 `context_length_exceeded` moves on
+to a fallback with a larger `context_window`; any other 4xx is the client's and is returned as is.
+"""
+
+import json
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from proxy.gateway import client, health
+from proxy.gateway.config import Deployment, Model
+from proxy.gateway.errors import Attempt, GatewayError
+from proxy.gateway.routing import attempt_order, body_for, gateway_config, models_for
+
+ERROR_BODY_MAX_BYTES = 64 * 1024  # an upstream error's body is read (and passed on) up to this size
+
+
+@dataclass(slots=True)
+class Call:
+    """A request for the gateway to deliver."""
+
+    path: str  # after /v1/, percent-encoded as the upstream should see it
+    method: str = "POST"
+    query: str = ""
+    headers: dict[str, str] = field(default_factory=dict)  # client headers to forward (never credentials)
+    body: bytes = b""
+    payload: dict | None = None  # the body as a JSON object, when it is one
+    model: str = ""  # the public model name asked for; "" (files, batches...): the first upstream
+    allowed_models: frozenset[str] | None = None  # None: any
+    api_key: str | None = None  # a chat's own key, in place of the upstream's
+
+
+@dataclass(slots=True)
+class Answer:
+    """An upstream's answer (headers arrived, first bytes read), and how it was reached."""
+
+    response: client.Response
+    deployment: Deployment
+    attempts: tuple[Attempt, ...]  # every deployment tried, this one last
+
+    @property
+    def upstream_header(self) -> str:
+        return self.deployment.id
+
+
+def _retry_after(value: str) -> float | None:
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if 0 <= seconds <= 3600 else None
+
+
+def _error_code(body: bytes) -> str:
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return ""
+    if not isinstance(error, dict):
+        return ""
+    code = error.get("code") or error.get("type") or ""
+    if code != "context_length_exceeded" and "maximum context length" in str(error.get("message") or ""):
+        return "context_length_exceeded"
+    return str(code)
+
+
+def _first_upstream_plan(config) -> list[tuple[Model, Deployment]]:
+    upstream = config.upstreams[0]
+    return [
+        (Model(name="", retries=0, cooldown_seconds=0), Deployment(id=upstream.name, upstream=upstream, model=None))
+    ]
+
+
+async def send(call: Call) -> Answer:
+    """Deliver `call` and return the answer to pass on (maybe an upstream's error). Raises GatewayError
+    when no upstream answered at all, or for a model that does not exist or is not allowed."""
+    config = gateway_config()
+    if call.model:
+        models = models_for(config, call.model, call.payload, call.allowed_models)
+        plan = attempt_order(models)
+        budget = models[0].retries + 1
+    else:
+        plan = _first_upstream_plan(config)
+        budget = 1
+    if config.is_file:
+        await health.sync([deployment.id for deployment in config.deployments])
+
+    queue = deque(plan)
+    tried: list[Attempt] = []
+    kept: client.Response | None = None  # the last upstream error, passed on if nothing better comes
+    kept_deployment: Deployment | None = None
+    timeouts = busy = 0
+    deferred: list[tuple[Model, Deployment]] = []  # half-open, with the probe claimed elsewhere
+    last_resort = False
+    while len(tried) < budget:
+        if not queue:
+            if tried or not deferred:
+                break
+            queue, deferred, last_resort = deque(deferred), [], True  # nothing else: go without the probe
+        model, deployment = queue.popleft()
+        upstream = deployment.upstream
+        if upstream.problem:
+            raise GatewayError(upstream.problem, status=503, code="upstream_not_configured")
+        state = health.health_of(deployment.id)
+        if state.cool_until and not health.is_cooling(deployment.id) and not last_resort:
+            if not await health.probe_claim(deployment.id, model.cooldown_seconds):
+                deferred.append((model, deployment))
+                continue  # another request is probing it
+        if upstream.max_in_flight and health.upstream_in_flight(upstream.name) >= upstream.max_in_flight:
+            busy += 1
+            health.probe_release(deployment.id)
+            continue
+
+        body = body_for(call.payload, call.body, call.model, deployment, model)
+        url = f"{upstream.base_url}/{call.path}"
+        if call.query:
+            url = f"{url}?{call.query}"
+        headers = {**call.headers, "accept-encoding": "identity", **upstream.auth_headers(call.api_key)}
+        began = time.perf_counter()
+        health.started(deployment.id, upstream.name)
+        response = None
+        try:
+            response = await client.send(
+                call.method, url, headers, body, timeout=upstream.timeout, connect_timeout=upstream.connect_timeout
+            )
+            if response.status < 400:
+                if not await response.read_some() and response.status == 200 and call.model:
+                    raise client.TransportError("the upstream's answer was empty")
+            else:
+                await response.read_all(ERROR_BODY_MAX_BYTES)
+        except client.TransportError as exc:
+            health.ended(deployment.id, upstream.name)
+            if response is not None:
+                response.on_close = None
+                await response.aclose()
+            timeouts += exc.timeout
+            tried.append(Attempt(deployment.id, str(exc)))
+            await health.failed(deployment.id, str(exc), model.cooldown_seconds)
+            continue
+        except BaseException:
+            health.ended(deployment.id, upstream.name)
+            health.probe_release(deployment.id)
+            if response is not None:
+                await response.aclose()
+            raise
+        response.on_close = lambda d=deployment.id, u=upstream.name: health.ended(d, u)
+
+        status = response.status
+        if status == 429 or status >= 500:
+            reason = f"the upstream answered {status}"
+            rest = _retry_after(response.header("retry-after")) or 0
+            await health.failed(
+                deployment.id, reason, max(model.cooldown_seconds, rest) if model.cooldown_seconds else 0
+            )
+            tried.append(Attempt(deployment.id, reason))
+            if kept is not None:
+                await kept.aclose()
+            kept, kept_deployment = response, deployment
+            continue
+        if status == 400 and _error_code(b"".join(response.prefix)) == "context_length_exceeded":
+            larger = [
+                (m, d)
+                for m, d in queue
+                if m.context_window is not None and m.context_window > (model.context_window or 0)
+            ]
+            if larger:
+                tried.append(Attempt(deployment.id, "context_length_exceeded"))
+                await response.aclose()
+                queue = deque(larger)
+                continue
+        if status < 400:
+            await health.succeeded(deployment.id, (time.perf_counter() - began) * 1000)
+        if kept is not None:
+            await kept.aclose()
+        tried.append(Attempt(deployment.id))
+        return Answer(response, deployment, tuple(tried))
+
+    if kept is not None and kept_deployment is not None:
+        return Answer(kept, kept_deployment, tuple(tried))
+    attempts = tuple(tried)
+    if not tried and busy:
+        raise GatewayError(
+            "every upstream for this model is at its limit of requests in flight; try again shortly",
+            status=503,
+            code="upstream_busy",
+            retry_after=1,
+        )
+    if not tried:
+        raise GatewayError("no upstream could take the request", status=503, code="upstream_unavailable", retry_after=1)
+    if timeouts == len(tried):
+        raise GatewayError(
+            "the upstream did not answer in time", status=504, code="upstream_timeout", attempts=attempts
+        )
+    raise GatewayError("the upstream could not be reached", status=502, code="upstream_unreachable", attempts=attempts)
