@@ -11,6 +11,7 @@ with one `ConfigError` line naming the file, the key and the problem; settings.p
 import os
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -152,7 +153,7 @@ class GatewayConfig:
     models: dict[str, Model]  # public name -> model; "*" serves names not declared
     is_file: bool = False
 
-    @property
+    @cached_property
     def deployments(self) -> list[Deployment]:
         seen: dict[str, Deployment] = {}
         for model in self.models.values():

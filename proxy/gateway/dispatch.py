@@ -81,6 +81,8 @@ async def send(call: Call) -> Answer:
     """Deliver `call` and return the answer to pass on (maybe an upstream's error). Raises GatewayError
     when no upstream answered at all, or for a model that does not exist or is not allowed."""
     config = gateway_config()
+    if config.is_file:
+        await health.sync([deployment.id for deployment in config.deployments])
     if call.model:
         models = models_for(config, call.model, call.payload, call.allowed_models)
         plan = attempt_order(models)
@@ -88,8 +90,6 @@ async def send(call: Call) -> Answer:
     else:
         plan = _first_upstream_plan(config)
         budget = 1
-    if config.is_file:
-        await health.sync([deployment.id for deployment in config.deployments])
 
     queue = deque(plan)
     tried: list[Attempt] = []

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import json
 import logging
@@ -59,6 +60,12 @@ ERROR_SCENARIOS: dict[str, tuple[int, str, str, str]] = {
     "error_400": (400, "Bad thing", "invalid_request_error", "bad_thing"),
     "error_429": (429, "Rate limit reached for requests", "rate_limit_exceeded", "rate_limit_exceeded"),
     "error_500": (500, "The server had an error while processing your request", "server_error", "server_error"),
+    "context_length": (
+        400,
+        "This model's maximum context length is 100 tokens. However, your messages resulted in 500 tokens.",
+        "invalid_request_error",
+        "context_length_exceeded",
+    ),
 }
 # OpenAI's answer to a wrong key quotes the key it was sent; so does this scenario.
 ECHO_KEY_SCENARIO = "error_401_echo"
@@ -86,6 +93,10 @@ class FakeUpstream:
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0) -> None:
         self.requests: list[RecordedRequest] = []
+        # Set to a scenario name (e.g. "error_500", "slow", "die_mid_stream") to answer every request
+        # that way, whatever it asks: one upstream of several failing on demand. None: as asked.
+        self.forced_scenario: str | None = None
+        self.retry_after = "7"  # the Retry-After of error_429
         self._gate = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing: asyncio.Event | None = None
@@ -211,6 +222,8 @@ class FakeUpstream:
     async def _respond(self, request: RecordedRequest, writer: _Writer) -> None:
         try:
             options = _Options.of(request)
+            if self.forced_scenario is not None:
+                options = dataclasses.replace(options, scenario=self.forced_scenario)
             reply = self._reply(request, options)
         except _BadRequest as exc:
             options, reply = _Options.plain(), _error(400, str(exc), "invalid_request_error", exc.code)
@@ -231,7 +244,7 @@ class FakeUpstream:
             return _error(401, message, "invalid_request_error", "invalid_api_key")
         if options.scenario in ERROR_SCENARIOS:
             status, message, kind, code = ERROR_SCENARIOS[options.scenario]
-            extra = [(b"retry-after", b"7")] if status == 429 else []
+            extra = [(b"retry-after", self.retry_after.encode())] if status == 429 else []
             return _error(status, message, kind, code, extra)
         return route(request, options)
 
