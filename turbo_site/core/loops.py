@@ -6,6 +6,7 @@ clients (the ASGI lifespan does it at shutdown).
 """
 
 import asyncio
+import atexit
 import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -23,7 +24,25 @@ def loop_client(name: str, options: Hashable, make: Callable[[], Any], is_closed
         return cached[1]
     client = make()
     per_loop[name] = (options, client)
+    _drop_dead_loops()
     return client
+
+
+def _drop_dead_loops() -> None:
+    """Forget the clients of loops that have closed (a sync wrapper's short-lived loop): nothing can
+    await their close any more, so their connections are shut here and now, quietly."""
+    for loop in list(_clients):
+        if loop.is_closed():
+            for _, client in _clients.pop(loop, {}).values():
+                connector = getattr(client, "connector", None)  # aiohttp's session
+                try:
+                    if connector is not None:
+                        connector._close()
+                except Exception:
+                    pass
+
+
+atexit.register(_drop_dead_loops)
 
 
 async def loop_clients_close() -> None:
