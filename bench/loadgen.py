@@ -9,7 +9,8 @@ one connection per in-flight slot; `--pool shared` uses one client whose pool ho
 the time to first token, the gaps between content chunks as they arrive, and each chunk's delay: the
 receive time minus the send time the fake upstream wrote into the chunk (`t=<time.time_ns()>`; this
 works because every process runs on one machine and one clock). The X-Turbo-Overhead-Ms header is
-collected when the answer carries it. The summary (milliseconds) goes to `--out` as JSON.
+collected when the answer carries it, and X-Turbo-Upstream (the gateway deployment that served it) is
+counted. The summary (milliseconds) goes to `--out` as JSON.
 """
 
 import argparse
@@ -27,6 +28,8 @@ import httpx
 SENT_AT = re.compile(rb'"content":"t=(\d+)"')
 HAS_CONTENT = re.compile(rb'"content":"[^"]')
 OVERHEAD_HEADER = "x-turbo-overhead-ms"
+UPSTREAM_HEADER = "x-turbo-upstream"  # the gateway deployment that served the request
+MODEL = "bench-model"  # the model every request asks for (bench.proxy_overhead's gateway config serves it)
 ERROR_SAMPLE_CHARS = 300
 
 
@@ -39,6 +42,7 @@ class Samples:
     chunk_gap: list[float] = field(default_factory=list)
     chunk_delay: list[float] = field(default_factory=list)
     turbo_overhead: list[float] = field(default_factory=list)
+    upstreams: Counter = field(default_factory=Counter)
     errors: Counter = field(default_factory=Counter)
     error_sample: str = ""
 
@@ -72,15 +76,21 @@ def distribution(values: list[float]) -> dict | None:
 
 
 def request_body(*, stream: bool) -> bytes:
-    body = {"model": "bench-model", "messages": [{"role": "user", "content": "Say hello."}], "stream": stream}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}], "stream": stream}
     if stream:
         body["stream_options"] = {"include_usage": True}
     return json.dumps(body).encode()
 
 
 def _overhead_of(response: httpx.Response, samples: Samples | None) -> None:
+    """Turbo's own headers: its overhead, and which deployment served the request."""
+    if samples is None:
+        return
+    upstream = response.headers.get(UPSTREAM_HEADER)
+    if upstream is not None:
+        samples.upstreams[upstream] += 1
     value = response.headers.get(OVERHEAD_HEADER)
-    if value is not None and samples is not None:
+    if value is not None:
         try:
             samples.turbo_overhead.append(float(value))
         except ValueError:
@@ -221,6 +231,8 @@ async def run(
         "chunk_gap_ms": distribution(samples.chunk_gap),
         "chunk_delay_ms": distribution(samples.chunk_delay),
         "turbo_overhead_ms": distribution(samples.turbo_overhead),
+        # X-Turbo-Upstream of the recorded requests that succeeded: deployment id -> requests.
+        "turbo_upstreams": dict(samples.upstreams),
     }
 
 

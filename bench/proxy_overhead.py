@@ -12,6 +12,12 @@ This is a benchmark, not a test: it asserts nothing about wall-clock times.
 `--servers uvicorn,daphne,gunicorn` runs Turbo under each of those servers (all at once, each on its own
 database), and `--peers litellm` puts LiteLLM's proxy (in its own virtualenv, bench/.venv-litellm) in front
 of the same upstream; each is measured like Turbo and is one more "via" row. See bench/README.peers.md.
+
+`--gateway three` runs Turbo with a TURBO_CONFIG file (written into the run's temporary folder) in which
+the model the load generator asks for has three weighted deployments over three upstreams (three names
+for the one fake upstream) and a fallback; `--gateway off,three` measures zero config and that side by
+side and judges the growth of Turbo's CPU per request. The default, `off`, is zero config
+(OPENAI_API_URL only). See bench/README.md, "proxy_overhead with the model gateway".
 """
 
 import argparse
@@ -37,6 +43,7 @@ from pathlib import Path
 import httpx
 
 from bench.fast_upstream import fastest_server_parts
+from bench.loadgen import MODEL
 from bench.peers import PEERS, litellm_peer
 from bench.servers import SERVERS, turbo_server, unavailable, websocket_ping
 
@@ -55,6 +62,12 @@ TARGETS = [
 THROUGHPUT_CONCURRENCY, THROUGHPUT_RATIO = 16, 10.0
 PROBLEM_WORDS = re.compile(r"error|exception|traceback|warning", re.IGNORECASE)
 FIGURES = ("latency_ms", "ttft_ms", "chunk_gap_ms", "chunk_delay_ms", "turbo_overhead_ms")
+# Gateway modes: "off" is zero config (OPENAI_API_URL only); "three" is a TURBO_CONFIG file giving MODEL
+# three weighted deployments, one per upstream name (all three names point at the one fake upstream).
+GATEWAYS = ("off", "three")
+THREE_DEPLOYMENTS = (("a", 3), ("b", 1), ("c", 1))  # (upstream name, weight)
+# The issue's target for the gateway: Turbo's CPU per request grows by at most this much over zero config.
+CPU_GROWTH_LIMIT_PCT = 10.0
 
 
 # --- processes ------------------------------------------------------------------------------------
@@ -162,8 +175,40 @@ def tree_cpu_seconds(pid: int) -> float | None:
     return total
 
 
-def turbo_env(args, *, upstream_port: int, db_address: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("DB_ADDRESS", "REDIS_ADDRESS", "DJANGO_SETTINGS_MODULE")}
+def gateway_yaml(mode: str, upstream_url: str) -> str | None:
+    """The TURBO_CONFIG file for a gateway mode; None for "off" (zero config)."""
+    if mode == "off":
+        return None
+    lines = [
+        f"# bench.proxy_overhead --gateway {mode}: {MODEL} has three weighted deployments over three",
+        "# upstreams (three names for the one fake upstream), and a fallback model that is never needed.",
+        "upstreams:",
+        *(f'  - {{name: {name}, base_url: "{upstream_url}"}}' for name, _ in THREE_DEPLOYMENTS),
+        "models:",
+        f"  - name: {MODEL}",
+        "    strategy: weighted",
+        "    deployments:",
+        *(f"      - {{upstream: {name}, model: {MODEL}, weight: {weight}}}" for name, weight in THREE_DEPLOYMENTS),
+        "    fallbacks: [bench-fallback]",
+        "  - name: bench-fallback",
+        f"    deployments: [{{name: fallback, upstream: {THREE_DEPLOYMENTS[0][0]}, model: {MODEL}}}]",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def describe_gateway(mode: str) -> str:
+    if mode == "off":
+        return "zero config (OPENAI_API_URL only)"
+    weights = ":".join(f"{weight:g}" for _, weight in THREE_DEPLOYMENTS)
+    return (
+        f"TURBO_CONFIG: {MODEL} on {len(THREE_DEPLOYMENTS)} deployments "
+        f"({', '.join(f'{name}/{MODEL}' for name, _ in THREE_DEPLOYMENTS)}), weighted {weights}, one fallback"
+    )
+
+
+def turbo_env(args, *, upstream_port: int, db_address: str, turbo_config: Path | None = None) -> dict[str, str]:
+    dropped = ("DB_ADDRESS", "REDIS_ADDRESS", "DJANGO_SETTINGS_MODULE", "TURBO_CONFIG")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     env.update(
         DEBUG="0",
         SECRET_KEY=secrets.token_urlsafe(50),
@@ -175,6 +220,8 @@ def turbo_env(args, *, upstream_port: int, db_address: str) -> dict[str, str]:
     )
     if args.redis:
         env["REDIS_ADDRESS"] = args.redis
+    if turbo_config is not None:
+        env["TURBO_CONFIG"] = str(turbo_config)
     return env
 
 
@@ -216,6 +263,8 @@ def median_of_runs(runs: list[dict]) -> dict:
         "errors": sum(run["errors"] for run in runs),
         "error_kinds": dict(sum((Counter(run["error_kinds"]) for run in runs), Counter())),
         "error_sample": next((run["error_sample"] for run in runs if run["error_sample"]), ""),
+        # Summed like the errors: which deployments served the recorded requests (X-Turbo-Upstream).
+        "turbo_upstreams": dict(sum((Counter(run.get("turbo_upstreams") or {}) for run in runs), Counter())),
     }
     for key in ("rps", "loadgen_cpu_share", "server_cpu_ms_per_request"):
         values = [run[key] for run in runs if run.get(key) is not None]
@@ -291,6 +340,52 @@ def judge_throughput(results: list[dict], turbo: dict, peer: dict) -> dict:
     }
 
 
+def judge_cpu(results: list[dict], base: dict, gateway: dict) -> dict:
+    """Turbo's CPU per request with the gateway `gateway` against zero config `base`, cell by cell.
+
+    `base` and `gateway` are described sides (same server); met when no cell grows by more than
+    CPU_GROWTH_LIMIT_PCT. Cells without a figure on either side are left out of the verdict.
+    """
+    cells = []
+    for row in results:
+        before = (row.get(base["key"]) or {}).get("server_cpu_ms_per_request")
+        after = (row.get(gateway["key"]) or {}).get("server_cpu_ms_per_request")
+        growth = round((after / before - 1) * 100, 1) if before and after is not None else None
+        cells.append(
+            {
+                "mode": row["mode"],
+                "concurrency": row["concurrency"],
+                "zero_config_ms": before,
+                "gateway_ms": after,
+                "growth_pct": growth,
+                "verdict": "NOT MEASURED"
+                if growth is None
+                else ("MET" if growth <= CPU_GROWTH_LIMIT_PCT else "MISSED"),
+            }
+        )
+    measured = [cell for cell in cells if cell["growth_pct"] is not None]
+    verdict = (
+        "NOT MEASURED" if not measured else ("MET" if all(cell["verdict"] == "MET" for cell in measured) else "MISSED")
+    )
+    return {
+        "target": f"Turbo CPU per request, {gateway['label']} against {base['label']}: growth <= "
+        f"{CPU_GROWTH_LIMIT_PCT:g} % in every cell",
+        "zero_config": base["key"],
+        "gateway": gateway["key"],
+        "limit_pct": CPU_GROWTH_LIMIT_PCT,
+        "cells": cells,
+        "verdict": verdict,
+    }
+
+
+def served_by(results: list[dict], key: str) -> dict[str, int]:
+    """Which deployments served a side's recorded requests, over every cell and run (X-Turbo-Upstream)."""
+    total: Counter = Counter()
+    for row in results:
+        total.update((row.get(key) or {}).get("turbo_upstreams") or {})
+    return dict(total.most_common())
+
+
 # --- table ----------------------------------------------------------------------------------------
 
 
@@ -314,6 +409,26 @@ def event_line(events: dict, name: str = "Event log", server: str = "Turbo") -> 
         f"{name}: {logged} proxy events saved for {events['expected']} requests sent through Turbo; "
         f"{server}'s log had {events['httpx_info_lines']} httpx 'HTTP Request:' INFO lines."
     )
+
+
+def cpu_lines(target: dict) -> list[str]:
+    lines = [f"{target['target']}: {target['verdict']}"]
+    for cell in target["cells"]:
+        mode = "non-streamed" if cell["mode"] == "plain" else "streamed"
+        growth = "-" if cell["growth_pct"] is None else f"{cell['growth_pct']:+.1f} %"
+        lines.append(
+            f"  {mode:<12} c={cell['concurrency']:<4} {fmt(cell['zero_config_ms'], 6)} -> "
+            f"{fmt(cell['gateway_ms'], 6)} ms/req ({growth}) {cell['verdict']}"
+        )
+    return lines
+
+
+def served_line(label: str, counts: dict[str, int]) -> str:
+    total = sum(counts.values())
+    if not total:
+        return f"  {label}: no X-Turbo-Upstream header seen"
+    shares = ", ".join(f"{name} {count} ({count * 100 / total:.1f} %)" for name, count in counts.items())
+    return f"  {label}: {shares}"
 
 
 def target_lines(verdicts: list[dict]) -> list[str]:
@@ -381,6 +496,8 @@ def describe_side(side: dict) -> str:
         processes = side["processes"]
         shape = "1 process" if processes == 1 else f"{processes - 1} workers + master"
         facts = [shape, f"loop {side['loop']}, HTTP {side['http']}"]
+        if side.get("gateway", "off") != "off":
+            facts.append(f"gateway {side['gateway']} ({describe_gateway(side['gateway'])})")
     facts.append(f"answering {side['ready_after_s']:g} s after its start" if side.get("ready_after_s") else "")
     command = f": {side['command']}" if side["kind"] == "turbo" else ""
     return f"  {side['label']}: " + ", ".join(fact for fact in facts if fact) + command
@@ -395,8 +512,10 @@ def render(report: dict) -> str:
         f"Turbo /v1 proxy overhead: median of {settings['runs']} run(s) of {settings['requests']} requests "
         f"(+{settings['warmup']} warm-up) per cell; upstream latency {settings['latency_ms']:g} ms, "
         f"{settings['chunks']} chunks {settings['chunk_gap_ms']:g} ms apart; all times in ms",
-        "",
     ]
+    if settings.get("gateway", "off") != "off" and not sides:
+        lines.append(f"Turbo's gateway: {settings['gateway']}, {describe_gateway(settings['gateway'])}")
+    lines.append("")
     if sides and len(sides) > 1:
         lines += side_by_side_tables(report)
     else:
@@ -417,7 +536,7 @@ def render(report: dict) -> str:
             "",
             "Streamed POST /v1/chat/completions (TTFT = until the first content chunk)",
             "    c |    TTFT direct p50 p99 |    TTFT via p50 p99 | TTFT added p50 p99 | via chunk gap p50 p99 "
-            "| chunk delay direct p50 p99 |    via p50     p99 | rps direct     via | errors d/v",
+            "| chunk delay direct p50 p99 |    via p50     p99 | rps direct     via | Turbo CPU ms/req | errors d/v",
         ]
         for row in (r for r in results if r["mode"] == "stream"):
             direct, via = row["direct"], row["via_turbo"]
@@ -425,7 +544,8 @@ def render(report: dict) -> str:
                 f"{row['concurrency']:>5} | {pair(direct['ttft_ms'], 11)} | {pair(via['ttft_ms'], 9)} | "
                 f"{pair(row['added']['ttft_ms'], 9)} | {pair(via['chunk_gap_ms'], 10)} | "
                 f"{pair(direct['chunk_delay_ms'], 13)} | {pair(via['chunk_delay_ms'])} | "
-                f"{fmt(direct['rps'], 10, 0)} {fmt(via['rps'], 7, 0)} | {direct['errors']}/{via['errors']}"
+                f"{fmt(direct['rps'], 10, 0)} {fmt(via['rps'], 7, 0)} | "
+                f"{fmt(via['server_cpu_ms_per_request'], 16)} | {direct['errors']}/{via['errors']}"
             )
     if sides:
         lines += ["", "Targets (from the issue), " + sides["via_turbo"]["label"] + ":"]
@@ -451,6 +571,12 @@ def render(report: dict) -> str:
                 f" (streamed: {stream['turbo_rps']:.0f} vs {stream['peer_rps']:.0f} rps = {stream['ratio']:.2f}x)"
             )
         lines.append(f"  {target['target']}: {figures} {target['verdict']}")
+    for target in report.get("cpu_targets", []):
+        lines += ["", *cpu_lines(target)]
+    if report.get("served_by"):
+        labels = {key: side["label"] for key, side in (sides or {}).items()}
+        lines += ["", "Served by (X-Turbo-Upstream of the measured requests, all cells):"]
+        lines += [served_line(labels.get(key, "Turbo"), counts) for key, counts in report["served_by"].items()]
     cpus = report["machine"]["cpus"]
     lines += ["", event_line(report["events"])]
     if sides:
@@ -615,8 +741,21 @@ def parse_args() -> argparse.Namespace:
         help=f"servers to run Turbo under, comma-separated: {', '.join(SERVERS)} (default uvicorn); the first "
         "is the main one (via_turbo in the JSON)",
     )
+    parser.add_argument(
+        "--gateway",
+        default="off",
+        metavar="MODES",
+        help="Turbo's model gateway, comma-separated modes: off (zero config: OPENAI_API_URL only, the default) or "
+        f"three ({MODEL} on three weighted deployments, from a TURBO_CONFIG file); off,three measures both side "
+        "by side and judges the growth of Turbo's CPU per request",
+    )
     args = parser.parse_args()
     args.peers_given, args.servers_given = bool(args.peers), args.servers is not None
+    args.gateway = list(dict.fromkeys(mode.strip().lower() for mode in args.gateway.split(",") if mode.strip()))
+    if unknown := [mode for mode in args.gateway if mode not in GATEWAYS]:
+        parser.error(f"unknown gateway mode(s) {', '.join(unknown)}; --gateway takes {', '.join(GATEWAYS)}")
+    if not args.gateway:
+        parser.error("--gateway needs at least one mode")
     args.peers = list(dict.fromkeys(name.strip().lower() for name in args.peers.split(",") if name.strip()))
     args.servers = list(
         dict.fromkeys(name.strip().lower() for name in (args.servers or "uvicorn").split(",") if name.strip())
@@ -645,10 +784,18 @@ def _interrupt(signum, frame) -> None:
 
 
 def build_report(
-    args, results: list[dict], *, started_at: datetime, duration_s: float, events: dict, setup: dict | None = None
+    args,
+    results: list[dict],
+    *,
+    started_at: datetime,
+    duration_s: float,
+    events: dict,
+    setup: dict | None = None,
+    gateway_configs: dict[str, str] | None = None,
 ) -> dict:
-    """The JSON report. `setup` ({"sides", "websockets", "not_measured"}) is given when the run had --servers
-    or --peers; without it the report has exactly the keys it always had."""
+    """The JSON report. `setup` ({"sides", "websockets", "not_measured"}) is given when the run had --servers,
+    --peers or more than one --gateway mode; without it the report has the keys it always had, plus
+    `settings.gateway`. `gateway_configs` are the TURBO_CONFIG files used ({mode: text}), when any."""
     loop, http = fastest_server_parts()
     report = {
         "started_at": started_at.isoformat(),
@@ -666,6 +813,8 @@ def build_report(
             "loadgen_pool": args.pool,
             "database": "postgres" if args.postgres else "sqlite",
             "redis": bool(args.redis),
+            # The main Turbo's gateway mode: "off" (zero config) or "three" (TURBO_CONFIG, three deployments).
+            "gateway": args.gateway[0],
         },
         "machine": {
             "cpus": os.cpu_count(),
@@ -690,6 +839,19 @@ def build_report(
         report["throughput_targets"] = [judge_throughput(results, turbo, peer) for turbo in turbos for peer in peers]
         report["websockets"] = setup["websockets"]
         report["not_measured"] = setup["not_measured"]
+    if setup is not None and len(args.gateway) > 1:
+        report["settings"]["gateways"] = args.gateway
+        report["cpu_targets"] = [
+            judge_cpu(results, base, side)
+            for base in turbos
+            if base.get("gateway") == "off"
+            for side in turbos
+            if side.get("gateway", "off") != "off" and side.get("server") == base.get("server")
+        ]
+    if any(mode != "off" for mode in args.gateway):
+        keys = [key for key, side in setup["sides"].items() if side["kind"] == "turbo"] if setup else ["via_turbo"]
+        report["served_by"] = {key: served_by(results, key) for key in keys}
+        report["gateway_configs"] = gateway_configs or {}
     report["results"] = results
     return report
 
@@ -721,7 +883,7 @@ def first_line(exc: BaseException) -> str:
 
 def main() -> None:
     args = parse_args()
-    extended = args.servers_given or args.peers_given
+    extended = args.servers_given or args.peers_given or len(args.gateway) > 1
     # SIGTERM (e.g. from make or CI) unwinds like Ctrl-C, so the finally below stops the servers.
     signal.signal(signal.SIGTERM, _interrupt)
     started_at = datetime.now(UTC)
@@ -737,6 +899,8 @@ def main() -> None:
     described: dict[str, dict] = {}
     websockets: dict[str, dict] = {}
     not_measured: dict[str, str] = {}
+    gateway_configs: dict[str, str] = {}  # mode -> the TURBO_CONFIG text it ran with
+    config_paths: dict[str, Path | None] = {}
 
     def note(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -763,14 +927,30 @@ def main() -> None:
         upstream_url = f"http://127.0.0.1:{upstream_port}/v1"
         wait_until_answering(processes, "upstream", upstream, f"{upstream_url}/models")
 
-        # Every server is started first and waited for afterwards: their start-ups overlap.
-        for index, name in enumerate(args.servers):
-            label = f"Turbo {name}"
+        for mode in args.gateway:
+            text = gateway_yaml(mode, upstream_url)
+            config_paths[mode] = None
+            if text is not None:
+                gateway_configs[mode] = text
+                config_paths[mode] = work / f"turbo-gateway-{mode}.yaml"
+                config_paths[mode].write_text(text)
+
+        # Every server is started first and waited for afterwards: their start-ups overlap. Each server runs
+        # once per gateway mode; the first server in the first mode is the main one ("via_turbo").
+        variants = [(name, mode) for name in args.servers for mode in args.gateway]
+        for index, (name, mode) in enumerate(variants):
+            suffix = "" if mode == "off" else f"-gateway-{mode}"
+            label = f"Turbo {name}" + ("" if mode == "off" else f", gateway {mode}")
             if index and (reason := unavailable(name)):
                 skip(label, reason)
                 continue
-            db_path = work / ("bench.db" if index == 0 else f"bench-{name}.db")
-            env = turbo_env(args, upstream_port=upstream_port, db_address=args.postgres or f"sqlite:///{db_path}")
+            db_path = work / ("bench.db" if index == 0 else f"bench-{name}{suffix}.db")
+            env = turbo_env(
+                args,
+                upstream_port=upstream_port,
+                db_address=args.postgres or f"sqlite:///{db_path}",
+                turbo_config=config_paths[mode],
+            )
             migrated = subprocess.run(
                 [PYTHON, "manage.py", "migrate", "--noinput"], cwd=PROJECT, env=env, capture_output=True, text=True
             )
@@ -778,11 +958,12 @@ def main() -> None:
                 raise RuntimeError(f"migrate failed:\n{migrated.stdout[-2000:]}{migrated.stderr[-3000:]}")
             port = free_port()
             server = turbo_server(name, port)
-            process_name = "turbo" if index == 0 else f"turbo-{name}"
+            process_name = "turbo" if index == 0 else f"turbo-{name}{suffix}"
             turbos.append(
                 {
-                    "key": "via_turbo" if index == 0 else "via_turbo_" + name.replace("-", "_"),
+                    "key": "via_turbo" if index == 0 else "via_turbo_" + f"{name}{suffix}".replace("-", "_"),
                     "label": label,
+                    "gateway": mode,
                     "server": server,
                     "process_name": process_name,
                     "process": processes.start(process_name, server.command, env),
@@ -828,7 +1009,9 @@ def main() -> None:
                 }
             )
             described[turbo["key"]] = {"key": turbo["key"], "kind": "turbo", "label": turbo["label"]}
-            described[turbo["key"]].update(turbo["server"].describe(), ready_after_s=ready_after_s)
+            described[turbo["key"]].update(
+                turbo["server"].describe(), gateway=turbo["gateway"], ready_after_s=ready_after_s
+            )
         turbos = [turbo for turbo in turbos if not turbo.get("skipped")]
         for entry in peers:
             peer = entry["peer"]
@@ -871,6 +1054,7 @@ def main() -> None:
             duration_s=time.monotonic() - clock_started,
             events=events,
             setup=setup(),
+            gateway_configs=gateway_configs,
         )
         report["table"] = render(report)
         print(report["table"])
@@ -903,6 +1087,7 @@ def main() -> None:
                 duration_s=time.monotonic() - clock_started,
                 events=events,
                 setup=setup(),
+                gateway_configs=gateway_configs,
             )
             report["table"] = render(report)
             print(f"{report['table']}\n(interrupted: only the cells above were completed)")
