@@ -28,10 +28,12 @@ class GatewayError(Exception):
         error_type: str = "server_error",
         retry_after: float | None = None,
         attempts: tuple[Attempt, ...] = (),
+        redact: bool = True,
     ):
-        from proxy.gateway.routing import text_redact
+        if redact:
+            from proxy.gateway.routing import text_redact
 
-        message = text_redact(message)
+            message = text_redact(message)
         super().__init__(message)
         self.message = message
         self.status = status

@@ -39,7 +39,7 @@ def gateway_config() -> GatewayConfig:
         try:
             config = load(settings.TURBO_CONFIG)
         except ConfigError as exc:  # checked at start; this is a file changed under a running server
-            raise GatewayError(str(exc), status=503, code="gateway_misconfigured") from None
+            raise GatewayError(str(exc), status=503, code="gateway_misconfigured", redact=False) from None
     else:
         config = from_environment(settings)
     if _cached is not None:
@@ -53,9 +53,9 @@ def text_redact(text: str) -> str:
     may quote the key it was sent: "Incorrect API key provided: sk-...")."""
     try:
         secrets = gateway_config().secrets()
-    except GatewayError:
-        secrets = [settings.OPENAI_API_KEY]
-    return redact_keys(text, *secrets)
+    except GatewayError:  # a file broken under a running server: the keys known before it broke
+        secrets = _cached[1].secrets() if _cached is not None else []
+    return redact_keys(text, settings.OPENAI_API_KEY, *secrets)
 
 
 # --- what a request needs ----------------------------------------------------------------------------

@@ -527,3 +527,11 @@ def test_a_bad_config_file_stops_turbo_at_start_in_one_line(cli_env, tmp_path, f
     assert result.stderr.strip() == (
         f"Turbo cannot start: TURBO_CONFIG {config}: models[0].deployments[0].upstream: no upstream named 'backup'"
     )
+
+
+def test_a_file_broken_under_a_running_server_is_a_503_not_a_crash(client, token, configure):
+    configure("upstreams: []\nmodels: []\n")
+    response = ask(client, token)
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "gateway_misconfigured"
+    assert "upstreams: must be a non-empty list" in response.json()["error"]["message"]
