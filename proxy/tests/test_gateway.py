@@ -95,18 +95,23 @@ def proxy_events(user_token_client) -> list[Event]:
 # --- balancing -------------------------------------------------------------------------------------------
 
 
-def test_weighted_split_holds_over_400_requests(client, token, fakes, configure):
-    configure(f"""
+def balanced_pair(fakes, strategy: str, weight_a: int = 1) -> str:
+    """pool over a and b, both with the same model, in the same tier."""
+    return f"""
         upstreams:
           - {{name: a, base_url: {fakes["a"].url}/v1}}
           - {{name: b, base_url: {fakes["b"].url}/v1}}
         models:
           - name: pool
-            strategy: weighted
+            strategy: {strategy}
             deployments:
-              - {{upstream: a, model: gpt-4o-mini, weight: 3}}
+              - {{upstream: a, model: gpt-4o-mini, weight: {weight_a}}}
               - {{upstream: b, model: gpt-4o-mini, weight: 1}}
-        """)
+        """
+
+
+def test_weighted_split_holds_over_400_requests(client, token, fakes, configure):
+    configure(balanced_pair(fakes, "weighted", weight_a=3))
     served = Counter()
     for _ in range(400):
         response = ask(client, token)
@@ -132,17 +137,7 @@ def test_each_deployment_gets_its_own_model_name_and_key(client, token, fakes, c
 
 
 def test_least_busy_sends_to_the_idle_deployment(client, token, fakes, configure, turbo_server):
-    configure(f"""
-        upstreams:
-          - {{name: a, base_url: {fakes["a"].url}/v1}}
-          - {{name: b, base_url: {fakes["b"].url}/v1}}
-        models:
-          - name: pool
-            strategy: least_busy
-            deployments:
-              - {{upstream: a, model: gpt-4o-mini}}
-              - {{upstream: b, model: gpt-4o-mini}}
-        """)
+    configure(balanced_pair(fakes, "least_busy"))
     import threading
 
     results = {}
