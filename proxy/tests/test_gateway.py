@@ -1,9 +1,11 @@
 """The model gateway end to end: several fake upstreams on real loopback ports, each failing on demand,
 behind the real server, with httpx, the openai SDK, /ws and chats as clients."""
 
+import contextlib
 import json
 import socket
 import textwrap
+import threading
 import time
 from collections import Counter
 
@@ -136,13 +138,12 @@ def test_each_deployment_gets_its_own_model_name_and_key(client, token, fakes, c
     assert response.json()["choices"][0]["message"]["content"] == "hello there"
 
 
-def test_least_busy_sends_to_the_idle_deployment(client, token, fakes, configure, turbo_server):
-    configure(balanced_pair(fakes, "least_busy"))
-    import threading
-
+@contextlib.contextmanager
+def one_request_held(turbo_server, token, fakes):
+    """A request in flight (gated at its upstream) while the block runs; yields the fake holding it."""
     results = {}
 
-    def hold():  # a gated request stays in flight until released
+    def hold():
         with httpx.Client(base_url=turbo_server.url, timeout=30) as other:
             results["held"] = other.post(
                 "/v1/chat/completions",
@@ -157,14 +158,39 @@ def test_least_busy_sends_to_the_idle_deployment(client, token, fakes, configure
         assert time.monotonic() < deadline
         time.sleep(0.01)
     busy = "a" if chat_requests(fakes["a"]) else "b"
-    idle = "b" if busy == "a" else "a"
     try:
-        for _ in range(10):
-            assert ask(client, token).headers["x-turbo-upstream"] == f"{idle}/gpt-4o-mini"
+        yield busy
     finally:
         fakes[busy].release()
         thread.join(10)
     assert results["held"].status_code == 200
+
+
+def test_least_busy_sends_to_the_idle_deployment(client, token, fakes, configure, turbo_server):
+    configure(balanced_pair(fakes, "least_busy"))
+    with one_request_held(turbo_server, token, fakes) as busy:
+        idle = "b" if busy == "a" else "a"
+        for _ in range(10):
+            assert ask(client, token).headers["x-turbo-upstream"] == f"{idle}/gpt-4o-mini"
+
+
+def test_an_upstream_at_max_in_flight_is_passed_over(client, token, fakes, configure, turbo_server):
+    config = balanced_pair(fakes, "weighted").replace("/v1}", "/v1, max_in_flight: 1}")
+    assert config.count("max_in_flight") == 2
+    configure(config)
+    with one_request_held(turbo_server, token, fakes) as busy:
+        idle = "b" if busy == "a" else "a"
+        for _ in range(10):  # weighted 1:1, yet every one goes to the upstream with room
+            assert ask(client, token).headers["x-turbo-upstream"] == f"{idle}/gpt-4o-mini"
+    assert len(chat_requests(fakes[busy])) == 1
+
+
+def test_latency_prefers_the_deployment_that_answers_first(client, token, fakes, configure):
+    configure(balanced_pair(fakes, "latency"))
+    assert ask(client, token).status_code == 200  # the configuration is in force
+    health.health_of("a/gpt-4o-mini").ewma_ms = 900.0  # as if a had been slow
+    for _ in range(5):
+        assert ask(client, token).headers["x-turbo-upstream"] == "b/gpt-4o-mini"
 
 
 # --- failover ---------------------------------------------------------------------------------------------
