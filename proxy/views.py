@@ -71,7 +71,7 @@ DROPPED_RESPONSE_HEADERS = {
     "vary",
 }
 DROPPED_RESPONSE_PREFIXES = ("access-control-", "x-turbo-")
-SNIFF_LIMIT = 1024 * 1024  # bodies larger than this are not parsed for the model name or usage
+SNIFF_LIMIT = 1024 * 1024  # request bodies larger than this are not parsed for the model name
 
 
 def openai_error_body(message: str, error_type: str, code: str) -> bytes:
@@ -139,51 +139,6 @@ def _payload_of(body: bytes, content_type: str) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-class UsageReader:
-    """Finds `model` and `usage` in a response as it streams by: JSON bodies and SSE chunks alike."""
-
-    def __init__(self, is_event_stream: bool):
-        self.is_event_stream = is_event_stream
-        self.buffer = b""
-        self.size = 0
-        self.model = ""
-        self.usage: dict = {}
-
-    def feed(self, chunk: bytes) -> None:
-        self.size += len(chunk)
-        if self.is_event_stream:
-            self.buffer += chunk
-            *lines, self.buffer = self.buffer.split(b"\n")
-            for line in lines:
-                if line.startswith(b"data:") and b'"usage"' in line:
-                    self._read(line[5:])
-            if len(self.buffer) > SNIFF_LIMIT:
-                self.buffer = b""
-        elif self.size <= SNIFF_LIMIT:
-            self.buffer += chunk
-
-    def finish(self) -> None:
-        if not self.is_event_stream and self.buffer and self.size <= SNIFF_LIMIT:
-            self._read(self.buffer)
-        self.buffer = b""
-
-    def _read(self, raw: bytes) -> None:
-        try:
-            data = json.loads(raw)
-        except ValueError:
-            return
-        if not isinstance(data, dict):
-            return
-        if isinstance(data.get("model"), str):
-            self.model = data["model"]
-        if isinstance(data.get("usage"), dict):
-            self.usage = data["usage"]
-
-    def token(self, name: str) -> int | None:
-        value = self.usage.get(name)
-        return value if isinstance(value, int) else None
-
-
 @dataclass(slots=True)
 class ProxyRequest:
     """What the proxy needs of a client's request, from either front door."""
@@ -223,7 +178,9 @@ async def exchange(request: ProxyRequest) -> ProxyReply:
     model = payload.get("model") if payload is not None else None
     model = model if isinstance(model, str) else ""
 
-    def log(status: int, reader: UsageReader | None = None, response_body: str = "", attempts: tuple = ()) -> None:
+    def log(
+        status: int, reader: gateway.UsageReader | None = None, response_body: str = "", attempts: tuple = ()
+    ) -> None:
         event_record(
             type="proxy",
             user_id=request.user_id,
@@ -291,7 +248,7 @@ async def exchange(request: ProxyRequest) -> ProxyReply:
     upstream = answer.response
     response_type = upstream.header("content-type")
     is_event_stream = response_type.startswith("text/event-stream")
-    reader = UsageReader(is_event_stream)
+    reader = gateway.UsageReader(is_event_stream)
     capture_limit = settings.EVENT_BODY_MAX_BYTES if settings.EVENT_CAPTURE_BODIES else 0
 
     async def relay():

@@ -9,7 +9,7 @@ calls.py     chat(), chat_stream(), embeddings(): typed results for Turbo's own 
 errors.py    GatewayError, the one error type
 """
 
-from proxy.gateway.calls import ChatStream, Completion, Delta, chat, chat_stream, embeddings
+from proxy.gateway.calls import ChatStream, Completion, Delta, UsageReader, chat, chat_stream, embeddings
 from proxy.gateway.client import TransportError
 from proxy.gateway.config import ConfigError
 from proxy.gateway.dispatch import ERROR_BODY_MAX_BYTES, Answer, Call, send
@@ -34,4 +34,5 @@ __all__ = [
     "send",
     "text_redact",
     "TransportError",
+    "UsageReader",
 ]

@@ -7,7 +7,8 @@
     stream.tool_calls, stream.usage, stream.finish_reason   # merged, once the stream has ended
 
 Every failure is a GatewayError. The upstream's JSON and server-sent events are parsed here, and only
-here: code above sees text, merged tool calls, usage and the finish reason.
+here: code above sees text, merged tool calls, usage and the finish reason (the /v1 passthrough,
+which relays bytes unchanged, reads the model and usage for its log with `UsageReader`).
 """
 
 import json
@@ -234,3 +235,51 @@ async def _events(answer: Answer) -> AsyncIterator[dict]:
 def chat_stream(body: dict, *, api_key: str | None = None, allowed_models: frozenset[str] | None = None) -> ChatStream:
     """A streamed chat completion (see ChatStream)."""
     return ChatStream(body, api_key=api_key, allowed_models=allowed_models)
+
+
+SNIFF_LIMIT = 1024 * 1024  # answers larger than this are not parsed for the model name or usage
+
+
+class UsageReader:
+    """Finds `model` and `usage` in a response as it streams by: JSON bodies and SSE chunks alike."""
+
+    def __init__(self, is_event_stream: bool):
+        self.is_event_stream = is_event_stream
+        self.buffer = b""
+        self.size = 0
+        self.model = ""
+        self.usage: dict = {}
+
+    def feed(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.is_event_stream:
+            self.buffer += chunk
+            *lines, self.buffer = self.buffer.split(b"\n")
+            for line in lines:
+                if line.startswith(b"data:") and b'"usage"' in line:
+                    self._read(line[5:])
+            if len(self.buffer) > SNIFF_LIMIT:
+                self.buffer = b""
+        elif self.size <= SNIFF_LIMIT:
+            self.buffer += chunk
+
+    def finish(self) -> None:
+        if not self.is_event_stream and self.buffer and self.size <= SNIFF_LIMIT:
+            self._read(self.buffer)
+        self.buffer = b""
+
+    def _read(self, raw: bytes) -> None:
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            return
+        if not isinstance(data, dict):
+            return
+        if isinstance(data.get("model"), str):
+            self.model = data["model"]
+        if isinstance(data.get("usage"), dict):
+            self.usage = data["usage"]
+
+    def token(self, name: str) -> int | None:
+        value = self.usage.get(name)
+        return value if isinstance(value, int) else None
