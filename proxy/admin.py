@@ -1,15 +1,22 @@
-"""The event log in the Django admin: read-only, and only superusers may delete from it."""
+"""The proxy in the Django admin: the event log (read-only; only superusers may delete from it) and the
+gateway's upstream health (a read-only page for every staff member)."""
 
 import uuid
 
+from asgiref.sync import async_to_sync
 from django.contrib import admin
 from django.contrib.admin.options import IncorrectLookupParameters
 from django.contrib.auth import get_user_model
+from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest
-from django.urls import reverse
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils import timezone
 from django.utils.html import format_html
 
-from proxy.models import Event
+from proxy.gateway import GatewayError, gateway_config
+from proxy.models import Event, UpstreamHealth
+from proxy.upstreams import deployments_health, health_is_shared, shared_health_problem
 
 
 class UserIdFilter(admin.SimpleListFilter):
@@ -82,3 +89,56 @@ class EventAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
         return request.user.is_superuser
+
+
+@admin.register(UpstreamHealth)
+class UpstreamHealthAdmin(admin.ModelAdmin):
+    """Every deployment of the model gateway and its live health, as `manage.py upstreams list` shows it.
+
+    UpstreamHealth has no table: the one URL is this page, so there is nothing to add, change or delete.
+    """
+
+    def get_urls(self):
+        name = f"{self.opts.app_label}_{self.opts.model_name}_changelist"
+        return [path("", self.admin_site.admin_view(self.changelist_view), name=name)]
+
+    def has_module_permission(self, request: HttpRequest) -> bool:
+        return request.user.is_active and request.user.is_staff
+
+    def has_view_permission(self, request: HttpRequest, obj=None) -> bool:
+        return request.user.is_active and request.user.is_staff
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    def changelist_view(self, request: HttpRequest, extra_context=None) -> TemplateResponse:
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        problem, deployments, source = "", [], ""
+        try:
+            source = gateway_config().source
+            # Health is read on the server's event loop, where its Redis client lives.
+            if shared := async_to_sync(shared_health_problem)():
+                problem = f"The shared health cannot be read from Redis ({shared}): this is the process's own."
+            deployments = async_to_sync(deployments_health)()
+        except GatewayError as exc:
+            problem = exc.message
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Upstream health",
+            "opts": self.opts,
+            "deployments": deployments,
+            "problem": problem,
+            "source": source,
+            "is_shared": health_is_shared(),
+            "as_of": timezone.localtime(),
+            **(extra_context or {}),
+        }
+        request.current_app = self.admin_site.name
+        return TemplateResponse(request, "admin/proxy/upstream_health.html", context)

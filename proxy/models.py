@@ -54,3 +54,17 @@ class Event(models.Model):
 
     def __str__(self) -> str:
         return f"{self.type} {self.method} {self.path} {self.status}"
+
+
+class UpstreamHealth(models.Model):
+    """Not a table: the admin's read-only "Upstream health" page (proxy/admin.py) hangs on this model, so
+    that it is listed under its app like any other. What it shows comes from proxy/upstreams.py."""
+
+    class Meta:
+        managed = False
+        default_permissions = ("view",)
+        verbose_name = "upstream health"
+        verbose_name_plural = "upstream health"
+
+    def __str__(self) -> str:
+        return "upstream health"

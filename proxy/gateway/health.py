@@ -226,6 +226,38 @@ def forget() -> None:
     _last_sync = 0.0
 
 
+async def shared_problem() -> str:
+    """Why the health shared over Redis cannot be read now, for operators ("" when it can, or without Redis)."""
+    client = _redis()
+    if client is None:
+        return ""
+    try:
+        await asyncio.wait_for(client.ping(), 2)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return ""
+
+
+async def probing(deployment_ids: list[str]) -> set[str]:
+    """The deployments out of their cooldown but not yet proven (half-open: one request probes them),
+    for operators: this process's, and those with a probe claimed in any process when Redis is set."""
+    now = time.time()
+    found = {
+        deployment_id
+        for deployment_id in deployment_ids
+        if (state := _health.get(deployment_id)) is not None and (state.probing or 0 < state.cool_until <= now)
+    }
+    client = _redis()
+    if client is None or not deployment_ids:
+        return found
+    try:
+        claims = await client.mget([_key("probe", deployment_id) for deployment_id in deployment_ids])
+    except Exception as exc:
+        logger.warning("could not read the shared deployment health: %s", exc)
+        return found
+    return found | {deployment_id for deployment_id, claim in zip(deployment_ids, claims, strict=True) if claim}
+
+
 async def snapshot(deployment_ids: list[str]) -> dict[str, dict]:
     """Each deployment's health, for operators: shared figures when Redis is set, else this process's."""
     now = time.time()

@@ -141,8 +141,10 @@ class FakeUpstream:
         self.stop()
 
     def reset(self) -> None:
-        """Forget recorded requests and start over with a closed gate."""
+        """Forget recorded requests and start over with a closed gate, answering as asked."""
         self.requests.clear()
+        self.forced_scenario = None
+        self.retry_after = "7"
         self._gate = asyncio.Event()
 
     def release(self) -> None:
