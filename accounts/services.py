@@ -2,7 +2,8 @@
 
 Tokens are random strings shown to the client once; the database keeps only their SHA-256. A token
 lookup is cached for SESSION_CACHE_SECONDS, and every revocation deletes the cached entry, so a
-revoked token stops working at once (in every process when the cache is Redis).
+revoked token stops working at once (in every process when the cache is Redis). The cached lookup
+also carries the user and their groups' model limit; changes to either delete it too.
 """
 
 import hashlib
@@ -121,9 +122,14 @@ def _session_from_db(hashed: str) -> AuthSession | None:
     )
     if session is None:
         return None
+    # The second named call from accounts up into groups (after signup's group_create): a session
+    # carries its user's model limit, so that every front checks it without a query.
+    from groups.selectors import models_allowed
+
     # Written at most once per cache period, not on every request.
     Session.objects.filter(pk=session.pk).update(last_used_at=now)
-    return AuthSession(session.id, session.user, session.expires_at, session.kind, hashed)
+    allowed_models = models_allowed(user_id=session.user_id)
+    return AuthSession(session.id, session.user, session.expires_at, session.kind, hashed, allowed_models)
 
 
 def _still_valid(found: AuthSession | None) -> AuthSession | None:
@@ -197,6 +203,13 @@ def session_cache_forget_user(*, user_id: uuid.UUID, is_active: bool = True) -> 
     _forget([hashed for _, hashed in live])
     if not is_active:
         sessions_revoked_announce([pk for pk, _ in live])
+
+
+def session_cache_forget_users(*, user_ids) -> None:
+    """Drop cached lookups of many users' sessions (one query; `user_ids` may be a queryset of ids), so
+    that their next request sees what is saved now: e.g. the model limit of a group they joined or left."""
+    hashes = Session.objects.filter(user_id__in=user_ids, revoked_at__isnull=True, expires_at__gt=timezone.now())
+    _forget(list(hashes.values_list("token_hash", flat=True)))
 
 
 # --- users ----------------------------------------------------------------------------------------

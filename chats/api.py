@@ -118,7 +118,7 @@ class ChatCreateView(APIView):
     )
     def post(self, request):
         fields = _parse(ChatCreateInput, request_input(request))
-        chat = services.chat_create(owner=request.user, **fields)
+        chat = services.chat_create(owner=request.user, allowed_models=request.auth.allowed_models, **fields)
         return Response(chat_data(chat))
 
 
@@ -159,7 +159,7 @@ class ChatUpdateView(APIView):
         fields.pop("chat_id", None)
         if fields.get("model") == "":
             fields.pop("model")
-        chat = services.chat_update(chat=chat, user=request.user, **fields)
+        chat = services.chat_update(chat=chat, user=request.user, allowed_models=request.auth.allowed_models, **fields)
         return Response(chat_data(chat))
 
 
@@ -278,6 +278,7 @@ async def chat_prompt(request):
             context_size=context,
             stream=fields["stream"],
             otr=fields["otr"],
+            allowed_models=request.turbo_session.allowed_models,
         )
     except GatewayError as exc:
         if exc.status in (400, 403, 404):  # the model asked for: unknown, not allowed, or fits no route

@@ -86,7 +86,9 @@ class ConversationCreateView(APIView):
     def post(self, request):
         data = ConversationCreateInput(data=request_input(request))
         data.is_valid(raise_exception=True)
-        chat = services.conversation_create(owner=request.user, **data.validated_data)
+        chat = services.conversation_create(
+            owner=request.user, allowed_models=request.auth.allowed_models, **data.validated_data
+        )
         return Response(ConversationOutput(chat).data)
 
 
@@ -165,7 +167,13 @@ async def conversation_chat(request, number):
     subscriber = await ChatSubscriber(chat_id=chat.pk, session=request.turbo_session).start()
     try:
         message = await generation.message_prompt(
-            chat=chat, user=request.user, prompt=text, context_size=10, stream=True, otr=False
+            chat=chat,
+            user=request.user,
+            prompt=text,
+            context_size=10,
+            stream=True,
+            otr=False,
+            allowed_models=request.turbo_session.allowed_models,
         )
     except BaseException:
         await subscriber.close()

@@ -25,6 +25,7 @@ from accounts.models import User
 from chats.context import chat_context_extend, chat_context_forget_now, chat_context_get, context_fit
 from chats.models import Chat, Message
 from chats.serializers import message_data
+from chats.services import chat_model_check
 from chats.stream import (
     MESSAGE_COMPLETED,
     MESSAGE_CREATED,
@@ -52,6 +53,7 @@ class PromptPlan:
     request: dict
     api_key: str | None
     allowed_tools: list[str]
+    allowed_models: frozenset[str] | None = None  # the user's and the chat's group's limit; None: any
 
 
 @dataclass
@@ -89,7 +91,12 @@ class _Reply:
 
 
 @transaction.atomic
-def _message_start(*, chat: Chat, user: User, prompt: str, context_size: int, otr: bool) -> PromptPlan:
+def _message_start(
+    *, chat: Chat, user: User, prompt: str, context_size: int, otr: bool, allowed_models: frozenset[str] | None
+) -> PromptPlan:
+    # Refused before anything is stored; an off-the-record note never reaches the model, so it is not.
+    if not otr:
+        allowed_models = chat_model_check(model=chat.model, allowed_models=allowed_models, group=chat.group)
     message = Message.objects.create(
         chat=chat,
         author=user,
@@ -112,7 +119,7 @@ def _message_start(*, chat: Chat, user: User, prompt: str, context_size: int, ot
     }
     if chat.tools:
         request["tools"] = tools.openai_tools(chat.tools)
-    return PromptPlan(message, request, secret_decrypt(chat.api_key_encrypted), list(chat.tools))
+    return PromptPlan(message, request, secret_decrypt(chat.api_key_encrypted), list(chat.tools), allowed_models)
 
 
 def _message_finish(*, message: Message, reply: _Reply, status: str, error: str) -> None:
@@ -162,18 +169,29 @@ def generations_running() -> int:
     return len(_generations)
 
 
-async def message_prompt(*, chat: Chat, user: User, prompt: str, context_size: int, stream: bool, otr: bool) -> Message:
+async def message_prompt(
+    *,
+    chat: Chat,
+    user: User,
+    prompt: str,
+    context_size: int,
+    stream: bool,
+    otr: bool,
+    allowed_models: frozenset[str] | None = None,
+) -> Message:
     """Store a prompt, have the model answer it, and send the reply to the chat's members.
 
     With `stream`, this returns at once with the stored message (status "streaming") while the reply
     is generated in the background. Without it, this waits for the reply and raises GatewayError if the
     upstream failed. Either way the prompt is stored first and never lost; a failure marks the message
-    "error", keeping any partial reply.
+    "error", keeping any partial reply. A chat whose model the user (`allowed_models`, their session's
+    limit; None: any) or the chat's group may not use is refused first (403 `model_not_allowed`),
+    storing nothing.
     """
     if _draining:
         raise ServiceUnavailable("this server is shutting down; send the prompt again", retry_after=2)
     plan = await database_sync_to_async(_message_start)(
-        chat=chat, user=user, prompt=prompt, context_size=context_size, otr=otr
+        chat=chat, user=user, prompt=prompt, context_size=context_size, otr=otr, allowed_models=allowed_models
     )
     message = plan.message
     if otr:
@@ -222,7 +240,7 @@ async def _rounds(plan: PromptPlan, reply: _Reply) -> None:
     """Ask the model, streaming its text; run the tools it calls and ask again, MAX_TOOL_ROUNDS at most."""
     request = plan.request
     for _ in range(settings.MAX_TOOL_ROUNDS + 1):
-        stream = gateway.chat_stream(request, api_key=plan.api_key)
+        stream = gateway.chat_stream(request, api_key=plan.api_key, allowed_models=plan.allowed_models)
         async for delta in stream:
             if delta.text:
                 await reply.add(delta.text)

@@ -28,7 +28,8 @@ def chats_visible_to(*, user: User) -> QuerySet[Chat]:
 
 
 def chat_get_for_member(*, user: User, chat_id: uuid.UUID) -> Chat:
-    chat = Chat.objects.filter(_access(user.pk), pk=chat_id).first()
+    # With its group: a prompt checks the group's model list without another query.
+    chat = Chat.objects.filter(_access(user.pk), pk=chat_id).select_related("group").first()
     if chat is None:
         raise NotFound("chat not found")
     return chat
@@ -110,7 +111,7 @@ def conversations_of(*, user: User) -> QuerySet[Chat]:
 
 def conversation_get(*, user: User, number: int) -> Chat:
     """A conversation of its owner's by its per-owner number; anyone else gets a 404."""
-    chat = Chat.objects.filter(owner=user, number=number).first()
+    chat = Chat.objects.filter(owner=user, number=number).select_related("group").first()
     if chat is None:
         raise NotFound("conversation not found")
     return chat

@@ -14,7 +14,8 @@ from chats import selectors, stream
 from chats.context import chat_context_forget
 from chats.models import Chat, ChatMember, Message
 from chats.serializers import chat_data
-from groups.selectors import is_group_member
+from groups.models import Group
+from groups.selectors import group_get_for_member, models_allowed_in
 from turbo_site.core.crypto import secret_encrypt
 from turbo_site.core.errors import Forbidden, NotFound
 
@@ -24,6 +25,17 @@ def model_resolve(model: str | None) -> str:
     if not model:
         return settings.DEFAULT_MODEL
     return settings.MODEL_ALIASES.get(model, model)
+
+
+def chat_model_check(
+    *, model: str, allowed_models: frozenset[str] | None, group: Group | None
+) -> frozenset[str] | None:
+    """Refuse (403 `model_not_allowed`) a model the user's groups (`allowed_models`, from their session;
+    None: any) or the chat's group do not allow; returns the models allowed in the chat."""
+    allowed = models_allowed_in(allowed_models=allowed_models, group=group)
+    if allowed is not None and model not in allowed:
+        raise Forbidden(f"your groups may not use the model {model!r}", code="model_not_allowed")
+    return allowed
 
 
 def _require_owner(chat: Chat, user: User, action: str) -> None:
@@ -40,15 +52,20 @@ def chat_create(
     group_id: uuid.UUID | None = None,
     system_prompt: str = "",
     tools: list[str] | None = None,
+    allowed_models: frozenset[str] | None = None,
 ) -> Chat:
-    """A new chat owned by `owner` (a member of `group_id`, if given), who is its first member."""
-    if group_id is not None and not is_group_member(user=owner, group_id=group_id):
-        raise NotFound("group not found")
+    """A new chat owned by `owner` (a member of `group_id`, if given), who is its first member.
+
+    `allowed_models` is the owner's model limit (their session's; None: any); the group's list applies too.
+    """
+    group = group_get_for_member(user=owner, group_id=group_id) if group_id is not None else None
+    model = model_resolve(model)
+    chat_model_check(model=model, allowed_models=allowed_models, group=group)
     chat = Chat.objects.create(
         owner=owner,
         name=name,
-        model=model_resolve(model),
-        group_id=group_id,
+        model=model,
+        group=group,
         system_prompt=system_prompt,
         tools=tools or [],
     )
@@ -57,9 +74,16 @@ def chat_create(
 
 
 @transaction.atomic
-def conversation_create(*, owner: User, title: str, model: str | None = None, api_key: str = "") -> Chat:
+def conversation_create(
+    *,
+    owner: User,
+    title: str,
+    model: str | None = None,
+    api_key: str = "",
+    allowed_models: frozenset[str] | None = None,
+) -> Chat:
     """A chat in seed 002's terms; its own upstream key, if given, is stored encrypted."""
-    chat = chat_create(owner=owner, name=title, model=model)
+    chat = chat_create(owner=owner, name=title, model=model, allowed_models=allowed_models)
     if api_key:
         chat.api_key_encrypted = secret_encrypt(api_key)
         chat.save(update_fields=["api_key_encrypted"])
@@ -75,9 +99,16 @@ def chat_update(
     model: str | None = None,
     system_prompt: str | None = None,
     tools: list[str] | None = None,
+    allowed_models: frozenset[str] | None = None,
 ) -> Chat:
-    """Change a chat's settings (owner only); only the fields given change."""
+    """Change a chat's settings (owner only); only the fields given change.
+
+    A new model must be one the user (`allowed_models`, their session's; None: any) and the chat's group
+    may use; an unchanged one is not checked, so that a chat can still be renamed.
+    """
     _require_owner(chat, user, "change it")
+    if model is not None and model_resolve(model) != chat.model:
+        chat_model_check(model=model_resolve(model), allowed_models=allowed_models, group=chat.group)
     if name is not None:
         chat.name = name
     if model is not None:

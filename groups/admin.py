@@ -2,11 +2,15 @@
 
 Groups are created by users (signup, POST /group/create), which makes the owner the first member, so
 the admin does not add them. Removals go through the services, so that open chat streams of removed
-members re-check their access; an owner's own membership is never removed.
+members re-check their access; an owner's own membership is never removed. A group's model limit is
+set here only (owners cannot lift it); it and member changes go through the services, which make
+them apply to the members' next request.
 """
 
+import re
 from collections import defaultdict
 
+from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.utils import quote, unquote
 from django.core.exceptions import ValidationError
@@ -18,8 +22,14 @@ from django.urls import reverse
 from django.utils.translation import ngettext
 
 from accounts.models import User
-from groups.models import Group, GroupMember
-from groups.services import group_delete, group_members_remove, group_update
+from groups.models import MODEL_NAMES_MAX, Group, GroupMember, model_names_clean
+from groups.services import (
+    group_allowed_models_set,
+    group_delete,
+    group_members_add,
+    group_members_remove,
+    group_update,
+)
 
 # Only active users can be added, as the services' add paths require.
 ACTIVE_USERS = User.objects.filter(is_active=True)
@@ -138,6 +148,33 @@ class GroupMemberInline(MembershipInline):
     model = GroupMember
 
 
+class ModelNamesField(forms.CharField):
+    """A group's model list as one comma-separated line (stored as a JSON list of names)."""
+
+    widget = forms.TextInput(attrs={"size": 100})
+
+    def prepare_value(self, value):
+        return ", ".join(value) if isinstance(value, list) else value
+
+    def to_python(self, value) -> list[str]:
+        return model_names_clean(re.split(r"[,\n]", super().to_python(value)))
+
+
+class GroupAdminForm(forms.ModelForm):
+    allowed_models = ModelNamesField(
+        required=False,
+        label="Allowed models",
+        help_text=(
+            f"Public model names the members may use, separated by commas (at most {MODEL_NAMES_MAX}); "
+            "empty: any model. A member of several limited groups may use the models all of them list."
+        ),
+    )
+
+    class Meta:
+        model = Group
+        fields = ("name", "description", "allowed_models")
+
+
 @admin.register(Group)
 class GroupAdmin(admin.ModelAdmin):
     list_display = ("name", "owner", "created_at")
@@ -146,7 +183,8 @@ class GroupAdmin(admin.ModelAdmin):
     search_fields = ("name", "owner__username")
     ordering = ("-created_at",)
     date_hierarchy = "created_at"
-    fields = ("name", "description", "owner", "created_at", "updated_at")
+    form = GroupAdminForm
+    fields = ("name", "description", "allowed_models", "owner", "created_at", "updated_at")
     readonly_fields = ("owner", "created_at", "updated_at")
     inlines = [GroupMemberInline]
 
@@ -154,18 +192,21 @@ class GroupAdmin(admin.ModelAdmin):
         return False
 
     def save_model(self, request, obj: Group, form, change) -> None:
+        if "allowed_models" in form.changed_data:
+            group_allowed_models_set(group=obj, allowed_models=obj.allowed_models)
         group_update(group=obj, user=obj.owner, name=obj.name, description=obj.description)
 
     def save_formset(self, request, form, formset, change) -> None:
         if formset.model is not GroupMember:
             return super().save_formset(request, form, formset, change)
         group = form.instance
-        added = formset.save(commit=False)
+        formset.save(commit=False)
         removed = [member.user_id for member in formset.deleted_objects]
         if removed:
             group_members_remove(group=group, user=group.owner, user_ids=removed)
-        for member in added:
-            member.save()
+        added = [member.user_id for member in formset.new_objects]
+        if added:
+            group_members_add(group=group, user=group.owner, user_ids=added)
         formset.save_m2m()
 
     def delete_model(self, request, obj: Group) -> None:
@@ -184,6 +225,11 @@ class GroupMemberAdmin(MembershipAdmin):
     list_select_related = ("group", "user")
     search_fields = ("group__name", "user__username")
     autocomplete_fields = ("group", "user")
+
+    def save_model(self, request, obj: GroupMember, form, change) -> None:
+        # Through the service, so that a limited group's list applies to the new member at once.
+        group_members_add(group=obj.group, user=obj.group.owner, user_ids=[obj.user_id])
+        obj.pk = GroupMember.objects.values_list("pk", flat=True).get(group=obj.group, user_id=obj.user_id)
 
     def members_remove(self, parent: Group, user_ids: list) -> None:
         group_members_remove(group=parent, user=parent.owner, user_ids=user_ids)

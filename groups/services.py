@@ -1,11 +1,18 @@
-"""Writes to groups. Signup calls group_create for a user's first group."""
+"""Writes to groups. Signup calls group_create for a user's first group.
+
+A member's model limit (the intersection of their groups' lists) rides in their cached session lookup;
+every change to a limited group's list or members drops the cached lookups of the users it affects,
+so the change applies to their next request.
+"""
 
 import uuid
 
+from django.core.exceptions import ValidationError
 from django.db import transaction
 
 from accounts.models import User
-from groups.models import Group, GroupMember
+from accounts.services import session_cache_forget_users
+from groups.models import Group, GroupMember, model_names_clean
 from groups.signals import group_members_removed
 from turbo_site.core.errors import Forbidden, Invalid, NotFound
 
@@ -13,6 +20,15 @@ from turbo_site.core.errors import Forbidden, Invalid, NotFound
 def _require_owner(group: Group, user: User, action: str) -> None:
     if group.owner_id != user.pk:
         raise Forbidden(f"only the group's owner may {action}")
+
+
+def _limits_changed(group: Group, user_ids: list[uuid.UUID]) -> None:
+    """These users joined or left `group`: if it is limited, their next request looks their limit up again.
+
+    The list is read from the database, not from `group`, which may have been loaded before it changed.
+    """
+    if user_ids and Group.objects.filter(pk=group.pk).values_list("allowed_models", flat=True).first():
+        session_cache_forget_users(user_ids=user_ids)
 
 
 @transaction.atomic
@@ -31,7 +47,26 @@ def group_update(*, group: Group, user: User, name: str | None = None, descripti
         group.name = name
     if description is not None:
         group.description = description
-    group.save()
+    # Never the model limit: a group read before an operator changed it must not write it back.
+    group.save(update_fields=["name", "description", "updated_at"])
+    return group
+
+
+@transaction.atomic
+def group_allowed_models_set(*, group: Group, allowed_models: list[str]) -> Group:
+    """Limit a group's members to these public model names (an operator's setting; empty: any model).
+
+    Names are stripped and repeats dropped. Takes effect at once: the members' cached sessions go.
+    """
+    try:
+        names = model_names_clean(allowed_models)
+    except ValidationError as exc:
+        raise Invalid("allowed_models: " + " ".join(exc.messages)) from None
+    before = Group.objects.filter(pk=group.pk).values_list("allowed_models", flat=True).first()
+    group.allowed_models = names
+    group.save(update_fields=["allowed_models", "updated_at"])
+    if before != names and (before or names):
+        session_cache_forget_users(user_ids=GroupMember.objects.filter(group=group).values("user_id"))
     return group
 
 
@@ -42,6 +77,7 @@ def group_delete(*, group: Group, user: User) -> None:
     member_ids = list(group.memberships.values_list("user_id", flat=True))
     group_id = group.pk
     group_members_removed.send(sender=Group, group_id=group_id, user_ids=member_ids)
+    _limits_changed(group, member_ids)
     group.delete()
 
 
@@ -54,10 +90,11 @@ def group_members_add(*, group: Group, user: User, user_ids: list[uuid.UUID]) ->
     if unknown:
         raise NotFound(f"no such user: {', '.join(unknown)}", code="user_not_found")
     present = set(GroupMember.objects.filter(group=group, user_id__in=user_ids).values_list("user_id", flat=True))
+    added = list(dict.fromkeys(user_id for user_id in user_ids if user_id not in present))
     GroupMember.objects.bulk_create(
-        [GroupMember(group=group, user_id=user_id) for user_id in user_ids if user_id not in present],
-        ignore_conflicts=True,
+        [GroupMember(group=group, user_id=user_id) for user_id in added], ignore_conflicts=True
     )
+    _limits_changed(group, added)
 
 
 @transaction.atomic
@@ -69,3 +106,4 @@ def group_members_remove(*, group: Group, user: User, user_ids: list[uuid.UUID])
         raise Forbidden("only the group's owner may remove other members")
     GroupMember.objects.filter(group=group, user_id__in=user_ids).delete()
     group_members_removed.send(sender=Group, group_id=group.pk, user_ids=user_ids)
+    _limits_changed(group, user_ids)

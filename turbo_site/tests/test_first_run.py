@@ -28,7 +28,7 @@ def manage(env, *args) -> subprocess.CompletedProcess:
     )
 
 
-def test_make_env_writes_a_secret_once_and_the_documented_commands_then_work(tmp_path):
+def test_make_env_writes_a_secret_once_and_the_documented_commands_then_work(tmp_path, fake_upstream):
     env_file = tmp_path / ".env"
     made = subprocess.run(
         ["make", "--no-print-directory", f"ENV_FILE={env_file}", "PYTHON=" + sys.executable, "env"],
@@ -73,7 +73,12 @@ def test_make_env_writes_a_secret_once_and_the_documented_commands_then_work(tmp
         "P]": ["correct-horse"],
         "[--days": ["--days"],
         "N]": ["30"],
+        "[--json]": ["--json"],
+        "[--timeout": ["--timeout"],
+        "S]": ["5"],
     }
+    # `upstreams check` asks the upstream: a real (fake) one, as an operator's would be.
+    with_upstream = {**with_file, "OPENAI_API_URL": fake_upstream.url + "/v1", "OPENAI_API_KEY": "sk-first-run"}
     for words in commands:
         assert words[:3] == [".venv/bin/python", "manage.py", words[2]]
         args = []
@@ -81,7 +86,7 @@ def test_make_env_writes_a_secret_once_and_the_documented_commands_then_work(tmp
             if word == "<id>":
                 word = message_id if "delete-message" in words else chat_id
             args += fills.get(word, [word])
-        done = manage(with_file, *args)
+        done = manage(with_upstream, *args)
         assert done.returncode == 0, (args, done.stderr)
     listed = manage(with_file, "users", "list")
     assert listed.returncode == 0 and "first-user" in listed.stdout
