@@ -98,88 +98,94 @@ async def send(call: Call) -> Answer:
     timeouts = busy = 0
     deferred: list[tuple[Model, Deployment]] = []  # half-open, with the probe claimed elsewhere
     last_resort = False
-    while len(tried) < budget:
-        if not queue:
-            if tried or not deferred:
-                break
-            queue, deferred, last_resort = deque(deferred), [], True  # nothing else: go without the probe
-        model, deployment = queue.popleft()
-        upstream = deployment.upstream
-        if upstream.problem:
-            raise GatewayError(upstream.problem, status=503, code="upstream_not_configured")
-        state = health.health_of(deployment.id)
-        if state.cool_until and not health.is_cooling(deployment.id) and not last_resort:
-            if not await health.probe_claim(deployment.id, model.cooldown_seconds):
-                deferred.append((model, deployment))
-                continue  # another request is probing it
-        if upstream.max_in_flight and health.upstream_in_flight(upstream.name) >= upstream.max_in_flight:
-            busy += 1
-            health.probe_release(deployment.id)
-            continue
+    try:
+        while len(tried) < budget:
+            if not queue:
+                if tried or not deferred:
+                    break
+                queue, deferred, last_resort = deque(deferred), [], True  # nothing else: go without the probe
+            model, deployment = queue.popleft()
+            upstream = deployment.upstream
+            if upstream.problem:
+                raise GatewayError(upstream.problem, status=503, code="upstream_not_configured")
+            state = health.health_of(deployment.id)
+            if state.cool_until and not health.is_cooling(deployment.id) and not last_resort:
+                if not await health.probe_claim(deployment.id, model.cooldown_seconds):
+                    deferred.append((model, deployment))
+                    continue  # another request is probing it
+            if upstream.max_in_flight and health.upstream_in_flight(upstream.name) >= upstream.max_in_flight:
+                busy += 1
+                health.probe_release(deployment.id)
+                continue
 
-        body = body_for(call.payload, call.body, call.model, deployment, model)
-        url = f"{upstream.base_url}/{call.path}"
-        if call.query:
-            url = f"{url}?{call.query}"
-        headers = {**call.headers, "accept-encoding": "identity", **upstream.auth_headers(call.api_key)}
-        began = time.perf_counter()
-        health.started(deployment.id, upstream.name)
-        response = None
-        try:
-            response = await client.send(
-                call.method, url, headers, body, timeout=upstream.timeout, connect_timeout=upstream.connect_timeout
-            )
-            if response.status < 400:
-                if not await response.read_some() and response.status == 200 and call.model:
-                    raise client.TransportError("the upstream's answer was empty")
-            else:
-                await response.read_all(ERROR_BODY_MAX_BYTES)
-        except client.TransportError as exc:
-            health.ended(deployment.id, upstream.name)
-            if response is not None:
-                response.on_close = None
-                await response.aclose()
-            timeouts += exc.timeout
-            tried.append(Attempt(deployment.id, str(exc)))
-            await health.failed(deployment.id, str(exc), model.cooldown_seconds)
-            continue
-        except BaseException:
-            health.ended(deployment.id, upstream.name)
-            health.probe_release(deployment.id)
-            if response is not None:
-                await response.aclose()
-            raise
-        response.on_close = lambda d=deployment.id, u=upstream.name: health.ended(d, u)
+            body = body_for(call.payload, call.body, call.model, deployment, model)
+            url = f"{upstream.base_url}/{call.path}"
+            if call.query:
+                url = f"{url}?{call.query}"
+            headers = {**call.headers, "accept-encoding": "identity", **upstream.auth_headers(call.api_key)}
+            began = time.perf_counter()
+            health.started(deployment.id, upstream.name)
+            response = None
+            try:
+                response = await client.send(
+                    call.method, url, headers, body, timeout=upstream.timeout, connect_timeout=upstream.connect_timeout
+                )
+                if response.status < 400:
+                    if not await response.read_some() and response.status == 200 and call.model:
+                        raise client.TransportError("the upstream's answer was empty")
+                else:
+                    await response.read_all(ERROR_BODY_MAX_BYTES)
+            except client.TransportError as exc:
+                health.ended(deployment.id, upstream.name)
+                if response is not None:
+                    response.on_close = None
+                    await response.aclose()
+                timeouts += exc.timeout
+                tried.append(Attempt(deployment.id, str(exc)))
+                await health.failed(deployment.id, str(exc), model.cooldown_seconds)
+                continue
+            except BaseException:
+                health.ended(deployment.id, upstream.name)
+                health.probe_release(deployment.id)
+                if response is not None:
+                    await response.aclose()
+                raise
+            response.on_close = lambda d=deployment.id, u=upstream.name: health.ended(d, u)
 
-        status = response.status
-        if status == 429 or status >= 500:
-            reason = f"the upstream answered {status}"
-            rest = _retry_after(response.header("retry-after")) or 0
-            await health.failed(
-                deployment.id, reason, max(model.cooldown_seconds, rest) if model.cooldown_seconds else 0
-            )
-            tried.append(Attempt(deployment.id, reason))
+            status = response.status
+            if status == 429 or status >= 500:
+                reason = f"the upstream answered {status}"
+                rest = _retry_after(response.header("retry-after")) or 0
+                await health.failed(
+                    deployment.id, reason, max(model.cooldown_seconds, rest) if model.cooldown_seconds else 0
+                )
+                tried.append(Attempt(deployment.id, reason))
+                if kept is not None:
+                    await kept.aclose()
+                kept, kept_deployment = response, deployment
+                continue
+            if status == 400 and _error_code(b"".join(response.prefix)) == "context_length_exceeded":
+                larger = [
+                    (m, d)
+                    for m, d in queue
+                    if m.context_window is not None and m.context_window > (model.context_window or 0)
+                ]
+                if larger:
+                    tried.append(Attempt(deployment.id, "context_length_exceeded"))
+                    await response.aclose()
+                    queue = deque(larger)
+                    continue
+            if status < 400:
+                await health.succeeded(deployment.id, (time.perf_counter() - began) * 1000)
             if kept is not None:
                 await kept.aclose()
-            kept, kept_deployment = response, deployment
-            continue
-        if status == 400 and _error_code(b"".join(response.prefix)) == "context_length_exceeded":
-            larger = [
-                (m, d)
-                for m, d in queue
-                if m.context_window is not None and m.context_window > (model.context_window or 0)
-            ]
-            if larger:
-                tried.append(Attempt(deployment.id, "context_length_exceeded"))
-                await response.aclose()
-                queue = deque(larger)
-                continue
-        if status < 400:
-            await health.succeeded(deployment.id, (time.perf_counter() - began) * 1000)
-        if kept is not None:
+            tried.append(Attempt(deployment.id))
+            return Answer(response, deployment, tuple(tried))
+
+    except BaseException:
+        if kept is not None:  # cancelled while holding an error to pass on: give its connection back
             await kept.aclose()
-        tried.append(Attempt(deployment.id))
-        return Answer(response, deployment, tuple(tried))
+        raise
 
     if kept is not None and kept_deployment is not None:
         return Answer(kept, kept_deployment, tuple(tried))
