@@ -156,7 +156,16 @@ async def asession_lookup(token: str) -> AuthSession | None:
     """session_lookup for async code: a cache hit costs no thread hop and no query."""
     if not _token_acceptable(token):
         return None
-    hashed = token_hash(token)
+    return await _asession_of(token_hash(token))
+
+
+async def asession_refresh(session: AuthSession) -> AuthSession | None:
+    """`session` as it stands now (None: ended), for connections that outlive a request: a socket
+    picks up its user's changed model limit as a new request would. Costs what a lookup costs."""
+    return await _asession_of(session.token_hash)
+
+
+async def _asession_of(hashed: str) -> AuthSession | None:
     key = _cache_key(hashed)
     found = await acache_get(key)
     if found is None:

@@ -22,6 +22,7 @@ from rest_framework import serializers
 
 from accounts.auth import AuthRefused, aauthenticate_websocket
 from accounts.live import session_watch
+from accounts.services import asession_refresh
 from proxy import gateway, tools
 from proxy.events import event_record
 from turbo_site.core.parsers import client_json_loads
@@ -122,6 +123,7 @@ class RpcConsumer(AsyncWebsocketConsumer):
             return
         self.watch = watch
         self.user_id = session.user.pk
+        self.session = session
         self.allowed_models = session.allowed_models
         self.tasks: dict[str, asyncio.Task] = {}
         self.attempts: dict[str, tuple] = {}  # the gateway's attempts per request, for the log
@@ -219,6 +221,11 @@ class RpcConsumer(AsyncWebsocketConsumer):
         status = 200
         attempts = ()
         try:
+            if kind in MODEL_CALLS:  # the user's model limit as it is now, not as it was at connect
+                session = await asession_refresh(self.session)
+                if session is None:
+                    raise RpcError("session_ended", "the session has ended")
+                self.allowed_models = session.allowed_models
             await HANDLERS[kind](self, request_id, payload)
         except asyncio.CancelledError:
             status = 499
@@ -289,6 +296,7 @@ class RpcConsumer(AsyncWebsocketConsumer):
         await self.send_frame({"type": "tool_execute", "request_id": request_id, "data": result})
 
 
+MODEL_CALLS = {"chat_completion", "chat_completion_stream", "embedding"}
 HANDLERS = {
     "ping": RpcConsumer.do_ping,
     "chat_completion": RpcConsumer.do_chat_completion,

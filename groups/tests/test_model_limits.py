@@ -386,3 +386,16 @@ def test_ws_rpc_refuses_a_forbidden_model_with_an_error_frame(turbo_server, memb
         ws.send(json.dumps({"type": "chat_completion", "request_id": "ok", "payload": payload}))
         frame = json.loads(ws.recv(timeout=15))
         assert frame["type"] == "chat_completion" and frame["data"]["choices"][0]["message"]["content"] == "hi"
+
+
+def test_an_open_ws_socket_gets_a_new_limit_with_its_next_request(turbo_server, member, upstream):
+    token, _, group = member
+    payload = {"messages": [{"role": "user", "content": "echo: hi"}], "model": OTHER}
+    with connect(f"ws://127.0.0.1:{turbo_server.port}/ws?token={token}", open_timeout=10) as ws:
+        ws.send(json.dumps({"type": "chat_completion", "request_id": "before", "payload": payload}))
+        assert json.loads(ws.recv(timeout=15))["type"] == "chat_completion"
+        limit(group, ALLOWED)  # while the socket stays open
+        ws.send(json.dumps({"type": "chat_completion", "request_id": "after", "payload": payload}))
+        frame = json.loads(ws.recv(timeout=15))
+    assert frame["type"] == "error" and frame["error"]["code"] == "model_not_allowed"
+    assert len(upstream.requests) == 1
