@@ -107,7 +107,6 @@ async def deployments_health() -> list[DeploymentHealth]:
     deployments = config.deployments
     ids = [deployment.id for deployment in deployments]
     figures = await health.snapshot(ids)
-    probing = await health.probing(ids)
     served_by = _served_by(config)
     return [
         DeploymentHealth(
@@ -119,7 +118,7 @@ async def deployments_health() -> list[DeploymentHealth]:
             weight=deployment.weight,
             priority=deployment.priority,
             cooling_until=figures[deployment.id]["cooling_until"],
-            is_probing=deployment.id in probing,
+            is_probing=figures[deployment.id]["probing"],
             last_error=text_redact(figures[deployment.id]["last_error"] or ""),
             recent_failures=figures[deployment.id]["recent_failures"],
             ewma_ms=figures[deployment.id]["ewma_ms"],

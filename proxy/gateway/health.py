@@ -238,28 +238,11 @@ async def shared_problem() -> str:
     return ""
 
 
-async def probing(deployment_ids: list[str]) -> set[str]:
-    """The deployments out of their cooldown but not yet proven (half-open: one request probes them),
-    for operators: this process's, and those with a probe claimed in any process when Redis is set."""
-    now = time.time()
-    found = {
-        deployment_id
-        for deployment_id in deployment_ids
-        if (state := _health.get(deployment_id)) is not None and (state.probing or 0 < state.cool_until <= now)
-    }
-    client = _redis()
-    if client is None or not deployment_ids:
-        return found
-    try:
-        claims = await client.mget([_key("probe", deployment_id) for deployment_id in deployment_ids])
-    except Exception as exc:
-        logger.warning("could not read the shared deployment health: %s", exc)
-        return found
-    return found | {deployment_id for deployment_id, claim in zip(deployment_ids, claims, strict=True) if claim}
-
-
 async def snapshot(deployment_ids: list[str]) -> dict[str, dict]:
-    """Each deployment's health, for operators: shared figures when Redis is set, else this process's."""
+    """Each deployment's health, for operators: shared figures when Redis is set, else this process's.
+
+    `probing`: out of its cooldown but not yet proven (half-open: one request probes it), here or, with
+    Redis, with a probe claimed in any process."""
     now = time.time()
     view = {}
     for deployment_id in deployment_ids:
@@ -271,23 +254,26 @@ async def snapshot(deployment_ids: list[str]) -> dict[str, dict]:
             "ewma_ms": state.ewma_ms,
             "in_flight": state.in_flight,
             "requests": state.requests,
+            "probing": state.probing or 0 < state.cool_until <= now,
         }
     client = _redis()
     if client is None:
         return view
     try:
-        cools = await client.mget([_key("cool", deployment_id) for deployment_id in deployment_ids])
         async with client.pipeline(transaction=False) as pipe:
+            pipe.mget([_key("cool", deployment_id) for deployment_id in deployment_ids])
+            pipe.mget([_key("probe", deployment_id) for deployment_id in deployment_ids])
             for deployment_id in deployment_ids:
                 pipe.lrange(_key("fail", deployment_id), 0, -1)
-            fails = await pipe.execute()
+            cools, probes, *fails = await pipe.execute()
         processes = [key async for key in client.scan_iter(match=_key("proc", "*"), count=200)]
         figures = [json.loads(raw) for raw in await client.mget(processes) if raw] if processes else []
     except Exception as exc:
         logger.warning("could not read the shared deployment health: %s", exc)
         return view
-    for deployment_id, cool, failures in zip(deployment_ids, cools, fails, strict=True):
+    for deployment_id, cool, probe, failures in zip(deployment_ids, cools, probes, fails, strict=True):
         entry = view[deployment_id]
+        entry["probing"] = entry["probing"] or bool(probe)
         if cool:
             shared = json.loads(cool)
             entry["cooling_until"] = float(shared.get("until") or 0) or None
