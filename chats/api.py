@@ -7,7 +7,7 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from django.http import JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
-from drf_spectacular.utils import extend_schema, inline_serializer
+from drf_spectacular.utils import extend_schema, extend_schema_field, inline_serializer
 from rest_framework import serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -16,6 +16,8 @@ from accounts.api import UserBriefOutput
 from accounts.auth import AuthRefused, aauthenticate
 from chats import generation, selectors, services
 from chats.models import Message
+from chats.options import ModelSettingsField
+from chats.programs.runner import program_context_check
 from chats.serializers import ChatOutput, MessageOutput, chat_data, message_data
 from chats.stream import ChatSubscriber
 from proxy import tools
@@ -69,12 +71,34 @@ class ToolNamesField(serializers.ListField):
         return names
 
 
+@extend_schema_field({"type": "object", "additionalProperties": True})
+class ProgramContextField(serializers.Field):
+    """A JSON object (or its text), at most 16 KiB as JSON."""
+
+    def to_internal_value(self, data):
+        return program_context_check(data)
+
+    def to_representation(self, value):
+        return value
+
+
+SETTINGS_HELP = (
+    "model settings sent with every prompt: temperature, top_p, max_tokens, presence_penalty, "
+    "frequency_penalty, stop, seed (a JSON object)"
+)
+
+
 class ChatCreateInput(serializers.Serializer):
     name = StrictCharField(max_length=200)
     model = StrictCharField(**MODEL_FIELD)
     group_id = serializers.UUIDField(required=False, allow_null=True)
     system_prompt = StrictCharField(**SYSTEM_PROMPT_FIELD)
     tools = ToolNamesField(required=False)
+    settings = ModelSettingsField(required=False, help_text=SETTINGS_HELP)
+    program = StrictCharField(
+        max_length=100, required=False, allow_blank=True, help_text="run this chat program (see /info)"
+    )
+    program_context = ProgramContextField(required=False, help_text="the program's context (a JSON object)")
 
 
 class ChatUpdateInput(ChatIdInput):
@@ -82,6 +106,7 @@ class ChatUpdateInput(ChatIdInput):
     model = StrictCharField(**MODEL_FIELD)
     system_prompt = StrictCharField(**SYSTEM_PROMPT_FIELD)
     tools = ToolNamesField(required=False)
+    settings = ModelSettingsField(required=False, help_text=SETTINGS_HELP + "; replaces the chat's settings")
 
 
 class ChatReadInput(ChatIdInput):
@@ -119,6 +144,8 @@ class ChatCreateView(APIView):
     def post(self, request):
         fields = _parse(ChatCreateInput, request_input(request))
         chat = services.chat_create(owner=request.user, allowed_models=request.auth.allowed_models, **fields)
+        if chat.program:
+            generation.program_open(chat=chat, user=request.user, allowed_models=request.auth.allowed_models)
         return Response(chat_data(chat))
 
 
@@ -284,7 +311,9 @@ async def chat_prompt(request):
         if exc.status in (400, 403, 404):  # the model asked for: unknown, not allowed, or fits no route
             return error_response(exc.status, exc.code, exc.message)
         status = 504 if exc.status == 504 else 502
-        return error_response(status, "upstream_error", exc.message)
+        return error_response(
+            status, "program_failed" if exc.code == "program_failed" else "upstream_error", exc.message
+        )
     return JsonResponse({"message": message_data(message)})
 
 

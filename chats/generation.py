@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
@@ -24,6 +25,7 @@ from django.utils import timezone
 from accounts.models import User
 from chats.context import chat_context_extend, chat_context_forget_now, chat_context_get, context_fit
 from chats.models import Chat, Message
+from chats.options import settings_apply
 from chats.serializers import message_data
 from chats.services import chat_model_check
 from chats.stream import (
@@ -40,6 +42,9 @@ from turbo_site.core.crypto import secret_decrypt
 from turbo_site.core.errors import ServiceUnavailable
 from turbo_site.core.streams import StreamUnavailable
 
+if TYPE_CHECKING:
+    from chats.programs.runner import ProgramTurn
+
 logger = logging.getLogger("turbo.chats")
 
 INTERRUPTED = "interrupted: the server stopped during generation"
@@ -54,6 +59,7 @@ class PromptPlan:
     api_key: str | None
     allowed_tools: list[str]
     allowed_models: frozenset[str] | None = None  # the user's and the chat's group's limit; None: any
+    program: "ProgramTurn | None" = None  # a turn of the chat's program (chats.programs.runner)
 
 
 @dataclass
@@ -90,6 +96,19 @@ class _Reply:
             pass  # subscribers were told to reconnect; the final event carries the whole reply
 
 
+class QuietReply:
+    """Where a reply nobody sees goes (a chat program's sub-program or `Generate(forward=False)`); its
+    usage still counts towards the turn's message."""
+
+    def __init__(self, usage: dict | None = None):
+        self.text = ""
+        self.usage = {} if usage is None else usage
+        self.records: list[dict] = []
+
+    async def add(self, text: str) -> None:
+        self.text += text
+
+
 @transaction.atomic
 def _message_start(
     *, chat: Chat, user: User, prompt: str, context_size: int, otr: bool, allowed_models: frozenset[str] | None
@@ -111,18 +130,47 @@ def _message_start(
     context = context_fit(
         chat_context_get(chat_id=chat.pk, size=context_size), prompt=prompt, system=chat.system_prompt
     )
-    request = {
-        "model": chat.model,
-        "messages": ai.build_messages(prompt, context, chat.system_prompt or None),
-        "user": ai.user_tag(user),
-        "stream_options": {"include_usage": True},
-    }
+    request = settings_apply(
+        {
+            "model": chat.model,
+            "messages": ai.build_messages(prompt, context, chat.system_prompt or None),
+            "user": ai.user_tag(user),
+            "stream_options": {"include_usage": True},
+        },
+        chat.settings,
+    )
     if chat.tools:
         request["tools"] = tools.openai_tools(chat.tools)
     return PromptPlan(message, request, secret_decrypt(chat.api_key_encrypted), list(chat.tools), allowed_models)
 
 
-def _message_finish(*, message: Message, reply: _Reply, status: str, error: str) -> None:
+@transaction.atomic
+def _program_turn_start(
+    *, chat: Chat, user: User, prompt: str | None, allowed_models: frozenset[str] | None
+) -> PromptPlan:
+    """A turn of the chat's program: claimed (or refused) before anything is stored. The opening turn
+    (no prompt) is the program's own message, with no author."""
+    from chats.programs.runner import ProgramTurn, turn_claim
+
+    allowed_models = chat_model_check(model=chat.model, allowed_models=allowed_models, group=chat.group)
+    state = turn_claim(chat=chat, prompt=prompt)
+    message = Message.objects.create(
+        chat=chat,
+        author=user if prompt is not None else None,
+        prompt=prompt or "",
+        model=chat.model,
+        status=Message.Status.STREAMING,
+    )
+    Chat.objects.filter(pk=chat.pk).update(updated_at=timezone.now())
+    request = {"model": chat.model, "user": ai.user_tag(user)}
+    turn = ProgramTurn(state=state, prompt=prompt, chat_settings=dict(chat.settings))
+    return PromptPlan(
+        message, request, secret_decrypt(chat.api_key_encrypted), list(chat.tools), allowed_models, program=turn
+    )
+
+
+@transaction.atomic
+def _message_finish(*, message: Message, reply: _Reply, status: str, error: str, program=None, turn=None) -> None:
     message.reply = reply.text
     message.tool_calls = reply.records
     message.status = status
@@ -142,11 +190,15 @@ def _message_finish(*, message: Message, reply: _Reply, status: str, error: str)
             "updated_at",
         ]
     )
+    if program is not None:
+        from chats.programs.runner import turn_save
+
+        turn_save(chat_id=message.chat_id, result=turn if status == Message.Status.COMPLETE else None)
 
 
 def _context_after(message: Message, reply: _Reply) -> None:
     """The cached context learns the new exchange; if the cache is away, it is dropped (rebuilt later)."""
-    if message.status != Message.Status.COMPLETE or message.is_otr:
+    if message.status != Message.Status.COMPLETE or message.is_otr or not message.prompt:
         return
     try:
         chat_context_extend(message.chat_id, message.prompt, reply.text)
@@ -173,7 +225,7 @@ async def message_prompt(
     *,
     chat: Chat,
     user: User,
-    prompt: str,
+    prompt: str | None,
     context_size: int,
     stream: bool,
     otr: bool,
@@ -187,12 +239,20 @@ async def message_prompt(
     "error", keeping any partial reply. A chat whose model the user (`allowed_models`, their session's
     limit; None: any) or the chat's group may not use is refused first (403 `model_not_allowed`),
     storing nothing.
+
+    In a chat that runs a program (chats.programs), the prompt is the program's next input and the
+    reply is what the program shows until it asks for input again; `prompt=None` is its opening turn.
     """
     if _draining:
         raise ServiceUnavailable("this server is shutting down; send the prompt again", retry_after=2)
-    plan = await database_sync_to_async(_message_start)(
-        chat=chat, user=user, prompt=prompt, context_size=context_size, otr=otr, allowed_models=allowed_models
-    )
+    if chat.program and not otr:
+        plan = await database_sync_to_async(_program_turn_start)(
+            chat=chat, user=user, prompt=prompt, allowed_models=allowed_models
+        )
+    else:
+        plan = await database_sync_to_async(_message_start)(
+            chat=chat, user=user, prompt=prompt, context_size=context_size, otr=otr, allowed_models=allowed_models
+        )
     message = plan.message
     if otr:
         await _send_final(message, MESSAGE_CREATED)
@@ -214,31 +274,50 @@ async def message_prompt(
     return outcome.message
 
 
+def program_open(*, chat: Chat, user: User, allowed_models: frozenset[str] | None) -> None:
+    """Run a new program chat's opening turn, until the program first asks for input (for sync callers).
+
+    A failure is the opening message's (status "error", `message.failed`); the chat stays usable.
+    """
+    from asgiref.sync import async_to_sync
+
+    try:
+        async_to_sync(message_prompt)(
+            chat=chat, user=user, prompt=None, context_size=0, stream=False, otr=False, allowed_models=allowed_models
+        )
+    except GatewayError as exc:
+        logger.warning("chat %s: the program's opening turn failed: %s", chat.pk, exc.message)
+
+
 async def _generate(plan: PromptPlan, base: dict) -> Outcome:
     """Stream the answer to the chat's members, running requested tools between rounds; save it."""
     reply = _Reply(plan.message, base)
-    status, error, failure = Message.Status.COMPLETE, "", None
+    status, error, failure, turn = Message.Status.COMPLETE, "", None, None
     try:
-        await _rounds(plan, reply)
+        if plan.program is not None:
+            turn = await plan.program.run(plan, reply)
+        else:
+            await reply_stream(plan, plan.request, reply)
     except GatewayError as exc:
         status, error, failure = Message.Status.ERROR, exc.message, exc
     except asyncio.CancelledError:
         status, error = Message.Status.ERROR, INTERRUPTED
         failure = GatewayError(INTERRUPTED, status=503)
         # Saved whether or not anyone is listening, even though the task is being cancelled.
-        await asyncio.shield(_finish(plan.message, reply, status, error))
+        await asyncio.shield(_finish(plan, reply, status, error, turn))
         raise
     except Exception:
         logger.exception("generation of message %s failed", plan.message.pk)
         status, error = Message.Status.ERROR, "internal error during generation"
         failure = GatewayError(error, status=502)
-    await asyncio.shield(_finish(plan.message, reply, status, error))
+    await asyncio.shield(_finish(plan, reply, status, error, turn))
     return Outcome(plan.message, failure)
 
 
-async def _rounds(plan: PromptPlan, reply: _Reply) -> None:
-    """Ask the model, streaming its text; run the tools it calls and ask again, MAX_TOOL_ROUNDS at most."""
-    request = plan.request
+async def reply_stream(plan: PromptPlan, request: dict, reply: "_Reply | QuietReply") -> str:
+    """Ask the model, streaming its text into `reply`; run the tools it calls and ask again,
+    MAX_TOOL_ROUNDS at most. Returns the text it added."""
+    start = len(reply.text)
     for _ in range(settings.MAX_TOOL_ROUNDS + 1):
         stream = gateway.chat_stream(request, api_key=plan.api_key, allowed_models=plan.allowed_models)
         async for delta in stream:
@@ -246,7 +325,7 @@ async def _rounds(plan: PromptPlan, reply: _Reply) -> None:
                 await reply.add(delta.text)
         _add_usage(reply.usage, stream.usage)
         if not stream.tool_calls:
-            return
+            return reply.text[start:]
         tool_calls = stream.tool_calls
         records, answers = await _run_tools(tool_calls, plan.allowed_tools)
         reply.records += records
@@ -306,15 +385,23 @@ async def _retrying(what: str, message_id: uuid.UUID, attempt, errors: tuple) ->
             pause = min(pause * 2, 2.0)
 
 
-async def _finish(message: Message, reply: _Reply, status: str, error: str) -> None:
-    """Save the reply (retried while the database is away), then send the final event (always)."""
+async def _finish(plan: PromptPlan, reply: _Reply, status: str, error: str, turn=None) -> None:
+    """Save the reply (retried while the database is away), then send the final event (always).
+    A program's turn is recorded in the same transaction."""
+    message = plan.message
 
     async def save():
-        await database_sync_to_async(_message_finish)(message=message, reply=reply, status=status, error=error)
+        await database_sync_to_async(_message_finish)(
+            message=message, reply=reply, status=status, error=error, program=plan.program, turn=turn
+        )
 
     try:
         if await _retrying("save the reply", message.pk, save, (DatabaseError, InterfaceError)):
             await sync_to_async(_context_after, thread_sensitive=False)(message, reply)
+            if plan.program is not None and status == Message.Status.COMPLETE:
+                from chats.programs.runner import turn_after_save
+
+                await turn_after_save(turn)
     except Exception:
         logger.exception("message %s: the reply could not be saved", message.pk)
     await _send_final(message, MESSAGE_COMPLETED if status == Message.Status.COMPLETE else MESSAGE_FAILED)

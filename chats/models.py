@@ -18,6 +18,10 @@ class Chat(models.Model):
     system_prompt = models.TextField(blank=True, default="")
     # Names of registered tools the model may call in this chat.
     tools = models.JSONField(default=list, blank=True)
+    # Model settings sent with every prompt (chats.options): temperature, max_tokens, ...
+    settings = models.JSONField(default=dict, blank=True)
+    # The chat program (chats.programs) this chat runs, by its registered name; blank: an ordinary chat.
+    program = models.CharField(max_length=100, blank=True, default="", editable=False)
     # A conversation's own upstream key (seed 002), encrypted; never returned in full.
     api_key_encrypted = models.TextField(blank=True, default="", editable=False)
     # Seed 002's integer conversation_id: 1, 2, 3... per owner, given on creation (our own API uses the UUID).
@@ -95,3 +99,34 @@ class Message(models.Model):
 
     def __str__(self) -> str:
         return f"{self.id} in {self.chat_id}"
+
+
+class ChatProgram(models.Model):
+    """The state of a chat's program: its recorded steps, its memory and where it waits.
+
+    A turn re-runs the program over `steps` (the inputs it was given and the replies it generated, in
+    order), so any process can resume it after a restart without asking the model again.
+    """
+
+    class Status(models.TextChoices):
+        RUNNING = "running"  # a turn is in progress (until lease_until, in case its process died)
+        WAITING = "waiting"  # asked for input: the next prompt resumes it
+        FINISHED = "finished"
+
+    chat = models.OneToOneField(Chat, on_delete=models.CASCADE, primary_key=True, related_name="program_state")
+    name = models.CharField(max_length=100)
+    context = models.JSONField(default=dict, blank=True)
+    steps = models.JSONField(default=list, blank=True)
+    # The program's memory (the messages the model sees) as of `memory_steps` recorded steps.
+    memory = models.JSONField(default=list, blank=True)
+    memory_steps = models.IntegerField(default=-1)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.RUNNING)
+    asking = models.TextField(blank=True, default="")  # the message of the GetUserInput it waits on
+    lease_until = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        db_table = "chat_programs"
+
+    def __str__(self) -> str:
+        return f"{self.name} in {self.chat_id}"

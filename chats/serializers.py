@@ -13,6 +13,8 @@ class ChatOutput(serializers.Serializer):
     group_id = serializers.UUIDField(allow_null=True)
     system_prompt = serializers.CharField()
     tools = serializers.ListField(child=serializers.CharField())
+    settings = serializers.DictField(help_text="model settings sent with every prompt (temperature, max_tokens, ...)")
+    program = serializers.CharField(help_text="the chat program this chat runs; empty for an ordinary chat")
     created_at = serializers.DateTimeField()
     updated_at = serializers.DateTimeField()
 

@@ -13,6 +13,7 @@ from accounts.models import User
 from chats import selectors, stream
 from chats.context import chat_context_forget
 from chats.models import Chat, ChatMember, Message
+from chats.options import settings_validate
 from chats.serializers import chat_data
 from groups.models import Group
 from groups.selectors import group_get_for_member, models_allowed_in
@@ -52,11 +53,17 @@ def chat_create(
     group_id: uuid.UUID | None = None,
     system_prompt: str = "",
     tools: list[str] | None = None,
+    settings: dict | None = None,
+    program: str = "",
+    program_context: dict | None = None,
     allowed_models: frozenset[str] | None = None,
 ) -> Chat:
     """A new chat owned by `owner` (a member of `group_id`, if given), who is its first member.
 
     `allowed_models` is the owner's model limit (their session's; None: any); the group's list applies too.
+    `settings` are model settings (chats.options); `program` binds the chat to a chat program, started
+    with `program_context` (its opening turn is the caller's to run: chats.generation.message_prompt
+    with prompt=None).
     """
     group = group_get_for_member(user=owner, group_id=group_id) if group_id is not None else None
     model = model_resolve(model)
@@ -68,8 +75,13 @@ def chat_create(
         group=group,
         system_prompt=system_prompt,
         tools=tools or [],
+        settings=settings_validate(settings or {}),
     )
     ChatMember.objects.create(chat=chat, user=owner)
+    if program:
+        from chats.programs.runner import program_bind
+
+        program_bind(chat=chat, name=program, context=program_context or {})
     return chat
 
 
@@ -99,9 +111,10 @@ def chat_update(
     model: str | None = None,
     system_prompt: str | None = None,
     tools: list[str] | None = None,
+    settings: dict | None = None,
     allowed_models: frozenset[str] | None = None,
 ) -> Chat:
-    """Change a chat's settings (owner only); only the fields given change.
+    """Change a chat's settings (owner only); only the fields given change (`settings` as a whole).
 
     A new model must be one the user (`allowed_models`, their session's; None: any) and the chat's group
     may use; an unchanged one is not checked, so that a chat can still be renamed.
@@ -117,6 +130,8 @@ def chat_update(
         chat.system_prompt = system_prompt
     if tools is not None:
         chat.tools = tools
+    if settings is not None:
+        chat.settings = settings_validate(settings)
     chat.save()
     stream.event_send(chat.pk, stream.CHAT_UPDATED, chat=chat_data(chat))
     return chat

@@ -98,6 +98,8 @@ def _public_url(url: str) -> str:
 
 @require_GET
 def info(request):
+    from chats.programs.registry import programs
+
     database = connection.vendor
     return JsonResponse(
         {
@@ -116,6 +118,7 @@ def info(request):
                 "ws_max_in_flight": settings.WS_MAX_IN_FLIGHT,
             },
             "tools": sorted(tools.tool_names()),
+            "programs": sorted(programs()),
         }
     )
 

@@ -270,6 +270,17 @@ CONTEXT_MAX_CHARS = env_int("CONTEXT_MAX_CHARS", 16_000)
 MAX_PROMPT_CHARS = env_int("MAX_PROMPT_CHARS", 32_000)
 # How many times one prompt may go back to the model with tool results.
 MAX_TOOL_ROUNDS = env_int("MAX_TOOL_ROUNDS", 5)
+# A reply's max_tokens when neither the chat's settings nor a program set one (0: no cap).
+DEFAULT_MAX_TOKENS = env_int("DEFAULT_MAX_TOKENS", 4096)
+# Chat programs beside the built-in ones: comma-separated name=module.path:attribute pairs.
+CHAT_PROGRAMS = env_list("CHAT_PROGRAMS")
+for _pair in CHAT_PROGRAMS:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,100}=[A-Za-z_][\w.]*:[A-Za-z_]\w*", _pair):
+        raise ImproperlyConfigured(f"CHAT_PROGRAMS: {_pair!r} is not name=module.path:attribute")
+# How long one turn of a chat program may hold the chat before another prompt may take it over.
+PROGRAM_TURN_SECONDS = env_int("PROGRAM_TURN_SECONDS", 600)
+# Recorded steps (inputs and generated replies) a program may gather; then it is finished.
+PROGRAM_MAX_STEPS = env_int("PROGRAM_MAX_STEPS", 2000)
 STREAM_HEARTBEAT_SECONDS = env_int("STREAM_HEARTBEAT_SECONDS", 15)
 STREAM_REPLAY_SECONDS = env_int("STREAM_REPLAY_SECONDS", 300)
 STREAM_REPLAY_MAX = env_int("STREAM_REPLAY_MAX", 1000)

@@ -24,7 +24,13 @@ def bare_env(tmp_path, **extra) -> dict:
 
 def manage(env, *args) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "manage.py", *args], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "manage.py", *args],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        input="echo: and then?\n",  # what an interactive command (`programs run`) reads
     )
 
 
@@ -76,6 +82,9 @@ def test_make_env_writes_a_secret_once_and_the_documented_commands_then_work(tmp
         "[--json]": ["--json"],
         "[--timeout": ["--timeout"],
         "S]": ["5"],
+        "<name>": ["horoscope"],
+        "[--context": ["--context"],
+        "JSON]": ['{"user_id": 1}'],
     }
     # `upstreams check` asks the upstream: a real (fake) one, as an operator's would be.
     with_upstream = {**with_file, "OPENAI_API_URL": fake_upstream.url + "/v1", "OPENAI_API_KEY": "sk-first-run"}

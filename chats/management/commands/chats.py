@@ -4,6 +4,7 @@ Replaces the old admin CLI's `chat`, `chatUsers`, `messages` and `deleteMessage`
 no password hashes, and deleting a message also forgets the chat's cached context.
 """
 
+import json
 import uuid
 
 from django.core.management.base import CommandError
@@ -93,6 +94,8 @@ class Command(ActionCommand):
                     ("owner", f"{chat.owner.username} ({chat.owner_id})"),
                     ("group", group),
                     ("system prompt", one_line(chat.system_prompt, PREVIEW_WIDTH) or "-"),
+                    ("settings", one_line(json.dumps(chat.settings), PREVIEW_WIDTH) if chat.settings else "-"),
+                    ("program", chat.program or "-"),
                     ("created", when(chat.created_at)),
                     ("updated", when(chat.updated_at)),
                     ("members", str(chat.memberships.count())),
@@ -115,7 +118,10 @@ class Command(ActionCommand):
             if count:
                 self.stdout.write("")
             count += 1
-            author = message.author.username if message.author else "(deleted user)"
+            if message.author:
+                author = message.author.username
+            else:  # a program's opening message has no author
+                author = "(program)" if chat.program and not message.prompt else "(deleted user)"
             otr = "  off-the-record" if message.is_otr else ""
             self.stdout.write(f"{message.pk}  {when(message.created_at)}  {printable(author)}  {message.status}{otr}")
             lines: list[str] = []
