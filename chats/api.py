@@ -310,6 +310,8 @@ async def chat_prompt(request):
     except GatewayError as exc:
         if exc.status in (400, 403, 404):  # the model asked for: unknown, not allowed, or fits no route
             return error_response(exc.status, exc.code, exc.message)
+        if exc.code == "stopped":
+            return error_response(409, "stopped", "the reply was stopped")
         status = 504 if exc.status == 504 else 502
         return error_response(
             status, "program_failed" if exc.code == "program_failed" else "upstream_error", exc.message
@@ -378,3 +380,12 @@ class MessageDeleteView(APIView):
         fields = _parse(MessageDeleteInput, request_input(request))
         services.message_delete(message_id=fields["id"], user=request.user)
         return Response({})
+
+
+@async_endpoint(("POST",))
+async def chat_stop(request):
+    """Stop the chat's replies being generated (documented in chats/schema.py)."""
+    fields = _parse(ChatIdInput, plain_request_input(request))
+    chat = await database_sync_to_async(selectors.chat_get_for_member)(user=request.user, chat_id=fields["id"])
+    stopped = await generation.generations_stop_chat(chat=chat, user=request.user)
+    return JsonResponse({"stopped": stopped})

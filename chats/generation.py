@@ -48,6 +48,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("turbo.chats")
 
 INTERRUPTED = "interrupted: the server stopped during generation"
+STOPPED = "stopped"
+STOPS_STREAM = "generation-stops"
 
 
 @dataclass
@@ -266,6 +268,7 @@ async def message_prompt(
     task = asyncio.get_running_loop().create_task(_generate(plan, base), context=contextvars.Context())
     _generations.add(task)
     task.add_done_callback(_generations.discard)
+    _stoppable_here(message.pk, task)
     if stream:
         return message
     outcome: Outcome = await asyncio.shield(task)
@@ -301,11 +304,16 @@ async def _generate(plan: PromptPlan, base: dict) -> Outcome:
     except GatewayError as exc:
         status, error, failure = Message.Status.ERROR, exc.message, exc
     except asyncio.CancelledError:
-        status, error = Message.Status.ERROR, INTERRUPTED
-        failure = GatewayError(INTERRUPTED, status=503)
-        # Saved whether or not anyone is listening, even though the task is being cancelled.
-        await asyncio.shield(_finish(plan, reply, status, error, turn))
-        raise
+        if plan.message.pk in _stop_requested:  # a member pressed stop: an ending, not a shutdown
+            asyncio.current_task().uncancel()
+            status, error = Message.Status.ERROR, STOPPED
+            failure = GatewayError(STOPPED, status=409, code="stopped")
+        else:
+            status, error = Message.Status.ERROR, INTERRUPTED
+            failure = GatewayError(INTERRUPTED, status=503)
+            # Saved whether or not anyone is listening, even though the task is being cancelled.
+            await asyncio.shield(_finish(plan, reply, status, error, turn))
+            raise
     except Exception:
         logger.exception("generation of message %s failed", plan.message.pk)
         status, error = Message.Status.ERROR, "internal error during generation"
@@ -363,6 +371,85 @@ async def _run_tools(calls: list[dict], allowed: list[str]) -> tuple[list[dict],
     ]
     answers = [{"role": "tool", "tool_call_id": r["tool_call_id"], "content": r["content"]} for r in results]
     return records, answers
+
+
+# --- stopping a reply ---------------------------------------------------------------------------------
+
+# This process's running generations by message id; stop requests from any process (announced on the
+# `generation-stops` stream, which each loop running generations follows) cancel them here.
+_by_message: dict[uuid.UUID, asyncio.Task] = {}
+_stop_requested: set[uuid.UUID] = set()
+_stop_listeners: dict[asyncio.AbstractEventLoop, asyncio.Task] = {}
+
+
+def _stoppable_here(message_id: uuid.UUID, task: asyncio.Task) -> None:
+    _by_message[message_id] = task
+
+    def forget(_task):
+        _by_message.pop(message_id, None)
+        _stop_requested.discard(message_id)
+
+    task.add_done_callback(forget)
+    loop = asyncio.get_running_loop()
+    listener = _stop_listeners.get(loop)
+    if listener is None or listener.done():
+        _stop_listeners[loop] = loop.create_task(_follow_stops(), context=contextvars.Context())
+    for closed in [other for other in _stop_listeners if other.is_closed()]:
+        del _stop_listeners[closed]
+
+
+def _stop_here(message_ids) -> None:
+    for message_id in message_ids:
+        task = _by_message.get(message_id)
+        if task is not None and not task.done():
+            _stop_requested.add(message_id)
+            task.get_loop().call_soon_threadsafe(task.cancel)
+
+
+async def _follow_stops() -> None:
+    """While this loop runs generations, act on stop requests announced by any process. It reads the
+    stream's replay from the start, so a request sent while the generation was starting is seen too."""
+    from turbo_site.core import streams
+
+    after = 0
+    while any(task.get_loop() is asyncio.get_running_loop() for task in _by_message.values()):
+        try:
+            async with streams.Subscription(STOPS_STREAM, after=after) as stops:
+                while _by_message:
+                    entry = await stops.get(timeout=5)
+                    if entry is not None and entry.type == "generation.stop":
+                        _stop_here(uuid.UUID(value) for value in entry.data.get("message_ids", []))
+                    after = stops.last or after
+        except (StreamUnavailable, StopAsyncIteration):
+            await asyncio.sleep(0.5)
+
+
+def _streaming_messages_to_stop(*, chat: Chat, user: User) -> list[uuid.UUID]:
+    from turbo_site.core.errors import Forbidden
+
+    streaming = list(Message.objects.filter(chat=chat, status=Message.Status.STREAMING).values_list("pk", "author_id"))
+    mine = [pk for pk, author_id in streaming if user.pk in (author_id, chat.owner_id)]
+    if streaming and not mine:
+        raise Forbidden("only the prompt's author or the chat's owner may stop this reply")
+    return mine
+
+
+async def generations_stop_chat(*, chat: Chat, user: User) -> int:
+    """Stop the chat's replies being generated, in whatever process runs them (the prompt's author or
+    the chat's owner only). Each ends `status: "error"`, `error: "stopped"`, keeping its partial reply.
+    Returns how many were asked to stop."""
+    from turbo_site.core import streams
+
+    message_ids = await database_sync_to_async(_streaming_messages_to_stop)(chat=chat, user=user)
+    if not message_ids:
+        return 0
+    _stop_here(message_ids)
+    if any(message_id not in _by_message for message_id in message_ids):
+        try:
+            await streams.append(STOPS_STREAM, "generation.stop", {"message_ids": [str(m) for m in message_ids]})
+        except StreamUnavailable:
+            raise ServiceUnavailable("stop requests cannot reach the other server processes; try again") from None
+    return len(message_ids)
 
 
 # --- the end of a reply -------------------------------------------------------------------------------

@@ -78,7 +78,34 @@ def add_chat_paths(result, generator, request, public):
                         }
                     },
                 },
-                **_errors(400, 401, 404, 405, 502, 503, 504),
+                **_errors(400, 401, 403, 404, 405, 409, 502, 503, 504),
+            },
+        }
+    }
+    result["paths"]["/chat/stop"] = {
+        "post": {
+            "operationId": "chat_stop",
+            "tags": ["chat"],
+            "summary": "Stop the chat's replies being generated (the prompt's author or the chat's owner)",
+            "description": (
+                "Works whichever server process runs the reply. Each stopped message ends with `message.failed`, "
+                '`status: "error"`, `error: "stopped"`, keeping its partial reply; a non-streamed prompt '
+                "waiting for it answers 409 `stopped`."
+            ),
+            "requestBody": _form_and_json(
+                {"type": "object", "required": ["id"], "properties": {"id": {"type": "string", "format": "uuid"}}}
+            ),
+            "security": security,
+            "responses": {
+                "200": {
+                    "description": "how many replies were asked to stop",
+                    "content": {
+                        "application/json": {
+                            "schema": {"type": "object", "properties": {"stopped": {"type": "integer"}}}
+                        }
+                    },
+                },
+                **_errors(400, 401, 403, 404, 503),
             },
         }
     }

@@ -10,6 +10,7 @@ urlpatterns = [
     path("chat/index", api.ChatIndexView.as_view()),
     path("chat/prompt", api.chat_prompt),
     path("chat/stream", api.chat_stream),
+    path("chat/stop", api.chat_stop),
     path("chat/user/add", api.ChatUserAddView.as_view()),
     path("chat/user/remove", api.ChatUserRemoveView.as_view()),
     path("chat/message/delete", api.MessageDeleteView.as_view()),
