@@ -13,8 +13,7 @@ import redis.asyncio
 from django.conf import settings
 
 from chats.programs.library import ListMemory, PrefixMessage, ProgramError, message_from, runtime_current
-from turbo_site.core.loops import loop_client
-from turbo_site.core.redis_retry import async_retry_options
+from turbo_site.core.acache import redis_client
 
 REDIS_MEMORY_PREFIX = "turbo:program-memory:"
 REDIS_MEMORY_SECONDS = 30 * 24 * 3600  # a chat idle this long rebuilds its memory by replay
@@ -33,17 +32,9 @@ class ChatMemory(ListMemory):
 
 
 def _redis() -> redis.asyncio.Redis:
-    address = settings.REDIS_ADDRESS
-    if not address:
+    if not settings.REDIS_ADDRESS:
         raise ProgramError("RedisMemory needs Redis: set REDIS_ADDRESS")
-    return loop_client(
-        "program-memory-redis",
-        address,
-        lambda: redis.asyncio.Redis.from_url(
-            address, socket_timeout=10, socket_connect_timeout=10, **async_retry_options()
-        ),
-        lambda client: False,
-    )
+    return redis_client(settings.REDIS_ADDRESS)
 
 
 class RedisMemory(ListMemory):

@@ -19,7 +19,8 @@ from turbo_site.core.loops import loop_client
 from turbo_site.core.redis_retry import async_retry_options
 
 
-def _client(location: str) -> redis.asyncio.Redis:
+def redis_client(location: str) -> redis.asyncio.Redis:
+    """This loop's asyncio client of the Redis at `location` (shared by everything reading it directly)."""
     return loop_client(
         "cache-redis",
         location,
@@ -36,6 +37,6 @@ async def acache_get(key: str, default: Any = None) -> Any:
     if isinstance(cache, LocMemCache):
         return cache.get(key, default)
     if isinstance(cache, RedisCache) and len(cache._servers) == 1:
-        raw = await _client(cache._servers[0]).get(cache.make_and_validate_key(key))
+        raw = await redis_client(cache._servers[0]).get(cache.make_and_validate_key(key))
         return default if raw is None else cache._cache._serializer.loads(raw)
     return await sync_to_async(cache.get, thread_sensitive=False)(key, default)

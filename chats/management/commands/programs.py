@@ -1,7 +1,6 @@
 """`manage.py programs ...`: list the chat programs, or run one in the terminal against the upstream."""
 
 import asyncio
-import json
 import sys
 
 from django.core.management.base import CommandError
@@ -14,8 +13,10 @@ from chats.programs.library import (
     runtime_use,
 )
 from chats.programs.registry import program_get, programs
+from chats.programs.runner import program_context_check
 from proxy.gateway import GatewayError
 from turbo_site.core.commands import ActionCommand, printable, table
+from turbo_site.core.errors import Invalid
 
 EXAMPLES = """\
 examples:
@@ -80,11 +81,9 @@ class Command(ActionCommand):
         if program is None:
             raise CommandError(f"no program named {printable(name)!r}; registered: {', '.join(sorted(programs()))}")
         try:
-            context_value = json.loads(context)
-        except ValueError:
-            raise CommandError("--context must be a JSON object") from None
-        if not isinstance(context_value, dict):
-            raise CommandError("--context must be a JSON object")
+            context_value = program_context_check(context or "{}")
+        except Invalid as exc:
+            raise CommandError(exc.message.replace("program_context:", "--context")) from None
         try:
             asyncio.run(self._run(program, context_value))
         except GatewayError as exc:
