@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ADDRESS ?= 127.0.0.1:8080
 
-.PHONY: install env demo run serve test test-pg lint format bench clean
+.PHONY: install browser-deps env demo run serve test test-pg lint format bench clean
 
 $(BIN)/activate:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or make PYTHON=python3)"; exit 1; }
@@ -19,6 +19,17 @@ $(VENV)/.installed: $(BIN)/activate requirements.txt requirements-dev.txt
 	@touch $@
 
 install: $(VENV)/.installed
+
+# The browser tests (*/tests/test_web_browser.py) drive Debian's headless chromium through its chromedriver.
+# Installed only when missing; needs root (as on CI), otherwise it says what to run.
+browser-deps:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then \
+		echo "the browser tests need chromium and chromedriver: run as root (or with sudo):" >&2; \
+		echo "  apt-get install -y --no-install-recommends chromium chromium-driver" >&2; \
+		exit 1; \
+	fi; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver
 
 # A local install's secrets: a generated SECRET_KEY in a git-ignored .env that settings read (the
 # environment wins), so `manage.py ...` works as printed. Never overwritten; production sets its own.

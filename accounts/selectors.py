@@ -24,3 +24,11 @@ def session_get(*, session_id: uuid.UUID) -> Session:
     if session is None:
         raise NotFound("session not found")
     return session
+
+
+def user_find(*, username: str) -> User:
+    """The active user with this username (any case), for adding a member by name; 404 if there is none."""
+    user = User.objects.filter(username__iexact=username.strip(), is_active=True).first()
+    if user is None:
+        raise NotFound(f"no user named {username.strip()!r}", code="user_not_found")
+    return user

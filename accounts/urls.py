@@ -1,6 +1,6 @@
 from django.urls import path
 
-from accounts import api
+from accounts import api, web
 
 urlpatterns = [
     path("user/signup", api.SignupView.as_view()),
@@ -12,4 +12,8 @@ urlpatterns = [
     path("user/password/update", api.PasswordUpdateView.as_view()),
     path("api/users/register", api.RegisterView.as_view()),
     path("api/users/login", api.JwtLoginView.as_view()),
+    # the web app's pages
+    path("login", web.login_page),
+    path("signup", web.signup_page),
+    path("logout", web.logout_page),
 ]

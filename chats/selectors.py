@@ -22,9 +22,12 @@ def _access(user_id) -> Q:
     return Q(owner_id=user_id) | Q(Exists(is_member)) | Q(Exists(in_group))
 
 
-def chats_visible_to(*, user: User) -> QuerySet[Chat]:
-    """Every chat `user` may see, newest activity first."""
-    return Chat.objects.filter(_access(user.pk)).order_by("-updated_at")
+def chats_visible_to(*, user: User, group_id: uuid.UUID | None = None) -> QuerySet[Chat]:
+    """Every chat `user` may see (only those of `group_id`, if given), newest activity first."""
+    chats = Chat.objects.filter(_access(user.pk))
+    if group_id is not None:
+        chats = chats.filter(group_id=group_id)
+    return chats.order_by("-updated_at")
 
 
 def chat_get_for_member(*, user: User, chat_id: uuid.UUID) -> Chat:

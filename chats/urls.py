@@ -1,6 +1,6 @@
 from django.urls import path
 
-from chats import api, conversations
+from chats import api, conversations, web
 
 urlpatterns = [
     path("chat/create", api.ChatCreateView.as_view()),
@@ -21,4 +21,7 @@ urlpatterns = [
     path("api/conversations/del/<int:number>", conversations.ConversationDeleteView.as_view()),
     path("api/chat/<int:number>", conversations.conversation_chat),
     path("api/chat/<int:number>/", conversations.conversation_chat),
+    # the web app's pages
+    path("", web.index_page),
+    path("chats/<uuid:chat_id>", web.chat_page),
 ]

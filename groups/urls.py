@@ -1,6 +1,6 @@
 from django.urls import path
 
-from groups import api
+from groups import api, web
 
 urlpatterns = [
     path("group/create", api.GroupCreateView.as_view()),
@@ -11,4 +11,7 @@ urlpatterns = [
     path("group/members", api.GroupMembersView.as_view()),
     path("group/members/add", api.GroupMembersAddView.as_view()),
     path("group/members/remove", api.GroupMembersRemoveView.as_view()),
+    # the web app's pages
+    path("groups/new", web.group_new_page),
+    path("groups/<uuid:group_id>", web.group_page),
 ]

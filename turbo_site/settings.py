@@ -227,6 +227,8 @@ CSRF_TRUSTED_ORIGINS = CORS_ALLOWED_ORIGINS
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if TRUSTED_PROXIES else None
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
+# A page form whose CSRF check fails gets a page saying so, not the API's JSON error.
+CSRF_FAILURE_VIEW = "accounts.web.csrf_failure"
 
 # --- Upstream and proxy ---------------------------------------------------------------------------
 OPENAI_API_KEY = env_str("OPENAI_API_KEY")
@@ -313,6 +315,8 @@ TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 STATIC_URL = "static/"
+# The web app's own CSS and JavaScript (templates/static/turbo/), served like the admin's.
+STATICFILES_DIRS = [BASE_DIR / "templates" / "static"]
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},

@@ -95,6 +95,8 @@ class json_errors(TurboMiddleware):
     def after(self, request, response):
         if response.status_code < 400 or request.path.startswith(HTML_PREFIXES):
             return response
+        if getattr(response, "is_page", False):  # the web app's own error pages (404, 403) stay HTML
+            return response
         content_type = response.get("Content-Type", "")
         if content_type.startswith("application/json") or getattr(response, "streaming", False):
             return response

@@ -19,6 +19,8 @@ def _api_paths() -> set[str]:
                 paths.add("/" + route)
             continue
         for inner in pattern.url_patterns:
+            if getattr(getattr(inner, "callback", None), "is_web_page", False):
+                continue  # the web app's HTML pages are not API endpoints
             paths.add("/" + route + str(inner.pattern))
     return paths
 

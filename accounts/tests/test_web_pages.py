@@ -1,0 +1,207 @@
+"""The web app's sign-in pages over real HTTP, with cookies and CSRF as a browser has them.
+
+/signup and /login start the same session (and set the same `sess` cookie) as the API's /user/login;
+/logout revokes it; wrong credentials and a missing CSRF token change nothing.
+"""
+
+import httpx
+import pytest
+from django.conf import settings
+
+from accounts.models import Session, User
+from accounts.services import token_hash
+from conftest import unique_name
+from groups.models import GroupMember
+from proxy.events import events_flush
+from proxy.models import Event
+from turbo_site.testing.pages import PASSWORD, log_in, page_of, post_form, sign_up
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def browsers(turbo_server):
+    """Makes clients that keep cookies, like separate browsers, against the live server."""
+    opened = []
+
+    def open_browser() -> httpx.Client:
+        browser = httpx.Client(base_url=turbo_server.url, timeout=30)
+        opened.append(browser)
+        return browser
+
+    yield open_browser
+    for browser in opened:
+        browser.close()
+
+
+@pytest.fixture
+def browser(browsers):
+    return browsers()
+
+
+def session_cookie(response: httpx.Response) -> str:
+    cookies = [value for value in response.headers.get_list("set-cookie") if value.startswith("sess=")]
+    assert len(cookies) == 1, response.headers
+    return cookies[0]
+
+
+def test_login_and_signup_pages_have_the_forms(browser):
+    login = page_of(browser.get("/login"))
+    form = login.select_one("form#login-form")
+    assert form.get("method") == "post"
+    assert {field.get("name") for field in form.select("input")} >= {"username", "password", "csrfmiddlewaretoken"}
+    assert login.select_one("button#login-submit").get("type") == "submit"
+    for field in form.select("input[name=username], input[name=password]"):
+        assert login.select_one(f"label[for={field.get('id')}]").text.strip()
+    assert login.select_one("main#main") and login.select_one("header a[href=/]")
+    assert not login.select("#logout-form")  # signed out: no logout button
+
+    signup = page_of(browser.get("/signup"))
+    assert {field.get("name") for field in signup.select("form#signup-form input")} >= {"username", "password"}
+    assert signup.select_one("button#signup-submit")
+
+
+def test_signup_signs_in_with_the_api_session_and_cookie(browser, client):
+    username = sign_up(browser)
+    user = User.objects.get(username=username)
+    assert GroupMember.objects.filter(user=user, group__name="Personal").exists()  # signup's first group
+    session = Session.objects.get(user=user)
+    assert session.kind == "token" and session.revoked_at is None
+
+    index = page_of(browser.get("/"))
+    assert index.select_one("form#logout-form").get("action") == "/logout"
+    assert index.select_one("#logout-form button#logout")
+    assert username in index.select_one("header").text
+
+    # The cookie is the API's: it signs /user/session in too.
+    token = browser.cookies["sess"]
+    assert client.get("/user/session", headers={"Cookie": f"sess={token}"}).json()["user"]["username"] == username
+
+
+def test_login_sets_the_cookie_like_the_api_and_logout_revokes_it(browser, client, signup):
+    _, user, password = signup()
+    response = log_in(browser, user["username"], password)
+    assert response.status_code == 302 and response.headers["location"] == "/"
+    cookie = session_cookie(response).lower()
+    assert "httponly" in cookie and "samesite=lax" in cookie and "path=/" in cookie
+    assert f"max-age={int(settings.SESSION_TTL.total_seconds())}" in cookie
+    token = browser.cookies["sess"]
+    session = Session.objects.filter(user_id=user["id"], revoked_at__isnull=True).order_by("-created_at").first()
+    assert session.kind == "token"
+    assert browser.get("/").status_code == 200
+
+    response = post_form(browser, "/logout", {}, referer="/")
+    assert response.status_code == 302 and response.headers["location"] == "/login"
+    assert "sess" not in browser.cookies
+    session.refresh_from_db()
+    assert session.revoked_at is not None
+    assert client.get("/user/session", headers={"Cookie": f"sess={token}"}).status_code == 401
+    assert browser.get("/").headers["location"] == "/login"
+
+
+def test_wrong_password_shows_an_error_and_starts_no_session(browser, signup):
+    _, user, _ = signup()
+    sessions = Session.objects.filter(user_id=user["id"]).count()
+    response = log_in(browser, user["username"], "not-the-password")
+    assert response.status_code == 200
+    error = page_of(response).select_one("form#login-form .form-error")
+    assert error.get("role") == "alert"
+    assert "invalid username or password" in error.text.lower()
+    assert page_of(response).select_one("input[name=username]").get("value") == user["username"]
+    assert "sess" not in browser.cookies
+    assert Session.objects.filter(user_id=user["id"]).count() == sessions
+    assert browser.get("/").headers["location"] == "/login"
+    events_flush()
+    assert Event.objects.filter(type="login_failed", path="/login").exists()
+
+
+def test_unknown_user_and_empty_fields_are_form_errors(browser):
+    for data in ({"username": unique_name(), "password": PASSWORD}, {"username": "", "password": ""}):
+        browser.get("/login")
+        response = post_form(browser, "/login", data)
+        assert response.status_code == 200
+        assert page_of(response).select_one(".form-error").text.strip()
+        assert "sess" not in browser.cookies
+
+
+def test_signup_errors_create_nothing(browser, signup):
+    _, taken, _ = signup()
+    cases = [
+        ({"username": taken["username"], "password": PASSWORD}, "already taken"),
+        ({"username": unique_name(), "password": "abc"}, "password"),
+        ({"username": "", "password": PASSWORD}, "username"),
+        ({"username": "has spaces and <b>", "password": PASSWORD}, "valid username"),
+    ]
+    users = User.objects.count()
+    for data, expected in cases:
+        browser.get("/signup")
+        response = post_form(browser, "/signup", data)
+        assert response.status_code == 200
+        page = page_of(response)
+        assert expected in page.select_one("form#signup-form .form-error").text.lower()
+        assert "<b>" not in response.text  # what was typed is shown escaped
+        assert "sess" not in browser.cookies
+    assert User.objects.count() == users
+
+
+def test_signed_out_pages_redirect_to_login_and_back(browser, signup):
+    assert browser.get("/").status_code == 302
+    assert browser.get("/").headers["location"] == "/login"
+    response = browser.get("/groups/new")
+    assert response.status_code == 302 and response.headers["location"] == "/login?next=%2Fgroups%2Fnew"
+
+    _, user, password = signup()
+    response = log_in(browser, user["username"], password, next="/groups/new")
+    assert response.headers["location"] == "/groups/new"
+    assert browser.get("/groups/new").status_code == 200
+
+
+@pytest.mark.parametrize("next_url", ["https://evil.example/", "//evil.example/x", "/\\evil.example", "javascript:x"])
+def test_login_never_redirects_off_site(browser, signup, next_url):
+    _, user, password = signup()
+    response = log_in(browser, user["username"], password, next=next_url)
+    assert response.status_code == 302 and response.headers["location"] == "/"
+
+
+def test_a_revoked_cookie_is_a_redirect_that_clears_it(browser, client):
+    sign_up(browser)
+    token = browser.cookies["sess"]
+    assert client.post("/user/logout", data={"token": token}).status_code == 200
+    response = browser.get("/")
+    assert response.status_code == 302 and response.headers["location"] == "/login"
+    assert "sess" not in browser.cookies
+
+
+def test_forms_without_the_csrf_token_are_refused_with_a_page(browser, signup):
+    _, user, password = signup()
+    browser.get("/login")
+    response = browser.post("/login", data={"username": user["username"], "password": password})
+    assert response.status_code == 403
+    assert page_of(response).select_one("h1").text.strip()  # a page, not the API's JSON
+    assert "sess" not in browser.cookies
+
+    assert log_in(browser, user["username"], password).status_code == 302
+    token = browser.cookies["sess"]
+    response = browser.post("/logout")  # the session cookie alone does not sign a browser out
+    assert response.status_code == 403
+    assert Session.objects.get(token_hash=token_hash(token)).revoked_at is None
+    assert browser.get("/").status_code == 200
+
+
+def test_pages_are_html_with_a_strict_policy_and_their_static_files_load(browser):
+    assert not settings.DEBUG  # the test server runs as production does
+    sign_up(browser)
+    response = browser.get("/")
+    assert response.headers["content-type"].startswith("text/html")
+    policy = response.headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "'unsafe-inline'" not in policy
+    assert response.headers["cache-control"] == "no-store"
+    assert response.headers["x-frame-options"] == "DENY"
+    page = page_of(response)
+    for link in page.select("link[rel=stylesheet]"):
+        assert browser.get(link.get("href")).status_code == 200
+    css = browser.get("/static/turbo/turbo.css")
+    assert css.status_code == 200 and "prefers-color-scheme: dark" in css.text
+    for name in ("chat.js", "markdown.js"):
+        script = browser.get(f"/static/turbo/{name}")
+        assert script.status_code == 200 and "javascript" in script.headers["content-type"]

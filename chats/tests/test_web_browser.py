@@ -1,0 +1,263 @@
+"""The web app's chat pages in a real browser: headless chromium against the live server and the fake upstream.
+
+The fake upstream answers "echo: some words" with "some words", one word per streamed chunk; a leading
+"[chunk_delay:0.15]" spaces the words out, "[scenario:gated]" holds the reply after its first word until
+``upstream.release()``. `make browser-deps` installs chromium and chromedriver.
+"""
+
+import re
+
+import pytest
+from selenium.webdriver.common.keys import Keys
+
+from chats.models import Message
+from turbo_site.testing.browser import (
+    assert_grew_word_by_word,
+    assert_only_grew,
+    chat_messages,
+    chat_open,
+    message_css,
+    message_status_wait,
+    prompt_newline,
+    prompt_send,
+    server_websockets_drop,
+)
+
+pytest_plugins = ["turbo_site.testing.browser"]
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CHAT_PATH = r"/chats/[0-9a-f-]{36}"
+
+
+def is_chat_path(path: str) -> bool:
+    return re.fullmatch(CHAT_PATH, path) is not None
+
+
+def chat_create(client, token: str, name: str) -> str:
+    """A 1:1 chat made over the API (the page that makes one is tested once, in the first test)."""
+    response = client.post("/chat/create", data={"name": name}, headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200, response.text
+    return response.json()["id"]
+
+
+def test_signup_create_chat_and_the_reply_streams_word_by_word(browser, upstream):
+    browser.open("/signup")
+    browser.screenshot("signup")
+    browser.find("#signup-form input[name=username]").send_keys("ada")
+    browser.find("#signup-form input[name=password]").send_keys("correct-horse")
+    browser.find("#signup-submit").click()
+    browser.wait_for_path("/")
+    assert browser.cookie("sess") is not None
+    assert browser.find_all("#logout-form #logout"), "no logout button once signed in"
+    assert browser.driver.execute_script(
+        "return [...document.styleSheets].some(sheet => sheet.href && sheet.cssRules.length > 0)"
+    ), "the stylesheet did not load"
+
+    browser.find("#chat-create-form [name=name]").send_keys("First chat")
+    browser.screenshot("index")
+    browser.find("#chat-create-submit").click()
+    path = browser.wait_for_path(is_chat_path)
+    chat_id = path.removeprefix("/chats/")
+    assert browser.attribute("body", "data-chat-id") == chat_id
+    assert browser.text("#chat-title") == "First chat"
+    browser.wait(lambda _: browser.attribute("#connection", "data-state") == "open", "the stream to open")
+
+    words = "one two three four five six seven eight"
+    message_id = prompt_send(browser, f"[chunk_delay:0.15] echo: {words}", click=True)
+    browser.wait(lambda _: browser.find("#prompt").get_attribute("value") == "", "the prompt box to be emptied")
+    seen = browser.watch_text(f"{message_css(message_id)} .reply", lambda text: text == words)
+    assert_grew_word_by_word(seen, words)
+    message_status_wait(browser, message_id, "complete")
+    assert "ada" in browser.text(f"{message_css(message_id)} .prompt .author")
+    assert browser.console_errors() == []
+
+    # The page shows the same chat after a reload, and lists it on the index.
+    browser.open(f"/chats/{chat_id}")
+    assert browser.text(f"{message_css(message_id)} .reply") == words
+    browser.open("/")
+    link = browser.wait_for(f'a.chat-link[href="/chats/{chat_id}"]')
+    assert link.text == "First chat"
+
+
+def test_wrong_password_shows_the_error_then_login_and_logout(browser, signup):
+    _, user, password = signup()
+    browser.open("/login")
+    browser.screenshot("login")
+    browser.find("#login-form input[name=username]").send_keys(user["username"])
+    browser.find("#login-form input[name=password]").send_keys("not-the-password")
+    browser.find("#login-submit").click()
+    error = browser.wait_for(".form-error[role=alert]")
+    assert error.is_displayed() and error.text.strip(), "the error is not shown"
+    assert browser.path.startswith("/login")
+    assert browser.cookie("sess") is None
+    browser.screenshot("login-error")
+
+    for field, value in (("username", user["username"]), ("password", password)):
+        browser.find(f"#login-form input[name={field}]").clear()
+        browser.find(f"#login-form input[name={field}]").send_keys(value)
+    browser.find("#login-submit").click()
+    browser.wait_for_path("/")
+    assert browser.cookie("sess")["httpOnly"] is True
+
+    browser.find("#logout").click()
+    browser.wait_for_path(lambda path: path.startswith("/login"))
+    assert browser.cookie("sess") is None
+    browser.open("/")
+    browser.wait_for_path(lambda path: path.startswith("/login"))
+
+
+def test_enter_sends_and_shift_enter_adds_a_line(browser, signup, client, upstream):
+    token, _, _ = signup()
+    chat_id = chat_create(client, token, "Lines")
+    browser.sign_in(token)
+    chat_open(browser, chat_id)
+
+    box = browser.find("#prompt")
+    box.send_keys("echo: line one")
+    prompt_newline(browser)
+    box.send_keys("line two")
+    assert box.get_attribute("value") == "echo: line one\nline two", "Shift+Enter did not add a line"
+
+    box.send_keys(Keys.ENTER)
+    browser.wait(lambda _: len(chat_messages(browser)) == 1, "Enter to send the prompt")
+    (message_id,) = chat_messages(browser)  # one message: Shift+Enter did not send the first line alone
+    message_status_wait(browser, message_id, "complete")
+    assert Message.objects.get(pk=message_id).prompt == "echo: line one\nline two"
+    browser.wait(lambda _: box.get_attribute("value") == "", "the prompt box to be emptied")
+    reply = browser.find(f"{message_css(message_id)} .reply").text  # as shown: a line break, or a space
+    assert reply.split() == ["line", "one", "line", "two"]
+
+
+def test_the_stop_button_stops_a_reply(browser, signup, client, upstream):
+    token, _, _ = signup()
+    chat_id = chat_create(client, token, "Stoppable")
+    browser.sign_in(token)
+    chat_open(browser, chat_id)
+    assert not browser.find("#stop").is_enabled(), "stop is enabled with nothing streaming"
+
+    message_id = prompt_send(browser, "[scenario:gated] echo: never finished words")
+    browser.wait(lambda _: browser.text(f"{message_css(message_id)} .reply") == "never", "the first word")
+    assert browser.attribute(message_css(message_id), "data-status") == "streaming"
+    browser.wait(lambda _: browser.find("#stop").is_enabled(), "stop to be enabled while the reply streams")
+    browser.find("#stop").click()
+
+    message_status_wait(browser, message_id, "error")
+    assert "stopped" in browser.text(f"{message_css(message_id)} .error")
+    assert browser.text(f"{message_css(message_id)} .reply") == "never", "the partial reply was not kept"
+    browser.wait(lambda _: not browser.find("#stop").is_enabled(), "stop to be disabled again")
+    stored = Message.objects.get(pk=message_id)
+    assert (stored.status, stored.error, stored.reply.strip()) == ("error", "stopped", "never")
+
+
+def test_html_in_a_reply_is_shown_as_text_and_never_runs(browser, signup, client, upstream):
+    token, _, _ = signup()
+    chat_id = chat_create(client, token, "Hostile")
+    browser.sign_in(token)
+    chat_open(browser, chat_id)
+
+    html = '<script>window.pwned=1</script> <img src=x onerror="window.pwned=1">'
+    message_id = prompt_send(browser, f"echo: {html} [a trap](javascript:window.pwned=1)")
+    message_status_wait(browser, message_id, "complete")
+    reply = f"{message_css(message_id)} .reply"
+
+    def assert_inert() -> None:
+        text = browser.text(reply)
+        assert text.startswith(html) and "a trap" in text, f"the reply shows {text!r}"
+        assert browser.find(reply).is_displayed()
+        made = browser.find_all(f"{message_css(message_id)} :is(script, img, iframe, [onerror])")
+        assert made == [], f"elements were made from the reply: {[e.tag_name for e in made]}"
+        links = [link.get_attribute("href") or "" for link in browser.find_all(f"{reply} a")]
+        assert not [href for href in links if not href.startswith(("http:", "https:"))], links
+        assert browser.driver.execute_script("return typeof window.pwned") == "undefined"
+
+    assert_inert()
+    browser.open(f"/chats/{chat_id}")  # nor when the page is rendered by the server
+    browser.wait_for(reply)
+    assert_inert()
+
+
+def test_a_dropped_websocket_reconnects_and_the_reply_completes_once(browser, signup, client, upstream, turbo_server):
+    token, _, _ = signup()
+    chat_id = chat_create(client, token, "Flaky network")
+    browser.sign_in(token)
+    chat_open(browser, chat_id)
+    words = "alpha beta gamma delta epsilon zeta eta theta"
+    reply = "#messages .reply"
+
+    message_id = prompt_send(browser, f"[scenario:gated] echo: {words}")
+    browser.wait(lambda _: browser.text(f"{message_css(message_id)} .reply") == "alpha", "the first word")
+
+    # The network goes: the open socket is cut and no new one can be made. The reply goes on meanwhile.
+    browser.offline()
+    assert server_websockets_drop(turbo_server) >= 1
+    browser.wait(lambda _: browser.attribute("#connection", "data-state") == "reconnecting", "the page to see the drop")
+    upstream.release()
+    browser.wait(
+        lambda _: Message.objects.filter(pk=message_id, status="complete").exists(), "the reply to finish upstream"
+    )
+    assert browser.text(f"{message_css(message_id)} .reply") == "alpha", "the page got events while offline"
+
+    browser.online()
+    seen = browser.watch_text(f"{message_css(message_id)} .reply", lambda text: text == words, timeout=30)
+    assert_only_grew(seen, words)  # the missed words come back (replayed: maybe all at once), none twice
+    message_status_wait(browser, message_id, "complete")
+    browser.wait(lambda _: browser.attribute("#connection", "data-state") == "open", "the stream to reopen")
+    assert chat_messages(browser) == [message_id]
+    assert [" ".join(element.text.split()) for element in browser.find_all(reply)] == [words]
+
+    # The new socket is live: the next reply streams in as usual, once.
+    second = prompt_send(browser, "echo: still live")
+    message_status_wait(browser, second, "complete")
+    assert chat_messages(browser) == [message_id, second]
+    assert [" ".join(element.text.split()) for element in browser.find_all(reply)] == [words, "still live"]
+
+
+def test_chat_page_renders_markdown_safely_and_fits_a_phone(browser, signup, client, upstream):
+    token, _, _ = signup("grace")
+    chat_id = chat_create(client, token, "Release notes")
+    browser.sign_in(token)
+    chat_open(browser, chat_id)
+
+    first = prompt_send(browser, "echo: Turbo streams every reply **word by word** to everyone in the chat.")
+    message_status_wait(browser, first, "complete")
+    box = browser.find("#prompt")
+    lines = [
+        "echo: Three things to try:",
+        "",
+        "- `make demo` for a fake upstream",
+        "- a *group chat* with a friend",
+        "- [the docs](https://example.com/docs), and a chat program",
+    ]
+    for index, line in enumerate(lines):
+        if index:
+            prompt_newline(browser)
+        box.send_keys(line)
+    box.send_keys(Keys.ENTER)
+    browser.wait(lambda _: len(chat_messages(browser)) == 2, "the second message")
+    second = chat_messages(browser)[-1]
+    message_status_wait(browser, second, "complete")
+
+    assert browser.text(f"{message_css(first)} .reply strong") == "word by word"
+    reply = message_css(second) + " .reply"
+    items = [" ".join(item.text.split()) for item in browser.find_all(f"{reply} li")]
+    assert items[:2] == ["make demo for a fake upstream", "a group chat with a friend"]
+    assert items[2] == "the docs, and a chat program"
+    assert browser.text(f"{reply} code") == "make demo"
+    assert browser.text(f"{reply} em") == "group chat"
+    (link,) = browser.find_all(f"{reply} a")
+    assert (link.text, link.get_attribute("href")) == ("the docs", "https://example.com/docs")
+    assert {"noopener", "noreferrer"} <= set(link.get_attribute("rel").split())
+    browser.driver.execute_script("document.activeElement.blur()")
+    browser.screenshot("chat", readme=True)
+
+    browser.phone()
+    browser.open(f"/chats/{chat_id}")
+    browser.wait_for(message_css(second))
+    width = browser.driver.execute_script("return document.documentElement.scrollWidth")
+    assert width <= 375, f"the chat page scrolls sideways on a phone: {width}px wide"
+    assert browser.find("#prompt").is_displayed() and browser.find("#send").is_displayed()
+    browser.screenshot("chat-phone")
+    browser.open("/")  # the index, with its forms, fits too
+    browser.wait_for("#chat-create-form")
+    width = browser.driver.execute_script("return document.documentElement.scrollWidth")
+    assert width <= 375, f"the index page scrolls sideways on a phone: {width}px wide"
