@@ -1,9 +1,9 @@
-"""Users and their login sessions in the Django admin.
+"""Users, their login sessions and API keys in the Django admin.
 
-A session's token hash never appears on any admin page, nor may a changelist be filtered on it (that
-would let anyone with admin access guess it a character at a time). Sessions end only through the
-revocation services, which also drop the cached token lookups; so sessions cannot be edited or deleted
-here, only revoked.
+A session's token hash (or a key's) never appears on any admin page, nor may a changelist be filtered on
+it (that would let anyone with admin access guess it a character at a time). Sessions and keys end only
+through the revocation services, which also drop the cached token lookups; so they cannot be added,
+edited or deleted here, only revoked.
 """
 
 from django.contrib import admin, messages
@@ -15,7 +15,8 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils.translation import ngettext
 
-from accounts.models import Session, User
+from accounts.keys import api_key_revoke
+from accounts.models import ApiKey, Session, User
 from accounts.services import session_revoke, sessions_revoke_all, user_create
 
 # Turbo's own groups (the `groups` app) take the place of Django's permission groups.
@@ -24,7 +25,7 @@ try:
 except NotRegistered:
     pass
 
-SECRET_LOOKUPS = ("token_hash", "login_sessions__token_hash")
+SECRET_LOOKUPS = ("token_hash", "login_sessions__token_hash", "key_hash", "api_keys__key_hash")
 
 
 class PasswordChangeEndsSessions(AdminPasswordChangeForm):
@@ -166,5 +167,60 @@ class SessionAdmin(admin.ModelAdmin):
         self.message_user(
             request,
             ngettext("Revoked %(count)d session.", "Revoked %(count)d sessions.", len(active)) % {"count": len(active)},
+            messages.SUCCESS,
+        )
+
+
+API_KEY_FIELDS = (
+    "name",
+    "prefix",
+    "user",
+    "group",
+    "models",
+    "created_at",
+    "expires_at",
+    "last_used_at",
+    "revoked_at",
+)
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    # Listed field by field, and key_hash excluded as well, so no later change can bring it onto a page.
+    fields = API_KEY_FIELDS
+    exclude = ("key_hash",)
+    readonly_fields = API_KEY_FIELDS
+    list_display = API_KEY_FIELDS
+    list_filter = (RevokedFilter, "created_at")
+    list_select_related = ("user", "group")
+    search_fields = ("prefix", "name", "user__username")
+    ordering = ("-created_at",)
+    date_hierarchy = "created_at"
+    actions = ["revoke_selected_keys"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
+        # As with sessions: revoking also ends the key's open sockets and says why.
+        return False
+
+    def has_revoke_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("accounts.change_apikey")
+
+    def lookup_allowed(self, lookup, value, request=None):
+        return not lookup.startswith(SECRET_LOOKUPS) and super().lookup_allowed(lookup, value, request)
+
+    @admin.action(description="Revoke selected API keys", permissions=["revoke"])
+    def revoke_selected_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        active = list(queryset.filter(revoked_at__isnull=True).values_list("pk", flat=True))
+        for key_id in active:
+            api_key_revoke(key_id=key_id)
+        self.message_user(
+            request,
+            ngettext("Revoked %(count)d API key.", "Revoked %(count)d API keys.", len(active)) % {"count": len(active)},
             messages.SUCCESS,
         )

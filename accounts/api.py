@@ -1,4 +1,4 @@
-"""The user API: the seed's /user/* paths and seed 002's /api/users/* paths."""
+"""The user API: the seed's /user/* paths, API keys (/user/keys/*) and seed 002's /api/users/* paths."""
 
 from django.conf import settings
 from django.contrib.auth.validators import UnicodeUsernameValidator
@@ -8,10 +8,17 @@ from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from accounts import selectors, services
-from accounts.auth import COOKIE_NAME, CrossSiteRefused, request_origin_allowed, token_from_request
+from accounts import keys, selectors, services
+from accounts.auth import (
+    COOKIE_NAME,
+    KEY_NOT_ALLOWED_HERE,
+    KEY_NOT_ALLOWED_MESSAGE,
+    CrossSiteRefused,
+    request_origin_allowed,
+    token_from_request,
+)
 from accounts.models import User
-from turbo_site.core.errors import Conflict, Invalid, Unauthorized
+from turbo_site.core.errors import Conflict, Forbidden, Invalid, Unauthorized
 from turbo_site.core.http import client_ip, mark_event
 from turbo_site.core.schema import EmptyResponse, errors, get_and_post
 from turbo_site.core.serializers import StrictCharField, request_input
@@ -175,7 +182,9 @@ class LogoutView(PublicAPIView):
                 _refuse_cross_site(request)
         if not token:
             raise Unauthorized("no token: send Authorization: Bearer <token>, the sess cookie or a token field")
-        found = services.session_lookup(token)
+        found = services.session_lookup(token, keys=True)
+        if found is not None and found.kind == "key":  # a key is revoked through /user/keys/revoke
+            raise Forbidden(KEY_NOT_ALLOWED_MESSAGE, code=KEY_NOT_ALLOWED_HERE)
         response = Response({})
         response.delete_cookie(COOKIE_NAME, path="/", samesite="Lax")
         if found is None:
@@ -294,3 +303,92 @@ class JwtLoginView(PublicAPIView):
     )
     def post(self, request):
         return Response({"token": _start_session(request, _log_in(request), kind="jwt")})
+
+
+# --- /user/keys/* ---------------------------------------------------------------------------------
+
+
+class ModelNameListField(serializers.ListField):
+    """Public model names: a JSON array, repeated form fields, or one comma-separated string."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("child", StrictCharField(max_length=keys.MODEL_NAME_MAX_CHARS))
+        kwargs.setdefault("max_length", keys.MODELS_MAX)
+        super().__init__(**kwargs)
+
+    def to_internal_value(self, data):
+        if isinstance(data, str):
+            data = [name.strip() for name in data.split(",") if name.strip()]
+        return super().to_internal_value(data)
+
+
+class ApiKeyCreateInput(serializers.Serializer):
+    name = StrictCharField(max_length=keys.NAME_MAX_CHARS)
+    expires_at = serializers.DateTimeField(required=False, allow_null=True, help_text="omitted or null: never")
+    models = ModelNameListField(required=False, help_text="public model names the key may use; empty: any you may")
+    group_id = serializers.UUIDField(
+        required=False, allow_null=True, help_text="a group you own: the key is limited to what it allows"
+    )
+
+
+class ApiKeyIdInput(serializers.Serializer):
+    id = serializers.UUIDField()
+
+
+class ApiKeyOutput(serializers.Serializer):
+    """A key as lists show it: never the key itself, nor its hash."""
+
+    id = serializers.UUIDField()
+    name = serializers.CharField()
+    prefix = serializers.CharField(help_text="the key's first characters, to tell keys apart")
+    created_at = serializers.DateTimeField()
+    expires_at = serializers.DateTimeField(allow_null=True)
+    last_used_at = serializers.DateTimeField(allow_null=True)
+    models = serializers.ListField(child=serializers.CharField())
+    group_id = serializers.UUIDField(allow_null=True)
+
+
+class ApiKeyCreatedOutput(serializers.Serializer):
+    key = serializers.CharField(help_text="the key (`tk-...`): shown only this once")
+    id = serializers.UUIDField()
+    name = serializers.CharField()
+    prefix = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    expires_at = serializers.DateTimeField(allow_null=True)
+    models = serializers.ListField(child=serializers.CharField())
+    group_id = serializers.UUIDField(allow_null=True)
+
+
+class ApiKeyCreateView(APIView):
+    @extend_schema(
+        request=ApiKeyCreateInput,
+        responses={200: ApiKeyCreatedOutput, **errors(400, 401, 403, 404, 409)},
+        summary="Create an API key for /v1/* and /ws; the key is shown only in this answer",
+    )
+    def post(self, request):
+        data = ApiKeyCreateInput(data=request_input(request))
+        data.is_valid(raise_exception=True)
+        api_key, key = keys.api_key_create(user=request.user, **data.validated_data)
+        return Response(ApiKeyCreatedOutput({"key": key, **ApiKeyOutput(api_key).data}).data)
+
+
+@get_and_post(
+    responses={200: inline_serializer("ApiKeyList", {"keys": ApiKeyOutput(many=True)}), **errors(401, 403)},
+    summary="Your API keys that are not revoked, newest first (never the keys themselves)",
+)
+class ApiKeyListView(APIView):
+    def post(self, request):
+        return Response({"keys": ApiKeyOutput(keys.api_keys_of(request.user), many=True).data})
+
+
+class ApiKeyRevokeView(APIView):
+    @extend_schema(
+        request=ApiKeyIdInput,
+        responses={200: Empty, **errors(400, 401, 403, 404)},
+        summary="Revoke one of your API keys, at once everywhere",
+    )
+    def post(self, request):
+        data = ApiKeyIdInput(data=request_input(request))
+        data.is_valid(raise_exception=True)
+        keys.api_key_revoke(user=request.user, key_id=data.validated_data["id"])
+        return Response({})

@@ -4,6 +4,10 @@ Sources, first match wins: `Authorization: Bearer <token>`, HTTP Basic whose pas
 the `sess` cookie, and (WebSocket handshakes and the SSE /chat/stream only) a `token` parameter. A
 cookie is sent by browsers on their own, so unsafe requests it authenticates must come from an allowed
 origin.
+
+An API key (accounts.keys) is a token too, but only the fronts that say `keys=True` take it: /v1/* and
+/ws. Everywhere else it is a 403 `key_not_allowed_here`, so a key can neither sign in nor change the
+account.
 """
 
 import base64
@@ -14,10 +18,15 @@ from django.conf import settings
 from rest_framework import authentication, exceptions
 
 from accounts.services import AuthSession, asession_lookup, session_lookup
+from turbo_site.core.errors import Forbidden
 from turbo_site.core.http import mark_event, scope_headers
 
 COOKIE_NAME = "sess"
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+KEY_NOT_ALLOWED_HERE = "key_not_allowed_here"
+KEY_NOT_ALLOWED_MESSAGE = (
+    "an API key works only on /v1/* and /ws; sign in (/user/login) and use a session token for this endpoint"
+)
 
 
 def token_from_headers(authorization: str, cookies: dict) -> tuple[str | None, str | None]:
@@ -83,18 +92,21 @@ class CrossSiteRefused(exceptions.PermissionDenied):
 
 
 class TokenAuthentication(authentication.BaseAuthentication):
-    """DRF authentication over Turbo sessions; `request.auth` is the AuthSession."""
+    """DRF authentication over Turbo sessions; `request.auth` is the AuthSession. No DRF view takes an
+    API key."""
 
     def authenticate(self, request) -> tuple | None:
         token, source = token_from_request(request._request)
         if token is None:
             return None
-        found: AuthSession | None = session_lookup(token)
+        found: AuthSession | None = session_lookup(token, keys=True)
         if found is None:
             raise exceptions.AuthenticationFailed("invalid, expired or revoked token")
         if source == "cookie" and request.method not in SAFE_METHODS and not request_origin_allowed(request):
             raise CrossSiteRefused()
         mark_event(request, user_id=found.user.pk)
+        if found.kind == "key":
+            raise Forbidden(KEY_NOT_ALLOWED_MESSAGE, code=KEY_NOT_ALLOWED_HERE)
         return found.user, found
 
     def authenticate_header(self, request) -> str:
@@ -119,11 +131,22 @@ def token_from_parameter(request) -> str | None:
     return token.strip() or None
 
 
-async def aauthenticate(request, *, token_parameter: bool = False) -> AuthSession:
+async def _alookup(token: str, *, keys: bool) -> AuthSession:
+    """The live session (or, with `keys`, API key) of `token`; AuthRefused otherwise."""
+    found = await asession_lookup(token, keys=True)
+    if found is None:
+        raise AuthRefused(401, "unauthorized", "invalid, expired or revoked token")
+    if found.kind == "key" and not keys:
+        raise AuthRefused(403, KEY_NOT_ALLOWED_HERE, KEY_NOT_ALLOWED_MESSAGE)
+    return found
+
+
+async def aauthenticate(request, *, token_parameter: bool = False, keys: bool = False) -> AuthSession:
     """The caller's session, for async views; the same rules as TokenAuthentication.
 
     With `token_parameter` (only for endpoints an EventSource opens), a `token` query or form parameter
-    also counts: after the Authorization header, before the cookie.
+    also counts: after the Authorization header, before the cookie. With `keys` (only /v1/*), an API
+    key counts too.
     """
     token, source = token_from_request(request)
     if token_parameter and source in (None, "cookie"):
@@ -132,17 +155,16 @@ async def aauthenticate(request, *, token_parameter: bool = False) -> AuthSessio
             token, source = parameter, "parameter"
     if token is None:
         raise AuthRefused(401, "unauthorized", "no token: send Authorization: Bearer <token> or the sess cookie")
-    found = await asession_lookup(token)
-    if found is None:
-        raise AuthRefused(401, "unauthorized", "invalid, expired or revoked token")
+    found = await _alookup(token, keys=keys)
     if source == "cookie" and request.method not in SAFE_METHODS and not request_origin_allowed(request):
         raise AuthRefused(403, "forbidden", "cross-site request refused: the Origin is not allowed")
     request.turbo_user_id = found.user.pk
     return found
 
 
-async def aauthenticate_websocket(scope) -> AuthSession:
+async def aauthenticate_websocket(scope, *, keys: bool = False) -> AuthSession:
     """The session of a WebSocket handshake: `token` query parameter, Authorization header or cookie.
+    With `keys` (only /ws), an API key counts too.
 
     A browser always sends Origin on a WebSocket handshake; it must be this server or an allowed origin,
     so that a foreign page cannot ride on the cookie (cross-site WebSocket hijacking).
@@ -169,7 +191,4 @@ async def aauthenticate_websocket(scope) -> AuthSession:
         )
     if not token:
         raise AuthRefused(401, "unauthorized", "no token: pass ?token=<token> or the sess cookie")
-    found = await asession_lookup(token)
-    if found is None:
-        raise AuthRefused(401, "unauthorized", "invalid, expired or revoked token")
-    return found
+    return await _alookup(token, keys=keys)

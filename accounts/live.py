@@ -5,10 +5,11 @@ A front that keeps a connection open (SSE, the chat WebSocket, `/ws`) watches it
     async with session_watch(session, on_end):   # on_end(reason) is called once, on this loop
         ...
 
-Revocations (logout, password change, an operator ending sessions, a user deactivated) are
-announced on the `sessions` stream after their transaction commits; one listener per process hands
-them to the watchers. A session also ends at its expiry time. If the announcements could not be
-followed for a while (Redis away), every watched session is checked against the database again.
+Revocations (logout, password change, an operator ending sessions, a user deactivated, an API key
+revoked: its id stands for the session id) are announced on the `sessions` stream after their
+transaction commits; one listener per process hands them to the watchers. A session also ends at its
+expiry time. If the announcements could not be followed for a while (Redis away), every watched
+session is checked against the database again.
 """
 
 import asyncio
@@ -21,9 +22,10 @@ from datetime import datetime
 
 from channels.db import database_sync_to_async
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
-from accounts.models import Session
+from accounts.models import ApiKey, Session
 from turbo_site.core import streams
 
 logger = logging.getLogger("turbo.accounts")
@@ -51,12 +53,13 @@ def sessions_revoked_announce(session_ids: list) -> None:
 class _Watch:
     __slots__ = ("session_id", "on_end", "expiry", "__weakref__")
 
-    def __init__(self, session_id: str, on_end: Callable[[str], object], expires_at: datetime):
+    def __init__(self, session_id: str, on_end: Callable[[str], object], expires_at: datetime | None):
         self.session_id = session_id
         self.on_end = on_end
         self.expiry: asyncio.TimerHandle | None = None
-        delay = (expires_at - timezone.now()).total_seconds()
-        self.expiry = asyncio.get_running_loop().call_later(max(delay, 0), self.fire, "the session expired")
+        if expires_at is not None:  # None: an API key that never expires
+            delay = (expires_at - timezone.now()).total_seconds()
+            self.expiry = asyncio.get_running_loop().call_later(max(delay, 0), self.fire, "the session expired")
 
     def fire(self, reason: str) -> None:
         if self.expiry is not None:
@@ -153,14 +156,17 @@ def _sessions_still_valid(session_ids: list[str]) -> set[str]:
     valid = Session.objects.filter(
         pk__in=session_ids, revoked_at__isnull=True, expires_at__gt=now, user__is_active=True
     ).values_list("pk", flat=True)
-    return {str(session_id) for session_id in valid}
+    keys = ApiKey.objects.filter(pk__in=session_ids, revoked_at__isnull=True, user__is_active=True).filter(
+        Q(expires_at__isnull=True) | Q(expires_at__gt=now)
+    )
+    return {str(session_id) for session_id in [*valid, *keys.values_list("pk", flat=True)]}
 
 
 _watchers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Watcher]" = weakref.WeakKeyDictionary()
 
 
 @contextlib.asynccontextmanager
-async def session_watch(session_id: uuid.UUID, expires_at: datetime, on_end: Callable[[str], object]):
+async def session_watch(session_id: uuid.UUID, expires_at: datetime | None, on_end: Callable[[str], object]):
     """Call `on_end(reason)` (once, on this loop) when the session is revoked or expires, while inside.
 
     Raises streams.StreamUnavailable when revocations cannot be followed (the caller answers 503).

@@ -42,3 +42,36 @@ class Session(models.Model):
 
     def __str__(self) -> str:
         return f"session of {self.user_id} from {self.created_at:%Y-%m-%d %H:%M}"
+
+
+# Every API key starts so, which tells it from a session token at a glance (and in a secret scanner).
+API_KEY_PREFIX = "tk-"
+
+
+class ApiKey(models.Model):
+    """A named key for programs: works on /v1 and /ws like a session token, nowhere else.
+
+    Only a SHA-256 hash of the key is stored; `prefix` (its first characters) tells keys apart in lists.
+    A group key (`group` set) is made by the group's owner and acts for them, limited to what the
+    group allows; `models` narrows any key further (empty: whatever its user may use).
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="api_keys")
+    group = models.ForeignKey("groups.Group", null=True, blank=True, on_delete=models.CASCADE, related_name="api_keys")
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=12, db_index=True, editable=False)
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    # Last: from here on `models` in this class body is the field, not django.db.models.
+    models = models.JSONField(default=list, blank=True, help_text="Public model names; empty: no limit of its own.")
+
+    class Meta:
+        db_table = "api_keys"
+        indexes = [models.Index(fields=["user", "revoked_at"], name="api_keys_user_active_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}...)"

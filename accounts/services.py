@@ -3,7 +3,8 @@
 Tokens are random strings shown to the client once; the database keeps only their SHA-256. A token
 lookup is cached for SESSION_CACHE_SECONDS, and every revocation deletes the cached entry, so a
 revoked token stops working at once (in every process when the cache is Redis). The cached lookup
-also carries the user and their groups' model limit; changes to either delete it too.
+also carries the user and their groups' model limit; changes to either delete it too. API keys
+(`tk-...`, accounts.keys) are looked up the same way, as sessions of kind "key".
 """
 
 import hashlib
@@ -25,7 +26,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from accounts.live import sessions_revoked_announce
-from accounts.models import Session, User
+from accounts.models import API_KEY_PREFIX, ApiKey, Session, User
 from accounts.throttle import login_throttle_check, login_throttle_fail, login_throttle_reset
 from turbo_site.core.acache import acache_get
 from turbo_site.core.errors import Conflict, Invalid, NotFound, Unauthorized
@@ -37,14 +38,16 @@ _DUMMY_PASSWORD_HASH = None
 
 @dataclass(frozen=True)
 class AuthSession:
-    """What a valid token resolves to: the session's id and its user."""
+    """What a valid token resolves to: the session's id and its user. For an API key (kind "key"),
+    `session_id` is the key's id and `expires_at` may be None (never)."""
 
     session_id: uuid.UUID
     user: User
-    expires_at: datetime
+    expires_at: datetime | None
     kind: str
     token_hash: str
-    # The public model names the user's groups allow (the intersection of the limited ones); None: any.
+    # The public model names the user's groups allow (the intersection of the limited ones; for a key,
+    # also its group's and its own list); None: any.
     allowed_models: frozenset[str] | None = None
 
 
@@ -61,8 +64,8 @@ def _cache_key(hashed: str) -> str:
     return CACHE_PREFIX + hashed
 
 
-def _forget(hashes) -> None:
-    """Drop cached lookups now and again after commit, so no request re-caches the old row."""
+def token_lookups_forget(hashes) -> None:
+    """Drop cached lookups (by token hash) now and again after commit, so no request re-caches the old row."""
     keys = [_cache_key(h) for h in hashes]
     if keys:
         cache.delete_many(keys)
@@ -113,7 +116,13 @@ def _token_acceptable(token: str) -> bool:
     return True
 
 
-def _session_from_db(hashed: str) -> AuthSession | None:
+def _session_from_db(hashed: str, *, maybe_key: bool = False) -> AuthSession | None:
+    if maybe_key:  # a `tk-` token; a session token may start so too, rarely: then it is one of those
+        from accounts.keys import api_key_session
+
+        found = api_key_session(hashed)
+        if found is not None:
+            return found
     now = timezone.now()
     session = (
         Session.objects.select_related("user")
@@ -132,47 +141,53 @@ def _session_from_db(hashed: str) -> AuthSession | None:
     return AuthSession(session.id, session.user, session.expires_at, session.kind, hashed, allowed_models)
 
 
-def _still_valid(found: AuthSession | None) -> AuthSession | None:
-    if found is None or found.expires_at <= timezone.now():
+def _still_valid(found: AuthSession | None, keys: bool) -> AuthSession | None:
+    if found is None or (found.kind == "key" and not keys):
+        return None
+    if found.expires_at is not None and found.expires_at <= timezone.now():
         return None
     return found
 
 
-def session_lookup(token: str) -> AuthSession | None:
-    """The live session for `token`, or None if it is unknown, expired or revoked."""
+def session_lookup(token: str, *, keys: bool = False) -> AuthSession | None:
+    """The live session for `token`, or None if it is unknown, expired or revoked.
+
+    An API key counts only with `keys` (accounts.auth passes it, and refuses a key where keys may not go).
+    """
     if not _token_acceptable(token):
         return None
     hashed = token_hash(token)
     key = _cache_key(hashed)
     found = cache.get(key)
     if found is None:
-        found = _session_from_db(hashed)
+        found = _session_from_db(hashed, maybe_key=token.startswith(API_KEY_PREFIX))
         if found is not None:
             cache.set(key, found, settings.SESSION_CACHE_SECONDS)
-    return _still_valid(found)
+    return _still_valid(found, keys)
 
 
-async def asession_lookup(token: str) -> AuthSession | None:
+async def asession_lookup(token: str, *, keys: bool = False) -> AuthSession | None:
     """session_lookup for async code: a cache hit costs no thread hop and no query."""
     if not _token_acceptable(token):
         return None
-    return await _asession_of(token_hash(token))
+    return await _asession_of(token_hash(token), maybe_key=token.startswith(API_KEY_PREFIX), keys=keys)
 
 
 async def asession_refresh(session: AuthSession) -> AuthSession | None:
     """`session` as it stands now (None: ended), for connections that outlive a request: a socket
     picks up its user's changed model limit as a new request would. Costs what a lookup costs."""
-    return await _asession_of(session.token_hash)
+    is_key = session.kind == "key"
+    return await _asession_of(session.token_hash, maybe_key=is_key, keys=is_key)
 
 
-async def _asession_of(hashed: str) -> AuthSession | None:
+async def _asession_of(hashed: str, *, maybe_key: bool, keys: bool) -> AuthSession | None:
     key = _cache_key(hashed)
     found = await acache_get(key)
     if found is None:
-        found = await database_sync_to_async(_session_from_db)(hashed)
+        found = await database_sync_to_async(_session_from_db)(hashed, maybe_key=maybe_key)
         if found is not None:
             await _cache_set(key, found, settings.SESSION_CACHE_SECONDS)
-    return _still_valid(found)
+    return _still_valid(found, keys)
 
 
 async def _cache_set(key: str, value, timeout: int) -> None:
@@ -187,7 +202,7 @@ def session_revoke(*, session_id: uuid.UUID) -> None:
     """End one session now."""
     hashes = list(Session.objects.filter(pk=session_id).values_list("token_hash", flat=True))
     Session.objects.filter(pk=session_id, revoked_at__isnull=True).update(revoked_at=timezone.now())
-    _forget(hashes)
+    token_lookups_forget(hashes)
     sessions_revoked_announce([session_id])
 
 
@@ -198,27 +213,30 @@ def sessions_revoke_all(*, user_id: uuid.UUID, except_session_id: uuid.UUID | No
         active = active.exclude(pk=except_session_id)
     ended = list(active.values_list("pk", "token_hash"))
     count = active.filter(pk__in=[pk for pk, _ in ended]).update(revoked_at=timezone.now())
-    _forget([hashed for _, hashed in ended])
+    token_lookups_forget([hashed for _, hashed in ended])
     sessions_revoked_announce([pk for pk, _ in ended])
     return count
 
 
 def session_cache_forget_user(*, user_id: uuid.UUID, is_active: bool = True) -> None:
-    """Drop cached lookups of a user's sessions, so the next request sees the user as saved now.
+    """Drop cached lookups of a user's sessions and API keys, so the next request sees the user as saved now.
 
     A user who is no longer active (or is being deleted) also loses their open streams and sockets.
     """
     live = list(Session.objects.filter(user_id=user_id, revoked_at__isnull=True).values_list("pk", "token_hash"))
-    _forget([hashed for _, hashed in live])
+    live += ApiKey.objects.filter(user_id=user_id, revoked_at__isnull=True).values_list("pk", "key_hash")
+    token_lookups_forget([hashed for _, hashed in live])
     if not is_active:
         sessions_revoked_announce([pk for pk, _ in live])
 
 
 def session_cache_forget_users(*, user_ids) -> None:
-    """Drop cached lookups of many users' sessions (one query; `user_ids` may be a queryset of ids), so
-    that their next request sees what is saved now: e.g. the model limit of a group they joined or left."""
+    """Drop cached lookups of many users' sessions and API keys (two queries; `user_ids` may be a queryset
+    of ids), so that their next request sees what is saved now: e.g. the model limit of a group they
+    joined or left."""
     hashes = Session.objects.filter(user_id__in=user_ids, revoked_at__isnull=True, expires_at__gt=timezone.now())
-    _forget(list(hashes.values_list("token_hash", flat=True)))
+    keys = ApiKey.objects.filter(user_id__in=user_ids, revoked_at__isnull=True)
+    token_lookups_forget([*hashes.values_list("token_hash", flat=True), *keys.values_list("key_hash", flat=True)])
 
 
 # --- users ----------------------------------------------------------------------------------------

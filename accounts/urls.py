@@ -10,6 +10,9 @@ urlpatterns = [
     path("user/read", api.UserReadView.as_view()),
     path("user/update", api.UserUpdateView.as_view()),
     path("user/password/update", api.PasswordUpdateView.as_view()),
+    path("user/keys/create", api.ApiKeyCreateView.as_view()),
+    path("user/keys/list", api.ApiKeyListView.as_view()),
+    path("user/keys/revoke", api.ApiKeyRevokeView.as_view()),
     path("api/users/register", api.RegisterView.as_view()),
     path("api/users/login", api.JwtLoginView.as_view()),
     # the web app's pages

@@ -108,7 +108,7 @@ class RpcConsumer(AsyncWebsocketConsumer):
     async def connect(self):
         global connected_clients
         try:
-            session = await aauthenticate_websocket(self.scope)
+            session = await aauthenticate_websocket(self.scope, keys=True)  # an API key serves here
         except AuthRefused:
             await self.close()
             return

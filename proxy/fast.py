@@ -138,7 +138,7 @@ async def serve(scope, receive, send) -> None:
     try:
         _check_host(headers)
         token, _ = token_from_headers(headers.get("authorization", ""), {})
-        found = await asession_lookup(token) if token else None
+        found = await asession_lookup(token, keys=True) if token else None  # an API key serves here
         if found is None:
             raise _openai_refusal(401, "unauthorized", "invalid, expired or revoked token")
         body = await _read_body(receive, headers)

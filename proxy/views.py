@@ -338,7 +338,7 @@ async def proxy_view(request, path: str = ""):
     """The proxy behind Django's middleware (CORS, cookies, sessions); `proxy.fast` takes the rest."""
     started = time.perf_counter()
     try:
-        found = await aauthenticate(request)
+        found = await aauthenticate(request, keys=True)  # an API key serves here
     except AuthRefused as refused:
         return openai_error(refused.status, refused.message, "invalid_request_error", refused.code)
     request.turbo_event_handled = True  # the proxy logs its own, once the stream has ended

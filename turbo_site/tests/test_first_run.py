@@ -63,9 +63,11 @@ def test_make_env_writes_a_secret_once_and_the_documented_commands_then_work(tmp
         "from accounts.services import user_create; from chats.services import chat_create; "
         "from chats.models import Message; owner = user_create(username='chat-owner', password='correct-horse'); "
         "chat = chat_create(owner=owner, name='c'); "
-        "m = Message.objects.create(chat=chat, author=owner, prompt='p', reply='r'); print(chat.pk, m.pk)",
+        "m = Message.objects.create(chat=chat, author=owner, prompt='p', reply='r'); "
+        "from accounts.keys import api_key_create; key, _ = api_key_create(user=owner, name='k'); "
+        "print(chat.pk, m.pk, key.prefix)",
     )
-    chat_id, message_id = made_chat.stdout.split()[-2:]
+    chat_id, message_id, key_prefix = made_chat.stdout.split()[-3:]
     # Every operator command of the README, as printed there (placeholders filled in), works.
     readme = (PROJECT_ROOT / "README.md").read_text()
     block = readme.split("Management commands", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
@@ -85,6 +87,9 @@ def test_make_env_writes_a_secret_once_and_the_documented_commands_then_work(tmp
         "<name>": ["horoscope"],
         "[--context": ["--context"],
         "JSON]": ['{"user_id": 1}'],
+        "[--user": ["--user"],
+        "NAME]": ["chat-owner"],
+        "<prefix-or-id>": [key_prefix],
     }
     # `upstreams check` asks the upstream: a real (fake) one, as an operator's would be.
     with_upstream = {**with_file, "OPENAI_API_URL": fake_upstream.url + "/v1", "OPENAI_API_KEY": "sk-first-run"}
