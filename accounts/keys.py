@@ -72,7 +72,7 @@ def api_key_session(hashed: str) -> AuthSession | None:
     allowed = models_allowed_in(allowed_models=models_allowed(user_id=key.user_id), group=key.group)
     if key.models:
         allowed = frozenset(key.models) if allowed is None else allowed & frozenset(key.models)
-    return AuthSession(key.pk, key.user, key.expires_at, "key", hashed, allowed)
+    return AuthSession(key.pk, key.user, key.expires_at, "key", hashed, allowed, key.group_id)
 
 
 # --- services -------------------------------------------------------------------------------------

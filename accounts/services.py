@@ -49,6 +49,11 @@ class AuthSession:
     # The public model names the user's groups allow (the intersection of the limited ones; for a key,
     # also its group's and its own list); None: any.
     allowed_models: frozenset[str] | None = None
+    group_id: uuid.UUID | None = None  # a group key's group: its usage and budget are the group's
+
+    @property
+    def key_id(self) -> uuid.UUID | None:
+        return self.session_id if self.kind == "key" else None
 
 
 def _jwt_key() -> bytes:

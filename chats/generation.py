@@ -38,6 +38,7 @@ from chats.stream import (
 )
 from proxy import ai, gateway, tools
 from proxy.gateway import GatewayError
+from proxy.usage.caller import Caller
 from turbo_site.core.crypto import secret_decrypt
 from turbo_site.core.errors import ServiceUnavailable
 from turbo_site.core.streams import StreamUnavailable
@@ -62,6 +63,7 @@ class PromptPlan:
     allowed_tools: list[str]
     allowed_models: frozenset[str] | None = None  # the user's and the chat's group's limit; None: any
     program: "ProgramTurn | None" = None  # a turn of the chat's program (chats.programs.runner)
+    caller: Caller | None = None  # who the model calls are for: the user, and the chat's group
 
 
 @dataclass
@@ -143,7 +145,14 @@ def _message_start(
     )
     if chat.tools:
         request["tools"] = tools.openai_tools(chat.tools)
-    return PromptPlan(message, request, secret_decrypt(chat.api_key_encrypted), list(chat.tools), allowed_models)
+    return PromptPlan(
+        message,
+        request,
+        secret_decrypt(chat.api_key_encrypted),
+        list(chat.tools),
+        allowed_models,
+        caller=Caller(user.pk, chat.group_id),
+    )
 
 
 @transaction.atomic
@@ -167,7 +176,13 @@ def _program_turn_start(
     request = {"model": chat.model, "user": ai.user_tag(user)}
     turn = ProgramTurn(state=state, prompt=prompt, chat_settings=dict(chat.settings))
     return PromptPlan(
-        message, request, secret_decrypt(chat.api_key_encrypted), list(chat.tools), allowed_models, program=turn
+        message,
+        request,
+        secret_decrypt(chat.api_key_encrypted),
+        list(chat.tools),
+        allowed_models,
+        program=turn,
+        caller=Caller(user.pk, chat.group_id),
     )
 
 
@@ -327,7 +342,9 @@ async def reply_stream(plan: PromptPlan, request: dict, reply: "_Reply | QuietRe
     MAX_TOOL_ROUNDS at most. Returns the text it added."""
     start = len(reply.text)
     for _ in range(settings.MAX_TOOL_ROUNDS + 1):
-        stream = gateway.chat_stream(request, api_key=plan.api_key, allowed_models=plan.allowed_models)
+        stream = gateway.chat_stream(
+            request, api_key=plan.api_key, allowed_models=plan.allowed_models, caller=plan.caller
+        )
         async for delta in stream:
             if delta.text:
                 await reply.add(delta.text)

@@ -17,6 +17,7 @@ from typing import Any
 from asgiref.sync import async_to_sync
 
 from proxy import gateway
+from proxy.usage.caller import Caller
 
 ContextItem = tuple[str, str] | list[str] | dict[str, Any]
 
@@ -45,6 +46,13 @@ def user_tag(user: Any) -> str | None:
     return hashlib.sha256(f"turbo-user:{raw}".encode()).hexdigest()[:32]
 
 
+def _caller(user: Any) -> Caller | None:
+    """Usage and limits count against `user` (a User or a user id), when one is given."""
+    if user is None:
+        return None
+    return Caller(getattr(user, "pk", user))
+
+
 def _request(prompt, user, context, model, system, options) -> dict:
     request = {"messages": build_messages(prompt, context, system), **options}
     if model:
@@ -65,7 +73,7 @@ async def acomplete(
     **options: Any,
 ) -> str:
     """The model's whole reply to `prompt` (model: a public name; DEFAULT_MODEL if not given)."""
-    return (await gateway.chat(_request(prompt, user, context, model, system, options))).text
+    return (await gateway.chat(_request(prompt, user, context, model, system, options), caller=_caller(user))).text
 
 
 def complete(
@@ -85,12 +93,13 @@ class TextStream:
     """The reply as it is generated, delta by delta (`async for`). Once iteration ends, `usage`
     holds the token counts if the upstream sent them."""
 
-    def __init__(self, request: dict):
+    def __init__(self, request: dict, caller: Caller | None = None):
         self.request = request
+        self.caller = caller
         self.usage: dict = {}
 
     async def __aiter__(self) -> AsyncIterator[str]:
-        stream = gateway.chat_stream(self.request)
+        stream = gateway.chat_stream(self.request, caller=self.caller)
         async for delta in stream:
             if delta.text:
                 yield delta.text
@@ -107,4 +116,4 @@ def stream(
     **options: Any,
 ) -> TextStream:
     """The model's reply to `prompt`, delta by delta."""
-    return TextStream(_request(prompt, user, context, model, system, options))
+    return TextStream(_request(prompt, user, context, model, system, options), _caller(user))

@@ -25,6 +25,7 @@ from accounts.live import session_watch
 from accounts.services import asession_refresh
 from proxy import gateway, tools
 from proxy.events import event_record
+from proxy.usage.caller import Caller
 from turbo_site.core.parsers import client_json_loads
 from turbo_site.core.streams import StreamUnavailable
 
@@ -125,6 +126,7 @@ class RpcConsumer(AsyncWebsocketConsumer):
         self.user_id = session.user.pk
         self.session = session
         self.allowed_models = session.allowed_models
+        self.caller = Caller.of(session)
         self.tasks: dict[str, asyncio.Task] = {}
         self.attempts: dict[str, tuple] = {}  # the gateway's attempts per request, for the log
         connected_clients += 1
@@ -263,13 +265,13 @@ class RpcConsumer(AsyncWebsocketConsumer):
         await self.send_frame({"type": "pong", "request_id": request_id, "data": {}})
 
     async def do_chat_completion(self, request_id, payload):
-        completion = await gateway.chat(_chat_request(payload), allowed_models=self.allowed_models)
+        completion = await gateway.chat(_chat_request(payload), allowed_models=self.allowed_models, caller=self.caller)
         self.attempts[request_id] = completion.attempts
         await self.send_frame({"type": "chat_completion", "request_id": request_id, "data": completion.data})
 
     async def do_chat_completion_stream(self, request_id, payload):
         request = {**_chat_request(payload), "stream_options": {"include_usage": True}}
-        stream = gateway.chat_stream(request, allowed_models=self.allowed_models)
+        stream = gateway.chat_stream(request, allowed_models=self.allowed_models, caller=self.caller)
         async for delta in stream:
             self.attempts[request_id] = stream.attempts
             await self.send_frame({"type": "chat_completion_chunk", "request_id": request_id, "data": delta.chunk})
@@ -284,7 +286,7 @@ class RpcConsumer(AsyncWebsocketConsumer):
     async def do_embedding(self, request_id, payload):
         data = _validated(EmbeddingPayload, payload)
         data.setdefault("model", "text-embedding-3-small")
-        result = await gateway.embeddings(data, allowed_models=self.allowed_models)
+        result = await gateway.embeddings(data, allowed_models=self.allowed_models, caller=self.caller)
         await self.send_frame({"type": "embedding", "request_id": request_id, "data": result})
 
     async def do_tools_list(self, request_id, payload):

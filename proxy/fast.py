@@ -20,6 +20,7 @@ from django.http.request import split_domain_port, validate_host
 
 from accounts.auth import token_from_headers
 from accounts.services import asession_lookup
+from proxy.usage.caller import Caller
 from proxy.views import ProxyReply, ProxyRequest, exchange, openai_error_body
 from turbo_site.core.errors import error_body, is_unavailable
 from turbo_site.core.http import client_ip_from, scope_headers
@@ -153,6 +154,7 @@ async def serve(scope, receive, send) -> None:
             user_id=found.user.pk,
             is_staff=found.user.is_staff,
             allowed_models=found.allowed_models,
+            caller=Caller.of(found),
             method=scope["method"],
             path=path[len(PREFIX) :],
             request_path=path,

@@ -26,6 +26,7 @@ from django.views.decorators.csrf import csrf_exempt
 from accounts.auth import AuthRefused, aauthenticate
 from proxy import gateway
 from proxy.events import capture_body, event_record
+from proxy.usage.caller import Caller
 from turbo_site.core.http import client_ip
 from turbo_site.core.parsers import JSONTooDeep, client_json_loads
 
@@ -154,6 +155,7 @@ class ProxyRequest:
     client_ip: str | None
     started: float  # time.perf_counter() when the request arrived
     allowed_models: frozenset[str] | None = None  # the user's groups' limit; None: any model
+    caller: Caller | None = None  # who the call is for: user, group (a group key's) and API key
 
 
 @dataclass(slots=True)
@@ -234,6 +236,7 @@ async def exchange(request: ProxyRequest) -> ProxyReply:
                 payload=payload,
                 model=model,
                 allowed_models=request.allowed_models,
+                caller=request.caller,
             )
         )
     except gateway.GatewayError as exc:
@@ -347,6 +350,7 @@ async def proxy_view(request, path: str = ""):
             user_id=found.user.pk,
             is_staff=found.user.is_staff,
             allowed_models=found.allowed_models,
+            caller=Caller.of(found),
             method=request.method,
             path=path,
             request_path=request.path,

@@ -21,6 +21,7 @@ from django.conf import settings
 from proxy.gateway import client
 from proxy.gateway.dispatch import ERROR_BODY_MAX_BYTES, Answer, Call, send
 from proxy.gateway.errors import Attempt, GatewayError
+from proxy.usage.caller import Caller
 
 
 @dataclass
@@ -45,7 +46,9 @@ class Delta:
     text: str
 
 
-def _call(path: str, body: dict, api_key: str | None, allowed_models: frozenset[str] | None) -> Call:
+def _call(
+    path: str, body: dict, api_key: str | None, allowed_models: frozenset[str] | None, caller: Caller | None = None
+) -> Call:
     body = {**body, "model": body.get("model") or settings.DEFAULT_MODEL}
     return Call(
         path=path,
@@ -55,6 +58,7 @@ def _call(path: str, body: dict, api_key: str | None, allowed_models: frozenset[
         model=body["model"],
         allowed_models=allowed_models,
         api_key=api_key,
+        caller=caller,
     )
 
 
@@ -110,9 +114,15 @@ async def _json_body(answer: Answer) -> dict:
     return data
 
 
-async def chat(body: dict, *, api_key: str | None = None, allowed_models: frozenset[str] | None = None) -> Completion:
+async def chat(
+    body: dict,
+    *,
+    api_key: str | None = None,
+    allowed_models: frozenset[str] | None = None,
+    caller: Caller | None = None,
+) -> Completion:
     """One chat completion for a ready-made request body (model, messages, tools, ...)."""
-    answer = await _answer(_call("chat/completions", {**body, "stream": False}, api_key, allowed_models))
+    answer = await _answer(_call("chat/completions", {**body, "stream": False}, api_key, allowed_models, caller))
     data = await _json_body(answer)
     choices = data.get("choices") or []
     if not choices or not isinstance(choices[0], dict):
@@ -130,9 +140,15 @@ async def chat(body: dict, *, api_key: str | None = None, allowed_models: frozen
     )
 
 
-async def embeddings(body: dict, *, api_key: str | None = None, allowed_models: frozenset[str] | None = None) -> dict:
+async def embeddings(
+    body: dict,
+    *,
+    api_key: str | None = None,
+    allowed_models: frozenset[str] | None = None,
+    caller: Caller | None = None,
+) -> dict:
     """Embeddings, as the upstream's JSON object."""
-    answer = await _answer(_call("embeddings", body, api_key, allowed_models))
+    answer = await _answer(_call("embeddings", body, api_key, allowed_models, caller))
     return await _json_body(answer)
 
 
@@ -142,8 +158,15 @@ class ChatStream:
     A stream that breaks raises GatewayError; it never just ends.
     """
 
-    def __init__(self, body: dict, *, api_key: str | None = None, allowed_models: frozenset[str] | None = None):
-        self.call = _call("chat/completions", {**body, "stream": True}, api_key, allowed_models)
+    def __init__(
+        self,
+        body: dict,
+        *,
+        api_key: str | None = None,
+        allowed_models: frozenset[str] | None = None,
+        caller: Caller | None = None,
+    ):
+        self.call = _call("chat/completions", {**body, "stream": True}, api_key, allowed_models, caller)
         self.text = ""
         self.usage: dict = {}
         self.finish_reason: str | None = None
@@ -232,9 +255,15 @@ async def _events(answer: Answer) -> AsyncIterator[dict]:
         raise client.TransportError("the upstream's stream ended in the middle of an event")
 
 
-def chat_stream(body: dict, *, api_key: str | None = None, allowed_models: frozenset[str] | None = None) -> ChatStream:
+def chat_stream(
+    body: dict,
+    *,
+    api_key: str | None = None,
+    allowed_models: frozenset[str] | None = None,
+    caller: Caller | None = None,
+) -> ChatStream:
     """A streamed chat completion (see ChatStream)."""
-    return ChatStream(body, api_key=api_key, allowed_models=allowed_models)
+    return ChatStream(body, api_key=api_key, allowed_models=allowed_models, caller=caller)
 
 
 SNIFF_LIMIT = 1024 * 1024  # answers larger than this are not parsed for the model name or usage

@@ -17,6 +17,7 @@ from proxy.gateway import client, health
 from proxy.gateway.config import Deployment, Model
 from proxy.gateway.errors import Attempt, GatewayError
 from proxy.gateway.routing import attempt_order, body_for, gateway_config, models_for
+from proxy.usage.caller import Caller
 
 ERROR_BODY_MAX_BYTES = 64 * 1024  # an upstream error's body is read (and passed on) up to this size
 
@@ -34,6 +35,7 @@ class Call:
     model: str = ""  # the public model name asked for; "" (files, batches...): the first upstream
     allowed_models: frozenset[str] | None = None  # None: any
     api_key: str | None = None  # a chat's own key, in place of the upstream's
+    caller: Caller | None = None  # who the call is for (usage, budgets, rate limits); None: nobody's
 
 
 @dataclass(slots=True)
