@@ -177,6 +177,8 @@ API_KEY_FIELDS = (
     "user",
     "group",
     "models",
+    "rpm",
+    "tpm",
     "created_at",
     "expires_at",
     "last_used_at",

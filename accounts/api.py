@@ -2,6 +2,8 @@
 
 from django.conf import settings
 from django.contrib.auth.validators import UnicodeUsernameValidator
+from django.core.exceptions import ObjectDoesNotExist
+from django.db import transaction
 from drf_spectacular.utils import extend_schema, extend_schema_field, inline_serializer
 from rest_framework import serializers
 from rest_framework.permissions import AllowAny
@@ -329,6 +331,23 @@ class ApiKeyCreateInput(serializers.Serializer):
     group_id = serializers.UUIDField(
         required=False, allow_null=True, help_text="a group you own: the key is limited to what it allows"
     )
+    rpm = serializers.IntegerField(
+        required=False, allow_null=True, min_value=1, help_text="the key's requests per minute; omitted: the default"
+    )
+    tpm = serializers.IntegerField(
+        required=False, allow_null=True, min_value=1, help_text="the key's tokens per minute; omitted: the default"
+    )
+    budget_usd = serializers.DecimalField(
+        max_digits=14,
+        decimal_places=6,
+        min_value=0,
+        required=False,
+        allow_null=True,
+        help_text="the key's budget in USD per budget_period; omitted: none of its own",
+    )
+    budget_period = serializers.ChoiceField(
+        choices=["day", "week", "month", "total"], required=False, default="month", help_text="default: month"
+    )
 
 
 class ApiKeyIdInput(serializers.Serializer):
@@ -346,6 +365,24 @@ class ApiKeyOutput(serializers.Serializer):
     last_used_at = serializers.DateTimeField(allow_null=True)
     models = serializers.ListField(child=serializers.CharField())
     group_id = serializers.UUIDField(allow_null=True)
+    rpm = serializers.IntegerField(allow_null=True, help_text="requests per minute; null: the default")
+    tpm = serializers.IntegerField(allow_null=True, help_text="tokens per minute; null: the default")
+    budget_usd = serializers.SerializerMethodField(help_text="the key's own budget in USD (a string); null: none")
+    budget_period = serializers.SerializerMethodField(help_text="day, week, month or total; null: no budget")
+
+    def _budget(self, api_key):
+        try:
+            return api_key.budget  # the reverse side of proxy's Budget.key (selected with the key)
+        except ObjectDoesNotExist:
+            return None
+
+    def get_budget_usd(self, api_key) -> str | None:
+        budget = self._budget(api_key)
+        return f"{budget.limit_usd.normalize():f}" if budget else None
+
+    def get_budget_period(self, api_key) -> str | None:
+        budget = self._budget(api_key)
+        return budget.period if budget else None
 
 
 class ApiKeyCreatedOutput(serializers.Serializer):
@@ -357,6 +394,10 @@ class ApiKeyCreatedOutput(serializers.Serializer):
     expires_at = serializers.DateTimeField(allow_null=True)
     models = serializers.ListField(child=serializers.CharField())
     group_id = serializers.UUIDField(allow_null=True)
+    rpm = serializers.IntegerField(allow_null=True)
+    tpm = serializers.IntegerField(allow_null=True)
+    budget_usd = serializers.CharField(allow_null=True)
+    budget_period = serializers.CharField(allow_null=True)
 
 
 class ApiKeyCreateView(APIView):
@@ -368,7 +409,16 @@ class ApiKeyCreateView(APIView):
     def post(self, request):
         data = ApiKeyCreateInput(data=request_input(request))
         data.is_valid(raise_exception=True)
-        api_key, key = keys.api_key_create(user=request.user, **data.validated_data)
+        fields = dict(data.validated_data)
+        budget_usd, budget_period = fields.pop("budget_usd", None), fields.pop("budget_period")
+        with transaction.atomic():
+            api_key, key = keys.api_key_create(user=request.user, **fields)
+            if budget_usd is not None:
+                # The one named call from accounts into proxy (like signup's into groups): a key's budget.
+                from proxy.usage.budgets import budget_set
+
+                budget_set(scope="key", target_id=api_key.pk, usd=budget_usd, period=budget_period)
+        api_key = keys.api_keys_of(request.user).get(pk=api_key.pk)
         return Response(ApiKeyCreatedOutput({"key": key, **ApiKeyOutput(api_key).data}).data)
 
 

@@ -36,7 +36,7 @@ MODEL_NAME_MAX_CHARS = 100
 
 def api_keys_of(user: User) -> QuerySet[ApiKey]:
     """A user's keys that are not revoked (expired ones too, until revoked), newest first."""
-    return ApiKey.objects.filter(user=user, revoked_at__isnull=True).order_by("-created_at")
+    return ApiKey.objects.filter(user=user, revoked_at__isnull=True).select_related("budget").order_by("-created_at")
 
 
 def _live(keys: QuerySet[ApiKey]) -> QuerySet[ApiKey]:
@@ -110,12 +110,15 @@ def api_key_create(
     expires_at: datetime | None = None,
     models: list[str] | None = None,
     group_id: uuid.UUID | None = None,
+    rpm: int | None = None,
+    tpm: int | None = None,
 ) -> tuple[ApiKey, str]:
     """Make a key for `user`; returns it and the key itself (the only time it is seen).
 
     `models` (public model names, each one `user` may use) limits the key further; with `group_id`
     (a group `user` owns) it is a group key, limited to what the group allows. At most
-    KEYS_PER_USER_MAX live keys per user.
+    KEYS_PER_USER_MAX live keys per user. `rpm` / `tpm`: the key's own requests and tokens per minute
+    (at least 1; None: RATE_LIMIT_KEY_RPM / _TPM), within its user's and group's limits.
     """
     from groups.selectors import group_get_for_member, models_allowed, models_allowed_in
 
@@ -123,6 +126,9 @@ def api_key_create(
     names = _models_clean(models)
     if expires_at is not None and expires_at <= timezone.now():
         raise Invalid("expires_at: must be in the future")
+    for field_name, limit in (("rpm", rpm), ("tpm", tpm)):
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+            raise Invalid(f"{field_name}: must be a whole number of at least 1")
     group = None
     if group_id is not None:
         group = group_get_for_member(user=user, group_id=group_id)
@@ -148,6 +154,8 @@ def api_key_create(
         key_hash=token_hash(key),
         models=names,
         expires_at=expires_at,
+        rpm=rpm,
+        tpm=tpm,
     )
     return api_key, key
 

@@ -66,6 +66,9 @@ class ApiKey(models.Model):
     expires_at = models.DateTimeField(null=True, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    # The key's own rate limits (proxy.usage.ratelimits); null: RATE_LIMIT_KEY_RPM / _TPM, 0: none.
+    rpm = models.PositiveIntegerField(null=True, blank=True, help_text="Requests per minute; empty: the default.")
+    tpm = models.PositiveIntegerField(null=True, blank=True, help_text="Tokens per minute; empty: the default.")
     # Last: from here on `models` in this class body is the field, not django.db.models.
     models = models.JSONField(default=list, blank=True, help_text="Public model names; empty: no limit of its own.")
 

@@ -310,6 +310,9 @@ async def chat_prompt(request):
     except GatewayError as exc:
         if exc.status in (400, 403, 404):  # the model asked for: unknown, not allowed, or fits no route
             return error_response(exc.status, exc.code, exc.message)
+        if exc.status == 429 and exc.code in ("budget_exceeded", "rate_limited"):  # Turbo's own limits
+            retry = {"Retry-After": str(max(1, int(exc.retry_after)))} if exc.retry_after else {}
+            return error_response(429, exc.code, exc.message, retry)
         if exc.code == "stopped":
             return error_response(409, "stopped", "the reply was stopped")
         status = 504 if exc.status == 504 else 502

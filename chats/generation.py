@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from asgiref.sync import sync_to_async
@@ -38,9 +39,10 @@ from chats.stream import (
 )
 from proxy import ai, gateway, tools
 from proxy.gateway import GatewayError
+from proxy.usage.budgets import BudgetExceeded, budget_reserve
 from proxy.usage.caller import Caller
 from turbo_site.core.crypto import secret_decrypt
-from turbo_site.core.errors import ServiceUnavailable
+from turbo_site.core.errors import RateLimited, ServiceUnavailable
 from turbo_site.core.streams import StreamUnavailable
 
 if TYPE_CHECKING:
@@ -262,6 +264,8 @@ async def message_prompt(
     """
     if _draining:
         raise ServiceUnavailable("this server is shutting down; send the prompt again", retry_after=2)
+    if not otr:
+        await _budget_left(Caller(user.pk, chat.group_id))
     if chat.program and not otr:
         plan = await database_sync_to_async(_program_turn_start)(
             chat=chat, user=user, prompt=prompt, allowed_models=allowed_models
@@ -290,6 +294,17 @@ async def message_prompt(
     if outcome.error is not None:
         raise outcome.error
     return outcome.message
+
+
+async def _budget_left(caller: Caller) -> None:
+    """Refuse a prompt (429 `budget_exceeded`, storing nothing) when a budget of the user or of the
+    chat's group is used up. Each model call still reserves what it may cost (proxy.gateway)."""
+    try:
+        reservation = await budget_reserve(caller, Decimal(0))
+    except BudgetExceeded as refused:
+        raise RateLimited(refused.message, retry_after=refused.retry_after, code="budget_exceeded") from None
+    if reservation is not None:
+        await reservation.settle(Decimal(0))
 
 
 def program_open(*, chat: Chat, user: User, allowed_models: frozenset[str] | None) -> None:

@@ -15,7 +15,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 
 from proxy.gateway import GatewayError, gateway_config
-from proxy.models import Event, UpstreamHealth
+from proxy.models import Budget, Event, RateLimit, UpstreamHealth
 from proxy.upstreams import deployments_health, health_is_shared, shared_health_problem
 
 
@@ -142,3 +142,64 @@ class UpstreamHealthAdmin(admin.ModelAdmin):
         }
         request.current_app = self.admin_site.name
         return TemplateResponse(request, "admin/proxy/upstream_health.html", context)
+
+
+@admin.register(Budget)
+class BudgetAdmin(admin.ModelAdmin):
+    """Spending limits of users, groups and API keys; enforced by proxy.usage.budgets."""
+
+    list_display = ("scope", "target", "limit_usd", "period", "spent_this_period", "updated_at")
+    list_filter = ("scope", "period")
+    list_select_related = ("user", "group", "key")
+    search_fields = ("user__username", "group__name", "key__prefix", "key__name")
+    autocomplete_fields = ("user", "group", "key")
+    fields = ("scope", "user", "group", "key", "limit_usd", "period")
+
+    @admin.display(description="for")
+    def target(self, obj: Budget) -> str:
+        return str(obj.user or obj.group or obj.key)
+
+    @admin.display(description="spent this period")
+    def spent_this_period(self, obj: Budget) -> str:
+        from proxy.usage.budgets import budget_spent
+
+        spent, _ = budget_spent(obj)
+        return f"${spent.normalize():f}"
+
+    def save_model(self, request, obj: Budget, form, change) -> None:
+        from django.db import transaction
+
+        from proxy.usage.budgets import budget_rules_forget
+
+        super().save_model(request, obj, form, change)
+        transaction.on_commit(budget_rules_forget)
+
+
+@admin.register(RateLimit)
+class RateLimitAdmin(admin.ModelAdmin):
+    """A user's or a group's own requests and tokens per minute (empty: the RATE_LIMIT_* default, 0: none)."""
+
+    list_display = ("scope", "target", "rpm", "tpm", "updated_at")
+    list_filter = ("scope",)
+    list_select_related = ("user", "group")
+    search_fields = ("user__username", "group__name")
+    autocomplete_fields = ("user", "group")
+    fields = ("scope", "user", "group", "rpm", "tpm")
+
+    @admin.display(description="for")
+    def target(self, obj: RateLimit) -> str:
+        return str(obj.user or obj.group)
+
+    def save_model(self, request, obj: RateLimit, form, change) -> None:
+        from django.db import transaction
+
+        from proxy.usage.ratelimits import ratelimit_overrides_forget
+
+        super().save_model(request, obj, form, change)
+        transaction.on_commit(ratelimit_overrides_forget)
+
+    def delete_model(self, request, obj: RateLimit) -> None:
+        from proxy.usage.ratelimits import ratelimit_overrides_forget
+
+        super().delete_model(request, obj)
+        ratelimit_overrides_forget()

@@ -237,7 +237,7 @@ class RpcConsumer(AsyncWebsocketConsumer):
         except gateway.GatewayError as exc:
             status = exc.status
             attempts = exc.attempts
-            code = exc.code if exc.status in (400, 403, 404) else "upstream_error"
+            code = exc.code if exc.status in (400, 403, 404, 429) else "upstream_error"
             await self.send_error(request_id, code, exc.message)
         except Exception:
             status = 500

@@ -27,6 +27,7 @@ from django.db import close_old_connections, connection, transaction
 from django.utils import timezone
 
 from proxy.models import Event
+from proxy.usage.records import usage_flush, usage_pending
 from turbo_site.core.http import REDACTED, SECRET_NAME, redact_query
 from turbo_site.core.parsers import client_json_loads
 from turbo_site.core.pubsub import apublish_many, publish
@@ -224,6 +225,7 @@ def events_flush() -> int:
     """
     saved = 0
     with _flush_lock:
+        _usage_flush()
         while _queue:
             batch = []
             while _queue and len(batch) < settings.EVENT_BATCH_SIZE:
@@ -235,6 +237,21 @@ def events_flush() -> int:
                 _queue.extendleft(reversed(unsaved))
                 break
     return saved
+
+
+def _usage_flush() -> None:
+    """Usage records go into their rollups in the same flush (proxy.usage.records)."""
+    try:
+        usage_flush()
+    except Exception:  # the records stay queued for the next flush; the events still go
+        pass
+
+
+def writer_wake(*, soon: bool = False) -> None:
+    """Make sure the writer runs (for records queued outside event_record); `soon`: flush now."""
+    _ensure_writer()
+    if soon:
+        _wake.set()
 
 
 def _insert_or_split(batch: list[dict[str, Any]]) -> tuple[int, list[dict[str, Any]]]:
@@ -326,7 +343,7 @@ def _writer_loop() -> None:
         _wake.clear()
         try:
             close_old_connections()
-            if _queue:
+            if _queue or usage_pending():
                 events_flush()
             if settings.EVENT_RETENTION_DAYS and time.monotonic() - _last_prune > 3600:
                 _last_prune = time.monotonic()

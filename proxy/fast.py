@@ -165,8 +165,13 @@ async def serve(scope, receive, send) -> None:
             started=started,
         )
     )
-    if reply.stream is None:
-        await _send_whole(send, reply.status, reply.content)
+    if reply.stream is None:  # our own error: its headers (Retry-After, X-Turbo-Attempts...) go along
+        extra = [
+            (name.lower().encode("latin1"), str(value).encode("latin1"))
+            for name, value in reply.headers.items()
+            if name.lower() != "content-type"
+        ]
+        await _send_whole(send, reply.status, reply.content, extra)
         return
     # Like Django's ASGI handler: a client that hangs up cancels the relay, which closes the
     # upstream request and logs the exchange as 499.

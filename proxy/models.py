@@ -68,3 +68,142 @@ class UpstreamHealth(models.Model):
 
     def __str__(self) -> str:
         return "upstream health"
+
+
+class Budget(models.Model):
+    """A spending limit in USD for a user, a group or an API key, per period (UTC-aligned).
+
+    Enforced before every model call by proxy.usage.budgets, which reserves what the call may cost.
+    """
+
+    class Scope(models.TextChoices):
+        USER = "user"
+        GROUP = "group"
+        KEY = "key"
+
+    class Period(models.TextChoices):
+        DAY = "day"
+        WEEK = "week"
+        MONTH = "month"
+        TOTAL = "total"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    scope = models.CharField(max_length=8, choices=Scope.choices)
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, null=True, blank=True, related_name="budget"
+    )
+    group = models.OneToOneField("groups.Group", on_delete=models.CASCADE, null=True, blank=True, related_name="budget")
+    key = models.OneToOneField(
+        "accounts.ApiKey", on_delete=models.CASCADE, null=True, blank=True, related_name="budget"
+    )
+    limit_usd = models.DecimalField(max_digits=14, decimal_places=6)
+    period = models.CharField(max_length=8, choices=Period.choices, default=Period.MONTH)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        db_table = "budgets"
+        constraints = [
+            models.CheckConstraint(
+                condition=(
+                    models.Q(scope="user", user__isnull=False, group__isnull=True, key__isnull=True)
+                    | models.Q(scope="group", user__isnull=True, group__isnull=False, key__isnull=True)
+                    | models.Q(scope="key", user__isnull=True, group__isnull=True, key__isnull=False)
+                ),
+                name="budgets_one_target",
+            ),
+            models.CheckConstraint(condition=models.Q(limit_usd__gte=0), name="budgets_limit_not_negative"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.scope} budget ${self.limit_usd} per {self.period}"
+
+
+class RateLimit(models.Model):
+    """A user's or a group's own requests and tokens per minute, in place of the RATE_LIMIT_* defaults.
+
+    Read by proxy.usage.ratelimits through a short per-process cache (RATE_LIMIT_CACHE_SECONDS).
+    """
+
+    class Scope(models.TextChoices):
+        USER = "user"
+        GROUP = "group"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    scope = models.CharField(max_length=8, choices=Scope.choices)
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, null=True, blank=True, related_name="rate_limit"
+    )
+    group = models.OneToOneField(
+        "groups.Group", on_delete=models.CASCADE, null=True, blank=True, related_name="rate_limit"
+    )
+    rpm = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Requests per minute; empty: the default for the scope, 0: no limit."
+    )
+    tpm = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Tokens per minute; empty: the default for the scope, 0: no limit."
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        db_table = "rate_limits"
+        constraints = [
+            models.CheckConstraint(
+                condition=(
+                    models.Q(scope="user", user__isnull=False, group__isnull=True)
+                    | models.Q(scope="group", user__isnull=True, group__isnull=False)
+                ),
+                name="rate_limits_one_target",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.scope} rate limit: {self.rpm if self.rpm is not None else 'default'} rpm, " + (
+            f"{self.tpm if self.tpm is not None else 'default'} tpm"
+        )
+
+    def clean(self) -> None:
+        from django.core.exceptions import ValidationError
+
+        if self.scope == self.Scope.USER and (self.user_id is None or self.group_id is not None):
+            raise ValidationError("a user's rate limit names a user and no group")
+        if self.scope == self.Scope.GROUP and (self.group_id is None or self.user_id is not None):
+            raise ValidationError("a group's rate limit names a group and no user")
+
+
+class UsageRollup(models.Model):
+    """What model calls used and cost, summed per hour (UTC), model, deployment, user, group and API key.
+
+    Written only by proxy.usage.records (upserts that add to the counters, in the event writer's
+    batches); read by usage reports and budget checks, which never scan the event log.
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    # The row's identity, (hour, model, deployment, user, group, key) hashed: NULLs never conflict in a
+    # unique constraint, so the columns themselves cannot be the upsert's conflict target.
+    slot = models.CharField(max_length=40, unique=True)
+    hour = models.DateTimeField()
+    model = models.CharField(max_length=100)
+    deployment = models.CharField(max_length=200, blank=True, default="")
+    # Plain ids, like Event.user: usage outlives users, groups and keys, and proxy imports no app above it.
+    user_id = models.UUIDField(null=True, blank=True)
+    group_id = models.UUIDField(null=True, blank=True)
+    key_id = models.UUIDField(null=True, blank=True)
+    requests = models.BigIntegerField(default=0)
+    input_tokens = models.BigIntegerField(default=0)  # cached ones included, as OpenAI counts them
+    output_tokens = models.BigIntegerField(default=0)
+    cached_tokens = models.BigIntegerField(default=0)
+    cost_usd = models.DecimalField(max_digits=20, decimal_places=10, default=0)
+    estimated_requests = models.BigIntegerField(default=0)  # counted offline: no usage from the upstream
+
+    class Meta:
+        db_table = "usage_rollups"
+        indexes = [
+            models.Index(fields=["user_id", "hour"], name="usage_user_hour_idx"),
+            models.Index(fields=["group_id", "hour"], name="usage_group_hour_idx"),
+            models.Index(fields=["key_id", "hour"], name="usage_key_hour_idx"),
+            models.Index(fields=["hour"], name="usage_hour_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.hour:%Y-%m-%d %H}:00 {self.model} {self.requests} requests ${self.cost_usd}"

@@ -26,7 +26,10 @@ from django.views.decorators.csrf import csrf_exempt
 from accounts.auth import AuthRefused, aauthenticate
 from proxy import gateway
 from proxy.events import capture_body, event_record
+from proxy.usage.budgets import reservation_settle
 from proxy.usage.caller import Caller
+from proxy.usage.passthrough import UsageStripper, exchange_usage_record, usage_asked_for
+from proxy.usage.ratelimits import ratelimit_settle
 from turbo_site.core.http import client_ip
 from turbo_site.core.parsers import JSONTooDeep, client_json_loads
 
@@ -226,14 +229,16 @@ async def exchange(request: ProxyRequest) -> ProxyReply:
             log(listed.status)
             return listed
         sent = time.perf_counter()
+        # A stream that did not ask for its usage is asked for it anyway; the client never sees it.
+        asked = usage_asked_for(request.path, payload, request.body) if request.method == "POST" else None
         answer = await gateway.send(
             gateway.Call(
                 path=escape_uri_path(request.path),
                 method=request.method,
                 query=request.query,
                 headers=_request_headers(request.headers),
-                body=request.body,
-                payload=payload,
+                body=asked[1] if asked else request.body,
+                payload=asked[0] if asked else payload,
                 model=model,
                 allowed_models=request.allowed_models,
                 caller=request.caller,
@@ -245,6 +250,7 @@ async def exchange(request: ProxyRequest) -> ProxyReply:
         headers = {"X-Turbo-Attempts": str(len(exc.attempts))} if exc.attempts else {}
         if exc.retry_after:
             headers["Retry-After"] = str(int(exc.retry_after))
+        headers.update(exc.headers)  # a rate limit's x-ratelimit-*
         return fail(exc.status, exc.message, exc.error_type, exc.code, headers, exc.attempts)
     answered = time.perf_counter()
 
@@ -252,6 +258,7 @@ async def exchange(request: ProxyRequest) -> ProxyReply:
     response_type = upstream.header("content-type")
     is_event_stream = response_type.startswith("text/event-stream")
     reader = gateway.UsageReader(is_event_stream)
+    stripper = UsageStripper() if asked and is_event_stream and upstream.status < 400 else None
     capture_limit = settings.EVENT_BODY_MAX_BYTES if settings.EVENT_CAPTURE_BODIES else 0
 
     async def relay():
@@ -271,10 +278,18 @@ async def exchange(request: ProxyRequest) -> ProxyReply:
                     reader.feed(chunk)
                     if len(captured) < capture_limit:
                         captured += chunk[: capture_limit - len(captured)]
+                    if stripper is not None:
+                        chunk = stripper.feed(chunk)
+                        if not chunk:
+                            continue
                     yield chunk
+                if stripper is not None and (rest := stripper.finish()):
+                    yield rest
         except gateway.TransportError as exc:
             status = 504 if exc.timeout else 502
             logger.warning("upstream stream broke: %s", exc)
+            if stripper is not None and (rest := stripper.finish()):
+                yield rest
             if is_event_stream:
                 error = {
                     "error": {
@@ -291,8 +306,16 @@ async def exchange(request: ProxyRequest) -> ProxyReply:
             await upstream.aclose()
             reader.finish()
             log(status, reader, capture_body(bytes(captured), response_type) if captured else "", answer.attempts)
+            cost = exchange_usage_record(
+                caller=request.caller, path=request.path, model=model, payload=payload, answer=answer, reader=reader
+            )
+            await reservation_settle(answer.reservation, cost)
+            await ratelimit_settle(answer.admission, tokens=reader.token("total_tokens"))
 
     headers = _response_headers(upstream.headers)
+    if answer.admission is not None and answer.admission.readings:  # the caller's limits apply, not the upstream's
+        headers = {name: value for name, value in headers.items() if not name.startswith("x-ratelimit-")}
+        headers.update(answer.admission.headers)
     if is_event_stream:
         headers["X-Accel-Buffering"] = "no"
     overhead_ms = (sent - request.started + time.perf_counter() - answered) * 1000

@@ -265,6 +265,29 @@ MODEL_ALIASES = dict(
     pair.split("=", 1) for pair in env_list("MODEL_ALIASES", "gpt-3=gpt-3.5-turbo,gpt-4=gpt-4") if "=" in pair
 )
 
+# --- Budgets (proxy/usage/budgets.py) ---------------------------------------------------------------
+# How long a process keeps a budget it read (a change in the admin or `manage.py budgets` takes this long
+# to reach the other processes), how long a call's reservation lasts if its process dies, and the reply
+# length reserved for a call that sets no max_tokens.
+BUDGET_CACHE_SECONDS = env_int("BUDGET_CACHE_SECONDS", 5)
+BUDGET_RESERVATION_SECONDS = env_int("BUDGET_RESERVATION_SECONDS", 600)
+BUDGET_DEFAULT_MAX_TOKENS = env_int("BUDGET_DEFAULT_MAX_TOKENS", 4096)
+
+# --- Rate limits (proxy/usage/ratelimits.py) -------------------------------------------------------
+# Requests and tokens per minute for every user, group and API key (0: no limit); a RateLimit in the
+# admin, or a key's own rpm/tpm, takes the place of the default. Counted on Redis when REDIS_ADDRESS is
+# set (shared by every process), else in each process.
+RATE_LIMIT_USER_RPM = env_int("RATE_LIMIT_USER_RPM", 0)
+RATE_LIMIT_USER_TPM = env_int("RATE_LIMIT_USER_TPM", 0)
+RATE_LIMIT_GROUP_RPM = env_int("RATE_LIMIT_GROUP_RPM", 0)
+RATE_LIMIT_GROUP_TPM = env_int("RATE_LIMIT_GROUP_TPM", 0)
+RATE_LIMIT_KEY_RPM = env_int("RATE_LIMIT_KEY_RPM", 0)
+RATE_LIMIT_KEY_TPM = env_int("RATE_LIMIT_KEY_TPM", 0)
+# The "minute" of every limit, users' and deployments' (shorter or longer for tests and trials).
+RATE_LIMIT_WINDOW_SECONDS = env_float("RATE_LIMIT_WINDOW_SECONDS", 60.0)
+# How long a process keeps the overrides it read (RateLimit rows, a key's rpm/tpm).
+RATE_LIMIT_CACHE_SECONDS = env_int("RATE_LIMIT_CACHE_SECONDS", 30)
+
 # --- Chats ----------------------------------------------------------------------------------------
 DEFAULT_CONTEXT = env_int("DEFAULT_CONTEXT", 10)
 MAX_CONTEXT = env_int("MAX_CONTEXT", 20)

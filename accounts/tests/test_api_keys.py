@@ -32,7 +32,20 @@ from groups.services import group_allowed_models_set, group_create, group_member
 pytestmark = pytest.mark.django_db(transaction=True)
 
 ALLOWED, OTHER = "gpt-4o-mini", "gpt-4o"
-LISTED_FIELDS = {"id", "name", "prefix", "created_at", "expires_at", "last_used_at", "models", "group_id"}
+LISTED_FIELDS = {
+    "id",
+    "name",
+    "prefix",
+    "created_at",
+    "expires_at",
+    "last_used_at",
+    "models",
+    "group_id",
+    "rpm",
+    "tpm",
+    "budget_usd",
+    "budget_period",
+}
 
 
 def bearer(token: str) -> dict:
@@ -92,7 +105,19 @@ def test_a_key_is_shown_once_stored_hashed_and_listed_without_it(client, signup)
     key = made.pop("key")
     assert key.startswith("tk-") and len(key) == 3 + 43
     assert made["prefix"] == key[:12] and made["name"] == "ci runner"
-    assert set(made) == {"id", "name", "prefix", "created_at", "expires_at", "models", "group_id"}
+    assert set(made) == {
+        "id",
+        "name",
+        "prefix",
+        "created_at",
+        "expires_at",
+        "models",
+        "group_id",
+        "rpm",
+        "tpm",
+        "budget_usd",
+        "budget_period",
+    }
     assert made["expires_at"] is None and made["models"] == [] and made["group_id"] is None
 
     stored = ApiKey.objects.get(pk=made["id"])

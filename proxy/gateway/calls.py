@@ -14,6 +14,7 @@ which relays bytes unchanged, reads the model and usage for its log with `UsageR
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
@@ -21,7 +22,11 @@ from django.conf import settings
 from proxy.gateway import client
 from proxy.gateway.dispatch import ERROR_BODY_MAX_BYTES, Answer, Call, send
 from proxy.gateway.errors import Attempt, GatewayError
+from proxy.usage.budgets import reservation_settle
 from proxy.usage.caller import Caller
+from proxy.usage.ratelimits import ratelimit_settle
+from proxy.usage.records import Estimate, Usage, usage_from, usage_record
+from proxy.usage.tokens import output_text
 
 
 @dataclass
@@ -114,6 +119,22 @@ async def _json_body(answer: Answer) -> dict:
     return data
 
 
+def _usage_record(
+    call: Call, answer: Answer, raw: Any, served_model: str, estimate: Estimate | None = None
+) -> Decimal | None:
+    """Record a call's usage for its caller (none: nobody's); counted offline when the upstream gave none.
+    Returns its cost (None: known only once counted)."""
+    if call.caller is None:
+        return Decimal(0)
+    model, deployment = answer.model or call.model, answer.deployment.id
+    usage = usage_from(raw, model=model, deployment=deployment) if estimate is None else None
+    if usage is None:
+        estimate = estimate or Estimate()
+        estimate.prompt = call.payload
+        usage = Usage(model, deployment)
+    return usage_record(call.caller, usage, estimate=estimate, served_model=served_model)
+
+
 async def chat(
     body: dict,
     *,
@@ -122,8 +143,15 @@ async def chat(
     caller: Caller | None = None,
 ) -> Completion:
     """One chat completion for a ready-made request body (model, messages, tools, ...)."""
-    answer = await _answer(_call("chat/completions", {**body, "stream": False}, api_key, allowed_models, caller))
+    call = _call("chat/completions", {**body, "stream": False}, api_key, allowed_models, caller)
+    answer = await _answer(call)
     data = await _json_body(answer)
+    await ratelimit_settle(answer.admission, tokens=_usage(data.get("usage")).get("total_tokens"))
+    served = str(data.get("model") or "")
+    cost = _usage_record(
+        call, answer, data.get("usage"), served, None if data.get("usage") else Estimate(text=output_text(data))
+    )
+    await reservation_settle(answer.reservation, cost)
     choices = data.get("choices") or []
     if not choices or not isinstance(choices[0], dict):
         raise GatewayError("the upstream returned no choices", status=502, attempts=answer.attempts)
@@ -148,14 +176,22 @@ async def embeddings(
     caller: Caller | None = None,
 ) -> dict:
     """Embeddings, as the upstream's JSON object."""
-    answer = await _answer(_call("embeddings", body, api_key, allowed_models, caller))
-    return await _json_body(answer)
+    call = _call("embeddings", body, api_key, allowed_models, caller)
+    answer = await _answer(call)
+    data = await _json_body(answer)
+    await ratelimit_settle(answer.admission, tokens=_usage(data.get("usage")).get("total_tokens"))
+    cost = _usage_record(call, answer, data.get("usage"), str(data.get("model") or ""))
+    await reservation_settle(answer.reservation, cost)
+    return data
 
 
 class ChatStream:
     """A streamed chat completion: iterate for Delta objects; when it ends, the merged results are here.
 
-    A stream that breaks raises GatewayError; it never just ends.
+    A stream that breaks raises GatewayError; it never just ends. The upstream is asked for usage
+    (`stream_options.include_usage`) even when the body did not ask; then the usage-only chunk is not
+    yielded. When the stream ends, breaks or is abandoned, its usage is recorded for the caller: the
+    upstream's, or what was streamed counted offline (estimated).
     """
 
     def __init__(
@@ -166,6 +202,10 @@ class ChatStream:
         allowed_models: frozenset[str] | None = None,
         caller: Caller | None = None,
     ):
+        options = body.get("stream_options")
+        self.usage_asked = isinstance(options, dict) and options.get("include_usage") is True
+        if not self.usage_asked:
+            body = {**body, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
         self.call = _call("chat/completions", {**body, "stream": True}, api_key, allowed_models, caller)
         self.text = ""
         self.usage: dict = {}
@@ -174,6 +214,7 @@ class ChatStream:
         self.deployment = ""
         self.attempts: tuple[Attempt, ...] = ()
         self._calls: dict[int, dict] = {}
+        self._usage_given: Any = None
 
     @property
     def tool_calls(self) -> list[dict]:
@@ -183,10 +224,16 @@ class ChatStream:
     async def __aiter__(self) -> AsyncIterator[Delta]:
         answer = await _answer(self.call)
         self.deployment, self.attempts = answer.deployment.id, answer.attempts
+        whole = False
         try:
             async for data in _events(answer):
                 delta = self._take(data)
+                if not self.usage_asked and "usage" in data:
+                    if not data.get("choices"):
+                        continue  # the usage-only chunk Turbo asked for
+                    data = {name: value for name, value in data.items() if name != "usage"}
                 yield Delta(chunk=data, text=delta)
+            whole = True
         except client.TransportError as exc:
             raise GatewayError(
                 "the upstream stream ended early" if not exc.timeout else "the upstream stopped sending",
@@ -195,12 +242,22 @@ class ChatStream:
                 attempts=answer.attempts,
             ) from None
         finally:
+            cost = self._usage_record(answer, whole)
             await answer.response.aclose()
+            await reservation_settle(answer.reservation, cost)
+            await ratelimit_settle(answer.admission, tokens=self.usage.get("total_tokens"), reply_text=self.text)
+
+    def _usage_record(self, answer: Answer, whole: bool) -> Decimal | None:
+        if whole and self._usage_given:
+            return _usage_record(self.call, answer, self._usage_given, self.model)
+        arguments = "".join(call["function"]["name"] + call["function"]["arguments"] for call in self.tool_calls)
+        return _usage_record(self.call, answer, None, self.model, Estimate(text=self.text + arguments))
 
     def _take(self, data: dict) -> str:
         if isinstance(data.get("model"), str) and data["model"]:
             self.model = data["model"]
         if data.get("usage"):
+            self._usage_given = data["usage"]  # as given: cached tokens are in a nested object
             for name, value in _usage(data["usage"]).items():
                 self.usage[name] = value
         text = ""
@@ -278,10 +335,16 @@ class UsageReader:
         self.size = 0
         self.model = ""
         self.usage: dict = {}
+        # The answer as it arrived (up to SNIFF_LIMIT), to count its tokens when no usage comes.
+        self.kept: list[bytes] = []
+        self.kept_size = 0
 
     def feed(self, chunk: bytes) -> None:
         self.size += len(chunk)
         if self.is_event_stream:
+            if self.kept_size < SNIFF_LIMIT:
+                self.kept.append(chunk)
+                self.kept_size += len(chunk)
             self.buffer += chunk
             *lines, self.buffer = self.buffer.split(b"\n")
             for line in lines:
@@ -295,6 +358,7 @@ class UsageReader:
     def finish(self) -> None:
         if not self.is_event_stream and self.buffer and self.size <= SNIFF_LIMIT:
             self._read(self.buffer)
+            self.kept, self.kept_size = [self.buffer], len(self.buffer)
         self.buffer = b""
 
     def _read(self, raw: bytes) -> None:
@@ -304,6 +368,8 @@ class UsageReader:
             return
         if not isinstance(data, dict):
             return
+        if isinstance(data.get("response"), dict):  # the Responses API's events: response.completed
+            data = data["response"]
         if isinstance(data.get("model"), str):
             self.model = data["model"]
         if isinstance(data.get("usage"), dict):

@@ -119,6 +119,8 @@ class Deployment:
     weight: float = 1.0
     priority: int = 0
     mapping: Mapping = field(default_factory=Mapping)
+    rpm: int | None = None  # the provider's requests per minute for it: routing goes elsewhere beyond
+    tpm: int | None = None  # the same for tokens
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,7 @@ class Model:
     context_window: int | None = None
     price_input: float | None = None  # USD per 1M tokens
     price_output: float | None = None
+    price_cached_input: float | None = None  # None: cached input tokens cost as input
     router: Router | None = None
 
 
@@ -354,7 +357,7 @@ def _deployments(reader: _Reader, raw: Any, where: str, upstreams: dict[str, Ups
         raise reader.fail(where, "must be a non-empty list")
     deployments = []
     ids = set()
-    keys = {"name", "upstream", "model", "weight", "priority", "mapping"}
+    keys = {"name", "upstream", "model", "weight", "priority", "mapping", "rpm", "tpm"}
     for index, item in enumerate(raw):
         at = f"{where}[{index}]"
         item = reader.table(item, at, keys, {"upstream"})
@@ -376,11 +379,17 @@ def _deployments(reader: _Reader, raw: Any, where: str, upstreams: dict[str, Ups
                 weight=reader.number(item.get("weight", 1), f"{at}.weight", minimum=0),
                 priority=int(reader.number(item.get("priority", 0), f"{at}.priority", integer=True)),
                 mapping=_mapping(reader, item["mapping"], f"{at}.mapping") if item.get("mapping") else Mapping(),
+                rpm=_per_minute(reader, item.get("rpm"), f"{at}.rpm"),
+                tpm=_per_minute(reader, item.get("tpm"), f"{at}.tpm"),
             )
         )
     if not any(deployment.weight > 0 for deployment in deployments):
         raise reader.fail(where, "at least one deployment needs a weight above 0")
     return tuple(deployments)
+
+
+def _per_minute(reader: _Reader, value: Any, where: str) -> int | None:
+    return None if value is None else int(reader.number(value, where, minimum=1, integer=True))
 
 
 def _models(reader: _Reader, raw: Any, upstreams: dict[str, Upstream]) -> dict[str, Model]:
@@ -423,7 +432,7 @@ def _models(reader: _Reader, raw: Any, upstreams: dict[str, Upstream]) -> dict[s
             deployments = _deployments(reader, item["deployments"], f"{where}.deployments", upstreams)
         price = item.get("price")
         if price is not None:
-            price = reader.table(price, f"{where}.price", {"input", "output"}, {"input", "output"})
+            price = reader.table(price, f"{where}.price", {"input", "output", "cached_input"}, {"input", "output"})
         capabilities = item.get("capabilities")
         if capabilities is not None:
             capabilities = reader.names(capabilities, f"{where}.capabilities")
@@ -446,6 +455,11 @@ def _models(reader: _Reader, raw: Any, upstreams: dict[str, Upstream]) -> dict[s
             ),
             price_input=reader.number(price["input"], f"{where}.price.input") if price else None,
             price_output=reader.number(price["output"], f"{where}.price.output") if price else None,
+            price_cached_input=(
+                reader.number(price["cached_input"], f"{where}.price.cached_input")
+                if price and price.get("cached_input") is not None
+                else None
+            ),
             router=router,
         )
     for index, model in enumerate(models.values()):

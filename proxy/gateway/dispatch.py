@@ -12,12 +12,22 @@ import json
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 from proxy.gateway import client, health
 from proxy.gateway.config import Deployment, Model
 from proxy.gateway.errors import Attempt, GatewayError
 from proxy.gateway.routing import attempt_order, body_for, gateway_config, models_for
+from proxy.usage.budgets import BudgetExceeded, Reservation, budget_reserve, call_cost_ceiling
 from proxy.usage.caller import Caller
+from proxy.usage.ratelimits import (
+    Admission,
+    deployments_full_error,
+    ratelimit_admit,
+    ratelimit_deployment_admit,
+    ratelimit_release,
+    ratelimit_settle,
+)
 
 ERROR_BODY_MAX_BYTES = 64 * 1024  # an upstream error's body is read (and passed on) up to this size
 
@@ -45,6 +55,11 @@ class Answer:
     response: client.Response
     deployment: Deployment
     attempts: tuple[Attempt, ...]  # every deployment tried, this one last
+    model: str = ""  # the public name that served (a fallback's, a router's pick): what usage is priced by
+    # What the call reserved against its caller's budgets; whoever reads the call's usage settles it.
+    reservation: Reservation | None = None
+    # What the call took from its rate limits; whoever reads the call's usage settles its tokens.
+    admission: Admission | None = None
 
     @property
     def upstream_header(self) -> str:
@@ -81,7 +96,49 @@ def _first_upstream_plan(config) -> list[tuple[Model, Deployment]]:
 
 async def send(call: Call) -> Answer:
     """Deliver `call` and return the answer to pass on (maybe an upstream's error). Raises GatewayError
-    when no upstream answered at all, or for a model that does not exist or is not allowed."""
+    when no upstream answered at all, for a model that does not exist or is not allowed, or (429
+    `budget_exceeded`) when a budget of the caller cannot cover what the call may cost."""
+    # Rate limits first (429 `rate_limited`); a call refused or left unanswered takes nothing from them.
+    admission = await ratelimit_admit(call.caller, payload=call.payload) if call.model else Admission()
+    try:
+        reservation = await _reserve(call)
+    except BaseException:
+        await ratelimit_release(admission)
+        raise
+    try:
+        answer = await _deliver(call, admission)
+    except BaseException:
+        await ratelimit_release(admission)
+        if reservation is not None:
+            await reservation.settle(Decimal(0))
+        raise
+    if reservation is not None and answer.response.status >= 400:
+        await reservation.settle(Decimal(0))  # an upstream's error generated nothing
+    else:
+        answer.reservation = reservation
+    answer.admission = admission
+    if answer.response.status >= 400:
+        await ratelimit_settle(admission, tokens=0)
+    return answer
+
+
+async def _reserve(call: Call) -> Reservation | None:
+    """Reserve the most `call` may cost against its caller's budgets."""
+    if call.caller is None or not call.model:
+        return None
+    try:
+        return await budget_reserve(call.caller, call_cost_ceiling(call.path, call.model, call.payload))
+    except BudgetExceeded as refused:
+        raise GatewayError(
+            refused.message,
+            status=429,
+            code="budget_exceeded",
+            error_type="insufficient_quota",
+            retry_after=refused.retry_after,
+        ) from None
+
+
+async def _deliver(call: Call, admission: Admission) -> Answer:
     config = gateway_config()
     if config.is_file:
         await health.sync([deployment.id for deployment in config.deployments])
@@ -98,6 +155,7 @@ async def send(call: Call) -> Answer:
     kept: client.Response | None = None  # the last upstream error, passed on if nothing better comes
     kept_deployment: Deployment | None = None
     timeouts = busy = 0
+    full: list[float] = []  # the seconds until each deployment at its own rate limit could take the call
     deferred: list[tuple[Model, Deployment]] = []  # half-open, with the probe claimed elsewhere
     last_resort = False
     try:
@@ -119,6 +177,12 @@ async def send(call: Call) -> Answer:
                 busy += 1
                 health.probe_release(deployment.id)
                 continue
+            if deployment.rpm or deployment.tpm:  # the provider's limit: go elsewhere rather than cause a 429
+                wait = await ratelimit_deployment_admit(deployment, payload=call.payload, admission=admission)
+                if wait:
+                    full.append(wait)
+                    health.probe_release(deployment.id)
+                    continue
 
             body = body_for(call.payload, call.body, call.model, deployment, model)
             url = f"{upstream.base_url}/{call.path}"
@@ -182,7 +246,7 @@ async def send(call: Call) -> Answer:
             if kept is not None:
                 await kept.aclose()
             tried.append(Attempt(deployment.id))
-            return Answer(response, deployment, tuple(tried))
+            return Answer(response, deployment, tuple(tried), model.name if model.name != "*" else call.model)
 
     except BaseException:
         if kept is not None:  # cancelled while holding an error to pass on: give its connection back
@@ -192,6 +256,8 @@ async def send(call: Call) -> Answer:
     if kept is not None and kept_deployment is not None:
         return Answer(kept, kept_deployment, tuple(tried))
     attempts = tuple(tried)
+    if not tried and full and not busy:
+        raise deployments_full_error(full)
     if not tried and busy:
         raise GatewayError(
             "every upstream for this model is at its limit of requests in flight; try again shortly",

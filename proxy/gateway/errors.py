@@ -29,6 +29,7 @@ class GatewayError(Exception):
         retry_after: float | None = None,
         attempts: tuple[Attempt, ...] = (),
         redact: bool = True,
+        headers: dict[str, str] | None = None,
     ):
         if redact:
             from proxy.gateway.routing import text_redact
@@ -41,3 +42,4 @@ class GatewayError(Exception):
         self.error_type = error_type
         self.retry_after = retry_after
         self.attempts = attempts
+        self.headers = headers or {}  # to answer with (a rate limit's x-ratelimit-*)

@@ -4,6 +4,8 @@ A public name resolves to a chain of models: the model itself, then its fallback
 the candidates that can serve the request, best first). Each model's deployments are tried by priority
 tier (lower first) and, within a tier, in the order its strategy gives. Deployments cooling down go to
 the very end: they are tried only when nothing else is left (a lone upstream is never refused unasked).
+Deployments found at their own rate limit (`rpm`, `tpm`) come after the others, before those resting;
+dispatch counts each call against them and passes over one that is full.
 """
 
 import json
@@ -16,6 +18,7 @@ from django.conf import settings
 from proxy.gateway import health
 from proxy.gateway.config import ConfigError, Deployment, GatewayConfig, Model, from_environment, load
 from proxy.gateway.errors import GatewayError
+from proxy.usage.ratelimits import deployment_is_full
 from turbo_site.core.http import redact_keys
 
 _cached: tuple[tuple, GatewayConfig] | None = None
@@ -157,8 +160,9 @@ def _ordered(model: Model, deployments: list[Deployment]) -> list[Deployment]:
 
 
 def attempt_order(models: list[Model]) -> list[tuple[Model, Deployment]]:
-    """Every (model, deployment) to try, best first; those cooling down last."""
+    """Every (model, deployment) to try, best first; those at their rate limit next, those cooling down last."""
     ready: list[tuple[Model, Deployment]] = []
+    full: list[tuple[Model, Deployment]] = []
     resting: list[tuple[Model, Deployment]] = []
     seen: set[str] = set()
     for model in models:
@@ -168,8 +172,11 @@ def attempt_order(models: list[Model]) -> list[tuple[Model, Deployment]]:
                 if deployment.id in seen:
                     continue
                 seen.add(deployment.id)
-                (resting if health.is_cooling(deployment.id) else ready).append((model, deployment))
-    return ready + resting
+                if health.is_cooling(deployment.id):
+                    resting.append((model, deployment))
+                else:
+                    (full if deployment_is_full(deployment.id) else ready).append((model, deployment))
+    return ready + full + resting
 
 
 def body_for(payload: dict | None, body: bytes, asked: str, deployment: Deployment, model: Model) -> bytes:

@@ -60,8 +60,9 @@ class RateLimited(TurboError):
     status_code = status.HTTP_429_TOO_MANY_REQUESTS
     code = "rate_limited"
 
-    def __init__(self, message: str, *, retry_after: int):
-        super().__init__(message, headers={"Retry-After": str(max(1, int(retry_after)))})
+    def __init__(self, message: str, *, retry_after: int | None, code: str | None = None):
+        headers = {"Retry-After": str(max(1, int(retry_after)))} if retry_after else {}
+        super().__init__(message, code=code, headers=headers)
         self.retry_after = retry_after
 
 

@@ -69,7 +69,12 @@ ERROR_SCENARIOS: dict[str, tuple[int, str, str, str]] = {
 }
 # OpenAI's answer to a wrong key quotes the key it was sent; so does this scenario.
 ECHO_KEY_SCENARIO = "error_401_echo"
-SCENARIOS = frozenset({*ERROR_SCENARIOS, ECHO_KEY_SCENARIO, "slow", "gated", "die_mid_stream", "stall", "tool_call"})
+# Usage as some upstreams give it: "no_usage" never sends any (not even when asked); "usage_on_choices"
+# puts a stream's usage on its last chunk with choices instead of a chunk of its own.
+USAGE_SCENARIOS = frozenset({"no_usage", "usage_on_choices"})
+SCENARIOS = frozenset(
+    {*ERROR_SCENARIOS, *USAGE_SCENARIOS, ECHO_KEY_SCENARIO, "slow", "gated", "die_mid_stream", "stall", "tool_call"}
+)
 
 
 @dataclass
@@ -307,7 +312,7 @@ class FakeUpstream:
         include_usage = stream and isinstance(stream_options, dict) and stream_options.get("include_usage") is True
         prompt_tokens = sum(_word_count(_text(message.get("content"))) for message in messages)
         tool_results = [message for message in messages if message.get("role") == "tool"]
-        completion = _Completion(model=model, prompt_tokens=prompt_tokens)
+        completion = _Completion(model=model, prompt_tokens=prompt_tokens, usage_style=options.scenario or "")
 
         if options.scenario == "tool_call" and not tool_results:
             if stream:
@@ -478,6 +483,7 @@ class _Completion:
 
     model: str
     prompt_tokens: int
+    usage_style: str = ""  # "no_usage" or "usage_on_choices" (USAGE_SCENARIOS); else as OpenAI does
     id: str = field(default_factory=lambda: "chatcmpl-" + secrets.token_hex(12))
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -518,6 +524,8 @@ class _Completion:
             "choices": [choice],
             "usage": self._usage(completion_tokens),
         }
+        if self.usage_style == "no_usage":
+            del payload["usage"]
         return _Reply(payload=payload)
 
     def _stream(
@@ -527,7 +535,9 @@ class _Completion:
             self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]) for delta in deltas
         ]
         chunks.append(self._chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason}]))
-        if include_usage:
+        if include_usage and self.usage_style == "usage_on_choices":
+            chunks[-1]["usage"] = self._usage(completion_tokens)
+        elif include_usage and self.usage_style != "no_usage":
             chunks.append({**self._chunk([]), "usage": self._usage(completion_tokens)})
         events = [b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks]
         events.append(b"data: [DONE]\n\n")

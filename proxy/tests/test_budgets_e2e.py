@@ -1,0 +1,145 @@
+"""Budgets on every path that reaches a model, with real servers: /v1, chats, and two processes."""
+
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+
+import httpx
+import pytest
+from django.conf import settings
+from django.db import connection
+
+from chats.models import Message
+from chats.tests.test_stream_faults import processes, start_server  # noqa: F401
+from conftest import SERVER_KEY
+from proxy.events import events_flush
+from proxy.usage.budgets import budget_rules_forget, budget_set
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+# Ten words of reply at $1000 per 1M output tokens: every call costs exactly $0.01, and reserves as much
+# (max_tokens 10), so a $0.10 budget lets exactly ten through whatever the timing.
+TEN_WORDS = "echo: one two three four five six seven eight nine ten"
+
+
+def priced_config(tmp_path, upstream_url: str) -> str:
+    path = tmp_path / "turbo.yaml"
+    path.write_text(
+        textwrap.dedent(
+            f"""
+            upstreams:
+              - {{name: main, base_url: {upstream_url}/v1, api_key: {SERVER_KEY}}}
+            models:
+              - name: priced
+                price: {{input: 0, output: 1000}}
+                deployments:
+                  - {{upstream: main, model: gpt-4o-mini}}
+            """
+        )
+    )
+    return str(path)
+
+
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def ask(http, token):
+    body = {"model": "priced", "max_tokens": 10, "messages": [{"role": "user", "content": TEN_WORDS}]}
+    return http.post("/v1/chat/completions", json=body, headers=bearer(token))
+
+
+def spent_of(user_id) -> Decimal:
+    from django.db.models import Sum
+
+    from proxy.models import UsageRollup
+
+    events_flush()
+    return UsageRollup.objects.filter(user_id=user_id).aggregate(total=Sum("cost_usd"))["total"] or Decimal(0)
+
+
+@pytest.fixture
+def priced(settings, tmp_path, upstream):
+    budget_rules_forget()
+    settings.TURBO_CONFIG = priced_config(tmp_path, upstream.url)
+    yield
+    budget_rules_forget()
+
+
+def test_v1_calls_stop_at_the_budget_with_openai_s_error_shape(client, signup, priced):
+    token, user, _ = signup()
+    budget_set(scope="user", target_id=user["id"], usd=Decimal("0.03"), period="day")
+    statuses = [ask(client, token).status_code for _ in range(3)]
+    assert statuses == [200, 200, 200]
+    refused = ask(client, token)
+    assert refused.status_code == 429
+    error = refused.json()["error"]
+    assert error["code"] == "budget_exceeded" and "user's daily budget of $0.03" in error["message"]
+    assert "resets at" in error["message"] and int(refused.headers["retry-after"]) > 0
+    assert spent_of(user["id"]) == Decimal("0.03")
+
+
+def test_a_chat_prompt_over_budget_is_refused_and_stores_nothing(client, signup, priced):
+    token, user, _ = signup()
+    chat = client.post(
+        "/chat/create", json={"name": "b", "model": "priced", "settings": {"max_tokens": 10}}, headers=bearer(token)
+    ).json()
+    budget_set(scope="user", target_id=user["id"], usd=Decimal("0.01"), period="month")
+    body = {"id": chat["id"], "prompt": TEN_WORDS, "stream": "false"}
+    first = client.post("/chat/prompt", data=body, headers=bearer(token))
+    assert first.status_code == 200, first.text
+    refused = client.post("/chat/prompt", data=body, headers=bearer(token))
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "budget_exceeded"
+    assert "monthly budget" in refused.json()["error"]["message"]
+    assert Message.objects.filter(chat_id=chat["id"]).count() == 1  # nothing half-written
+
+
+@pytest.mark.skipif(
+    not settings.REDIS_ADDRESS or connection.vendor != "postgresql",
+    reason="two processes share only Postgres + Redis",
+)
+def test_forty_concurrent_requests_on_two_processes_against_a_budget_for_ten(
+    start_server,  # noqa: F811
+    upstream,
+    tmp_path,
+):
+    env = {"REDIS_ADDRESS": settings.REDIS_ADDRESS, "TURBO_CONFIG": priced_config(tmp_path, upstream.url)}
+    first, second = start_server(**env), start_server(**env)
+    with httpx.Client(base_url=first.url, timeout=60) as one:
+        signed = one.post("/user/signup", data={"username": "budget-two", "password": "correct-horse"}).json()
+    token, user_id = signed["token"], signed["user"]["id"]
+    budget_set(scope="user", target_id=user_id, usd=Decimal("0.10"), period="month")
+
+    def call(index: int) -> tuple[int, str]:
+        server = first if index % 2 else second
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            response = ask(http, token)
+            code = response.json().get("error", {}).get("code", "") if response.status_code != 200 else ""
+            return response.status_code, code
+
+    with ThreadPoolExecutor(40) as pool:
+        outcomes = list(pool.map(call, range(40)))
+    assert outcomes.count((200, "")) == 10
+    assert outcomes.count((429, "budget_exceeded")) == 30
+    for server in (first, second):
+        server.stop()  # their event writers flush on the way out
+    assert spent_of(user_id) == Decimal("0.10")
+
+
+def test_a_key_created_with_a_budget_stops_at_it(client, signup, priced):
+    token, _, _ = signup()
+    created = client.post(
+        "/user/keys/create",
+        json={"name": "capped", "budget_usd": "0.02", "budget_period": "week"},
+        headers=bearer(token),
+    )
+    assert created.status_code == 200, created.text
+    assert (created.json()["budget_usd"], created.json()["budget_period"]) == ("0.02", "week")
+    listed = client.get("/user/keys/list", headers=bearer(token)).json()["keys"]
+    assert (listed[0]["budget_usd"], listed[0]["budget_period"]) == ("0.02", "week")
+    key = created.json()["key"]
+    assert [ask(client, key).status_code for _ in range(3)] == [200, 200, 429]
+    assert ask(client, token).status_code == 200  # the user's own token is not the key: no budget
+    bad = client.post("/user/keys/create", json={"name": "x", "budget_usd": "-1"}, headers=bearer(token))
+    assert bad.status_code == 400
+    assert len(client.get("/user/keys/list", headers=bearer(token)).json()["keys"]) == 1  # nothing stored
