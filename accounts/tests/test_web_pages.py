@@ -1,19 +1,22 @@
 """The web app's sign-in pages over real HTTP, with cookies and CSRF as a browser has them.
 
 /signup and /login start the same session (and set the same `sess` cookie) as the API's /user/login;
-/logout revokes it; wrong credentials and a missing CSRF token change nothing.
+/logout revokes it; wrong credentials and a missing CSRF token change nothing. And /keys, where a user
+makes (the key shown once, in that response only) and revokes API keys.
 """
+
+from decimal import Decimal
 
 import httpx
 import pytest
 from django.conf import settings
 
-from accounts.models import Session, User
+from accounts.models import ApiKey, Session, User
 from accounts.services import token_hash
 from conftest import unique_name
-from groups.models import GroupMember
+from groups.models import Group, GroupMember
 from proxy.events import events_flush
-from proxy.models import Event
+from proxy.models import Budget, Event
 from turbo_site.testing.pages import PASSWORD, log_in, page_of, post_form, sign_up
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -205,3 +208,166 @@ def test_pages_are_html_with_a_strict_policy_and_their_static_files_load(browser
     for name in ("chat.js", "markdown.js"):
         script = browser.get(f"/static/turbo/{name}")
         assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+
+
+# --- /keys: my API keys -----------------------------------------------------------------------------------
+
+
+def key_form(browser: httpx.Client, **fields) -> httpx.Response:
+    browser.get("/keys")
+    data = {"intent": "create", "name": "", "expires_at": "", "budget_usd": "", "budget_period": "month", **fields}
+    return post_form(browser, "/keys", data)
+
+
+def key_rows(browser: httpx.Client) -> dict:
+    """The rows of my keys on /keys, by prefix."""
+    return {row.get("data-prefix"): row for row in page_of(browser.get("/keys")).select("table#keys tr.key")}
+
+
+def test_the_keys_page_has_the_create_form_and_the_nav_links(browser):
+    sign_up(browser)
+    page = page_of(browser.get("/keys"))
+    assert page.select_one("header nav a[href=/keys]") and page.select_one("header nav a[href=/usage]")
+    assert page_of(browser.get("/")).select_one("header a[href=/keys]")
+    form = page.select_one("form#key-create-form")
+    assert form.get("method") == "post" and form.get("action") == "/keys"
+    assert form.select_one("input[name=csrfmiddlewaretoken]")
+    assert form.select_one("input[name=expires_at]").get("type") == "datetime-local"
+    models = [box.get("value") for box in form.select("input[type=checkbox][name=models]")]
+    assert settings.DEFAULT_MODEL in models
+    assert [o.get("value") for o in form.select("select[name=budget_period] option")] == [
+        "day",
+        "week",
+        "month",
+        "total",
+    ]
+    assert form.select_one("input[name=budget_usd]") and form.select_one("button#key-create-submit")
+    for field in form.select("input, select"):
+        if field.get("type") not in ("hidden", "checkbox"):
+            assert form.select(f"label[for={field.get('id')}]"), field
+    assert not page.select("#new-key") and not page.select("table#keys")  # no keys yet
+    assert browser.get("/keys").headers["cache-control"] == "no-store"
+
+
+def test_a_key_made_on_the_page_is_shown_once_then_listed_without_it(browser, client, upstream):
+    username = sign_up(browser)
+    response = key_form(
+        browser,
+        name="nightly <export>",
+        expires_at="2099-12-31T23:30",
+        models=["gpt-4o-mini"],
+        budget_usd="2.50",
+        budget_period="week",
+    )
+    assert response.status_code == 200, response.text  # the key is in this page: never a redirect
+    assert response.headers["cache-control"] == "no-store"
+    page = page_of(response)
+    key = page.select_one("code#new-key").text
+    assert key.startswith("tk-") and len(key) > 40
+    assert page.select_one("button#copy-key").get("type") == "button"
+    assert "will not be shown again" in page.select_one("main").text
+    (script,) = page.select("script[src]")
+    assert browser.get(script.get("src")).status_code == 200
+
+    api_key = ApiKey.objects.get(user__username=username)
+    assert api_key.key_hash == token_hash(key) and api_key.name == "nightly <export>"
+    assert api_key.models == ["gpt-4o-mini"]
+    assert api_key.expires_at.isoformat() == "2099-12-31T23:30:00+00:00"
+    assert (api_key.budget.limit_usd, api_key.budget.period) == (Decimal("2.5"), "week")
+    (row,) = page.select("table#keys tr.key")
+    assert row.get("data-prefix") == api_key.prefix and key.startswith(api_key.prefix)
+
+    # The key works on /v1, and is never shown again.
+    assert client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    later = browser.get("/keys")
+    assert key not in later.text and not page_of(later).select("#new-key")
+    row = key_rows(browser)[api_key.prefix]
+    assert row.select_one(".key-name").text == "nightly <export>"  # shown as typed, never as markup
+    assert "gpt-4o-mini" in row.select_one(".key-models").text
+    assert "2.5 USD a week" in row.select_one(".key-budget").text
+    assert "2099-12-31 23:30" in row.text
+    assert row.select_one("form input[name=csrfmiddlewaretoken]")
+    assert row.select_one("button.revoke-key").get("type") == "submit"
+    assert key not in browser.get("/").text
+    events_flush()
+    logged = Event.objects.filter(path="/keys")
+    assert logged.exists()
+    assert not [event for event in logged.values() if key in str(event)]  # nor in the event log
+
+
+def test_revoking_a_key_on_the_page(browser, client, upstream):
+    sign_up(browser)
+    key = page_of(key_form(browser, name="to revoke")).select_one("#new-key").text
+    kept = page_of(key_form(browser, name="kept")).select_one("#new-key").text
+    api_key = ApiKey.objects.get(key_hash=token_hash(key))
+    response = post_form(browser, "/keys", {"intent": "revoke", "id": str(api_key.pk)})
+    assert response.status_code == 302 and response.headers["location"] == "/keys"
+    api_key.refresh_from_db()
+    assert api_key.revoked_at is not None
+    assert set(key_rows(browser)) == {kept[:12]}
+    assert client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 401
+    assert client.get("/v1/models", headers={"Authorization": f"Bearer {kept}"}).status_code == 200
+
+
+def test_another_users_key_cannot_be_revoked(browsers):
+    owner, stranger = browsers(), browsers()
+    sign_up(owner)
+    sign_up(stranger)
+    page_of(key_form(owner, name="mine"))
+    api_key = ApiKey.objects.get(name="mine")
+    stranger.get("/keys")
+    response = post_form(stranger, "/keys", {"intent": "revoke", "id": str(api_key.pk)})
+    assert response.status_code == 404
+    assert "not found" in page_of(response).select_one("main").text.lower()
+    api_key.refresh_from_db()
+    assert api_key.revoked_at is None
+    assert set(key_rows(owner)) == {api_key.prefix}
+
+
+@pytest.mark.parametrize(
+    "fields, expected",
+    [
+        ({"name": ""}, "name"),
+        ({"name": "   "}, "name"),
+        ({"name": "x" * 101}, "name"),
+        ({"name": "ok", "budget_usd": "-1"}, "budget"),
+        ({"name": "ok", "budget_usd": "lots"}, "budget"),
+        ({"name": "ok", "budget_period": "fortnight"}, "budget period"),
+        ({"name": "ok", "expires_at": "2001-01-01T00:00"}, "future"),
+        ({"name": "ok", "expires_at": "soon"}, "expires at"),
+        ({"name": "ok", "models": ["no-such-model-" + "x" * 100]}, "models"),
+    ],
+)
+def test_a_bad_key_form_stores_nothing(browser, fields, expected):
+    username = sign_up(browser)
+    response = key_form(browser, **fields)
+    assert response.status_code == 200
+    page = page_of(response)
+    error = page.select_one("form#key-create-form .form-error")
+    assert error.get("role") == "alert" and expected in error.text.lower(), error.text
+    assert not page.select("#new-key")
+    assert not ApiKey.objects.filter(user__username=username).exists()
+    assert not Budget.objects.filter(scope="key").exists()
+    if fields["name"].strip():
+        assert page.select_one("form#key-create-form input[name=name]").get("value") == fields["name"]
+
+
+def test_a_model_my_groups_may_not_use_is_a_key_form_error(browser):
+    username = sign_up(browser)
+    Group.objects.filter(memberships__user__username=username).update(allowed_models=["gpt-4o-mini"])
+    response = key_form(browser, name="big", models=["gpt-4o"])
+    assert "may not use the model" in page_of(response).select_one(".form-error").text
+    assert not ApiKey.objects.filter(user__username=username).exists()
+    offered = [box.get("value") for box in page_of(browser.get("/keys")).select("input[name=models]")]
+    assert offered == ["gpt-4o-mini"]
+
+
+def test_the_keys_and_usage_pages_need_signing_in(browser):
+    response = browser.get("/keys")
+    assert response.status_code == 302 and response.headers["location"] == "/login?next=%2Fkeys"
+    response = browser.get("/usage", headers={"Accept": "text/html"})
+    assert response.status_code == 302 and response.headers["location"] == "/login?next=%2Fusage"
+    browser.get("/login")
+    response = post_form(browser, "/keys", {"intent": "create", "name": "x"})
+    assert response.status_code == 302 and response.headers["location"] == "/login"
+    assert not ApiKey.objects.filter(name="x").exists()

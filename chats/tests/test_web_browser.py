@@ -261,3 +261,101 @@ def test_chat_page_renders_markdown_safely_and_fits_a_phone(browser, signup, cli
     browser.wait_for("#chat-create-form")
     width = browser.driver.execute_script("return document.documentElement.scrollWidth")
     assert width <= 375, f"the index page scrolls sideways on a phone: {width}px wide"
+
+
+# --- /keys and /usage ---------------------------------------------------------------------------------------
+
+
+def clipboard_text(browser) -> str | None:
+    """What the page's clipboard holds (None if headless chromium will not tell)."""
+    return browser.driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];navigator.clipboard.readText().then(done, () => done(null));"
+    )
+
+
+def test_a_new_key_is_shown_once_copied_and_revoked(browser, signup, client, upstream):
+    token, _, _ = signup("ada")
+    browser.sign_in(token)
+    # Let the page use the clipboard, as a person who clicks "Copy" would allow.
+    browser.driver.execute_cdp_cmd(
+        "Browser.grantPermissions",
+        {"origin": browser.base_url, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]},
+    )
+    browser.open("/")
+    browser.find('header a[href="/keys"]').click()
+    browser.wait_for_path("/keys")
+    browser.find("#key-create-form [name=name]").send_keys("nightly export")
+    browser.find("#key-create-form input[name=models][value=gpt-4o-mini]").click()
+    browser.find("#key-create-form [name=budget_usd]").send_keys("5")
+    browser.find("#key-create-submit").click()
+    key = browser.wait_for("code#new-key").text.strip()
+    assert key.startswith("tk-"), key
+    assert browser.path == "/keys", "the key page must not move the key into a URL"
+    assert "will not be shown again" in browser.text("main")
+    prefix = browser.attribute("table#keys tr.key", "data-prefix")
+    assert key.startswith(prefix)
+
+    browser.find("#copy-key").click()
+    browser.wait(lambda _: browser.attribute("#copy-key", "data-state") == "copied", "the Copied state")
+    assert browser.text("#copy-key") == "Copied"
+    assert clipboard_text(browser) == key, "the Copy button did not put the key on the clipboard"
+    browser.driver.execute_script("document.activeElement.blur()")
+    browser.screenshot("keys")
+    assert browser.console_errors() == []
+    assert client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+
+    # Once away from that page, the key is gone for good; the row stays, then goes with Revoke.
+    browser.open("/keys")
+    assert not browser.find_all("#new-key") and key not in browser.driver.page_source
+    assert browser.text(f'tr.key[data-prefix="{prefix}"] .key-budget') == "5 USD a month"
+    browser.find(f'tr.key[data-prefix="{prefix}"] button.revoke-key').click()
+    browser.wait(lambda _: not browser.find_all(f'tr.key[data-prefix="{prefix}"]'), "the revoked key's row to go")
+    assert browser.path == "/keys"
+    assert client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 401
+
+    browser.phone()
+    browser.open("/keys")
+    browser.wait_for("#key-create-form")
+    width = browser.driver.execute_script("return document.documentElement.scrollWidth")
+    assert width <= 375, f"the keys page scrolls sideways on a phone: {width}px wide"
+
+
+def test_the_usage_page_shows_a_bar_for_today_after_a_call(browser, signup, client, upstream):
+    from datetime import UTC, datetime
+    from decimal import Decimal
+
+    from proxy.events import events_flush
+    from proxy.models import UsageRollup
+
+    token, user, _ = signup("grace")
+    for prompt in ("echo: hello there", "echo: and again, a little longer this time"):
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": prompt}]}
+        response = client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {token}"})
+        assert response.status_code == 200, response.text
+    events_flush()
+    rows = UsageRollup.objects.filter(user_id=user["id"])
+    requests, cost = sum(r.requests for r in rows), sum((r.cost_usd for r in rows), Decimal(0))
+    assert requests == 2 and cost > 0
+
+    browser.sign_in(token)
+    browser.open("/")
+    browser.find('header a[href="/usage"]').click()
+    browser.wait_for_path("/usage")
+    today = datetime.now(UTC).date().isoformat()
+    bar = browser.wait_for(f'svg#usage-chart rect.bar[data-day="{today}"]')
+    assert bar.get_attribute("data-cost") == format(cost.normalize(), "f")
+    assert float(bar.get_attribute("height")) > 0 and bar.is_displayed()
+    assert len(browser.find_all("svg#usage-chart rect.bar")) == 30
+    assert browser.text("#usage-totals [data-total=requests]") == "2"
+    assert browser.text("#usage-totals [data-total=cost_usd]") == format(cost.normalize(), "f")
+    assert browser.text(f'#usage-days tr[data-day="{today}"] td') == "2"
+    browser.screenshot("usage")
+
+    browser.find('nav.spans a[href="/usage?days=7"]').click()
+    browser.wait(lambda _: len(browser.find_all("svg#usage-chart rect.bar")) == 7, "seven bars")
+    browser.phone()
+    browser.open("/usage")
+    browser.wait_for("#usage-chart")
+    width = browser.driver.execute_script("return document.documentElement.scrollWidth")
+    assert width <= 375, f"the usage page scrolls sideways on a phone: {width}px wide"
+    browser.screenshot("usage-phone")

@@ -2,13 +2,17 @@
 chat's page (its history as the browser tests and chat.js expect it), without a browser.
 
 What a user sees is read from the HTML; what the forms did (or, refused, did not do) from the database.
+And /usage: my usage per day, from the usage rollups.
 """
 
 import json
 import re
 import shutil
 import subprocess
+import time
 import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -430,3 +434,113 @@ def test_static_files_exist_where_the_templates_say():
     for name in ("turbo.css", "chat.js", "markdown.js"):
         assert (STATIC / name).is_file()
     assert Path(settings.STATICFILES_DIRS[0]) == PROJECT_ROOT / "templates" / "static"
+
+
+# --- /usage: my usage per day -----------------------------------------------------------------------
+
+HTML = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}  # as a browser asks
+
+
+def v1_calls(client, token: str, prompts: list[str]) -> None:
+    for prompt in prompts:
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": prompt}]}
+        response = client.post("/v1/chat/completions", json=body, headers=bearer(token))
+        assert response.status_code == 200, response.text
+
+
+def usage_rollups(user_id: str, calls: int) -> list:
+    """The user's rollup rows once `calls` calls are in them (the records are written in batches)."""
+    from proxy.events import events_flush
+    from proxy.models import UsageRollup
+
+    deadline = time.monotonic() + 10
+    while True:
+        events_flush()
+        rows = list(UsageRollup.objects.filter(user_id=user_id))
+        if sum(row.requests for row in rows) >= calls or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.05)
+
+
+def test_the_usage_page_shows_my_totals_and_a_bar_per_day(client, person, upstream):
+    token, user, browser = person()
+    other_token, _, _ = person()
+    v1_calls(client, token, ["echo: one two three", "echo: four five", "echo: six"])
+    v1_calls(client, other_token, ["echo: not mine at all"])
+    rows = usage_rollups(user["id"], 3)
+    requests = sum(row.requests for row in rows)
+    cost = sum((row.cost_usd for row in rows), Decimal(0))
+    assert requests == 3 and cost > 0
+
+    response = browser.get("/usage", headers=HTML)
+    assert response.status_code == 200 and response.headers["cache-control"] == "no-store"
+    assert "Accept" in response.headers["vary"]
+    page = page_of(response)
+    totals = {dd.get("data-total"): dd.text for dd in page.select("#usage-totals dd")}
+    assert totals == {
+        "requests": "3",
+        "input_tokens": str(sum(row.input_tokens for row in rows)),
+        "output_tokens": str(sum(row.output_tokens for row in rows)),
+        "cost_usd": format(cost.normalize(), "f"),  # exact decimal text
+    }
+    chart = page.select_one("svg#usage-chart")
+    assert chart.get("role") == "img" and "30 days" in chart.get("aria-label")
+    bars = chart.select("rect.bar")
+    today = datetime.now(UTC).date()
+    assert [bar.get("data-day") for bar in bars] == [str(today - timedelta(days=n)) for n in range(29, -1, -1)]
+    assert bars[-1].get("data-cost") == format(cost.normalize(), "f")
+    assert float(bars[-1].get("height")) > 100  # the highest day fills the chart
+    assert {bar.get("data-cost") for bar in bars[:-1]} == {"0"} and {bar.get("height") for bar in bars[:-1]} == {"0.00"}
+    table = page.select("table#usage-days tbody tr")
+    assert len(table) == 30 and table[0].get("data-day") == str(today)  # the newest day first
+    assert [cell.text for cell in table[0].select("td")] == [
+        "3",
+        totals["input_tokens"],
+        totals["output_tokens"],
+        totals["cost_usd"],
+    ]
+    assert page.select_one("header nav a[href=/usage]").get("aria-current") == "page"
+
+    # Seven or ninety days; anything else is the default thirty.
+    for days, expected in (("7", 7), ("90", 90), ("12", 30), ("x", 30)):
+        page = page_of(browser.get(f"/usage?days={days}", headers=HTML))
+        assert len(page.select("svg#usage-chart rect.bar")) == expected
+        assert page.select_one("#usage-totals dd[data-total=requests]").text == "3"
+
+
+def test_the_usage_page_reads_the_rollups_not_the_event_log(person):
+    from proxy.models import Event, UsageRollup
+
+    _, user, browser = person()
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(days=2)
+    UsageRollup.objects.create(
+        hour=hour,
+        model="gpt-4o",
+        deployment="default",
+        user_id=user["id"],
+        requests=4,
+        input_tokens=100,
+        output_tokens=50,
+        cost_usd=Decimal("0.0000125"),
+    )
+    Event.objects.create(type="proxy", user_id=user["id"], path="/v1/chat/completions", model="gpt-4o")
+    page = page_of(browser.get("/usage?days=7", headers=HTML))
+    assert page.select_one("#usage-totals dd[data-total=cost_usd]").text == "0.0000125"
+    assert page.select_one("#usage-totals dd[data-total=requests]").text == "4"
+    (bar,) = [bar for bar in page.select("rect.bar") if bar.get("data-cost") != "0"]
+    assert bar.get("data-day") == str(hour.date())
+
+
+def test_usage_is_still_the_apis_json_for_programs(client, person):
+    token, _, browser = person()
+    for headers in (bearer(token), {**bearer(token), **HTML}, {"Cookie": f"sess={browser.cookies['sess']}"}):
+        response = client.get("/usage", headers=headers)
+        assert response.status_code == 200 and response.headers["content-type"] == "application/json"
+        assert response.json()["total"]["requests"] == 0
+    assert client.get("/usage").status_code == 401  # no page redirect for a program
+    assert client.get("/usage", headers=bearer(token), params={"since": "nonsense"}).status_code == 400
+
+
+def test_signed_out_the_usage_page_is_a_redirect_to_login(browsers):
+    response = browsers().get("/usage", headers=HTML)
+    assert response.status_code == 302 and response.headers["location"] == "/login?next=%2Fusage"
