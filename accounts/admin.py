@@ -129,8 +129,30 @@ SESSION_FIELDS = (
 )
 
 
+class CredentialAdmin(admin.ModelAdmin):
+    """Sessions and API keys: read only, never filtered on their hashes, and revoked rather than deleted
+    (a deleted row's cached lookup would stay valid for a while; revoking also ends open sockets)."""
+
+    revoke_permission = ""
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    def has_revoke_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm(self.revoke_permission)
+
+    def lookup_allowed(self, lookup, value, request=None):
+        return not lookup.startswith(SECRET_LOOKUPS) and super().lookup_allowed(lookup, value, request)
+
+
 @admin.register(Session)
-class SessionAdmin(admin.ModelAdmin):
+class SessionAdmin(CredentialAdmin):
     # Listed field by field, and token_hash excluded as well, so no later change can bring it onto a page.
     fields = SESSION_FIELDS
     exclude = ("token_hash",)
@@ -143,21 +165,7 @@ class SessionAdmin(admin.ModelAdmin):
     date_hierarchy = "created_at"
     actions = ["revoke_selected_sessions"]
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
-        # Deleting the row would leave its cached lookup valid for a while; revoking does not.
-        return False
-
-    def has_revoke_permission(self, request: HttpRequest) -> bool:
-        return request.user.has_perm("accounts.change_session")
-
-    def lookup_allowed(self, lookup, value, request=None):
-        return not lookup.startswith(SECRET_LOOKUPS) and super().lookup_allowed(lookup, value, request)
+    revoke_permission = "accounts.change_session"
 
     @admin.action(description="Revoke selected sessions", permissions=["revoke"])
     def revoke_selected_sessions(self, request: HttpRequest, queryset: QuerySet[Session]) -> None:
@@ -187,7 +195,7 @@ API_KEY_FIELDS = (
 
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(admin.ModelAdmin):
+class ApiKeyAdmin(CredentialAdmin):
     # Listed field by field, and key_hash excluded as well, so no later change can bring it onto a page.
     fields = API_KEY_FIELDS
     exclude = ("key_hash",)
@@ -200,21 +208,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
     date_hierarchy = "created_at"
     actions = ["revoke_selected_keys"]
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
-        # As with sessions: revoking also ends the key's open sockets and says why.
-        return False
-
-    def has_revoke_permission(self, request: HttpRequest) -> bool:
-        return request.user.has_perm("accounts.change_apikey")
-
-    def lookup_allowed(self, lookup, value, request=None):
-        return not lookup.startswith(SECRET_LOOKUPS) and super().lookup_allowed(lookup, value, request)
+    revoke_permission = "accounts.change_apikey"
 
     @admin.action(description="Revoke selected API keys", permissions=["revoke"])
     def revoke_selected_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:

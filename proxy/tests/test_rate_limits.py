@@ -3,7 +3,6 @@ through the real server (/v1 with httpx and the openai SDK, /ws, chat prompts), 
 
 import json
 import textwrap
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,12 +15,10 @@ from websockets.sync.client import connect
 
 # The fault tests' server processes.
 from chats.tests.test_stream_faults import processes, start_server  # noqa: F401
-from conftest import FAKE_HEADERS
-from proxy.gateway import health
 from proxy.gateway.config import ConfigError, load
 from proxy.models import RateLimit
+from proxy.tests.test_gateway import configure, fakes  # noqa: F401 (fixtures: three fake upstreams, TURBO_CONFIG)
 from proxy.usage.ratelimits import duration_text, ratelimits_forget
-from turbo_site.testing.fake_upstream import FakeUpstream
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -186,30 +183,7 @@ def test_an_admin_rate_limit_replaces_the_default_and_is_validated(client, signu
 # --- deployments -------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def fakes():
-    started = {name: FakeUpstream().start() for name in ("a", "b")}
-    yield started
-    for fake in started.values():
-        fake.stop()
-
-
-@pytest.fixture
-def configure(settings, tmp_path):
-    health.forget()
-
-    def apply(text: str):
-        path = tmp_path / f"turbo-{time.monotonic_ns()}.yaml"
-        path.write_text(textwrap.dedent(text))
-        settings.TURBO_CONFIG = str(path)
-        settings.GATEWAY_HEALTH_SYNC_SECONDS = 0
-        settings.PROXY_FORWARD_HEADERS = FAKE_HEADERS
-
-    yield apply
-    health.forget()
-
-
-def test_a_deployment_at_its_rpm_sends_routing_to_the_next_then_429_when_all_are_full(client, signup, fakes, configure):
+def test_a_deployment_at_its_rpm_sends_routing_to_the_next_then_429_when_all_are_full(client, signup, fakes, configure):  # noqa: F811
     run = uuid.uuid4().hex[:8]  # deployments' counters are shared over Redis: names of this test's own
     configure(f"""
         upstreams:
@@ -233,7 +207,7 @@ def test_a_deployment_at_its_rpm_sends_routing_to_the_next_then_429_when_all_are
     assert (len(chat_requests(fakes["a"])), len(chat_requests(fakes["b"]))) == (2, 1)
 
 
-def test_deployment_tpm_counts_tokens(client, signup, fakes, configure):
+def test_deployment_tpm_counts_tokens(client, signup, fakes, configure):  # noqa: F811
     run = uuid.uuid4().hex[:8]
     configure(f"""
         upstreams:
