@@ -10,7 +10,9 @@ the time to first token, the gaps between content chunks as they arrive, and eac
 receive time minus the send time the fake upstream wrote into the chunk (`t=<time.time_ns()>`; this
 works because every process runs on one machine and one clock). The X-Turbo-Overhead-Ms header is
 collected when the answer carries it, and X-Turbo-Upstream (the gateway deployment that served it) is
-counted. The summary (milliseconds) goes to `--out` as JSON.
+counted, and so are answers carrying OpenAI's rate-limit headers (x-ratelimit-limit-requests: Turbo sets
+them for a caller with limits). `--model` is the model every request asks for (default bench-model). The
+summary (milliseconds) goes to `--out` as JSON.
 """
 
 import argparse
@@ -29,6 +31,7 @@ SENT_AT = re.compile(rb'"content":"t=(\d+)"')
 HAS_CONTENT = re.compile(rb'"content":"[^"]')
 OVERHEAD_HEADER = "x-turbo-overhead-ms"
 UPSTREAM_HEADER = "x-turbo-upstream"  # the gateway deployment that served the request
+RATELIMIT_HEADER = "x-ratelimit-limit-requests"  # set by Turbo on the answers of a caller with rate limits
 MODEL = "bench-model"  # the model every request asks for (bench.proxy_overhead's gateway config serves it)
 ERROR_SAMPLE_CHARS = 300
 
@@ -43,6 +46,7 @@ class Samples:
     chunk_delay: list[float] = field(default_factory=list)
     turbo_overhead: list[float] = field(default_factory=list)
     upstreams: Counter = field(default_factory=Counter)
+    ratelimit_headers: int = 0  # recorded answers that carried RATELIMIT_HEADER
     errors: Counter = field(default_factory=Counter)
     error_sample: str = ""
 
@@ -75,8 +79,8 @@ def distribution(values: list[float]) -> dict | None:
     }
 
 
-def request_body(*, stream: bool) -> bytes:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}], "stream": stream}
+def request_body(*, stream: bool, model: str = MODEL) -> bytes:
+    body = {"model": model, "messages": [{"role": "user", "content": "Say hello."}], "stream": stream}
     if stream:
         body["stream_options"] = {"include_usage": True}
     return json.dumps(body).encode()
@@ -89,6 +93,8 @@ def _overhead_of(response: httpx.Response, samples: Samples | None) -> None:
     upstream = response.headers.get(UPSTREAM_HEADER)
     if upstream is not None:
         samples.upstreams[upstream] += 1
+    if RATELIMIT_HEADER in response.headers:
+        samples.ratelimit_headers += 1
     value = response.headers.get(OVERHEAD_HEADER)
     if value is not None:
         try:
@@ -162,12 +168,20 @@ async def stream_request(http: httpx.AsyncClient, url: str, body: bytes, samples
 
 
 async def run(
-    *, url: str, token: str, mode: str, concurrency: int, requests: int, warmup: int, pool: str = "per-worker"
+    *,
+    url: str,
+    token: str,
+    mode: str,
+    concurrency: int,
+    requests: int,
+    warmup: int,
+    pool: str = "per-worker",
+    model: str = MODEL,
 ) -> dict:
     """Warm up, then measure without a pause in between; returns the summary."""
     endpoint = url.rstrip("/") + "/chat/completions"
     is_stream = mode == "stream"
-    body = request_body(stream=is_stream)
+    body = request_body(stream=is_stream, model=model)
     send = stream_request if is_stream else plain_request
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     samples = Samples()
@@ -233,6 +247,7 @@ async def run(
         "turbo_overhead_ms": distribution(samples.turbo_overhead),
         # X-Turbo-Upstream of the recorded requests that succeeded: deployment id -> requests.
         "turbo_upstreams": dict(samples.upstreams),
+        "ratelimit_headers": samples.ratelimit_headers,
     }
 
 
@@ -250,6 +265,7 @@ def main() -> None:
         default="per-worker",
         help="one client with one connection per in-flight request (default), or one shared pool of them all",
     )
+    parser.add_argument("--model", default=MODEL, help=f"the model every request asks for (default {MODEL})")
     parser.add_argument("--out", required=True, help="where to write the JSON summary")
     args = parser.parse_args()
     if args.concurrency < 1 or args.requests < 1 or args.warmup < 0:
@@ -263,6 +279,7 @@ def main() -> None:
             requests=args.requests,
             warmup=args.warmup,
             pool=args.pool,
+            model=args.model,
         )
     )
     with open(args.out, "w") as out:

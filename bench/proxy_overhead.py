@@ -18,6 +18,15 @@ the model the load generator asks for has three weighted deployments over three 
 for the one fake upstream) and a fallback; `--gateway off,three` measures zero config and that side by
 side and judges the growth of Turbo's CPU per request. The default, `off`, is zero config
 (OPENAI_API_URL only). See bench/README.md, "proxy_overhead with the model gateway".
+
+`--limits` runs Turbo on Redis (`--redis`, default db 8) with everything a paying caller goes through: the
+load uses an API key (POST /user/keys/create with a large `rpm` and `tpm`) instead of the session token,
+the key and its user have a large monthly budget (`manage.py budgets set`), the user has large default rate
+limits (RATE_LIMIT_USER_RPM / _TPM), and every request asks for LIMITS_MODEL, which the shipped price
+table prices, so each call reserves and settles against both budgets and takes from both rate limits.
+The limits never refuse during the run. After it, the bench checks that usage was recorded for every
+request, that both budgets were charged, and that nothing was refused. See bench/README.md,
+"proxy_overhead with a key, a budget and rate limits".
 """
 
 import argparse
@@ -43,7 +52,7 @@ from pathlib import Path
 import httpx
 
 from bench.fast_upstream import fastest_server_parts
-from bench.loadgen import MODEL
+from bench.loadgen import MODEL, RATELIMIT_HEADER
 from bench.peers import PEERS, litellm_peer
 from bench.servers import SERVERS, turbo_server, unavailable, websocket_ping
 
@@ -68,6 +77,13 @@ GATEWAYS = ("off", "three")
 THREE_DEPLOYMENTS = (("a", 3), ("b", 1), ("c", 1))  # (upstream name, weight)
 # The issue's target for the gateway: Turbo's CPU per request grows by at most this much over zero config.
 CPU_GROWTH_LIMIT_PCT = 10.0
+# --limits: the model asked for (priced by the shipped table, so budgets count it), the Redis used when
+# --redis is not given, the key's and the user's rpm and tpm, and the budget of each (USD per month).
+# The limits are far above what two cores can send (~40,000 requests a minute), so they never refuse.
+LIMITS_MODEL = "gpt-4o-mini"
+LIMITS_REDIS = "redis://127.0.0.1:6379/8"
+LIMITS_RPM = LIMITS_TPM = 1_000_000_000
+LIMITS_BUDGET_USD, LIMITS_BUDGET_PERIOD = "1000", "month"
 
 
 # --- processes ------------------------------------------------------------------------------------
@@ -175,23 +191,24 @@ def tree_cpu_seconds(pid: int) -> float | None:
     return total
 
 
-def gateway_yaml(mode: str, upstream_url: str) -> str | None:
-    """The TURBO_CONFIG file for a gateway mode; None for "off" (zero config)."""
+def gateway_yaml(mode: str, upstream_url: str, model: str = MODEL) -> str | None:
+    """The TURBO_CONFIG file for a gateway mode; None for "off" (zero config). `model` is the public name
+    (and each deployment's model): MODEL, or LIMITS_MODEL with --limits."""
     if mode == "off":
         return None
     lines = [
-        f"# bench.proxy_overhead --gateway {mode}: {MODEL} has three weighted deployments over three",
+        f"# bench.proxy_overhead --gateway {mode}: {model} has three weighted deployments over three",
         "# upstreams (three names for the one fake upstream), and a fallback model that is never needed.",
         "upstreams:",
         *(f'  - {{name: {name}, base_url: "{upstream_url}"}}' for name, _ in THREE_DEPLOYMENTS),
         "models:",
-        f"  - name: {MODEL}",
+        f"  - name: {model}",
         "    strategy: weighted",
         "    deployments:",
-        *(f"      - {{upstream: {name}, model: {MODEL}, weight: {weight}}}" for name, weight in THREE_DEPLOYMENTS),
+        *(f"      - {{upstream: {name}, model: {model}, weight: {weight}}}" for name, weight in THREE_DEPLOYMENTS),
         "    fallbacks: [bench-fallback]",
         "  - name: bench-fallback",
-        f"    deployments: [{{name: fallback, upstream: {THREE_DEPLOYMENTS[0][0]}, model: {MODEL}}}]",
+        f"    deployments: [{{name: fallback, upstream: {THREE_DEPLOYMENTS[0][0]}, model: {model}}}]",
     ]
     return "\n".join(lines) + "\n"
 
@@ -220,6 +237,9 @@ def turbo_env(args, *, upstream_port: int, db_address: str, turbo_config: Path |
     )
     if args.redis:
         env["REDIS_ADDRESS"] = args.redis
+    if args.limits:
+        # The user's own limits (the key has its own, set when it is made): checked on every request too.
+        env.update(RATE_LIMIT_USER_RPM=str(LIMITS_RPM), RATE_LIMIT_USER_TPM=str(LIMITS_TPM))
     if turbo_config is not None:
         env["TURBO_CONFIG"] = str(turbo_config)
     return env
@@ -227,6 +247,11 @@ def turbo_env(args, *, upstream_port: int, db_address: str, turbo_config: Path |
 
 def signup(turbo_url: str) -> str:
     """A fresh user's token."""
+    return signup_user(turbo_url)[1]
+
+
+def signup_user(turbo_url: str) -> tuple[str, str]:
+    """A fresh user's name and token."""
     username = f"bench-{secrets.token_hex(4)}"
     response = httpx.post(
         f"{turbo_url}/user/signup",
@@ -236,13 +261,138 @@ def signup(turbo_url: str) -> str:
     )
     if response.status_code != 200:
         raise RuntimeError(f"signup failed: {response.status_code} {response.text[:500]}")
-    return response.json()["token"]
+    return username, response.json()["token"]
+
+
+def manage(env: dict[str, str], *arguments: str, timeout: float = 120) -> str:
+    """`manage.py ARGUMENTS` with a Turbo server's environment (its database and Redis); its output."""
+    finished = subprocess.run(
+        [PYTHON, "manage.py", *arguments], cwd=PROJECT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if finished.returncode != 0:
+        raise RuntimeError(
+            f"manage.py {' '.join(arguments[:2])} failed:\n{finished.stdout[-2000:]}{finished.stderr[-3000:]}"
+        )
+    return finished.stdout
+
+
+def limits_setup(turbo_url: str, env: dict[str, str], username: str, token: str, model: str) -> dict:
+    """--limits: an API key for the bench user with large rpm/tpm, a large budget on it and on the user.
+
+    Returns {"key", "prefix", "key_id", "username", "budgets"}; the load then uses the key. One request
+    with the key is sent before the run: it must answer 200 with the rate-limit headers.
+    """
+    response = httpx.post(
+        f"{turbo_url}/user/keys/create",
+        data={"name": "bench-limits", "rpm": str(LIMITS_RPM), "tpm": str(LIMITS_TPM)},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+        trust_env=False,
+    )
+    if response.status_code != 200:
+        raise RuntimeError(f"making an API key failed: {response.status_code} {response.text[:500]}")
+    made = response.json()
+    budgets = []
+    for target in (("--key", made["prefix"]), ("--user", username)):
+        budgets.append(
+            manage(env, "budgets", "set", *target, "--usd", LIMITS_BUDGET_USD, "--period", LIMITS_BUDGET_PERIOD).strip()
+        )
+    probe = httpx.post(
+        f"{turbo_url}/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": "Say hello."}]},
+        headers={"Authorization": f"Bearer {made['key']}"},
+        timeout=60,
+        trust_env=False,
+    )
+    if probe.status_code != 200 or RATELIMIT_HEADER not in probe.headers:
+        raise RuntimeError(
+            f"a test completion with the key answered {probe.status_code} "
+            f"({RATELIMIT_HEADER} {'present' if RATELIMIT_HEADER in probe.headers else 'missing'}): "
+            f"{probe.text[:500]}"
+        )
+    return {
+        "key": made["key"],
+        "prefix": made["prefix"],
+        "key_id": made["id"],
+        "username": username,
+        "budgets": budgets,
+    }
+
+
+# Run with `manage.py shell -c` after the run (Turbo stopped, so its rollups are written): the key's usage
+# over the last day, and what each budget has spent in its period, from the rollups in the database.
+LIMITS_QUERY = """
+import json
+from datetime import timedelta
+from django.utils import timezone
+from proxy.models import Budget
+from proxy.usage.budgets import budget_spent
+from proxy.usage.selectors import usage_report, usage_rollups
+now = timezone.now()
+report = usage_report(rows=usage_rollups(since=now - timedelta(days=1), until=now), by="key")
+budgets = []
+for budget in Budget.objects.all():
+    spent, _ = budget_spent(budget)
+    budgets.append({"scope": budget.scope, "limit_usd": str(budget.limit_usd), "spent_usd": str(spent),
+                    "period": budget.period})
+print(json.dumps({"usage": report, "budgets": budgets}, default=str))
+"""
+
+
+def limits_check(turbo: dict, results: list[dict], sent: int) -> dict:
+    """After the run: usage recorded for every request sent with the key, both budgets charged, nothing refused.
+
+    `sent` is the requests the load generator sent through this Turbo with the key (warm-up included); the
+    probe of limits_setup is one more.
+    """
+    limits, key = turbo["limits"], turbo["key"]
+    table = manage(turbo["env"], "usage", "--since", "1d", "--by", "key")
+    found = json.loads(manage(turbo["env"], "shell", "-c", LIMITS_QUERY).strip().splitlines()[-1])
+    rows = [row for row in found["usage"]["rows"] if str(row.get("key_id")) == str(limits["key_id"])]
+    recorded = sum(int(row["requests"]) for row in rows)
+    cost = sum(float(row["cost_usd"]) for row in rows)
+    summaries = [summary for row in results for summary in row["runs"].get(key, [])]
+    errors = sum(summary["errors"] for summary in summaries)
+    refused = sum(
+        count for summary in summaries for kind, count in summary["error_kinds"].items() if kind == "status 429"
+    )
+    answered = sum(summary["ok"] for summary in summaries)
+    with_headers = sum(summary.get("ratelimit_headers", 0) for summary in summaries)
+    expected = sent + 1
+    budgets = found["budgets"]
+    charged = [budget for budget in budgets if float(budget["spent_usd"]) > 0]
+    ok = recorded == expected and not errors and with_headers == answered and len(charged) == len(budgets) == 2
+    return {
+        "key_prefix": limits["prefix"],
+        "usage_requests": recorded,
+        "usage_expected": expected,
+        "usage_cost_usd": round(cost, 6),
+        "errors": errors,
+        "refused_429": refused,
+        "recorded_answers": answered,
+        "recorded_with_ratelimit_headers": with_headers,
+        "budgets": budgets,
+        "budgets_set": limits["budgets"],
+        "usage_table": table.rstrip("\n").splitlines(),
+        "verdict": "OK" if ok else "PROBLEM",
+    }
 
 
 def loadgen(
-    *, url: str, token: str, mode: str, concurrency: int, requests: int, warmup: int, pool: str, out: Path
+    *,
+    url: str,
+    token: str,
+    mode: str,
+    concurrency: int,
+    requests: int,
+    warmup: int,
+    pool: str,
+    out: Path,
+    model: str = MODEL,
 ) -> dict:
     command = [PYTHON, "-m", "bench.loadgen", "--url", url, f"--token={token}", "--mode", mode]
+    if model != MODEL:
+        command += ["--model", model]
     command += ["--concurrency", str(concurrency), "--requests", str(requests), "--warmup", str(warmup)]
     command += ["--pool", pool, "--out", str(out)]
     finished = subprocess.run(
@@ -577,6 +727,8 @@ def render(report: dict) -> str:
         labels = {key: side["label"] for key, side in (sides or {}).items()}
         lines += ["", "Served by (X-Turbo-Upstream of the measured requests, all cells):"]
         lines += [served_line(labels.get(key, "Turbo"), counts) for key, counts in report["served_by"].items()]
+    if settings.get("limits"):
+        lines += ["", *limits_lines(report)]
     cpus = report["machine"]["cpus"]
     lines += ["", event_line(report["events"])]
     if sides:
@@ -607,6 +759,39 @@ def render(report: dict) -> str:
             f"include waiting for a core. Took {report['duration_s']:.0f} s."
         )
     return "\n".join(lines)
+
+
+def limits_lines(report: dict) -> list[str]:
+    """--limits: what each Turbo ran with, and the check made after the run."""
+    sides = report.get("sides") or {}
+    lines = [
+        f"Key, budget and rate limits (--limits): every request through Turbo sent with an API key (rpm and tpm "
+        f"{LIMITS_RPM:,}), asking for {report['settings']['model']}; budgets ${LIMITS_BUDGET_USD} per "
+        f"{LIMITS_BUDGET_PERIOD} on the key and on its user; the user's rpm and tpm {LIMITS_RPM:,}; Redis."
+    ]
+    for key, check in report.get("limits", {}).items():
+        label = sides[key]["label"] if key in sides else "Turbo"
+        if check["verdict"] == "NOT CHECKED":
+            lines.append(f"  {label}: NOT CHECKED: {first_line(RuntimeError(check['detail']))}")
+            continue
+        spent = "; ".join(
+            f"{budget['scope']} ${float(budget['spent_usd']):.6f} of ${float(budget['limit_usd']):g}"
+            for budget in check["budgets"]
+        )
+        lines += [
+            f"  {label}: usage recorded for {check['usage_requests']} requests, {check['usage_expected']} sent with "
+            f"key {check['key_prefix']} (${check['usage_cost_usd']:.6f}); budgets spent: {spent}",
+            f"  {label}: refused (429) {check['refused_429']}, errors {check['errors']}; rate-limit headers "
+            f"({RATELIMIT_HEADER}) on {check['recorded_with_ratelimit_headers']} of {check['recorded_answers']} "
+            f"recorded answers: {check['verdict']}",
+            *(f"    {line}" for line in check["usage_table"]),
+        ]
+    if any(side["kind"] == "peer" for side in sides.values()):
+        lines.append(
+            "  Peers ran with their master key: no virtual keys or budgets (LiteLLM needs its Postgres database "
+            "and Prisma's engines for them; see bench/README.md)."
+        )
+    return lines
 
 
 def print_errors(results: list[dict]) -> None:
@@ -659,6 +844,7 @@ def measure(args, results: list[dict], *, upstream_url: str, upstream_pid: int, 
                         warmup=args.warmup,
                         pool=args.pool,
                         out=work / f"{side}-{mode}-{concurrency}-{run}.json",
+                        model=args.model,
                     )
                     cpu_after = tree_cpu_seconds(target["pid"])
                     # Whole-process CPU over warm-up and measurement: the server's cost per request (for a
@@ -729,6 +915,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--postgres", default="", metavar="URL", help="run Turbo on this database instead of SQLite")
     parser.add_argument(
+        "--limits",
+        action="store_true",
+        help=f"Turbo on Redis (--redis, default {LIMITS_REDIS}), the load sent with an API key that has large "
+        f"rpm/tpm and a large budget (its user too), asking for {LIMITS_MODEL} (priced); usage checked after",
+    )
+    parser.add_argument(
         "--peers",
         default="",
         metavar="LIST",
@@ -776,6 +968,9 @@ def parse_args() -> argparse.Namespace:
         parser.error("--requests, --runs and every --concurrency level must be at least 1")
     if args.postgres and not args.postgres.startswith(("postgres://", "postgresql://")):
         parser.error("--postgres takes a postgresql:// URL")
+    if args.limits and not args.redis:
+        args.redis = LIMITS_REDIS
+    args.model = LIMITS_MODEL if args.limits else MODEL
     return args
 
 
@@ -792,6 +987,7 @@ def build_report(
     events: dict,
     setup: dict | None = None,
     gateway_configs: dict[str, str] | None = None,
+    limits: dict[str, dict] | None = None,
 ) -> dict:
     """The JSON report. `setup` ({"sides", "websockets", "not_measured"}) is given when the run had --servers,
     --peers or more than one --gateway mode; without it the report has the keys it always had, plus
@@ -852,6 +1048,9 @@ def build_report(
         keys = [key for key, side in setup["sides"].items() if side["kind"] == "turbo"] if setup else ["via_turbo"]
         report["served_by"] = {key: served_by(results, key) for key in keys}
         report["gateway_configs"] = gateway_configs or {}
+    if args.limits:
+        report["settings"].update(limits=True, model=args.model)
+        report["limits"] = limits or {}
     report["results"] = results
     return report
 
@@ -864,11 +1063,11 @@ def report_write(report: dict, names: list[str]) -> None:
     print("\nwrote " + " and ".join(str(path) for path in paths))
 
 
-def probe_chat(url: str, token: str) -> None:
+def probe_chat(url: str, token: str, model: str = MODEL) -> None:
     """One non-streamed completion through a peer before it is measured; raises unless it answers 200."""
     response = httpx.post(
         f"{url}/chat/completions",
-        json={"model": "bench-model", "messages": [{"role": "user", "content": "Say hello."}]},
+        json={"model": model, "messages": [{"role": "user", "content": "Say hello."}]},
         headers={"Authorization": f"Bearer {token}"},
         timeout=120,
         trust_env=False,
@@ -928,7 +1127,7 @@ def main() -> None:
         wait_until_answering(processes, "upstream", upstream, f"{upstream_url}/models")
 
         for mode in args.gateway:
-            text = gateway_yaml(mode, upstream_url)
+            text = gateway_yaml(mode, upstream_url, args.model)
             config_paths[mode] = None
             if text is not None:
                 gateway_configs[mode] = text
@@ -940,7 +1139,9 @@ def main() -> None:
         variants = [(name, mode) for name in args.servers for mode in args.gateway]
         for index, (name, mode) in enumerate(variants):
             suffix = "" if mode == "off" else f"-gateway-{mode}"
-            label = f"Turbo {name}" + ("" if mode == "off" else f", gateway {mode}")
+            label = (
+                f"Turbo {name}" + ("" if mode == "off" else f", gateway {mode}") + (", limits" if args.limits else "")
+            )
             if index and (reason := unavailable(name)):
                 skip(label, reason)
                 continue
@@ -970,11 +1171,14 @@ def main() -> None:
                     "started": time.monotonic(),
                     "url": f"http://127.0.0.1:{port}",
                     "db_path": db_path,
+                    "env": env,
                 }
             )
         for name in args.peers:  # only LiteLLM so far
             try:
-                peer = litellm_peer(work=work, port=(port := free_port()), upstream_url=upstream_url, log=note)
+                peer = litellm_peer(
+                    work=work, port=(port := free_port()), upstream_url=upstream_url, model=args.model, log=note
+                )
             except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
                 skip("LiteLLM", first_line(exc))
                 note(str(exc))
@@ -988,7 +1192,13 @@ def main() -> None:
             try:
                 wait_until_answering(processes, turbo["process_name"], turbo["process"], f"{turbo['url']}/v1/models")
                 ready_after_s = round(time.monotonic() - turbo["started"], 1)
-                token = signup(turbo["url"])
+                username, token = signup_user(turbo["url"])
+                if args.limits:
+                    turbo["limits"] = limits_setup(turbo["url"], turbo["env"], username, token, args.model)
+                    note(
+                        f"{turbo['label']}: API key {turbo['limits']['prefix']}...; "
+                        + "; ".join(turbo["limits"]["budgets"])
+                    )
             except RuntimeError as exc:
                 if index == 0:
                     raise
@@ -1004,7 +1214,8 @@ def main() -> None:
                     "key": turbo["key"],
                     "label": turbo["label"],
                     "url": turbo["url"] + "/v1",
-                    "token": token,
+                    # With --limits the load goes with the API key; the session token still opened /ws above.
+                    "token": turbo["limits"]["key"] if args.limits else token,
                     "pid": turbo["process"].pid,
                 }
             )
@@ -1019,7 +1230,7 @@ def main() -> None:
                 url = entry["url"]
                 wait_until_answering(processes, peer.name, entry["process"], url + peer.health_path, peer.startup_s)
                 ready_after_s = round(time.monotonic() - entry["started"], 1)
-                probe_chat(url + "/v1", peer.token)
+                probe_chat(url + "/v1", peer.token, args.model)
             except (RuntimeError, httpx.HTTPError) as exc:
                 skip(peer.label, first_line(exc), peer.name)
                 note(str(exc))
@@ -1040,13 +1251,21 @@ def main() -> None:
             # httpx logs every upstream request at INFO; count those, show anything else Turbo said.
             other_logs[turbo["label"]] = [line for line in turbo_log if not line.startswith("HTTP Request:")]
             by_side[turbo["key"]] = {
-                "expected": expected,
+                # With --limits, limits_setup's test request went through Turbo too.
+                "expected": expected + (1 if turbo.get("limits") else 0),
                 "logged": None if args.postgres else events_logged(turbo["db_path"]),
                 "httpx_info_lines": sum(1 for line in turbo_log if line.startswith("HTTP Request:")),
             }
         events = dict(by_side["via_turbo"])
         if extended:
             events["by_side"] = by_side
+        limits = {}
+        if args.limits:
+            for turbo in turbos:
+                try:
+                    limits[turbo["key"]] = limits_check(turbo, results, expected)
+                except (RuntimeError, ValueError, KeyError, subprocess.SubprocessError) as exc:
+                    limits[turbo["key"]] = {"verdict": "NOT CHECKED", "detail": str(exc)[-2000:]}
         report = build_report(
             args,
             results,
@@ -1055,6 +1274,7 @@ def main() -> None:
             events=events,
             setup=setup(),
             gateway_configs=gateway_configs,
+            limits=limits,
         )
         report["table"] = render(report)
         print(report["table"])
