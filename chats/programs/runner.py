@@ -17,6 +17,7 @@ program waits where it waited before, and the chat stays usable.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -36,7 +37,7 @@ from chats.programs.library import (
     runtime_use,
 )
 from chats.programs.memory import ChatMemory
-from chats.programs.registry import program_get
+from chats.programs.registry import program_get, programs
 from proxy import tools
 from proxy.gateway import GatewayError
 from turbo_site.core.errors import Conflict, Invalid
@@ -73,8 +74,7 @@ class TurnResult:
 
 
 def program_context_check(value) -> dict:
-    import json
-
+    """A program's context: a JSON object (or its text) of at most PROGRAM_CONTEXT_MAX_BYTES; Invalid otherwise."""
     if value in (None, ""):
         return {}
     if isinstance(value, str):
@@ -90,8 +90,7 @@ def program_context_check(value) -> dict:
 
 
 def program_check(name: str) -> None:
-    from chats.programs.registry import programs
-
+    """Invalid (400) unless `name` is a registered program."""
     if program_get(name) is None:
         raise Invalid(f"program: no program named {name!r}; registered: {', '.join(sorted(programs()))}")
 
