@@ -15,6 +15,9 @@ import pytest
 import uvicorn
 from django.core.cache import cache
 
+# Test helpers and fixture modules (turbo_site/testing/) get pytest's assertion messages too.
+pytest.register_assert_rewrite("turbo_site.testing")
+
 
 @pytest.fixture(autouse=True)
 def _clean_cache(request):

@@ -17,24 +17,16 @@ from conftest import unique_name
 from groups.models import Group, GroupMember
 from proxy.events import events_flush
 from proxy.models import Budget, Event
-from turbo_site.testing.pages import PASSWORD, log_in, page_of, post_form, sign_up
+from turbo_site.testing.pages import (
+    PASSWORD,
+    log_in,
+    page_of,
+    post_form,
+    sign_up,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def browsers(turbo_server):
-    """Makes clients that keep cookies, like separate browsers, against the live server."""
-    opened = []
-
-    def open_browser() -> httpx.Client:
-        browser = httpx.Client(base_url=turbo_server.url, timeout=30)
-        opened.append(browser)
-        return browser
-
-    yield open_browser
-    for browser in opened:
-        browser.close()
+pytest_plugins = ["turbo_site.testing.pages"]  # the browsers fixture
 
 
 @pytest.fixture

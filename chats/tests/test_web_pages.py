@@ -24,9 +24,10 @@ from django.test.utils import CaptureQueriesContext
 from chats.models import Chat, ChatMember, Message
 from conftest import PROJECT_ROOT, unique_name
 from groups.models import Group, GroupMember
-from turbo_site.testing.pages import log_in, page_of, post_form
+from turbo_site.testing.pages import page_of, post_form
 
 pytestmark = pytest.mark.django_db(transaction=True)
+pytest_plugins = ["turbo_site.testing.pages"]  # the browsers and person fixtures
 
 XSS_PROMPT = "<script>alert(1)</script> and <img src=x onerror=alert(1)>"
 STATIC = PROJECT_ROOT / "templates" / "static" / "turbo"
@@ -35,35 +36,6 @@ TEMPLATES = PROJECT_ROOT / "templates" / "web"
 
 def bearer(token: str) -> dict:
     return {"Authorization": f"Bearer {token}"}
-
-
-@pytest.fixture
-def browsers(turbo_server):
-    import httpx
-
-    opened = []
-
-    def open_browser():
-        browser = httpx.Client(base_url=turbo_server.url, timeout=30)
-        opened.append(browser)
-        return browser
-
-    yield open_browser
-    for browser in opened:
-        browser.close()
-
-
-@pytest.fixture
-def person(signup, browsers):
-    """A user signed up through the API, with a browser logged in as them: (token, user, browser)."""
-
-    def make():
-        token, user, password = signup()
-        browser = browsers()
-        assert log_in(browser, user["username"], password).status_code == 302
-        return token, user, browser
-
-    return make
 
 
 def api_chat(client, token, **fields) -> dict:

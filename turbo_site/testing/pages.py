@@ -5,6 +5,7 @@ import re
 from html.parser import HTMLParser
 
 import httpx
+import pytest
 
 from conftest import unique_name
 
@@ -153,3 +154,34 @@ def sign_up(browser: httpx.Client, username: str | None = None, password: str = 
 def log_in(browser: httpx.Client, username: str, password: str = PASSWORD, *, next: str = "") -> httpx.Response:
     assert browser.get("/login").status_code == 200
     return post_form(browser, "/login", {"username": username, "password": password, "next": next})
+
+
+# --- fixtures: test modules import them (`from turbo_site.testing.pages import browsers, person`) ---------
+
+
+@pytest.fixture
+def browsers(turbo_server):
+    """Makes clients that keep cookies, like separate browsers, against the live server."""
+    opened = []
+
+    def open_browser() -> httpx.Client:
+        browser = httpx.Client(base_url=turbo_server.url, timeout=30)
+        opened.append(browser)
+        return browser
+
+    yield open_browser
+    for browser in opened:
+        browser.close()
+
+
+@pytest.fixture
+def person(signup, browsers):
+    """A user signed up through the API, with a browser logged in as them: (token, user, browser)."""
+
+    def make():
+        token, user, password = signup()
+        browser = browsers()
+        assert log_in(browser, user["username"], password).status_code == 302
+        return token, user, browser
+
+    return make
