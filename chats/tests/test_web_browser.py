@@ -359,3 +359,60 @@ def test_the_usage_page_shows_a_bar_for_today_after_a_call(browser, signup, clie
     width = browser.driver.execute_script("return document.documentElement.scrollWidth")
     assert width <= 375, f"the usage page scrolls sideways on a phone: {width}px wide"
     browser.screenshot("usage-phone")
+
+
+# The renderer itself, in the browser that runs it: a small DOM of what it builds, for exact checks.
+RENDER_CASES = r"""
+const done = arguments[arguments.length - 1];
+import("/static/turbo/markdown.js").then(({ renderMarkdown }) => {
+  const shape = (node) => node.nodeType === Node.TEXT_NODE ? node.textContent : {
+    name: node.nodeName.toLowerCase(), href: node.getAttribute("href"), rel: node.getAttribute("rel"),
+    target: node.getAttribute("target"), className: node.className, text: node.textContent,
+    children: [...node.childNodes].map(shape) };
+  done(JSON.stringify(arguments[0].map((text) => {
+    const holder = document.createElement("div");
+    holder.append(renderMarkdown(text, document));
+    return { name: "#fragment", children: [...holder.childNodes].map(shape) };
+  })));
+}, (error) => done(JSON.stringify({ error: String(error) })));
+"""
+
+
+def test_the_markdown_renderer_keeps_html_as_text_and_links_only_http(browser):
+    import json
+
+    xss = "<script>alert(1)</script> and <img src=x onerror=alert(1)>"
+    cases = [
+        xss,
+        "**bold** *it* `<b>code</b>`\n\n- one\n- two",
+        "```html\n<script>alert(1)</script>\n```",
+        "[ok](https://example.com/a) [bad](javascript:alert(1)) [data](data:text/html,x) see http://x.org.",
+    ]
+    browser.open("/login")  # a page of ours: the module loads under its strict CSP
+    answer = json.loads(browser.driver.execute_async_script(RENDER_CASES, cases))
+    assert not isinstance(answer, dict), answer
+    html_text, formatted, code, links = answer
+
+    assert [child["name"] for child in html_text["children"]] == ["p"]
+    assert html_text["children"][0]["children"] == [xss]  # one text node: nothing became an element
+
+    (paragraph, bullet_list) = formatted["children"]
+    assert [child["name"] if isinstance(child, dict) else child for child in paragraph["children"]] == [
+        "strong",
+        " ",
+        "em",
+        " ",
+        "code",
+    ]
+    assert paragraph["children"][4]["text"] == "<b>code</b>"
+    assert bullet_list["name"] == "ul" and [li["children"] for li in bullet_list["children"]] == [["one"], ["two"]]
+
+    (pre,) = code["children"]
+    assert pre["name"] == "pre" and pre["children"][0]["text"] == "<script>alert(1)</script>"
+    assert pre["children"][0]["className"] == "language-html"
+
+    anchors = [child for child in links["children"][0]["children"] if isinstance(child, dict)]
+    assert [a["href"] for a in anchors] == ["https://example.com/a", "http://x.org/"]
+    assert all(a["rel"] == "noopener noreferrer" and a["target"] == "_blank" for a in anchors)
+    text = "".join(child for child in links["children"][0]["children"] if isinstance(child, str))
+    assert "[bad](javascript:alert(1))" in text and "[data](data:text/html,x)" in text
