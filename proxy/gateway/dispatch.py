@@ -127,7 +127,7 @@ async def _reserve(call: Call) -> Reservation | None:
     if call.caller is None or not call.model:
         return None
     try:
-        return await budget_reserve(call.caller, call_cost_ceiling(call.path, call.model, call.payload))
+        return await budget_reserve(call.caller, lambda: call_cost_ceiling(call.path, call.model, call.payload))
     except BudgetExceeded as refused:
         raise GatewayError(
             refused.message,

@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_CEILING, Decimal
@@ -373,8 +374,9 @@ async def reservation_settle(reservation: Reservation | None, cost: Decimal | No
     await reservation.settle(from_nano(reservation.amount) if cost is None else cost)
 
 
-async def budget_reserve(caller: Caller | None, amount_usd: Decimal) -> Reservation | None:
-    """Reserve `amount_usd` against every budget of `caller` (None when none applies).
+async def budget_reserve(caller: Caller | None, amount_usd: Decimal | Callable[[], Decimal]) -> Reservation | None:
+    """Reserve `amount_usd` against every budget of `caller` (None when none applies). A callable
+    amount is worked out only when a budget applies (counting a prompt's tokens is not free).
 
     Raises BudgetExceeded, having reserved nothing, when one of them cannot cover it.
     """
@@ -386,7 +388,7 @@ async def budget_reserve(caller: Caller | None, amount_usd: Decimal) -> Reservat
     now = datetime.now(UTC)
     limits = [Limit(rule, *period_bounds(rule.period, now)) for rule in rules]
     reservation_id = uuid.uuid4().hex
-    amount = to_nano(amount_usd)
+    amount = to_nano(amount_usd() if callable(amount_usd) else amount_usd)
     refused, spent, reserved = await _store().reserve(limits, reservation_id, amount)
     if refused:
         raise BudgetExceeded(limits[refused - 1], spent, reserved)
