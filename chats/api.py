@@ -22,6 +22,7 @@ from chats.serializers import ChatOutput, MessageOutput, chat_data, message_data
 from chats.stream import ChatSubscriber
 from proxy import tools
 from proxy.gateway import GatewayError
+from proxy.structured import StructuredOutputError
 from turbo_site.core.errors import Invalid, TurboError, error_response, is_unavailable, unavailable_response
 from turbo_site.core.schema import EmptyResponse, errors, get_and_post
 from turbo_site.core.serializers import StrictCharField, plain_request_input, request_input
@@ -82,6 +83,55 @@ class ProgramContextField(serializers.Field):
         return value
 
 
+RESPONSE_FORMAT_HELP = (
+    "OpenAI's response_format (a JSON object or its text): type json_schema with json_schema {name, schema, "
+    "strict} for a reply validated against the schema and parsed into the message's `data`; type text for text"
+)
+
+
+class JsonValueField(serializers.Field):
+    """A JSON value as given (or its text, from a form): the service checks it (proxy.structured,
+    proxy.functions), so every front refuses the same things."""
+
+    def to_internal_value(self, data):
+        return data
+
+    def to_representation(self, value):
+        return value
+
+
+@extend_schema_field({"type": "object", "additionalProperties": True, "nullable": True})
+class ResponseFormatField(JsonValueField):
+    pass
+
+
+@extend_schema_field(
+    {
+        "type": "array",
+        "items": {"type": "object", "additionalProperties": True},
+        "description": "the client's own functions (OpenAI tools: {type: function, function: {name, description, "
+        "parameters}}); a call to one ends the turn with status tool_calls",
+    }
+)
+class ClientFunctionsField(JsonValueField):
+    pass
+
+
+@extend_schema_field(
+    {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "properties": {"tool_call_id": {"type": "string"}, "content": {}, "is_error": {"type": "boolean"}},
+            "required": ["tool_call_id", "content"],
+        },
+        "description": "results of the client function calls a message waits on (send instead of a prompt)",
+    }
+)
+class ToolResultsField(JsonValueField):
+    pass
+
+
 SETTINGS_HELP = (
     "model settings sent with every prompt: temperature, top_p, max_tokens, presence_penalty, "
     "frequency_penalty, stop, seed (a JSON object)"
@@ -99,6 +149,7 @@ class ChatCreateInput(serializers.Serializer):
         max_length=100, required=False, allow_blank=True, help_text="run this chat program (see /info)"
     )
     program_context = ProgramContextField(required=False, help_text="the program's context (a JSON object)")
+    response_format = ResponseFormatField(required=False, allow_null=True, help_text=RESPONSE_FORMAT_HELP)
 
 
 class ChatUpdateInput(ChatIdInput):
@@ -107,6 +158,9 @@ class ChatUpdateInput(ChatIdInput):
     system_prompt = StrictCharField(**SYSTEM_PROMPT_FIELD)
     tools = ToolNamesField(required=False)
     settings = ModelSettingsField(required=False, help_text=SETTINGS_HELP + "; replaces the chat's settings")
+    response_format = ResponseFormatField(
+        required=False, allow_null=True, help_text=RESPONSE_FORMAT_HELP + "; null: back to text"
+    )
 
 
 class ChatReadInput(ChatIdInput):
@@ -278,10 +332,14 @@ def async_endpoint(methods: tuple[str, ...], *, token_parameter: bool = False):
 
 
 class PromptInput(ChatIdInput):
-    prompt = StrictCharField(trim_whitespace=False)
+    prompt = StrictCharField(trim_whitespace=False, required=False)
     context = serializers.IntegerField(required=False)
     stream = serializers.BooleanField(required=False, default=False)
     otr = serializers.BooleanField(required=False, default=False)
+    # Checked by the service (proxy.structured, proxy.functions), for every front alike.
+    response_format = ResponseFormatField(required=False, allow_null=True, help_text=RESPONSE_FORMAT_HELP)
+    tools = ClientFunctionsField(required=False, allow_null=True)
+    tool_results = ToolResultsField(required=False, allow_null=True)
 
     def validate_prompt(self, value: str) -> str:
         if not value.strip():
@@ -289,6 +347,12 @@ class PromptInput(ChatIdInput):
         if len(value) > settings.MAX_PROMPT_CHARS:
             raise serializers.ValidationError(f"may be at most {settings.MAX_PROMPT_CHARS} characters")
         return value
+
+    def validate(self, data):
+        data = super().validate(data)
+        if data.get("tool_results") is None and "prompt" not in data:
+            raise Invalid("prompt: this field is required")
+        return data
 
 
 @async_endpoint(("POST",))
@@ -301,12 +365,17 @@ async def chat_prompt(request):
         message = await generation.message_prompt(
             chat=chat,
             user=request.user,
-            prompt=fields["prompt"],
+            prompt=fields.get("prompt"),
             context_size=context,
             stream=fields["stream"],
             otr=fields["otr"],
             allowed_models=request.turbo_session.allowed_models,
+            response_format=fields.get("response_format"),
+            client_functions=fields.get("tools"),
+            tool_results=fields.get("tool_results"),
         )
+    except StructuredOutputError as exc:
+        return error_response(502, exc.code, exc.message, errors=exc.errors)
     except GatewayError as exc:
         if exc.status in (400, 403, 404):  # the model asked for: unknown, not allowed, or fits no route
             return error_response(exc.status, exc.code, exc.message)

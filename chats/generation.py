@@ -6,6 +6,15 @@ so members always see the reply grow and a client that hangs up does not stop it
 retried while the database is away (FINAL_SAVE_RETRY_SECONDS) and the final event is always sent
 (retried the same way while the stream's transport is away). At shutdown, running generations get
 SHUTDOWN_GRACE_SECONDS to finish; the rest are saved as interrupted.
+
+Structured output: with a json_schema `response_format` (the prompt's, else the chat's default), the
+reply still streams; once it ends it is validated (proxy.structured). A reply that fails is asked for
+again with the errors (STRUCTURED_RETRIES times at most): members get a `message.delta` with `retry`
+({"attempt", "errors"}) whose `message.reply` no longer holds the failed attempt, and the new attempt
+streams after it. The parsed value is saved as `Message.data`; the last failure is
+`invalid_structured_output`. Client functions: a model's call to one of the client's own functions
+ends the turn (status `tool_calls`, the calls in `tool_calls` with `client: true`); the client's
+`tool_results` resume the same message.
 """
 
 import asyncio
@@ -37,12 +46,13 @@ from chats.stream import (
     aevent_send,
     message_event,
 )
-from proxy import ai, gateway, tools
+from proxy import ai, functions, gateway, structured, tools
 from proxy.gateway import GatewayError
 from proxy.usage.budgets import BudgetExceeded, budget_reserve
 from proxy.usage.caller import Caller
+from turbo_site.core import tracing
 from turbo_site.core.crypto import secret_decrypt
-from turbo_site.core.errors import RateLimited, ServiceUnavailable
+from turbo_site.core.errors import Forbidden, Invalid, RateLimited, ServiceUnavailable
 from turbo_site.core.streams import StreamUnavailable
 
 if TYPE_CHECKING:
@@ -66,6 +76,7 @@ class PromptPlan:
     allowed_models: frozenset[str] | None = None  # the user's and the chat's group's limit; None: any
     program: "ProgramTurn | None" = None  # a turn of the chat's program (chats.programs.runner)
     caller: Caller | None = None  # who the model calls are for: the user, and the chat's group
+    client_functions: frozenset[str] = frozenset()  # the client's own functions: a call to one ends the turn
 
 
 @dataclass
@@ -86,6 +97,8 @@ class _Reply:
     usage: dict = field(default_factory=dict)
     records: list[dict] = field(default_factory=list)
     unsent: str = ""  # text whose delta event could not be sent: it goes out with the next one
+    data: object = None  # the structured reply, parsed and valid (proxy.structured)
+    pending: bool = False  # the model called a client function: the turn waits for its results
 
     def snapshot(self) -> dict:
         return {**self.base, "reply": self.text, "tool_calls": self.records}
@@ -101,6 +114,20 @@ class _Reply:
         except StreamUnavailable:
             pass  # subscribers were told to reconnect; the final event carries the whole reply
 
+    async def restart(self, at: int, attempt: int, errors: list[str]) -> None:
+        """A structured reply failed its schema: its text (from `at`) goes; members see `message.reply`
+        without it, in a delta that carries `retry`, and the next attempt streams after it."""
+        self.text, self.unsent = self.text[:at], ""
+        try:
+            await aevent_send(
+                self.message.chat_id,
+                MESSAGE_DELTA,
+                **message_event(MESSAGE_DELTA, self.snapshot(), ""),
+                retry={"attempt": attempt, "errors": errors},
+            )
+        except StreamUnavailable:
+            pass
+
 
 class QuietReply:
     """Where a reply nobody sees goes (a chat program's sub-program or `Generate(forward=False)`); its
@@ -110,14 +137,48 @@ class QuietReply:
         self.text = ""
         self.usage = {} if usage is None else usage
         self.records: list[dict] = []
+        self.data = None
+        self.pending = False
 
     async def add(self, text: str) -> None:
         self.text += text
 
+    async def restart(self, at: int, attempt: int, errors: list[str]) -> None:
+        self.text = self.text[:at]
+
+
+def _model_request(
+    *, chat: Chat, user: User, messages: list[dict], response_format: dict | None, client_functions: list[dict]
+) -> dict:
+    """The model request of an ordinary chat's prompt: its messages, the chat's settings and tools, the
+    client's functions and the response_format in force."""
+    request = settings_apply(
+        {
+            "model": chat.model,
+            "messages": messages,
+            "user": ai.user_tag(user),
+            "stream_options": {"include_usage": True},
+        },
+        chat.settings,
+    )
+    if chat.tools or client_functions:
+        request["tools"] = [*tools.openai_tools(chat.tools), *client_functions]
+    if response_format:
+        request["response_format"] = response_format
+    return request
+
 
 @transaction.atomic
 def _message_start(
-    *, chat: Chat, user: User, prompt: str, context_size: int, otr: bool, allowed_models: frozenset[str] | None
+    *,
+    chat: Chat,
+    user: User,
+    prompt: str,
+    context_size: int,
+    otr: bool,
+    allowed_models: frozenset[str] | None,
+    response_format: dict | None = None,
+    client_functions: list[dict] | None = None,
 ) -> PromptPlan:
     # Refused before anything is stored; an off-the-record note never reaches the model, so it is not.
     if not otr:
@@ -136,17 +197,13 @@ def _message_start(
     context = context_fit(
         chat_context_get(chat_id=chat.pk, size=context_size), prompt=prompt, system=chat.system_prompt
     )
-    request = settings_apply(
-        {
-            "model": chat.model,
-            "messages": ai.build_messages(prompt, context, chat.system_prompt or None),
-            "user": ai.user_tag(user),
-            "stream_options": {"include_usage": True},
-        },
-        chat.settings,
+    request = _model_request(
+        chat=chat,
+        user=user,
+        messages=ai.build_messages(prompt, context, chat.system_prompt or None),
+        response_format=response_format,
+        client_functions=client_functions or [],
     )
-    if chat.tools:
-        request["tools"] = tools.openai_tools(chat.tools)
     return PromptPlan(
         message,
         request,
@@ -154,6 +211,84 @@ def _message_start(
         list(chat.tools),
         allowed_models,
         caller=Caller(user.pk, chat.group_id),
+        client_functions=functions.function_names(client_functions or []),
+    )
+
+
+@transaction.atomic
+def _message_resume(
+    *,
+    chat: Chat,
+    user: User,
+    tool_results: list[dict],
+    context_size: int,
+    allowed_models: frozenset[str] | None,
+    response_format: dict | None,
+    client_functions: list[dict],
+) -> PromptPlan:
+    """Give a message waiting on client function calls (status `tool_calls`) their results and plan the
+    rest of its reply. Refused (400, nothing changed) unless the results answer exactly the calls one
+    message waits for; only the prompt's author or the chat's owner may answer (403)."""
+    allowed_models = chat_model_check(model=chat.model, allowed_models=allowed_models, group=chat.group)
+    answers = {result["tool_call_id"]: result for result in tool_results}
+    waiting = Message.objects.select_for_update().filter(chat=chat, status=Message.Status.TOOL_CALLS)
+    message = next(
+        (
+            m
+            for m in waiting
+            if any(r.get("client") and r.get("result") is None and r.get("id") in answers for r in m.tool_calls)
+        ),
+        None,
+    )
+    if message is None:
+        first = next(iter(answers))
+        raise Invalid(
+            f"tool_results[0].tool_call_id: no call {first!r} waits for a result in this chat", code="unknown_tool_call"
+        )
+    pending = [r["id"] for r in message.tool_calls if r.get("client") and r.get("result") is None]
+    for index, call_id in enumerate(answers):
+        if call_id not in pending:
+            raise Invalid(
+                f"tool_results[{index}].tool_call_id: {call_id!r} is not a call this message waits on",
+                code="unknown_tool_call",
+            )
+    missing = [call_id for call_id in pending if call_id not in answers]
+    if missing:
+        raise Invalid(f"tool_results: the results of {', '.join(missing)} are missing", code="tool_results_missing")
+    if user.pk not in (message.author_id, chat.owner_id):
+        raise Forbidden("only the prompt's author or the chat's owner may send its tool results")
+    records = [
+        {**r, "result": answers[r["id"]]["content"], "is_error": answers[r["id"]]["is_error"]}
+        if r.get("id") in answers and r.get("client")
+        else r
+        for r in message.tool_calls
+    ]
+    message.tool_calls = records
+    message.status = Message.Status.STREAMING
+    message.save(update_fields=["tool_calls", "status", "updated_at"])
+    Chat.objects.filter(pk=chat.pk).update(updated_at=timezone.now())
+    context = context_fit(
+        chat_context_get(chat_id=chat.pk, size=context_size), prompt=message.prompt, system=chat.system_prompt
+    )
+    messages = ai.build_messages(message.prompt, context, chat.system_prompt or None)
+    # Earlier rounds are replayed as one assistant turn with every call made so far, then their results.
+    calls = [
+        {"id": r["id"], "type": "function", "function": {"name": r["name"], "arguments": r["arguments"]}}
+        for r in records
+    ]
+    messages.append({"role": "assistant", "content": message.reply or None, "tool_calls": calls})
+    messages += [{"role": "tool", "tool_call_id": r["id"], "content": r["result"] or ""} for r in records]
+    request = _model_request(
+        chat=chat, user=user, messages=messages, response_format=response_format, client_functions=client_functions
+    )
+    return PromptPlan(
+        message,
+        request,
+        secret_decrypt(chat.api_key_encrypted),
+        list(chat.tools),
+        allowed_models,
+        caller=Caller(user.pk, chat.group_id),
+        client_functions=functions.function_names(client_functions),
     )
 
 
@@ -192,6 +327,7 @@ def _program_turn_start(
 def _message_finish(*, message: Message, reply: _Reply, status: str, error: str, program=None, turn=None) -> None:
     message.reply = reply.text
     message.tool_calls = reply.records
+    message.data = reply.data
     message.status = status
     message.error = error
     message.prompt_tokens = reply.usage.get("prompt_tokens")
@@ -206,6 +342,7 @@ def _message_finish(*, message: Message, reply: _Reply, status: str, error: str,
             "completion_tokens",
             "total_tokens",
             "tool_calls",
+            "data",
             "updated_at",
         ]
     )
@@ -249,6 +386,9 @@ async def message_prompt(
     stream: bool,
     otr: bool,
     allowed_models: frozenset[str] | None = None,
+    response_format: dict | None = None,
+    client_functions: list[dict] | None = None,
+    tool_results: list[dict] | None = None,
 ) -> Message:
     """Store a prompt, have the model answer it, and send the reply to the chat's members.
 
@@ -261,30 +401,77 @@ async def message_prompt(
 
     In a chat that runs a program (chats.programs), the prompt is the program's next input and the
     reply is what the program shows until it asks for input again; `prompt=None` is its opening turn.
+
+    `response_format` (OpenAI's shape; None: the chat's default) asks for a structured reply, validated
+    and parsed into `Message.data` (proxy.structured); a bad one is a 400 `invalid_response_format`.
+    `client_functions` are the client's own function definitions (proxy.functions): a call to one ends
+    the turn with status `tool_calls`; `tool_results` (with no prompt) answer those calls and resume that
+    message. Bad input is a 400 naming the problem, storing nothing.
     """
     if _draining:
         raise ServiceUnavailable("this server is shutting down; send the prompt again", retry_after=2)
+    response_format = structured.response_format_check(response_format)
+    client_functions = functions.client_functions_check(client_functions, reserved=tools.tool_names())
+    if tool_results is not None:
+        tool_results = functions.tool_results_check(tool_results)
+        if prompt:
+            raise Invalid("send either a prompt or tool_results, not both")
+    if (response_format or client_functions or tool_results) and (otr or chat.program):
+        where = "an off-the-record note" if otr else "a chat that runs a program"
+        raise Invalid(f"{where} takes no response_format, tools or tool_results")
+    if response_format is None and not chat.program:
+        response_format = chat.response_format or None
     if not otr:
         await _budget_left(Caller(user.pk, chat.group_id))
-    if chat.program and not otr:
+    if tool_results:
+        plan = await database_sync_to_async(_message_resume)(
+            chat=chat,
+            user=user,
+            tool_results=tool_results,
+            context_size=context_size,
+            allowed_models=allowed_models,
+            response_format=response_format,
+            client_functions=client_functions,
+        )
+    elif chat.program and not otr:
         plan = await database_sync_to_async(_program_turn_start)(
             chat=chat, user=user, prompt=prompt, allowed_models=allowed_models
         )
     else:
         plan = await database_sync_to_async(_message_start)(
-            chat=chat, user=user, prompt=prompt, context_size=context_size, otr=otr, allowed_models=allowed_models
+            chat=chat,
+            user=user,
+            prompt=prompt,
+            context_size=context_size,
+            otr=otr,
+            allowed_models=allowed_models,
+            response_format=response_format,
+            client_functions=client_functions,
         )
     message = plan.message
     if otr:
         await _send_final(message, MESSAGE_CREATED)
         return message
     base = message_data(message)
-    try:
-        await aevent_send(message.chat_id, MESSAGE_CREATED, **message_event(MESSAGE_CREATED, base))
-    except StreamUnavailable:
-        logger.warning("chat %s: message.created not sent, the stream is unavailable", message.chat_id)
+    trace = tracing.span_start(  # the prompt's span, ended with its generation
+        "chat prompt",
+        {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.request.model": chat.model,
+            "turbo.chat.id": str(chat.pk),
+            "turbo.message.id": str(message.pk),
+        },
+        content={"gen_ai.input.messages": prompt},
+    )
+    opening = MESSAGE_DELTA if tool_results else MESSAGE_CREATED  # a resumed message was created before
+    with tracing.span("chat fan-out", {"turbo.chat.event": opening}, parent=trace):
+        try:
+            await aevent_send(message.chat_id, opening, **message_event(opening, base))
+        except StreamUnavailable:
+            logger.warning("chat %s: %s not sent, the stream is unavailable", message.chat_id, opening)
     # A fresh context: the task outlives this request, whose thread executor ends with it.
-    task = asyncio.get_running_loop().create_task(_generate(plan, base), context=contextvars.Context())
+    task = asyncio.get_running_loop().create_task(_generate(plan, base), context=tracing.task_context(trace))
+    tracing.task_span_end(trace, task)
     _generations.add(task)
     task.add_done_callback(_generations.discard)
     _stoppable_here(message.pk, task)
@@ -324,13 +511,22 @@ def program_open(*, chat: Chat, user: User, allowed_models: frozenset[str] | Non
 
 async def _generate(plan: PromptPlan, base: dict) -> Outcome:
     """Stream the answer to the chat's members, running requested tools between rounds; save it."""
-    reply = _Reply(plan.message, base)
+    # A resumed message (client tool results) goes on from what it has.
+    earlier = plan.message
+    usage = {
+        name: getattr(earlier, name)
+        for name in ("prompt_tokens", "completion_tokens", "total_tokens")
+        if getattr(earlier, name) is not None
+    }
+    reply = _Reply(earlier, base, text=earlier.reply, usage=usage, records=list(earlier.tool_calls))
     status, error, failure, turn = Message.Status.COMPLETE, "", None, None
     try:
         if plan.program is not None:
             turn = await plan.program.run(plan, reply)
         else:
             await reply_stream(plan, plan.request, reply)
+            if reply.pending:
+                status = Message.Status.TOOL_CALLS
     except GatewayError as exc:
         status, error, failure = Message.Status.ERROR, exc.message, exc
     except asyncio.CancelledError:
@@ -354,9 +550,16 @@ async def _generate(plan: PromptPlan, base: dict) -> Outcome:
 
 async def reply_stream(plan: PromptPlan, request: dict, reply: "_Reply | QuietReply") -> str:
     """Ask the model, streaming its text into `reply`; run the tools it calls and ask again,
-    MAX_TOOL_ROUNDS at most. Returns the text it added."""
+    MAX_TOOL_ROUNDS at most. Returns the text it added.
+
+    A json_schema response_format's reply is validated and asked for again with the errors
+    (proxy.structured); the parsed value lands in `reply.data`. A call to one of the client's functions
+    (`plan.client_functions`) ends the turn: `reply.pending`, with the calls recorded (`client: true`)."""
     start = len(reply.text)
-    for _ in range(settings.MAX_TOOL_ROUNDS + 1):
+    attempts = structured.Attempts(request.get("response_format"))
+    rounds = 0
+    while True:
+        attempt_start = len(reply.text)
         stream = gateway.chat_stream(
             request, api_key=plan.api_key, allowed_models=plan.allowed_models, caller=plan.caller
         )
@@ -365,14 +568,46 @@ async def reply_stream(plan: PromptPlan, request: dict, reply: "_Reply | QuietRe
                 await reply.add(delta.text)
         _add_usage(reply.usage, stream.usage)
         if not stream.tool_calls:
-            return reply.text[start:]
+            if not attempts.wanted:
+                return reply.text[start:]
+            parsed, errors = attempts.check(stream.text)  # raises StructuredOutputError when out of retries
+            if not errors:
+                reply.data = parsed
+                return reply.text[start:]
+            await reply.restart(attempt_start, attempts.made, errors)
+            request = {**request, "messages": structured.retry_messages(request["messages"], stream.text, errors)}
+            continue
         tool_calls = stream.tool_calls
-        records, answers = await _run_tools(tool_calls, plan.allowed_tools)
+        client_functions = getattr(plan, "client_functions", frozenset())
+        theirs = [call for call in tool_calls if (call.get("function") or {}).get("name") in client_functions]
+        ours = [call for call in tool_calls if call not in theirs]
+        records, answers = await _run_tools(ours, plan.allowed_tools) if ours else ([], [])
+        if theirs:  # the client runs these: the turn ends here, the server's calls done and recorded
+            by_id = {record["id"]: record for record in records}
+            reply.records += [by_id.get(call.get("id", "")) or _client_record(call) for call in tool_calls]
+            reply.pending = True
+            await reply.add("")
+            return reply.text[start:]
         reply.records += records
         await reply.add("")  # members see the calls and their results
+        rounds += 1
+        if rounds > settings.MAX_TOOL_ROUNDS:
+            raise GatewayError(f"the model was still calling tools after {settings.MAX_TOOL_ROUNDS} rounds", status=502)
         assistant = {"role": "assistant", "content": stream.text or None, "tool_calls": tool_calls}
         request = {**request, "messages": [*request["messages"], assistant, *answers]}
-    raise GatewayError(f"the model was still calling tools after {settings.MAX_TOOL_ROUNDS} rounds", status=502)
+
+
+def _client_record(call: dict) -> dict:
+    """A call of a client's function, waiting for the client's result."""
+    function = call.get("function") or {}
+    return {
+        "id": call.get("id", ""),
+        "name": function.get("name", ""),
+        "arguments": function.get("arguments", ""),
+        "result": None,
+        "is_error": False,
+        "client": True,
+    }
 
 
 def _add_usage(total: dict, usage: dict | None) -> None:
@@ -381,6 +616,14 @@ def _add_usage(total: dict, usage: dict | None) -> None:
             total[name] = (total.get(name) or 0) + value
 
 
+@tracing.traced(
+    "execute_tool {gen_ai.tool.name}",
+    lambda call, allowed: {
+        "gen_ai.operation.name": "execute_tool",
+        "gen_ai.tool.name": str((call.get("function") or {}).get("name") or ""),
+        "gen_ai.tool.call.id": str(call.get("id") or ""),
+    },
+)
 async def _run_tool(call: dict, allowed: list[str]) -> dict:
     name = (call.get("function") or {}).get("name")
     if name not in allowed:  # the model may only use the tools enabled for this chat
@@ -388,6 +631,7 @@ async def _run_tool(call: dict, allowed: list[str]) -> dict:
     return await tools.tool_execute(call)
 
 
+@tracing.traced("chat tool round", lambda calls, allowed: {"turbo.tool_calls": len(calls)})
 async def _run_tools(calls: list[dict], allowed: list[str]) -> tuple[list[dict], list[dict]]:
     """Execute tool calls concurrently: (records for the message, `tool` messages for the model)."""
     results = await asyncio.gather(*(_run_tool(call, allowed) for call in calls))
@@ -523,9 +767,11 @@ async def _finish(plan: PromptPlan, reply: _Reply, status: str, error: str, turn
                 await turn_after_save(turn)
     except Exception:
         logger.exception("message %s: the reply could not be saved", message.pk)
-    await _send_final(message, MESSAGE_COMPLETED if status == Message.Status.COMPLETE else MESSAGE_FAILED)
+    ended = status in (Message.Status.COMPLETE, Message.Status.TOOL_CALLS)  # tool_calls: the turn ended well
+    await _send_final(message, MESSAGE_COMPLETED if ended else MESSAGE_FAILED)
 
 
+@tracing.traced("chat fan-out", lambda message, type: {"turbo.chat.event": type})
 async def _send_final(message: Message, type: str) -> None:
     data = message_data(message)
 

@@ -20,6 +20,8 @@ class Chat(models.Model):
     tools = models.JSONField(default=list, blank=True)
     # Model settings sent with every prompt (chats.options): temperature, max_tokens, ...
     settings = models.JSONField(default=dict, blank=True)
+    # The response_format of a prompt that gives none (proxy.structured): null for plain text replies.
+    response_format = models.JSONField(null=True, blank=True, default=None)
     # The chat program (chats.programs) this chat runs, by its registered name; blank: an ordinary chat.
     program = models.CharField(max_length=100, blank=True, default="", editable=False)
     # A conversation's own upstream key (seed 002), encrypted; never returned in full.
@@ -75,6 +77,8 @@ class Message(models.Model):
         STREAMING = "streaming"
         COMPLETE = "complete"
         ERROR = "error"
+        # The model called a function of the client's: the turn waits for the client's tool results.
+        TOOL_CALLS = "tool_calls"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     chat = models.ForeignKey(Chat, on_delete=models.CASCADE, related_name="messages")
@@ -87,6 +91,8 @@ class Message(models.Model):
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.COMPLETE)
     error = models.TextField(blank=True, default="")
     tool_calls = models.JSONField(default=list, blank=True)
+    # The reply parsed as JSON and valid against the prompt's response_format schema (proxy.structured).
+    data = models.JSONField(null=True, blank=True, default=None)
     prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
     completion_tokens = models.PositiveIntegerField(null=True, blank=True)
     total_tokens = models.PositiveIntegerField(null=True, blank=True)

@@ -20,13 +20,39 @@ def _form_and_json(schema: dict) -> dict:
 
 PROMPT_INPUT = {
     "type": "object",
-    "required": ["id", "prompt"],
+    "required": ["id"],
     "properties": {
         "id": {"type": "string", "format": "uuid"},
-        "prompt": {"type": "string"},
+        "prompt": {"type": "string", "description": "required, unless tool_results are sent"},
         "context": {"type": "integer", "description": "earlier exchanges to send (default 10, clamped to MAX_CONTEXT)"},
         "stream": {"type": "boolean", "description": "return at once; the reply streams on /chat/stream"},
         "otr": {"type": "boolean", "description": "store and show, but never send to the model"},
+        "response_format": {
+            "type": "object",
+            "additionalProperties": True,
+            "description": (
+                "OpenAI's response_format; type json_schema: the reply is validated against json_schema.schema "
+                "(asked again with the errors, STRUCTURED_RETRIES times) and parsed into the message's `data`; "
+                "502 invalid_structured_output (with `errors`) when it never matches. Default: the chat's"
+            ),
+        },
+        "tools": {
+            "type": "array",
+            "items": {"type": "object", "additionalProperties": True},
+            "description": (
+                "the client's own functions (OpenAI tools shape), beside the chat's server-side tools; a call to "
+                "one ends the turn: the message has status tool_calls and the calls in tool_calls (client: true)"
+            ),
+        },
+        "tool_results": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["tool_call_id", "content"],
+                "properties": {"tool_call_id": {"type": "string"}, "content": {}, "is_error": {"type": "boolean"}},
+            },
+            "description": "instead of a prompt: the results of the calls a tool_calls message waits on; it resumes",
+        },
     },
 }
 STREAM_EVENT = {
@@ -46,6 +72,13 @@ STREAM_EVENT = {
         "message": {"$ref": "#/components/schemas/MessageOutput"},
         "delta": {"type": "string", "description": "message.*: text added since the previous event"},
         "partial": {"type": "boolean", "description": "message.*: false on the last event of a prompt"},
+        "retry": {
+            "type": "object",
+            "description": (
+                "message.delta: a structured reply failed its schema and is asked for again ({attempt, errors}); "
+                "message.reply no longer holds the failed attempt"
+            ),
+        },
         "message_id": {"type": "string", "format": "uuid", "description": "message.deleted"},
         "chat": {"$ref": "#/components/schemas/ChatOutput"},
         "user_id": {"type": "string", "format": "uuid", "description": "member.added, member.removed"},

@@ -15,6 +15,9 @@ class ChatOutput(serializers.Serializer):
     tools = serializers.ListField(child=serializers.CharField())
     settings = serializers.DictField(help_text="model settings sent with every prompt (temperature, max_tokens, ...)")
     program = serializers.CharField(help_text="the chat program this chat runs; empty for an ordinary chat")
+    response_format = serializers.JSONField(
+        allow_null=True, help_text="the response_format of prompts that give none (OpenAI's shape); null: text"
+    )
     created_at = serializers.DateTimeField()
     updated_at = serializers.DateTimeField()
 
@@ -27,9 +30,19 @@ class MessageOutput(serializers.Serializer):
     reply = serializers.CharField()
     model = serializers.CharField()
     otr = serializers.BooleanField(source="is_otr")
-    status = serializers.CharField()
+    status = serializers.CharField(
+        help_text="streaming, complete, error, or tool_calls (the model called a client function: answer with "
+        "tool_results)"
+    )
     error = serializers.CharField()
-    tool_calls = serializers.ListField(child=serializers.DictField())
+    tool_calls = serializers.ListField(
+        child=serializers.DictField(),
+        help_text="the tool calls of the reply: {id, name, arguments, result, is_error}; a client function's "
+        "call also has client: true (its result is null until the client sends it)",
+    )
+    data = serializers.JSONField(
+        allow_null=True, help_text="the reply parsed as JSON, valid against the prompt's json_schema response_format"
+    )
     prompt_tokens = serializers.IntegerField(allow_null=True)
     completion_tokens = serializers.IntegerField(allow_null=True)
     total_tokens = serializers.IntegerField(allow_null=True)

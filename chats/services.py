@@ -5,6 +5,7 @@ in chats.context.
 """
 
 import uuid
+from typing import Any
 
 from django.conf import settings
 from django.db import transaction
@@ -17,8 +18,9 @@ from chats.options import settings_validate
 from chats.serializers import chat_data
 from groups.models import Group
 from groups.selectors import group_get_for_member, models_allowed_in
+from proxy.structured import response_format_check
 from turbo_site.core.crypto import secret_encrypt
-from turbo_site.core.errors import Forbidden, NotFound
+from turbo_site.core.errors import Forbidden, Invalid, NotFound
 
 
 def model_resolve(model: str | None) -> str:
@@ -39,6 +41,15 @@ def chat_model_check(
     return allowed
 
 
+UNCHANGED: Any = object()  # chat_update's "not given"
+
+
+def _response_format_default(value: Any) -> dict | None:
+    """A chat's default response_format, checked (proxy.structured); plain text is stored as None."""
+    checked = response_format_check(value)
+    return None if checked == {"type": "text"} else checked
+
+
 def _require_owner(chat: Chat, user: User, action: str) -> None:
     if chat.owner_id != user.pk:
         raise Forbidden(f"only the chat's owner may {action}")
@@ -57,14 +68,18 @@ def chat_create(
     program: str = "",
     program_context: dict | None = None,
     allowed_models: frozenset[str] | None = None,
+    response_format: Any = None,
 ) -> Chat:
     """A new chat owned by `owner` (a member of `group_id`, if given), who is its first member.
 
     `allowed_models` is the owner's model limit (their session's; None: any); the group's list applies too.
     `settings` are model settings (chats.options); `program` binds the chat to a chat program, started
     with `program_context` (its opening turn is the caller's to run: chats.generation.message_prompt
-    with prompt=None).
+    with prompt=None). `response_format` is the default of its prompts (400 `invalid_response_format`).
     """
+    response_format = _response_format_default(response_format)
+    if response_format and program:
+        raise Invalid("response_format: a chat that runs a program takes none")
     group = group_get_for_member(user=owner, group_id=group_id) if group_id is not None else None
     model = model_resolve(model)
     chat_model_check(model=model, allowed_models=allowed_models, group=group)
@@ -76,6 +91,7 @@ def chat_create(
         system_prompt=system_prompt,
         tools=tools or [],
         settings=settings_validate(settings or {}),
+        response_format=response_format,
     )
     ChatMember.objects.create(chat=chat, user=owner)
     if program:
@@ -113,8 +129,10 @@ def chat_update(
     tools: list[str] | None = None,
     settings: dict | None = None,
     allowed_models: frozenset[str] | None = None,
+    response_format: Any = UNCHANGED,
 ) -> Chat:
-    """Change a chat's settings (owner only); only the fields given change (`settings` as a whole).
+    """Change a chat's settings (owner only); only the fields given change (`settings` as a whole;
+    `response_format` null, "" or `{"type": "text"}` goes back to text replies).
 
     A new model must be one the user (`allowed_models`, their session's; None: any) and the chat's group
     may use; an unchanged one is not checked, so that a chat can still be renamed.
@@ -132,6 +150,10 @@ def chat_update(
         chat.tools = tools
     if settings is not None:
         chat.settings = settings_validate(settings)
+    if response_format is not UNCHANGED:
+        chat.response_format = _response_format_default(response_format)
+        if chat.response_format and chat.program:
+            raise Invalid("response_format: a chat that runs a program takes none")
     chat.save()
     stream.event_send(chat.pk, stream.CHAT_UPDATED, chat=chat_data(chat))
     return chat

@@ -9,7 +9,10 @@ STREAM_REPLAY_SECONDS (at most STREAM_REPLAY_MAX events per chat). The types and
 | `message.created`   | `message` (MessageOutput, status `streaming`; `complete` off the record),      |
 |                     | `delta` "", `partial` (false off the record: nothing follows)                 |
 | `message.delta`     | `message` (reply and tool calls so far), `delta` (text added), `partial` true |
-| `message.completed` | `message` (the stored reply, status `complete`), `delta` "", `partial` false   |
+|                     | (+ `retry` {attempt, errors}: a structured reply failed its schema and is     |
+|                     | asked again; `message.reply` has dropped the failed attempt)                  |
+| `message.completed` | `message` (the stored reply, status `complete`, or `tool_calls`: it waits for  |
+|                     | the client's function results), `delta` "", `partial` false                   |
 | `message.failed`    | `message` (status `error`, `error` says why, partial reply kept), `delta` "", |
 |                     | `partial` false                                                               |
 | `message.deleted`   | `message_id`                                                                  |

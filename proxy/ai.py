@@ -4,6 +4,12 @@
     text = await ai.acomplete("Who are you?", context=[("Hi", "Hello!")])  # async
     async for delta in ai.stream("Tell me a story"):                       # async
         ...
+    person = ai.structured("Invent a person", schema={"type": "object", ...})  # the parsed, valid JSON
+    person = await ai.astructured("Invent a person", response_format={"type": "json_schema", ...})
+
+A `response_format` of type json_schema (an option of complete/acomplete too) is validated by
+proxy.structured: an invalid reply is asked for again with the errors (STRUCTURED_RETRIES times), then
+StructuredOutputError (502 `invalid_structured_output`); a bad schema is ResponseFormatInvalid (400).
 
 Failures raise gateway.GatewayError (with an HTTP-ish `status`: 502 unreachable, 504 timeout, 503 not
 configured, 404 an unknown model, or the upstream's own 4xx/5xx); a stream that breaks raises too, it
@@ -17,6 +23,7 @@ from typing import Any
 from asgiref.sync import async_to_sync
 
 from proxy import gateway
+from proxy import structured as structured_output
 from proxy.usage.caller import Caller
 
 ContextItem = tuple[str, str] | list[str] | dict[str, Any]
@@ -72,8 +79,68 @@ async def acomplete(
     system: str | None = None,
     **options: Any,
 ) -> str:
-    """The model's whole reply to `prompt` (model: a public name; DEFAULT_MODEL if not given)."""
-    return (await gateway.chat(_request(prompt, user, context, model, system, options), caller=_caller(user))).text
+    """The model's whole reply to `prompt` (model: a public name; DEFAULT_MODEL if not given). A
+    json_schema `response_format` option is validated (see astructured for the parsed value)."""
+    request = _request(prompt, user, context, model, system, options)
+    if "response_format" in request:
+        request["response_format"] = structured_output.response_format_check(request["response_format"])
+        if request["response_format"] is None:
+            del request["response_format"]
+    completion, _ = await structured_output.structured_complete(request, caller=_caller(user))
+    return completion.text
+
+
+async def astructured(
+    prompt: str,
+    *,
+    schema: dict | None = None,
+    response_format: dict | None = None,
+    name: str = "reply",
+    user: Any = None,
+    context: Iterable[ContextItem] = (),
+    model: str | None = None,
+    system: str | None = None,
+    **options: Any,
+) -> Any:
+    """The model's reply to `prompt` as the JSON value it must be: valid against `schema` (a JSON Schema;
+    or a whole json_schema `response_format`), parsed. Raises ResponseFormatInvalid for a bad schema,
+    StructuredOutputError when no reply matched it."""
+    if (schema is None) == (response_format is None):
+        raise TypeError("astructured() takes a schema or a response_format, one of the two")
+    if schema is not None:
+        response_format = {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
+    checked = structured_output.response_format_check(response_format)
+    if checked is None or checked["type"] != "json_schema":
+        raise structured_output.ResponseFormatInvalid("response_format: astructured() needs type json_schema")
+    request = _request(prompt, user, context, model, system, {**options, "response_format": checked})
+    _, parsed = await structured_output.structured_complete(request, caller=_caller(user))
+    return parsed
+
+
+def structured(
+    prompt: str,
+    *,
+    schema: dict | None = None,
+    response_format: dict | None = None,
+    name: str = "reply",
+    user: Any = None,
+    context: Iterable[ContextItem] = (),
+    model: str | None = None,
+    system: str | None = None,
+    **options: Any,
+) -> Any:
+    """astructured for sync code."""
+    return async_to_sync(astructured)(
+        prompt,
+        schema=schema,
+        response_format=response_format,
+        name=name,
+        user=user,
+        context=context,
+        model=model,
+        system=system,
+        **options,
+    )
 
 
 def complete(

@@ -6,6 +6,8 @@ Response: {"type": <method>, "request_id": ..., "data": {...}}
 
 Methods: chat_completion, chat_completion_stream (chat_completion_chunk frames, then chat_completion_done),
 embedding, ping (-> pong), tools_list, tool_execute, and cancel (stops one in-flight request).
+A `response_format` of type json_schema is validated by proxy.structured (chat_completion_retry frames
+when a streamed reply is asked for again; the parsed value as `parsed`).
 Requests run concurrently and are answered as they finish; a bad frame gets an error frame and the
 socket stays open.
 """
@@ -23,7 +25,7 @@ from rest_framework import serializers
 from accounts.auth import AuthRefused, aauthenticate_websocket
 from accounts.live import session_watch
 from accounts.services import asession_refresh
-from proxy import gateway, tools
+from proxy import gateway, structured, tools
 from proxy.events import event_record
 from proxy.usage.caller import Caller
 from turbo_site.core.parsers import client_json_loads
@@ -57,6 +59,7 @@ class ChatPayload(serializers.Serializer):
     temperature = serializers.FloatField(required=False, min_value=0, max_value=2)
     tools = serializers.ListField(child=serializers.DictField(), required=False, max_length=128)
     tool_choice = serializers.JSONField(required=False)
+    response_format = serializers.JSONField(required=False, allow_null=True)  # checked by proxy.structured
 
     def validate_tools(self, value: list[dict]) -> list[dict]:
         return [tools.tool_to_openai(definition) for definition in value]
@@ -94,6 +97,13 @@ def _validated(serializer_class, payload) -> dict:
 def _chat_request(payload: dict) -> dict:
     data = _validated(ChatPayload, payload)
     data.setdefault("model", settings.DEFAULT_MODEL)
+    if "response_format" in data:
+        try:
+            data["response_format"] = structured.response_format_check(data["response_format"])
+        except structured.ResponseFormatInvalid as exc:
+            raise RpcError(exc.code, exc.message) from None
+        if data["response_format"] is None:
+            del data["response_format"]
     return data
 
 
@@ -238,6 +248,8 @@ class RpcConsumer(AsyncWebsocketConsumer):
             status = exc.status
             attempts = exc.attempts
             code = exc.code if exc.status in (400, 403, 404, 429) else "upstream_error"
+            if isinstance(exc, structured.StructuredOutputError):
+                code = exc.code  # the model's reply never matched the schema: say so, not "upstream_error"
             await self.send_error(request_id, code, exc.message)
         except Exception:
             status = 500
@@ -265,23 +277,43 @@ class RpcConsumer(AsyncWebsocketConsumer):
         await self.send_frame({"type": "pong", "request_id": request_id, "data": {}})
 
     async def do_chat_completion(self, request_id, payload):
-        completion = await gateway.chat(_chat_request(payload), allowed_models=self.allowed_models, caller=self.caller)
+        """With a json_schema response_format, the reply is validated (and asked for again) by
+        proxy.structured; its parsed value is the message's `parsed`, as OpenAI's SDK `parse()` has it."""
+        completion, parsed = await structured.structured_complete(
+            _chat_request(payload), allowed_models=self.allowed_models, caller=self.caller
+        )
         self.attempts[request_id] = completion.attempts
-        await self.send_frame({"type": "chat_completion", "request_id": request_id, "data": completion.data})
+        data = completion.data
+        if parsed is not None:
+            choices = data.get("choices") or [{}]
+            message = {**(choices[0].get("message") or {}), "parsed": parsed}
+            data = {**data, "choices": [{**choices[0], "message": message}, *choices[1:]]}
+        await self.send_frame({"type": "chat_completion", "request_id": request_id, "data": data})
 
     async def do_chat_completion_stream(self, request_id, payload):
+        """A json_schema reply is validated once it has streamed; a failed one gets a
+        `chat_completion_retry` frame ({attempt, errors}: drop what streamed) and streams again."""
         request = {**_chat_request(payload), "stream_options": {"include_usage": True}}
-        stream = gateway.chat_stream(request, allowed_models=self.allowed_models, caller=self.caller)
-        async for delta in stream:
-            self.attempts[request_id] = stream.attempts
-            await self.send_frame({"type": "chat_completion_chunk", "request_id": request_id, "data": delta.chunk})
-        await self.send_frame(
-            {
-                "type": "chat_completion_done",
-                "request_id": request_id,
-                "data": {"content": stream.text, "model": stream.model, "usage": stream.usage or None},
-            }
-        )
+        attempts = structured.Attempts(request.get("response_format"))
+        while True:
+            stream = gateway.chat_stream(request, allowed_models=self.allowed_models, caller=self.caller)
+            async for delta in stream:
+                self.attempts[request_id] = stream.attempts
+                await self.send_frame({"type": "chat_completion_chunk", "request_id": request_id, "data": delta.chunk})
+            parsed = None
+            if attempts.wanted and not stream.tool_calls:
+                parsed, errors = attempts.check(stream.text)
+                if errors:
+                    retry = {"attempt": attempts.made, "errors": errors}
+                    await self.send_frame({"type": "chat_completion_retry", "request_id": request_id, "data": retry})
+                    messages = structured.retry_messages(request["messages"], stream.text, errors)
+                    request = {**request, "messages": messages}
+                    continue
+            break
+        done = {"content": stream.text, "model": stream.model, "usage": stream.usage or None}
+        if parsed is not None:
+            done["parsed"] = parsed
+        await self.send_frame({"type": "chat_completion_done", "request_id": request_id, "data": done})
 
     async def do_embedding(self, request_id, payload):
         data = _validated(EmbeddingPayload, payload)

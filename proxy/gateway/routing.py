@@ -18,6 +18,8 @@ from django.conf import settings
 from proxy.gateway import health
 from proxy.gateway.config import ConfigError, Deployment, GatewayConfig, Model, from_environment, load
 from proxy.gateway.errors import GatewayError
+from proxy.gateway.instructions import json_schema_of
+from proxy.gateway.instructions import schema_as_instructions as schema_as_instructions_of
 from proxy.usage.ratelimits import deployment_is_full
 from turbo_site.core.http import redact_keys
 
@@ -110,8 +112,16 @@ def _price(model: Model) -> float:
     return model.price_input + (model.price_output or 0)
 
 
-def models_for(config: GatewayConfig, name: str, payload: dict | None, allowed: frozenset[str] | None) -> list[Model]:
-    """The chain of models to try for the public name `name`. Raises GatewayError 404/403."""
+def models_for(
+    config: GatewayConfig,
+    name: str,
+    payload: dict | None,
+    allowed: frozenset[str] | None,
+    *,
+    schema_as_instructions: bool = False,
+) -> list[Model]:
+    """The chain of models to try for the public name `name`. Raises GatewayError 404/403.
+    With `schema_as_instructions`, a router does not require native json_schema support."""
     model = config.model(name)
     if model is None:
         raise GatewayError(
@@ -130,6 +140,8 @@ def models_for(config: GatewayConfig, name: str, payload: dict | None, allowed: 
     if model.router is None:
         return [model, *(config.models[fallback] for fallback in model.fallbacks if fallback != name)]
     needs, tokens = _needs(payload)
+    if schema_as_instructions:
+        needs.discard("json_schema")
     candidates = [config.models[candidate] for candidate in model.router.candidates]
     fitting = [candidate for candidate in candidates if _fits(candidate, needs, tokens)]
     if not fitting:
@@ -179,14 +191,28 @@ def attempt_order(models: list[Model]) -> list[tuple[Model, Deployment]]:
     return ready + full + resting
 
 
-def body_for(payload: dict | None, body: bytes, asked: str, deployment: Deployment, model: Model) -> bytes:
-    """The request body this deployment gets: its own model name, rewritten as its mapping says."""
+def body_for(
+    payload: dict | None,
+    body: bytes,
+    asked: str,
+    deployment: Deployment,
+    model: Model,
+    *,
+    schema_as_instructions: bool = False,
+) -> bytes:
+    """The request body this deployment gets: its own model name, rewritten as its mapping says (and,
+    with `schema_as_instructions`, a json_schema response_format as instructions for a model without it)."""
     if payload is None:
         return body
+    instruct = (
+        schema_as_instructions and "json_schema" not in model.capabilities and json_schema_of(payload) is not None
+    )
     target = deployment.model or (asked if model.name == "*" else model.name)
-    if payload.get("model") == target and not deployment.mapping:
+    if payload.get("model") == target and not deployment.mapping and not instruct:
         return body  # unchanged: no parse-and-dump on the common path
     rewritten: dict[str, Any] = {**payload, "model": target}
+    if instruct:
+        rewritten = schema_as_instructions_of(rewritten)
     if deployment.mapping:
         rewritten = deployment.mapping.apply(rewritten)
     return json.dumps(rewritten, ensure_ascii=False).encode()

@@ -14,11 +14,18 @@ A request picks its behaviour with the ``x-fake-scenario`` header, or ``metadata
 
 * ``x-fake-delay`` / ``delay``: seconds the ``slow`` scenario waits before the response headers (default 5);
 * ``x-fake-chunk-delay`` / ``chunk_delay``: seconds between streamed chunks (default 0);
-* ``x-fake-tool`` / ``tool`` and ``x-fake-tool-args`` / ``tool_args``: the ``tool_call`` scenario's call.
+* ``x-fake-tool`` / ``tool`` and ``x-fake-tool-args`` / ``tool_args``: the ``tool_call`` scenario's call (a
+  ``[tool:NAME]`` marker in the prompt names it too: a client's own function, say).
 
 Chat replies: the text after ``echo:`` when the last message starts with it; ``Tool said: <content>`` when the
 last message is a tool result (or, in the ``tool_call`` scenario, when any tool result is present); otherwise
 ``Hello from fake upstream``. Token counts are word counts.
+
+Replies that change across calls (structured output's retries): a user message ``sequence: A ||| B ||| C``
+answers A; with one more user message after it (the validation errors Turbo sends back) B, then C, and the
+last item from then on. The ``sequence:`` message need not be the last one, so a retried conversation
+(prompt, reply, errors) moves along it. Each request's body is in ``requests`` to check what was asked
+(``response_format``, instructions, the errors sent back).
 """
 
 from __future__ import annotations
@@ -322,6 +329,8 @@ class FakeUpstream:
         last = messages[-1]
         if last.get("role") == "tool" or (options.scenario == "tool_call" and tool_results):
             reply = "Tool said: " + _text(tool_results[-1].get("content"))
+        elif (sequenced := _sequence_reply(messages)) is not None:
+            reply = sequenced
         elif (content := _MARKER.sub("", _text(last.get("content")), count=1)).startswith("echo:"):
             reply = content.removeprefix("echo:").strip()
         else:
@@ -411,8 +420,24 @@ class _Reply:
     headers: Headers = field(default_factory=list)
 
 
-_MARKER = re.compile(r"^(?:\[(?:scenario|delay|chunk_delay):[a-z0-9_.]+\]\s*)+")
-_MARKER_ITEM = re.compile(r"\[(scenario|delay|chunk_delay):([a-z0-9_.]+)\]")
+_MARKER = re.compile(r"^(?:\[(?:scenario|delay|chunk_delay|tool):[a-z0-9_.]+\]\s*)+")
+_MARKER_ITEM = re.compile(r"\[(scenario|delay|chunk_delay|tool):([a-z0-9_.]+)\]")
+SEQUENCE_PREFIX = "sequence:"
+SEQUENCE_SEPARATOR = "|||"
+
+
+def _sequence_reply(messages: list[dict]) -> str | None:
+    """The reply a ``sequence: A ||| B`` user message asks for, by how many user messages follow it."""
+    for position in range(len(messages) - 1, -1, -1):
+        message = messages[position]
+        if message.get("role") != "user":
+            continue
+        text = _MARKER.sub("", _text(message.get("content")), count=1)
+        if text.startswith(SEQUENCE_PREFIX):
+            items = [item.strip() for item in text.removeprefix(SEQUENCE_PREFIX).split(SEQUENCE_SEPARATOR)]
+            later = sum(1 for after in messages[position + 1 :] if after.get("role") == "user")
+            return items[min(later, len(items) - 1)]
+    return None
 
 
 def _scenario_marker(messages: Any) -> dict[str, str] | None:
