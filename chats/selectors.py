@@ -7,8 +7,8 @@ members. Anyone else gets a 404, so that a chat's existence does not leak.
 import uuid
 from datetime import datetime
 
-from django.db.models import Case, Exists, OuterRef, Q, QuerySet, Subquery, Value, When
-from django.db.models.functions import Coalesce
+from django.db.models import Case, Exists, F, OuterRef, Q, QuerySet, Subquery, Value, When, Window
+from django.db.models.functions import Coalesce, RowNumber
 
 from accounts.models import User
 from chats.models import Chat, ChatMember, Message
@@ -122,3 +122,20 @@ def conversation_get(*, user: User, number: int) -> Chat:
 
 def conversation_history(*, chat: Chat) -> list[Message]:
     return list(Message.objects.filter(chat=chat).order_by("created_at", "id"))
+
+
+def chats_latest_messages(*, chat_ids: list[uuid.UUID], limit: int) -> dict[uuid.UUID, list[Message]]:
+    """chat_messages(limit=...) for many chats in one query: each chat's newest `limit`, oldest first.
+
+    The chats' access is the caller's to have checked (they come from chats_visible_to)."""
+    newest = Window(RowNumber(), partition_by=[F("chat_id")], order_by=[F("created_at").desc(), F("id").desc()])
+    rows = (
+        Message.objects.filter(chat_id__in=chat_ids)
+        .annotate(newness=newest)
+        .filter(newness__lte=limit)
+        .order_by("chat_id", "created_at", "id")
+    )
+    found: dict[uuid.UUID, list[Message]] = {chat_id: [] for chat_id in chat_ids}
+    for message in rows:
+        found[message.chat_id].append(message)
+    return found

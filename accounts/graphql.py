@@ -1,0 +1,86 @@
+"""GraphQL: who is asking (the one adapter over accounts.auth for both transports), users, and `me`.
+
+Over HTTP the caller is authenticated as every async view is (`aauthenticate`: Bearer, Basic or the
+`sess` cookie, whose unsafe requests must come from an allowed Origin). On the socket, the
+connection_init payload's `authorization` is checked once (`aauthenticate_websocket`, with its Origin
+rule), and each operation then sees the session as it stands (revoked: refused).
+
+API keys work only where a key may act elsewhere (model calls): resolvers that allow them say
+`keys=True`; any other field answers `key_not_allowed_here`.
+"""
+
+import uuid
+from datetime import datetime
+
+import strawberry
+from channels.db import database_sync_to_async
+from strawberry.types import Info
+
+from accounts.auth import KEY_NOT_ALLOWED_HERE, KEY_NOT_ALLOWED_MESSAGE, AuthRefused, aauthenticate
+from accounts.models import User
+from accounts.services import AuthSession, asession_refresh
+from turbo_site.core.errors import Forbidden
+from turbo_site.core.graphql import GraphQLContext, loader, operation_memo
+
+
+async def _authenticate(context: GraphQLContext) -> AuthSession:
+    if context.request is not None:
+        return await aauthenticate(context.request, keys=True)
+    if context.session is None:
+        raise AuthRefused(401, "unauthorized", "no token: send connection_init with {authorization: Bearer <token>}")
+    session = await asession_refresh(context.session)  # its model limit as it is now, or ended
+    if session is None:
+        raise AuthRefused(401, "session_ended", "the session has ended")
+    context.session = session
+    return session
+
+
+async def viewer(info: Info, *, keys: bool = False) -> AuthSession:
+    """The caller's session for this operation; AuthRefused (unauthenticated) or, for an API key where
+    keys may not act, Forbidden `key_not_allowed_here`."""
+    memo = operation_memo()
+    found = memo.get("viewer")
+    if found is None:
+        try:
+            found = await _authenticate(info.context)
+        except AuthRefused as refused:
+            found = (refused.status, refused.code, refused.message)
+        memo["viewer"] = found
+    if isinstance(found, tuple):
+        raise AuthRefused(*found)
+    if found.kind == "key" and not keys:
+        raise Forbidden(KEY_NOT_ALLOWED_MESSAGE, code=KEY_NOT_ALLOWED_HERE)
+    return found
+
+
+@strawberry.type(name="User", description="A user as other users see them.")
+class UserType:
+    id: strawberry.ID
+    username: str
+    first_name: str
+    last_name: str
+
+
+@strawberry.type(name="Viewer", description="Who is asking: the user and how they signed in.")
+class ViewerType:
+    user: UserType
+    session_kind: str = strawberry.field(description='"token" or "jwt" for a sign-in, "key" for an API key')
+    expires_at: datetime | None
+
+
+def _users_by_id(ids: list) -> list[User | None]:
+    found = User.objects.in_bulk([uuid.UUID(str(user_id)) for user_id in ids])
+    return [found.get(uuid.UUID(str(user_id))) for user_id in ids]
+
+
+async def user_load(user_id) -> User | None:
+    """A user by id, batched with the other users this operation asks for (one query)."""
+    return await loader("users", database_sync_to_async(_users_by_id)).load(str(user_id))
+
+
+@strawberry.type
+class Query:
+    @strawberry.field(description="The caller: an API key may ask.")
+    async def me(self, info: Info) -> ViewerType:
+        session = await viewer(info, keys=True)
+        return ViewerType(user=session.user, session_kind=session.kind, expires_at=session.expires_at)

@@ -1,0 +1,136 @@
+"""The GraphQL schema: each app's queries, mutations and subscriptions, one line per app (like urls.py).
+
+Served at /graphql over HTTP (turbo_site.graphql_server.GraphQLView) and over a WebSocket speaking
+graphql-transport-ws (GraphQLConsumer, routed in turbo_site/asgi.py). `manage.py graphql_schema`
+writes it to schema.graphql.
+"""
+
+import json
+import logging
+
+import strawberry
+from django.core.exceptions import PermissionDenied, RequestDataTooBig, SuspiciousOperation
+from django.http import Http404
+from graphql import GraphQLError
+from rest_framework import exceptions as drf_exceptions
+from strawberry.extensions import MaskErrors, ParserCache, ValidationCache
+from strawberry.schema.config import StrawberryConfig
+from strawberry.tools import merge_types
+
+import accounts.graphql
+import chats.graphql
+import groups.graphql
+import proxy.graphql
+from accounts.auth import AuthRefused
+from proxy.gateway import GatewayError
+from turbo_site.core import errors
+from turbo_site.core.graphql import SCALARS, Limits, OperationScope
+
+logger = logging.getLogger("turbo.graphql")
+
+Query = merge_types(
+    "Query",
+    (
+        accounts.graphql.Query,
+        groups.graphql.Query,
+        chats.graphql.Query,
+        proxy.graphql.Query,
+    ),
+)
+Mutation = merge_types(
+    "Mutation",
+    (
+        groups.graphql.Mutation,
+        chats.graphql.Mutation,
+        proxy.graphql.Mutation,
+    ),
+)
+Subscription = merge_types(
+    "Subscription",
+    (
+        chats.graphql.Subscription,
+        proxy.graphql.Subscription,
+    ),
+)
+
+
+def gateway_error_code(exc: GatewayError) -> str:
+    """A failed model call's code, as /chat/prompt and /ws name it."""
+    if exc.status in (400, 403, 404) or (exc.status == 429 and exc.code in ("budget_exceeded", "rate_limited")):
+        return exc.code
+    if exc.code in ("stopped", "program_failed", "invalid_structured_output"):
+        return exc.code
+    return "upstream_error"
+
+
+# What errors.exception_handler answers in Turbo's shape (anything else is a fault: logged, internal_error).
+ANSWERED = (
+    errors.TurboError,
+    Http404,
+    PermissionDenied,
+    RequestDataTooBig,
+    SuspiciousOperation,
+    drf_exceptions.APIException,
+)
+
+
+def error_of(original: BaseException) -> tuple[str, str, dict]:
+    """(code, message, more extensions) for an exception a resolver raised: Turbo's error shape."""
+    if isinstance(original, GatewayError):
+        more = {"retryAfter": int(original.retry_after)} if original.retry_after else {}
+        return gateway_error_code(original), original.message, more
+    if isinstance(original, AuthRefused):
+        return original.code, original.message, {}
+    if not isinstance(original, ANSWERED) and not errors.is_unavailable(original):
+        logger.error(
+            "unhandled error in a GraphQL resolver", exc_info=(type(original), original, original.__traceback__)
+        )
+        return "internal_error", "internal server error", {}
+    response = errors.exception_handler(original, {})
+    error = json.loads(response.content)["error"]
+    more = {"fields": error["fields"]} if "fields" in error else {}
+    return error["code"], error["message"], more
+
+
+class ErrorCodes(MaskErrors):
+    """Every error leaves with `extensions.code` (Turbo's codes) and never a stack trace; an unexpected
+    one is logged and answered `internal_error`."""
+
+    def __init__(self):
+        super().__init__(should_mask_error=lambda error: True)
+
+    def on_stream_result(self, result):
+        # A subscription's events rarely carry errors: skip MaskErrors' protocol checks for those.
+        self._stream_result_processed = True
+        if getattr(result, "errors", None):
+            self._process_stream_result(result)
+        yield None
+
+    def anonymise_error(self, error: GraphQLError) -> GraphQLError:
+        original = error.original_error
+        # A variable's value a scalar refused (no path: before execution) is the query's fault.
+        coercion = error.path is None and isinstance(original, (ValueError, TypeError))
+        if original is None or isinstance(original, GraphQLError) or coercion:
+            extensions = dict(getattr(original or error, "extensions", None) or error.extensions or {})
+            # before execution (no path): the query is at fault; during it, the server
+            extensions.setdefault("code", "invalid_query" if error.path is None else "internal_error")
+            return GraphQLError(error.message, error.nodes, error.source, error.positions, error.path, None, extensions)
+        code, message, more = error_of(original)
+        return GraphQLError(
+            message, error.nodes, error.source, error.positions, error.path, None, {"code": code, **more}
+        )
+
+
+class Schema(strawberry.Schema):
+    def process_errors(self, errors, execution_context=None) -> None:
+        """ErrorCodes logs what needs logging (unexpected errors); expected ones are answers, not faults."""
+
+
+schema = Schema(
+    query=Query,
+    mutation=Mutation,
+    subscription=Subscription,
+    # The caches key on the document and the rules (Limits sets them first): a setting's change applies.
+    extensions=[OperationScope, Limits, ParserCache, ValidationCache, ErrorCodes],
+    config=StrawberryConfig(scalar_map=SCALARS),
+)
