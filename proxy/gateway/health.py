@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import redis.asyncio
 from django.conf import settings
 
+from turbo_site.core import metrics
 from turbo_site.core.loops import loop_client
 
 logger = logging.getLogger("turbo.gateway")
@@ -130,6 +131,7 @@ async def failed(deployment_id: str, error: str, cooldown_seconds: float) -> Non
     if cooldown_seconds <= 0:
         return
     state.cool_until = max(state.cool_until, now + cooldown_seconds)
+    metrics.upstream_cooldown(deployment_id)
     logger.warning("deployment %s cools down for %.0fs: %s", deployment_id, cooldown_seconds, error)
     client = _redis()
     if client is None:

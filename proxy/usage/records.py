@@ -25,6 +25,7 @@ from django.utils import timezone
 from proxy.usage import tokens
 from proxy.usage.caller import Caller
 from proxy.usage.pricing import Price, cost_of, price_of
+from turbo_site.core import metrics
 
 logger = logging.getLogger("turbo.usage")
 
@@ -115,6 +116,7 @@ def usage_record(
     record = _Record(timezone.now(), caller, usage, price, estimate)
     if estimate is None:
         record.cost = cost_of(price, usage.input_tokens, usage.output_tokens, usage.cached_tokens)
+        metrics.usage_counted(usage.model, usage.input_tokens, usage.output_tokens, record.cost)
     _queue(record)
     return record.cost if estimate is None else None
 
@@ -154,6 +156,7 @@ def _resolved(record: _Record) -> _Record:
         record.estimate = None
         usage = record.usage
         record.cost = cost_of(record.price, usage.input_tokens, usage.output_tokens, usage.cached_tokens)
+        metrics.usage_counted(usage.model, usage.input_tokens, usage.output_tokens, record.cost)
     return record
 
 

@@ -37,6 +37,7 @@ import redis
 import redis.asyncio
 from django.conf import settings
 
+from turbo_site.core import metrics
 from turbo_site.core.loops import loop_client
 from turbo_site.core.redis_retry import async_retry_options, sync_retry_options
 
@@ -57,6 +58,7 @@ class Entry:
     seq: int
     type: str
     text: str
+    at: float = 0.0  # time.time() of its append, when it came live (the fan-out delay metric); 0: unknown
 
     @property
     def data(self) -> dict:
@@ -115,7 +117,7 @@ class MemoryBackend:
                 stream.entries.clear()
             stream.touched = now
             stream.counter = stream.counter + 1 if stream.counter else _clock_seq()
-            entry = Entry(stream.counter, type, _event_text(stream.counter, type, payload))
+            entry = Entry(stream.counter, type, _event_text(stream.counter, type, payload), time.time())
             stream.entries.append(entry)
             # Handed over inside the lock, so every subscriber sees the stream's order.
             for subscription in stream.listeners:
@@ -155,7 +157,7 @@ end
 local id = string.format('%.0f', seq)
 redis.call('SET', KEYS[1], id, 'EX', ARGV[5])
 local text = '{"seq":' .. id .. ',' .. string.sub(ARGV[2], 2)
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], id .. '-0', 't', ARGV[1], 'd', text)
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], id .. '-0', 't', ARGV[1], 'd', text, 'a', ARGV[6])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 return id
 """
@@ -201,7 +203,9 @@ class RedisBackend:
         body = json.dumps({"type": type, **payload}, separators=(",", ":"), default=str)
         keep_seconds = max(settings.STREAM_REPLAY_SECONDS, 1)
         counter_seconds = max(7 * 86400, 2 * keep_seconds)
-        return list(_redis_keys(key)), [type, body, settings.STREAM_REPLAY_MAX, keep_seconds, counter_seconds]
+        appended_at = f"{time.time():.6f}"  # the fan-out delay metric's start
+        args = [type, body, settings.STREAM_REPLAY_MAX, keep_seconds, counter_seconds, appended_at]
+        return list(_redis_keys(key)), args
 
     def append_sync(self, key: str, type: str, payload: dict) -> int:
         keys, args = self._append_args(key, type, payload)
@@ -343,7 +347,9 @@ class _RedisReader:
                         continue
                     for stream_id, fields in entries:
                         self.positions[stream_key] = stream_id
-                        entry = Entry(_seq_of(stream_id), fields[b"t"].decode(), fields[b"d"].decode())
+                        entry = Entry(
+                            _seq_of(stream_id), fields[b"t"].decode(), fields[b"d"].decode(), float(fields.get(b"a", 0))
+                        )
                         for subscription in tuple(self.listeners.get(key, ())):
                             subscription.push(entry)
             except asyncio.CancelledError:
@@ -521,6 +527,8 @@ class Subscription(ReadsByGet):
     def push(self, entry: Entry) -> None:
         if self._ending is not None:
             return
+        if entry.at:
+            metrics.stream_delivered(entry.at)
         if self._first_live is None:
             self._first_live = entry.seq
         if len(self._live) >= settings.STREAM_SUBSCRIBER_BUFFER:
