@@ -67,7 +67,7 @@ class EventAdmin(admin.ModelAdmin):
     )
     list_filter = ("type", "status", "method", "created_at", UserIdFilter)
     list_select_related = ("user",)
-    search_fields = ("path", "user__username", "model")
+    search_fields = ("path", "user__username", "model", "=trace_id")  # a trace id from X-Turbo-Trace-Id
     date_hierarchy = "created_at"
     ordering = ("-created_at",)
     # The log grows large: skip counting the whole table on every filtered page.

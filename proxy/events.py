@@ -28,9 +28,11 @@ from django.utils import timezone
 
 from proxy.models import Event
 from proxy.usage.records import usage_flush, usage_pending
+from turbo_site.core import metrics
 from turbo_site.core.http import REDACTED, SECRET_NAME, redact_query
 from turbo_site.core.parsers import client_json_loads
 from turbo_site.core.pubsub import apublish_many, publish
+from turbo_site.core.tracing import trace_id_current
 
 logger = logging.getLogger("turbo.events")
 
@@ -167,11 +169,13 @@ def event_record(
         # Attempt objects (proxy.gateway.Attempt): the last one tried is the one that answered, if any.
         "upstream": _text(attempts[-1].deployment, 200) if attempts and not attempts[-1].error else "",
         "attempts": [{"deployment": _text(a.deployment, 200), "error": _text(a.error, 300)} for a in attempts[:20]],
+        "trace_id": trace_id_current(),  # "" unless tracing is on
         "created_at": timezone.now(),
     }
     if len(_queue) >= settings.EVENT_QUEUE_MAX:
         logger.warning("event queue full (%d); dropping the oldest event", len(_queue))
         _queue.popleft()
+        metrics.events_lost("queue_full")
     _queue.append(event)
     _ensure_writer()
     if len(_queue) >= settings.EVENT_BATCH_SIZE:
@@ -259,6 +263,7 @@ def _insert_or_split(batch: list[dict[str, Any]]) -> tuple[int, list[dict[str, A
     global events_dropped
     try:
         _insert(batch)
+        metrics.events_batch_written(len(batch))
         return len(batch), []
     except Exception as exc:
         if not _database_reachable():
@@ -266,6 +271,7 @@ def _insert_or_split(batch: list[dict[str, Any]]) -> tuple[int, list[dict[str, A
             return 0, batch
         if len(batch) == 1:
             events_dropped += 1
+            metrics.events_lost("refused")
             logger.error("dropped an event the database refused (%s: %s)", type(exc).__name__, exc)
             return 0, []
     half = len(batch) // 2
@@ -345,6 +351,7 @@ def _writer_loop() -> None:
             close_old_connections()
             if _queue or usage_pending():
                 events_flush()
+            metrics.events_queued(len(_queue))
             if settings.EVENT_RETENTION_DAYS and time.monotonic() - _last_prune > 3600:
                 _last_prune = time.monotonic()
                 events_prune()

@@ -41,6 +41,8 @@ class Event(models.Model):
     # The model gateway: the deployment that answered, and every deployment tried with why it failed.
     upstream = models.CharField(max_length=200, blank=True, default="")
     attempts = models.JSONField(default=list, blank=True)
+    # The request's OpenTelemetry trace (32 hex digits) when tracing is on: the way to its spans.
+    trace_id = models.CharField(max_length=32, blank=True, default="")
     request_body = models.TextField(blank=True, default="")
     response_body = models.TextField(blank=True, default="")
     created_at = models.DateTimeField(default=timezone.now, db_index=True)

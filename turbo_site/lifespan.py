@@ -66,10 +66,12 @@ async def _drain_then(server_handler, signum) -> None:
 async def on_shutdown() -> None:
     from proxy.events import events_shutdown
     from turbo_site.core.loops import loop_clients_close
+    from turbo_site.core.tracing import tracing_shutdown
 
     await drain()  # a no-op when SIGTERM already drained
     await loop_clients_close()
     await sync_to_async(events_shutdown, thread_sensitive=False)()
+    await sync_to_async(tracing_shutdown, thread_sensitive=False)()  # the last spans, when tracing is on
 
 
 async def lifespan(scope, receive, send) -> None:
