@@ -408,7 +408,7 @@ def redis_forget(url: str, chat_ids: list[str]) -> None:
 def layer_env(args, layer: str, *, upstream_port: int, db_address: str) -> dict:
     """Turbo's environment for one stream backend (Redis when `layer` is redis)."""
     env = turbo_env(
-        argparse.Namespace(redis=args.redis_url if layer == "redis" else ""),
+        argparse.Namespace(redis=args.redis_url if layer == "redis" else "", limits=False),
         upstream_port=upstream_port,
         db_address=db_address,
     )
@@ -1163,7 +1163,7 @@ def main() -> None:
         )
         wait_until_answering(upstream_processes, "upstream", upstream, f"http://127.0.0.1:{upstream_port}/v1/models")
         # One database for both layers: the users are signed up once, by the first Turbo.
-        env = turbo_env(argparse.Namespace(redis=""), upstream_port=upstream_port, db_address=db_address)
+        env = turbo_env(argparse.Namespace(redis="", limits=False), upstream_port=upstream_port, db_address=db_address)
         migrated = subprocess.run(
             [PYTHON, "manage.py", "migrate", "--noinput"], cwd=PROJECT, env=env, capture_output=True, text=True
         )

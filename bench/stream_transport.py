@@ -5,7 +5,8 @@ One process publishes `--chats` x `--publishers` concurrent streams of `--events
 ~600-byte event, like a delta with its message snapshot) while `--readers` subscribers per chat, in
 the same process, read them. Prints, per transport: events delivered / expected (lost and
 duplicated), publish throughput, delivery delay p50/p99 (publish call started -> subscriber got it),
-and CPU microseconds per delivered event (this process: publishers, Redis client, subscribers).
+and CPU microseconds per delivered event (this process: publishers, Redis client, subscribers). Writes
+bench/results/stream_transport-<timestamp>.json and stream_transport-latest.json, each with its chart.
 
     .venv/bin/python -m bench.stream_transport [--chats 10 --publishers 5 --events 200 --readers 4]
 
@@ -16,9 +17,12 @@ import argparse
 import asyncio
 import json
 import os
+import platform
 import resource
+import sys
 import time
 import uuid
+from datetime import UTC, datetime
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "turbo_site.settings")
 os.environ.setdefault("SECRET_KEY", "bench-not-secret")
@@ -32,6 +36,7 @@ import redis.asyncio  # noqa: E402
 from channels.layers import get_channel_layer  # noqa: E402
 from django.conf import settings  # noqa: E402
 
+from bench.charts import RESULTS, charts_write  # noqa: E402
 from turbo_site.core import streams  # noqa: E402
 
 PADDING = "x" * 500
@@ -198,8 +203,26 @@ def main() -> None:
     parser.add_argument("--readers", type=int, default=4, help="subscribers per chat")
     parser.add_argument("--transports", default=",".join(TRANSPORTS))
     args = parser.parse_args()
+    started_at = datetime.now(UTC)
+    results = []
     for name in args.transports.split(","):
-        print(json.dumps(asyncio.run(measure(name, args))))
+        results.append(asyncio.run(measure(name, args)))
+        print(json.dumps(results[-1]))
+    # Like the other benchmarks: the JSON in bench/results/, its chart beside it (bench/charts.py).
+    report = {
+        "started_at": started_at.isoformat(),
+        "finished_at": datetime.now(UTC).isoformat(),
+        "settings": {name: getattr(args, name) for name in ("chats", "publishers", "events", "readers")},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "results": results,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = started_at.strftime("%Y%m%d-%H%M%S")
+    paths = [RESULTS / f"stream_transport-{stamp}.json", RESULTS / "stream_transport-latest.json"]
+    for path in paths:
+        path.write_text(json.dumps(report, indent=2))
+    charts = charts_write(report, paths)
+    print("wrote " + ", ".join(str(path) for path in [*paths, *charts]), file=sys.stderr)
 
 
 if __name__ == "__main__":
