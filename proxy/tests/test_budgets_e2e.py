@@ -143,3 +143,33 @@ def test_a_key_created_with_a_budget_stops_at_it(client, signup, priced):
     bad = client.post("/user/keys/create", json={"name": "x", "budget_usd": "-1"}, headers=bearer(token))
     assert bad.status_code == 400
     assert len(client.get("/user/keys/list", headers=bearer(token)).json()["keys"]) == 1  # nothing stored
+
+
+def test_a_budget_and_a_rate_limit_together_refuse_without_taking_from_each_other(client, signup, priced, settings):
+    """With both, one script takes from both or neither (on Redis): a call over budget uses none of the
+    rate limit, and a rate-limited call reserves none of the budget."""
+    from proxy.usage.ratelimits import ratelimits_forget
+
+    ratelimits_forget()
+    settings.RATE_LIMIT_USER_RPM = 5
+    settings.RATE_LIMIT_USER_TPM = 100_000  # settled with the tokens used, with the budget, after each call
+    token, user, _ = signup()
+    budget_set(scope="user", target_id=user["id"], usd=Decimal("0.02"), period="day")
+    answers = [ask(client, token) for _ in range(2)]
+    assert [a.status_code for a in answers] == [200, 200]
+    assert answers[-1].headers["x-ratelimit-remaining-requests"] == "3"
+    for _ in range(4):  # over budget: refused, and the rate limit keeps its three
+        refused = ask(client, token)
+        assert (refused.status_code, refused.json()["error"]["code"]) == (429, "budget_exceeded")
+    budget_set(scope="user", target_id=user["id"], usd=Decimal("1.00"), period="day")
+    again = [ask(client, token) for _ in range(3)]
+    assert [a.status_code for a in again] == [200, 200, 200]
+    assert again[-1].headers["x-ratelimit-remaining-requests"] == "0"
+    limited = ask(client, token)
+    assert (limited.status_code, limited.json()["error"]["code"]) == (429, "rate_limited")
+    assert spent_of(user["id"]) == Decimal("0.05")  # the rate-limited call reserved and spent nothing
+    budget_set(scope="user", target_id=user["id"], usd=Decimal("0.06"), period="day")
+    settings.RATE_LIMIT_USER_RPM = 0
+    # The last cent is still there to reserve: every earlier reservation was settled, none left to expire.
+    assert ask(client, token).status_code == 200
+    assert ask(client, token).json()["error"]["code"] == "budget_exceeded"

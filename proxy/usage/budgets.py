@@ -28,6 +28,7 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 
 from proxy.usage.caller import Caller
+from turbo_site.core import metrics
 
 logger = logging.getLogger("turbo.proxy")
 
@@ -233,11 +234,31 @@ return 0
 """
 
 
-def _redis_keys(limits: list[Limit]) -> list[str]:
+def redis_keys(limits: list[Limit]) -> list[str]:
+    """The Redis keys of the budgets' periods: spent, reserved and when each reservation expires."""
     keys = []
     for limit in limits:
         keys += [limit.key + ":spent", limit.key + ":reserved", limit.key + ":expires"]
     return keys
+
+
+def reserve_arguments(limits: list[Limit], reservation_id: str, amount: int) -> list:
+    """RESERVE_SCRIPT's arguments (also run inside proxy.usage.limits' joint script)."""
+    args = [int(time.time() * 1000), settings.BUDGET_RESERVATION_SECONDS * 1000, reservation_id, amount, len(limits)]
+    for limit in limits:
+        args += [limit.rule.limit_nano, limit.keep_seconds]
+    return args
+
+
+async def spent_load(limits: list[Limit], indexes: list[int]) -> None:
+    """A period's first call (or Redis lost its figures): what it spent so far, from the database."""
+    from turbo_site.core.acache import redis_client
+
+    client = redis_client(settings.REDIS_ADDRESS)
+    for index in indexes:  # 1-based, as the scripts answer
+        limit = limits[index - 1]
+        spent = await database_sync_to_async(_spent_in_db)(limit)
+        await client.set(limit.key + ":spent", spent, nx=True, ex=limit.keep_seconds or None)
 
 
 class RedisStore:
@@ -251,29 +272,18 @@ class RedisStore:
     async def reserve(self, limits: list[Limit], reservation_id: str, amount: int) -> tuple[int, int, int]:
         """(0, 0, 0) when reserved; else (the 1-based index of the refusing limit, its spent, its reserved)."""
         client = self._client()
-        args = [
-            int(time.time() * 1000),
-            settings.BUDGET_RESERVATION_SECONDS * 1000,
-            reservation_id,
-            amount,
-            len(limits),
-        ]
-        for limit in limits:
-            args += [limit.rule.limit_nano, limit.keep_seconds]
+        args = reserve_arguments(limits, reservation_id, amount)
         for _ in range(3):
-            answer = await client.eval(RESERVE_SCRIPT, len(limits) * 3, *_redis_keys(limits), *args)
+            answer = await client.eval(RESERVE_SCRIPT, len(limits) * 3, *redis_keys(limits), *args)
             if int(answer[0]) != -1:
                 head = [int(value) for value in answer] + [0, 0]
                 return head[0], head[1], head[2]
-            for index in answer[1:]:  # a period's first call (or Redis lost it): start from the database
-                limit = limits[int(index) - 1]
-                spent = await database_sync_to_async(_spent_in_db)(limit)
-                await client.set(limit.key + ":spent", spent, nx=True, ex=limit.keep_seconds or None)
+            await spent_load(limits, [int(index) for index in answer[1:]])
         raise RuntimeError("budget figures could not be initialised")
 
     async def settle(self, limits: list[Limit], reservation_id: str, actual: int) -> None:
         await self._client().eval(
-            SETTLE_SCRIPT, len(limits) * 3, *_redis_keys(limits), reservation_id, actual, len(limits)
+            SETTLE_SCRIPT, len(limits) * 3, *redis_keys(limits), reservation_id, actual, len(limits)
         )
 
 
@@ -333,6 +343,7 @@ class BudgetExceeded(Exception):
     code = "budget_exceeded"
 
     def __init__(self, limit: Limit, spent: int, reserved: int):
+        metrics.budget_refused(limit.rule.scope)  # made only where a call is refused
         self.limit = limit
         words = f"the {SCOPE_WORDS[limit.rule.scope]} {PERIOD_WORDS[limit.rule.period]} budget"
         used = from_nano(spent + reserved)
@@ -380,19 +391,25 @@ async def budget_reserve(caller: Caller | None, amount_usd: Decimal | Callable[[
 
     Raises BudgetExceeded, having reserved nothing, when one of them cannot cover it.
     """
-    if caller is None:
+    limits = await budget_limits(caller)
+    if not limits:
         return None
-    rules = await _rules_for(caller)
-    if not rules:
-        return None
-    now = datetime.now(UTC)
-    limits = [Limit(rule, *period_bounds(rule.period, now)) for rule in rules]
-    reservation_id = uuid.uuid4().hex
-    amount = to_nano(amount_usd() if callable(amount_usd) else amount_usd)
-    refused, spent, reserved = await _store().reserve(limits, reservation_id, amount)
+    reservation = Reservation(limits, uuid.uuid4().hex, to_nano(amount_usd() if callable(amount_usd) else amount_usd))
+    refused, spent, reserved = await _store().reserve(limits, reservation.reservation_id, reservation.amount)
     if refused:
         raise BudgetExceeded(limits[refused - 1], spent, reserved)
-    return Reservation(limits, reservation_id, amount)
+    return reservation
+
+
+async def budget_limits(caller: Caller | None) -> list[Limit]:
+    """The budgets that apply to a call by `caller`, in their current periods."""
+    if caller is None:
+        return []
+    rules = await _rules_for(caller)
+    if not rules:
+        return []
+    now = datetime.now(UTC)
+    return [Limit(rule, *period_bounds(rule.period, now)) for rule in rules]
 
 
 # --- setting budgets (the admin and `manage.py budgets`) ---------------------------------------------

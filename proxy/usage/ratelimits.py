@@ -20,6 +20,7 @@ learn that). Should Redis fail, calls are admitted (and the failure logged): a l
 """
 
 import asyncio
+import functools
 import hashlib
 import logging
 import math
@@ -35,6 +36,7 @@ from django.conf import settings
 from proxy.gateway.errors import GatewayError
 from proxy.usage.caller import Caller
 from proxy.usage.tokens import estimate_prompt_tokens
+from turbo_site.core import metrics
 from turbo_site.core.acache import redis_client
 
 logger = logging.getLogger("turbo.ratelimits")
@@ -98,7 +100,11 @@ for i, key in ipairs(KEYS) do
 end
 return 1
 """
-SCRIPT_SHAS = {script: hashlib.sha1(script.encode()).hexdigest() for script in (TAKE_SCRIPT, ADJUST_SCRIPT)}
+
+
+@functools.cache
+def script_sha(script: str) -> str:
+    return hashlib.sha1(script.encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,13 +180,13 @@ def _window_ms() -> float:
     return float(settings.RATE_LIMIT_WINDOW_SECONDS) * 1000
 
 
-async def _redis_script(script: str, keys: list[str], args: list) -> list | None:
+async def redis_script(script: str, keys: list[str], args: list) -> list | None:
     """Run a script on Redis in one round trip (EVALSHA, EVAL the first time); None if Redis failed."""
     client = redis_client(settings.REDIS_ADDRESS)
     try:
         try:
             return await asyncio.wait_for(
-                client.evalsha(SCRIPT_SHAS[script], len(keys), *keys, *args), REDIS_WAIT_SECONDS
+                client.evalsha(script_sha(script), len(keys), *keys, *args), REDIS_WAIT_SECONDS
             )
         except redis.exceptions.NoScriptError:
             return await asyncio.wait_for(client.eval(script, len(keys), *keys, *args), REDIS_WAIT_SECONDS)
@@ -224,37 +230,54 @@ def _adjust_here(changes: list[tuple[Counter, int]], window: float) -> None:
                 _tats[counter.key] = tat
 
 
-async def _take(wanted: list[tuple[Counter, int]]) -> tuple[bool, float, list[Reading]]:
-    """Take `cost` from every counter, or from none if any cannot: (admitted, wait in ms, readings)."""
-    wanted = [(counter, min(cost, counter.limit)) for counter, cost in wanted]  # a cost above the limit
-    window = _window_ms()  # waits for a whole free window rather than never going through
-    if not settings.REDIS_ADDRESS:
-        return _take_here(wanted, window)
-    args: list = [window]
+def take_arguments(wanted: list[tuple[Counter, int]]) -> tuple[list[str], list]:
+    """TAKE_SCRIPT's keys and arguments for `wanted` (also run inside proxy.usage.limits' joint script)."""
+    args: list = [_window_ms()]
     for counter, cost in wanted:
         args += [counter.limit, cost]
-    found = await _redis_script(TAKE_SCRIPT, [counter.key for counter, _ in wanted], args)
-    if found is None:
-        return True, 0.0, []
-    readings = [
-        Reading(counter, int(found[2 + 3 * index]), float(found[3 + 3 * index]), bool(found[4 + 3 * index]))
+    return [counter.key for counter, _ in wanted], args
+
+
+def readings_of(wanted: list[tuple[Counter, int]], found: list, offset: int) -> list[Reading]:
+    """The counters' readings in a script's answer, three numbers each from `offset`."""
+    return [
+        Reading(
+            counter,
+            int(found[offset + 3 * index]),
+            float(found[offset + 1 + 3 * index]),
+            bool(found[offset + 2 + 3 * index]),
+        )
         for index, (counter, _) in enumerate(wanted)
     ]
-    return bool(found[0]), float(found[1]), readings
 
 
-async def _adjust(changes: list[tuple[Counter, int]]) -> None:
+async def counters_take(wanted: list[tuple[Counter, int]]) -> tuple[bool, float, list[Reading]]:
+    """Take `cost` from every counter, or from none if any cannot: (admitted, wait in ms, readings)."""
+    wanted = [(counter, min(cost, counter.limit)) for counter, cost in wanted]  # a cost above the limit
+    if not settings.REDIS_ADDRESS:  # waits for a whole free window rather than never going through
+        return _take_here(wanted, _window_ms())
+    found = await redis_script(TAKE_SCRIPT, *take_arguments(wanted))
+    if found is None:
+        return True, 0.0, []
+    return bool(found[0]), float(found[1]), readings_of(wanted, found, 2)
+
+
+def adjust_arguments(changes: list[tuple[Counter, int]]) -> tuple[list[str], list]:
+    """ADJUST_SCRIPT's keys and arguments for `changes`."""
+    args: list = [_window_ms()]
+    for counter, units in changes:
+        args += [counter.limit, units]
+    return [counter.key for counter, _ in changes], args
+
+
+async def counters_adjust(changes: list[tuple[Counter, int]]) -> None:
     changes = [(counter, units) for counter, units in changes if units]
     if not changes:
         return
-    window = _window_ms()
     if not settings.REDIS_ADDRESS:
-        _adjust_here(changes, window)
+        _adjust_here(changes, _window_ms())
         return
-    args: list = [window]
-    for counter, units in changes:
-        args += [counter.limit, units]
-    await _redis_script(ADJUST_SCRIPT, [counter.key for counter, _ in changes], args)
+    await redis_script(ADJUST_SCRIPT, *adjust_arguments(changes))
 
 
 def ratelimits_forget() -> None:
@@ -350,6 +373,7 @@ def _reply_tokens_asked(payload: dict | None) -> int:
 def _refusal(readings: list[Reading], wait_ms: float) -> GatewayError:
     refused = next((reading for reading in readings if reading.refused), readings[0])
     counter = refused.counter
+    metrics.ratelimit_refused(counter.scope, counter.kind)
     retry_after = max(1, math.ceil(wait_ms / 1000))
     message = (
         f"rate limit reached for {counter.kind} per minute of {SCOPE_WORDS[counter.scope]}: "
@@ -368,24 +392,42 @@ def _refusal(readings: list[Reading], wait_ms: float) -> GatewayError:
     )
 
 
-async def ratelimit_admit(caller: Caller | None, *, payload: dict | None) -> Admission:
-    """Let a model call by `caller` through its limits, or raise GatewayError 429 `rate_limited` (with
-    Retry-After and the x-ratelimit-* headers). Either every counter takes the call or none does."""
+async def ratelimit_wanted(
+    caller: Caller | None, *, payload: dict | None
+) -> tuple[Admission, list[tuple[Counter, int]]]:
+    """What a model call by `caller` must take from which counters (none: the caller has no limits)."""
     counters = await ratelimit_counters(caller)
     admission = Admission()
     if not counters:
-        return admission
+        return admission, []
     tokens = 0
     if any(counter.kind == "tokens" for counter in counters):
         admission.prompt_tokens = prompt_tokens_estimate(payload)
         tokens = admission.prompt_tokens + _reply_tokens_asked(payload)
-    wanted = [(counter, 1 if counter.kind == "requests" else tokens) for counter in counters]
-    admitted, wait_ms, readings = await _take(wanted)
+    # A cost above a limit waits for a whole free window rather than never going through.
+    return admission, [
+        (counter, min(1 if counter.kind == "requests" else tokens, counter.limit)) for counter in counters
+    ]
+
+
+def ratelimit_taken(
+    admission: Admission, wanted: list[tuple[Counter, int]], admitted: bool, wait_ms: float, readings: list[Reading]
+) -> Admission:
+    """The admission once the counters answered; GatewayError 429 `rate_limited` if they refused."""
     if not admitted:
         raise _refusal(readings, wait_ms)
-    admission.taken.update((counter, min(cost, counter.limit)) for counter, cost in wanted)
+    admission.taken.update(wanted)
     admission.readings = readings
     return admission
+
+
+async def ratelimit_admit(caller: Caller | None, *, payload: dict | None) -> Admission:
+    """Let a model call by `caller` through its limits, or raise GatewayError 429 `rate_limited` (with
+    Retry-After and the x-ratelimit-* headers). Either every counter takes the call or none does."""
+    admission, wanted = await ratelimit_wanted(caller, payload=payload)
+    if not wanted:
+        return admission
+    return ratelimit_taken(admission, wanted, *await counters_take(wanted))
 
 
 _full_until: dict[str, float] = {}  # deployment id -> time.monotonic() until which it was found full
@@ -411,7 +453,7 @@ async def ratelimit_deployment_admit(deployment, *, payload: dict | None, admiss
             admission.prompt_tokens = prompt_tokens_estimate(payload)
         tokens = admission.prompt_tokens + _reply_tokens_asked(payload)
     wanted = [(counter, 1 if counter.kind == "requests" else tokens) for counter in counters]
-    admitted, wait_ms, _ = await _take(wanted)
+    admitted, wait_ms, _ = await counters_take(wanted)
     if not admitted:
         _full_until[deployment.id] = time.monotonic() + wait_ms / 1000
         return max(wait_ms / 1000, 0.001)
@@ -423,6 +465,7 @@ async def ratelimit_deployment_admit(deployment, *, payload: dict | None, admiss
 def deployments_full_error(waits: list[float]) -> GatewayError:
     """Every deployment that could serve the call is at its own limit: 429, as the provider would say."""
     retry_after = max(1, math.ceil(min(waits)))
+    metrics.ratelimit_refused("deployment", "requests")
     return GatewayError(
         f"every deployment of this model is at its rate limit; try again in {retry_after}s",
         status=429,
@@ -433,20 +476,28 @@ def deployments_full_error(waits: list[float]) -> GatewayError:
     )
 
 
-async def ratelimit_settle(admission: Admission | None, *, tokens: int | None, reply_text: str = "") -> None:
-    """Correct the tokens a call was admitted with to those it used (`tokens`; None: unknown, then the
-    prompt's estimate plus `reply_text`'s, or the estimate stays if there is no reply text either)."""
+def ratelimit_corrections(
+    admission: Admission | None, *, tokens: int | None, reply_text: str = ""
+) -> list[tuple[Counter, int]]:
+    """How to correct the tokens a call was admitted with to those it used (`tokens`; None: unknown, then
+    the prompt's estimate plus `reply_text`'s, or the estimate stays if there is no reply text either).
+    Marks the admission settled: ask once."""
     if admission is None or admission.settled:
-        return
+        return []
     admission.settled = True
     taken = [(counter, units) for counter, units in admission.taken.items() if counter.kind == "tokens"]
     if not taken:
-        return
+        return []
     if tokens is None and reply_text:
         tokens = admission.prompt_tokens + math.ceil(len(reply_text) / 4)
     if tokens is None:
-        return
-    await _adjust([(counter, tokens - units) for counter, units in taken])
+        return []
+    return [(counter, tokens - units) for counter, units in taken if tokens != units]
+
+
+async def ratelimit_settle(admission: Admission | None, *, tokens: int | None, reply_text: str = "") -> None:
+    """Apply ratelimit_corrections."""
+    await counters_adjust(ratelimit_corrections(admission, tokens=tokens, reply_text=reply_text))
 
 
 async def ratelimit_release(admission: Admission | None) -> None:
@@ -454,4 +505,6 @@ async def ratelimit_release(admission: Admission | None) -> None:
     if admission is None or admission.settled:
         return
     admission.settled = True
-    await _adjust([(counter, -units) for counter, units in admission.taken.items() if counter.scope != "deployment"])
+    await counters_adjust(
+        [(counter, -units) for counter, units in admission.taken.items() if counter.scope != "deployment"]
+    )
