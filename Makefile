@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ADDRESS ?= 127.0.0.1:8080
 
-.PHONY: install browser-deps env demo run serve test test-pg lint format bench clean
+.PHONY: install browser-deps env demo run serve grpcserve protos test test-pg lint format bench clean
 
 $(BIN)/activate:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or make PYTHON=python3)"; exit 1; }
@@ -54,9 +54,21 @@ demo: install $(ENV_FILE)
 # Set SECRET_KEY (and DEBUG stays off). Client addresses come from TRUSTED_PROXIES, not uvicorn.
 serve: install
 	$(BIN)/python manage.py migrate --noinput
+	@# Metrics of several workers (METRICS_MULTIPROC_DIR): a new server starts from an empty directory.
+	@if [ -n "$$METRICS_MULTIPROC_DIR" ]; then mkdir -p "$$METRICS_MULTIPROC_DIR" && rm -f "$$METRICS_MULTIPROC_DIR"/*.db; fi
 	$(BIN)/python -m uvicorn turbo_site.asgi:application --host $(word 1,$(subst :, ,$(ADDRESS))) \
 		--port $(word 2,$(subst :, ,$(ADDRESS))) --loop uvloop --http httptools --ws-per-message-deflate false \
 		--lifespan on --no-proxy-headers --no-access-log --timeout-graceful-shutdown $${SHUTDOWN_SERVER_SECONDS:-5}
+
+# The gRPC front (protos/turbo/v1/turbo.proto) on GRPC_ADDRESS (default 127.0.0.1:50051), graceful on SIGTERM.
+# A process of its own beside `make serve` (same settings, database and Redis): run both, e.g.
+#   make serve & make grpcserve
+grpcserve: install
+	$(BIN)/python manage.py grpcserve
+
+# Regenerate protos/turbo/v1/turbo_pb2*.py from turbo.proto (checked in; a test fails when they drift).
+protos: install
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. protos/turbo/v1/turbo.proto
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -69,12 +81,13 @@ test-pg: install
 
 # Benchmarks (not tests), each printing its table and targets and writing JSON to bench/results/:
 # proxy overhead (PEERS=litellm adds LiteLLM, SERVERS=uvicorn,daphne,gunicorn compares servers),
-# fan-out, prompt cost, soak. ARGS=--quick for a short run of each. See bench/README.md.
+# fan-out, prompt cost, soak, gRPC streaming against /v1. ARGS=--quick for a short run of each. See bench/README.md.
 bench: install
 	$(BIN)/python -m bench.proxy_overhead $(if $(PEERS),--peers $(PEERS)) $(if $(SERVERS),--servers $(SERVERS)) $(ARGS)
 	$(BIN)/python -m bench.fanout $(ARGS)
 	$(BIN)/python -m bench.prompt_cost $(ARGS)
 	$(BIN)/python -m bench.soak $(ARGS)
+	$(BIN)/python -m bench.grpc_stream $(ARGS)
 
 lint: install
 	$(BIN)/ruff format --check .

@@ -84,6 +84,16 @@ def turbo_server(django_db_setup, django_db_blocker):
         connections.close_all()
 
 
+@pytest.fixture(scope="session")
+def grpc_server(django_db_setup, django_db_blocker):
+    """Turbo's gRPC server (turbo_site/grpc.py) on a loopback port, in a thread sharing the test database."""
+    from turbo_site.testing.grpc import GrpcServer
+
+    server = GrpcServer().start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def client(turbo_server):
     """An HTTP client for the live server, like curl would be: it keeps no cookies between calls."""

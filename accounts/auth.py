@@ -5,9 +5,9 @@ the `sess` cookie, and (WebSocket handshakes and the SSE /chat/stream only) a `t
 cookie is sent by browsers on their own, so unsafe requests it authenticates must come from an allowed
 origin.
 
-An API key (accounts.keys) is a token too, but only the fronts that say `keys=True` take it: /v1/* and
-/ws. Everywhere else it is a 403 `key_not_allowed_here`, so a key can neither sign in nor change the
-account.
+An API key (accounts.keys) is a token too, but only the fronts that say `keys=True` take it: the model
+calls (/v1/*, /ws, GraphQL's me/models/usage/complete/completionStream, gRPC Completions). Everywhere
+else it is a 403 `key_not_allowed_here`, so a key can neither sign in nor change the account.
 """
 
 import base64
@@ -25,7 +25,8 @@ COOKIE_NAME = "sess"
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 KEY_NOT_ALLOWED_HERE = "key_not_allowed_here"
 KEY_NOT_ALLOWED_MESSAGE = (
-    "an API key works only on /v1/* and /ws; sign in (/user/login) and use a session token for this endpoint"
+    "an API key works only for model calls (/v1/*, /ws, GraphQL's complete and completionStream, gRPC "
+    "Completions); sign in (/user/login) and use a session token for this endpoint"
 )
 
 
@@ -162,9 +163,17 @@ async def aauthenticate(request, *, token_parameter: bool = False, keys: bool = 
     return found
 
 
-async def aauthenticate_websocket(scope, *, keys: bool = False) -> AuthSession:
+def websocket_origin_allowed(scope) -> bool:
+    """Is a WebSocket handshake's Origin this server or an allowed origin (none: not a browser)?"""
+    headers = scope_headers(scope)
+    scheme = "https" if scope.get("scheme") in ("wss", "https") else "http"
+    return origin_allowed(headers.get("origin"), f"{scheme}://{headers.get('host', '')}".lower())
+
+
+async def aauthenticate_websocket(scope, *, keys: bool = False, authorization: str | None = None) -> AuthSession:
     """The session of a WebSocket handshake: `token` query parameter, Authorization header or cookie.
-    With `keys` (only /ws), an API key counts too.
+    With `keys` (only /ws), an API key counts too. `authorization` is an Authorization value the client
+    sent after the handshake (GraphQL's connection_init payload); given, it is the only token looked at.
 
     A browser always sends Origin on a WebSocket handshake; it must be this server or an allowed origin,
     so that a foreign page cannot ride on the cookie (cross-site WebSocket hijacking).
@@ -173,11 +182,13 @@ async def aauthenticate_websocket(scope, *, keys: bool = False) -> AuthSession:
     from urllib.parse import parse_qs
 
     headers = scope_headers(scope)
-    origin = headers.get("origin")
-    scheme = "https" if scope.get("scheme") in ("wss", "https") else "http"
-    host = headers.get("host", "")
-    if origin is not None and not origin_allowed(origin, f"{scheme}://{host}".lower()):
+    if not websocket_origin_allowed(scope):
         raise AuthRefused(403, "forbidden", "cross-site WebSocket refused: the Origin is not allowed")
+    if authorization is not None:
+        token, _ = token_from_headers(authorization, {})
+        if not token:
+            raise AuthRefused(401, "unauthorized", "authorization must be 'Bearer <token>'")
+        return await _alookup(token, keys=keys)
     query = parse_qs(scope.get("query_string", b"").decode("latin1"))
     token = (query.get("token") or [""])[0].strip()
     if not token:
@@ -191,4 +202,15 @@ async def aauthenticate_websocket(scope, *, keys: bool = False) -> AuthSession:
         )
     if not token:
         raise AuthRefused(401, "unauthorized", "no token: pass ?token=<token> or the sess cookie")
+    return await _alookup(token, keys=keys)
+
+
+async def aauthenticate_grpc(metadata, *, keys: bool = False) -> AuthSession:
+    """The session of a gRPC call, from its `authorization: Bearer <token>` metadata (Basic as on HTTP).
+    With `keys` (only the Completions service, a model-call front like /v1 and /ws), an API key counts too.
+    """
+    authorization = next((str(value) for name, value in metadata or () if name.lower() == "authorization"), "")
+    token, _ = token_from_headers(authorization, {})
+    if token is None:
+        raise AuthRefused(401, "unauthorized", "no token: send `authorization: Bearer <token>` metadata")
     return await _alookup(token, keys=keys)

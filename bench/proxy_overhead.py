@@ -51,6 +51,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.charts import charts_write
 from bench.fast_upstream import fastest_server_parts
 from bench.loadgen import MODEL, RATELIMIT_HEADER
 from bench.peers import PEERS, litellm_peer
@@ -82,6 +83,7 @@ CPU_GROWTH_LIMIT_PCT = 10.0
 # The limits are far above what two cores can send (~40,000 requests a minute), so they never refuse.
 LIMITS_MODEL = "gpt-4o-mini"
 LIMITS_REDIS = "redis://127.0.0.1:6379/8"
+METRICS_TOKEN = "bench-metrics-token"  # --metrics: the scrape's Bearer token
 LIMITS_RPM = LIMITS_TPM = 1_000_000_000
 LIMITS_BUDGET_USD, LIMITS_BUDGET_PERIOD = "1000", "month"
 
@@ -242,6 +244,10 @@ def turbo_env(args, *, upstream_port: int, db_address: str, turbo_config: Path |
         env.update(RATE_LIMIT_USER_RPM=str(LIMITS_RPM), RATE_LIMIT_USER_TPM=str(LIMITS_TPM))
     if turbo_config is not None:
         env["TURBO_CONFIG"] = str(turbo_config)
+    if getattr(args, "tracing_endpoint", ""):  # --tracing: OpenTelemetry on, spans to the loopback sink
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = args.tracing_endpoint
+    if getattr(args, "metrics", False):  # --metrics: /metrics on, in multiprocess mode (files in a fresh folder)
+        env.update(METRICS_TOKEN=METRICS_TOKEN, METRICS_MULTIPROC_DIR=tempfile.mkdtemp(prefix="turbo-bench-metrics-"))
     return env
 
 
@@ -921,6 +927,16 @@ def parse_args() -> argparse.Namespace:
         f"rpm/tpm and a large budget (its user too), asking for {LIMITS_MODEL} (priced); usage checked after",
     )
     parser.add_argument(
+        "--metrics",
+        action="store_true",
+        help="Turbo with Prometheus metrics on (METRICS_TOKEN), in multiprocess mode; /metrics scraped after the runs",
+    )
+    parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="Turbo with OpenTelemetry traces on, exported over OTLP/HTTP to a sink on loopback (bench.otlp_sink)",
+    )
+    parser.add_argument(
         "--peers",
         default="",
         metavar="LIST",
@@ -1061,6 +1077,32 @@ def report_write(report: dict, names: list[str]) -> None:
     for path in paths:
         path.write_text(json.dumps(report, indent=2))
     print("\nwrote " + " and ".join(str(path) for path in paths))
+    # Beside the JSON, its charts (bench/charts.py: `python -m bench.charts` copies the latest to bench/charts/).
+    charts = charts_write(report, paths)
+    if charts:
+        print(f"and {len(charts)} charts: " + ", ".join(path.name for path in charts))
+
+
+def metrics_scrape(turbo_url: str) -> dict:
+    """--metrics: /v1 requests and proxy overheads counted, and the scrape's size and time."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    began = time.perf_counter()
+    response = httpx.get(f"{turbo_url}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}, timeout=30)
+    took_ms = round((time.perf_counter() - began) * 1000, 1)
+    response.raise_for_status()
+    samples = [sample for family in text_string_to_metric_families(response.text) for sample in family.samples]
+
+    def total(name: str, **labels) -> float:
+        return sum(s.value for s in samples if s.name == name and labels.items() <= s.labels.items())
+
+    return {
+        "v1_requests": int(total("turbo_http_requests_total", route="v1")),
+        "overheads_observed": int(total("turbo_proxy_overhead_seconds_count")),
+        "overhead_sum_ms": round(total("turbo_proxy_overhead_seconds_sum") * 1000, 1),
+        "scrape_bytes": len(response.content),
+        "scrape_ms": took_ms,
+    }
 
 
 def probe_chat(url: str, token: str, model: str = MODEL) -> None:
@@ -1125,6 +1167,15 @@ def main() -> None:
         )
         upstream_url = f"http://127.0.0.1:{upstream_port}/v1"
         wait_until_answering(processes, "upstream", upstream, f"{upstream_url}/models")
+        if args.tracing:
+            sink_port, sink_counts = free_port(), work / "otlp-sink.json"
+            sink = processes.start(
+                "otlp-sink",
+                [PYTHON, "-m", "bench.otlp_sink", "--port", str(sink_port), "--out", str(sink_counts)],
+                dict(os.environ),
+            )
+            args.tracing_endpoint = f"http://127.0.0.1:{sink_port}"
+            wait_until_answering(processes, "otlp-sink", sink, f"{args.tracing_endpoint}/count")
 
         for mode in args.gateway:
             text = gateway_yaml(mode, upstream_url, args.model)
@@ -1140,7 +1191,11 @@ def main() -> None:
         for index, (name, mode) in enumerate(variants):
             suffix = "" if mode == "off" else f"-gateway-{mode}"
             label = (
-                f"Turbo {name}" + ("" if mode == "off" else f", gateway {mode}") + (", limits" if args.limits else "")
+                f"Turbo {name}"
+                + ("" if mode == "off" else f", gateway {mode}")
+                + (", limits" if args.limits else "")
+                + (", tracing" if args.tracing else "")
+                + (", metrics" if args.metrics else "")
             )
             if index and (reason := unavailable(name)):
                 skip(label, reason)
@@ -1243,6 +1298,12 @@ def main() -> None:
             described[key].update(peer.info, ready_after_s=ready_after_s)
 
         measure(args, results, upstream_url=upstream_url, upstream_pid=upstream.pid, sides=sides, work=work)
+        scraped = {turbo["key"]: metrics_scrape(turbo["url"]) for turbo in turbos} if args.metrics else {}
+        for key, seen in scraped.items():
+            note(f"{described[key]['label']}: /metrics {seen}")
+        if args.tracing:  # Turbo first, so that the spans it sends as it stops still reach the sink
+            for turbo in turbos:
+                processes.stop(turbo["process_name"])
         processes.stop_all()  # Turbo saves its queued events as it stops
         expected = sum((args.requests + args.warmup) * args.runs for _ in args.concurrency for _ in MODES)
         by_side, other_logs = {}, {}
@@ -1276,6 +1337,11 @@ def main() -> None:
             gateway_configs=gateway_configs,
             limits=limits,
         )
+        if scraped:  # --metrics: what the counters saw, to set beside the requests sent
+            report["metrics"] = scraped
+        if args.tracing:  # what the sink received, Turbo's last batch (sent as it stopped) included
+            report["tracing"] = json.loads(sink_counts.read_text()) if sink_counts.exists() else {}
+            note(f"OTLP sink: {report['tracing']}")
         report["table"] = render(report)
         print(report["table"])
         print_errors(results)

@@ -26,10 +26,10 @@ from django.views.decorators.csrf import csrf_exempt
 from accounts.auth import AuthRefused, aauthenticate
 from proxy import gateway
 from proxy.events import capture_body, event_record
-from proxy.usage.budgets import reservation_settle
 from proxy.usage.caller import Caller
+from proxy.usage.limits import limits_settle
 from proxy.usage.passthrough import UsageStripper, exchange_usage_record, usage_asked_for
-from proxy.usage.ratelimits import ratelimit_settle
+from turbo_site.core import metrics, tracing
 from turbo_site.core.http import client_ip
 from turbo_site.core.parsers import JSONTooDeep, client_json_loads
 
@@ -305,12 +305,18 @@ async def exchange(request: ProxyRequest) -> ProxyReply:
         finally:
             await upstream.aclose()
             reader.finish()
+            tracing.answer_end(
+                answer,
+                response_model=reader.model,
+                usage=reader.usage,
+                finish_reasons=reader.finish_reasons,
+                error="" if status == upstream.status else f"the exchange ended {status}",
+            )
             log(status, reader, capture_body(bytes(captured), response_type) if captured else "", answer.attempts)
             cost = exchange_usage_record(
                 caller=request.caller, path=request.path, model=model, payload=payload, answer=answer, reader=reader
             )
-            await reservation_settle(answer.reservation, cost)
-            await ratelimit_settle(answer.admission, tokens=reader.token("total_tokens"))
+            await limits_settle(answer.admission, answer.reservation, cost=cost, tokens=reader.token("total_tokens"))
 
     headers = _response_headers(upstream.headers)
     if answer.admission is not None and answer.admission.readings:  # the caller's limits apply, not the upstream's
@@ -320,6 +326,7 @@ async def exchange(request: ProxyRequest) -> ProxyReply:
         headers["X-Accel-Buffering"] = "no"
     overhead_ms = (sent - request.started + time.perf_counter() - answered) * 1000
     headers["X-Turbo-Overhead-Ms"] = f"{overhead_ms:.3f}"
+    metrics.proxy_overhead_observe(overhead_ms / 1000)
     headers["X-Turbo-Upstream"] = answer.deployment.id
     headers["X-Turbo-Attempts"] = str(len(answer.attempts))
     return ProxyReply(upstream.status, headers, stream=relay())

@@ -27,18 +27,26 @@ log_redaction_install()
 from chats.routing import websocket_urlpatterns as chat_websockets  # noqa: E402
 from proxy.fast import ProxyFastPath  # noqa: E402
 from proxy.routing import websocket_urlpatterns as rpc_websockets  # noqa: E402
+from turbo_site.core.tracing import TracedHTTP, tracing_setup  # noqa: E402
+from turbo_site.graphql_server import websocket_urlpatterns as graphql_websockets  # noqa: E402
 from turbo_site.lifespan import lifespan  # noqa: E402
+
+tracing_setup()  # OpenTelemetry, when OTEL_EXPORTER_OTLP_ENDPOINT is set
 
 # Consumers check the Origin themselves (accounts.auth.aauthenticate_websocket): this server, or
 # CORS_ALLOWED_ORIGINS; a client that sends none (not a browser) is judged by its token alone.
 application = ProtocolTypeRouter(
     {
         # /v1/ calls from API clients skip Django's middleware (proxy.fast); the rest is Django's.
-        "http": ProxyFastPath(django_application),
-        "websocket": URLRouter(chat_websockets + rpc_websockets),
+        "http": TracedHTTP(ProxyFastPath(django_application)),  # a span per request when tracing is on
+        "websocket": URLRouter(chat_websockets + rpc_websockets + graphql_websockets),
         "lifespan": lifespan,
     }
 )
+
+from turbo_site.core.metrics import asgi_middleware as metered  # noqa: E402
+
+application = metered(application)  # HTTP and WebSocket requests by route group, while /metrics is on
 
 # What is loaded by now (Django, the apps, the SDKs) lives as long as the process: move it out of the
 # garbage collector's sight, so that its full collections (the longest pauses) no longer walk it.

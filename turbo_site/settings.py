@@ -221,6 +221,12 @@ PROXY_MAX_BODY_BYTES = env_int("PROXY_MAX_BODY_BYTES", 25 * 1024 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = None
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 
+# GraphQL (/graphql): how deep and how costly a query may be (turbo_site.core.graphql), and whether
+# introspection and the GraphiQL page are on (also with DEBUG=1).
+GRAPHQL_MAX_DEPTH = env_int("GRAPHQL_MAX_DEPTH", 10)
+GRAPHQL_MAX_COST = env_int("GRAPHQL_MAX_COST", 5000)
+GRAPHQL_PLAYGROUND = env_bool("GRAPHQL_PLAYGROUND")
+
 CORS_ALLOWED_ORIGINS = env_list("CORS_ALLOWED_ORIGINS")
 CORS_ALLOW_CREDENTIALS = True
 CSRF_TRUSTED_ORIGINS = CORS_ALLOWED_ORIGINS
@@ -238,14 +244,7 @@ PROXY_READ_TIMEOUT = env_int("PROXY_READ_TIMEOUT", 600)
 PROXY_MAX_CONNECTIONS = env_int("PROXY_MAX_CONNECTIONS", 200)
 # The model gateway's file of upstreams and models (README, "The model gateway"); without it,
 # OPENAI_API_URL and OPENAI_API_KEY are the one upstream. A bad file stops Turbo here, in one line.
-TURBO_CONFIG = env_str("TURBO_CONFIG")
-if TURBO_CONFIG:
-    from proxy.gateway.config import ConfigError, load
-
-    try:
-        load(TURBO_CONFIG)
-    except ConfigError as exc:
-        raise ImproperlyConfigured(str(exc)) from None
+TURBO_CONFIG = env_str("TURBO_CONFIG")  # checked at the end of this file, once every setting is defined
 # How often a process reads the deployments' shared health (cooldowns) from Redis, at most.
 GATEWAY_HEALTH_SYNC_SECONDS = env_float("GATEWAY_HEALTH_SYNC_SECONDS", 1.0)
 # Extra request headers to pass upstream, beyond the ones OpenAI clients need.
@@ -295,6 +294,8 @@ CONTEXT_MAX_CHARS = env_int("CONTEXT_MAX_CHARS", 16_000)
 MAX_PROMPT_CHARS = env_int("MAX_PROMPT_CHARS", 32_000)
 # How many times one prompt may go back to the model with tool results.
 MAX_TOOL_ROUNDS = env_int("MAX_TOOL_ROUNDS", 5)
+# How many times a reply that fails its response_format's JSON Schema is asked for again (proxy.structured).
+STRUCTURED_RETRIES = max(0, env_int("STRUCTURED_RETRIES", 2))
 # A reply's max_tokens when neither the chat's settings nor a program set one (0: no cap).
 DEFAULT_MAX_TOKENS = env_int("DEFAULT_MAX_TOKENS", 4096)
 # Chat programs beside the built-in ones: comma-separated name=module.path:attribute pairs.
@@ -321,6 +322,10 @@ DAPHNE_WEBSOCKET_MAX_MESSAGE_SIZE = DAPHNE_WEBSOCKET_MAX_FRAME_SIZE = max(16 * 1
 WS_MAX_IN_FLIGHT = env_int("WS_MAX_IN_FLIGHT", 8)
 # On shutdown, how long generations still running may take before they are saved as interrupted.
 SHUTDOWN_GRACE_SECONDS = env_int("SHUTDOWN_GRACE_SECONDS", 20)
+# After draining, how long the server waits for other open calls (uvicorn in `make serve`, grpcserve).
+SHUTDOWN_SERVER_SECONDS = env_int("SHUTDOWN_SERVER_SECONDS", 5)
+# Where `manage.py grpcserve` listens (host:port).
+GRPC_ADDRESS = env_str("GRPC_ADDRESS", "127.0.0.1:50051")
 
 # --- Event log ------------------------------------------------------------------------------------
 EVENT_CAPTURE_BODIES = env_bool("EVENT_CAPTURE_BODIES")
@@ -331,6 +336,21 @@ EVENT_FLUSH_MS = env_int("EVENT_FLUSH_MS", 500)
 EVENT_PUBLISH_MS = env_int("EVENT_PUBLISH_MS", 20)
 EVENT_BATCH_SIZE = env_int("EVENT_BATCH_SIZE", 500)
 EVENT_QUEUE_MAX = env_int("EVENT_QUEUE_MAX", 100_000)
+
+# --- Metrics (turbo_site.core.metrics, GET /metrics) -------------------------------------------------
+# /metrics answers a Bearer METRICS_TOKEN or a client address in METRICS_ALLOWED_IPS (addresses or
+# networks); with neither set it is off (404) and nothing is measured.
+METRICS_TOKEN = env_str("METRICS_TOKEN")
+METRICS_ALLOWED_IPS = env_list("METRICS_ALLOWED_IPS")
+# Several worker processes on one machine: a directory they share (prometheus-client's multiprocess mode).
+METRICS_MULTIPROC_DIR = env_str("METRICS_MULTIPROC_DIR")
+
+# --- Traces (turbo_site.core.tracing) --------------------------------------------------------------
+# Off unless set (then OTLP over HTTP); the SDK reads the other standard OTEL_* variables itself.
+OTEL_EXPORTER_OTLP_ENDPOINT = env_str("OTEL_EXPORTER_OTLP_ENDPOINT")
+OTEL_SERVICE_NAME = env_str("OTEL_SERVICE_NAME", "turbo")
+# Prompt and reply text in spans (off: spans carry counts and names only).
+OTEL_CAPTURE_CONTENT = env_bool("OTEL_CAPTURE_CONTENT")
 
 # --- i18n, static ---------------------------------------------------------------------------------
 LANGUAGE_CODE = "en-us"
@@ -376,6 +396,8 @@ SPECTACULAR_SETTINGS = {
         "proxy.schema.add_proxy_paths",
         "chats.schema.add_chat_paths",
         "turbo_site.health.add_health_paths",
+        "turbo_site.metrics_view.add_metrics_path",
+        "turbo_site.graphql_server.add_graphql_path",
     ],
 }
 
@@ -397,3 +419,13 @@ LOGGING = {
         "httpx2": {"level": "WARNING"},
     },
 }
+
+# A bad TURBO_CONFIG stops Turbo here, in one line. Last: loading it imports the gateway, whose modules
+# (metrics, tracing) read settings defined above.
+if TURBO_CONFIG:
+    from proxy.gateway.config import ConfigError, load
+
+    try:
+        load(TURBO_CONFIG)
+    except ConfigError as exc:
+        raise ImproperlyConfigured(str(exc)) from None

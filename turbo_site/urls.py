@@ -4,12 +4,18 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from proxy.usage.dashboard import usage_dashboard
 from turbo_site import health
+from turbo_site.graphql_server import graphql_view
+from turbo_site.metrics_view import metrics_view
 
 urlpatterns = [
+    path("admin/usage/", usage_dashboard, name="admin_usage"),  # before the admin's own catch-all
     path("admin/", admin.site.urls),
     path("health", health.health),
     path("info", health.info),
+    path("graphql", graphql_view),
+    path("metrics", metrics_view),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     path("", include("accounts.urls")),

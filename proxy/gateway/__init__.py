@@ -6,15 +6,44 @@ health.py    cooldowns, failures, latency and in-flight counts (shared over Redi
 client.py    the one HTTP client (aiohttp)
 dispatch.py  send(): one request, with failover while nothing has been sent
 calls.py     chat(), chat_stream(), embeddings(): typed results for Turbo's own code
+instructions.py  a json_schema response_format as instructions, for models without native support
 errors.py    GatewayError, the one error type
 """
 
-from proxy.gateway.calls import ChatStream, Completion, Delta, UsageReader, chat, chat_stream, embeddings
-from proxy.gateway.client import TransportError
-from proxy.gateway.config import ConfigError
-from proxy.gateway.dispatch import ERROR_BODY_MAX_BYTES, Answer, Call, send
-from proxy.gateway.errors import Attempt, GatewayError
-from proxy.gateway.routing import gateway_config, models_list, text_redact
+import importlib
+
+# Where each name lives. Imported when first asked for (PEP 562), so that settings.py can check
+# TURBO_CONFIG with proxy.gateway.config alone, before the modules that read settings are loaded.
+_HOMES = {
+    "ChatStream": "calls",
+    "Completion": "calls",
+    "Delta": "calls",
+    "UsageReader": "calls",
+    "chat": "calls",
+    "chat_stream": "calls",
+    "embeddings": "calls",
+    "TransportError": "client",
+    "ConfigError": "config",
+    "ERROR_BODY_MAX_BYTES": "dispatch",
+    "Answer": "dispatch",
+    "Call": "dispatch",
+    "send": "dispatch",
+    "Attempt": "errors",
+    "GatewayError": "errors",
+    "gateway_config": "routing",
+    "models_list": "routing",
+    "text_redact": "routing",
+}
+
+
+def __getattr__(name: str):
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'proxy.gateway' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"proxy.gateway.{home}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "ERROR_BODY_MAX_BYTES",

@@ -12,6 +12,7 @@ which relays bytes unchanged, reads the model and usage for its log with `UsageR
 """
 
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -22,11 +23,11 @@ from django.conf import settings
 from proxy.gateway import client
 from proxy.gateway.dispatch import ERROR_BODY_MAX_BYTES, Answer, Call, send
 from proxy.gateway.errors import Attempt, GatewayError
-from proxy.usage.budgets import reservation_settle
 from proxy.usage.caller import Caller
-from proxy.usage.ratelimits import ratelimit_settle
+from proxy.usage.limits import limits_settle
 from proxy.usage.records import Estimate, Usage, usage_from, usage_record
 from proxy.usage.tokens import output_text
+from turbo_site.core import tracing
 
 
 @dataclass
@@ -64,6 +65,7 @@ def _call(
         allowed_models=allowed_models,
         api_key=api_key,
         caller=caller,
+        schema_as_instructions=True,  # Turbo's own callers validate a structured reply (proxy.structured)
     )
 
 
@@ -91,6 +93,7 @@ async def _answer(call: Call) -> Answer:
             body = b""
         finally:
             await answer.response.aclose()
+        tracing.answer_end(answer)
         raise _upstream_error(answer.response.status, body, answer.attempts)
     return answer
 
@@ -107,6 +110,7 @@ async def _json_body(answer: Answer) -> dict:
     try:
         body = await answer.response.read_all(settings.PROXY_MAX_BODY_BYTES)
     except client.TransportError as exc:
+        tracing.answer_end(answer, error=str(exc))
         raise GatewayError(str(exc), status=504 if exc.timeout else 502, attempts=answer.attempts) from None
     finally:
         await answer.response.aclose()
@@ -115,8 +119,25 @@ async def _json_body(answer: Answer) -> dict:
     except ValueError:
         data = None
     if not isinstance(data, dict):
+        tracing.answer_end(answer, error="not a JSON object")
         raise GatewayError("the upstream's answer was not a JSON object", status=502, attempts=answer.attempts)
+    _trace_end(answer, data)
     return data
+
+
+def _trace_end(answer: Answer, data: dict) -> None:
+    """End the answering attempt's span with what its JSON answer said (GenAI attributes)."""
+    if answer.span is None:
+        return
+    choices = [choice for choice in data.get("choices") or () if isinstance(choice, dict)]
+    tracing.answer_end(
+        answer,
+        response_model=data.get("model"),
+        response_id=data.get("id"),
+        usage=data.get("usage"),
+        finish_reasons=[choice.get("finish_reason") for choice in choices],
+        output=output_text(data),
+    )
 
 
 def _usage_record(
@@ -146,12 +167,13 @@ async def chat(
     call = _call("chat/completions", {**body, "stream": False}, api_key, allowed_models, caller)
     answer = await _answer(call)
     data = await _json_body(answer)
-    await ratelimit_settle(answer.admission, tokens=_usage(data.get("usage")).get("total_tokens"))
     served = str(data.get("model") or "")
     cost = _usage_record(
         call, answer, data.get("usage"), served, None if data.get("usage") else Estimate(text=output_text(data))
     )
-    await reservation_settle(answer.reservation, cost)
+    await limits_settle(
+        answer.admission, answer.reservation, cost=cost, tokens=_usage(data.get("usage")).get("total_tokens")
+    )
     choices = data.get("choices") or []
     if not choices or not isinstance(choices[0], dict):
         raise GatewayError("the upstream returned no choices", status=502, attempts=answer.attempts)
@@ -179,9 +201,10 @@ async def embeddings(
     call = _call("embeddings", body, api_key, allowed_models, caller)
     answer = await _answer(call)
     data = await _json_body(answer)
-    await ratelimit_settle(answer.admission, tokens=_usage(data.get("usage")).get("total_tokens"))
     cost = _usage_record(call, answer, data.get("usage"), str(data.get("model") or ""))
-    await reservation_settle(answer.reservation, cost)
+    await limits_settle(
+        answer.admission, answer.reservation, cost=cost, tokens=_usage(data.get("usage")).get("total_tokens")
+    )
     return data
 
 
@@ -243,9 +266,22 @@ class ChatStream:
             ) from None
         finally:
             cost = self._usage_record(answer, whole)
+            tracing.answer_end(
+                answer,
+                response_model=self.model,
+                usage=self.usage,
+                finish_reasons=(self.finish_reason,),
+                output=self.text or self.tool_calls,
+                error="" if whole else "the stream did not finish",
+            )
             await answer.response.aclose()
-            await reservation_settle(answer.reservation, cost)
-            await ratelimit_settle(answer.admission, tokens=self.usage.get("total_tokens"), reply_text=self.text)
+            await limits_settle(
+                answer.admission,
+                answer.reservation,
+                cost=cost,
+                tokens=self.usage.get("total_tokens"),
+                reply_text=self.text,
+            )
 
     def _usage_record(self, answer: Answer, whole: bool) -> Decimal | None:
         if whole and self._usage_given:
@@ -324,6 +360,7 @@ def chat_stream(
 
 
 SNIFF_LIMIT = 1024 * 1024  # answers larger than this are not parsed for the model name or usage
+_FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')  # an SSE chunk that ends a choice
 
 
 class UsageReader:
@@ -338,6 +375,9 @@ class UsageReader:
         # The answer as it arrived (up to SNIFF_LIMIT), to count its tokens when no usage comes.
         self.kept: list[bytes] = []
         self.kept_size = 0
+        # For the trace only: streamed chunks that end a choice are read when tracing is on.
+        self.finish_reasons: list[str] = []
+        self.reads_finish = tracing.enabled
 
     def feed(self, chunk: bytes) -> None:
         self.size += len(chunk)
@@ -348,7 +388,7 @@ class UsageReader:
             self.buffer += chunk
             *lines, self.buffer = self.buffer.split(b"\n")
             for line in lines:
-                if line.startswith(b"data:") and b'"usage"' in line:
+                if line.startswith(b"data:") and (b'"usage"' in line or (self.reads_finish and _FINISHED.search(line))):
                     self._read(line[5:])
             if len(self.buffer) > SNIFF_LIMIT:
                 self.buffer = b""
@@ -374,6 +414,9 @@ class UsageReader:
             self.model = data["model"]
         if isinstance(data.get("usage"), dict):
             self.usage = data["usage"]
+        for choice in data.get("choices") or ():
+            if isinstance(choice, dict) and isinstance(choice.get("finish_reason"), str):
+                self.finish_reasons.append(choice["finish_reason"])
 
     def token(self, name: str) -> int | None:
         value = self.usage.get(name)

@@ -18,16 +18,11 @@ from proxy.gateway import client, health
 from proxy.gateway.config import Deployment, Model
 from proxy.gateway.errors import Attempt, GatewayError
 from proxy.gateway.routing import attempt_order, body_for, gateway_config, models_for
-from proxy.usage.budgets import BudgetExceeded, Reservation, budget_reserve, call_cost_ceiling
+from proxy.usage.budgets import Reservation, call_cost_ceiling
 from proxy.usage.caller import Caller
-from proxy.usage.ratelimits import (
-    Admission,
-    deployments_full_error,
-    ratelimit_admit,
-    ratelimit_deployment_admit,
-    ratelimit_release,
-    ratelimit_settle,
-)
+from proxy.usage.limits import limits_settle, limits_take
+from proxy.usage.ratelimits import Admission, deployments_full_error, ratelimit_deployment_admit, ratelimit_release
+from turbo_site.core import metrics, tracing
 
 ERROR_BODY_MAX_BYTES = 64 * 1024  # an upstream error's body is read (and passed on) up to this size
 
@@ -46,6 +41,9 @@ class Call:
     allowed_models: frozenset[str] | None = None  # None: any
     api_key: str | None = None  # a chat's own key, in place of the upstream's
     caller: Caller | None = None  # who the call is for (usage, budgets, rate limits); None: nobody's
+    # Turbo's own call, which validates the reply: a deployment without native json_schema support gets
+    # the schema as instructions (proxy.gateway.instructions). The /v1 passthrough leaves this off.
+    schema_as_instructions: bool = False
 
 
 @dataclass(slots=True)
@@ -60,6 +58,7 @@ class Answer:
     reservation: Reservation | None = None
     # What the call took from its rate limits; whoever reads the call's usage settles its tokens.
     admission: Admission | None = None
+    span: object = None  # the answering attempt's trace span: its reader ends it (tracing.answer_end)
 
     @property
     def upstream_header(self) -> str:
@@ -98,13 +97,15 @@ async def send(call: Call) -> Answer:
     """Deliver `call` and return the answer to pass on (maybe an upstream's error). Raises GatewayError
     when no upstream answered at all, for a model that does not exist or is not allowed, or (429
     `budget_exceeded`) when a budget of the caller cannot cover what the call may cost."""
-    # Rate limits first (429 `rate_limited`); a call refused or left unanswered takes nothing from them.
-    admission = await ratelimit_admit(call.caller, payload=call.payload) if call.model else Admission()
-    try:
-        reservation = await _reserve(call)
-    except BaseException:
-        await ratelimit_release(admission)
-        raise
+    # 429 `rate_limited` or `budget_exceeded`; a call refused or left unanswered takes nothing from them.
+    if call.model:
+        admission, reservation = await limits_take(
+            call.caller,
+            payload=call.payload,
+            cost_ceiling=lambda: call_cost_ceiling(call.path, call.model, call.payload),
+        )
+    else:
+        admission, reservation = Admission(), None
     try:
         answer = await _deliver(call, admission)
     except BaseException:
@@ -112,30 +113,12 @@ async def send(call: Call) -> Answer:
         if reservation is not None:
             await reservation.settle(Decimal(0))
         raise
-    if reservation is not None and answer.response.status >= 400:
-        await reservation.settle(Decimal(0))  # an upstream's error generated nothing
+    answer.admission = admission
+    if answer.response.status >= 400:  # an upstream's error generated nothing
+        await limits_settle(admission, reservation, cost=Decimal(0), tokens=0)
     else:
         answer.reservation = reservation
-    answer.admission = admission
-    if answer.response.status >= 400:
-        await ratelimit_settle(admission, tokens=0)
     return answer
-
-
-async def _reserve(call: Call) -> Reservation | None:
-    """Reserve the most `call` may cost against its caller's budgets."""
-    if call.caller is None or not call.model:
-        return None
-    try:
-        return await budget_reserve(call.caller, lambda: call_cost_ceiling(call.path, call.model, call.payload))
-    except BudgetExceeded as refused:
-        raise GatewayError(
-            refused.message,
-            status=429,
-            code="budget_exceeded",
-            error_type="insufficient_quota",
-            retry_after=refused.retry_after,
-        ) from None
 
 
 async def _deliver(call: Call, admission: Admission) -> Answer:
@@ -143,7 +126,9 @@ async def _deliver(call: Call, admission: Admission) -> Answer:
     if config.is_file:
         await health.sync([deployment.id for deployment in config.deployments])
     if call.model:
-        models = models_for(config, call.model, call.payload, call.allowed_models)
+        models = models_for(
+            config, call.model, call.payload, call.allowed_models, schema_as_instructions=call.schema_as_instructions
+        )
         plan = attempt_order(models)
         budget = models[0].retries + 1
     else:
@@ -184,11 +169,19 @@ async def _deliver(call: Call, admission: Admission) -> Answer:
                     health.probe_release(deployment.id)
                     continue
 
-            body = body_for(call.payload, call.body, call.model, deployment, model)
+            body = body_for(
+                call.payload,
+                call.body,
+                call.model,
+                deployment,
+                model,
+                schema_as_instructions=call.schema_as_instructions,
+            )
             url = f"{upstream.base_url}/{call.path}"
             if call.query:
                 url = f"{url}?{call.query}"
             headers = {**call.headers, "accept-encoding": "identity", **upstream.auth_headers(call.api_key)}
+            span = tracing.attempt_start(call, deployment, headers) if tracing.enabled else None  # + traceparent
             began = time.perf_counter()
             health.started(deployment.id, upstream.name)
             response = None
@@ -208,15 +201,19 @@ async def _deliver(call: Call, admission: Admission) -> Answer:
                     await response.aclose()
                 timeouts += exc.timeout
                 tried.append(Attempt(deployment.id, str(exc)))
+                metrics.upstream_unreachable(deployment.id, model.name, call.model, exc.timeout, len(tried))
+                tracing.attempt_failed(span, str(exc))
                 await health.failed(deployment.id, str(exc), model.cooldown_seconds)
                 continue
             except BaseException:
                 health.ended(deployment.id, upstream.name)
                 health.probe_release(deployment.id)
+                tracing.attempt_failed(span, "cancelled")
                 if response is not None:
                     await response.aclose()
                 raise
             response.on_close = lambda d=deployment.id, u=upstream.name: health.ended(d, u)
+            metrics.upstream_answered(response, deployment.id, model.name, call.model, began, attempt=len(tried) + 1)
 
             status = response.status
             if status == 429 or status >= 500:
@@ -226,6 +223,7 @@ async def _deliver(call: Call, admission: Admission) -> Answer:
                     deployment.id, reason, max(model.cooldown_seconds, rest) if model.cooldown_seconds else 0
                 )
                 tried.append(Attempt(deployment.id, reason))
+                tracing.attempt_failed(span, reason, status)
                 if kept is not None:
                     await kept.aclose()
                 kept, kept_deployment = response, deployment
@@ -238,6 +236,7 @@ async def _deliver(call: Call, admission: Admission) -> Answer:
                 ]
                 if larger:
                     tried.append(Attempt(deployment.id, "context_length_exceeded"))
+                    tracing.attempt_failed(span, "context_length_exceeded", status)
                     await response.aclose()
                     queue = deque(larger)
                     continue
@@ -246,7 +245,9 @@ async def _deliver(call: Call, admission: Admission) -> Answer:
             if kept is not None:
                 await kept.aclose()
             tried.append(Attempt(deployment.id))
-            return Answer(response, deployment, tuple(tried), model.name if model.name != "*" else call.model)
+            answer = Answer(response, deployment, tuple(tried), model.name if model.name != "*" else call.model)
+            answer.span = tracing.attempt_answered(span, response)
+            return answer
 
     except BaseException:
         if kept is not None:  # cancelled while holding an error to pass on: give its connection back

@@ -94,6 +94,7 @@ def test_make_env_writes_a_secret_once_and_the_documented_commands_then_work(tmp
         "[--user": ["--user"],
         "NAME]": ["chat-owner"],
         "<prefix-or-id>": [key_prefix],
+        "[--check]": ["--check"],  # graphql_schema: compare, do not write
     }
     # `upstreams check` asks the upstream: a real (fake) one, as an operator's would be.
     with_upstream = {**with_file, "OPENAI_API_URL": fake_upstream.url + "/v1", "OPENAI_API_KEY": "sk-first-run"}
