@@ -28,6 +28,7 @@ from accounts.services import asession_refresh
 from proxy import gateway, structured, tools
 from proxy.events import event_record
 from proxy.usage.caller import Caller
+from turbo_site.core import tracing
 from turbo_site.core.parsers import client_json_loads
 from turbo_site.core.streams import StreamUnavailable
 
@@ -238,7 +239,8 @@ class RpcConsumer(AsyncWebsocketConsumer):
                 if session is None:
                     raise RpcError("session_ended", "the session has ended")
                 self.allowed_models = session.allowed_models
-            await HANDLERS[kind](self, request_id, payload)
+            with tracing.request_span(f"ws {kind}", {"rpc.system": "turbo-ws", "rpc.method": kind}):
+                await HANDLERS[kind](self, request_id, payload)
         except asyncio.CancelledError:
             status = 499
         except RpcError as exc:

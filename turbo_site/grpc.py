@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from chats.grpc import ChatsServicer
 from protos.turbo.v1 import turbo_pb2, turbo_pb2_grpc
 from proxy.grpc import CompletionsServicer
+from turbo_site.core import tracing
 from turbo_site.core.grpc import grpc_status
 
 logger = logging.getLogger("turbo.grpc")
@@ -35,15 +36,23 @@ async def _abort(context, exc: Exception) -> None:
     await context.abort(code, details, trailing_metadata=trailing)
 
 
-def _with_error_statuses(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """The same handler, its errors answered as gRPC statuses with our message (never a traceback).
-    Cancellation (the client went away) is not an error: it goes through and cancels the work."""
+def _span(method: str, context):
+    """The call's trace span (when tracing is on), continuing a `traceparent` sent as metadata."""
+    carrier = {key: value for key, value in context.invocation_metadata() or () if key in ("traceparent", "tracestate")}
+    return tracing.request_span(f"gRPC {method}", {"rpc.system": "grpc", "rpc.method": method}, carrier)
+
+
+def _with_error_statuses(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """The same handler, its errors answered as gRPC statuses with our message (never a traceback),
+    in a trace span of its own. Cancellation (the client went away) is not an error: it goes through
+    and cancels the work."""
     if handler.unary_unary is not None:
         unary = handler.unary_unary
 
         async def unary_unary(request, context):
             try:
-                return await unary(request, context)
+                with _span(method, context):
+                    return await unary(request, context)
             except Exception as exc:
                 await _abort(context, exc)
 
@@ -57,8 +66,9 @@ def _with_error_statuses(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandle
 
         async def unary_stream(request, context):
             try:
-                async for item in stream(request, context):
-                    yield item
+                with _span(method, context):
+                    async for item in stream(request, context):
+                        yield item
             except Exception as exc:
                 await _abort(context, exc)
 
@@ -77,7 +87,7 @@ class ErrorStatuses(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith(OUR_METHODS):
             return handler
-        return _with_error_statuses(handler)
+        return _with_error_statuses(handler, handler_call_details.method)
 
 
 @dataclass

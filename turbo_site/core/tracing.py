@@ -324,6 +324,15 @@ def span(name: str, attributes: dict[str, Any] | None = None, *, parent: Span | 
     return _tracer.start_as_current_span(name, context=context, attributes=attributes)
 
 
+def request_span(name: str, attributes: dict[str, Any], carrier: dict[str, str] | None = None):
+    """`with tracing.request_span(...)`: a SERVER span for a request outside HTTP (a /ws request, a gRPC
+    call), continuing the `traceparent` in `carrier` (metadata) when there is one, else a new trace."""
+    if not enabled:
+        return _NO_SPAN
+    parent = propagate.extract(carrier) if carrier else otel_context.Context()
+    return _tracer.start_as_current_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
+
+
 def traced(name: str, attributes: Callable[..., dict[str, Any]] | None = None):
     """Decorate a coroutine function: each call runs in a span named `name` ("{key}" in it is filled
     from the attributes), its attributes made from the call's arguments."""

@@ -418,3 +418,37 @@ def test_a_server_with_an_otlp_endpoint_exports_its_spans_over_http(upstream, st
     assert {resource["service.name"] for _, resource, _ in received} == {"turbo-under-test"}
     _, parent_id = traceparent_parts(upstream.requests[-1].headers["traceparent"])
     assert parent_id == attempt.span_id.hex()
+
+
+def test_a_ws_request_has_a_span_of_its_own_over_its_attempt(turbo_server, signup, upstream, spans):
+    from websockets.sync.client import connect
+
+    token = signup()[0]
+    with connect(f"ws://127.0.0.1:{turbo_server.port}/ws?token={token}", open_timeout=10) as socket:
+        request = {"messages": [{"role": "user", "content": "echo: over the socket"}], "model": "gpt-4o-mini"}
+        socket.send(json.dumps({"type": "chat_completion", "request_id": "t1", "payload": request}))
+        assert json.loads(socket.recv(timeout=15))["type"] == "chat_completion"
+    (served,) = spans.wait("ws chat_completion")
+    (attempt,) = spans.wait("chat gpt-4o-mini")
+    assert served.kind == SpanKind.SERVER and served.attributes["rpc.method"] == "chat_completion"
+    assert attempt.parent.span_id == served.context.span_id and hex_trace(attempt) == hex_trace(served)
+
+
+async def test_a_grpc_call_continues_the_client_traceparent(grpc_server, signup, upstream, spans):
+    from protos.turbo.v1 import turbo_pb2, turbo_pb2_grpc
+    from turbo_site.testing.grpc import bearer as grpc_bearer
+
+    token = signup()[0]
+    client_trace, client_span = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    metadata = (*grpc_bearer(token), ("traceparent", f"00-{client_trace}-{client_span}-01"))
+    request = turbo_pb2.CompleteRequest(
+        model="gpt-4o-mini", messages=[turbo_pb2.Message(role="user", content="echo: traced over grpc")]
+    )
+    async with grpc_server.channel() as channel:
+        reply = await turbo_pb2_grpc.CompletionsStub(channel).Complete(request, metadata=metadata)
+    assert reply.content == "traced over grpc"
+    (served,) = await asyncio.to_thread(spans.wait, "gRPC /turbo.v1.Completions/Complete")
+    (attempt,) = await asyncio.to_thread(spans.wait, "chat gpt-4o-mini")
+    assert served.kind == SpanKind.SERVER and hex_trace(served) == client_trace
+    assert hex_span(served.parent.span_id) == client_span
+    assert attempt.parent.span_id == served.context.span_id
