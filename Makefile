@@ -70,11 +70,17 @@ grpcserve: install
 protos: install
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. protos/turbo/v1/turbo.proto
 
+# The project's own modules, byte-compiled before a run: with PYTHONDONTWRITEBYTECODE set, each of the
+# suite's subprocesses (servers, manage.py commands) would otherwise compile them again.
+PROJECT_CODE := manage.py conftest.py accounts groups chats proxy turbo_site protos bench
+
 test: install
+	@$(BIN)/python -m compileall -q -j 0 $(PROJECT_CODE) >/dev/null || true
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The second leg: the same suite on Postgres + Redis.
 test-pg: install
+	@$(BIN)/python -m compileall -q -j 0 $(PROJECT_CODE) >/dev/null || true
 	DB_ADDRESS=$${DB_ADDRESS:-postgresql://postgres@127.0.0.1:5432/test} \
 	REDIS_ADDRESS=$${REDIS_ADDRESS:-redis://127.0.0.1:6379/0} \
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
