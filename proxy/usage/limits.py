@@ -205,6 +205,10 @@ async def limits_settle(
     reservation.settled = True
     keys, adjust = ratelimits.adjust_arguments(corrections)
     args = [len(reservation.limits), reservation.reservation_id, actual, *adjust]
-    found = await ratelimits.redis_script(SETTLE_AND_ADJUST_SCRIPT, budgets.redis_keys(reservation.limits) + keys, args)
-    if found is None:  # the reservation expires on its own; the rollups keep the truth
-        logger.warning("a budget reservation could not be settled")
+    keys = budgets.redis_keys(reservation.limits) + keys
+    failed = "a budget reservation could not be settled"  # it expires on its own; the rollups keep the truth
+    # Sent, not waited for: the reply (1) tells nothing, and the next call's admission goes after it.
+    if ratelimits.redis_script_soon(SETTLE_AND_ADJUST_SCRIPT, keys, args, failed):
+        return
+    if await ratelimits.redis_script(SETTLE_AND_ADJUST_SCRIPT, keys, args) is None:
+        logger.warning(failed)

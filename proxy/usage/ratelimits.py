@@ -38,6 +38,7 @@ from proxy.usage.caller import Caller
 from proxy.usage.tokens import estimate_prompt_tokens
 from turbo_site.core import metrics
 from turbo_site.core.acache import redis_client
+from turbo_site.core.fastredis import fast_redis
 
 logger = logging.getLogger("turbo.ratelimits")
 
@@ -182,8 +183,12 @@ def _window_ms() -> float:
 
 async def redis_script(script: str, keys: list[str], args: list) -> list | None:
     """Run a script on Redis in one round trip (EVALSHA, EVAL the first time); None if Redis failed."""
-    client = redis_client(settings.REDIS_ADDRESS)
     try:
+        fast = fast_redis(settings.REDIS_ADDRESS)
+        if fast is not None:
+            async with asyncio.timeout(REDIS_WAIT_SECONDS):
+                return await fast.script(script, script_sha(script), keys, args)
+        client = redis_client(settings.REDIS_ADDRESS)
         try:
             return await asyncio.wait_for(
                 client.evalsha(script_sha(script), len(keys), *keys, *args), REDIS_WAIT_SECONDS
@@ -194,6 +199,32 @@ async def redis_script(script: str, keys: list[str], args: list) -> list | None:
         logger.warning("rate limits could not be counted on Redis, the call goes through: %r", exc)
         return None
 
+
+def redis_script_soon(script: str, keys: list[str], args: list, failed: str) -> bool:
+    """Send a script without waiting for its reply (a settlement: nothing waits on its answer), on the
+    connection the next call's admission will use, so that admission finds it done. False when it could
+    not be sent that way: await `redis_script` instead. A failure is logged as `failed`."""
+    fast = fast_redis(settings.REDIS_ADDRESS)
+    sent = fast.script_nowait(script, script_sha(script), keys, args) if fast is not None else None
+    if sent is None:
+        return False
+
+    def answered(future) -> None:
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if isinstance(exc, redis.exceptions.NoScriptError):  # flushed: again, whole, and waited for
+            task = asyncio.ensure_future(redis_script(script, keys, args))
+            _sending.add(task)
+            task.add_done_callback(_sending.discard)
+        elif exc is not None:
+            logger.warning("%s: %r", failed, exc)
+
+    sent.add_done_callback(answered)
+    return True
+
+
+_sending: set[asyncio.Task] = set()
 
 _tats: dict[str, float] = {}  # without Redis: counter key -> TAT (ms on the monotonic clock)
 _tats_lock = threading.Lock()

@@ -2,21 +2,26 @@
 
 Django's Redis cache is synchronous: from async code every `cache.get` would go through a thread
 pool. The hot paths (token lookups on every proxied request) read through `acache_get` instead: the
-in-process cache answers from memory, Redis through one asyncio client per event loop
-(`turbo_site.core.loops`) that reads the
-very keys and values Django's cache writes.
+in-process cache answers from memory, Redis through one connection per event loop
+(`turbo_site.core.fastredis`, redis-py for addresses it does not speak) that reads the very keys and
+values Django's cache writes.
 """
 
+import asyncio
 from typing import Any
 
 import redis.asyncio
+import redis.exceptions
 from asgiref.sync import sync_to_async
 from django.core.cache import caches
 from django.core.cache.backends.locmem import LocMemCache
 from django.core.cache.backends.redis import RedisCache
 
+from turbo_site.core.fastredis import fast_redis
 from turbo_site.core.loops import loop_client
 from turbo_site.core.redis_retry import async_retry_options
+
+REDIS_SECONDS = 10  # as the clients' socket timeouts
 
 
 def redis_client(location: str) -> redis.asyncio.Redis:
@@ -25,7 +30,7 @@ def redis_client(location: str) -> redis.asyncio.Redis:
         "cache-redis",
         location,
         lambda: redis.asyncio.Redis.from_url(
-            location, socket_timeout=10, socket_connect_timeout=10, **async_retry_options()
+            location, socket_timeout=REDIS_SECONDS, socket_connect_timeout=REDIS_SECONDS, **async_retry_options()
         ),
         lambda client: False,
     )
@@ -37,6 +42,15 @@ async def acache_get(key: str, default: Any = None) -> Any:
     if isinstance(cache, LocMemCache):
         return cache.get(key, default)
     if isinstance(cache, RedisCache) and len(cache._servers) == 1:
-        raw = await redis_client(cache._servers[0]).get(cache.make_and_validate_key(key))
+        location = cache._servers[0]
+        fast = fast_redis(location)
+        if fast is not None:
+            try:
+                async with asyncio.timeout(REDIS_SECONDS):
+                    raw = await fast.execute("GET", cache.make_and_validate_key(key))
+            except TimeoutError as exc:  # as redis-py says it
+                raise redis.exceptions.TimeoutError("Timeout reading from Redis") from exc
+        else:
+            raw = await redis_client(location).get(cache.make_and_validate_key(key))
         return default if raw is None else cache._cache._serializer.loads(raw)
     return await sync_to_async(cache.get, thread_sensitive=False)(key, default)
