@@ -25,6 +25,7 @@ import redis.exceptions
 from turbo_site.core.loops import loop_client
 
 CONNECT_SECONDS = 10.0
+CLOSE_WAIT_SECONDS = 1.0  # at shutdown, for replies still on their way
 
 
 def _pack(args: tuple) -> bytes:
@@ -220,8 +221,11 @@ class FastRedis:
 
     async def aclose(self) -> None:
         self.closed = True
-        if self._connection is not None and self._connection.transport is not None:
-            self._connection.transport.close()
+        connection = self._connection
+        if connection is not None and connection.transport is not None:
+            if connection.waiting and not connection.lost:  # settlements sent without waiting: let them land
+                await asyncio.wait(list(connection.waiting), timeout=CLOSE_WAIT_SECONDS)
+            connection.transport.close()
         self._connection = None
 
 
