@@ -20,8 +20,6 @@ learn that). Should Redis fail, calls are admitted (and the failure logged): a l
 """
 
 import asyncio
-import functools
-import hashlib
 import logging
 import math
 import threading
@@ -38,7 +36,7 @@ from proxy.usage.caller import Caller
 from proxy.usage.tokens import estimate_prompt_tokens
 from turbo_site.core import metrics
 from turbo_site.core.acache import redis_client
-from turbo_site.core.fastredis import fast_redis
+from turbo_site.core.fastredis import fast_redis, script_sha
 
 logger = logging.getLogger("turbo.ratelimits")
 
@@ -101,11 +99,6 @@ for i, key in ipairs(KEYS) do
 end
 return 1
 """
-
-
-@functools.cache
-def script_sha(script: str) -> str:
-    return hashlib.sha1(script.encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +180,7 @@ async def redis_script(script: str, keys: list[str], args: list) -> list | None:
         fast = fast_redis(settings.REDIS_ADDRESS)
         if fast is not None:
             async with asyncio.timeout(REDIS_WAIT_SECONDS):
-                return await fast.script(script, script_sha(script), keys, args)
+                return await fast.script(script, keys, args)
         client = redis_client(settings.REDIS_ADDRESS)
         try:
             return await asyncio.wait_for(
@@ -205,7 +198,7 @@ def redis_script_soon(script: str, keys: list[str], args: list, failed: str) -> 
     connection the next call's admission will use, so that admission finds it done. False when it could
     not be sent that way: await `redis_script` instead. A failure is logged as `failed`."""
     fast = fast_redis(settings.REDIS_ADDRESS)
-    sent = fast.script_nowait(script, script_sha(script), keys, args) if fast is not None else None
+    sent = fast.script_nowait(script, keys, args) if fast is not None else None
     if sent is None:
         return False
 

@@ -17,6 +17,7 @@ redis-py clients here do, turbo_site.core.redis_retry).
 
 import asyncio
 import functools
+import hashlib
 from collections import deque
 from urllib.parse import unquote, urlsplit
 
@@ -26,6 +27,12 @@ from turbo_site.core.loops import loop_client
 
 CONNECT_SECONDS = 10.0
 CLOSE_WAIT_SECONDS = 1.0  # at shutdown, for replies still on their way
+
+
+@functools.cache
+def script_sha(script: str) -> str:
+    """The SHA1 Redis names a script by (EVALSHA)."""
+    return hashlib.sha1(script.encode()).hexdigest()
 
 
 def _pack(args: tuple) -> bytes:
@@ -191,8 +198,9 @@ class FastRedis:
             connection = await self._ready()  # once more, on a new connection (as redis_retry does)
             return await connection.send(payload)
 
-    async def script(self, script: str, sha: str, keys: list, args: list):
+    async def script(self, script: str, keys: list, args: list):
         """Run a Lua script: EVAL the first time on a connection, EVALSHA after (EVAL again on NOSCRIPT)."""
+        sha = script_sha(script)
         connection = await self._ready()
         try:
             return await self._script_send(connection, script, sha, keys, args)
@@ -202,7 +210,7 @@ class FastRedis:
             connection = await self._ready()
         return await self._script_send(connection, script, sha, keys, args)
 
-    def script_nowait(self, script: str, sha: str, keys: list, args: list) -> asyncio.Future | None:
+    def script_nowait(self, script: str, keys: list, args: list) -> asyncio.Future | None:
         """Send a script now without waiting for its reply (None: not connected; await `script` instead).
 
         Commands on the connection run in the order written, so whatever this process sends next
@@ -210,7 +218,7 @@ class FastRedis:
         connection = self._connection
         if connection is None or connection.lost:
             return None
-        return self._script_send(connection, script, sha, keys, args)
+        return self._script_send(connection, script, script_sha(script), keys, args)
 
     @staticmethod
     def _script_send(connection: _Connection, script: str, sha: str, keys: list, args: list) -> asyncio.Future:

@@ -1,7 +1,6 @@
 """turbo_site.core.fastredis against a real redis-server of its own (a password, database 3), on both legs."""
 
 import asyncio
-import hashlib
 import shutil
 import socket
 import subprocess
@@ -11,13 +10,13 @@ import pytest
 import redis
 import redis.exceptions
 
-from turbo_site.core.fastredis import FastRedis, _address, fast_redis
+from turbo_site.core.fastredis import FastRedis, _address, fast_redis, script_sha
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary")
 
 PASSWORD = "fast-redis-test-password"
 SCRIPT = "redis.call('INCRBY', KEYS[1], ARGV[1]); return {redis.call('GET', KEYS[1]), tonumber(ARGV[1]), {1, 'x'}}"
-SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
+SHA = script_sha(SCRIPT)
 
 
 def free_port() -> int:
@@ -60,11 +59,23 @@ def _client(port: int) -> FastRedis:
     return FastRedis("127.0.0.1", port, 3, None, PASSWORD)
 
 
-def test_replies_of_every_kind_in_the_selected_database(server):
-    port, _ = server
+def with_client(port: int, body) -> None:
+    """Run `await body(client)` on a new loop with a client of the test's server, closed after."""
 
     async def run():
         client = _client(port)
+        try:
+            await body(client)
+        finally:
+            await client.aclose()
+
+    asyncio.run(run())
+
+
+def test_replies_of_every_kind_in_the_selected_database(server):
+    port, _ = server
+
+    async def run(client):
         assert await client.execute("SET", "k", "v") == b"OK"
         assert await client.execute("GET", "k") == b"v"
         assert await client.execute("GET", "missing") is None
@@ -76,9 +87,8 @@ def test_replies_of_every_kind_in_the_selected_database(server):
         big = "x" * 200_000  # a reply that arrives in several reads
         await client.execute("SET", "big", big)
         assert await client.execute("GET", "big") == big.encode()
-        await client.aclose()
 
-    asyncio.run(run())
+    with_client(port, run)
     assert _sync(port).get("k") == b"v"  # database 3, as the address says
     assert redis.Redis(host="127.0.0.1", port=port, db=0, password=PASSWORD).get("k") is None
 
@@ -100,22 +110,19 @@ def test_a_wrong_password_is_refused():
 def test_many_commands_at_once_each_get_their_own_reply_in_order(server):
     port, _ = server
 
-    async def run():
-        client = _client(port)
+    async def run(client):
         replies = await asyncio.gather(*(client.execute("INCR", "counter") for _ in range(500)))
         assert replies == list(range(1, 501))
         echoes = await asyncio.gather(*(client.execute("ECHO", f"m{i}") for i in range(200)))
         assert echoes == [f"m{i}".encode() for i in range(200)]
-        await client.aclose()
 
-    asyncio.run(run())
+    with_client(port, run)
 
 
 def test_a_waiter_that_gave_up_leaves_the_connection_in_step(server):
     port, _ = server
 
-    async def run():
-        client = _client(port)
+    async def run(client):
         await client.execute("SET", "k", "v")
         slow = asyncio.ensure_future(client.execute("EVAL", "local t = redis.call('TIME'); return 1", 0))
         slow.cancel()
@@ -125,37 +132,33 @@ def test_a_waiter_that_gave_up_leaves_the_connection_in_step(server):
                 await late
         assert await client.execute("GET", "k") == b"v"  # not the cancelled EVAL's 1, nor BLPOP's nil
         assert await client.execute("ECHO", "after") == b"after"
-        await client.aclose()
 
-    asyncio.run(run())
+    with_client(port, run)
 
 
 def test_scripts_are_sent_whole_once_then_by_sha_and_again_after_a_flush(server):
     port, _ = server
     sync = _sync(port)
 
-    async def run():
-        client = _client(port)
-        assert await client.script(SCRIPT, SHA, ["total"], [2]) == [b"2", 2, [1, b"x"]]
+    async def run(client):
+        assert await client.script(SCRIPT, ["total"], [2]) == [b"2", 2, [1, b"x"]]
         assert sync.script_exists(SHA) == [True]
-        assert await client.script(SCRIPT, SHA, ["total"], [3]) == [b"5", 3, [1, b"x"]]
+        assert await client.script(SCRIPT, ["total"], [3]) == [b"5", 3, [1, b"x"]]
         sync.script_flush()
         assert sync.script_exists(SHA) == [False]
-        assert await client.script(SCRIPT, SHA, ["total"], [4]) == [b"9", 4, [1, b"x"]]  # NOSCRIPT, then EVAL
+        assert await client.script(SCRIPT, ["total"], [4]) == [b"9", 4, [1, b"x"]]  # NOSCRIPT, then EVAL
         # Sent without waiting: what this connection runs next sees it done.
-        assert client.script_nowait(SCRIPT, SHA, ["total"], [10]) is not None
+        assert client.script_nowait(SCRIPT, ["total"], [10]) is not None
         assert await client.execute("GET", "total") == b"19"
-        await client.aclose()
 
-    asyncio.run(run())
+    with_client(port, run)
 
 
 def test_a_killed_connection_is_replaced_and_its_waiting_command_sent_again(server):
     port, _ = server
     sync = _sync(port)
 
-    async def run():
-        client = _client(port)
+    async def run(client):
         await client.execute("CLIENT", "SETNAME", "fast")
         blocked = asyncio.ensure_future(client.execute("BLPOP", "queue", 1))
         await asyncio.sleep(0.1)
@@ -167,16 +170,14 @@ def test_a_killed_connection_is_replaced_and_its_waiting_command_sent_again(serv
         assert await blocked == [b"queue", b"item"]
         assert await client.execute("ECHO", "back") == b"back"
         assert [c["id"] for c in sync.client_list() if c["name"] == "fast"] == []  # a new, unnamed connection
-        await client.aclose()
 
-    asyncio.run(run())
+    with_client(port, run)
 
 
 def test_redis_gone_is_a_connection_error_and_its_return_is_picked_up(server):
     port, process = server
 
-    async def run():
-        client = _client(port)
+    async def run(client):
         assert await client.execute("PING") == b"PONG"
         process.kill()
         process.wait(timeout=10)
@@ -188,9 +189,8 @@ def test_redis_gone_is_a_connection_error_and_its_return_is_picked_up(server):
         finally:
             restarted.kill()
             restarted.wait(timeout=10)
-        await client.aclose()
 
-    asyncio.run(run())
+    with_client(port, run)
 
 
 def test_addresses_it_speaks_and_those_left_to_redis_py():
