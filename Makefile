@@ -4,25 +4,33 @@ VENV := .venv
 BIN := $(VENV)/bin
 ADDRESS ?= 127.0.0.1:8080
 
-.PHONY: install browser-deps env demo run serve grpcserve protos test test-pg lint format bench clean
+.PHONY: help install browser-deps env demo run serve grpcserve protos test test-pg lint format bench clean
+
+# `make help` (and plain `make`): each target with its `## ` line.
+help:
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-13s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(BIN)/activate:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or make PYTHON=python3)"; exit 1; }
+	@echo "== creating the virtualenv $(VENV)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip uv
+	@echo "== installing the installer (uv)"
+	$(BIN)/pip install --progress-bar on --upgrade pip uv
 
 $(VENV)/.installed: $(BIN)/activate requirements.txt requirements-dev.txt
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -r requirements-dev.txt
+	@echo "== installing the requirements (first time: about a minute)"
+	$(BIN)/uv pip install --python $(BIN)/python -r requirements-dev.txt
+	@echo "== byte-compiling the dependencies"
 	@# Byte-compile the dependencies once: with PYTHONDONTWRITEBYTECODE set, every process (server,
 	@# subprocess in a test, benchmark) would otherwise compile them again (seconds each).
 	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib >/dev/null || true
 	@touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed ## create .venv and install the pinned requirements (runtime + tests)
 
 # The browser tests (*/tests/test_web_browser.py) drive Debian's headless chromium through its chromedriver.
 # Installed only when missing; needs root (as on CI), otherwise it says what to run.
-browser-deps:
+browser-deps: ## install Debian's chromium + chromedriver for the browser tests (as root)
 	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then exit 0; fi; \
 	if [ "$$(id -u)" != 0 ]; then \
 		echo "the browser tests need chromium and chromedriver: run as root (or with sudo):" >&2; \
@@ -34,25 +42,44 @@ browser-deps:
 # A local install's secrets: a generated SECRET_KEY in a git-ignored .env that settings read (the
 # environment wins), so `manage.py ...` works as printed. Never overwritten; production sets its own.
 ENV_FILE ?= .env
-env: $(ENV_FILE)
+env: $(ENV_FILE) ## write .env with a generated SECRET_KEY (never overwritten)
 $(ENV_FILE):
 	@umask 077 && $(PYTHON) -c 'import secrets; print("SECRET_KEY=" + secrets.token_urlsafe(50))' > $@
 	@echo "wrote a generated SECRET_KEY to $@"
 
-run: install $(ENV_FILE)
+run: install $(ENV_FILE) ## development server on ADDRESS (default 127.0.0.1:8080), DEBUG=1
+	@$(PYTHON) -c "$$PORT_CHECK" $(ADDRESS)
 	DEBUG=$${DEBUG:-1} $(BIN)/python manage.py migrate --noinput
 	DEBUG=$${DEBUG:-1} $(BIN)/python manage.py runserver $(ADDRESS)
 
+# A port already taken is said at once (exit 1), not found out after the install as "Address already in use".
+define PORT_CHECK
+import socket, sys
+for address in sys.argv[1:]:
+    host, _, port = address.rpartition(":")
+    with socket.socket() as probe:
+        try:
+            probe.bind((host or "127.0.0.1", int(port)))
+        except OSError:
+            sys.exit(f"{address} is already in use (another `make run` or `make demo`?): stop it, or pick another, e.g. ADDRESS=127.0.0.1:8090 FAKE_PORT=8091")
+endef
+export PORT_CHECK
+
 # Try the whole product without a provider key: a fake OpenAI-compatible upstream (manage.py fakellm)
 # on FAKE_PORT, and Turbo (as `make run`) pointed at it. "echo: some words" is answered "some words".
+# demo.env names the fake for commands run beside it: `set -a; . ./demo.env; set +a` in another shell.
 FAKE_PORT ?= 8081
-demo: install $(ENV_FILE)
+DEMO_ENV := OPENAI_API_URL=http://127.0.0.1:$(FAKE_PORT)/v1 OPENAI_API_KEY=sk-demo-not-a-real-key
+demo: install $(ENV_FILE) ## `make run` pointed at a fake upstream on FAKE_PORT (no provider key needed)
+	@$(PYTHON) -c "$$PORT_CHECK" $(ADDRESS) 127.0.0.1:$(FAKE_PORT)
+	@printf '%s\n' $(DEMO_ENV) > demo.env
+	@echo "wrote demo.env: in another shell, 'set -a; . ./demo.env; set +a' points manage.py and make grpcserve at the fake"
 	@$(BIN)/python manage.py fakellm --port $(FAKE_PORT) & trap "kill $$! 2>/dev/null" EXIT INT TERM; \
-		OPENAI_API_URL=http://127.0.0.1:$(FAKE_PORT)/v1 OPENAI_API_KEY=sk-demo-not-a-real-key $(MAKE) --no-print-directory run
+		$(DEMO_ENV) $(MAKE) --no-print-directory run
 
 # Production-style: uvicorn with lifespan (graceful shutdown on SIGTERM), listening on ADDRESS.
 # Set SECRET_KEY (and DEBUG stays off). Client addresses come from TRUSTED_PROXIES, not uvicorn.
-serve: install
+serve: install ## production server (uvicorn) on ADDRESS; needs SECRET_KEY
 	$(BIN)/python manage.py migrate --noinput
 	@# Metrics of several workers (METRICS_MULTIPROC_DIR): a new server starts from an empty directory.
 	@if [ -n "$$METRICS_MULTIPROC_DIR" ]; then mkdir -p "$$METRICS_MULTIPROC_DIR" && rm -f "$$METRICS_MULTIPROC_DIR"/*.db; fi
@@ -63,23 +90,23 @@ serve: install
 # The gRPC front (protos/turbo/v1/turbo.proto) on GRPC_ADDRESS (default 127.0.0.1:50051), graceful on SIGTERM.
 # A process of its own beside `make serve` (same settings, database and Redis): run both, e.g.
 #   make serve & make grpcserve
-grpcserve: install
+grpcserve: install ## the gRPC front on GRPC_ADDRESS (default 127.0.0.1:50051)
 	$(BIN)/python manage.py grpcserve
 
 # Regenerate protos/turbo/v1/turbo_pb2*.py from turbo.proto (checked in; a test fails when they drift).
-protos: install
+protos: install ## regenerate protos/turbo/v1/turbo_pb2*.py
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. protos/turbo/v1/turbo.proto
 
 # The project's own modules, byte-compiled before a run: with PYTHONDONTWRITEBYTECODE set, each of the
 # suite's subprocesses (servers, manage.py commands) would otherwise compile them again.
 PROJECT_CODE := manage.py conftest.py accounts groups chats proxy turbo_site protos bench
 
-test: install
+test: install ## the suite on the embedded defaults (SQLite, in-memory)
 	@$(BIN)/python -m compileall -q -j 0 $(PROJECT_CODE) >/dev/null || true
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The second leg: the same suite on Postgres + Redis.
-test-pg: install
+test-pg: install ## the suite on Postgres + Redis (DB_ADDRESS, REDIS_ADDRESS)
 	@$(BIN)/python -m compileall -q -j 0 $(PROJECT_CODE) >/dev/null || true
 	DB_ADDRESS=$${DB_ADDRESS:-postgresql://postgres@127.0.0.1:5432/test} \
 	REDIS_ADDRESS=$${REDIS_ADDRESS:-redis://127.0.0.1:6379/0} \
@@ -88,20 +115,20 @@ test-pg: install
 # Benchmarks (not tests), each printing its table and targets and writing JSON to bench/results/:
 # proxy overhead (PEERS=litellm adds LiteLLM, SERVERS=uvicorn,daphne,gunicorn compares servers),
 # fan-out, prompt cost, soak, gRPC streaming against /v1. ARGS=--quick for a short run of each. See bench/README.md.
-bench: install
+bench: install ## the benchmarks (see bench/README.md)
 	$(BIN)/python -m bench.proxy_overhead $(if $(PEERS),--peers $(PEERS)) $(if $(SERVERS),--servers $(SERVERS)) $(ARGS)
 	$(BIN)/python -m bench.fanout $(ARGS)
 	$(BIN)/python -m bench.prompt_cost $(ARGS)
 	$(BIN)/python -m bench.soak $(ARGS)
 	$(BIN)/python -m bench.grpc_stream $(ARGS)
 
-lint: install
+lint: install ## ruff format --check and ruff check
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 
-format: install
+format: install ## ruff format and ruff check --fix
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-clean:
+clean: ## remove .venv and caches
 	rm -rf $(VENV) .pytest_cache

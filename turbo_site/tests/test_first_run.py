@@ -202,3 +202,38 @@ def test_unknown_upstream_headers_pass_and_owned_ones_do_not(client, signup, ups
         assert response.headers["x-fake-upstream"] == "yes"  # a header Turbo has never heard of
         assert response.headers["x-request-id"].startswith("req_")
         assert "set-cookie" not in response.headers  # a cookie for Turbo's domain is Turbo's to set
+
+
+def make(*args, timeout=60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["make", "--no-print-directory", "PYTHON=" + sys.executable, *args],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_make_help_lists_every_target_a_user_runs():
+    shown = make("help")
+    assert shown.returncode == 0, shown.stderr
+    listed = set(re.findall(r"^  make (\S+)", shown.stdout, re.MULTILINE))
+    assert {"install", "run", "demo", "serve", "grpcserve", "test", "test-pg", "lint", "bench"} <= listed
+
+
+@zero_config
+def test_make_demo_and_run_with_the_port_taken_say_so_and_stop(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            fake_port = str(free.getsockname()[1])
+        env_file = str(tmp_path / ".env")
+        for target in ("demo", "run"):
+            done = make(target, f"ADDRESS={address}", f"FAKE_PORT={fake_port}", f"ENV_FILE={env_file}")
+            assert done.returncode != 0
+            assert f"{address} is already in use" in done.stderr
