@@ -1,7 +1,9 @@
 """The whole URL map at a glance."""
 
 from django.contrib import admin
+from django.templatetags.static import static
 from django.urls import include, path
+from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from proxy.usage.dashboard import usage_dashboard
@@ -12,6 +14,8 @@ from turbo_site.metrics_view import metrics_view
 urlpatterns = [
     path("admin/usage/", usage_dashboard, name="admin_usage"),  # before the admin's own catch-all
     path("admin/", admin.site.urls),
+    # Browsers ask for /favicon.ico on any page (the admin, Swagger, JSON): the web app's icon.
+    path("favicon.ico", RedirectView.as_view(url=static("turbo/favicon.svg"), permanent=True)),
     path("health", health.health),
     path("info", health.info),
     path("graphql", graphql_view),

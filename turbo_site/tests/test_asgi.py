@@ -1,5 +1,6 @@
 """The ASGI stack keeps async views async, and still serves the admin's static files."""
 
+import httpx
 import pytest
 from django.conf import settings
 from django.utils.module_loading import import_string
@@ -18,3 +19,17 @@ def test_admin_static_files_are_served_without_debug(client):
     assert response.status_code == 200
     assert "text/css" in response.headers["content-type"]
     assert client.get("/static/admin/css/nope.css").status_code == 404
+
+
+async def test_favicon_ico_leads_to_the_web_app_icon():
+    """Browsers ask /favicon.ico on every page (the admin, Swagger, a JSON answer): never a 404."""
+    from turbo_site.asgi import application
+
+    transport = httpx.ASGITransport(app=application)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
+        asked = await http.get("/favicon.ico")
+        assert asked.status_code == 301
+        icon = await http.get(asked.headers["location"])
+    assert icon.status_code == 200
+    assert icon.headers["content-type"].startswith("image/svg+xml")
+    assert icon.content.startswith(b"<svg")
