@@ -436,11 +436,15 @@ async def replay(key: str, after: int) -> tuple[list[Entry], bool]:
     `after=0` asks for everything kept and never reports a gap.
     """
     entries, counter = await backend().range(key, after)
+    return entries, _is_gap(after, entries, counter)
+
+
+def _is_gap(after: int, entries: list[Entry], counter: int) -> bool:
     if not after:
-        return entries, False
+        return False
     if entries:
-        return entries, entries[0].seq != after + 1
-    return entries, counter != after
+        return entries[0].seq != after + 1
+    return counter != after
 
 
 class ReadsByGet(abc.ABC):
@@ -502,10 +506,16 @@ class Subscription(ReadsByGet):
         _open.add(self)
         if self._after is not None:
             try:
-                entries, gap = await replay(self.key, self._after)
+                entries, counter = await backend().range(self.key, self._after)
             except BaseException:
                 await self.close()
                 raise
+            gap = _is_gap(self._after, entries, counter)
+            if self._after > counter:
+                # A number this stream has not given out (a client's mistake, or a stream that expired and
+                # started again): say so, then follow it from where it is, or every live event would look
+                # already handed out.
+                self.last = counter or None
             if gap:
                 self._replayed.append(self._gap_notice())
             self._replayed.extend(entries)

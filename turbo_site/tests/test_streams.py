@@ -128,3 +128,23 @@ def test_ending_hands_out_what_is_buffered_then_the_notice():
     got, ended = run(scenario)
     assert [entry.type for entry in got] == ["t", "server.shutdown"]
     assert ended
+
+
+def test_a_resume_from_beyond_the_last_event_is_told_so_and_then_gets_the_live_events():
+    key = new_key()
+
+    async def scenario():
+        last = await streams.append(key, "t", {})
+        subscription = await streams.Subscription(key, after=last + 1000).start()
+        try:
+            got = [await subscription.get(timeout=5)]
+            await streams.append(key, "t", {"n": 1})
+            await streams.append(key, "t", {"n": 2})
+            got += [await subscription.get(timeout=5) for _ in range(2)]
+            return last, got
+        finally:
+            await subscription.close()
+
+    last, got = run(scenario)
+    assert got[0].type == "stream.gap" and got[0].data["after"] == last
+    assert [(entry.seq, entry.data["n"]) for entry in got[1:]] == [(last + 1, 1), (last + 2, 2)]
