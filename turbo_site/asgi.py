@@ -11,7 +11,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "turbo_site.settings")
 # query can hold up the loop (and so every request in flight) at a small cost in switches.
 sys.setswitchinterval(0.001)
 
-from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.routing import ProtocolTypeRouter  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 from django.core.asgi import get_asgi_application  # noqa: E402
 
@@ -28,6 +28,7 @@ from chats.routing import websocket_urlpatterns as chat_websockets  # noqa: E402
 from proxy.fast import ProxyFastPath  # noqa: E402
 from proxy.routing import websocket_urlpatterns as rpc_websockets  # noqa: E402
 from turbo_site.core.tracing import TracedHTTP, tracing_setup  # noqa: E402
+from turbo_site.core.websockets import WebSocketRouter  # noqa: E402
 from turbo_site.graphql_server import websocket_urlpatterns as graphql_websockets  # noqa: E402
 from turbo_site.lifespan import lifespan  # noqa: E402
 
@@ -39,7 +40,7 @@ application = ProtocolTypeRouter(
     {
         # /v1/ calls from API clients skip Django's middleware (proxy.fast); the rest is Django's.
         "http": TracedHTTP(ProxyFastPath(django_application)),  # a span per request when tracing is on
-        "websocket": URLRouter(chat_websockets + rpc_websockets + graphql_websockets),
+        "websocket": WebSocketRouter(chat_websockets + rpc_websockets + graphql_websockets),  # 4404, 1013
         "lifespan": lifespan,
     }
 )

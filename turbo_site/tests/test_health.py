@@ -58,10 +58,16 @@ def start_turbo(env: dict) -> tuple[subprocess.Popen, str]:
         env=env,
     )
     url = f"http://127.0.0.1:{port}"
+    wait_for(url, process)
+    return process, url
+
+
+def wait_for(url: str, process: subprocess.Popen) -> None:
+    """Until the Turbo process at `url` answers (whatever its health)."""
     for _ in range(300):
         try:
             httpx.get(url + "/info", timeout=1)
-            return process, url
+            return
         except httpx.HTTPError:
             assert process.poll() is None, "turbo did not start"
             time.sleep(0.1)
