@@ -194,3 +194,63 @@ def upstream(fake_upstream, settings):
     settings.PROXY_FORWARD_HEADERS = FAKE_HEADERS
     yield fake_upstream
     fake_upstream.release()  # never leave a gated response hanging
+
+
+# --- server processes of a test's own (chats/tests/processes.py) --------------------------------------------------
+
+
+@pytest.fixture
+def processes():
+    """Servers and Redis processes started by the test, stopped (servers first) at its end."""
+    from chats.tests.processes import Server as ServerProcess
+
+    started: list = []
+    yield started
+    for item in reversed(started):
+        if isinstance(item, ServerProcess):
+            item.stop()
+    for item in started:
+        if isinstance(item, subprocess.Popen) and item.poll() is None:
+            item.kill()
+            item.wait(timeout=10)
+
+
+@pytest.fixture
+def start_server(upstream, processes, tmp_path, request):
+    """start_server(**env) -> a running ServerProcess on the test database, with the fake upstream.
+
+    Its output goes to a file in tmp_path, or under $STREAM_FAULT_LOGS if set (kept for reading).
+    """
+    from django.db import connection
+
+    from chats.tests.processes import Server as ServerProcess
+
+    logs = tmp_path
+    if os.environ.get("STREAM_FAULT_LOGS"):
+        logs = Path(os.environ["STREAM_FAULT_LOGS"]) / request.node.name
+        logs.mkdir(parents=True, exist_ok=True)
+    db = connection.settings_dict
+    password = f":{db['PASSWORD']}" if db.get("PASSWORD") else ""
+    if connection.vendor == "postgresql":
+        db_address = f"postgresql://{db['USER']}{password}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+    else:  # the test database is a file (turbo_site/test_settings.py), which the server opens too
+        db_address = f"sqlite:///{db['NAME']}"
+    base = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "turbo_site.test_settings",
+        "DEBUG": "0",
+        "DB_ADDRESS": db_address,
+        "OPENAI_API_URL": upstream.url + "/v1",
+        "OPENAI_API_KEY": SERVER_KEY,
+        "STREAM_HEARTBEAT_SECONDS": "2",
+        "LOG_LEVEL": "INFO",
+    }
+    base.pop("REDIS_ADDRESS", None)
+
+    def start(**env: str) -> ServerProcess:
+        merged = {**base, **{name: str(value) for name, value in env.items() if value is not None}}
+        server = ServerProcess(merged, logs / f"server-{len(processes)}.log")
+        processes.append(server)
+        return server.wait_ready()
+
+    return start

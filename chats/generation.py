@@ -18,7 +18,6 @@ ends the turn (status `tool_calls`, the calls in `tool_calls` with `client: true
 """
 
 import asyncio
-import contextvars
 import logging
 import time
 import uuid
@@ -33,6 +32,7 @@ from django.db import DatabaseError, InterfaceError, transaction
 from django.utils import timezone
 
 from accounts.models import User
+from chats import running
 from chats.context import chat_context_extend, chat_context_forget_now, chat_context_get, context_fit
 from chats.models import Chat, Message
 from chats.options import settings_apply
@@ -54,6 +54,7 @@ from turbo_site.core import tracing
 from turbo_site.core.crypto import secret_decrypt
 from turbo_site.core.errors import Forbidden, Invalid, RateLimited, ServiceUnavailable
 from turbo_site.core.streams import StreamUnavailable
+from turbo_site.core.text import storable, storable_json
 
 if TYPE_CHECKING:
     from chats.programs.runner import ProgramTurn
@@ -62,7 +63,10 @@ logger = logging.getLogger("turbo.chats")
 
 INTERRUPTED = "interrupted: the server stopped during generation"
 STOPPED = "stopped"
-STOPS_STREAM = "generation-stops"
+DELETED = "the message was deleted while its reply was being generated"
+STORAGE_UNAVAILABLE = (
+    "the reply could not be stored (the database is unavailable); it is kept and stored when it is back"
+)
 
 
 @dataclass
@@ -186,7 +190,7 @@ def _message_start(
     message = Message.objects.create(
         chat=chat,
         author=user,
-        prompt=prompt,
+        prompt=storable(prompt),  # the model still gets it as sent
         model=chat.model,
         is_otr=otr,
         status=Message.Status.COMPLETE if otr else Message.Status.STREAMING,
@@ -305,7 +309,7 @@ def _program_turn_start(
     message = Message.objects.create(
         chat=chat,
         author=user if prompt is not None else None,
-        prompt=prompt or "",
+        prompt=storable(prompt or ""),
         model=chat.model,
         status=Message.Status.STREAMING,
     )
@@ -323,29 +327,30 @@ def _program_turn_start(
     )
 
 
+class MessageGone(Exception):
+    """The message is no longer `streaming` in the database: deleted during its generation, or already
+    ended by the sweeper (chats.sweeper). Nothing to save, and nobody to tell."""
+
+
 @transaction.atomic
 def _message_finish(*, message: Message, reply: _Reply, status: str, error: str, program=None, turn=None) -> None:
-    message.reply = reply.text
-    message.tool_calls = reply.records
-    message.data = reply.data
-    message.status = status
-    message.error = error
-    message.prompt_tokens = reply.usage.get("prompt_tokens")
-    message.completion_tokens = reply.usage.get("completion_tokens")
-    message.total_tokens = reply.usage.get("total_tokens")
-    message.save(
-        update_fields=[
-            "reply",
-            "status",
-            "error",
-            "prompt_tokens",
-            "completion_tokens",
-            "total_tokens",
-            "tool_calls",
-            "data",
-            "updated_at",
-        ]
-    )
+    """Store the reply, only while the message is still `streaming` (MessageGone otherwise): a deleted
+    message never comes back, whatever the reply loop still holds."""
+    fields = {
+        "reply": storable(reply.text),
+        "tool_calls": storable_json(reply.records),
+        "data": storable_json(reply.data),
+        "status": status,
+        "error": storable(error),
+        "prompt_tokens": reply.usage.get("prompt_tokens"),
+        "completion_tokens": reply.usage.get("completion_tokens"),
+        "total_tokens": reply.usage.get("total_tokens"),
+        "updated_at": timezone.now(),
+    }
+    if not Message.objects.filter(pk=message.pk, status=Message.Status.STREAMING).update(**fields):
+        raise MessageGone(message.pk)
+    for name, value in fields.items():
+        setattr(message, name, value)
     if program is not None:
         from chats.programs.runner import turn_save
 
@@ -474,7 +479,8 @@ async def message_prompt(
     tracing.task_span_end(trace, task)
     _generations.add(task)
     task.add_done_callback(_generations.discard)
-    _stoppable_here(message.pk, task)
+    running.running_add(message.pk, task)
+    await running.alive_mark(message.pk)
     if stream:
         return message
     outcome: Outcome = await asyncio.shield(task)
@@ -530,7 +536,10 @@ async def _generate(plan: PromptPlan, base: dict) -> Outcome:
     except GatewayError as exc:
         status, error, failure = Message.Status.ERROR, exc.message, exc
     except asyncio.CancelledError:
-        if plan.message.pk in _stop_requested:  # a member pressed stop: an ending, not a shutdown
+        if plan.message.pk in running.deleted:  # nothing to save and nobody to tell: the message is gone
+            asyncio.current_task().uncancel()
+            return Outcome(plan.message, GatewayError(DELETED, status=409, code="message_deleted"))
+        if plan.message.pk in running.stop_requested:  # a member pressed stop: an ending, not a shutdown
             asyncio.current_task().uncancel()
             status, error = Message.Status.ERROR, STOPPED
             failure = GatewayError(STOPPED, status=409, code="stopped")
@@ -544,7 +553,11 @@ async def _generate(plan: PromptPlan, base: dict) -> Outcome:
         logger.exception("generation of message %s failed", plan.message.pk)
         status, error = Message.Status.ERROR, "internal error during generation"
         failure = GatewayError(error, status=502)
-    await asyncio.shield(_finish(plan, reply, status, error, turn))
+    stored = await asyncio.shield(_finish(plan, reply, status, error, turn))
+    if stored is None:
+        return Outcome(plan.message, GatewayError(DELETED, status=409, code="message_deleted"))
+    if not stored:
+        return Outcome(plan.message, GatewayError(STORAGE_UNAVAILABLE, status=503, code="storage_unavailable"))
     return Outcome(plan.message, failure)
 
 
@@ -651,54 +664,6 @@ async def _run_tools(calls: list[dict], allowed: list[str]) -> tuple[list[dict],
 
 # --- stopping a reply ---------------------------------------------------------------------------------
 
-# This process's running generations by message id; stop requests from any process (announced on the
-# `generation-stops` stream, which each loop running generations follows) cancel them here.
-_by_message: dict[uuid.UUID, asyncio.Task] = {}
-_stop_requested: set[uuid.UUID] = set()
-_stop_listeners: dict[asyncio.AbstractEventLoop, asyncio.Task] = {}
-
-
-def _stoppable_here(message_id: uuid.UUID, task: asyncio.Task) -> None:
-    _by_message[message_id] = task
-
-    def forget(_task):
-        _by_message.pop(message_id, None)
-        _stop_requested.discard(message_id)
-
-    task.add_done_callback(forget)
-    loop = asyncio.get_running_loop()
-    listener = _stop_listeners.get(loop)
-    if listener is None or listener.done():
-        _stop_listeners[loop] = loop.create_task(_follow_stops(), context=contextvars.Context())
-    for closed in [other for other in _stop_listeners if other.is_closed()]:
-        del _stop_listeners[closed]
-
-
-def _stop_here(message_ids) -> None:
-    for message_id in message_ids:
-        task = _by_message.get(message_id)
-        if task is not None and not task.done():
-            _stop_requested.add(message_id)
-            task.get_loop().call_soon_threadsafe(task.cancel)
-
-
-async def _follow_stops() -> None:
-    """While this loop runs generations, act on stop requests announced by any process. It reads the
-    stream's replay from the start, so a request sent while the generation was starting is seen too."""
-    from turbo_site.core import streams
-
-    after = 0
-    while any(task.get_loop() is asyncio.get_running_loop() for task in _by_message.values()):
-        try:
-            async with streams.Subscription(STOPS_STREAM, after=after) as stops:
-                while _by_message:
-                    entry = await stops.get(timeout=5)
-                    if entry is not None and entry.type == "generation.stop":
-                        _stop_here(uuid.UUID(value) for value in entry.data.get("message_ids", []))
-                    after = stops.last or after
-        except (StreamUnavailable, StopAsyncIteration):
-            await asyncio.sleep(0.5)
-
 
 def _streaming_messages_to_stop(*, chat: Chat, user: User) -> list[uuid.UUID]:
     from turbo_site.core.errors import Forbidden
@@ -714,17 +679,13 @@ async def generations_stop_chat(*, chat: Chat, user: User) -> int:
     """Stop the chat's replies being generated, in whatever process runs them (the prompt's author or
     the chat's owner only). Each ends `status: "error"`, `error: "stopped"`, keeping its partial reply.
     Returns how many were asked to stop."""
-    from turbo_site.core import streams
-
     message_ids = await database_sync_to_async(_streaming_messages_to_stop)(chat=chat, user=user)
     if not message_ids:
         return 0
-    _stop_here(message_ids)
-    if any(message_id not in _by_message for message_id in message_ids):
-        try:
-            await streams.append(STOPS_STREAM, "generation.stop", {"message_ids": [str(m) for m in message_ids]})
-        except StreamUnavailable:
-            raise ServiceUnavailable("stop requests cannot reach the other server processes; try again") from None
+    try:
+        await running.stops_announce(message_ids)
+    except StreamUnavailable:
+        raise ServiceUnavailable("stop requests cannot reach the other server processes; try again") from None
     return len(message_ids)
 
 
@@ -748,9 +709,12 @@ async def _retrying(what: str, message_id: uuid.UUID, attempt, errors: tuple) ->
             pause = min(pause * 2, 2.0)
 
 
-async def _finish(plan: PromptPlan, reply: _Reply, status: str, error: str, turn=None) -> None:
-    """Save the reply (retried while the database is away), then send the final event (always).
-    A program's turn is recorded in the same transaction."""
+async def _finish(plan: PromptPlan, reply: _Reply, status: str, error: str, turn=None) -> bool | None:
+    """Save the reply (retried while the database is away), then send the final event. A program's turn
+    is recorded in the same transaction. Returns True once stored; None if the message is gone (deleted:
+    no event); False if it could not be stored in time: members get `message.failed` (code
+    `storage_unavailable`) with the reply as it stands, and the save goes on in the background until
+    the database is back (then `message.completed` or `message.failed` tells the stored outcome)."""
     message = plan.message
 
     async def save():
@@ -759,24 +723,76 @@ async def _finish(plan: PromptPlan, reply: _Reply, status: str, error: str, turn
         )
 
     try:
-        if await _retrying("save the reply", message.pk, save, (DatabaseError, InterfaceError)):
-            await sync_to_async(_context_after, thread_sensitive=False)(message, reply)
-            if plan.program is not None and status == Message.Status.COMPLETE:
-                from chats.programs.runner import turn_after_save
-
-                await turn_after_save(turn)
+        stored = await _retrying("save the reply", message.pk, save, (DatabaseError, InterfaceError))
+    except MessageGone:
+        return None
     except Exception:
         logger.exception("message %s: the reply could not be saved", message.pk)
+        stored = False
+    if not stored:
+        await _send_final(message, MESSAGE_FAILED, unstored=reply)
+        task = asyncio.get_running_loop().create_task(_save_late(plan, reply, save, status, turn))
+        _generations.add(task)
+        task.add_done_callback(_generations.discard)
+        return False
+    await _after_save(plan, reply, status, turn)
+    return True
+
+
+async def _after_save(plan: PromptPlan, reply: _Reply, status: str, turn) -> None:
+    """What follows a stored reply: the cached context learns it, a program's turn goes on, members are told."""
+    message = plan.message
+    try:
+        await sync_to_async(_context_after, thread_sensitive=False)(message, reply)
+        if plan.program is not None and status == Message.Status.COMPLETE:
+            from chats.programs.runner import turn_after_save
+
+            await turn_after_save(turn)
+    except Exception:
+        logger.exception("message %s: after its save", message.pk)
     ended = status in (Message.Status.COMPLETE, Message.Status.TOOL_CALLS)  # tool_calls: the turn ended well
     await _send_final(message, MESSAGE_COMPLETED if ended else MESSAGE_FAILED)
 
 
+async def _save_late(plan: PromptPlan, reply: _Reply, save, status: str, turn) -> None:
+    """Keep trying to store a reply whose save outlived FINAL_SAVE_RETRY_SECONDS, for as long as
+    FINAL_SAVE_LATE_SECONDS; its alive mark is kept meanwhile, so the sweeper leaves it alone."""
+    message = plan.message
+    deadline = time.monotonic() + settings.FINAL_SAVE_LATE_SECONDS
+    pause = 1.0
+    while time.monotonic() < deadline:
+        await running.alive_mark(message.pk)
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 15.0)
+        try:
+            await save()
+        except MessageGone:
+            return
+        except (DatabaseError, InterfaceError) as exc:
+            logger.warning("message %s: the reply is still not stored: %s", message.pk, exc)
+            continue
+        except Exception:
+            logger.exception("message %s: the reply could not be stored", message.pk)
+            return
+        logger.info("message %s: the reply is stored now that the database is back", message.pk)
+        await _after_save(plan, reply, status, turn)
+        return
+    logger.error("message %s: the reply could not be stored in %ss; the sweeper will end it", message.pk, deadline)
+
+
 @tracing.traced("chat fan-out", lambda message, type: {"turbo.chat.event": type})
-async def _send_final(message: Message, type: str) -> None:
+async def _send_final(message: Message, type: str, *, unstored: _Reply | None = None) -> None:
+    """The message's final event; with `unstored`, the reply that could not be stored (status error,
+    code `storage_unavailable`), so that members still see it."""
     data = message_data(message)
+    extra = {}
+    if unstored is not None:
+        data = {**data, "status": Message.Status.ERROR, "error": STORAGE_UNAVAILABLE}
+        data.update(reply=unstored.text, tool_calls=unstored.records)
+        extra = {"code": "storage_unavailable"}
 
     async def send():
-        await aevent_send(message.chat_id, type, **message_event(type, data, partial=False))
+        await aevent_send(message.chat_id, type, **message_event(type, data, partial=False), **extra)
 
     try:
         await _retrying(f"send {type}", message.pk, send, (StreamUnavailable,))

@@ -11,7 +11,7 @@ from django.conf import settings
 from django.db import transaction
 
 from accounts.models import User
-from chats import selectors, stream
+from chats import running, selectors, stream
 from chats.context import chat_context_forget
 from chats.models import Chat, ChatMember, Message
 from chats.options import settings_validate
@@ -164,6 +164,7 @@ def chat_delete(*, chat: Chat, user: User) -> None:
     """Delete a chat with its members and messages (owner only); open streams end."""
     _require_owner(chat, user, "delete it")
     chat_id = chat.pk
+    _generations_drop(Message.objects.filter(chat=chat, status=Message.Status.STREAMING).values_list("pk", flat=True))
     chat.delete()
     chat_context_forget(chat_id)
     stream.event_send(chat_id, stream.CHAT_DELETED)
@@ -201,6 +202,14 @@ def group_access_changed(*, group_id: uuid.UUID, user_ids: list[uuid.UUID]) -> N
 # --- messages -------------------------------------------------------------------------------------
 
 
+def _generations_drop(message_ids) -> None:
+    """Once the delete commits, the replies of these messages stop wherever they are being generated,
+    with no further event: a deleted message does not come back."""
+    message_ids = list(message_ids)
+    if message_ids:
+        transaction.on_commit(lambda: running.stops_announce_sync(message_ids, delete=True))
+
+
 @transaction.atomic
 def message_delete(*, message_id: uuid.UUID | str, user: User | None = None) -> None:
     """Delete one message for good; members see `message.deleted`.
@@ -218,6 +227,8 @@ def message_delete(*, message_id: uuid.UUID | str, user: User | None = None) -> 
     if user is not None and user.pk not in (message.author_id, message.chat.owner_id):
         raise Forbidden("only the message's author or the chat's owner may delete it")
     chat_id = message.chat_id
+    if message.status == Message.Status.STREAMING:
+        _generations_drop([message.pk])
     message.delete()
     chat_context_forget(chat_id)
     stream.event_send(chat_id, stream.MESSAGE_DELETED, message_id=str(message_id))

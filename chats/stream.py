@@ -14,8 +14,9 @@ STREAM_REPLAY_SECONDS (at most STREAM_REPLAY_MAX events per chat). The types and
 | `message.completed` | `message` (the stored reply, status `complete`, or `tool_calls`: it waits for  |
 |                     | the client's function results), `delta` "", `partial` false                   |
 | `message.failed`    | `message` (status `error`, `error` says why, partial reply kept), `delta` "", |
-|                     | `partial` false                                                               |
-| `message.deleted`   | `message_id`                                                                  |
+|                     | `partial` false (+ `code` `storage_unavailable`: the reply could not be       |
+|                     | stored yet; `message.completed` follows once it is)                           |
+| `message.deleted`   | `message_id`; no event of that message follows (its reply stops)              |
 | `chat.updated`      | `chat` (ChatOutput)                                                           |
 | `chat.deleted`      | (none); the stream ends after it                                              |
 | `member.added`      | `user_id` (added to the chat)                                                 |
@@ -69,6 +70,7 @@ EVENT_TYPES = (
     ACCESS_CHANGED,
 )
 FINAL_TYPES = (MESSAGE_COMPLETED, MESSAGE_FAILED)
+MESSAGE_TYPES = (MESSAGE_CREATED, MESSAGE_DELTA, MESSAGE_COMPLETED, MESSAGE_FAILED)
 NOTICE_TYPES = ("stream.gap", "stream.error", "server.shutdown", "stream.closed")
 
 
@@ -129,6 +131,7 @@ class ChatSubscriber(streams.ReadsByGet):
         self.session = session
         self.subscription = streams.Subscription(chat_stream_key(chat_id), after=after)
         self._watch = None
+        self._deleted: set[str] = set()  # ids of messages deleted while this subscriber followed
 
     @property
     def last(self) -> int | None:
@@ -157,14 +160,26 @@ class ChatSubscriber(streams.ReadsByGet):
     async def __aexit__(self, *exc_info) -> None:
         await self.close()
 
+    def _of_deleted(self, entry: Entry) -> bool:
+        """Is this an event of a message deleted earlier in the stream (a delta already on its way when the
+        delete stopped its reply)? Members never hear of a deleted message again."""
+        if not self._deleted or entry.type not in MESSAGE_TYPES:
+            return False
+        return str((entry.data.get("message") or {}).get("id")) in self._deleted
+
     def _session_ended(self, reason: str) -> None:
         self.subscription.end(notice("stream.closed", reason, reason="session"))
 
     async def get(self, timeout: float | None = None) -> Entry | None:
-        entry = await self.subscription.get(timeout)
+        while True:
+            entry = await self.subscription.get(timeout)
+            if entry is None or entry.is_notice or not self._of_deleted(entry):
+                break
         if entry is None or entry.is_notice:
             return entry
-        if entry.type == CHAT_DELETED:
+        if entry.type == MESSAGE_DELETED:
+            self._deleted.add(entry.data.get("message_id"))
+        elif entry.type == CHAT_DELETED:
             self.subscription.end(notice("stream.closed", "the chat was deleted", reason="chat_deleted"))
         elif entry.type in (MEMBER_REMOVED, ACCESS_CHANGED):
             data = entry.data

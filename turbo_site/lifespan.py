@@ -68,10 +68,22 @@ async def on_shutdown() -> None:
     from turbo_site.core.loops import loop_clients_close
     from turbo_site.core.tracing import tracing_shutdown
 
+    for task in _background:
+        task.cancel()
     await drain()  # a no-op when SIGTERM already drained
     await loop_clients_close()
     await sync_to_async(events_shutdown, thread_sensitive=False)()
     await sync_to_async(tracing_shutdown, thread_sensitive=False)()  # the last spans, when tracing is on
+
+
+# Tasks that live as long as the server (kept here so that they are not garbage-collected).
+_background: set[asyncio.Task] = set()
+
+
+async def _sweeper() -> None:
+    from chats.sweeper import sweeper_run
+
+    await sweeper_run()
 
 
 async def lifespan(scope, receive, send) -> None:
@@ -79,6 +91,7 @@ async def lifespan(scope, receive, send) -> None:
         message = await receive()
         if message["type"] == "lifespan.startup":
             _drain_before_server_stops(asyncio.get_running_loop())
+            _background.add(asyncio.get_running_loop().create_task(_sweeper()))
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             try:

@@ -314,6 +314,14 @@ STREAM_REPLAY_MAX = env_int("STREAM_REPLAY_MAX", 1000)
 STREAM_SUBSCRIBER_BUFFER = env_int("STREAM_SUBSCRIBER_BUFFER", 2000)
 # How long the end of a reply (its save, then its final event) is retried while the database or Redis is away.
 FINAL_SAVE_RETRY_SECONDS = env_int("FINAL_SAVE_RETRY_SECONDS", 30)
+# A reply not stored within FINAL_SAVE_RETRY_SECONDS (members are told `storage_unavailable`) is still
+# retried in the background this long; after that the sweeper ends it from the stream's record.
+FINAL_SAVE_LATE_SECONDS = env_int("FINAL_SAVE_LATE_SECONDS", 3600)
+# The sweeper (at start and every SWEEP_SECONDS) ends messages left `streaming` by a process that died.
+SWEEP_SECONDS = env_int("SWEEP_SECONDS", 60)
+# A running generation's alive mark in the cache lives this long, renewed every third of it; the sweeper
+# ends a `streaming` message only after twice this with no mark.
+GENERATION_ALIVE_SECONDS = env_int("GENERATION_ALIVE_SECONDS", 30)
 # The /ws RPC endpoint: largest client frame, and requests one socket may have in flight.
 WS_MAX_FRAME_BYTES = env_int("WS_MAX_FRAME_BYTES", 1024 * 1024)
 # runserver (daphne) drops a socket whose frame passes its own limit (1 MiB) without a close frame; let

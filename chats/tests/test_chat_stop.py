@@ -11,7 +11,6 @@ from websockets.sync.client import connect
 from chats.models import ChatProgram, Message
 from chats.tests.test_programs import CHAT_PROGRAMS, wait_until
 from chats.tests.test_stream import bearer, receive_until_final, ws_url
-from chats.tests.test_stream_faults import processes, start_server  # noqa: F401
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -12,7 +12,6 @@ from django.conf import settings
 
 from chats.models import ChatProgram
 from chats.tests.test_programs import CHAT_PROGRAMS, chat_requests, wait_until
-from chats.tests.test_stream_faults import processes, start_server  # noqa: F401
 from conftest import PROJECT_ROOT, SERVER_KEY
 
 pytestmark = pytest.mark.django_db(transaction=True)

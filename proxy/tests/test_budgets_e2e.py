@@ -10,7 +10,6 @@ from django.conf import settings
 from django.db import connection
 
 from chats.models import Message
-from chats.tests.test_stream_faults import processes, start_server  # noqa: F401
 from conftest import SERVER_KEY
 from proxy.events import events_flush
 from proxy.usage.budgets import budget_rules_forget, budget_set

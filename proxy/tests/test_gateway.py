@@ -15,7 +15,7 @@ import pytest
 from websockets.sync.client import connect
 
 # The fault tests' server processes and Redis of a test's own.
-from chats.tests.test_stream_faults import free_port, processes, redis_start, start_server  # noqa: F401
+from chats.tests.processes import free_port, redis_start
 from conftest import FAKE_HEADERS, SERVER_KEY
 from proxy.events import events_flush
 from proxy.gateway import health

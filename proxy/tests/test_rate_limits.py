@@ -14,7 +14,6 @@ from django.db import connection
 from websockets.sync.client import connect
 
 # The fault tests' server processes.
-from chats.tests.test_stream_faults import processes, start_server  # noqa: F401
 from proxy.gateway.config import ConfigError, load
 from proxy.models import RateLimit
 from proxy.tests.test_gateway import configure, fakes  # noqa: F401 (fixtures: three fake upstreams, TURBO_CONFIG)

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from chats.tests.test_stream_faults import free_port, processes, redis_start  # noqa: F401
+from chats.tests.processes import free_port, redis_start
 from conftest import run_manage
 from proxy.gateway import health
 from turbo_site.testing.fake_upstream import FakeUpstream

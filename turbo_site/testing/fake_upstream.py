@@ -332,7 +332,8 @@ class FakeUpstream:
         elif (sequenced := _sequence_reply(messages)) is not None:
             reply = sequenced
         elif (content := _MARKER.sub("", _text(last.get("content")), count=1)).startswith("echo:"):
-            reply = content.removeprefix("echo:").strip()
+            # "[nul]" stands for U+0000, which models do send and a prompt cannot carry (Turbo refuses it).
+            reply = content.removeprefix("echo:").strip().replace("[nul]", "\x00")
         else:
             reply = DEFAULT_REPLY
         if stream:

@@ -20,7 +20,6 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 # Fixtures of other suites: server processes, fake upstreams, a TURBO_CONFIG of the test's own.
-from chats.tests.test_stream_faults import processes, start_server  # noqa: F401
 from proxy.events import event_record, events_flush, events_state
 from proxy.tests.test_gateway import configure, fakes, two_deployments  # noqa: F401
 from proxy.usage.budgets import budget_rules_forget, budget_set

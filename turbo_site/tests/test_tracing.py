@@ -18,7 +18,6 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 # The admin tests' logged-in browser, and the fault tests' server processes.
 from accounts.tests.test_admin import admin, browser  # noqa: F401
-from chats.tests.test_stream_faults import processes, start_server  # noqa: F401
 from proxy import gateway
 from proxy.events import events_flush
 from proxy.models import Event

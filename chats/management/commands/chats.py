@@ -1,4 +1,4 @@
-"""`manage.py chats ...`: inspect a chat, its members and messages; delete a message.
+"""`manage.py chats ...`: inspect a chat, its members and messages; delete a message; sweep abandoned replies.
 
 Replaces the old admin CLI's `chat`, `chatUsers`, `messages` and `deleteMessage`. Member listings show
 no password hashes, and deleting a message also forgets the chat's cached context.
@@ -7,11 +7,13 @@ no password hashes, and deleting a message also forgets the chat's cached contex
 import json
 import uuid
 
+from asgiref.sync import async_to_sync
 from django.core.management.base import CommandError
 
 from chats import selectors
 from chats.models import Chat, Message
 from chats.services import message_delete
+from chats.sweeper import messages_sweep
 from turbo_site.core.commands import ActionCommand, fields, one_line, printable, table, uuid_argument, when
 
 # How much of a system prompt, prompt or reply fits on a line without --full.
@@ -23,6 +25,7 @@ examples:
   manage.py chats members 5f0c8a9e-8f3b-4d8e-9a43-2b7f1f0e3c21
   manage.py chats messages 5f0c8a9e-8f3b-4d8e-9a43-2b7f1f0e3c21 --full
   manage.py chats delete-message 9d2b4c1e-6a7f-4f0b-8c3d-1e2f3a4b5c6d
+  manage.py chats sweep
 """
 
 
@@ -40,7 +43,7 @@ def _indented(label: str, text: str) -> list[str]:
 
 
 class Command(ActionCommand):
-    help = "Inspect Turbo chats: show one, list its members or messages; delete a message."
+    help = "Inspect Turbo chats: show one, list its members or messages; delete a message; sweep abandoned replies."
 
     def create_parser(self, prog_name, subcommand, **kwargs):
         kwargs.setdefault("epilog", EXAMPLES)
@@ -80,6 +83,15 @@ class Command(ActionCommand):
         )
         delete.add_argument(
             "message_id", metavar="MESSAGE_ID", type=uuid_argument("message"), help="The message's UUID."
+        )
+
+        self.add_action(
+            actions,
+            "sweep",
+            "End messages left 'streaming' by a server process that died.",
+            "End the messages left 'streaming' whose generation runs in no process (no alive mark for a minute): "
+            "each becomes 'error' with the reply as far as the chat stream still has it, and members get "
+            "message.failed. Every server process also does this at start and every SWEEP_SECONDS.",
         )
 
     def handle_show(self, *, chat_id: uuid.UUID, **options) -> None:
@@ -139,3 +151,7 @@ class Command(ActionCommand):
     def handle_delete_message(self, *, message_id: uuid.UUID, **options) -> None:
         message_delete(message_id=message_id)
         self.stdout.write(f"deleted message {message_id}")
+
+    def handle_sweep(self, **options) -> None:
+        ended = async_to_sync(messages_sweep)()
+        self.stdout.write(f"ended {ended} abandoned message{'' if ended == 1 else 's'}")

@@ -1,0 +1,224 @@
+"""A reply through a chat's whole life, against real server processes (DEBUG=0) and real clients:
+deletes that stick (the message or its chat deleted mid-reply, in another process on Postgres + Redis),
+a final save that outlives its window, text a database cannot hold, and the sweeper that ends what a
+dead process left `streaming`."""
+
+import asyncio
+import signal
+import uuid
+from datetime import timedelta
+
+import httpx
+import pytest
+from django.conf import settings
+from django.core.cache import cache
+from django.utils import timezone
+
+from accounts.services import user_create
+from chats import running
+from chats.models import Chat, Message
+from chats.services import chat_create
+from chats.stream import MESSAGE_DELTA, aevent_send, chat_stream_key, message_event
+from chats.sweeper import ABANDONED, messages_sweep
+from chats.tests.processes import (
+    FINAL_TYPES,
+    Api,
+    SSEFollower,
+    WSFollower,
+    allow_connections,
+    last_delta,
+    needs_postgres,
+    stored,
+    terminate_server_connections,
+    words,
+)
+from turbo_site.core import streams
+from turbo_site.core.loops import loop_clients_close
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+# A reply long enough to be deleted while it streams (200 deltas, 0.1 s apart).
+LONG = "[chunk_delay:0.1] echo: " + words(200)
+
+
+def two_servers(start_server):
+    """Two processes sharing the database and Redis (one process on the embedded defaults, which share
+    no stream between processes)."""
+    first = start_server(REDIS_ADDRESS=settings.REDIS_ADDRESS or None)
+    second = start_server(REDIS_ADDRESS=settings.REDIS_ADDRESS) if settings.REDIS_ADDRESS else first
+    return first, second
+
+
+def assert_clean_log(*servers) -> None:
+    for server in servers:
+        text = server.stderr()
+        for trouble in ("Traceback", "did not affect any rows", "could not save the reply"):
+            assert trouble not in text, text[-3000:]
+
+
+def test_a_message_deleted_mid_reply_stops_and_never_comes_back(start_server, upstream):
+    generating, other = two_servers(start_server)
+    api = Api(generating.url, "delete-message")
+    chat_id = api.chat()
+    ws = WSFollower(other.url, api.token, chat_id)  # follows from the process that does not generate
+    sse = SSEFollower(generating.url, api.token, chat_id)
+    message = api.prompt(chat_id, LONG)
+    ws.deltas(3)
+
+    deleted = httpx.post(other.url + "/chat/message/delete", json={"id": message["id"]}, headers=api.headers)
+    assert deleted.status_code == 200, deleted.text
+    assert upstream.wait_for_abort(timeout=20), "the generation went on after its message was deleted"
+
+    # A later prompt's whole reply arrives: nothing of the deleted message may come between.
+    after = api.prompt(chat_id, "echo: still here")
+    for follower in (ws, sse):
+        events = follower.until(
+            lambda event: event.get("type") in FINAL_TYPES and event["message"]["id"] == after["id"]
+        )
+        deletion = next(i for i, event in enumerate(follower.seen) if event.get("type") == "message.deleted")
+        later = [event for event in follower.seen[deletion:] if (event.get("message") or {}).get("id") == message["id"]]
+        assert later == [], later
+        assert events[-1]["type"] == "message.completed"
+    assert not Message.objects.filter(pk=message["id"]).exists()
+    assert stored(after["id"]).reply == "still here"
+    ws.close()
+    api.close()
+    assert_clean_log(generating, other)
+
+
+def test_a_chat_deleted_mid_reply_stops_its_generation(start_server, upstream):
+    generating, other = two_servers(start_server)
+    api = Api(generating.url, "delete-chat")
+    chat_id = api.chat()
+    ws = WSFollower(other.url, api.token, chat_id)
+    message = api.prompt(chat_id, LONG)
+    ws.deltas(3)
+
+    deleted = httpx.post(other.url + "/chat/delete", json={"id": chat_id}, headers=api.headers)
+    assert deleted.status_code == 200, deleted.text
+    assert upstream.wait_for_abort(timeout=20), "the generation went on after its chat was deleted"
+    rest = ws.rest()
+    assert ws.close_code == 4404
+    assert not [event for event in rest if event.get("type") in FINAL_TYPES], rest
+    assert not Chat.objects.filter(pk=chat_id).exists()
+    assert not Message.objects.filter(pk=message["id"]).exists()
+    api.close()
+    assert_clean_log(generating, other)
+
+
+def test_a_reply_holding_nul_is_stored_alike_on_both_databases(start_server, upstream):
+    server = start_server(REDIS_ADDRESS=settings.REDIS_ADDRESS or None)
+    api = Api(server.url, "nul-reply")
+    chat_id = api.chat()
+    answered = api.http.post(
+        "/chat/prompt", data={"id": chat_id, "prompt": "echo: before[nul]after"}, headers=api.headers
+    )
+    assert answered.status_code == 200, answered.text
+    reply = answered.json()["message"]
+    assert (reply["status"], reply["reply"]) == ("complete", "beforeafter")
+    assert (stored(reply["id"]).status, stored(reply["id"]).reply) == ("complete", "beforeafter")
+    api.close()
+    assert_clean_log(server)
+
+
+@needs_postgres
+def test_a_final_save_past_its_window_says_so_and_stores_the_reply_when_the_database_is_back(start_server):
+    server = start_server(REDIS_ADDRESS=settings.REDIS_ADDRESS or None, FINAL_SAVE_RETRY_SECONDS=2)
+    api = Api(server.url, "db-away-long")
+    chat_id = api.chat()
+    ws = WSFollower(server.url, api.token, chat_id)
+    reply = words(8)
+    message = api.prompt(chat_id, "[chunk_delay:0.3] echo: " + reply)
+    ws.until(last_delta(reply))
+    from django.db import connection
+
+    connection.ensure_connection()  # the test's own connection, open before the database closes its doors
+    allow_connections(False)
+    try:
+        terminate_server_connections()
+        failed = ws.until(lambda event: event.get("type") in FINAL_TYPES, timeout=60)[-1]
+        assert failed["type"] == "message.failed" and failed["code"] == "storage_unavailable", failed
+        assert (failed["message"]["status"], failed["message"]["reply"]) == ("error", reply)
+        assert stored(message["id"]).status == "streaming"  # never reported complete while unstored
+    finally:
+        allow_connections(True)
+    completed = ws.until(lambda event: event.get("type") in FINAL_TYPES, timeout=90)[-1]
+    assert completed["type"] == "message.completed", completed
+    assert completed["message"]["reply"] == reply
+    row = stored(message["id"])
+    assert (row.status, row.reply) == ("complete", reply)
+    ws.close()
+    api.close()
+
+
+@pytest.mark.skipif(not settings.REDIS_ADDRESS, reason="another process's generation is known through Redis")
+def test_a_reply_left_streaming_by_a_killed_process_is_ended_by_the_sweeper(start_server, upstream):
+    doomed = start_server(REDIS_ADDRESS=settings.REDIS_ADDRESS, GENERATION_ALIVE_SECONDS=2)
+    api = Api(doomed.url, "sweep-killed")
+    chat_id = api.chat()
+    message = api.prompt(chat_id, LONG)
+    survivor = start_server(REDIS_ADDRESS=settings.REDIS_ADDRESS, GENERATION_ALIVE_SECONDS=2, SWEEP_SECONDS=1)
+    ws = WSFollower(survivor.url, api.token, chat_id)
+    ws.deltas(3)
+    doomed.process.send_signal(signal.SIGKILL)
+    doomed.process.wait(timeout=10)
+
+    failed = ws.until(lambda event: event.get("type") in FINAL_TYPES, timeout=60)[-1]
+    assert failed["type"] == "message.failed" and failed["message"]["id"] == message["id"]
+    row = stored(message["id"])
+    assert (row.status, row.error) == ("error", ABANDONED)
+    assert row.reply and words(200).startswith(row.reply)  # the reply as far as the stream had it
+    assert failed["message"]["reply"] == row.reply
+    ws.close()
+    api.close()
+
+
+def run(coroutine):
+    async def main():
+        try:
+            return await coroutine
+        finally:
+            await loop_clients_close()
+
+    return asyncio.run(main())
+
+
+def _streaming_message(*, age_seconds: int) -> Message:
+    owner = user_create(username=f"sweep-{uuid.uuid4().hex[:8]}", password="correct-horse")
+    chat = chat_create(owner=owner, name="sweep")
+    message = Message.objects.create(chat=chat, author=owner, prompt="p", status=Message.Status.STREAMING)
+    Message.objects.filter(pk=message.pk).update(updated_at=timezone.now() - timedelta(seconds=age_seconds))
+    return message
+
+
+def test_the_sweeper_ends_only_what_runs_nowhere():
+    abandoned = _streaming_message(age_seconds=600)
+    alive = _streaming_message(age_seconds=600)
+    young = _streaming_message(age_seconds=0)
+    cache.set(running.alive_key(alive.pk), 1, 60)
+
+    async def scenario():
+        snapshot = {"id": str(abandoned.pk), "reply": "as far as it got", "tool_calls": []}
+        await aevent_send(abandoned.chat_id, MESSAGE_DELTA, **message_event(MESSAGE_DELTA, snapshot, "got"))
+        ended = await messages_sweep()
+        entries, _ = await streams.replay(chat_stream_key(abandoned.chat_id), 0)
+        return ended, entries
+
+    ended, entries = run(scenario())
+    assert ended == 1
+    row = Message.objects.get(pk=abandoned.pk)
+    assert (row.status, row.error, row.reply) == ("error", ABANDONED, "as far as it got")
+    assert entries[-1].type == "message.failed" and entries[-1].data["message"]["reply"] == "as far as it got"
+    assert Message.objects.get(pk=alive.pk).status == "streaming"
+    assert Message.objects.get(pk=young.pk).status == "streaming"
+    assert run(messages_sweep()) == 0  # what was ended stays ended
+
+
+def test_chats_sweep_command_says_how_many(cli_env):
+    from conftest import run_manage
+
+    done = run_manage(cli_env, "chats", "sweep")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ended 0 abandoned messages"
+    shown = run_manage(cli_env, "chats", "sweep", "--help")
+    assert "streaming" in shown.stdout
