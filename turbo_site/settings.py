@@ -164,6 +164,19 @@ if _database["ENGINE"] == "django.db.backends.sqlite3":
         "transaction_mode": "IMMEDIATE",
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
     }
+# Postgres connections come from a pool per process (psycopg_pool, through Django): at most DB_POOL_SIZE
+# open at once, however many requests, streams and generations run; a request that finds none free
+# within DB_POOL_TIMEOUT seconds is a 503 with Retry-After, like a database that is away.
+DB_POOL_SIZE = env_int("DB_POOL_SIZE", 10)
+DB_POOL_TIMEOUT = env_float("DB_POOL_TIMEOUT", 10.0)
+if _database["ENGINE"] == "django.db.backends.postgresql" and DB_POOL_SIZE > 0:
+    _database["CONN_MAX_AGE"] = 0  # the pool keeps connections; Django must not keep them too
+    _database.setdefault("OPTIONS", {})["pool"] = {
+        "min_size": 1,
+        "max_size": DB_POOL_SIZE,
+        "timeout": DB_POOL_TIMEOUT,
+        "max_idle": 300,  # a connection idle this long is closed (down to min_size)
+    }
 DATABASES = {"default": _database}
 
 # --- Cache and channel layer ----------------------------------------------------------------------
