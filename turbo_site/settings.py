@@ -171,6 +171,9 @@ DB_POOL_SIZE = env_int("DB_POOL_SIZE", 10)
 DB_POOL_TIMEOUT = env_float("DB_POOL_TIMEOUT", 10.0)
 if _database["ENGINE"] == "django.db.backends.postgresql" and DB_POOL_SIZE > 0:
     _database["CONN_MAX_AGE"] = 0  # the pool keeps connections; Django must not keep them too
+    # Each connection is checked as the pool hands it out (one empty round trip): after a database
+    # restart or a cut connection, a request gets a live one instead of failing on the dead one.
+    _database["CONN_HEALTH_CHECKS"] = True
     _database.setdefault("OPTIONS", {})["pool"] = {
         "min_size": 1,
         "max_size": DB_POOL_SIZE,
