@@ -83,11 +83,11 @@ FRONTS: dict[str, Front] = {
     "web": Front((COOKIE,), origin=CSRF_TOKEN),  # the web pages
     "chat": Front((HEADER, COOKIE)),  # the async chat views (prompt, ...)
     "chat.stream": Front((HEADER, PARAMETER, COOKIE)),  # SSE: an EventSource cannot send headers
-    "chat.socket": Front((HEADER, PARAMETER, COOKIE), origin=ANY_CREDENTIAL),  # /chat/ws
+    "chat.socket": Front((HEADER, PARAMETER, COOKIE), origin=ANY_CREDENTIAL),  # /chat/stream as a WebSocket
     "proxy": Front((HEADER, COOKIE), keys=True),  # /v1/* through Django (browsers)
     "proxy.fast": Front((HEADER,), keys=True),  # /v1/* on the hot path (programs)
     "rpc.socket": Front((HEADER, PARAMETER, COOKIE), keys=True, origin=ANY_CREDENTIAL),  # /ws
-    "graphql": Front((HEADER, COOKIE), keys=True),  # /graphql over HTTP: the model fields
+    "graphql": Front((HEADER, COOKIE), keys=True),  # /graphql over HTTP (a key: only on the model fields)
     "graphql.socket": Front(  # /graphql over a WebSocket: connection_init's authorization, else the handshake's
         (HEADER, PARAMETER, COOKIE),
         keys=True,
@@ -115,10 +115,6 @@ class AuthRefused(TurboError):
             headers={"WWW-Authenticate": WWW_AUTHENTICATE} if status == 401 else None,
         )
         self.status_code = status
-
-    @property
-    def status(self) -> int:
-        return self.status_code
 
     @property
     def close_code(self) -> int:
