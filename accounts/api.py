@@ -1,5 +1,7 @@
 """The user API: the seed's /user/* paths, API keys (/user/keys/*) and seed 002's /api/users/* paths."""
 
+from dataclasses import replace
+
 from django.conf import settings
 from django.contrib.auth.validators import UnicodeUsernameValidator
 from django.core.exceptions import ObjectDoesNotExist
@@ -13,14 +15,15 @@ from rest_framework.views import APIView
 from accounts import keys, selectors, services
 from accounts.auth import (
     COOKIE_NAME,
-    KEY_NOT_ALLOWED_HERE,
-    KEY_NOT_ALLOWED_MESSAGE,
-    CrossSiteRefused,
+    CROSS_SITE_MESSAGE,
+    AuthRefused,
+    authenticate,
+    carries_credential,
+    request_credentials,
     request_origin_allowed,
-    token_from_request,
 )
 from accounts.models import User
-from turbo_site.core.errors import Conflict, Forbidden, Invalid, Unauthorized
+from turbo_site.core.errors import Conflict, Invalid
 from turbo_site.core.http import client_ip, mark_event
 from turbo_site.core.schema import EmptyResponse, errors, get_and_post
 from turbo_site.core.serializers import StrictCharField, request_input
@@ -99,7 +102,7 @@ def _with_cookie(request, response: Response, token: str) -> Response:
 def _refuse_cross_site(request) -> None:
     """Login CSRF: a foreign page must not sign a browser in or out."""
     if not request_origin_allowed(request):
-        raise CrossSiteRefused()
+        raise AuthRefused(CROSS_SITE_MESSAGE, status=403)
 
 
 class PublicAPIView(APIView):
@@ -177,21 +180,21 @@ class LogoutView(PublicAPIView):
         mark_event(request, event_type="logout")
         data = LogoutInput(data=request_input(request))
         data.is_valid(raise_exception=True)
-        token = data.validated_data.get("token")
-        if not token:
-            token, source = token_from_request(request)
-            if source == "cookie":
-                _refuse_cross_site(request)
-        if not token:
-            raise Unauthorized("no token: send Authorization: Bearer <token>, the sess cookie or a token field")
-        found = services.session_lookup(token, keys=True)
-        if found is not None and found.kind == "key":  # a key is revoked through /user/keys/revoke
-            raise Forbidden(KEY_NOT_ALLOWED_MESSAGE, code=KEY_NOT_ALLOWED_HERE)
+        credentials = replace(
+            request_credentials(request._request, "logout"), parameter=data.validated_data.get("token")
+        )
         response = Response({})
         response.delete_cookie(COOKIE_NAME, path="/", samesite="Lax")
-        if found is None:
+        try:
+            found = authenticate("logout", credentials)  # a key is revoked through /user/keys/revoke: 403
+        except AuthRefused as refused:
+            if refused.status_code != 401 or not carries_credential("logout", credentials):
+                raise
+            # A token that no longer works: the browser may forget it.
             response.status_code = 401
-            response.data = {"error": {"code": "unauthorized", "message": "invalid, expired or revoked token"}}
+            response.data = {"error": {"code": refused.code, "message": refused.message}}
+            for name, value in refused.headers.items():
+                response[name] = value
             return response
         mark_event(request, user_id=found.user.pk)
         services.session_revoke(session_id=found.session_id)

@@ -1,12 +1,12 @@
 """GraphQL: who is asking (the one adapter over accounts.auth for both transports), users, and `me`.
 
-Over HTTP the caller is authenticated as every async view is (`aauthenticate`: Bearer, Basic or the
-`sess` cookie, whose unsafe requests must come from an allowed Origin). On the socket, the
-connection_init payload's `authorization` is checked once (`aauthenticate_websocket`, with its Origin
+Over HTTP the caller is authenticated as every async view is (accounts.auth, front "graphql": Bearer,
+Basic or the `sess` cookie, whose unsafe requests must come from an allowed Origin). On the socket, the
+connection_init payload's `authorization` is checked once (front "graphql.socket", with its Origin
 rule), and each operation then sees the session as it stands (revoked: refused).
 
 API keys work only where a key may act elsewhere (model calls): resolvers that allow them say
-`keys=True`; any other field answers `key_not_allowed_here`.
+`keys=True`; any other field is front "graphql.account", where a key answers `key_not_allowed_here`.
 """
 
 import uuid
@@ -16,41 +16,39 @@ import strawberry
 from channels.db import database_sync_to_async
 from strawberry.types import Info
 
-from accounts.auth import KEY_NOT_ALLOWED_HERE, KEY_NOT_ALLOWED_MESSAGE, AuthRefused, aauthenticate
+from accounts.auth import FRONTS, AuthRefused, admit, arequest_authenticate
 from accounts.models import User
 from accounts.services import AuthSession, asession_refresh
-from turbo_site.core.errors import Forbidden
 from turbo_site.core.graphql import GraphQLContext, loader, operation_memo
 
 
 async def _authenticate(context: GraphQLContext) -> AuthSession:
     if context.request is not None:
-        return await aauthenticate(context.request, keys=True)
+        return await arequest_authenticate(context.request, "graphql")
     if context.session is None:
-        raise AuthRefused(401, "unauthorized", "no token: send connection_init with {authorization: Bearer <token>}")
+        raise AuthRefused(FRONTS["graphql.socket"].missing_message())
     session = await asession_refresh(context.session)  # its model limit as it is now, or ended
     if session is None:
-        raise AuthRefused(401, "session_ended", "the session has ended")
+        raise AuthRefused("the session has ended", code="session_ended")
     context.session = session
     return session
 
 
 async def viewer(info: Info, *, keys: bool = False) -> AuthSession:
-    """The caller's session for this operation; AuthRefused (unauthenticated) or, for an API key where
-    keys may not act, Forbidden `key_not_allowed_here`."""
+    """The caller's session for this operation; AuthRefused: unauthenticated, or an API key on a field
+    that is not a model call ("graphql.account" in accounts.auth.FRONTS: `key_not_allowed_here`)."""
     memo = operation_memo()
     found = memo.get("viewer")
     if found is None:
         try:
             found = await _authenticate(info.context)
         except AuthRefused as refused:
-            found = (refused.status, refused.code, refused.message)
+            found = (refused.message, refused.status_code, refused.code)
         memo["viewer"] = found
     if isinstance(found, tuple):
-        raise AuthRefused(*found)
-    if found.kind == "key" and not keys:
-        raise Forbidden(KEY_NOT_ALLOWED_MESSAGE, code=KEY_NOT_ALLOWED_HERE)
-    return found
+        message, status, code = found
+        raise AuthRefused(message, status=status, code=code)
+    return found if keys else admit("graphql.account", found)
 
 
 @strawberry.type(name="User", description="A user as other users see them.")

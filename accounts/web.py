@@ -17,7 +17,7 @@ from django.views.decorators.http import require_http_methods
 
 from accounts import services
 from accounts.api import LoginInput, SignupInput, _start_session, _with_cookie
-from accounts.auth import COOKIE_NAME
+from accounts.auth import COOKIE_NAME, AuthRefused, authenticate, request_credentials
 from accounts.models import User
 from turbo_site.core.errors import Forbidden, NotFound, TurboError
 from turbo_site.core.http import client_ip, mark_event
@@ -90,11 +90,11 @@ def signed_in(view):
 
     @functools.wraps(view)
     def wrapper(request: HttpRequest, *args, **kwargs):
-        token = request.COOKIES.get(COOKIE_NAME, "")
-        session = services.session_lookup(token) if token else None
-        if session is None:
+        try:
+            session = authenticate("web", request_credentials(request, "web"))
+        except AuthRefused:
             response = HttpResponseRedirect(_login_url(request))
-            if token:  # expired or revoked: the browser may forget it
+            if request.COOKIES.get(COOKIE_NAME):  # expired, revoked or a key: the browser may forget it
                 response.delete_cookie(COOKIE_NAME, path="/", samesite="Lax")
             return response
         request.user = session.user
@@ -197,8 +197,10 @@ def logout_page(request: HttpRequest) -> HttpResponse:
     if request.method == "GET":
         return page(request, "web/logout.html")
     mark_event(request, event_type="logout")
-    token = request.COOKIES.get(COOKIE_NAME, "")
-    found = services.session_lookup(token) if token else None
+    try:
+        found = authenticate("web", request_credentials(request, "web"))
+    except AuthRefused:
+        found = None
     if found is not None:
         mark_event(request, user_id=found.user.pk)
         services.session_revoke(session_id=found.session_id)

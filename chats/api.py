@@ -13,7 +13,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts.api import UserBriefOutput
-from accounts.auth import AuthRefused, aauthenticate
+from accounts.auth import arequest_authenticate
 from chats import generation, selectors, services
 from chats.models import Message
 from chats.options import ModelSettingsField
@@ -309,12 +309,10 @@ def async_endpoint(methods: tuple[str, ...], *, token_parameter: bool = False):
                 response["Allow"] = ", ".join(methods)
                 return response
             try:
-                session = await aauthenticate(request, token_parameter=token_parameter)
+                session = await arequest_authenticate(request, "chat.stream" if token_parameter else "chat")
                 request.user = session.user
                 request.turbo_session = session
                 return await view(request, *args, **kwargs)
-            except AuthRefused as refused:
-                return error_response(refused.status, refused.code, refused.message)
             except TurboError as exc:
                 return error_response(exc.status_code, exc.code, exc.message, exc.headers)
             except serializers.ValidationError as exc:

@@ -15,7 +15,7 @@ from urllib.parse import parse_qs
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
-from accounts.auth import AuthRefused, aauthenticate_websocket
+from accounts.auth import AuthRefused, aauthenticate, scope_credentials
 from chats import selectors
 from chats.stream import ChatSubscriber
 from turbo_site.core.parsers import client_json_loads
@@ -47,9 +47,9 @@ class ChatStreamConsumer(AsyncWebsocketConsumer):
 
     async def connect(self):
         try:
-            session = await aauthenticate_websocket(self.scope)
-        except AuthRefused:
-            await self.close()  # before accept: the handshake is refused (HTTP 403)
+            session = await aauthenticate("chat.socket", scope_credentials(self.scope))
+        except AuthRefused as refused:
+            await self.close(code=refused.close_code)  # before accept: the handshake is refused (HTTP 403)
             return
         query = parse_qs(self.scope.get("query_string", b"").decode("latin1"))
         try:

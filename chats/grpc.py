@@ -14,7 +14,7 @@ import grpc
 from channels.db import database_sync_to_async
 from django.conf import settings
 
-from accounts.auth import aauthenticate_grpc
+from accounts.auth import aauthenticate, metadata_credentials
 from chats import generation, selectors
 from chats.api import PromptInput
 from chats.serializers import message_data
@@ -83,7 +83,7 @@ class ChatsServicer(turbo_pb2_grpc.ChatsServicer):
     """turbo.v1.Chats: a member's prompts and their chat's events."""
 
     async def Prompt(self, request, context):
-        session = await aauthenticate_grpc(context.invocation_metadata())
+        session = await aauthenticate("grpc.chats", metadata_credentials(context.invocation_metadata()))
         fields = {"id": request.chat_id, "prompt": request.prompt, "stream": request.stream, "otr": request.otr}
         parsed = PromptInput(data=fields)
         parsed.is_valid(raise_exception=True)  # the same rules as POST /chat/prompt
@@ -106,7 +106,7 @@ class ChatsServicer(turbo_pb2_grpc.ChatsServicer):
         return turbo_pb2.PromptResponse(message=message_proto(message_data(message)))
 
     async def Events(self, request, context):
-        session = await aauthenticate_grpc(context.invocation_metadata())
+        session = await aauthenticate("grpc.chats", metadata_credentials(context.invocation_metadata()))
         chat_id = _chat_id(request.chat_id)
         after = request.after if request.HasField("after") else None
         if after is not None and after < 0:

@@ -22,7 +22,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from rest_framework import serializers
 
-from accounts.auth import AuthRefused, aauthenticate_websocket
+from accounts.auth import AuthRefused, aauthenticate, scope_credentials
 from accounts.live import session_watch
 from accounts.services import asession_refresh
 from proxy import gateway, structured, tools
@@ -120,9 +120,9 @@ class RpcConsumer(AsyncWebsocketConsumer):
     async def connect(self):
         global connected_clients
         try:
-            session = await aauthenticate_websocket(self.scope, keys=True)  # an API key serves here
-        except AuthRefused:
-            await self.close()
+            session = await aauthenticate("rpc.socket", scope_credentials(self.scope))
+        except AuthRefused as refused:
+            await self.close(code=refused.close_code)  # before accept: the handshake is refused (HTTP 403)
             return
         # The socket lives as long as its session: revoked or expired, it is closed (in any process).
         watch = session_watch(session.session_id, session.expires_at, self._session_ended)

@@ -18,8 +18,7 @@ import time
 from django.conf import settings
 from django.http.request import split_domain_port, validate_host
 
-from accounts.auth import token_from_headers
-from accounts.services import asession_lookup
+from accounts.auth import AuthRefused, Credentials, aauthenticate
 from proxy.usage.caller import Caller
 from proxy.views import ProxyReply, ProxyRequest, exchange, openai_error_body
 from turbo_site.core.errors import error_body, is_unavailable
@@ -51,17 +50,20 @@ def takes(scope) -> bool:
 
 
 class Refused(Exception):
-    def __init__(self, status: int, body: bytes):
+    def __init__(self, status: int, body: bytes, headers: dict | None = None):
         self.status = status
         self.body = body
+        self.headers = [
+            (name.lower().encode("latin1"), value.encode("latin1")) for name, value in (headers or {}).items()
+        ]
 
 
 def _turbo_error(status: int, code: str, message: str) -> Refused:
     return Refused(status, json.dumps(error_body(code, message)).encode())
 
 
-def _openai_refusal(status: int, code: str, message: str) -> Refused:
-    return Refused(status, openai_error_body(message, "invalid_request_error", code))
+def _openai_refusal(status: int, code: str, message: str, headers: dict | None = None) -> Refused:
+    return Refused(status, openai_error_body(message, "invalid_request_error", code), headers)
 
 
 def _allowed_hosts() -> list[str]:
@@ -138,15 +140,15 @@ async def serve(scope, receive, send) -> None:
     headers = scope_headers(scope)
     try:
         _check_host(headers)
-        token, _ = token_from_headers(headers.get("authorization", ""), {})
-        found = await asession_lookup(token, keys=True) if token else None  # an API key serves here
-        if found is None:
-            raise _openai_refusal(401, "unauthorized", "invalid, expired or revoked token")
+        try:
+            found = await aauthenticate("proxy.fast", Credentials(authorization=headers.get("authorization", "")))
+        except AuthRefused as refused:
+            raise _openai_refusal(refused.status_code, refused.code, refused.message, refused.headers) from None
         body = await _read_body(receive, headers)
         if body is None:
             return
     except Refused as refused:
-        await _send_whole(send, refused.status, refused.body)
+        await _send_whole(send, refused.status, refused.body, refused.headers)
         return
     path = scope["path"]
     reply = await exchange(

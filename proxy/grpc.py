@@ -10,7 +10,7 @@ interceptor). A client that cancels a call cancels its handler, and with it the 
 
 import math
 
-from accounts.auth import aauthenticate_grpc
+from accounts.auth import aauthenticate, metadata_credentials
 from protos.turbo.v1 import turbo_pb2, turbo_pb2_grpc
 from proxy import gateway, structured
 from proxy.usage.caller import Caller
@@ -86,7 +86,7 @@ class CompletionsServicer(turbo_pb2_grpc.CompletionsServicer):
     """turbo.v1.Completions: every call is the caller's (a session token or an API key)."""
 
     async def Complete(self, request, context):
-        session = await aauthenticate_grpc(context.invocation_metadata(), keys=True)
+        session = await aauthenticate("grpc.completions", metadata_credentials(context.invocation_metadata()))
         body = chat_body(request)
         completion, _ = await structured.structured_complete(
             body, caller=Caller.of(session), allowed_models=session.allowed_models
@@ -99,7 +99,7 @@ class CompletionsServicer(turbo_pb2_grpc.CompletionsServicer):
         )
 
     async def CompleteStream(self, request, context):
-        session = await aauthenticate_grpc(context.invocation_metadata(), keys=True)
+        session = await aauthenticate("grpc.completions", metadata_credentials(context.invocation_metadata()))
         body = chat_body(request)
         caller = Caller.of(session)
         if "response_format" in body:
@@ -125,7 +125,7 @@ class CompletionsServicer(turbo_pb2_grpc.CompletionsServicer):
         yield turbo_pb2.CompleteChunk(finish_reason=stream.finish_reason or "stop", usage=usage_message(stream.usage))
 
     async def Embed(self, request, context):
-        session = await aauthenticate_grpc(context.invocation_metadata(), keys=True)
+        session = await aauthenticate("grpc.completions", metadata_credentials(context.invocation_metadata()))
         if not request.input:
             raise Invalid("input: at least one text is needed")
         body = {"model": _model(request.model) or DEFAULT_EMBEDDING_MODEL, "input": list(request.input)}

@@ -23,7 +23,7 @@ from django.http import HttpResponse, StreamingHttpResponse
 from django.utils.encoding import escape_uri_path
 from django.views.decorators.csrf import csrf_exempt
 
-from accounts.auth import AuthRefused, aauthenticate
+from accounts.auth import AuthRefused, arequest_authenticate
 from proxy import gateway
 from proxy.events import capture_body, event_record
 from proxy.usage.caller import Caller
@@ -371,9 +371,12 @@ async def proxy_view(request, path: str = ""):
     """The proxy behind Django's middleware (CORS, cookies, sessions); `proxy.fast` takes the rest."""
     started = time.perf_counter()
     try:
-        found = await aauthenticate(request, keys=True)  # an API key serves here
+        found = await arequest_authenticate(request, "proxy")
     except AuthRefused as refused:
-        return openai_error(refused.status, refused.message, "invalid_request_error", refused.code)
+        response = openai_error(refused.status_code, refused.message, "invalid_request_error", refused.code)
+        for name, value in refused.headers.items():
+            response[name] = value
+        return response
     request.turbo_event_handled = True  # the proxy logs its own, once the stream has ended
     reply = await exchange(
         ProxyRequest(

@@ -24,7 +24,7 @@ from strawberry.exceptions import ConnectionRejectionError
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 from strawberry.types.unset import UNSET
 
-from accounts.auth import AuthRefused, aauthenticate_websocket, websocket_origin_allowed
+from accounts.auth import AuthRefused, aauthenticate, scope_credentials, websocket_origin_allowed
 from accounts.live import session_watch
 from turbo_site.core.errors import error_response
 from turbo_site.core.graphql import GraphQLContext
@@ -82,7 +82,7 @@ class GraphQLConsumer(GraphQLWSConsumer):
         if authorization is not None and not isinstance(authorization, str):
             raise ConnectionRejectionError()
         try:
-            session = await aauthenticate_websocket(self.scope, keys=True, authorization=authorization)
+            session = await aauthenticate("graphql.socket", scope_credentials(self.scope, authorization=authorization))
         except AuthRefused:
             raise ConnectionRejectionError() from None
         watch = session_watch(session.session_id, session.expires_at, self._session_ended)
