@@ -201,20 +201,20 @@ events_dropped = Counter(
 grpc_requests = Counter(
     "turbo_grpc_requests",
     "gRPC calls answered, by service, method and status code",
-    ["service", "method", "code"],
+    ["grpc_service", "grpc_method", "grpc_code"],
     registry=REGISTRY,
 )
 grpc_latency = Histogram(
     "turbo_grpc_request_duration_seconds",
     "Time from a gRPC call's arrival to its status (a server stream: until it ends)",
-    ["service", "method"],
+    ["grpc_service", "grpc_method"],
     buckets=UPSTREAM_BUCKETS,
     registry=REGISTRY,
 )
 grpc_in_flight = Gauge(
     "turbo_grpc_requests_in_flight",
     "gRPC calls being served (a server stream until it ends)",
-    ["service", "method"],
+    ["grpc_service", "grpc_method"],
     multiprocess_mode="livesum",
     registry=REGISTRY,
 )

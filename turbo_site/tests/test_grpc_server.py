@@ -168,9 +168,9 @@ async def test_grpcserve_traces_each_call_with_its_attempts_and_counts_it_in_met
                 await completions.Complete(request, metadata=bearer("not-a-token"))
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         after = await _scrape()
-        counted = {"service": "turbo.v1.Completions", "method": "Complete"}
-        assert moved(before, after, "turbo_grpc_requests_total", code="OK", **counted) == 1
-        assert moved(before, after, "turbo_grpc_requests_total", code="UNAUTHENTICATED", **counted) == 1
+        counted = {"grpc_service": "turbo.v1.Completions", "grpc_method": "Complete"}
+        assert moved(before, after, "turbo_grpc_requests_total", grpc_code="OK", **counted) == 1
+        assert moved(before, after, "turbo_grpc_requests_total", grpc_code="UNAUTHENTICATED", **counted) == 1
         assert moved(before, after, "turbo_grpc_request_duration_seconds_count", **counted) == 2
         assert after.value("turbo_grpc_requests_in_flight", **counted) == 0
         assert moved(before, after, "turbo_upstream_attempts_total", outcome="ok", model="gpt-4o-mini") == 1
