@@ -34,7 +34,7 @@ _NOTHING = contextlib.nullcontext()
 def _status_code(context) -> grpc.StatusCode:
     """The status the handler set (by `abort` or `set_code`); OK when it set none."""
     code = context.code()
-    if isinstance(code, int):  # grpc.aio gives the number when `abort` set it
+    if isinstance(code, int):  # the status number, as some grpc versions keep it
         return _CODES.get(code, grpc.StatusCode.UNKNOWN)
     return code or grpc.StatusCode.OK
 
