@@ -19,22 +19,21 @@ from django.core.asgi import get_asgi_application  # noqa: E402
 # to Django, so the async views (proxy, streams) never pass through sync-only code.
 django_application = ASGIStaticFilesHandler(get_asgi_application())
 
-from turbo_site.core.logs import log_redaction_install  # noqa: E402
+from turbo_site.core.startup import process_start  # noqa: E402
 
-# After Django's logging setup, so that the filters sit on the loggers the server configured.
-log_redaction_install()
+# Log redaction, tracing (when OTEL_EXPORTER_OTLP_ENDPOINT is set) and metrics, as in every Turbo process;
+# after Django's logging setup, so that the filters sit on the loggers the server configured.
+process_start("asgi")
 
 from chats.routing import websocket_urlpatterns as chat_websockets  # noqa: E402
 from proxy.fast import ProxyFastPath  # noqa: E402
 from proxy.routing import websocket_urlpatterns as rpc_websockets  # noqa: E402
-from turbo_site.core.tracing import TracedHTTP, tracing_setup  # noqa: E402
+from turbo_site.core.tracing import TracedHTTP  # noqa: E402
 from turbo_site.core.websockets import WebSocketRouter  # noqa: E402
 from turbo_site.graphql_server import websocket_urlpatterns as graphql_websockets  # noqa: E402
 from turbo_site.lifespan import lifespan  # noqa: E402
 
-tracing_setup()  # OpenTelemetry, when OTEL_EXPORTER_OTLP_ENDPOINT is set
-
-# Consumers check the Origin themselves (accounts.auth.aauthenticate_websocket): this server, or
+# Consumers check the Origin themselves (accounts.auth's policy table): this server, or
 # CORS_ALLOWED_ORIGINS; a client that sends none (not a browser) is judged by its token alone.
 application = ProtocolTypeRouter(
     {

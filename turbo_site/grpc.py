@@ -1,5 +1,6 @@
 """The gRPC server, assembled in one place (as urls.py is for HTTP): Turbo's services (one line per app),
-the standard health service, server reflection, and the interceptor that turns errors into statuses.
+the standard health service, server reflection, and the interceptors: one that turns errors into statuses,
+and around it one that traces and counts each call (turbo_site/core/grpc_calls.py).
 
     server = await server_start("127.0.0.1:50051")     # `manage.py grpcserve` runs this
     ...
@@ -16,8 +17,8 @@ from grpc_reflection.v1alpha import reflection
 from chats.grpc import ChatsServicer
 from protos.turbo.v1 import turbo_pb2, turbo_pb2_grpc
 from proxy.grpc import CompletionsServicer
-from turbo_site.core import tracing
 from turbo_site.core.grpc import grpc_status
+from turbo_site.core.grpc_calls import CallInstruments
 
 logger = logging.getLogger("turbo.grpc")
 
@@ -36,23 +37,16 @@ async def _abort(context, exc: Exception) -> None:
     await context.abort(code, details, trailing_metadata=trailing)
 
 
-def _span(method: str, context):
-    """The call's trace span (when tracing is on), continuing a `traceparent` sent as metadata."""
-    carrier = {key: value for key, value in context.invocation_metadata() or () if key in ("traceparent", "tracestate")}
-    return tracing.request_span(f"gRPC {method}", {"rpc.system": "grpc", "rpc.method": method}, carrier)
-
-
 def _with_error_statuses(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-    """The same handler, its errors answered as gRPC statuses with our message (never a traceback),
-    in a trace span of its own. Cancellation (the client went away) is not an error: it goes through
+    """The same handler, its errors answered as gRPC statuses with our message (never a traceback).
+    Cancellation (the client went away) is not an error: it goes through
     and cancels the work."""
     if handler.unary_unary is not None:
         unary = handler.unary_unary
 
         async def unary_unary(request, context):
             try:
-                with _span(method, context):
-                    return await unary(request, context)
+                return await unary(request, context)
             except Exception as exc:
                 await _abort(context, exc)
 
@@ -66,9 +60,8 @@ def _with_error_statuses(handler: grpc.RpcMethodHandler, method: str) -> grpc.Rp
 
         async def unary_stream(request, context):
             try:
-                with _span(method, context):
-                    async for item in stream(request, context):
-                        yield item
+                async for item in stream(request, context):
+                    yield item
             except Exception as exc:
                 await _abort(context, exc)
 
@@ -102,7 +95,8 @@ class Running:
 async def server_start(address: str) -> Running:
     """Serve Turbo's gRPC services on `address` (host:port; port 0 picks a free one). Raises OSError
     when it cannot listen there."""
-    server = grpc.aio.server(interceptors=[ErrorStatuses()])
+    # Outermost first: the span and the metrics see the status the error interceptor settled on.
+    server = grpc.aio.server(interceptors=[CallInstruments((OUR_METHODS,)), ErrorStatuses()])
     for add, servicer, _ in SERVICES:
         add(servicer(), server)
     health_service = health.aio.HealthServicer()

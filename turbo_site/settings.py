@@ -118,6 +118,7 @@ MIDDLEWARE = [
     "proxy.middleware.event_log",
     "turbo_site.core.middleware.json_errors",
     "turbo_site.core.middleware.body_size_limit",
+    "turbo_site.core.middleware.secure_transport",
     "django.middleware.security.SecurityMiddleware",
     "corsheaders.middleware.CorsMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -246,7 +247,18 @@ GRAPHQL_PLAYGROUND = env_bool("GRAPHQL_PLAYGROUND")
 CORS_ALLOWED_ORIGINS = env_list("CORS_ALLOWED_ORIGINS")
 CORS_ALLOW_CREDENTIALS = True
 CSRF_TRUSTED_ORIGINS = CORS_ALLOWED_ORIGINS
-SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if TRUSTED_PROXIES else None
+# TLS (README, "Behind TLS"). A request is secure over https, or with `X-Forwarded-Proto: https` from one of
+# TRUSTED_PROXIES (core.middleware.secure_transport drops the header from anyone else); every cookie of a
+# secure request's response is Secure. HSTS, the redirect and the policies below are Django's.
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT")
+# Paths (regular expressions, without the leading /) left on plain HTTP under SECURE_SSL_REDIRECT: probes, scrapers.
+SECURE_REDIRECT_EXEMPT = env_list("SECURE_REDIRECT_EXEMPT", r"^health$,^metrics$")
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS")
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD")
+SECURE_REFERRER_POLICY = env_str("SECURE_REFERRER_POLICY", "same-origin") or None
+SECURE_CROSS_ORIGIN_OPENER_POLICY = env_str("SECURE_CROSS_ORIGIN_OPENER_POLICY", "same-origin") or None
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
 # A page form whose CSRF check fails gets a page saying so, not the API's JSON error.

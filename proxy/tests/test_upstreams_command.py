@@ -11,6 +11,7 @@ from chats.tests.processes import free_port, redis_start
 from conftest import run_manage
 from proxy.gateway import health
 from turbo_site.testing.fake_upstream import FakeUpstream
+from turbo_site.tests.test_tracing import receiver  # noqa: F401  (an OTLP/HTTP receiver)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -238,3 +239,20 @@ def test_list_shows_a_deployment_cooling_in_the_running_server(
     cooling = states[f"{names['live']}/gpt-4o-mini"]
     assert cooling["state"] == "cooling" and cooling["recent_failures"] == 1 and cooling["cooling_until"] > 0
     assert states[f"{names['live']}/not-served-here"]["state"] == "healthy"
+
+
+def test_a_command_starts_like_every_process_and_exports_its_span(cli_env, live, tmp_path, receiver):  # noqa: F811
+    """Operator commands start through core.startup.process_start: with an OTLP endpoint, the command is a
+    span of its own (the parent of what it does), exported when the command exits."""
+    path = tmp_path / "one.yaml"
+    path.write_text(
+        f"upstreams: [{{name: only, base_url: '{live.url}', api_key: {LIVE_KEY}}}]\n"
+        "models: [{name: m, deployments: [{upstream: only, model: gpt-4o}]}]\n"
+    )
+    env = {**cli_env, "TURBO_CONFIG": str(path), "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url}
+    done = run_manage(env, "upstreams", "check")
+    assert done.returncode == 0, done.stderr
+    received = receiver.wait(lambda got: any(span.name == "manage.py upstreams check" for _, _, span in got))
+    (command,) = [(resource, span) for _, resource, span in received if span.name == "manage.py upstreams check"]
+    assert command[0]["turbo.process"] == "command"
+    assert LIVE_KEY not in str(received)

@@ -16,7 +16,9 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError
 from django.utils import timezone
 
+from turbo_site.core import tracing
 from turbo_site.core.errors import TurboError
+from turbo_site.core.startup import process_start
 
 # C0 and C1 control characters, except tab and newline, which callers decide about themselves.
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -70,9 +72,13 @@ class ActionCommand(BaseCommand):
         )
 
     def handle(self, *args, action: str, **options):
+        process_start("command")  # log redaction, tracing, metrics: a model call here is traced and counted
         handler = getattr(self, "handle_" + action.replace("-", "_"))
+        command = self.__module__.rsplit(".", 1)[-1]
         try:
-            handler(**options)
+            # The command's span: the parent of what it does (a program's model calls, an upstream check).
+            with tracing.span(f"manage.py {command} {action}", {"turbo.command": f"{command} {action}"}):
+                handler(**options)
         except TurboError as exc:
             raise CommandError(exc.message) from exc
         except DatabaseError as exc:

@@ -61,6 +61,12 @@ def client_ip_from(remote_addr: str | None, forwarded_for: str | None) -> str | 
     return peer
 
 
+def is_trusted_proxy(remote_addr: str | None) -> bool:
+    """Whether the peer is one of TRUSTED_PROXIES, whose X-Forwarded-* headers are believed."""
+    peer = _valid_ip(remote_addr or "")
+    return peer is not None and peer in settings.TRUSTED_PROXIES
+
+
 def client_ip(request) -> str | None:
     return client_ip_from(request.META.get("REMOTE_ADDR"), request.META.get("HTTP_X_FORWARDED_FOR"))
 

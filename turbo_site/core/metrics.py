@@ -17,6 +17,7 @@ their counters stay, so totals never go backwards.
 import os
 import re
 import time
+from collections.abc import Callable
 
 from django.conf import settings
 from django.core.signals import setting_changed
@@ -82,9 +83,11 @@ def is_on() -> bool:
 
 def exposition() -> bytes:
     """The Prometheus text of every process (multiprocess mode) or of this one."""
-    if MULTIPROC_DIR:
+    # The setting, read now: the directory this process writes to, and a test's shared with its server processes.
+    directory = settings.METRICS_MULTIPROC_DIR
+    if directory:
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=MULTIPROC_DIR)
+        MultiProcessCollector(registry, path=directory)
         return prometheus_client.generate_latest(registry)
     return prometheus_client.generate_latest(REGISTRY)
 
@@ -195,6 +198,27 @@ events_dropped = Counter(
     registry=REGISTRY,
 )
 
+grpc_requests = Counter(
+    "turbo_grpc_requests",
+    "gRPC calls answered, by service, method and status code",
+    ["grpc_service", "grpc_method", "grpc_code"],
+    registry=REGISTRY,
+)
+grpc_latency = Histogram(
+    "turbo_grpc_request_duration_seconds",
+    "Time from a gRPC call's arrival to its status (a server stream: until it ends)",
+    ["grpc_service", "grpc_method"],
+    buckets=UPSTREAM_BUCKETS,
+    registry=REGISTRY,
+)
+grpc_in_flight = Gauge(
+    "turbo_grpc_requests_in_flight",
+    "gRPC calls being served (a server stream until it ends)",
+    ["grpc_service", "grpc_method"],
+    multiprocess_mode="livesum",
+    registry=REGISTRY,
+)
+
 
 class _Children:
     """A metric's labelled children, looked up once: `labels()` takes a lock and builds a key on every call."""
@@ -224,6 +248,9 @@ _upstream_failovers = _Children(upstream_failovers)
 _upstream_cooldowns = _Children(upstream_cooldowns)
 _tokens = _Children(tokens)
 _cost = _Children(cost)
+_grpc_requests = _Children(grpc_requests)
+_grpc_latency = _Children(grpc_latency)
+_grpc_in_flight = _Children(grpc_in_flight)
 
 _seen: dict[str, set[str]] = {"model": set(), "deployment": set()}
 
@@ -332,6 +359,26 @@ def asgi_middleware(app):
             answered(499 if is_http else 403)  # the client left before an answer (as the event log says)
 
     return metered
+
+
+# --- gRPC, at the server's interceptor (turbo_site.core.grpc_calls) ------------------------------------------------
+
+
+def grpc_call_start(service: str, method: str) -> Callable[[str], None] | None:
+    """A gRPC call of `service`/`method` (names of the server's own handlers) has arrived: it is in flight
+    until the returned function is called with its status code's name (OK, UNAUTHENTICATED...)."""
+    if not _on:
+        return None
+    started = time.perf_counter()
+    in_flight = _grpc_in_flight(service, method)
+    in_flight.inc()
+
+    def ended(code: str) -> None:
+        in_flight.dec()
+        _grpc_latency(service, method).observe(time.perf_counter() - started)
+        _grpc_requests(service, method, code).inc()
+
+    return ended
 
 
 # --- the model gateway ----------------------------------------------------------------------------------------------

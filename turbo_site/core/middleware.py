@@ -6,6 +6,7 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 
 from turbo_site.core.errors import error_response, is_unavailable, unavailable_response
+from turbo_site.core.http import is_trusted_proxy
 
 logger = logging.getLogger("turbo")
 
@@ -114,3 +115,20 @@ class json_errors(TurboMiddleware):
             if header in response:
                 replacement[header] = response[header]
         return replacement
+
+
+class secure_transport(TurboMiddleware):
+    """Before Django's SecurityMiddleware: `X-Forwarded-Proto` is believed from TRUSTED_PROXIES only (so a
+    client cannot call itself secure, nor dodge SECURE_SSL_REDIRECT); after: every cookie of a secure
+    request's response (sess, csrftoken, sessionid, any other) is Secure."""
+
+    def before(self, request):
+        if "HTTP_X_FORWARDED_PROTO" in request.META and not is_trusted_proxy(request.META.get("REMOTE_ADDR")):
+            del request.META["HTTP_X_FORWARDED_PROTO"]
+        return None
+
+    def after(self, request, response):
+        if response.cookies and request.is_secure():
+            for cookie in response.cookies.values():
+                cookie["secure"] = True
+        return response

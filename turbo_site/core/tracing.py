@@ -47,8 +47,9 @@ _OPERATIONS = {
 # --- setup --------------------------------------------------------------------------------------------
 
 
-def tracing_setup() -> None:
-    """Turn tracing on at start when OTEL_EXPORTER_OTLP_ENDPOINT is set (OTLP over HTTP)."""
+def tracing_setup(process: str = "") -> None:
+    """Turn tracing on at start when OTEL_EXPORTER_OTLP_ENDPOINT is set (OTLP over HTTP); `process` (asgi,
+    grpc, command) goes into the spans' resource as `turbo.process`. Called by core.startup.process_start."""
     if not settings.OTEL_EXPORTER_OTLP_ENDPOINT or enabled:
         return
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -56,17 +57,19 @@ def tracing_setup() -> None:
 
     # No endpoint given here: the exporter reads OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, or the
     # OTEL_EXPORTER_OTLP_ENDPOINT base + /v1/traces, and the other OTEL_EXPORTER_OTLP_* variables.
-    tracing_install(BatchSpanProcessor(OTLPSpanExporter()), capture=settings.OTEL_CAPTURE_CONTENT)
+    resource = {"turbo.process": process} if process else {}
+    tracing_install(BatchSpanProcessor(OTLPSpanExporter()), capture=settings.OTEL_CAPTURE_CONTENT, resource=resource)
 
 
-def tracing_install(processor, *, capture: bool = False) -> Callable[[], None]:
+def tracing_install(processor, *, capture: bool = False, resource: dict[str, str] | None = None) -> Callable[[], None]:
     """Send spans to `processor` from now on (tests pass a SimpleSpanProcessor over an
     InMemorySpanExporter); returns a function that turns tracing off again."""
     global enabled, capture_content, _tracer, _provider
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
 
-    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: settings.OTEL_SERVICE_NAME}))
+    attributes = {SERVICE_NAME: settings.OTEL_SERVICE_NAME, **(resource or {})}
+    provider = TracerProvider(resource=Resource.create(attributes))
     provider.add_span_processor(processor)
     _provider, _tracer = provider, provider.get_tracer("turbo")
     capture_content, enabled = capture, True
@@ -331,6 +334,16 @@ def request_span(name: str, attributes: dict[str, Any], carrier: dict[str, str] 
         return _NO_SPAN
     parent = propagate.extract(carrier) if carrier else otel_context.Context()
     return _tracer.start_as_current_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
+
+
+def server_span_start(name: str, attributes: dict[str, Any], carrier: dict[str, str] | None = None) -> Span | None:
+    """A SERVER span for a call outside HTTP whose outcome the caller sets and which the caller ends (a gRPC
+    call: its status code is not an exception), continuing the `traceparent` in `carrier`; None when off.
+    Make it current for the call with `trace.use_span(span, end_on_exit=False)`."""
+    if not enabled:
+        return None
+    parent = propagate.extract(carrier) if carrier else otel_context.Context()
+    return _tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
 
 
 def traced(name: str, attributes: Callable[..., dict[str, Any]] | None = None):

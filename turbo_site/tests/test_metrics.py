@@ -13,6 +13,7 @@ import threading
 import time
 from decimal import Decimal
 
+import grpc
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -378,7 +379,12 @@ def assert_no_private_labels(found: Scrape, *, user: dict, token: str, prompt: s
             assert labels.get("protocol", "sse") in ("sse", "websocket")
             assert labels.get("direction", "input") in ("input", "output")
             assert labels.get("scope", "user") in ("user", "group", "key", "deployment")
+            assert labels.get("grpc_service", "turbo.v1.Chats").startswith("turbo.v1.")
+            assert labels.get("grpc_code", "OK") in grpc.StatusCode.__members__
             assert set(labels) <= {
+                "grpc_service",
+                "grpc_method",
+                "grpc_code",
                 "route",
                 "method",
                 "status",

@@ -9,6 +9,7 @@ import signal
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
+from turbo_site.core.startup import process_start
 from turbo_site.grpc import SERVICE_NAMES, server_start, server_stop
 
 
@@ -26,6 +27,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, address: str | None, **options):
+        process_start("grpc")  # log redaction, tracing, metrics: as the ASGI app has them
         address = address or settings.GRPC_ADDRESS
         try:
             asyncio.run(self.serve(address))
