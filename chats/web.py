@@ -10,6 +10,7 @@ import uuid
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
+from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.db import transaction
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
@@ -27,6 +28,7 @@ from chats.programs.registry import programs
 from groups.selectors import groups_visible_to
 from proxy import tools
 from proxy.gateway import models_list
+from proxy.upstreams import served_models
 from proxy.usage.api import UsageView
 from proxy.usage.budgets import budget_set
 from proxy.usage.selectors import COUNTERS, usage_cost_text, usage_report_for
@@ -38,14 +40,20 @@ FORMER_MEMBER = "former member"
 
 
 def _model_choices(allowed_models: frozenset[str] | None) -> list[str]:
-    """The models to offer: the gateway's public names the user may use; without a config file (every
-    name is served), the default model and the aliases' models (or just the ones the user may use)."""
+    """The models to offer, the default first: the gateway's public names the user may use; without a
+    config file, the chat models the upstream lists (those the user may use), or, if it cannot say, the
+    default model and the aliases' models (or just the ones the user may use)."""
     names = [model["id"] for model in models_list(allowed_models)["data"]]
     if not names:
-        if allowed_models is not None:
+        served = async_to_sync(served_models)()
+        if served is not None:
+            names = [name for name in served if allowed_models is None or name in allowed_models]
+        elif allowed_models is not None:
             names = sorted(allowed_models)
         else:
             names = [settings.DEFAULT_MODEL, *settings.MODEL_ALIASES.values()]
+    if settings.DEFAULT_MODEL in names:
+        names = [settings.DEFAULT_MODEL, *(name for name in names if name != settings.DEFAULT_MODEL)]
     return list(dict.fromkeys(names))
 
 

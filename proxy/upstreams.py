@@ -247,3 +247,41 @@ async def upstreams_check(*, timeout: float = 5.0) -> list[UpstreamCheck]:
             *(_check(upstream, _names_asked_of(upstream, config), timeout) for upstream in config.upstreams)
         )
     )
+
+
+# What the model pickers offer in zero config (one upstream serving every name): the chat models it lists.
+SERVED_MODELS_CACHE_SECONDS = 300
+_NOT_CHAT = ("text-embedding", "embedding", "tts", "whisper", "dall-e", "gpt-image", "omni-moderation", "moderation")
+
+
+async def served_models() -> list[str] | None:
+    """The chat models the one upstream lists at /models (cached for a few minutes, so a page costs no
+    call); None when it cannot say (unreachable, no listing, a gateway file: its names are the answer)."""
+    from django.core.cache import cache
+
+    config = gateway_config()
+    if config.is_file or not config.upstreams:
+        return None
+    cached = await cache.aget("upstream.served_models")
+    if cached is not None:
+        return cached or None
+    upstream = config.upstreams[0]
+    headers = {"accept": "application/json", "accept-encoding": "identity", **upstream.auth_headers()}
+    response = None
+    ids: list[str] | None = None
+    try:
+        async with asyncio.timeout(3):
+            response = await client.send(
+                "GET", f"{upstream.base_url}/models", headers, b"", timeout=3, connect_timeout=3
+            )
+            body = await response.read_all(MODELS_MAX_BYTES)
+        if 200 <= response.status < 300:
+            ids = _model_ids(body)
+    except (TimeoutError, client.TransportError):
+        ids = None
+    finally:
+        if response is not None:
+            await response.aclose()
+    chat_models = sorted(name for name in ids or () if not name.lower().startswith(_NOT_CHAT))
+    await cache.aset("upstream.served_models", chat_models, SERVED_MODELS_CACHE_SECONDS if ids is not None else 30)
+    return chat_models or None

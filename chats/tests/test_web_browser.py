@@ -10,7 +10,7 @@ import re
 import pytest
 from selenium.webdriver.common.keys import Keys
 
-from chats.models import Message
+from chats.models import Chat, Message
 from turbo_site.testing.browser import (
     assert_grew_word_by_word,
     assert_only_grew,
@@ -416,3 +416,89 @@ def test_the_markdown_renderer_keeps_html_as_text_and_links_only_http(browser):
     assert all(a["rel"] == "noopener noreferrer" and a["target"] == "_blank" for a in anchors)
     text = "".join(child for child in links["children"][0]["children"] if isinstance(child, str))
     assert "[bad](javascript:alert(1))" in text and "[data](data:text/html,x)" in text
+
+
+def test_rename_and_delete_a_chat(browser, signup, client, upstream):
+    token, _, _ = signup()
+    chat_id = chat_create(client, token, "Old name")
+    browser.sign_in(token)
+    chat_open(browser, chat_id)
+
+    browser.find("#rename-chat").click()
+    box = browser.wait_for("#rename-name")
+    box.clear()
+    box.send_keys("New name")
+    browser.find("#rename-save").click()
+    browser.wait(lambda _: browser.text("#chat-title") == "New name", "the title to change")
+    browser.wait(lambda _: browser.find("#rename-form").get_attribute("hidden") is not None, "the form to close")
+    assert Chat.objects.get(pk=chat_id).name == "New name"
+
+    browser.driver.execute_script("window.confirm = () => true")  # the "Delete for everyone?" question
+    browser.find("#delete-chat").click()
+    browser.wait_for_path("/")
+    assert not Chat.objects.filter(pk=chat_id).exists()
+    assert not browser.find_all(f'a.chat-link[href="/chats/{chat_id}"]')
+    assert browser.console_errors() == []
+
+
+def test_a_member_who_does_not_own_the_chat_is_not_offered_rename_or_delete(browser, signup, client):
+    owner, _, _ = signup()
+    member, member_user, _ = signup()
+    chat_id = chat_create(client, owner, "Shared")
+    added = client.post(
+        "/chat/user/add",
+        data={"id": chat_id, "user_id": member_user["id"]},
+        headers={"Authorization": f"Bearer {owner}"},
+    )
+    assert added.status_code == 200, added.text
+    browser.sign_in(member)
+    chat_open(browser, chat_id)
+    assert not browser.find_all("#rename-chat") and not browser.find_all("#delete-chat")
+
+
+def test_copy_regenerate_and_edit_a_prompt(browser, signup, client, upstream):
+    token, _, _ = signup()
+    chat_id = chat_create(client, token, "Actions")
+    browser.sign_in(token)
+    chat_open(browser, chat_id)
+    first = prompt_send(browser, "echo: first answer")
+    message_status_wait(browser, first, "complete")
+
+    # Copy puts the reply's text on the clipboard (the browser's API, watched here).
+    browser.driver.execute_script(
+        "window.copied = []; navigator.clipboard.writeText = async (text) => { window.copied.push(text); };"
+    )
+    browser.find(f"{message_css(first)} .copy-reply").click()
+    browser.wait(lambda d: d.execute_script("return window.copied.length") == 1, "the reply to be copied")
+    assert browser.driver.execute_script("return window.copied") == ["first answer"]
+    browser.wait(lambda _: browser.text(f"{message_css(first)} .copy-reply") == "Copied", "the button to say so")
+
+    # Regenerate: the latest message is asked again (a new message in its place, the old one gone).
+    second = prompt_send(browser, "echo: second answer")
+    message_status_wait(browser, second, "complete")
+    assert not browser.find(f"{message_css(first)} .regenerate").is_displayed()  # only on the latest
+    browser.find(f"{message_css(second)} .regenerate").click()
+    browser.wait(lambda _: second not in chat_messages(browser) and len(chat_messages(browser)) == 2, "a new reply")
+    regenerated = chat_messages(browser)[-1]
+    message_status_wait(browser, regenerated, "complete")
+    assert browser.text(f"{message_css(regenerated)} .reply") == "second answer"
+    assert not Message.objects.filter(pk=second).exists()
+
+    # Edit and resend: the prompt comes back to the composer; sending replaces the message and its reply.
+    browser.find(f"{message_css(first)} .edit-prompt").click()
+    box = browser.find("#prompt")
+    assert box.get_attribute("value") == "echo: first answer"
+    assert browser.find("#editing").is_displayed()
+    box.clear()
+    box.send_keys("echo: edited answer")
+    browser.find("#send").click()
+    browser.wait(lambda _: first not in chat_messages(browser), "the edited message to be replaced")
+    edited = chat_messages(browser)[-1]
+    message_status_wait(browser, edited, "complete")
+    assert browser.text(f"{message_css(edited)} .reply") == "edited answer"
+    assert not browser.find("#editing").is_displayed()
+    assert [m.prompt for m in Message.objects.filter(chat_id=chat_id).order_by("created_at")] == [
+        "echo: second answer",
+        "echo: edited answer",
+    ]
+    assert browser.console_errors() == []

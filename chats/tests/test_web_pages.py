@@ -454,3 +454,15 @@ def test_usage_is_still_the_apis_json_for_programs(client, person):
 def test_signed_out_the_usage_page_is_a_redirect_to_login(browsers):
     response = browsers().get("/usage", headers=HTML)
     assert response.status_code == 302 and response.headers["location"] == "/login?next=%2Fusage"
+
+
+def test_the_model_picker_offers_what_the_upstream_serves(person, upstream, settings):
+    """Zero config: the chat models the upstream lists at /models (the default first), not the aliases."""
+    settings.MODEL_ALIASES = {"gpt-3": "gpt-3.5-turbo"}
+    _, user, browser = person()
+    offered = [o.get("value") for o in page_of(browser.get("/")).select("select[name=model] option")]
+    assert offered == ["gpt-4o-mini", "gpt-4o"]
+    # What a user's groups allow narrows it.
+    Group.objects.filter(memberships__user_id=user["id"]).update(allowed_models=["gpt-4o"])
+    offered = [o.get("value") for o in page_of(browser.get("/")).select("select[name=model] option")]
+    assert offered == ["gpt-4o"]

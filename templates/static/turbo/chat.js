@@ -22,6 +22,8 @@ const CLOSED_FOR_GOOD = {
 
 const body = document.body;
 const chatId = body.dataset.chatId;
+const me = body.dataset.userId;
+const isOwner = me === body.dataset.ownerId;
 const log = document.getElementById("messages");
 const olderButton = document.getElementById("load-older");
 const form = document.getElementById("prompt-form");
@@ -119,6 +121,112 @@ function applyMessage(article, message, now) {
   article.dataset.status = message.status;
   // Screen readers announce the reply once it is whole, not every few words while it streams.
   article.setAttribute("aria-busy", String(message.status === "streaming"));
+  decorate(article);
+}
+
+// --- a message's actions: copy the reply; edit and resend or regenerate (the prompt's author, or the
+// chat's owner for regenerate); regenerate is offered on the latest message only (turbo.css).
+
+function actionButton(className, label, onClick) {
+  const button = element("button", `button-quiet ${className}`, label);
+  button.type = "button";
+  button.addEventListener("click", onClick);
+  return button;
+}
+
+function decorate(article) {
+  let actions = article.querySelector(":scope > .message-actions");
+  if (!actions) {
+    actions = element("div", "message-actions");
+    actions.append(actionButton("copy-reply", "Copy", () => copyReply(article, actions)));
+    article.append(actions);
+  }
+  const prompt = article.querySelector(":scope > .prompt");
+  const mine = Boolean(prompt) && prompt.dataset.userId === me;
+  const wanted = { "edit-prompt": mine, regenerate: Boolean(prompt) && (mine || isOwner) };
+  for (const [className, shown] of Object.entries(wanted)) {
+    let button = actions.querySelector(`.${className}`);
+    if (shown && !button) {
+      button =
+        className === "edit-prompt"
+          ? actionButton(className, "Edit", () => editPrompt(article))
+          : actionButton(className, "Regenerate", () => regenerate(article));
+      actions.append(button);
+    } else if (!shown && button) {
+      button.remove();
+    }
+  }
+  actions.querySelector(".copy-reply").hidden = !(replies.get(article)?.text ?? "");
+}
+
+async function copyReply(article, actions) {
+  const text = replies.get(article)?.text ?? "";
+  const button = actions.querySelector(".copy-reply");
+  try {
+    await navigator.clipboard.writeText(text);
+  } catch {
+    // No clipboard API (an insecure origin): the selection way.
+    const scratch = element("textarea");
+    scratch.value = text;
+    document.body.append(scratch);
+    scratch.select();
+    document.execCommand("copy");
+    scratch.remove();
+  }
+  button.textContent = "Copied";
+  setTimeout(() => {
+    button.textContent = "Copy";
+  }, 1500);
+}
+
+function promptOf(article) {
+  return article.querySelector(":scope > .prompt .prompt-text")?.textContent ?? "";
+}
+
+let editing = null; // the message whose prompt the composer edits: sending replaces it
+const editingBar = document.getElementById("editing");
+
+function editPrompt(article) {
+  editing = article.dataset.messageId;
+  promptBox.value = promptOf(article);
+  editingBar.hidden = false;
+  autosize();
+  promptBox.focus();
+}
+
+function stopEditing() {
+  editing = null;
+  editingBar.hidden = true;
+}
+
+document.getElementById("editing-cancel").addEventListener("click", () => {
+  stopEditing();
+  promptBox.value = "";
+  autosize();
+});
+
+// Replace a message: delete it (its reply stops if it still streams), then send `text` as a new prompt.
+async function replaceMessage(messageId, text) {
+  const removed = await postJson("/chat/message/delete", { id: messageId });
+  if (!removed.response.ok) {
+    showPromptError(errorText(removed.answer, removed.response));
+    return false;
+  }
+  removeMessage(messageId);
+  return sendPrompt(text);
+}
+
+async function regenerate(article) {
+  if (sending) return;
+  sending = true;
+  showPromptError("");
+  try {
+    await replaceMessage(article.dataset.messageId, promptOf(article));
+  } catch {
+    showPromptError("The reply could not be regenerated: check your connection and try again.");
+  } finally {
+    sending = false;
+  }
 }
 
 function newArticle(message) {
@@ -325,6 +433,18 @@ function autosize() {
   promptBox.style.height = `${Math.min(promptBox.scrollHeight + 2, window.innerHeight * 0.4)}px`;
 }
 
+// Send a prompt; true once the server has it (its message shows at once, its reply streams in).
+async function sendPrompt(text) {
+  const { response, answer } = await postJson("/chat/prompt", { id: chatId, prompt: text, stream: true });
+  if (!response.ok) {
+    showPromptError(errorText(answer, response));
+    return false;
+  }
+  if (answer.message) upsert(answer.message);
+  scrollToBottom();
+  return true;
+}
+
 form.addEventListener("submit", async (event) => {
   event.preventDefault();
   const text = promptBox.value;
@@ -333,15 +453,11 @@ form.addEventListener("submit", async (event) => {
   sendButton.disabled = true;
   showPromptError("");
   try {
-    const { response, answer } = await postJson("/chat/prompt", { id: chatId, prompt: text, stream: true });
-    if (!response.ok) {
-      showPromptError(errorText(answer, response));
-      return;
-    }
+    const sent = editing ? await replaceMessage(editing, text) : await sendPrompt(text);
+    if (!sent) return;
+    stopEditing();
     if (promptBox.value === text) promptBox.value = "";
     autosize();
-    if (answer.message) upsert(answer.message);
-    scrollToBottom();
   } catch {
     showPromptError("The message could not be sent: check your connection and try again.");
   } finally {
@@ -373,6 +489,60 @@ stopButton.addEventListener("click", async () => {
     updateStop();
   }
 });
+
+// --- renaming and deleting the chat (its owner) -----------------------------------------------------
+
+const renameButton = document.getElementById("rename-chat");
+const renameForm = document.getElementById("rename-form");
+if (renameButton && renameForm) {
+  const nameBox = document.getElementById("rename-name");
+  renameButton.addEventListener("click", () => {
+    renameForm.hidden = !renameForm.hidden;
+    if (!renameForm.hidden) {
+      nameBox.value = title.textContent;
+      nameBox.focus();
+      nameBox.select();
+    }
+  });
+  document.getElementById("rename-cancel").addEventListener("click", () => {
+    renameForm.hidden = true;
+  });
+  renameForm.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const name = nameBox.value.trim();
+    if (!name) return;
+    try {
+      const { response, answer } = await postJson("/chat/update", { id: chatId, name });
+      if (!response.ok) {
+        showNotice(`The chat could not be renamed: ${errorText(answer, response)}`);
+        return;
+      }
+      setTitle(name);
+      renameForm.hidden = true;
+      showNotice("");
+    } catch {
+      showNotice("The chat could not be renamed: check your connection and try again.");
+    }
+  });
+}
+
+const deleteButton = document.getElementById("delete-chat");
+if (deleteButton) {
+  deleteButton.addEventListener("click", async () => {
+    if (!window.confirm("Delete this chat and all its messages for everyone?")) return;
+    try {
+      const { response, answer } = await postJson("/chat/delete", { id: chatId });
+      if (!response.ok) {
+        showNotice(`The chat could not be deleted: ${errorText(answer, response)}`);
+        return;
+      }
+      finished = true; // its stream ends now: no "deleted" notice, the page goes
+      location.assign("/");
+    } catch {
+      showNotice("The chat could not be deleted: check your connection and try again.");
+    }
+  });
+}
 
 // --- live -------------------------------------------------------------------------------------------
 
@@ -540,6 +710,7 @@ for (const article of log.querySelectorAll("article.message")) {
   replies.set(article, { text: reply.textContent, timer: null });
   reply.replaceChildren(renderMarkdown(reply.textContent));
   article.setAttribute("aria-busy", String(article.dataset.status === "streaming"));
+  decorate(article);
 }
 scrollToBottom();
 updateStop();
