@@ -222,3 +222,29 @@ def test_chats_sweep_command_says_how_many(cli_env):
     assert done.stdout.strip() == "ended 0 abandoned messages"
     shown = run_manage(cli_env, "chats", "sweep", "--help")
     assert "streaming" in shown.stdout
+
+
+def test_a_resume_from_beyond_the_last_event_gets_a_gap_then_the_live_events(start_server, upstream):
+    server = start_server(REDIS_ADDRESS=settings.REDIS_ADDRESS or None)
+    api = Api(server.url, "resume-beyond")
+    chat_id = api.chat()
+    first = api.prompt(chat_id, "echo: one")
+    ws = WSFollower(server.url, api.token, chat_id, after=0)
+    last = ws.until(lambda event: event.get("type") in FINAL_TYPES and event["message"]["id"] == first["id"])[-1]
+    ws.close()
+    beyond = last["seq"] + 1000
+    followers = [
+        SSEFollower(server.url, api.token, chat_id, last_event_id=beyond),
+        WSFollower(server.url, api.token, chat_id, after=beyond),
+    ]
+    for follower in followers:
+        assert follower.next(timeout=20)["type"] == "stream.gap"
+    second = api.prompt(chat_id, "echo: two")
+    for follower in followers:
+        events = follower.until(
+            lambda event: event.get("type") in FINAL_TYPES and event["message"]["id"] == second["id"]
+        )
+        assert events[0]["type"] == "message.created" and events[0]["seq"] == last["seq"] + 1
+        assert events[-1]["message"]["reply"] == "two"
+    followers[1].close()
+    api.close()
