@@ -415,3 +415,27 @@ def waiting_on_a_lock() -> list[int]:
             "AND pid <> pg_backend_pid() AND wait_event_type = 'Lock'"
         )
         return [pid for (pid,) in cursor.fetchall()]
+
+
+@contextlib.contextmanager
+def database_closed():
+    """The test database refuses new connections, and the servers' open ones are cut, until the block ends
+    (the test's own connection is opened first, so it stays)."""
+    connection.ensure_connection()
+    allow_connections(False)
+    try:
+        terminate_server_connections()
+        yield
+    finally:
+        allow_connections(True)
+
+
+def reply_about_to_be_saved(server, username: str) -> tuple[Api, WSFollower, dict, str]:
+    """A new user's prompt on `server`, followed over a WebSocket until its last delta: its save is next."""
+    api = Api(server.url, username)
+    chat_id = api.chat()
+    ws = WSFollower(server.url, api.token, chat_id)
+    reply = words(8)
+    message = api.prompt(chat_id, "[chunk_delay:0.3] echo: " + reply)
+    ws.until(last_delta(reply))
+    return api, ws, message, reply

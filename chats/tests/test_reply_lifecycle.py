@@ -25,11 +25,10 @@ from chats.tests.processes import (
     Api,
     SSEFollower,
     WSFollower,
-    allow_connections,
-    last_delta,
+    database_closed,
     needs_postgres,
+    reply_about_to_be_saved,
     stored,
-    terminate_server_connections,
     words,
 )
 from turbo_site.core import streams
@@ -124,24 +123,12 @@ def test_a_reply_holding_nul_is_stored_alike_on_both_databases(start_server, ups
 @needs_postgres
 def test_a_final_save_past_its_window_says_so_and_stores_the_reply_when_the_database_is_back(start_server):
     server = start_server(REDIS_ADDRESS=settings.REDIS_ADDRESS or None, FINAL_SAVE_RETRY_SECONDS=2)
-    api = Api(server.url, "db-away-long")
-    chat_id = api.chat()
-    ws = WSFollower(server.url, api.token, chat_id)
-    reply = words(8)
-    message = api.prompt(chat_id, "[chunk_delay:0.3] echo: " + reply)
-    ws.until(last_delta(reply))
-    from django.db import connection
-
-    connection.ensure_connection()  # the test's own connection, open before the database closes its doors
-    allow_connections(False)
-    try:
-        terminate_server_connections()
+    api, ws, message, reply = reply_about_to_be_saved(server, "db-away-long")
+    with database_closed():
         failed = ws.until(lambda event: event.get("type") in FINAL_TYPES, timeout=60)[-1]
         assert failed["type"] == "message.failed" and failed["code"] == "storage_unavailable", failed
         assert (failed["message"]["status"], failed["message"]["reply"]) == ("error", reply)
         assert stored(message["id"]).status == "streaming"  # never reported complete while unstored
-    finally:
-        allow_connections(True)
     completed = ws.until(lambda event: event.get("type") in FINAL_TYPES, timeout=90)[-1]
     assert completed["type"] == "message.completed", completed
     assert completed["message"]["reply"] == reply

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import transaction
 
 from chats.models import Message
 from chats.tests.processes import (
@@ -20,9 +20,9 @@ from chats.tests.processes import (
     Api,
     Follower,
     WSFollower,
-    allow_connections,
     assert_sse_ids,
     assert_whole_reply,
+    database_closed,
     followed_chat,
     free_port,
     last_delta,
@@ -30,6 +30,7 @@ from chats.tests.processes import (
     numbered,
     of_message,
     redis_start,
+    reply_about_to_be_saved,
     sse_when_back,
     stored,
     terminate_server_connections,
@@ -208,22 +209,12 @@ def test_database_connection_cut_in_the_middle_of_the_final_save(start_server):
 def test_database_away_during_the_final_save(start_server):
     """Harder: the connections are cut and the database refuses new ones until the save has failed."""
     server = start_server(REDIS_ADDRESS=settings.REDIS_ADDRESS or None, FINAL_SAVE_RETRY_SECONDS=60)
-    api = Api(server.url, "db-away")
-    chat_id = api.chat()
-    ws = WSFollower(server.url, api.token, chat_id)
-    reply = words(8)
-    message = api.prompt(chat_id, "[chunk_delay:0.3] echo: " + reply)
-    ws.until(last_delta(reply))
-    connection.ensure_connection()  # the test's own connection, open before the database closes its doors
-    allow_connections(False)
-    try:
-        terminate_server_connections()
+    api, ws, message, reply = reply_about_to_be_saved(server, "db-away")
+    with database_closed():
         server.wait_log("could not save the reply, retrying")
         # Saved first, announced after: nothing final may have gone out while the save is failing.
         assert not [event for event in ws.seen if event.get("type") in FINAL_TYPES], ws.seen
         assert stored(message["id"]).status == "streaming"
-    finally:
-        allow_connections(True)
     events = ws.until(lambda event: event.get("type") in FINAL_TYPES, timeout=90)
     assert events[-1]["type"] == "message.completed", (events[-1], server.stderr()[-3000:])
     assert_whole_reply(ws.seen, message["id"], reply)
