@@ -201,14 +201,16 @@ def test_the_sweeper_ends_only_what_runs_nowhere():
     assert run(messages_sweep()) == 0  # what was ended stays ended
 
 
-def test_chats_sweep_command_says_how_many(cli_env):
+def test_chats_sweep_command_needs_the_shared_cache_and_says_how_many(cli_env):
     from conftest import run_manage
 
-    done = run_manage(cli_env, "chats", "sweep")
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "ended 0 abandoned messages"
-    shown = run_manage(cli_env, "chats", "sweep", "--help")
-    assert "streaming" in shown.stdout
+    refused = run_manage(cli_env, "chats", "sweep")
+    assert refused.returncode == 1 and "sweep needs REDIS_ADDRESS" in refused.stderr
+    assert "streaming" in run_manage(cli_env, "chats", "sweep", "--help").stdout
+    if settings.REDIS_ADDRESS:
+        done = run_manage({**cli_env, "REDIS_ADDRESS": settings.REDIS_ADDRESS}, "chats", "sweep")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "ended 0 abandoned messages"
 
 
 def test_a_resume_from_beyond_the_last_event_gets_a_gap_then_the_live_events(start_server, upstream):

@@ -8,6 +8,7 @@ import json
 import uuid
 
 from asgiref.sync import async_to_sync
+from django.conf import settings
 from django.core.management.base import CommandError
 
 from chats import selectors
@@ -153,5 +154,12 @@ class Command(ActionCommand):
         self.stdout.write(f"deleted message {message_id}")
 
     def handle_sweep(self, **options) -> None:
+        if not settings.REDIS_ADDRESS:
+            # The alive marks of running replies live in each server process's own memory: from here every
+            # reply would look abandoned. The server sweeps by itself at start and every SWEEP_SECONDS.
+            raise CommandError(
+                "sweep needs REDIS_ADDRESS (the shared cache that says which replies are still being generated); "
+                "without it the server process sweeps by itself, at start and every SWEEP_SECONDS"
+            )
         ended = async_to_sync(messages_sweep)()
         self.stdout.write(f"ended {ended} abandoned message{'' if ended == 1 else 's'}")
