@@ -285,7 +285,7 @@ class RegisterView(PublicAPIView):
     @extend_schema(
         request=RegisterInput,
         responses={201: inline_serializer("Registered", {"message": serializers.CharField()}), **errors(400)},
-        summary="Register (seed 002); a taken username is a 400",
+        summary="Register (the JWT flavour); a taken username is a 400",
     )
     def post(self, request):
         mark_event(request, event_type="signup")

@@ -41,7 +41,7 @@ def _parse(serializer_class, data: dict) -> dict:
 
 
 class ChatIdInput(serializers.Serializer):
-    """A chat id, as `id` or (the seed's form key) `chat_id`."""
+    """A chat id, as `id` or (the older form key) `chat_id`."""
 
     id = serializers.UUIDField(required=False)
     chat_id = serializers.UUIDField(required=False)

@@ -81,7 +81,7 @@ class ConversationCreateView(APIView):
     @extend_schema(
         request=ConversationCreateInput,
         responses={200: ConversationOutput, **errors(400, 401)},
-        summary="Create a conversation (seed 002); an api_key is stored encrypted",
+        summary="Create a conversation; an api_key is stored encrypted",
     )
     def post(self, request):
         data = ConversationCreateInput(data=request_input(request))

@@ -187,9 +187,9 @@ def add_chat_paths(result, generator, request, public):
     conversation_chat = {
         "operationId": "conversation_chat",
         "tags": ["api"],
-        "summary": "Chat in a conversation (seed 002): the reply streams back as server-sent events",
+        "summary": "Chat in a conversation: the reply streams back as server-sent events",
         "description": (
-            "Events, each `data:` raw text as in seed 002 (a line break in it continues on another `data:` line): "
+            "Events, each `data:` raw text (a line break in it continues on another `data:` line): "
             "`message` (one delta of the reply), then `done` (`Stream finished`) and `full_response` (the whole "
             "reply); `error` (data: the JSON error envelope) before `done` if the upstream failed."
         ),
