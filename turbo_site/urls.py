@@ -6,6 +6,7 @@ from django.urls import include, path
 from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from accounts.web import web_page
 from proxy.usage.dashboard import usage_dashboard
 from turbo_site import health
 from turbo_site.graphql_server import graphql_view
@@ -15,7 +16,7 @@ urlpatterns = [
     path("admin/usage/", usage_dashboard, name="admin_usage"),  # before the admin's own catch-all
     path("admin/", admin.site.urls),
     # Browsers ask for /favicon.ico on any page (the admin, Swagger, JSON): the web app's icon.
-    path("favicon.ico", RedirectView.as_view(url=static("turbo/favicon.svg"), permanent=True)),
+    path("favicon.ico", web_page(RedirectView.as_view(url=static("turbo/favicon.svg"), permanent=True))),
     path("health", health.health),
     path("info", health.info),
     path("graphql", graphql_view),

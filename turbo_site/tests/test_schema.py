@@ -15,7 +15,8 @@ def _api_paths() -> set[str]:
     for pattern in get_resolver().url_patterns:
         route = str(pattern.pattern)
         if route.startswith(NOT_IN_SCHEMA) or not hasattr(pattern, "url_patterns"):
-            if hasattr(pattern, "callback") and not route.startswith(NOT_IN_SCHEMA):
+            is_page = getattr(getattr(pattern, "callback", None), "is_web_page", False)
+            if hasattr(pattern, "callback") and not route.startswith(NOT_IN_SCHEMA) and not is_page:
                 paths.add("/" + route)
             continue
         for inner in pattern.url_patterns:
