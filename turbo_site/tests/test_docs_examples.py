@@ -1,0 +1,150 @@
+"""Every example of the getting-started and API pages runs as printed, in order, against a fresh install
+(`make demo`, with `make grpcserve` beside it as the gRPC page says): each page's shell blocks in one
+shell, so a variable a block sets is there for the next, and each Python block through its real client
+(the openai SDK, grpcio). A block preceded by `<!-- not run: why -->` is not meant to run.
+
+The pages talk to http://localhost:8080 and 127.0.0.1:50051; here those are the demo's own free ports.
+Blocks that use `$TOKEN` before setting it say where it comes from: the runner gives them a signed-up
+user's token, as a reader following the pages would have.
+"""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import PROJECT_ROOT
+from turbo_site.tests.test_first_run import bare_env, zero_config
+
+pytestmark = zero_config  # a fresh install of its own: the same on both legs
+
+# The pages, in the order a reader meets them.
+PAGES = [
+    "getting-started.md",
+    "authentication.md",
+    "api/rest.md",
+    "api/v1.md",
+    "api/ws.md",
+    "api/graphql.md",
+    "api/grpc.md",
+    "keys-and-budgets.md",
+]
+BLOCK = re.compile(r"(<!-- not run: [^>]*-->\n)?```(sh|python)\n(.*?)\n```", re.DOTALL)
+TROUBLE = ("Traceback", '"internal_error"')
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def blocks(page: str) -> list[tuple[str, str]]:
+    """(language, code) of the page's blocks that are meant to run."""
+    text = (PROJECT_ROOT / "docs" / page).read_text()
+    return [(language, code) for marker, language, code in BLOCK.findall(text) if not marker]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """`make demo` on free ports with a database of its own, and `make grpcserve` beside it."""
+    home = tmp_path_factory.mktemp("demo")
+    port, fake_port, grpc_port = free_port(), free_port(), free_port()
+    env = bare_env(home, TURBO_ENV_FILE=str(home / ".env"))
+    processes = []
+    try:
+        demo = subprocess.Popen(
+            ["make", "--no-print-directory", "demo", f"ADDRESS=127.0.0.1:{port}", f"FAKE_PORT={fake_port}"]
+            + [f"ENV_FILE={home / '.env'}", f"PYTHON={sys.executable}"],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=open(home / "demo.log", "wb"),  # noqa: SIM115 (the process writes it until it stops)
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        processes.append(demo)
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            assert demo.poll() is None, (home / "demo.log").read_text()
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        # The demo's fake upstream, as demo.env names it, for the gRPC process beside it.
+        grpc_env = {**env, "DEBUG": "1", "OPENAI_API_URL": f"http://127.0.0.1:{fake_port}/v1"}
+        grpc_env["OPENAI_API_KEY"] = "sk-demo-not-a-real-key"
+        grpcserve = subprocess.Popen(
+            [sys.executable, "manage.py", "grpcserve", "--address", f"127.0.0.1:{grpc_port}"],
+            cwd=PROJECT_ROOT,
+            env=grpc_env,
+            stdout=open(home / "grpc.log", "wb"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        processes.append(grpcserve)
+        for _ in range(300):
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", grpc_port)) == 0:
+                    break
+            assert grpcserve.poll() is None, (home / "grpc.log").read_text()
+            time.sleep(0.1)
+        signed = httpx.post(base + "/user/signup", data={"username": "docs-reader", "password": "correct-horse"})
+        assert signed.status_code == 200, signed.text
+        yield {"port": port, "grpc_port": grpc_port, "token": signed.json()["token"], "home": home}
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+def localized(code: str, demo: dict) -> str:
+    code = code.replace("localhost:8080", f"localhost:{demo['port']}")
+    code = code.replace("127.0.0.1:8080", f"127.0.0.1:{demo['port']}")
+    return code.replace("127.0.0.1:50051", f"127.0.0.1:{demo['grpc_port']}")
+
+
+def test_every_page_has_examples_to_run():
+    counted = {page: len(blocks(page)) for page in PAGES}
+    assert sum(counted.values()) >= 8, counted
+    assert counted["getting-started.md"] and counted["api/v1.md"] and counted["api/grpc.md"], counted
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_the_examples_of_a_page_run_as_printed(page, demo):
+    found = blocks(page)
+    if not found:
+        pytest.skip(f"{page} has no example to run")
+    env = {**os.environ, "TOKEN": demo["token"], "PYTHONPATH": str(PROJECT_ROOT)}
+    shell = [localized(code, demo) for language, code in found if language == "sh"]
+    if shell:
+        script = "set -e -o pipefail\n" + "\n".join(f"echo '== block {i}'\n{code}" for i, code in enumerate(shell))
+        done = subprocess.run(
+            ["bash", "-c", script + "\nwait"], cwd=demo["home"], env=env, capture_output=True, text=True, timeout=120
+        )
+        output = done.stdout + done.stderr
+        assert done.returncode == 0, output
+        assert not any(trouble in output for trouble in TROUBLE), output
+    for index, (language, code) in enumerate(found):
+        if language != "python":
+            continue
+        source = Path(demo["home"]) / f"{page.replace('/', '-')}-{index}.py"
+        source.write_text(localized(code, demo))
+        done = subprocess.run(
+            [sys.executable, str(source)], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.stdout.strip(), f"{page} block {index} printed nothing"
