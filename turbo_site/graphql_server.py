@@ -50,11 +50,15 @@ class GraphQLView(AsyncGraphQLView):
     allow_queries_via_get = True  # queries only: strawberry refuses a mutation over GET
 
     def parse_json(self, data: str | bytes):
-        """A body (or GET's `variables`) read as every client JSON is: deep nesting is a 400, not a 500."""
+        """A body (or GET's `variables`) read as every client JSON is: deep nesting is a 400, not a 500;
+        so is a body that is not an object (or a list: strawberry answers that batching is off)."""
         try:
-            return client_json_loads(data)
+            parsed = client_json_loads(data)
         except ValueError as exc:  # UnicodeDecodeError and JSONTooDeep included
             raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
+        if not isinstance(parsed, (dict, list)):
+            raise HTTPException(400, "the body must be a JSON object")
+        return parsed
 
     async def get_context(self, request, response) -> GraphQLContext:
         return GraphQLContext(request=request)
@@ -224,7 +228,10 @@ def add_graphql_path(result, generator, request, public):
             "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
             "responses": {
                 "200": {"description": "the result; errors carry extensions.code", "content": answer},
-                "400": {"description": "not a GraphQL request", "content": error},
+                "400": {
+                    "description": "not a GraphQL request (not a JSON object, or JSON nested too deep)",
+                    "content": error,
+                },
                 "413": {"description": "the body is too large", "content": error},
             },
         },

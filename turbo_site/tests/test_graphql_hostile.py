@@ -81,8 +81,11 @@ async def test_deeply_nested_variables_are_a_400_not_a_500():
         by_get = await http.get("/graphql", params={"query": ME, "variables": deep_json(2000)})
     assert by_get.status_code == 400 and by_get.json()["error"]["code"] == "bad_request"
 
-    # NaN is not JSON either
+    # NaN is not JSON either; a body that is not an object is no request
     assert (await post('{"query": "' + ME + '", "variables": {"a": NaN}}')).status_code == 400
+    for body in ("1", "null", '"x"', "true"):
+        response = await post(body)
+        assert response.status_code == 400 and response.json()["error"]["code"] == "bad_request", body
 
 
 # --- HTTP: documents that would cost too much -------------------------------------------------------
