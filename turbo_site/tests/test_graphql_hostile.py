@@ -11,6 +11,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
+from graphql import get_introspection_query
 
 from accounts.keys import api_key_create
 from accounts.services import session_create, user_create
@@ -315,3 +316,17 @@ async def test_costly_operations_are_refused_and_the_socket_answers_on(upstream,
     assert done["payload"] == {"data": {"a0": {"text": "hi"}}}
     assert len(upstream.requests) == 1
     await socket.disconnect()
+
+
+async def test_the_playground_s_introspection_fits_the_default_limits(settings):
+    settings.GRAPHQL_PLAYGROUND = True
+    query = get_introspection_query(
+        descriptions=True,
+        specified_by_url=True,
+        directive_is_repeatable=True,
+        schema_description=True,
+        input_value_deprecation=True,
+    )
+    body = await graphql(query)
+    assert not body.get("errors"), body["errors"]
+    assert body["data"]["__schema"]["queryType"]["name"] == "Query"
