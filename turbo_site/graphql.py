@@ -28,7 +28,7 @@ import proxy.graphql
 from accounts.auth import AuthRefused
 from proxy.gateway import GatewayError
 from turbo_site.core import errors
-from turbo_site.core.graphql import SCALARS, Limits, OperationScope, document_refusal
+from turbo_site.core.graphql import SCALARS, Limits, OperationScope, document_refusal, variables_refusal
 
 logger = logging.getLogger("turbo.graphql")
 
@@ -140,20 +140,25 @@ async def _refused(error: GraphQLError) -> AsyncGenerator[PreExecutionError, Non
     yield PreExecutionError(data=None, errors=[error])
 
 
-class Schema(strawberry.Schema):
-    """Documents over GRAPHQL_MAX_QUERY_BYTES are refused here, before parsing, on both transports."""
+def _refusal(query, variables) -> GraphQLError | None:
+    return document_refusal(query) or variables_refusal(variables)
 
-    async def execute(self, query, *args, **kwargs):
-        refusal = document_refusal(query)
+
+class Schema(strawberry.Schema):
+    """Documents over GRAPHQL_MAX_QUERY_BYTES and variables over GRAPHQL_MAX_VARIABLE_VALUES are
+    refused here, before anything reads them, on both transports."""
+
+    async def execute(self, query, variable_values=None, *args, **kwargs):
+        refusal = _refusal(query, variable_values)
         if refusal is not None:
             return PreExecutionError(data=None, errors=[refusal])
-        return await super().execute(query, *args, **kwargs)
+        return await super().execute(query, variable_values, *args, **kwargs)
 
-    async def stream(self, query, *args, **kwargs):
-        refusal = document_refusal(query)
+    async def stream(self, query, variable_values=None, *args, **kwargs):
+        refusal = _refusal(query, variable_values)
         if refusal is not None:
             return _refused(refusal)
-        return await super().stream(query, *args, **kwargs)
+        return await super().stream(query, variable_values, *args, **kwargs)
 
     def process_errors(self, errors, execution_context=None) -> None:
         """ErrorCodes logs what needs logging (unexpected errors); expected ones are answers, not faults."""

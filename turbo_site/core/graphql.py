@@ -2,7 +2,8 @@
 
 Limits (read from settings on every operation, so an operator's change needs no new schema), each
 bounded by the one before it so that no document can hold the event loop:
-GRAPHQL_MAX_QUERY_BYTES (before parsing: turbo_site.graphql.Schema), GRAPHQL_MAX_TOKENS (while
+GRAPHQL_MAX_QUERY_BYTES and GRAPHQL_MAX_VARIABLE_VALUES (before parsing: turbo_site.graphql.Schema),
+GRAPHQL_MAX_TOKENS (while
 parsing), GRAPHQL_MAX_FIELDS (before validation), then GRAPHQL_MAX_DEPTH, GRAPHQL_MAX_COST and
 GRAPHQL_MAX_MODEL_CALLS (OperationLimits, one walk per operation), and introspection only with
 DEBUG=1 or GRAPHQL_PLAYGROUND=1.
@@ -127,6 +128,27 @@ def document_refusal(query: str | None) -> GraphQLError | None:
         f"the query is larger than {limit} bytes (GRAPHQL_MAX_QUERY_BYTES): pass values as variables",
         extensions={"code": "invalid_query"},
     )
+
+
+def variables_refusal(variables) -> GraphQLError | None:
+    """The error for variables holding more than GRAPHQL_MAX_VARIABLE_VALUES values (objects, lists and
+    scalars), counted before they are coerced: strawberry turns each input object into its class at
+    some 50-100 microseconds apiece, so a megabyte of `messages` would hold the event loop for seconds."""
+    limit = settings.GRAPHQL_MAX_VARIABLE_VALUES
+    count, pending = 0, [variables]
+    while pending:
+        value = pending.pop()
+        count += 1
+        if count > limit:
+            return GraphQLError(
+                f"the variables hold more than {limit} values (GRAPHQL_MAX_VARIABLE_VALUES)",
+                extensions={"code": "invalid_query"},
+            )
+        if isinstance(value, dict):
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+    return None
 
 
 def fields_over(document: DocumentNode, limit: int) -> bool:

@@ -112,6 +112,17 @@ async def test_a_document_over_the_token_limit_is_refused_while_parsing(settings
     assert "more than 2000 tokens" in body["errors"][0]["message"]
 
 
+async def test_variables_over_the_value_limit_are_refused_before_they_are_read():
+    complete = "mutation($i: CompletionInput!) { complete(input: $i) { text } }"
+    messages = [{"role": "user", "content": "x"}] * 2000  # 6003 values, 70 KB
+    body = await graphql(complete, variables={"i": {"messages": messages}})
+    assert body["data"] is None and codes(body) == ["invalid_query"]
+    assert "GRAPHQL_MAX_VARIABLE_VALUES" in body["errors"][0]["message"]
+    # the longest conversation a completion may have (1000 messages) is read, then refused without a token
+    body = await graphql(complete, variables={"i": {"messages": messages[:1000]}})
+    assert codes(body) == ["unauthorized"]
+
+
 async def test_a_document_over_the_field_limit_is_refused_before_validation(settings):
     # graphql-core compares same-named fields pairwise: 1000 of them cost seconds before this limit
     repeated = "{" + " me { sessionKind }" * 60 + "}"  # 120 fields, 241 tokens
@@ -304,6 +315,8 @@ async def test_costly_operations_are_refused_and_the_socket_answers_on(upstream,
     [refused] = await answered(socket, "large", '{ me(pad: "' + "x" * 100 + '") { sessionKind } }')
     assert refused["type"] == "error" and refused["payload"][0]["extensions"]["code"] == "invalid_query"
     settings.GRAPHQL_MAX_QUERY_BYTES = 32 * 1024
+    [refused] = await answered(socket, "values", ME, {"a": list(range(6000))})
+    assert "GRAPHQL_MAX_VARIABLE_VALUES" in refused["payload"][0]["message"]
 
     [refused] = await answered(socket, "suggest", "{ mee { sessionKind } }")
     assert "Did you mean" not in refused["payload"][0]["message"]
