@@ -27,7 +27,7 @@ from chats.models import Chat, Message
 from chats.stream import ChatSubscriber
 from groups.graphql import group_load_for, parsed
 from turbo_site.core.errors import Invalid, NotFound
-from turbo_site.core.graphql import BigInt, loader
+from turbo_site.core.graphql import MODEL_CALL, BigInt, loader
 from turbo_site.core.streams import Entry
 
 if TYPE_CHECKING:
@@ -399,7 +399,8 @@ class Mutation:
     @strawberry.mutation(
         description="Send a prompt; the reply streams to the chat's members (chatEvents). With stream: false "
         "(the default) this answers once the reply is complete; with stream: true at once (status streaming). "
-        "responseFormat (OpenAI's shape) asks for structured output: the reply's JSON is in `data`."
+        "responseFormat (OpenAI's shape) asks for structured output: the reply's JSON is in `data`.",
+        metadata=MODEL_CALL,
     )
     async def prompt(
         self,

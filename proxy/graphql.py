@@ -27,6 +27,7 @@ from proxy.usage.api import DEFAULT_SPAN, UsageInput
 from proxy.usage.caller import Caller
 from proxy.usage.selectors import usage_report_for
 from turbo_site.core.errors import Invalid
+from turbo_site.core.graphql import MODEL_CALL, loader
 
 
 def _checked(serializer_class, data: dict) -> dict:
@@ -45,7 +46,12 @@ class ModelType:
 
 
 async def _models_of_upstream() -> list[dict]:
-    """Without a gateway file one upstream serves every model: its own list is the answer (as /v1/models)."""
+    """Without a gateway file one upstream serves every model: its own list is the answer (as /v1/models).
+    Asked once per operation, however many aliases ask for `models`."""
+    return await loader("upstream_models", _upstream_models_load).load("models")
+
+
+async def _upstream_models_load(keys: list) -> list[list[dict]]:
     answer = await gateway.send(gateway.Call(path="models", method="GET", headers={"accept": "application/json"}))
     try:
         body = await answer.response.read_all(settings.PROXY_MAX_BODY_BYTES)
@@ -59,7 +65,7 @@ async def _models_of_upstream() -> list[dict]:
         listed = None
     if not isinstance(listed, list):
         raise gateway.GatewayError("the upstream's model list was not a list", status=502)
-    return [entry for entry in listed if isinstance(entry, dict) and isinstance(entry.get("id"), str)]
+    return [[entry for entry in listed if isinstance(entry, dict) and isinstance(entry.get("id"), str)]] * len(keys)
 
 
 # --- usage ----------------------------------------------------------------------------------------
@@ -252,7 +258,9 @@ class Query:
 
 @strawberry.type
 class Mutation:
-    @strawberry.mutation(description="One chat completion (not stored in any chat); an API key may call it.")
+    @strawberry.mutation(
+        description="One chat completion (not stored in any chat); an API key may call it.", metadata=MODEL_CALL
+    )
     async def complete(self, info: Info, input: CompletionInput) -> Completion:
         from proxy.structured import structured_complete
 
@@ -273,7 +281,9 @@ class Mutation:
 
 @strawberry.type
 class Subscription:
-    @strawberry.subscription(description="The deltas of one chat completion, as they come; an API key may call it.")
+    @strawberry.subscription(
+        description="The deltas of one chat completion, as they come; an API key may call it.", metadata=MODEL_CALL
+    )
     async def completion_stream(self, info: Info, input: CompletionInput) -> AsyncGenerator[CompletionDelta, None]:
         session = await viewer(info, keys=True)
         request, response_format = _request_of(input)

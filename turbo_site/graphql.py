@@ -7,15 +7,19 @@ writes it to schema.graphql.
 
 import json
 import logging
+import re
+from collections.abc import AsyncGenerator
 
 import strawberry
+from django.conf import settings
 from django.core.exceptions import PermissionDenied, RequestDataTooBig, SuspiciousOperation
 from django.http import Http404
 from graphql import GraphQLError
 from rest_framework import exceptions as drf_exceptions
-from strawberry.extensions import MaskErrors, ParserCache, ValidationCache
+from strawberry.extensions import MaskErrors, ValidationCache
 from strawberry.schema.config import StrawberryConfig
 from strawberry.tools import merge_types
+from strawberry.types.execution import PreExecutionError
 
 import accounts.graphql
 import chats.graphql
@@ -24,7 +28,7 @@ import proxy.graphql
 from accounts.auth import AuthRefused
 from proxy.gateway import GatewayError
 from turbo_site.core import errors
-from turbo_site.core.graphql import SCALARS, Limits, OperationScope
+from turbo_site.core.graphql import SCALARS, Limits, OperationScope, document_refusal, variables_refusal
 
 logger = logging.getLogger("turbo.graphql")
 
@@ -92,6 +96,15 @@ def error_of(original: BaseException) -> tuple[str, str, dict]:
     return error["code"], error["message"], more
 
 
+# graphql-core ends a message with its guesses at what was meant ("Did you mean 'user'?"): they name
+# the schema's fields, types and values, which introspection (off in production) would otherwise hide.
+SUGGESTION = re.compile(r"\s*Did you mean\b.*\Z", re.S)
+
+
+def _shown(message: str) -> str:
+    return message if settings.DEBUG else SUGGESTION.sub("", message)
+
+
 class ErrorCodes(MaskErrors):
     """Every error leaves with `extensions.code` (Turbo's codes) and never a stack trace; an unexpected
     one is logged and answered `internal_error`."""
@@ -114,14 +127,39 @@ class ErrorCodes(MaskErrors):
             extensions = dict(getattr(original or error, "extensions", None) or error.extensions or {})
             # before execution (no path): the query is at fault; during it, the server
             extensions.setdefault("code", "invalid_query" if error.path is None else "internal_error")
-            return GraphQLError(error.message, error.nodes, error.source, error.positions, error.path, None, extensions)
+            return GraphQLError(
+                _shown(error.message), error.nodes, error.source, error.positions, error.path, None, extensions
+            )
         code, message, more = error_of(original)
         return GraphQLError(
-            message, error.nodes, error.source, error.positions, error.path, None, {"code": code, **more}
+            _shown(message), error.nodes, error.source, error.positions, error.path, None, {"code": code, **more}
         )
 
 
+async def _refused(error: GraphQLError) -> AsyncGenerator[PreExecutionError, None]:
+    yield PreExecutionError(data=None, errors=[error])
+
+
+def _refusal(query, variables) -> GraphQLError | None:
+    return document_refusal(query) or variables_refusal(variables)
+
+
 class Schema(strawberry.Schema):
+    """Documents over GRAPHQL_MAX_QUERY_BYTES and variables over GRAPHQL_MAX_VARIABLE_VALUES are
+    refused here, before anything reads them, on both transports."""
+
+    async def execute(self, query, variable_values=None, *args, **kwargs):
+        refusal = _refusal(query, variable_values)
+        if refusal is not None:
+            return PreExecutionError(data=None, errors=[refusal])
+        return await super().execute(query, variable_values, *args, **kwargs)
+
+    async def stream(self, query, variable_values=None, *args, **kwargs):
+        refusal = _refusal(query, variable_values)
+        if refusal is not None:
+            return _refused(refusal)
+        return await super().stream(query, variable_values, *args, **kwargs)
+
     def process_errors(self, errors, execution_context=None) -> None:
         """ErrorCodes logs what needs logging (unexpected errors); expected ones are answers, not faults."""
 
@@ -130,7 +168,8 @@ schema = Schema(
     query=Query,
     mutation=Mutation,
     subscription=Subscription,
-    # The caches key on the document and the rules (Limits sets them first): a setting's change applies.
-    extensions=[OperationScope, Limits, ParserCache, ValidationCache, ErrorCodes],
+    # Limits caches parsed documents; the validation cache keys on the document and the rules (Limits sets
+    # them first): a setting's change applies.
+    extensions=[OperationScope, Limits, ValidationCache, ErrorCodes],
     config=StrawberryConfig(scalar_map=SCALARS),
 )

@@ -7,10 +7,13 @@ our own static files to browsers), POST runs queries and mutations. Authenticati
 WebSocket: the handshake's Origin must be ours or allowed (as on every socket); connection_init's
 payload `{"authorization": "Bearer <token>"}` signs in (without it, the handshake's cookie or
 Authorization header), or the socket closes 4403. It lives as long as its session: revoked or
-expired, it closes 4401.
+expired, it closes 4401. A frame that breaks the protocol (not JSON, nested deeper than JSON may be,
+not an object, an `id` that is not a string, a `subscribe` payload that is not an object holding a
+query) closes it 4400, as the protocol says.
 """
 
 import asyncio
+import logging
 from datetime import timedelta
 
 from cross_web import HTTPException
@@ -22,14 +25,18 @@ from strawberry.channels import GraphQLWSConsumer
 from strawberry.django.views import AsyncGraphQLView
 from strawberry.exceptions import ConnectionRejectionError
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
+from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import BaseGraphQLTransportWSHandler
 from strawberry.types.unset import UNSET
 
 from accounts.auth import AuthRefused, aauthenticate, scope_credentials, websocket_origin_allowed
 from accounts.live import session_watch
 from turbo_site.core.errors import error_response
 from turbo_site.core.graphql import GraphQLContext
+from turbo_site.core.parsers import client_json_loads
 from turbo_site.core.streams import StreamUnavailable
 from turbo_site.graphql import schema
+
+logger = logging.getLogger("turbo.graphql")
 
 HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 415: "unsupported_media_type"}
 
@@ -41,6 +48,17 @@ def playground_on() -> bool:
 class GraphQLView(AsyncGraphQLView):
     schema = schema
     allow_queries_via_get = True  # queries only: strawberry refuses a mutation over GET
+
+    def parse_json(self, data: str | bytes):
+        """A body (or GET's `variables`) read as every client JSON is: deep nesting is a 400, not a 500;
+        so is a body that is not an object (or a list: strawberry answers that batching is off)."""
+        try:
+            parsed = client_json_loads(data)
+        except ValueError as exc:  # UnicodeDecodeError and JSONTooDeep included
+            raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
+        if not isinstance(parsed, (dict, list)):
+            raise HTTPException(400, "the body must be a JSON object")
+        return parsed
 
     async def get_context(self, request, response) -> GraphQLContext:
         return GraphQLContext(request=request)
@@ -62,11 +80,68 @@ class GraphQLView(AsyncGraphQLView):
 graphql_view = csrf_exempt(GraphQLView.as_view(schema=schema))
 
 
+class FrameRefused:
+    """A frame that could not be read as JSON (decode_json's answer, so the handler closes 4400)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+_OPTIONAL_OBJECT = (dict, type(None))
+
+
+def frame_problem(frame) -> str | None:
+    """Why a graphql-transport-ws frame breaks the protocol, or None. Strawberry's handler assumes the
+    shapes checked here (and raised on anything else, leaving the socket open and deaf)."""
+    if isinstance(frame, FrameRefused):
+        return frame.reason
+    if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
+        return "a message must be a JSON object with a string `type`"
+    kind = frame["type"]
+    if kind in ("subscribe", "complete") and not (isinstance(frame.get("id"), str) and frame["id"]):
+        return f"a {kind} message needs a non-empty string `id`"
+    if kind in ("connection_init", "ping", "pong") and not isinstance(frame.get("payload"), _OPTIONAL_OBJECT):
+        return f"a {kind} message's payload must be an object"
+    if kind == "subscribe":
+        payload = frame.get("payload")
+        if not isinstance(payload, dict) or not isinstance(payload.get("query"), str):
+            return "a subscribe message's payload must be an object with a string `query`"
+        if not isinstance(payload.get("variables"), _OPTIONAL_OBJECT):
+            return "`variables` must be an object"
+        if not isinstance(payload.get("operationName"), (str, type(None))):
+            return "`operationName` must be a string"
+        if not isinstance(payload.get("extensions"), _OPTIONAL_OBJECT):
+            return "`extensions` must be an object"
+    return None
+
+
+class TransportHandler(BaseGraphQLTransportWSHandler):
+    """graphql-transport-ws, with every frame checked before strawberry reads it."""
+
+    async def handle_message(self, message) -> None:
+        problem = frame_problem(message)
+        if problem is not None:
+            await self.handle_invalid_message(problem)
+            return
+        try:
+            await super().handle_message(message)
+        except Exception:  # a fault of ours: the socket is closed, never left without a reader
+            logger.exception("a GraphQL socket frame failed")
+            await self.websocket.close(code=1011, reason="internal error")
+
+
 class GraphQLConsumer(GraphQLWSConsumer):
     # No channel layer: events come through chats.stream, so a Redis outage cannot kill the consumer.
     channel_layer_alias = "turbo-no-channel-layer"
 
+    graphql_transport_ws_handler_class = TransportHandler
     watch = None
+
+    def decode_json(self, data: str | bytes):
+        try:
+            return client_json_loads(data)
+        except ValueError as exc:  # JSONTooDeep, NaN, not JSON at all
+            return FrameRefused(f"not a JSON message: {str(exc)[:100]}")
 
     async def connect(self) -> None:
         if not websocket_origin_allowed(self.scope):
@@ -153,7 +228,10 @@ def add_graphql_path(result, generator, request, public):
             "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
             "responses": {
                 "200": {"description": "the result; errors carry extensions.code", "content": answer},
-                "400": {"description": "not a GraphQL request", "content": error},
+                "400": {
+                    "description": "not a GraphQL request (not a JSON object, or JSON nested too deep)",
+                    "content": error,
+                },
                 "413": {"description": "the body is too large", "content": error},
             },
         },

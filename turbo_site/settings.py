@@ -238,10 +238,15 @@ PROXY_MAX_BODY_BYTES = env_int("PROXY_MAX_BODY_BYTES", 25 * 1024 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = None
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 
-# GraphQL (/graphql): how deep and how costly a query may be (turbo_site.core.graphql), and whether
-# introspection and the GraphiQL page are on (also with DEBUG=1).
+# GraphQL (/graphql): how large, deep and costly a query may be and how many model calls it may make
+# (turbo_site.core.graphql), and whether introspection and the GraphiQL page are on (also with DEBUG=1).
+GRAPHQL_MAX_QUERY_BYTES = env_int("GRAPHQL_MAX_QUERY_BYTES", 32 * 1024)
+GRAPHQL_MAX_TOKENS = env_int("GRAPHQL_MAX_TOKENS", 2000)
+GRAPHQL_MAX_VARIABLE_VALUES = env_int("GRAPHQL_MAX_VARIABLE_VALUES", 5000)
+GRAPHQL_MAX_FIELDS = env_int("GRAPHQL_MAX_FIELDS", 100)
 GRAPHQL_MAX_DEPTH = env_int("GRAPHQL_MAX_DEPTH", 10)
 GRAPHQL_MAX_COST = env_int("GRAPHQL_MAX_COST", 5000)
+GRAPHQL_MAX_MODEL_CALLS = env_int("GRAPHQL_MAX_MODEL_CALLS", 1)
 GRAPHQL_PLAYGROUND = env_bool("GRAPHQL_PLAYGROUND")
 
 CORS_ALLOWED_ORIGINS = env_list("CORS_ALLOWED_ORIGINS")
