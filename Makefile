@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ADDRESS ?= 127.0.0.1:8080
 
-.PHONY: help install browser-deps env demo run serve grpcserve protos test test-pg lint format bench clean
+.PHONY: help install browser-deps env demo run serve grpcserve protos test test-pg lint format docs bench clean
 
 # `make help` (and plain `make`): each target with its `## ` line.
 help:
@@ -115,6 +115,11 @@ test-pg: install ## the suite on Postgres + Redis (DB_ADDRESS, REDIS_ADDRESS)
 # Benchmarks (not tests), each printing its table and targets and writing JSON to bench/results/:
 # proxy overhead (PEERS=litellm adds LiteLLM, SERVERS=uvicorn,daphne,gunicorn compares servers),
 # fan-out, prompt cost, soak, gRPC streaming against /v1. ARGS=--quick for a short run of each. See bench/README.md.
+# The documentation site from docs/ (mkdocs.yml): strict (a broken link or anchor fails), into site/;
+# open site/index.html, no server needed.
+docs: install ## build the documentation site into site/ (strict)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 bench: install ## the benchmarks (see bench/README.md)
 	$(BIN)/python -m bench.proxy_overhead $(if $(PEERS),--peers $(PEERS)) $(if $(SERVERS),--servers $(SERVERS)) $(ARGS)
 	$(BIN)/python -m bench.fanout $(ARGS)
@@ -131,4 +136,4 @@ format: install ## ruff format and ruff check --fix
 	$(BIN)/ruff check --fix .
 
 clean: ## remove .venv and caches
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache site

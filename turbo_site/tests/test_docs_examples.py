@@ -131,9 +131,11 @@ def test_the_examples_of_a_page_run_as_printed(page, demo):
     env = {**os.environ, "TOKEN": demo["token"], "PYTHONPATH": str(PROJECT_ROOT)}
     shell = [localized(code, demo) for language, code in found if language == "sh"]
     if shell:
-        script = "set -e -o pipefail\n" + "\n".join(f"echo '== block {i}'\n{code}" for i, code in enumerate(shell))
+        # A block may leave a listener in the background (`curl -N ... &`): it ends with the page.
+        script = "set -e -o pipefail\ntrap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n"
+        script += "\n".join(f"echo '== block {i}'\n{code}" for i, code in enumerate(shell))
         done = subprocess.run(
-            ["bash", "-c", script + "\nwait"], cwd=demo["home"], env=env, capture_output=True, text=True, timeout=120
+            ["bash", "-c", script], cwd=demo["home"], env=env, capture_output=True, text=True, timeout=120
         )
         output = done.stdout + done.stderr
         assert done.returncode == 0, output
