@@ -22,7 +22,7 @@ from accounts.auth import token_from_headers
 from accounts.services import asession_lookup
 from proxy.usage.caller import Caller
 from proxy.views import ProxyReply, ProxyRequest, exchange, openai_error_body
-from turbo_site.core.errors import error_body, is_unavailable
+from turbo_site.core.errors import error_body, outcome_of
 from turbo_site.core.http import client_ip_from, scope_headers
 
 logger = logging.getLogger("turbo.proxy")
@@ -210,9 +210,10 @@ class ProxyFastPath:
             if began:
                 logger.exception("the proxy failed on %s %s", scope["method"], scope["path"])
                 raise  # the answer had begun: the server closes the connection
-            if is_unavailable(exc):  # Redis (the token cache) is away: try again shortly
-                body = error_body("unavailable", "a service Turbo depends on is unavailable; try again shortly")
-                await _send_whole(send, 503, json.dumps(body).encode(), [(b"retry-after", b"2")])
-                return
-            logger.exception("the proxy failed on %s %s", scope["method"], scope["path"])
-            await _send_whole(send, 500, json.dumps(error_body("server_error", "internal error")).encode())
+            # Redis (the token cache) away is 503 `unavailable`; a fault is logged there, once.
+            outcome = outcome_of(exc)
+            body = openai_error_body(outcome.message, outcome.openai_type, outcome.code)
+            headers = [
+                (name.lower().encode("latin1"), value.encode("latin1")) for name, value in outcome.all_headers().items()
+            ]
+            await _send_whole(send, outcome.status, body, headers)

@@ -64,6 +64,8 @@ CODES: dict[str, Code] = {
     "unknown_tool_call": Code(400, "a tool result answers no call that waits for one"),
     "tool_results_missing": Code(400, "some pending tool calls got no result"),
     "no_model_fits": Code(400, "no configured route can serve this request"),
+    "invalid_query": Code(400, "a GraphQL document that does not parse or validate"),
+    "query_too_costly": Code(400, "a GraphQL operation over GRAPHQL_MAX_COST or GRAPHQL_MAX_DEPTH"),
     "body_too_large": Code(413, "the request body is over the limit"),
     "unsupported_media_type": Code(415, "the Content-Type is not one Turbo reads"),
     "not_acceptable": Code(406, "no answer in a type the Accept header allows", "INVALID_ARGUMENT"),
@@ -73,7 +75,10 @@ CODES: dict[str, Code] = {
     "invalid_credentials": Code(401, "wrong username or password"),
     "session_ended": Code(401, "the session was revoked or expired while in use"),
     "forbidden": Code(403, "the caller may not do this (e.g. an API key where keys are not allowed)"),
+    "key_not_allowed_here": Code(403, "an API key where only a session token serves"),
     "model_not_allowed": Code(403, "the key, user or group may not use this model"),
+    "path_not_allowed": Code(403, "a /v1 path this server does not proxy"),
+    "staff_only": Code(403, "a /v1 path for staff users only"),
     # what they asked for
     "not_found": Code(404, "no such object (or not visible to the caller), or no endpoint at the path"),
     "user_not_found": Code(404, "no such user"),
@@ -113,6 +118,14 @@ CODES: dict[str, Code] = {
     "unavailable": Code(503, "a service Turbo depends on (database, Redis) is away; Retry-After says when to retry"),
     "internal_error": Code(500, "a fault in Turbo (logged with its traceback, never sent)"),
 }
+
+
+def codes_markdown() -> str:
+    """README's "Error codes" table, made from CODES (a test checks the README holds it as is)."""
+    lines = ["| code | HTTP status | gRPC status | meaning |", "|---|---|---|---|"]
+    for code, known in CODES.items():
+        lines.append(f"| `{code}` | {known.status} | `{grpc_name_of(code, known.status)}` | {known.meaning} |")
+    return "\n".join(lines)
 
 
 def grpc_name_of(code: str, http_status: int) -> str:
