@@ -14,7 +14,6 @@ socket stays open.
 
 import asyncio
 import json
-import logging
 import time
 from typing import Any
 
@@ -32,8 +31,6 @@ from turbo_site.core import tracing
 from turbo_site.core.errors import CODES, Outcome, TurboError, outcome_of
 from turbo_site.core.parsers import client_json_loads
 from turbo_site.core.streams import StreamUnavailable
-
-logger = logging.getLogger("turbo.ws")
 
 # Connected /ws clients in this process (reported by /health).
 connected_clients = 0

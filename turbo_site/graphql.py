@@ -5,8 +5,6 @@ graphql-transport-ws (GraphQLConsumer, routed in turbo_site/asgi.py). `manage.py
 writes it to schema.graphql.
 """
 
-import logging
-
 import strawberry
 from graphql import GraphQLError
 from strawberry.extensions import MaskErrors, ParserCache, ValidationCache
@@ -19,8 +17,6 @@ import groups.graphql
 import proxy.graphql
 from turbo_site.core import errors
 from turbo_site.core.graphql import SCALARS, Limits, OperationScope
-
-logger = logging.getLogger("turbo.graphql")
 
 Query = merge_types(
     "Query",
