@@ -11,7 +11,6 @@ preflights, cookies) and requests without a token, which get Django's answers.
 """
 
 import asyncio
-import json
 import logging
 import time
 
@@ -22,7 +21,7 @@ from accounts.auth import token_from_headers
 from accounts.services import asession_lookup
 from proxy.usage.caller import Caller
 from proxy.views import ProxyReply, ProxyRequest, exchange, openai_error_body
-from turbo_site.core.errors import error_body, outcome_of
+from turbo_site.core.errors import outcome_of
 from turbo_site.core.http import client_ip_from, scope_headers
 
 logger = logging.getLogger("turbo.proxy")
@@ -57,7 +56,8 @@ class Refused(Exception):
 
 
 def _turbo_error(status: int, code: str, message: str) -> Refused:
-    return Refused(status, json.dumps(error_body(code, message)).encode())
+    # Under /v1 every error has OpenAI's shape (which holds Turbo's code and message too).
+    return _openai_refusal(status, code, message)
 
 
 def _openai_refusal(status: int, code: str, message: str) -> Refused:
