@@ -28,7 +28,7 @@ from proxy import gateway, structured, tools
 from proxy.events import event_record
 from proxy.usage.caller import Caller
 from turbo_site.core import tracing
-from turbo_site.core.errors import CODES, Outcome, TurboError, outcome_of
+from turbo_site.core.errors import CODES, Outcome, TurboError, outcome_of, refusal
 from turbo_site.core.parsers import client_json_loads
 from turbo_site.core.streams import StreamUnavailable
 
@@ -170,7 +170,7 @@ class RpcConsumer(AsyncWebsocketConsumer):
         await self.send(text_data=json.dumps(frame, separators=(",", ":"), default=str))
 
     async def send_error(self, request_id: Any, code: str, message: str) -> None:
-        await self.send_outcome(request_id, Outcome(code, CODES[code].status, message))
+        await self.send_outcome(request_id, refusal(code, message))
 
     async def send_outcome(self, request_id: Any, outcome: Outcome) -> None:
         """The error frame: `{"type": "error", "request_id", "error": {code, message, ...}}`."""

@@ -399,11 +399,6 @@ def failure_response(exc: BaseException) -> JsonResponse:
     return response
 
 
-def openai_error_of(outcome: Outcome) -> dict:
-    """/v1's OpenAI-shaped error object: OpenAI's `type` beside Turbo's code and message."""
-    return {"error": {"message": outcome.message, "type": outcome.openai_type, "code": outcome.code}}
-
-
 def unavailable_response(exc: BaseException | None = None) -> JsonResponse:
     """503 `unavailable` with Retry-After, for a backing service that is away."""
     logger.warning("a backing service is unavailable: %s", exc)
