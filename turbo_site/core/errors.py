@@ -109,7 +109,7 @@ CODES: dict[str, Code] = {
     "upstream_stream_error": Code(502, "the upstream's stream broke off"),
     "invalid_structured_output": Code(502, "the model's replies never matched the schema (`errors` says how)"),
     "program_failed": Code(502, "the chat's program failed"),
-    "upstream_busy": Code(503, "every upstream is cooling down; Retry-After says when to try again"),
+    "upstream_busy": Code(503, "every upstream of the model is at its in-flight limit; try again shortly"),
     "upstream_unavailable": Code(503, "no upstream could take the request; try again shortly"),
     "upstream_not_configured": Code(503, "the model's upstream is not configured"),
     "gateway_misconfigured": Code(503, "the gateway's configuration cannot be read"),
