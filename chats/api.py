@@ -21,9 +21,7 @@ from chats.programs.runner import program_context_check
 from chats.serializers import ChatOutput, MessageOutput, chat_data, message_data
 from chats.stream import ChatSubscriber
 from proxy import tools
-from proxy.gateway import GatewayError
-from proxy.structured import StructuredOutputError
-from turbo_site.core.errors import Invalid, TurboError, error_response, is_unavailable, unavailable_response
+from turbo_site.core.errors import Invalid, error_response, failure_response
 from turbo_site.core.schema import EmptyResponse, errors, get_and_post
 from turbo_site.core.serializers import StrictCharField, plain_request_input, request_input
 from turbo_site.core.streams import Entry
@@ -313,16 +311,8 @@ def async_endpoint(methods: tuple[str, ...], *, token_parameter: bool = False):
                 request.user = session.user
                 request.turbo_session = session
                 return await view(request, *args, **kwargs)
-            except TurboError as exc:
-                return error_response(exc.status_code, exc.code, exc.message, exc.headers)
-            except serializers.ValidationError as exc:
-                from turbo_site.core.errors import exception_handler
-
-                return exception_handler(exc, {})
             except Exception as exc:
-                if is_unavailable(exc):
-                    return unavailable_response(exc)
-                raise
+                return failure_response(exc)
 
         return wrapper
 
@@ -359,33 +349,18 @@ async def chat_prompt(request):
     chat = await database_sync_to_async(selectors.chat_get_for_member)(user=request.user, chat_id=fields["id"])
     context = fields.get("context", settings.DEFAULT_CONTEXT)
     context = max(0, min(context, settings.MAX_CONTEXT))
-    try:
-        message = await generation.message_prompt(
-            chat=chat,
-            user=request.user,
-            prompt=fields.get("prompt"),
-            context_size=context,
-            stream=fields["stream"],
-            otr=fields["otr"],
-            allowed_models=request.turbo_session.allowed_models,
-            response_format=fields.get("response_format"),
-            client_functions=fields.get("tools"),
-            tool_results=fields.get("tool_results"),
-        )
-    except StructuredOutputError as exc:
-        return error_response(502, exc.code, exc.message, errors=exc.errors)
-    except GatewayError as exc:
-        if exc.status in (400, 403, 404):  # the model asked for: unknown, not allowed, or fits no route
-            return error_response(exc.status, exc.code, exc.message)
-        if exc.status == 429 and exc.code in ("budget_exceeded", "rate_limited"):  # Turbo's own limits
-            retry = {"Retry-After": str(max(1, int(exc.retry_after)))} if exc.retry_after else {}
-            return error_response(429, exc.code, exc.message, retry)
-        if exc.code == "stopped":
-            return error_response(409, "stopped", "the reply was stopped")
-        status = 504 if exc.status == 504 else 502
-        return error_response(
-            status, "program_failed" if exc.code == "program_failed" else "upstream_error", exc.message
-        )
+    message = await generation.message_prompt(
+        chat=chat,
+        user=request.user,
+        prompt=fields.get("prompt"),
+        context_size=context,
+        stream=fields["stream"],
+        otr=fields["otr"],
+        allowed_models=request.turbo_session.allowed_models,
+        response_format=fields.get("response_format"),
+        client_functions=fields.get("tools"),
+        tool_results=fields.get("tool_results"),
+    )
     return JsonResponse({"message": message_data(message)})
 
 

@@ -18,6 +18,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from accounts.auth import AuthRefused, aauthenticate, scope_credentials
 from chats import selectors
 from chats.stream import ChatSubscriber
+from turbo_site.core.errors import outcome_of, refusal
 from turbo_site.core.parsers import client_json_loads
 from turbo_site.core.streams import StreamUnavailable
 
@@ -66,9 +67,9 @@ class ChatStreamConsumer(AsyncWebsocketConsumer):
         try:
             # Subscribed before accepting: no event after the handshake is missed.
             self.subscriber = await ChatSubscriber(chat_id=chat_id, session=session, after=after).start()
-        except StreamUnavailable:
+        except StreamUnavailable as exc:
             await self.accept()
-            await self._send_notice("stream.error", "the live stream is unavailable; reconnect shortly")
+            await self._send_failure(exc)
             await self.close(code=1013)
             return
         await self.accept()
@@ -103,15 +104,25 @@ class ChatStreamConsumer(AsyncWebsocketConsumer):
     async def _send_notice(self, type: str, message: str, **fields) -> None:
         await self.send(text_data=json.dumps({"type": type, "message": message, **fields}))
 
+    async def _send_failure(self, exc: Exception) -> None:
+        """The stream cannot go on: `stream.error` with the failure's outcome (reconnect and resume)."""
+        outcome = outcome_of(exc)
+        await self._send_notice("stream.error", outcome.message, code=outcome.code, retry_after=outcome.retry_after)
+
+    async def _send_error(self, code: str, message: str) -> None:
+        """A refused client frame: `{"type": "error", "code", "message"}` (the code from the one table)."""
+        outcome = refusal(code, message)
+        await self._send_notice("error", outcome.message, code=outcome.code)
+
     async def receive(self, text_data=None, bytes_data=None):
         """Clients listen; they may resume (first frame only) and ping to check the line."""
         if not text_data or len(text_data) > MAX_CLIENT_FRAME:
-            await self._send_notice("error", f"frames must be JSON text of at most {MAX_CLIENT_FRAME} bytes")
+            await self._send_error("frame_too_large", f"frames must be JSON text of at most {MAX_CLIENT_FRAME} bytes")
             return
         try:
             frame = client_json_loads(text_data)
         except ValueError:
-            await self._send_notice("error", "frames must be JSON objects")
+            await self._send_error("invalid_frame", "frames must be JSON objects")
             return
         kind = frame.get("type") if isinstance(frame, dict) else None
         if kind == "ping":
@@ -119,19 +130,21 @@ class ChatStreamConsumer(AsyncWebsocketConsumer):
         elif kind == "resume":
             await self._resume(_after_of(frame.get("after")))
         else:
-            await self._send_notice("error", 'unknown frame: send {"type": "ping"} or {"type": "resume", "after": N}')
+            await self._send_error(
+                "unknown_type", 'unknown frame: send {"type": "ping"} or {"type": "resume", "after": N}'
+            )
 
     async def _resume(self, after: int | None) -> None:
         if after is None:
-            await self._send_notice("error", "resume: after must be a whole number (the last seq received)")
+            await self._send_error("invalid_frame", "resume: after must be a whole number (the last seq received)")
             return
         if self.sent_any or self.subscriber is None:
-            await self._send_notice("error", "resume must be the first frame (or connect with ?after=N)")
+            await self._send_error("invalid_frame", "resume must be the first frame (or connect with ?after=N)")
             return
         try:
             replacement = await ChatSubscriber(chat_id=self.chat_id, session=self.session, after=after).start()
-        except StreamUnavailable:
-            await self._send_notice("stream.error", "the live stream is unavailable; reconnect shortly")
+        except StreamUnavailable as exc:
+            await self._send_failure(exc)
             await self.close(code=1013)
             return
         await self._stop()  # the live-only subscription started at connect: the replacement covers it

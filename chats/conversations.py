@@ -22,6 +22,7 @@ from chats import generation, selectors, services
 from chats.api import async_endpoint
 from chats.stream import FINAL_TYPES, MESSAGE_DELTA, ChatSubscriber
 from turbo_site.core.crypto import secret_decrypt, secret_mask
+from turbo_site.core.errors import Outcome, refusal
 from turbo_site.core.schema import errors
 from turbo_site.core.serializers import StrictCharField, plain_request_input, request_input
 
@@ -153,8 +154,9 @@ def _frame(event: str, text: str) -> bytes:
     return f"event: {event}\n{data}\n".encode()
 
 
-def _error_frame(code: str, message: str) -> bytes:
-    return _frame("error", json.dumps({"error": {"code": code, "message": message}}, ensure_ascii=False))
+def _error_frame(outcome: Outcome) -> bytes:
+    """The SSE `error` event: the same error object as every other front's."""
+    return _frame("error", json.dumps({"error": outcome.error()}, ensure_ascii=False))
 
 
 @async_endpoint(("POST",))
@@ -185,7 +187,7 @@ async def conversation_chat(request, number):
             async for entry in subscriber:
                 if entry.is_notice:
                     if entry.type != "stream.gap":  # the stream ended: say why
-                        yield _error_frame(entry.type, entry.data["message"])
+                        yield _error_frame(refusal(entry.data.get("code", "unavailable"), entry.data["message"]))
                         return
                     continue
                 if entry.type != MESSAGE_DELTA and entry.type not in FINAL_TYPES:
@@ -199,7 +201,7 @@ async def conversation_chat(request, number):
                     continue
                 final = event["message"]
                 if final["status"] == "error":
-                    yield _error_frame("upstream_error", final["error"])
+                    yield _error_frame(refusal("upstream_error", final["error"]))
                 yield _frame("done", STREAM_FINISHED)
                 yield _frame("full_response", final["reply"])
                 return

@@ -542,7 +542,7 @@ async def _generate(plan: PromptPlan, base: dict) -> Outcome:
         if plan.message.pk in running.stop_requested:  # a member pressed stop: an ending, not a shutdown
             asyncio.current_task().uncancel()
             status, error = Message.Status.ERROR, STOPPED
-            failure = GatewayError(STOPPED, status=409, code="stopped")
+            failure = GatewayError("the reply was stopped", status=409, code="stopped")
         else:
             status, error = Message.Status.ERROR, INTERRUPTED
             failure = GatewayError(INTERRUPTED, status=503)

@@ -21,15 +21,8 @@ from chats.serializers import message_data
 from chats.stream import ChatSubscriber
 from protos.turbo.v1 import turbo_pb2, turbo_pb2_grpc
 from proxy.grpc import response_format_of
-from turbo_site.core.errors import Invalid
+from turbo_site.core.errors import Invalid, refusal
 from turbo_site.core.streams import Entry
-
-# How a stream's last notice ends the call (the chat WebSocket closes with 4404, 4403, 4401 for these).
-ENDINGS = {
-    "chat_deleted": grpc.StatusCode.NOT_FOUND,
-    "access": grpc.StatusCode.PERMISSION_DENIED,
-    "session": grpc.StatusCode.UNAUTHENTICATED,
-}
 
 
 def _chat_id(value: str) -> uuid.UUID:
@@ -124,7 +117,6 @@ class ChatsServicer(turbo_pb2_grpc.ChatsServicer):
         finally:
             await subscriber.close()
         if ending is not None:
-            data = ending.data
-            await context.abort(
-                ENDINGS.get(data.get("reason"), grpc.StatusCode.UNAVAILABLE), str(data.get("message") or ending.type)
-            )
+            # The notice's code ends the call with its status (NOT_FOUND: the chat was deleted, ...).
+            outcome = refusal(ending.data.get("code", "unavailable"), str(ending.data.get("message") or ending.type))
+            await context.abort(grpc.StatusCode[outcome.grpc_name], outcome.message)

@@ -111,7 +111,7 @@ def add_chat_paths(result, generator, request, public):
                         }
                     },
                 },
-                **_errors(400, 401, 403, 404, 405, 409, 502, 503, 504),
+                **_errors(400, 401, 403, 404, 405, 409, 429, 502, 503, 504),
             },
         }
     }
@@ -211,7 +211,7 @@ def add_chat_paths(result, generator, request, public):
                 "description": "server-sent events",
                 "content": {"text/event-stream": {"schema": {"type": "string"}}},
             },
-            **_errors(400, 401, 404),
+            **_errors(400, 401, 403, 404, 429, 503),
         },
     }
     result["paths"]["/api/chat/{number}"] = {"post": conversation_chat}

@@ -27,6 +27,7 @@ STREAM_REPLAY_SECONDS (at most STREAM_REPLAY_MAX events per chat). The types and
 Subscribers may also get notices, which have no `seq` and are not stored: `stream.gap` (events after
 `after` are gone: reload the chat), `stream.error` (the stream broke: reconnect with the last seq),
 `server.shutdown` (this server is stopping: reconnect), `stream.closed` (access or the session ended).
+Those that end a stream carry the error `code` its failure has on every front (turbo_site.core.errors).
 
 Services send with `event_send` (inside their transaction: it goes out after the commit) and the
 reply loop with `aevent_send`; every front (SSE, the chat WebSocket, the conversations API) reads
@@ -168,7 +169,7 @@ class ChatSubscriber(streams.ReadsByGet):
         return str((entry.data.get("message") or {}).get("id")) in self._deleted
 
     def _session_ended(self, reason: str) -> None:
-        self.subscription.end(notice("stream.closed", reason, reason="session"))
+        self.subscription.end(notice("stream.closed", reason, reason="session", code="session_ended"))
 
     async def get(self, timeout: float | None = None) -> Entry | None:
         while True:
@@ -180,7 +181,9 @@ class ChatSubscriber(streams.ReadsByGet):
         if entry.type == MESSAGE_DELETED:
             self._deleted.add(entry.data.get("message_id"))
         elif entry.type == CHAT_DELETED:
-            self.subscription.end(notice("stream.closed", "the chat was deleted", reason="chat_deleted"))
+            self.subscription.end(
+                notice("stream.closed", "the chat was deleted", reason="chat_deleted", code="not_found")
+            )
         elif entry.type in (MEMBER_REMOVED, ACCESS_CHANGED):
             data = entry.data
             named = data.get("user_ids") or [data.get("user_id")]
@@ -188,10 +191,14 @@ class ChatSubscriber(streams.ReadsByGet):
                 selectors.chat_can_see
             )(user_id=self.user_id, chat_id=self.chat_id):
                 self.subscription.end(
-                    notice("stream.closed", "you no longer have access to this chat", reason="access")
+                    notice("stream.closed", "you no longer have access to this chat", reason="access", code="forbidden")
                 )
         return entry
 
 
 def shutdown_notice() -> Entry:
-    return notice("server.shutdown", "this server is shutting down; reconnect (with the last seq) to resume")
+    return notice(
+        "server.shutdown",
+        "this server is shutting down; reconnect (with the last seq) to resume",
+        code="unavailable",
+    )

@@ -14,7 +14,6 @@ socket stays open.
 
 import asyncio
 import json
-import logging
 import time
 from typing import Any
 
@@ -29,20 +28,20 @@ from proxy import gateway, structured, tools
 from proxy.events import event_record
 from proxy.usage.caller import Caller
 from turbo_site.core import tracing
+from turbo_site.core.errors import CODES, Outcome, TurboError, outcome_of, refusal
 from turbo_site.core.parsers import client_json_loads
 from turbo_site.core.streams import StreamUnavailable
-
-logger = logging.getLogger("turbo.ws")
 
 # Connected /ws clients in this process (reported by /health).
 connected_clients = 0
 
 
-class RpcError(Exception):
+class RpcError(TurboError):
+    """A request this socket refuses; its status is its code's (turbo_site.core.errors.CODES)."""
+
     def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+        super().__init__(message, code=code)
+        self.status_code = CODES[code].status if code in CODES else 400
 
 
 class MessageInput(serializers.Serializer):
@@ -128,9 +127,9 @@ class RpcConsumer(AsyncWebsocketConsumer):
         watch = session_watch(session.session_id, session.expires_at, self._session_ended)
         try:
             await watch.__aenter__()
-        except StreamUnavailable:
+        except StreamUnavailable as exc:
             await self.accept()
-            await self.send_error(None, "unavailable", "a service Turbo depends on is unavailable; reconnect shortly")
+            await self.send_outcome(None, outcome_of(exc))
             await self.close(code=1013)
             return
         self.watch = watch
@@ -171,7 +170,11 @@ class RpcConsumer(AsyncWebsocketConsumer):
         await self.send(text_data=json.dumps(frame, separators=(",", ":"), default=str))
 
     async def send_error(self, request_id: Any, code: str, message: str) -> None:
-        await self.send_frame({"type": "error", "request_id": request_id, "error": {"code": code, "message": message}})
+        await self.send_outcome(request_id, refusal(code, message))
+
+    async def send_outcome(self, request_id: Any, outcome: Outcome) -> None:
+        """The error frame: `{"type": "error", "request_id", "error": {code, message, ...}}`."""
+        await self.send_frame({"type": "error", "request_id": request_id, "error": outcome.error()})
 
     async def receive(self, text_data=None, bytes_data=None):
         raw = text_data if text_data is not None else bytes_data
@@ -243,20 +246,11 @@ class RpcConsumer(AsyncWebsocketConsumer):
                 await HANDLERS[kind](self, request_id, payload)
         except asyncio.CancelledError:
             status = 499
-        except RpcError as exc:
-            status = 400
-            await self.send_error(request_id, exc.code, exc.message)
-        except gateway.GatewayError as exc:
-            status = exc.status
-            attempts = exc.attempts
-            code = exc.code if exc.status in (400, 403, 404, 429) else "upstream_error"
-            if isinstance(exc, structured.StructuredOutputError):
-                code = exc.code  # the model's reply never matched the schema: say so, not "upstream_error"
-            await self.send_error(request_id, code, exc.message)
-        except Exception:
-            status = 500
-            logger.exception("ws request %s failed", kind)
-            await self.send_error(request_id, "internal_error", "internal error")
+        except Exception as exc:  # an unexpected one is logged by outcome_of, with its traceback
+            outcome = outcome_of(exc)
+            status = outcome.status
+            attempts = getattr(exc, "attempts", ())  # a model call's, for the log
+            await self.send_outcome(request_id, outcome)
         finally:
             recorded = self.attempts.pop(request_id, ())
             attempts = attempts or recorded

@@ -11,7 +11,6 @@ preflights, cookies) and requests without a token, which get Django's answers.
 """
 
 import asyncio
-import json
 import logging
 import time
 
@@ -21,7 +20,7 @@ from django.http.request import split_domain_port, validate_host
 from accounts.auth import AuthRefused, Credentials, aauthenticate
 from proxy.usage.caller import Caller
 from proxy.views import ProxyReply, ProxyRequest, exchange, openai_error_body
-from turbo_site.core.errors import error_body, is_unavailable
+from turbo_site.core.errors import outcome_of
 from turbo_site.core.http import client_ip_from, scope_headers
 
 logger = logging.getLogger("turbo.proxy")
@@ -59,7 +58,8 @@ class Refused(Exception):
 
 
 def _turbo_error(status: int, code: str, message: str) -> Refused:
-    return Refused(status, json.dumps(error_body(code, message)).encode())
+    # Under /v1 every error has OpenAI's shape (which holds Turbo's code and message too).
+    return _openai_refusal(status, code, message)
 
 
 def _openai_refusal(status: int, code: str, message: str, headers: dict | None = None) -> Refused:
@@ -212,9 +212,10 @@ class ProxyFastPath:
             if began:
                 logger.exception("the proxy failed on %s %s", scope["method"], scope["path"])
                 raise  # the answer had begun: the server closes the connection
-            if is_unavailable(exc):  # Redis (the token cache) is away: try again shortly
-                body = error_body("unavailable", "a service Turbo depends on is unavailable; try again shortly")
-                await _send_whole(send, 503, json.dumps(body).encode(), [(b"retry-after", b"2")])
-                return
-            logger.exception("the proxy failed on %s %s", scope["method"], scope["path"])
-            await _send_whole(send, 500, json.dumps(error_body("server_error", "internal error")).encode())
+            # Redis (the token cache) away is 503 `unavailable`; a fault is logged there, once.
+            outcome = outcome_of(exc)
+            body = openai_error_body(outcome.message, outcome.openai_type, outcome.code)
+            headers = [
+                (name.lower().encode("latin1"), value.encode("latin1")) for name, value in outcome.all_headers().items()
+            ]
+            await _send_whole(send, outcome.status, body, headers)

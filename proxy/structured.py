@@ -55,6 +55,7 @@ class StructuredOutputError(GatewayError):
             code="invalid_structured_output",
             error_type="server_error",
         )
+        self.extra = {"errors": self.errors}
 
 
 class ReplyInvalid(Exception):

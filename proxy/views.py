@@ -30,6 +30,7 @@ from proxy.usage.caller import Caller
 from proxy.usage.limits import limits_settle
 from proxy.usage.passthrough import UsageStripper, exchange_usage_record, usage_asked_for
 from turbo_site.core import metrics, tracing
+from turbo_site.core.errors import Outcome, outcome_of
 from turbo_site.core.http import client_ip
 from turbo_site.core.parsers import JSONTooDeep, client_json_loads
 
@@ -83,8 +84,10 @@ def openai_error_body(message: str, error_type: str, code: str) -> bytes:
     return json.dumps({"error": {"message": message, "type": error_type, "code": code}}).encode()
 
 
-def openai_error(status: int, message: str, error_type: str, code: str) -> HttpResponse:
-    return HttpResponse(openai_error_body(message, error_type, code), status=status, content_type="application/json")
+def openai_error(outcome: Outcome) -> HttpResponse:
+    """A failure's outcome (turbo_site.core.errors) as /v1 answers it."""
+    body = openai_error_body(outcome.message, outcome.openai_type, outcome.code)
+    return HttpResponse(body, status=outcome.status, content_type="application/json", headers=outcome.all_headers())
 
 
 def _request_headers(client_headers: dict[str, str]) -> dict[str, str]:
@@ -245,13 +248,12 @@ async def exchange(request: ProxyRequest) -> ProxyReply:
             )
         )
     except gateway.GatewayError as exc:
-        if exc.status >= 500:
+        outcome = outcome_of(exc)
+        if outcome.status >= 500:
             logger.warning("upstream request failed: %s", exc.message)
         headers = {"X-Turbo-Attempts": str(len(exc.attempts))} if exc.attempts else {}
-        if exc.retry_after:
-            headers["Retry-After"] = str(int(exc.retry_after))
-        headers.update(exc.headers)  # a rate limit's x-ratelimit-*
-        return fail(exc.status, exc.message, exc.error_type, exc.code, headers, exc.attempts)
+        headers.update(outcome.all_headers())  # Retry-After, a rate limit's x-ratelimit-*
+        return fail(outcome.status, outcome.message, outcome.openai_type, outcome.code, headers, exc.attempts)
     answered = time.perf_counter()
 
     upstream = answer.response
@@ -373,10 +375,7 @@ async def proxy_view(request, path: str = ""):
     try:
         found = await arequest_authenticate(request, "proxy")
     except AuthRefused as refused:
-        response = openai_error(refused.status_code, refused.message, "invalid_request_error", refused.code)
-        for name, value in refused.headers.items():
-            response[name] = value
-        return response
+        return openai_error(outcome_of(refused))
     request.turbo_event_handled = True  # the proxy logs its own, once the stream has ended
     reply = await exchange(
         ProxyRequest(

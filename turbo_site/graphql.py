@@ -5,17 +5,12 @@ graphql-transport-ws (GraphQLConsumer, routed in turbo_site/asgi.py). `manage.py
 writes it to schema.graphql.
 """
 
-import json
-import logging
 import re
 from collections.abc import AsyncGenerator
 
 import strawberry
 from django.conf import settings
-from django.core.exceptions import PermissionDenied, RequestDataTooBig, SuspiciousOperation
-from django.http import Http404
 from graphql import GraphQLError
-from rest_framework import exceptions as drf_exceptions
 from strawberry.extensions import MaskErrors, ValidationCache
 from strawberry.schema.config import StrawberryConfig
 from strawberry.tools import merge_types
@@ -25,12 +20,8 @@ import accounts.graphql
 import chats.graphql
 import groups.graphql
 import proxy.graphql
-from accounts.auth import AuthRefused
-from proxy.gateway import GatewayError
 from turbo_site.core import errors
 from turbo_site.core.graphql import SCALARS, Limits, OperationScope, document_refusal, variables_refusal
-
-logger = logging.getLogger("turbo.graphql")
 
 Query = merge_types(
     "Query",
@@ -58,42 +49,17 @@ Subscription = merge_types(
 )
 
 
-def gateway_error_code(exc: GatewayError) -> str:
-    """A failed model call's code, as /chat/prompt and /ws name it."""
-    if exc.status in (400, 403, 404) or (exc.status == 429 and exc.code in ("budget_exceeded", "rate_limited")):
-        return exc.code
-    if exc.code in ("stopped", "program_failed", "invalid_structured_output"):
-        return exc.code
-    return "upstream_error"
-
-
-# What errors.exception_handler answers in Turbo's shape (anything else is a fault: logged, internal_error).
-ANSWERED = (
-    errors.TurboError,
-    Http404,
-    PermissionDenied,
-    RequestDataTooBig,
-    SuspiciousOperation,
-    drf_exceptions.APIException,
-)
-
-
 def error_of(original: BaseException) -> tuple[str, str, dict]:
-    """(code, message, more extensions) for an exception a resolver raised: Turbo's error shape."""
-    if isinstance(original, GatewayError):
-        more = {"retryAfter": int(original.retry_after)} if original.retry_after else {}
-        return gateway_error_code(original), original.message, more
-    if isinstance(original, AuthRefused):
-        return original.code, original.message, {}
-    if not isinstance(original, ANSWERED) and not errors.is_unavailable(original):
-        logger.error(
-            "unhandled error in a GraphQL resolver", exc_info=(type(original), original, original.__traceback__)
-        )
-        return "internal_error", "internal server error", {}
-    response = errors.exception_handler(original, {})
-    error = json.loads(response.content)["error"]
-    more = {"fields": error["fields"]} if "fields" in error else {}
-    return error["code"], error["message"], more
+    """(code, message, more extensions) for an exception a resolver raised: its one outcome
+    (turbo_site.core.errors), an unexpected one logged there and answered `internal_error`."""
+    outcome = errors.outcome_of(original)
+    more = {_camel(name): value for name, value in outcome.error().items() if name not in ("code", "message")}
+    return outcome.code, outcome.message, more
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
 
 
 # graphql-core ends a message with its guesses at what was meant ("Did you mean 'user'?"): they name

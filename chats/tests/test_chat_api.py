@@ -251,7 +251,7 @@ def test_upstream_failure_keeps_the_prompt_and_answers_502(client, alice, upstre
     settings.OPENAI_API_URL = "http://127.0.0.1:9/v1"
     response = prompt(client, token, chat["id"], "are you there?")
     assert response.status_code == 502
-    assert response.json()["error"]["code"] == "upstream_error"
+    assert response.json()["error"]["code"] == "upstream_unreachable"  # the same code as /v1 and every front
     message = Message.objects.get(chat_id=chat["id"])
     assert (message.prompt, message.status) == ("are you there?", "error")
     assert message.error

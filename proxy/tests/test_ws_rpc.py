@@ -158,7 +158,9 @@ def test_upstream_failure_is_an_error_frame(ws, settings):
     settings.OPENAI_API_URL = "http://127.0.0.1:9/v1"
     send(ws, "chat_completion", "down", user("hi"))
     frame = recv(ws)
-    assert frame["type"] == "error" and frame["error"]["code"] == "upstream_error"
+    assert (
+        frame["type"] == "error" and frame["error"]["code"] == "upstream_unreachable"
+    )  # the same code as /v1 and every front
 
 
 def test_handshake_needs_a_token_and_an_allowed_origin(turbo_server, signup):

@@ -372,7 +372,11 @@ class _RedisReader:
         for subscribers in listeners.values():
             for subscription in subscribers:
                 subscription.end(
-                    notice("stream.error", "the live stream was interrupted; reconnect (with Last-Event-ID) to resume")
+                    notice(
+                        "stream.error",
+                        "the live stream was interrupted; reconnect (with Last-Event-ID) to resume",
+                        code="unavailable",
+                    )
                 )
 
     async def _disconnect(self) -> None:
@@ -644,7 +648,7 @@ class Subscription(ReadsByGet):
         try:
             entries, gap = await replay(self.key, after)
         except StreamUnavailable:
-            self.end(notice("stream.error", "the live stream was interrupted; reconnect to resume"))
+            self.end(notice("stream.error", "the live stream was interrupted; reconnect to resume", code="unavailable"))
             return
         if self.last is None:
             gap = bool(entries) and entries[0].seq != after + 1  # did the live start leave the window?
