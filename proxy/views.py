@@ -300,7 +300,14 @@ async def exchange(request: ProxyRequest) -> ProxyReply:
             )
             log(status, reader, capture_body(bytes(captured), response_type) if captured else "", answer.attempts)
             cost = exchange_usage_record(
-                caller=request.caller, path=request.path, model=model, payload=payload, answer=answer, reader=reader
+                caller=request.caller,
+                path=request.path,
+                model=model,
+                payload=payload,
+                answer=answer,
+                reader=reader,
+                form=requested.form,
+                body_size=len(request.body),
             )
             await limits_settle(answer.admission, answer.reservation, cost=cost, tokens=reader.token("total_tokens"))
 

@@ -6,6 +6,7 @@ reached it, so a refusal is also checked to have sent nothing upstream.
 """
 
 import json
+from decimal import Decimal
 
 import httpx
 import pytest
@@ -215,3 +216,93 @@ def test_a_one_cent_budget_is_not_overspent_whatever_the_content_type(upstream, 
     spent = UsageRollup.objects.filter(user_id=user.pk).aggregate(total=Sum("cost_usd"))["total"]
     assert Decimal(0) < spent <= Decimal("0.01")
     assert len(upstream.requests) == statuses.count(200)
+
+
+# --- every paid path is governed ------------------------------------------------------------------------
+
+PAID_CALLS = {
+    "images/generations": {"model": "dall-e-2", "prompt": "a cat", "n": 1, "size": "256x256"},
+    "audio/speech": {"model": "tts-1", "input": "hello there", "voice": "alloy"},
+    "embeddings": {"model": "text-embedding-3-small", "input": "hello"},
+    "moderations": {"input": "hello"},
+    "chat/completions": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+}
+
+
+def rollup_costs(user_id) -> dict[str, Decimal]:
+    from django.db.models import Sum
+
+    from proxy.events import events_flush
+    from proxy.models import UsageRollup
+
+    events_flush()
+    rows = UsageRollup.objects.filter(user_id=user_id).values("model").annotate(cost=Sum("cost_usd"))
+    return {row["model"]: row["cost"] for row in rows}
+
+
+@pytest.fixture
+def budgeted(member):
+    from proxy.usage.budgets import budget_rules_forget, budget_set
+
+    user, token = member
+    budget_set(scope="user", target_id=user.pk, usd=Decimal("1.00"), period="day")
+    budget_rules_forget()
+    yield user, token
+    budget_rules_forget()
+
+
+def test_a_used_up_budget_refuses_every_paid_path_before_the_upstream(upstream, budgeted):
+    from proxy.usage.caller import Caller
+    from proxy.usage.records import Usage, usage_record
+
+    user, token = budgeted
+    usage_record(Caller(user.pk), Usage("gpt-4", "default", 0, 20_000))  # $1.20 of a $1.00 budget
+    assert rollup_costs(user.pk)["gpt-4"] == Decimal("1.2")
+    calls = [
+        ("/v1/" + path, headers_for(token, None, "fast"), json.dumps(body).encode())
+        for path, body in PAID_CALLS.items()
+    ]
+    audio, content_type = multipart({"model": "whisper-1"})
+    calls.append(("/v1/audio/transcriptions", headers_for(token, content_type, "fast"), audio))
+    for answer in post_all(calls):
+        assert answer.status_code == 429, answer.text
+        assert answer.json()["error"]["code"] == "budget_exceeded"
+    assert upstream.requests == []
+
+
+def test_images_speech_and_audio_seconds_are_priced_by_what_they_make(upstream, budgeted):
+    user, token = budgeted
+    images = {"model": "dall-e-2", "prompt": "a cat", "n": 3, "size": "512x512"}
+    speech = {"model": "tts-1", "input": "x" * 1000, "voice": "alloy"}
+    audio, content_type = multipart({"model": "whisper-1"})  # the fake says 1 second (one per 1000 bytes)
+    answers = post_all(
+        [
+            ("/v1/images/generations", headers_for(token, None, "fast"), json.dumps(images).encode()),
+            ("/v1/audio/speech", headers_for(token, None, "fast"), json.dumps(speech).encode()),
+            ("/v1/audio/transcriptions", headers_for(token, content_type, "fast"), audio),
+            ("/v1/moderations", headers_for(token, None, "fast"), b'{"input": "hi"}'),
+        ]
+    )
+    assert [answer.status_code for answer in answers] == [200, 200, 200, 200]
+    assert len(answers[0].json()["data"]) == 3
+    costs = rollup_costs(user.pk)
+    assert costs["dall-e-2"] == Decimal("0.054")  # 3 images at $0.018 (512x512)
+    assert costs["tts-1"] == Decimal("0.015")  # 1000 characters at $15 per 1M
+    assert costs["whisper-1"] == Decimal("0.0001")  # the 1 second the upstream reported at $0.006 a minute
+    assert costs["omni-moderation-latest"] == Decimal(0)  # priced (at 0), so governed
+    assert upstream.requests[3].json()["model"] == "omni-moderation-latest"
+
+
+def test_the_most_a_call_may_cost_counts_images_characters_and_upload_seconds():
+    from proxy.usage.budgets import call_cost_ceiling
+
+    images = {"model": "dall-e-3", "n": 3, "size": "1792x1024", "quality": "hd"}
+    assert call_cost_ceiling("images/generations", "dall-e-3", images) == Decimal("0.36")
+    assert call_cost_ceiling("images/generations", "dall-e-3", {"size": "999x999"}) == Decimal("0.12")  # the dearest
+    assert call_cost_ceiling("audio/speech", "tts-1-hd", {"input": "y" * 2000}) == Decimal("0.06")
+    form, content_type = multipart({"model": "whisper-1"})
+    upload = form + b"\x00" * 19_000  # ~20,000 bytes: at most 10 seconds at 16 kbit/s (rounded up)
+    ceiling = call_cost_ceiling("audio/transcriptions", "whisper-1", None, raw=upload, content_type=content_type)
+    assert ceiling == Decimal("0.0001") * -(-len(upload) // 2000)
+    edit, content_type = multipart({"model": "dall-e-2", "n": "2", "size": "256x256"})
+    assert call_cost_ceiling("images/edits", "dall-e-2", None, raw=edit, content_type=content_type) == Decimal("0.032")
