@@ -331,7 +331,7 @@ def test_cost_is_exact_decimal_with_cached_tokens():
     assert cost_usd("gpt-4o-mini", 1000, 500, 400) == Decimal("0.000420")  # 600*0.15 + 400*0.075 + 500*0.6
     assert cost_usd("gpt-4o-mini-2024-07-18", 1000, 0) == Decimal("0.00015")  # dated: priced as its model
     assert cost_usd("gpt-4", 1, 1) == Decimal("0.00009")
-    assert cost_usd("no-such-model", 1000, 1000) == 0
+    assert cost_usd("no-such-model", 1000, 1000) == Decimal("0.04")  # DEFAULT_PRICE: $10 in, $30 out per 1M
     assert isinstance(cost_of(MINI, 1, 1), Decimal)
 
 

@@ -306,3 +306,50 @@ def test_the_most_a_call_may_cost_counts_images_characters_and_upload_seconds():
     assert ceiling == Decimal("0.0001") * -(-len(upload) // 2000)
     edit, content_type = multipart({"model": "dall-e-2", "n": "2", "size": "256x256"})
     assert call_cost_ceiling("images/edits", "dall-e-2", None, raw=edit, content_type=content_type) == Decimal("0.032")
+
+
+# --- no free model under a budget -------------------------------------------------------------------------
+
+ECHO_50 = "echo: " + " ".join(["word"] * 50)
+
+
+def unpriced_body() -> bytes:
+    messages = [{"role": "user", "content": ECHO_50}]
+    return json.dumps({"model": "local-llama", "max_tokens": 60, "messages": messages}).encode()
+
+
+def test_a_model_with_no_price_counts_at_the_default_price_and_a_budget_stops_it(upstream, member, settings):
+    from proxy.usage.budgets import budget_rules_forget, budget_set
+
+    settings.DEFAULT_PRICE = "100,100"  # about $0.01 a call here
+    user, token = member
+    budget_set(scope="user", target_id=user.pk, usd=Decimal("0.05"), period="day")
+    budget_rules_forget()
+    answers = post_all([("/v1/chat/completions", headers_for(token, None, "fast"), unpriced_body())] * 8)
+    statuses = [answer.status_code for answer in answers]
+    assert statuses.count(200) >= 1 and statuses[-1] == 429, statuses
+    assert answers[-1].json()["error"]["code"] == "budget_exceeded"
+    spent = rollup_costs(user.pk)["local-llama"]
+    assert Decimal("0.01") <= spent <= Decimal("0.05")
+    assert len(upstream.requests) == statuses.count(200)
+
+
+def test_unpriced_models_refused_under_a_budget_when_the_operator_says_so(upstream, member, settings):
+    from proxy.usage.budgets import budget_rules_forget, budget_set
+
+    settings.UNPRICED_MODELS = "refuse"
+    user, token = member
+    free = user_create(username="policy-free", password="correct-horse-battery")
+    _, free_token = session_create(user=free)
+    budget_set(scope="user", target_id=user.pk, usd=Decimal("5"), period="day")
+    budget_rules_forget()
+    refused, unbudgeted, priced = post_all(
+        [
+            ("/v1/chat/completions", headers_for(token, None, "fast"), unpriced_body()),
+            ("/v1/chat/completions", headers_for(free_token, None, "fast"), unpriced_body()),
+            ("/v1/chat/completions", headers_for(token, None, "fast"), chat_body("gpt-4o-mini")),
+        ]
+    )
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "model_not_priced"
+    assert unbudgeted.status_code == 200 and priced.status_code == 200  # no budget: nothing to protect
+    assert [request.json()["model"] for request in upstream.requests] == ["local-llama", "gpt-4o-mini"]

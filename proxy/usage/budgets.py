@@ -474,12 +474,12 @@ def call_cost_ceiling(path: str, model: str, body: dict | None, *, raw: bytes = 
     by number and size, characters, the seconds its upload may hold: `raw`, read as a form when
     `content_type` says so); else its prompt's tokens (counted offline) plus the reply it may get
     (`max_tokens` or the like, else BUDGET_DEFAULT_MAX_TOKENS; times `n`), at the model's price.
-    A model with no known price costs nothing."""
+    A model with no known price counts at DEFAULT_PRICE (UnpricedModel: refused, UNPRICED_MODELS=refuse)."""
     from proxy.requests import form_fields
-    from proxy.usage.pricing import cost_of, price_of, units_cost
+    from proxy.usage.pricing import cost_of, price_for_budget, units_cost
     from proxy.usage.tokens import estimate_prompt_tokens
 
-    price = price_of(model)
+    price = price_for_budget(model)
     if price is None:
         return Decimal(0)
     body = body if isinstance(body, dict) else {}

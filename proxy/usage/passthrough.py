@@ -137,8 +137,8 @@ def exchange_usage_record(
         return usage_record(caller, usage or Usage(model, deployment), cost=units)
     if usage is not None:  # usage comes at the end: the answer was whole
         return usage_record(caller, usage, served_model=reader.model)
-    if path.strip("/") not in GENERATIVE_PATHS:
-        return Decimal(0)
+    if path.strip("/") not in GENERATIVE_PATHS:  # no usage, and no text to count: its input's tokens
+        return usage_record(caller, Usage(model, deployment), estimate=Estimate(prompt=payload))
     kept = b"".join(reader.kept)
     estimate = Estimate(prompt=payload, scale=reader.size / len(kept) if kept else 1.0)
     if reader.is_event_stream:

@@ -2,12 +2,16 @@
 
 A model's `price:` in TURBO_CONFIG (`input`, `output`, optional `cached_input`) wins; otherwise the
 shipped table below for common OpenAI models (a dated name such as `gpt-4o-mini-2024-07-18` is priced
-as `gpt-4o-mini`); otherwise a `price:` on the config's `"*"` model. A model with no price costs 0.
+as `gpt-4o-mini`); otherwise a `price:` on the config's `"*"` model. A model with none of these is
+counted at DEFAULT_PRICE (or, with UNPRICED_MODELS=refuse, refused while a budget applies), so that no
+model is free under a budget.
 """
 
 import re
 from dataclasses import dataclass
 from decimal import Decimal
+
+from django.conf import settings
 
 PER_TOKENS = Decimal(1_000_000)
 _DATED = re.compile(r"-\d{4}-\d{2}-\d{2}$")
@@ -135,12 +139,47 @@ def _configured(name: str) -> Price | None:
     )
 
 
-def price_of(model: str) -> Price | None:
+def price_known(model: str) -> Price | None:
     """The price of the model named `model` (a public name or an upstream's), or None if none is known."""
     if not model:
         return None
     found = _configured(model) or DEFAULT_PRICES.get(model) or DEFAULT_PRICES.get(_DATED.sub("", model))
     return found or _configured("*")
+
+
+def price_default() -> Price:
+    """DEFAULT_PRICE: what a model with no known price counts at, per 1M tokens."""
+    parts = [Decimal(part.strip()) for part in settings.DEFAULT_PRICE.split(",")]
+    return Price(parts[0], parts[-1])
+
+
+def price_of(model: str) -> Price | None:
+    """What a call to `model` is counted at: its known price, else DEFAULT_PRICE (None: no model)."""
+    if not model:
+        return None
+    return price_known(model) or price_default()
+
+
+class UnpricedModel(Exception):
+    """A call to a model with no known price, under a budget, with UNPRICED_MODELS=refuse."""
+
+    def __init__(self, model: str):
+        self.model = model
+        super().__init__(
+            f"the model {model!r} has no price on this server, and a budget applies to you: "
+            "the operator refuses unpriced models under a budget"
+        )
+
+
+def price_for_budget(model: str) -> Price | None:
+    """The price a budget reserves `model`'s calls at; raises UnpricedModel when the model has none and
+    UNPRICED_MODELS is `refuse`."""
+    if not model:
+        return None
+    known = price_known(model)
+    if known is None and settings.UNPRICED_MODELS == "refuse":
+        raise UnpricedModel(model)
+    return known or price_default()
 
 
 def cost_of(price: Price | None, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> Decimal:

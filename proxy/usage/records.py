@@ -24,7 +24,7 @@ from django.utils import timezone
 
 from proxy.usage import tokens
 from proxy.usage.caller import Caller
-from proxy.usage.pricing import Price, cost_of, price_of
+from proxy.usage.pricing import Price, cost_of, price_known, price_of
 from turbo_site.core import metrics
 
 logger = logging.getLogger("turbo.usage")
@@ -118,7 +118,7 @@ def usage_record(
     Returns the cost, or None when it is only known later (the tokens are counted offline by the writer)."""
     if caller is None or not usage.model:
         return Decimal(0)
-    price = price_of(usage.model) or (price_of(served_model) if served_model else None)
+    price = price_known(usage.model) or price_known(served_model) or price_of(usage.model)
     record = _Record(timezone.now(), caller, usage, price, None if cost is not None else estimate)
     if cost is not None:
         record.cost = cost
