@@ -22,6 +22,7 @@ from chats.serializers import ChatOutput, MessageOutput, chat_data, message_data
 from chats.stream import ChatSubscriber
 from proxy import tools
 from proxy.gateway import GatewayError
+from proxy.requests import context_size
 from proxy.structured import StructuredOutputError
 from turbo_site.core.errors import Invalid, TurboError, error_response, is_unavailable, unavailable_response
 from turbo_site.core.schema import EmptyResponse, errors, get_and_post
@@ -359,8 +360,7 @@ class PromptInput(ChatIdInput):
 async def chat_prompt(request):
     fields = _parse(PromptInput, plain_request_input(request))
     chat = await database_sync_to_async(selectors.chat_get_for_member)(user=request.user, chat_id=fields["id"])
-    context = fields.get("context", settings.DEFAULT_CONTEXT)
-    context = max(0, min(context, settings.MAX_CONTEXT))
+    context = context_size(fields.get("context"))
     try:
         message = await generation.message_prompt(
             chat=chat,
