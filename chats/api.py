@@ -21,6 +21,7 @@ from chats.programs.runner import program_context_check
 from chats.serializers import ChatOutput, MessageOutput, chat_data, message_data
 from chats.stream import ChatSubscriber
 from proxy import tools
+from proxy.requests import context_size
 from turbo_site.core.errors import Invalid, error_response, failure_response
 from turbo_site.core.schema import EmptyResponse, errors, get_and_post
 from turbo_site.core.serializers import StrictCharField, plain_request_input, request_input
@@ -347,8 +348,7 @@ class PromptInput(ChatIdInput):
 async def chat_prompt(request):
     fields = _parse(PromptInput, plain_request_input(request))
     chat = await database_sync_to_async(selectors.chat_get_for_member)(user=request.user, chat_id=fields["id"])
-    context = fields.get("context", settings.DEFAULT_CONTEXT)
-    context = max(0, min(context, settings.MAX_CONTEXT))
+    context = context_size(fields.get("context"))
     message = await generation.message_prompt(
         chat=chat,
         user=request.user,

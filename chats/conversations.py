@@ -21,6 +21,7 @@ from rest_framework.views import APIView
 from chats import generation, selectors, services
 from chats.api import async_endpoint
 from chats.stream import FINAL_TYPES, MESSAGE_DELTA, ChatSubscriber
+from proxy.requests import context_size
 from turbo_site.core.crypto import secret_decrypt, secret_mask
 from turbo_site.core.errors import Outcome, refusal
 from turbo_site.core.schema import errors
@@ -172,7 +173,7 @@ async def conversation_chat(request, number):
             chat=chat,
             user=request.user,
             prompt=text,
-            context_size=10,
+            context_size=context_size(None),
             stream=True,
             otr=False,
             allowed_models=request.turbo_session.allowed_models,

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Annotated
 
 import strawberry
 from channels.db import database_sync_to_async
-from django.conf import settings
 from django.utils.dateparse import parse_datetime
 from strawberry.scalars import JSON
 from strawberry.types import Info
@@ -26,6 +25,7 @@ from chats import api, generation, selectors, services, stream
 from chats.models import Chat, Message
 from chats.stream import ChatSubscriber
 from groups.graphql import group_load_for, parsed
+from proxy.requests import context_size
 from turbo_site.core.errors import Invalid, NotFound
 from turbo_site.core.graphql import MODEL_CALL, BigInt, loader
 from turbo_site.core.streams import Entry
@@ -420,7 +420,7 @@ class Mutation:
 
             extra["response_format"] = response_format_check(response_format)
         chat = await _chat_of_member(session.user, fields["id"])
-        size = max(0, min(fields.get("context", settings.DEFAULT_CONTEXT), settings.MAX_CONTEXT))
+        size = context_size(fields.get("context"))
         return await generation.message_prompt(
             chat=chat,
             user=session.user,

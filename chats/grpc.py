@@ -12,7 +12,6 @@ import uuid
 
 import grpc
 from channels.db import database_sync_to_async
-from django.conf import settings
 
 from accounts.auth import aauthenticate, metadata_credentials
 from chats import generation, selectors
@@ -21,6 +20,7 @@ from chats.serializers import message_data
 from chats.stream import ChatSubscriber
 from protos.turbo.v1 import turbo_pb2, turbo_pb2_grpc
 from proxy.grpc import response_format_of
+from proxy.requests import context_size
 from turbo_site.core.errors import Invalid, refusal
 from turbo_site.core.streams import Entry
 
@@ -84,13 +84,12 @@ class ChatsServicer(turbo_pb2_grpc.ChatsServicer):
         chat = await database_sync_to_async(selectors.chat_get_for_member)(
             user=session.user, chat_id=parsed.validated_data["id"]
         )
-        context_size = request.context if request.HasField("context") else settings.DEFAULT_CONTEXT
         options = {"response_format": response_format} if response_format is not None else {}
         message = await generation.message_prompt(
             chat=chat,
             user=session.user,
             prompt=parsed.validated_data["prompt"],
-            context_size=max(0, min(context_size, settings.MAX_CONTEXT)),
+            context_size=context_size(request.context if request.HasField("context") else None),
             stream=request.stream,
             otr=request.otr,
             allowed_models=session.allowed_models,

@@ -10,9 +10,10 @@ from django.conf import settings as django_settings
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from proxy.requests import MAX_TOKENS_MAX, MAX_TOKENS_MIN, TEMPERATURE_RANGE
+
 STOP_MAX = 4  # OpenAI's limit on stop sequences
 STOP_MAX_CHARS = 200
-MAX_TOKENS_LIMIT = 1_000_000
 
 
 @extend_schema_field(
@@ -54,9 +55,9 @@ class StrictIntegerField(serializers.IntegerField):
 class ModelSettings(serializers.Serializer):
     """The model settings a chat (or a program's Generate) may set; any other key is refused."""
 
-    temperature = StrictFloatField(required=False, min_value=0, max_value=2)
+    temperature = StrictFloatField(required=False, min_value=TEMPERATURE_RANGE[0], max_value=TEMPERATURE_RANGE[1])
     top_p = StrictFloatField(required=False, min_value=0, max_value=1)
-    max_tokens = StrictIntegerField(required=False, min_value=1, max_value=MAX_TOKENS_LIMIT)
+    max_tokens = StrictIntegerField(required=False, min_value=MAX_TOKENS_MIN, max_value=MAX_TOKENS_MAX)
     presence_penalty = StrictFloatField(required=False, min_value=-2, max_value=2)
     frequency_penalty = StrictFloatField(required=False, min_value=-2, max_value=2)
     stop = StopField(required=False)

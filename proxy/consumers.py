@@ -26,9 +26,10 @@ from accounts.live import session_watch
 from accounts.services import asession_refresh
 from proxy import gateway, structured, tools
 from proxy.events import event_record
+from proxy.requests import chat_request_read, embedding_request_read
 from proxy.usage.caller import Caller
 from turbo_site.core import tracing
-from turbo_site.core.errors import CODES, Outcome, TurboError, outcome_of, refusal
+from turbo_site.core.errors import CODES, Invalid, Outcome, TurboError, outcome_of, refusal
 from turbo_site.core.parsers import client_json_loads
 from turbo_site.core.streams import StreamUnavailable
 
@@ -42,37 +43,6 @@ class RpcError(TurboError):
     def __init__(self, code: str, message: str):
         super().__init__(message, code=code)
         self.status_code = CODES[code].status if code in CODES else 400
-
-
-class MessageInput(serializers.Serializer):
-    role = serializers.ChoiceField(choices=["system", "user", "assistant", "tool", "developer"])
-    content = serializers.JSONField(required=False, allow_null=True)
-    name = serializers.CharField(required=False, max_length=64)
-    tool_calls = serializers.ListField(child=serializers.DictField(), required=False)
-    tool_call_id = serializers.CharField(required=False, max_length=200)
-
-
-class ChatPayload(serializers.Serializer):
-    messages = MessageInput(many=True, allow_empty=False, max_length=1000)
-    model = serializers.CharField(required=False, max_length=100)
-    max_tokens = serializers.IntegerField(required=False, min_value=1)
-    temperature = serializers.FloatField(required=False, min_value=0, max_value=2)
-    tools = serializers.ListField(child=serializers.DictField(), required=False, max_length=128)
-    tool_choice = serializers.JSONField(required=False)
-    response_format = serializers.JSONField(required=False, allow_null=True)  # checked by proxy.structured
-
-    def validate_tools(self, value: list[dict]) -> list[dict]:
-        return [tools.tool_to_openai(definition) for definition in value]
-
-
-class EmbeddingPayload(serializers.Serializer):
-    input = serializers.JSONField()
-    model = serializers.CharField(required=False, max_length=100)
-
-    def validate_input(self, value):
-        if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
-            return value
-        raise serializers.ValidationError("must be a string or a non-empty list of strings")
 
 
 class ToolExecutePayload(serializers.Serializer):
@@ -95,16 +65,12 @@ def _validated(serializer_class, payload) -> dict:
 
 
 def _chat_request(payload: dict) -> dict:
-    data = _validated(ChatPayload, payload)
-    data.setdefault("model", settings.DEFAULT_MODEL)
-    if "response_format" in data:
-        try:
-            data["response_format"] = structured.response_format_check(data["response_format"])
-        except structured.ResponseFormatInvalid as exc:
-            raise RpcError(exc.code, exc.message) from None
-        if data["response_format"] is None:
-            del data["response_format"]
-    return data
+    try:
+        return chat_request_read(payload, prefix="payload.", default_model=settings.DEFAULT_MODEL)
+    except structured.ResponseFormatInvalid as exc:
+        raise RpcError(exc.code, exc.message) from None
+    except Invalid as exc:
+        raise RpcError("invalid_payload", exc.message) from None
 
 
 class RpcConsumer(AsyncWebsocketConsumer):
@@ -312,8 +278,10 @@ class RpcConsumer(AsyncWebsocketConsumer):
         await self.send_frame({"type": "chat_completion_done", "request_id": request_id, "data": done})
 
     async def do_embedding(self, request_id, payload):
-        data = _validated(EmbeddingPayload, payload)
-        data.setdefault("model", "text-embedding-3-small")
+        try:
+            data = embedding_request_read(payload, prefix="payload.")
+        except Invalid as exc:
+            raise RpcError("invalid_payload", exc.message) from None
         result = await gateway.embeddings(data, allowed_models=self.allowed_models, caller=self.caller)
         await self.send_frame({"type": "embedding", "request_id": request_id, "data": result})
 

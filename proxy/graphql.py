@@ -2,12 +2,11 @@
 (its deltas). An API key may use all four, as on /v1 and /ws.
 
 Calls go through proxy.gateway with the caller named (proxy.usage.Caller), so usage, budgets and rate
-limits apply as everywhere; a request is checked by /ws's serializer (proxy.consumers.ChatPayload),
+limits apply as everywhere; a request is read by the one request model (proxy.requests, as on /ws and gRPC),
 a response_format by proxy.structured, usage's input by GET /usage's serializer.
 """
 
 import datetime
-import functools
 import json
 from collections.abc import AsyncGenerator
 from decimal import Decimal
@@ -22,11 +21,10 @@ from strawberry.types import Info
 from accounts.graphql import viewer
 from accounts.services import AuthSession
 from proxy import gateway
-from proxy.consumers import ChatPayload
+from proxy.requests import chat_request_read
 from proxy.usage.api import DEFAULT_SPAN, UsageInput
 from proxy.usage.caller import Caller
 from proxy.usage.selectors import usage_report_for
-from turbo_site.core.errors import Invalid
 from turbo_site.core.graphql import MODEL_CALL, loader
 
 
@@ -167,52 +165,20 @@ class CompletionDelta:
     data: JSON | None = None
 
 
-@functools.cache
-def _payload_limits() -> dict:
-    """/ws's ChatPayload fields, built once: their limits are this front's."""
-    return ChatPayload().fields
-
-
 def _request_of(input: CompletionInput) -> tuple[dict, dict | None]:
-    """The gateway request for `input`, and its response_format.
-
-    The schema has already checked the shape (text is text, numbers are numbers); these are the
-    limits /ws's ChatPayload puts on the same fields, checked without building a DRF serializer per
-    request (which costs more than the rest of a streamed call's set-up).
-    """
-    from proxy.structured import response_format_check
-
-    limits = _payload_limits()
-    most_messages = limits["messages"].max_length
-    if not input.messages or len(input.messages) > most_messages:
-        raise Invalid(f"input.messages: between 1 and {most_messages} messages")
-    if input.model is not None and not 0 < len(input.model) <= limits["model"].max_length:
-        raise Invalid(f"input.model: at most {limits['model'].max_length} characters, not empty")
-    if input.max_tokens is not None and input.max_tokens < limits["max_tokens"].min_value:
-        raise Invalid(f"input.maxTokens: at least {limits['max_tokens'].min_value}")
-    temperature = limits["temperature"]
-    if input.temperature is not None and not temperature.min_value <= input.temperature <= temperature.max_value:
-        raise Invalid(f"input.temperature: between {temperature.min_value} and {temperature.max_value}")
-    roles = limits["messages"].child.fields["role"].choices
-    messages = []
-    for message in input.messages:
-        if message.role not in roles:
-            raise Invalid(f"input.messages.role: one of {', '.join(roles)}, not {message.role[:40]!r}")
-        entry = {"role": message.role, "content": message.content}
-        if message.name is not None:
-            if len(message.name) > limits["messages"].child.fields["name"].max_length:
-                raise Invalid("input.messages.name: at most 64 characters")
-            entry["name"] = message.name
-        messages.append(entry)
-    request = {"messages": messages, "model": input.model or settings.DEFAULT_MODEL}
-    if input.max_tokens is not None:
-        request["max_tokens"] = input.max_tokens
-    if input.temperature is not None:
-        request["temperature"] = input.temperature
-    response_format = response_format_check(input.response_format)
-    if response_format is not None:
-        request["response_format"] = response_format
-    return request, response_format
+    """The gateway request for `input` (read by the one request model, proxy.requests), and its
+    response_format."""
+    fields = {
+        "messages": [
+            {"role": message.role, "content": message.content, "name": message.name} for message in input.messages
+        ],
+        "model": input.model,
+        "max_tokens": input.max_tokens,
+        "temperature": input.temperature,
+        "response_format": input.response_format,
+    }
+    request = chat_request_read(fields, prefix="input.", default_model=settings.DEFAULT_MODEL)
+    return request, request.get("response_format")
 
 
 def _caller(session: AuthSession) -> Caller:

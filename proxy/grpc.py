@@ -10,17 +10,16 @@ interceptor). A client that cancels a call cancels its handler, and with it the 
 
 import math
 
+from django.conf import settings
+
 from accounts.auth import aauthenticate, metadata_credentials
 from protos.turbo.v1 import turbo_pb2, turbo_pb2_grpc
 from proxy import gateway, structured
+from proxy.requests import chat_request_read, embedding_request_read
 from proxy.usage.caller import Caller
 from turbo_site.core.errors import Invalid
 from turbo_site.core.parsers import client_json_loads
 
-ROLES = ("system", "user", "assistant", "developer")
-MAX_MESSAGES = 1000
-MAX_MODEL_CHARS = 100
-DEFAULT_EMBEDDING_MODEL = "text-embedding-3-small"
 SCHEMA_NAME = "response"  # the json_schema's name when the request gives the bare schema
 
 
@@ -41,38 +40,21 @@ def response_format_of(text: str, *, field: str = "response_format_json_schema")
     return structured.response_format_check({"type": "json_schema", "json_schema": json_schema})
 
 
-def _model(name: str) -> str:
-    if len(name) > MAX_MODEL_CHARS:
-        raise Invalid(f"model: may be at most {MAX_MODEL_CHARS} characters")
-    return name
-
-
 def chat_body(request: turbo_pb2.CompleteRequest) -> dict:
-    """The gateway's request body for a CompleteRequest (400 naming the field that is wrong)."""
-    if not request.messages:
-        raise Invalid("messages: at least one message is needed")
-    if len(request.messages) > MAX_MESSAGES:
-        raise Invalid(f"messages: at most {MAX_MESSAGES} messages")
-    messages = []
-    for index, message in enumerate(request.messages):
-        if message.role not in ROLES:
-            raise Invalid(f"messages[{index}].role: one of {', '.join(ROLES)}, not {message.role!r}")
-        messages.append({"role": message.role, "content": message.content})
-    body: dict = {"messages": messages}
-    if request.model:
-        body["model"] = _model(request.model)
+    """The gateway's request body for a CompleteRequest, read by the one request model (proxy.requests):
+    400 naming the field that is wrong."""
+    fields: dict = {
+        "messages": [{"role": message.role, "content": message.content} for message in request.messages],
+        "model": request.model,
+        "response_format": response_format_of(request.response_format_json_schema),
+    }
     if request.HasField("temperature"):
-        if not (0 <= request.temperature <= 2) or math.isnan(request.temperature):
-            raise Invalid("temperature: must be between 0 and 2")
-        body["temperature"] = request.temperature
+        if math.isnan(request.temperature):
+            raise Invalid("temperature: must be a number from 0 to 2")
+        fields["temperature"] = request.temperature
     if request.HasField("max_tokens"):
-        if request.max_tokens < 1:
-            raise Invalid("max_tokens: must be at least 1")
-        body["max_tokens"] = request.max_tokens
-    response_format = response_format_of(request.response_format_json_schema)
-    if response_format is not None:
-        body["response_format"] = response_format
-    return body
+        fields["max_tokens"] = request.max_tokens
+    return chat_request_read(fields, default_model=settings.DEFAULT_MODEL)
 
 
 def usage_message(usage: dict | None) -> turbo_pb2.Usage:
@@ -126,9 +108,7 @@ class CompletionsServicer(turbo_pb2_grpc.CompletionsServicer):
 
     async def Embed(self, request, context):
         session = await aauthenticate("grpc.completions", metadata_credentials(context.invocation_metadata()))
-        if not request.input:
-            raise Invalid("input: at least one text is needed")
-        body = {"model": _model(request.model) or DEFAULT_EMBEDDING_MODEL, "input": list(request.input)}
+        body = embedding_request_read({"model": request.model, "input": list(request.input)})
         data = await gateway.embeddings(body, allowed_models=session.allowed_models, caller=Caller.of(session))
         items = sorted((item for item in data.get("data") or [] if isinstance(item, dict)), key=_index)
         embeddings = []

@@ -30,6 +30,11 @@ def add_proxy_paths(result, generator, request, public):
         "security": [{"bearerAuth": []}, {"cookieAuth": []}],
         "responses": {
             "200": {"description": "the upstream's response, passed through"},
+            "400": {
+                "description": "a model call whose model cannot be read (invalid_json, model_required, "
+                "invalid_model, invalid_request_body)",
+                "content": error,
+            },
             "401": {"description": "missing or invalid token", "content": error},
             "403": {"description": "a path this server does not proxy, or one for staff only", "content": error},
             "413": {"description": "body over PROXY_MAX_BODY_BYTES", "content": error},

@@ -20,6 +20,7 @@ from django.utils import timezone
 from proxy.gateway import client, health
 from proxy.gateway.config import GatewayConfig, Upstream
 from proxy.gateway.routing import gateway_config, text_redact
+from proxy.usage.pricing import price_known
 
 MODELS_MAX_BYTES = 16 * 1024 * 1024  # a /models answer larger than this is not parsed
 ANY_MODEL = "*"
@@ -144,6 +145,8 @@ class UpstreamCheck:
     model_count: int | None = None  # None: the answer held no model list
     listed: dict[str, bool] = field(default_factory=dict)  # each deployment's model name: in the list?
     problem: str = ""  # why it is not reachable: one line, no secrets
+    # Models it listed that clients may ask for by name (it serves the config's "*") and that have no price.
+    unpriced: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict:
         return asdict(self)
@@ -199,7 +202,26 @@ def _model_ids(body: bytes) -> list[str] | None:
     return [str(item.get("id")) for item in data if isinstance(item, dict) and item.get("id") is not None]
 
 
-async def _check(upstream: Upstream, names: list[str], timeout: float) -> UpstreamCheck:
+def _serves_any(upstream: Upstream, config: GatewayConfig) -> bool:
+    """Does this upstream serve model names the config does not declare (through its "*" model)?"""
+    any_model = config.models.get(ANY_MODEL)
+    return any_model is not None and any(d.upstream.name == upstream.name for d in any_model.deployments)
+
+
+def models_unpriced(config: GatewayConfig, checks: list[UpstreamCheck]) -> list[str]:
+    """The public model names with no known price (counted at DEFAULT_PRICE, or refused under a budget
+    with UNPRICED_MODELS=refuse): those the config declares, and those an upstream serving "*" lists."""
+    found = [
+        name
+        for name, model in config.models.items()
+        if name != ANY_MODEL and model.router is None and price_known(name) is None
+    ]
+    for check in checks:
+        found += [name for name in check.unpriced if name not in found]
+    return found
+
+
+async def _check(upstream: Upstream, names: list[str], timeout: float, serves_any: bool = False) -> UpstreamCheck:
     base_url = url_shown(upstream.base_url)
     if upstream.problem:
         return UpstreamCheck(upstream.name, base_url, is_reachable=False, problem=upstream.problem)
@@ -235,6 +257,7 @@ async def _check(upstream: Upstream, names: list[str], timeout: float) -> Upstre
         ms=ms,
         model_count=None if ids is None else len(ids),
         listed={} if ids is None else {name: name in ids for name in names},
+        unpriced=[name for name in ids or [] if price_known(name) is None] if serves_any else [],
     )
 
 
@@ -244,7 +267,10 @@ async def upstreams_check(*, timeout: float = 5.0) -> list[UpstreamCheck]:
     config = gateway_config()
     return list(
         await asyncio.gather(
-            *(_check(upstream, _names_asked_of(upstream, config), timeout) for upstream in config.upstreams)
+            *(
+                _check(upstream, _names_asked_of(upstream, config), timeout, _serves_any(upstream, config))
+                for upstream in config.upstreams
+            )
         )
     )
 

@@ -26,13 +26,14 @@ from django.views.decorators.csrf import csrf_exempt
 from accounts.auth import AuthRefused, arequest_authenticate
 from proxy import gateway
 from proxy.events import capture_body, event_record
+from proxy.requests import ModelRequest, RequestUnreadable, v1_request_read
 from proxy.usage.caller import Caller
 from proxy.usage.limits import limits_settle
 from proxy.usage.passthrough import UsageStripper, exchange_usage_record, usage_asked_for
 from turbo_site.core import metrics, tracing
 from turbo_site.core.errors import Outcome, outcome_of
 from turbo_site.core.http import client_ip
-from turbo_site.core.parsers import JSONTooDeep, client_json_loads
+from turbo_site.core.parsers import JSONTooDeep
 
 logger = logging.getLogger("turbo.proxy")
 
@@ -76,7 +77,6 @@ DROPPED_RESPONSE_HEADERS = {
     "vary",
 }
 DROPPED_RESPONSE_PREFIXES = ("access-control-", "x-turbo-")
-SNIFF_LIMIT = 1024 * 1024  # request bodies larger than this are not parsed for the model name
 
 
 def openai_error_body(message: str, error_type: str, code: str) -> bytes:
@@ -132,20 +132,6 @@ def path_refusal(path: str, *, is_staff: bool) -> tuple[str, str] | None:
     return ("path_not_allowed", f"this server does not proxy /v1/{path}")
 
 
-def _payload_of(body: bytes, content_type: str) -> dict | None:
-    """A JSON object body, parsed (to find its model), or None. Raises JSONTooDeep (refused: no
-    upstream wants it either)."""
-    if not body or len(body) > SNIFF_LIMIT or not content_type.startswith("application/json"):
-        return None
-    try:
-        data = client_json_loads(body)
-    except JSONTooDeep:
-        raise
-    except (ValueError, UnicodeDecodeError):
-        return None  # the upstream answers malformed JSON in its own words
-    return data if isinstance(data, dict) else None
-
-
 @dataclass(slots=True)
 class ProxyRequest:
     """What the proxy needs of a client's request, from either front door."""
@@ -178,13 +164,12 @@ async def exchange(request: ProxyRequest) -> ProxyReply:
     """Forward one authenticated request through the gateway; the reply streams the answer back."""
     content_type = request.headers.get("content-type", "")
     try:
-        payload = _payload_of(request.body, content_type)
-    except JSONTooDeep as exc:
-        payload, too_deep = None, str(exc)
+        requested = v1_request_read(request.path, request.method, request.body, content_type)
+    except (JSONTooDeep, RequestUnreadable) as exc:
+        requested, unreadable = ModelRequest(None, ""), exc
     else:
-        too_deep = ""
-    model = payload.get("model") if payload is not None else None
-    model = model if isinstance(model, str) else ""
+        unreadable = None
+    payload, model = requested.payload, requested.model
 
     def log(
         status: int, reader: gateway.UsageReader | None = None, response_body: str = "", attempts: tuple = ()
@@ -217,14 +202,15 @@ async def exchange(request: ProxyRequest) -> ProxyReply:
             openai_error_body(message, error_type, code),
         )
 
-    if too_deep:
-        return fail(400, too_deep, "invalid_request_error", "invalid_json")
     if _has_dot_segment(request.path):
         return fail(400, "the path may not contain '.' or '..' segments", "invalid_request_error", "invalid_path")
     refusal = path_refusal(request.path, is_staff=request.is_staff)
     if refusal is not None:
         code, message = refusal
         return fail(403, message, "invalid_request_error", code)
+    if unreadable is not None:  # a model call policy cannot read is never forwarded unchecked
+        code = unreadable.code if isinstance(unreadable, RequestUnreadable) else "invalid_json"
+        return fail(400, str(unreadable), "invalid_request_error", code)
 
     try:
         listed = _models_answer(request)
@@ -316,7 +302,14 @@ async def exchange(request: ProxyRequest) -> ProxyReply:
             )
             log(status, reader, capture_body(bytes(captured), response_type) if captured else "", answer.attempts)
             cost = exchange_usage_record(
-                caller=request.caller, path=request.path, model=model, payload=payload, answer=answer, reader=reader
+                caller=request.caller,
+                path=request.path,
+                model=model,
+                payload=payload,
+                answer=answer,
+                reader=reader,
+                form=requested.form,
+                body_size=len(request.body),
             )
             await limits_settle(answer.admission, answer.reservation, cost=cost, tokens=reader.token("total_tokens"))
 

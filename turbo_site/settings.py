@@ -3,6 +3,7 @@
 import os
 import re
 from datetime import timedelta
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import dj_database_url
@@ -304,6 +305,19 @@ MODEL_ALIASES = dict(
 BUDGET_CACHE_SECONDS = env_int("BUDGET_CACHE_SECONDS", 5)
 BUDGET_RESERVATION_SECONDS = env_int("BUDGET_RESERVATION_SECONDS", 600)
 BUDGET_DEFAULT_MAX_TOKENS = env_int("BUDGET_DEFAULT_MAX_TOKENS", 4096)
+# A model with no price (in TURBO_CONFIG or the shipped table) is counted at DEFAULT_PRICE, USD per 1M
+# tokens ("input,output", or one number for both), so no model is free under a budget; with
+# UNPRICED_MODELS=refuse a call to one is refused while a budget applies to its caller.
+DEFAULT_PRICE = env_str("DEFAULT_PRICE", "10,30")
+try:
+    _default_price = [Decimal(part.strip()) for part in DEFAULT_PRICE.split(",")]
+except InvalidOperation:
+    _default_price = []
+if len(_default_price) not in (1, 2) or not all(part.is_finite() and part >= 0 for part in _default_price):
+    raise ImproperlyConfigured(f"DEFAULT_PRICE must be 'input,output' USD per 1M tokens, got {DEFAULT_PRICE!r}")
+UNPRICED_MODELS = env_str("UNPRICED_MODELS", "default")
+if UNPRICED_MODELS not in ("default", "refuse"):
+    raise ImproperlyConfigured(f"UNPRICED_MODELS must be default or refuse, got {UNPRICED_MODELS!r}")
 
 # --- Rate limits (proxy/usage/ratelimits.py) -------------------------------------------------------
 # Requests and tokens per minute for every user, group and API key (0: no limit); a RateLimit in the

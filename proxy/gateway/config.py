@@ -146,6 +146,9 @@ class Model:
     price_input: float | None = None  # USD per 1M tokens
     price_output: float | None = None
     price_cached_input: float | None = None  # None: cached input tokens cost as input
+    price_image: float | None = None  # USD per image (images/*), any size
+    price_characters: float | None = None  # USD per 1M characters of input (audio/speech)
+    price_second: float | None = None  # USD per second of audio (audio/transcriptions, translations)
     router: Router | None = None
 
 
@@ -392,6 +395,11 @@ def _per_minute(reader: _Reader, value: Any, where: str) -> int | None:
     return None if value is None else int(reader.number(value, where, minimum=1, integer=True))
 
 
+# A model's `price:` in USD: per 1M tokens (input, output, cached_input), per image, per 1M characters
+# of speech input, per second of transcribed audio.
+PRICE_KEYS = ("input", "output", "cached_input", "image", "characters", "second")
+
+
 def _models(reader: _Reader, raw: Any, upstreams: dict[str, Upstream]) -> dict[str, Model]:
     if not isinstance(raw, list) or not raw:
         raise reader.fail("models", "must be a non-empty list")
@@ -432,7 +440,16 @@ def _models(reader: _Reader, raw: Any, upstreams: dict[str, Upstream]) -> dict[s
             deployments = _deployments(reader, item["deployments"], f"{where}.deployments", upstreams)
         price = item.get("price")
         if price is not None:
-            price = reader.table(price, f"{where}.price", {"input", "output", "cached_input"}, {"input", "output"})
+            price = reader.table(price, f"{where}.price", set(PRICE_KEYS))
+            if not any(price.get(key) is not None for key in PRICE_KEYS if key != "cached_input"):
+                raise reader.fail(f"{where}.price", "needs input and output, or image, characters or second")
+            if (price.get("input") is None) != (price.get("output") is None):
+                raise reader.fail(f"{where}.price", "input and output go together")
+        prices = {
+            key: reader.number(price[key], f"{where}.price.{key}")
+            for key in PRICE_KEYS
+            if price and price.get(key) is not None
+        }
         capabilities = item.get("capabilities")
         if capabilities is not None:
             capabilities = reader.names(capabilities, f"{where}.capabilities")
@@ -453,13 +470,12 @@ def _models(reader: _Reader, raw: Any, upstreams: dict[str, Upstream]) -> dict[s
                 if context_window is not None
                 else None
             ),
-            price_input=reader.number(price["input"], f"{where}.price.input") if price else None,
-            price_output=reader.number(price["output"], f"{where}.price.output") if price else None,
-            price_cached_input=(
-                reader.number(price["cached_input"], f"{where}.price.cached_input")
-                if price and price.get("cached_input") is not None
-                else None
-            ),
+            price_input=prices.get("input"),
+            price_output=prices.get("output"),
+            price_cached_input=prices.get("cached_input"),
+            price_image=prices.get("image"),
+            price_characters=prices.get("characters"),
+            price_second=prices.get("second"),
             router=router,
         )
     for index, model in enumerate(models.values()):

@@ -102,7 +102,9 @@ async def send(call: Call) -> Answer:
         admission, reservation = await limits_take(
             call.caller,
             payload=call.payload,
-            cost_ceiling=lambda: call_cost_ceiling(call.path, call.model, call.payload),
+            cost_ceiling=lambda: call_cost_ceiling(
+                call.path, call.model, call.payload, raw=call.body, content_type=call.headers.get("content-type", "")
+            ),
         )
     else:
         admission, reservation = Admission(), None

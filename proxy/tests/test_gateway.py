@@ -411,11 +411,15 @@ def test_models_lists_the_public_names_and_unknown_models_are_404_before_any_ups
 
 def test_paths_without_a_model_go_to_the_first_upstream(client, token, fakes, configure):
     configure(two_deployments(fakes))
-    response = client.post(
+    response = client.get("/v1/responses/resp_1", headers=bearer(token))
+    assert response.headers["x-turbo-upstream"] == "a"
+    assert fakes["a"].requests[-1].path == "/v1/responses/resp_1" and fakes["b"].requests == []
+    # A model call is never one of them: one whose model cannot be read goes nowhere.
+    refused = client.post(
         "/v1/embeddings", content=b"not json", headers={**bearer(token), "content-type": "text/plain"}
     )
-    assert response.headers["x-turbo-upstream"] == "a"
-    assert fakes["a"].requests[-1].path == "/v1/embeddings" and fakes["b"].requests == []
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_json"
+    assert len(fakes["a"].requests) == 1 and fakes["b"].requests == []
 
 
 def test_instruction_mapping_rewrites_the_request_per_deployment(client, token, fakes, configure):

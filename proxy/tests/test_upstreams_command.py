@@ -256,3 +256,22 @@ def test_a_command_starts_like_every_process_and_exports_its_span(cli_env, live,
     (command,) = [(resource, span) for _, resource, span in received if span.name == "manage.py upstreams check"]
     assert command[0]["turbo.process"] == "command"
     assert LIVE_KEY not in str(received)
+
+
+def test_check_lists_the_models_with_no_price(cli_env, live, tmp_path):
+    path = tmp_path / "prices.yaml"
+    path.write_text(
+        f"upstreams: [{{name: only, base_url: '{live.url}/v1', api_key: {LIVE_KEY}}}]\n"
+        "models:\n"
+        "  - {name: house-llama, deployments: [{upstream: only, model: gpt-4o}]}\n"
+        "  - {name: priced, price: {input: 1, output: 2}, deployments: [{upstream: only, model: gpt-4o}]}\n"
+        "  - {name: gpt-4o-mini, deployments: [{upstream: only}]}\n"
+        "  - {name: '*', deployments: [{upstream: only}]}\n"
+    )
+    env = {**cli_env, "TURBO_CONFIG": str(path)}
+    done = run_manage(env, "upstreams", "check")
+    assert done.returncode == 0, done.stderr
+    line = "models with no price, counted at DEFAULT_PRICE 10,30 USD per 1M tokens (input,output): house-llama\n"
+    assert line in done.stdout  # the fake's own list (gpt-4o-mini, gpt-4o) is priced by the shipped table
+    done = run_manage({**env, "UNPRICED_MODELS": "refuse"}, "upstreams", "check", "--json")
+    assert json.loads(done.stdout)["unpriced_models"] == ["house-llama"]

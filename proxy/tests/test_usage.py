@@ -331,7 +331,7 @@ def test_cost_is_exact_decimal_with_cached_tokens():
     assert cost_usd("gpt-4o-mini", 1000, 500, 400) == Decimal("0.000420")  # 600*0.15 + 400*0.075 + 500*0.6
     assert cost_usd("gpt-4o-mini-2024-07-18", 1000, 0) == Decimal("0.00015")  # dated: priced as its model
     assert cost_usd("gpt-4", 1, 1) == Decimal("0.00009")
-    assert cost_usd("no-such-model", 1000, 1000) == 0
+    assert cost_usd("no-such-model", 1000, 1000) == Decimal("0.04")  # DEFAULT_PRICE: $10 in, $30 out per 1M
     assert isinstance(cost_of(MINI, 1, 1), Decimal)
 
 
@@ -343,10 +343,19 @@ def test_config_price_is_checked(tmp_path):
     path = tmp_path / "turbo.yaml"
     path.write_text(models("{input: 1, output: 2, cached_input: 0.5}"))
     assert load(str(path)).models["m"].price_cached_input == 0.5
+    path.write_text(models("{image: 0.05, characters: 15, second: 0.0001}"))
+    priced = load(str(path)).models["m"]
+    assert (priced.price_image, priced.price_characters, priced.price_second, priced.price_input) == (
+        0.05,
+        15,
+        0.0001,
+        None,
+    )
     for price, problem in (
         ("{input: 1, output: 2, cached_input: lots}", "models[0].price.cached_input: must be a number"),
         ("{input: 1, output: 2, cache: 1}", "models[0].price.cache: unknown key"),
-        ("{input: 1}", "models[0].price.output: is required"),
+        ("{input: 1}", "models[0].price: input and output go together"),
+        ("{}", "models[0].price: needs input and output, or image, characters or second"),
     ):
         path.write_text(models(price))
         with pytest.raises(ConfigError, match=re.escape(problem)):

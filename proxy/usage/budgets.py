@@ -469,17 +469,25 @@ def _int_field(body: dict, *names: str) -> int | None:
     return None
 
 
-def call_cost_ceiling(path: str, model: str, body: dict | None) -> Decimal:
-    """The most a call may cost: its prompt's tokens (counted offline) plus the reply it may get
+def call_cost_ceiling(path: str, model: str, body: dict | None, *, raw: bytes = b"", content_type: str = "") -> Decimal:
+    """The most a call may cost: for images, speech and transcriptions what it asks to make (images
+    by number and size, characters, the seconds its upload may hold: `raw`, read as a form when
+    `content_type` says so); else its prompt's tokens (counted offline) plus the reply it may get
     (`max_tokens` or the like, else BUDGET_DEFAULT_MAX_TOKENS; times `n`), at the model's price.
-    A model with no known price costs nothing."""
-    from proxy.usage.pricing import cost_of, price_of
+    A model with no known price counts at DEFAULT_PRICE (UnpricedModel: refused, UNPRICED_MODELS=refuse)."""
+    from proxy.requests import form_fields
+    from proxy.usage.pricing import cost_of, price_for_budget, units_cost
     from proxy.usage.tokens import estimate_prompt_tokens
 
-    price = price_of(model)
+    price = price_for_budget(model)
     if price is None:
         return Decimal(0)
     body = body if isinstance(body, dict) else {}
+    if not body and raw and content_type.lower().startswith("multipart/form-data"):
+        body = form_fields(raw, content_type) or {}
+    units = units_cost(path, price, body, body_size=len(raw))
+    if units is not None:
+        return units
     prompt = estimate_prompt_tokens(body)
     if path.startswith("embeddings"):
         return cost_of(price, prompt, 0)

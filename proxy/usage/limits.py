@@ -19,6 +19,7 @@ from proxy.gateway.errors import GatewayError
 from proxy.usage import budgets, ratelimits
 from proxy.usage.budgets import BudgetExceeded, Reservation
 from proxy.usage.caller import Caller
+from proxy.usage.pricing import UnpricedModel
 from proxy.usage.ratelimits import Admission
 
 logger = logging.getLogger("turbo.proxy")
@@ -139,7 +140,18 @@ async def limits_take(
 ) -> tuple[Admission, Reservation | None]:
     """Admit a model call by `caller` (its body: `payload`) through its rate limits and reserve what it
     may cost (`cost_ceiling()`, worked out only when a budget applies) against its budgets. Raises
-    GatewayError 429 `rate_limited` or `budget_exceeded`, having taken and reserved nothing."""
+    GatewayError 429 `rate_limited` or `budget_exceeded` (403 `model_not_priced`: UNPRICED_MODELS=refuse),
+    having taken and reserved nothing."""
+    asked_ceiling = cost_ceiling
+
+    def cost_ceiling() -> Decimal:
+        try:
+            return asked_ceiling()
+        except UnpricedModel as unpriced:
+            raise GatewayError(
+                str(unpriced), status=403, code="model_not_priced", error_type="invalid_request_error"
+            ) from None
+
     admission, wanted = await ratelimits.ratelimit_wanted(caller, payload=payload)
     limits = await budgets.budget_limits(caller)
     if settings.REDIS_ADDRESS and wanted and limits:

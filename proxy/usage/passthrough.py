@@ -14,11 +14,12 @@ from decimal import Decimal
 
 from proxy.gateway import Answer, UsageReader
 from proxy.usage.caller import Caller
+from proxy.usage.pricing import price_of, units_cost
 from proxy.usage.records import Estimate, Usage, usage_from, usage_record
 
 STREAMED_USAGE_PATHS = ("chat/completions", "completions")
 # Paths whose answers are charged by their tokens even when the upstream gives no usage (counted offline).
-GENERATIVE_PATHS = ("chat/completions", "completions", "responses", "embeddings")
+GENERATIVE_PATHS = ("chat/completions", "completions", "responses", "embeddings", "moderations")
 _USAGE_NULL = re.compile(rb'\s*,\s*"usage"\s*:\s*null(?=\s*[,}])|"usage"\s*:\s*null\s*,\s*')
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
 
@@ -111,19 +112,33 @@ class UsageStripper:
 
 
 def exchange_usage_record(
-    *, caller: Caller | None, path: str, model: str, payload: dict | None, answer: Answer, reader: UsageReader
+    *,
+    caller: Caller | None,
+    path: str,
+    model: str,
+    payload: dict | None,
+    answer: Answer,
+    reader: UsageReader,
+    form: dict[str, str] | None = None,
+    body_size: int = 0,
 ) -> Decimal | None:
-    """Record a /v1 call's usage once its answer has ended (or broken off, or the client left): the
-    upstream's counts when it gave them, else tokens counted offline from the request and what arrived."""
+    """Record a /v1 call's usage once its answer has ended (or broken off, or the client left): for
+    images, speech and transcriptions what they made (`payload` or the multipart `form` says what was
+    asked; `body_size`: the upload's), else the upstream's token counts when it gave them, else tokens
+    counted offline from the request and what arrived."""
     if caller is None or answer.response.status >= 400:
         return Decimal(0)
     model = answer.model or model or reader.model
     deployment = answer.deployment.id
     usage = usage_from(reader.usage, model=model, deployment=deployment)
+    price = price_of(model)
+    units = units_cost(path, price, payload or form, body_size=body_size, usage=reader.usage) if price else None
+    if units is not None:
+        return usage_record(caller, usage or Usage(model, deployment), cost=units)
     if usage is not None:  # usage comes at the end: the answer was whole
         return usage_record(caller, usage, served_model=reader.model)
-    if path.strip("/") not in GENERATIVE_PATHS:
-        return Decimal(0)
+    if path.strip("/") not in GENERATIVE_PATHS:  # no usage, and no text to count: its input's tokens
+        return usage_record(caller, Usage(model, deployment), estimate=Estimate(prompt=payload))
     kept = b"".join(reader.kept)
     estimate = Estimate(prompt=payload, scale=reader.size / len(kept) if kept else 1.0)
     if reader.is_event_stream:

@@ -2,12 +2,16 @@
 
 A model's `price:` in TURBO_CONFIG (`input`, `output`, optional `cached_input`) wins; otherwise the
 shipped table below for common OpenAI models (a dated name such as `gpt-4o-mini-2024-07-18` is priced
-as `gpt-4o-mini`); otherwise a `price:` on the config's `"*"` model. A model with no price costs 0.
+as `gpt-4o-mini`); otherwise a `price:` on the config's `"*"` model. A model with none of these is
+counted at DEFAULT_PRICE (or, with UNPRICED_MODELS=refuse, refused while a budget applies), so that no
+model is free under a budget.
 """
 
 import re
 from dataclasses import dataclass
 from decimal import Decimal
+
+from django.conf import settings
 
 PER_TOKENS = Decimal(1_000_000)
 _DATED = re.compile(r"-\d{4}-\d{2}-\d{2}$")
@@ -15,15 +19,25 @@ _DATED = re.compile(r"-\d{4}-\d{2}-\d{2}$")
 
 @dataclass(frozen=True, slots=True)
 class Price:
-    """USD per 1M tokens. `cached_input` None: cached input tokens cost as input."""
+    """USD per 1M tokens (`cached_input` None: cached input tokens cost as input); for the paths priced
+    by what they make, USD per image (by `quality/size`, `size` or `*`), per 1M characters of speech
+    input, per second of transcribed audio."""
 
-    input: Decimal
-    output: Decimal
+    input: Decimal = Decimal(0)
+    output: Decimal = Decimal(0)
     cached_input: Decimal | None = None
+    images: dict[str, Decimal] | None = None
+    characters: Decimal | None = None
+    second: Decimal | None = None
 
 
 def _price(input: str, output: str, cached_input: str | None = None) -> Price:
     return Price(Decimal(input), Decimal(output), Decimal(cached_input) if cached_input is not None else None)
+
+
+def _per_image(**sizes: str) -> Price:
+    """Per-image prices, keyed `size` or `quality/size` (written `quality__size` here)."""
+    return Price(images={key.replace("__", "/").replace("_", "x"): Decimal(usd) for key, usd in sizes.items()})
 
 
 # OpenAI's list prices (standard tier), USD per 1M tokens: input, output, cached input.
@@ -50,7 +64,51 @@ DEFAULT_PRICES: dict[str, Price] = {
     "text-embedding-3-small": _price("0.02", "0"),
     "text-embedding-3-large": _price("0.13", "0"),
     "text-embedding-ada-002": _price("0.10", "0"),
+    # Moderations cost nothing at OpenAI; listed so that they count as priced (and a spent budget still
+    # refuses them).
+    "omni-moderation-latest": _price("0", "0"),
+    "text-moderation-latest": _price("0", "0"),
+    "text-moderation-stable": _price("0", "0"),
+    # Images: USD per image. "*" is the dearest, for a size or quality not listed.
+    "dall-e-2": _per_image(**{"256_256": "0.016", "512_512": "0.018", "1024_1024": "0.02", "*": "0.02"}),
+    "dall-e-3": _per_image(
+        **{
+            "1024_1024": "0.04",
+            "1024_1792": "0.08",
+            "1792_1024": "0.08",
+            "hd__1024_1024": "0.08",
+            "hd__1024_1792": "0.12",
+            "hd__1792_1024": "0.12",
+            "*": "0.12",
+        }
+    ),
+    "gpt-image-1": _per_image(
+        **{
+            "low__1024_1024": "0.011",
+            "low__1024_1536": "0.016",
+            "low__1536_1024": "0.016",
+            "medium__1024_1024": "0.042",
+            "medium__1024_1536": "0.063",
+            "medium__1536_1024": "0.063",
+            "high__1024_1024": "0.167",
+            "*": "0.25",
+        }
+    ),
+    # Speech: USD per 1M characters of input. Transcription: USD per second of audio.
+    "tts-1": Price(characters=Decimal("15.00")),
+    "tts-1-hd": Price(characters=Decimal("30.00")),
+    "whisper-1": Price(second=Decimal("0.0001")),
+    "gpt-4o-transcribe": Price(second=Decimal("0.0001")),
+    "gpt-4o-mini-transcribe": Price(second=Decimal("0.00005")),
 }
+# Paths priced by what they make rather than by tokens, when the model's price has that unit.
+IMAGE_PATHS = ("images/generations", "images/edits", "images/variations")
+SPEECH_PATH = "audio/speech"
+TRANSCRIPTION_PATHS = ("audio/transcriptions", "audio/translations")
+# Before a transcription, its length is only known from the upload's size: this many bytes a second (16
+# kbit/s, lower than most uploads) bounds it from above for a reservation.
+AUDIO_BYTES_PER_SECOND = 2000
+IMAGES_MAX = 10  # OpenAI's limit on `n` for images
 
 
 def _decimal(value: float | int | None) -> Decimal | None:
@@ -66,17 +124,62 @@ def _configured(name: str) -> Price | None:
     except GatewayError:  # a broken file under a running server: the shipped prices still count
         return None
     model = models.get(name)
-    if model is None or model.price_input is None:
+    if model is None:
         return None
-    return Price(_decimal(model.price_input), _decimal(model.price_output or 0), _decimal(model.price_cached_input))
+    units = (model.price_image, model.price_characters, model.price_second)
+    if model.price_input is None and all(unit is None for unit in units):
+        return None
+    return Price(
+        _decimal(model.price_input or 0),
+        _decimal(model.price_output or 0),
+        _decimal(model.price_cached_input),
+        {"*": _decimal(model.price_image)} if model.price_image is not None else None,
+        _decimal(model.price_characters),
+        _decimal(model.price_second),
+    )
 
 
-def price_of(model: str) -> Price | None:
+def price_known(model: str) -> Price | None:
     """The price of the model named `model` (a public name or an upstream's), or None if none is known."""
     if not model:
         return None
     found = _configured(model) or DEFAULT_PRICES.get(model) or DEFAULT_PRICES.get(_DATED.sub("", model))
     return found or _configured("*")
+
+
+def price_default() -> Price:
+    """DEFAULT_PRICE: what a model with no known price counts at, per 1M tokens."""
+    parts = [Decimal(part.strip()) for part in settings.DEFAULT_PRICE.split(",")]
+    return Price(parts[0], parts[-1])
+
+
+def price_of(model: str) -> Price | None:
+    """What a call to `model` is counted at: its known price, else DEFAULT_PRICE (None: no model)."""
+    if not model:
+        return None
+    return price_known(model) or price_default()
+
+
+class UnpricedModel(Exception):
+    """A call to a model with no known price, under a budget, with UNPRICED_MODELS=refuse."""
+
+    def __init__(self, model: str):
+        self.model = model
+        super().__init__(
+            f"the model {model!r} has no price on this server, and a budget applies to you: "
+            "the operator refuses unpriced models under a budget"
+        )
+
+
+def price_for_budget(model: str) -> Price | None:
+    """The price a budget reserves `model`'s calls at; raises UnpricedModel when the model has none and
+    UNPRICED_MODELS is `refuse`."""
+    if not model:
+        return None
+    known = price_known(model)
+    if known is None and settings.UNPRICED_MODELS == "refuse":
+        raise UnpricedModel(model)
+    return known or price_default()
 
 
 def cost_of(price: Price | None, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> Decimal:
@@ -92,3 +195,36 @@ def cost_of(price: Price | None, input_tokens: int, output_tokens: int, cached_t
 def cost_usd(model: str, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> Decimal:
     """The cost in USD of a call to `model` (0 for a model with no known price)."""
     return cost_of(price_of(model), input_tokens, output_tokens, cached_tokens)
+
+
+def _whole(value: object, default: int, most: int) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return min(value, most)
+    return default
+
+
+def units_cost(
+    path: str, price: Price, fields: dict | None, *, body_size: int = 0, usage: object = None
+) -> Decimal | None:
+    """What a call on a path priced by what it makes costs at `price`: images (`n` of the asked `size`
+    and `quality`), speech (the characters of `input`), transcription (the seconds the upstream's
+    `usage` reports, else as many as `body_size` bytes of audio may hold). `fields`: the JSON body or
+    the form's fields. None: the call is priced by its tokens (another path, or no such unit price)."""
+    path = path.strip("/")
+    fields = fields if isinstance(fields, dict) else {}
+    if path in IMAGE_PATHS and price.images:
+        size, quality = str(fields.get("size") or "*"), str(fields.get("quality") or "")
+        each = price.images.get(f"{quality}/{size}") or price.images.get(size) or price.images.get("*")
+        each = each if each is not None else max(price.images.values())
+        return each * _whole(fields.get("n"), 1, IMAGES_MAX)
+    if path == SPEECH_PATH and price.characters is not None:
+        text = fields.get("input")
+        return Decimal(len(text) if isinstance(text, str) else 0) * price.characters / PER_TOKENS
+    if path in TRANSCRIPTION_PATHS and price.second is not None:
+        seconds = usage.get("seconds") if isinstance(usage, dict) and usage.get("type") == "duration" else None
+        if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds < 0:
+            seconds = -(-body_size // AUDIO_BYTES_PER_SECOND)
+        return Decimal(str(seconds)) * price.second
+    return None

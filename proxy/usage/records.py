@@ -24,7 +24,7 @@ from django.utils import timezone
 
 from proxy.usage import tokens
 from proxy.usage.caller import Caller
-from proxy.usage.pricing import Price, cost_of, price_of
+from proxy.usage.pricing import Price, cost_of, price_known, price_of
 from turbo_site.core import metrics
 
 logger = logging.getLogger("turbo.usage")
@@ -105,15 +105,26 @@ def usage_from(raw: Any, *, model: str, deployment: str = "") -> Usage | None:
 
 
 def usage_record(
-    caller: Caller | None, usage: Usage, *, estimate: Estimate | None = None, served_model: str = ""
+    caller: Caller | None,
+    usage: Usage,
+    *,
+    estimate: Estimate | None = None,
+    served_model: str = "",
+    cost: Decimal | None = None,
 ) -> Decimal | None:
     """Price one call and queue it for the rollups (written by the event writer). Never touches the
     database. `served_model`: the model the upstream said it used, priced if `usage.model` has no price.
+    `cost`: the call's cost when it is priced by what it made (images, speech, audio seconds), not tokens.
     Returns the cost, or None when it is only known later (the tokens are counted offline by the writer)."""
     if caller is None or not usage.model:
         return Decimal(0)
-    price = price_of(usage.model) or (price_of(served_model) if served_model else None)
-    record = _Record(timezone.now(), caller, usage, price, estimate)
+    price = price_known(usage.model) or price_known(served_model) or price_of(usage.model)
+    record = _Record(timezone.now(), caller, usage, price, None if cost is not None else estimate)
+    if cost is not None:
+        record.cost = cost
+        metrics.usage_counted(usage.model, usage.input_tokens, usage.output_tokens, record.cost)
+        _queue(record)
+        return cost
     if estimate is None:
         record.cost = cost_of(price, usage.input_tokens, usage.output_tokens, usage.cached_tokens)
         metrics.usage_counted(usage.model, usage.input_tokens, usage.output_tokens, record.cost)

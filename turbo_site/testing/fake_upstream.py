@@ -249,6 +249,10 @@ class FakeUpstream:
             ("POST", "/v1/chat/completions"): self._chat_completions,
             ("POST", "/v1/embeddings"): self._embeddings,
             ("POST", "/v1/files"): self._files,
+            ("POST", "/v1/images/generations"): self._images,
+            ("POST", "/v1/audio/speech"): self._speech,
+            ("POST", "/v1/audio/transcriptions"): self._transcription,
+            ("POST", "/v1/moderations"): self._moderations,
         }.get((request.method, request.path))
         if route is None:
             return _error(404, "Unknown path", "invalid_request_error", "not_found")
@@ -360,6 +364,27 @@ class FakeUpstream:
         model = str(payload.get("model") or "text-embedding-3-small")
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         return _Reply(payload={"object": "list", "data": data, "model": model, "usage": usage})
+
+    def _images(self, request: RecordedRequest, options: _Options) -> _Reply:
+        count = _json_object(request).get("n") or 1
+        data = [{"url": f"https://images.example/{index}.png"} for index in range(int(count))]
+        return _Reply(payload={"created": int(time.time()), "data": data})
+
+    def _speech(self, request: RecordedRequest, options: _Options) -> _Reply:
+        return _Reply(payload={"audio": "fake", "characters": len(str(_json_object(request).get("input") or ""))})
+
+    def _transcription(self, request: RecordedRequest, options: _Options) -> _Reply:
+        """The text, and (as OpenAI's whisper-1 does) the audio's length: a second per 1000 bytes here."""
+        parts = _parse_multipart(request.body, request.headers.get("content-type", ""))
+        upload = next((part for part in parts if part.name == "file"), None)
+        if upload is None:
+            raise _BadRequest("a 'file' upload is required", "invalid_upload")
+        seconds = max(1, len(upload.content) // 1000)
+        return _Reply(payload={"text": DEFAULT_REPLY, "usage": {"type": "duration", "seconds": seconds}})
+
+    def _moderations(self, request: RecordedRequest, options: _Options) -> _Reply:
+        model = str(_json_object(request).get("model") or "omni-moderation-latest")
+        return _Reply(payload={"id": "modr-fake", "model": model, "results": [{"flagged": False}]})
 
     def _files(self, request: RecordedRequest, options: _Options) -> _Reply:
         parts = _parse_multipart(request.body, request.headers.get("content-type", ""))

@@ -7,10 +7,18 @@ import argparse
 import asyncio
 import json
 
+from django.conf import settings
 from django.core.management.base import CommandError
 
 from proxy.gateway import GatewayError
-from proxy.upstreams import deployments_health, health_is_shared, shared_health_problem, upstreams_check
+from proxy.gateway.routing import gateway_config
+from proxy.upstreams import (
+    deployments_health,
+    health_is_shared,
+    models_unpriced,
+    shared_health_problem,
+    upstreams_check,
+)
 from turbo_site.core.commands import ActionCommand, one_line, table
 from turbo_site.core.loops import loop_clients_close
 
@@ -139,8 +147,9 @@ class Command(ActionCommand):
     def handle_check(self, *, timeout: float, **options) -> None:
         checks = _run(upstreams_check(timeout=timeout))
         failed = [check for check in checks if not check.is_reachable]
+        unpriced = models_unpriced(gateway_config(), checks)
         if options["json"]:
-            self._json({"upstreams": [check.as_json() for check in checks]})
+            self._json({"upstreams": [check.as_json() for check in checks], "unpriced_models": unpriced})
         else:
             rows = []
             for check in checks:
@@ -155,6 +164,7 @@ class Command(ActionCommand):
                     result = ("error: " if check.status else "unreachable: ") + one_line(check.problem, 200)
                     rows.append((check.upstream, check.base_url or "-", result))
             self.write_lines(table(("UPSTREAM", "BASE URL", "RESULT"), rows))
+            self.stdout.write(_unpriced_text(unpriced))
         if failed:
             names = ", ".join(check.upstream for check in failed)
             raise CommandError(f"{len(failed)} of {len(checks)} upstreams failed the check: {names}")
@@ -163,6 +173,16 @@ class Command(ActionCommand):
 
     def _json(self, document: dict) -> None:
         self.stdout.write(json.dumps(document, indent=2))
+
+
+def _unpriced_text(unpriced: list[str]) -> str:
+    if not unpriced:
+        return "every model has a price"
+    if settings.UNPRICED_MODELS == "refuse":
+        treated = "refused while a budget applies (UNPRICED_MODELS=refuse)"
+    else:
+        treated = f"counted at DEFAULT_PRICE {settings.DEFAULT_PRICE} USD per 1M tokens (input,output)"
+    return f"models with no price, {treated}: {', '.join(unpriced)}"
 
 
 def _models(count: int | None) -> str:
