@@ -28,8 +28,9 @@ from django.utils import timezone
 
 from proxy.gateway.routing import text_redact
 from proxy.models import Event
-from proxy.usage.records import usage_flush, usage_pending
+from proxy.usage.records import usage_discard, usage_flush, usage_pending
 from turbo_site.core import metrics
+from turbo_site.core.batches import batch_write
 from turbo_site.core.http import REDACTED, SECRET_NAME, redact_query
 from turbo_site.core.parsers import client_json_loads
 from turbo_site.core.pubsub import apublish_many, publish
@@ -258,41 +259,24 @@ def writer_wake(*, soon: bool = False) -> None:
 
 def _insert_or_split(batch: list[dict[str, Any]]) -> tuple[int, list[dict[str, Any]]]:
     """Insert `batch`, halving it around refused rows; returns (saved, events to keep for later)."""
+    return batch_write(batch, _insert_counted, refused=_event_refused)
+
+
+def _insert_counted(batch: list[dict[str, Any]]) -> None:
+    _insert(batch)
+    metrics.events_batch_written(len(batch))
+
+
+def _event_refused(event: dict[str, Any], exc: Exception) -> None:
     global events_dropped
-    try:
-        _insert(batch)
-        metrics.events_batch_written(len(batch))
-        return len(batch), []
-    except Exception as exc:
-        if not _database_reachable():
-            logger.warning("could not write %d events (%s); will retry", len(batch), type(exc).__name__)
-            return 0, batch
-        if len(batch) == 1:
-            events_dropped += 1
-            metrics.events_lost("refused")
-            logger.error("dropped an event the database refused (%s: %s)", type(exc).__name__, exc)
-            return 0, []
-    half = len(batch) // 2
-    saved, unsaved = _insert_or_split(batch[:half])
-    if unsaved:
-        return saved, unsaved + batch[half:]
-    more, unsaved = _insert_or_split(batch[half:])
-    return saved + more, unsaved
+    events_dropped += 1
+    metrics.events_lost("refused")
+    logger.error("dropped an event the database refused (%s: %s)", type(exc).__name__, exc)
 
 
 def events_state() -> dict[str, int]:
     """This process's log: events waiting to be written, and events the database refused (dropped)."""
     return {"queued": len(_queue), "dropped": events_dropped}
-
-
-def _database_reachable() -> bool:
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1")
-        return True
-    except Exception:
-        connection.close()
-        return False
 
 
 def _insert(batch: list[dict[str, Any]]) -> None:
@@ -398,6 +382,12 @@ def events_shutdown(*, flush: bool = True) -> None:
             logger.exception("could not save queued events at shutdown")
         finally:
             connection.close()
+        # What the database could not take now is lost with the process: counted, not silently.
+        if _queue:
+            logger.error("lost %d events at shutdown: the database could not be reached", len(_queue))
+            metrics.events_lost("shutdown", len(_queue))
+            _queue.clear()
+        usage_discard("shutdown")
 
 
 atexit.register(events_shutdown)

@@ -22,6 +22,7 @@ from proxy.gateway.instructions import json_schema_of
 from proxy.gateway.instructions import schema_as_instructions as schema_as_instructions_of
 from proxy.usage.ratelimits import deployment_is_full
 from turbo_site.core.http import redact_keys
+from turbo_site.core.text import json_bytes
 
 _cached: tuple[tuple, GatewayConfig] | None = None
 
@@ -220,11 +221,7 @@ def body_for(
         rewritten = schema_as_instructions_of(rewritten)
     if deployment.mapping:
         rewritten = deployment.mapping.apply(rewritten)
-    text = json.dumps(rewritten, ensure_ascii=False)
-    try:
-        return text.encode()
-    except UnicodeEncodeError:  # a lone surrogate ("\ud800"): sent on escaped, as the client wrote it
-        return json.dumps(rewritten).encode()
+    return json_bytes(rewritten)
 
 
 def models_list(allowed: frozenset[str] | None) -> dict:

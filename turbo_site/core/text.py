@@ -8,6 +8,7 @@ Whatever a client sent goes through `storable()` where it becomes a column, a la
 a log argument.
 """
 
+import json
 from typing import Any
 
 # Log arguments longer than this are cut: one line must not carry a 10 MB body.
@@ -38,3 +39,13 @@ def storable_value(value: Any, limit: int | None = None) -> Any:
     if isinstance(value, list | tuple):
         return [storable_value(item, limit) for item in value]
     return value
+
+
+def json_bytes(value: Any) -> bytes:
+    """`value` as UTF-8 JSON for an upstream; a lone surrogate a client sent (JSON's "\\ud800") goes on
+    escaped, as the client wrote it, instead of failing the request."""
+    text = json.dumps(value, ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(value).encode()

@@ -26,6 +26,8 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from turbo_site.core.text import storable, storable_value
+
 # Read on every hook: False until `tracing_setup()` (or a test) installs a span processor.
 enabled = False
 capture_content = False
@@ -35,6 +37,9 @@ _provider = None  # the SDK's TracerProvider in force
 TRACE_ID_HEADER = b"x-turbo-trace-id"
 _PROPAGATION_HEADERS = (b"traceparent", b"tracestate")
 _NO_SPAN = contextlib.nullcontext()
+# Attribute values (captured prompts too) and span names are cut to these many characters.
+ATTRIBUTE_MAX = 65536
+NAME_MAX = 200
 # The public path under /v1/ -> gen_ai.operation.name.
 _OPERATIONS = {
     "chat/completions": "chat",
@@ -64,9 +69,12 @@ def tracing_install(processor, *, capture: bool = False) -> Callable[[], None]:
     InMemorySpanExporter); returns a function that turns tracing off again."""
     global enabled, capture_content, _tracer, _provider
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 
-    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: settings.OTEL_SERVICE_NAME}))
+    provider = TracerProvider(
+        resource=Resource.create({SERVICE_NAME: settings.OTEL_SERVICE_NAME}),
+        span_limits=SpanLimits(max_attribute_length=ATTRIBUTE_MAX),
+    )
     provider.add_span_processor(processor)
     _provider, _tracer = provider, provider.get_tracer("turbo")
     capture_content, enabled = capture, True
@@ -121,9 +129,21 @@ def headers_inject(headers: dict[str, str], span: Span | None = None) -> None:
     propagate.inject(headers, context=trace.set_span_in_context(span) if span is not None else None)
 
 
+def _storable(attributes: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Attributes the exporter can encode: a lone surrogate in one (a model name a client made up)
+    would make it drop its whole batch, other requests' spans with it."""
+    if not attributes:
+        return attributes
+    return {storable(name, NAME_MAX): storable_value(value, ATTRIBUTE_MAX) for name, value in attributes.items()}
+
+
+def _set(span: Span, name: str, value: Any) -> None:
+    span.set_attribute(name, storable_value(value, ATTRIBUTE_MAX))
+
+
 def _error(span: Span, kind: str, message: str = "") -> None:
-    span.set_attribute("error.type", kind)
-    span.set_status(Status(StatusCode.ERROR, message or kind))
+    _set(span, "error.type", kind)
+    span.set_status(Status(StatusCode.ERROR, storable(message or kind, ATTRIBUTE_MAX)))
 
 
 def _content(value: Any) -> str:
@@ -159,7 +179,9 @@ async def _traced_request(app, scope, receive, send) -> None:
     client = scope.get("client")
     if client:
         attributes["client.address"] = client[0]
-    span = _tracer.start_span(f"{method} {path}", context=parent, kind=SpanKind.SERVER, attributes=attributes)
+    span = _tracer.start_span(
+        storable(f"{method} {path}", NAME_MAX), context=parent, kind=SpanKind.SERVER, attributes=_storable(attributes)
+    )
     header = (TRACE_ID_HEADER, trace_id_of(span).encode())
     status = 0
 
@@ -228,7 +250,9 @@ def attempt_start(call, deployment, headers: dict[str, str]) -> Span:
             attributes["gen_ai.input.messages"] = _content(payload["messages"])
         elif capture_content and "input" in payload:
             attributes["gen_ai.input.messages"] = _content(payload["input"])
-    span = _tracer.start_span(f"{operation} {model}".strip(), kind=SpanKind.CLIENT, attributes=attributes)
+    span = _tracer.start_span(
+        storable(f"{operation} {model}".strip(), NAME_MAX), kind=SpanKind.CLIENT, attributes=_storable(attributes)
+    )
     headers_inject(headers, span)
     return span
 
@@ -277,9 +301,9 @@ def attempt_end(
         return
     span.set_attribute("http.response.status_code", status)
     if isinstance(response_model, str) and response_model:
-        span.set_attribute("gen_ai.response.model", response_model)
+        _set(span, "gen_ai.response.model", response_model)
     if isinstance(response_id, str) and response_id:
-        span.set_attribute("gen_ai.response.id", response_id)
+        _set(span, "gen_ai.response.id", response_id)
     if isinstance(usage, dict):
         for name, attribute in (
             ("prompt_tokens", "gen_ai.usage.input_tokens"),
@@ -292,9 +316,9 @@ def attempt_end(
                 span.set_attribute(attribute, value)
     reasons = [reason for reason in finish_reasons or () if isinstance(reason, str) and reason]
     if reasons:
-        span.set_attribute("gen_ai.response.finish_reasons", reasons)
+        _set(span, "gen_ai.response.finish_reasons", reasons)
     if capture_content and output:
-        span.set_attribute("gen_ai.output.messages", _content(output))
+        _set(span, "gen_ai.output.messages", _content(output))
     if status >= 400:
         _error(span, str(status), error)
     elif error:
@@ -310,9 +334,9 @@ def span_start(name: str, attributes: dict[str, Any], *, content: dict[str, Any]
     `content` (prompt text) is added only with OTEL_CAPTURE_CONTENT=1."""
     if not enabled:
         return None
-    span = _tracer.start_span(name, attributes=attributes)
+    span = _tracer.start_span(storable(name, NAME_MAX), attributes=_storable(attributes))
     if capture_content and content:
-        span.set_attributes({key: _content(value) for key, value in content.items() if value is not None})
+        span.set_attributes(_storable({key: _content(value) for key, value in content.items() if value is not None}))
     return span
 
 
@@ -321,7 +345,7 @@ def span(name: str, attributes: dict[str, Any] | None = None, *, parent: Span | 
     if not enabled:
         return _NO_SPAN
     context = trace.set_span_in_context(parent) if parent is not None else None
-    return _tracer.start_as_current_span(name, context=context, attributes=attributes)
+    return _tracer.start_as_current_span(storable(name, NAME_MAX), context=context, attributes=_storable(attributes))
 
 
 def request_span(name: str, attributes: dict[str, Any], carrier: dict[str, str] | None = None):
@@ -330,7 +354,9 @@ def request_span(name: str, attributes: dict[str, Any], carrier: dict[str, str] 
     if not enabled:
         return _NO_SPAN
     parent = propagate.extract(carrier) if carrier else otel_context.Context()
-    return _tracer.start_as_current_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
+    return _tracer.start_as_current_span(
+        storable(name, NAME_MAX), context=parent, kind=SpanKind.SERVER, attributes=_storable(attributes)
+    )
 
 
 def traced(name: str, attributes: Callable[..., dict[str, Any]] | None = None):
@@ -346,7 +372,7 @@ def traced(name: str, attributes: Callable[..., dict[str, Any]] | None = None):
             title = name
             for key, value in values.items() if "{" in name else ():
                 title = title.replace("{" + key + "}", str(value))
-            with _tracer.start_as_current_span(title, attributes=values):
+            with _tracer.start_as_current_span(storable(title, NAME_MAX), attributes=_storable(values)):
                 return await function(*args, **kwargs)
 
         return wrapper
