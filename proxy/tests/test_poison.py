@@ -12,7 +12,7 @@ from decimal import Decimal
 
 import httpx
 import pytest
-from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -69,7 +69,7 @@ def bearer(token: str) -> dict:
     return {"Authorization": f"Bearer {token}"}
 
 
-@sync_to_async
+@database_sync_to_async
 def flushed_records(user_id: str) -> tuple[list[Event], list[UsageRollup]]:
     events_flush()
     return (
@@ -150,7 +150,7 @@ async def test_metrics_answer_even_with_a_label_an_older_process_poisoned(produc
     assert any(sample.labels == {"model": "?", "direction": "input"} and sample.value == 3 for sample in samples)
 
 
-@sync_to_async
+@database_sync_to_async
 def _write_a_refused_record_and_a_good_one() -> tuple[list[UsageRollup], float]:
     from accounts.models import User
 
@@ -178,7 +178,7 @@ async def test_a_usage_record_the_database_refuses_is_dropped_and_counted(produc
     assert usage_pending() == 0
 
 
-@sync_to_async
+@database_sync_to_async
 def _usage_written_at_shutdown() -> list[UsageRollup]:
     from accounts.models import User
 

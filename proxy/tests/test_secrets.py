@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
 
 from proxy.events import events_flush
 from proxy.models import Event
@@ -129,7 +129,7 @@ def bearer(token: str) -> dict:
     return {"Authorization": f"Bearer {token}"}
 
 
-@sync_to_async
+@database_sync_to_async
 def logged_events(user_id: str) -> list[Event]:
     events_flush()
     return list(Event.objects.filter(user_id=user_id).order_by("created_at"))
