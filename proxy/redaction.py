@@ -71,9 +71,20 @@ def error_body_decoded(body: bytes, encoding: str, limit: int) -> bytes | None:
 
 
 # The end of a server-sent event: a blank line, in any of the line endings the format allows.
+_EVENT_ENDS = (b"\r\n\r\n", b"\n\n", b"\r\r")
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _KEY_LIKE = re.compile(rb"\bsk-[A-Za-z0-9_*.\-]{3,}")
 _ERROR_EVENT = re.compile(rb'(?m)^(?:event:\s*error\s*$|data:\s*\{\s*"error")')
+
+
+def _last_event_end(data: bytes, start: int) -> int:
+    """Where the last whole event in `data` ends (0: none ends at or after `start`)."""
+    cut = 0
+    for end in _EVENT_ENDS:
+        found = data.rfind(end, start)
+        if found >= 0:
+            cut = max(cut, found + len(end))
+    return cut
 
 
 class EventStreamRedactor:
@@ -95,12 +106,15 @@ class EventStreamRedactor:
     def feed(self, chunk: bytes) -> bytes:
         """What of the stream so far the client may have: whole events, keys taken out."""
         data = self.pending + chunk if self.pending else chunk
-        ends = [found.end() for found in _EVENT_END.finditer(data, max(len(self.pending) - 3, 0))]
-        if ends:
-            cut = ends[-1]
-        elif len(data) > self.hold_max:
+        cut = _last_event_end(data, max(len(self.pending) - 3, 0))
+        if not cut and len(data) > self.hold_max:
+            # One huge event: redacted whole, then let go of all but its tail, where a key that has not
+            # fully arrived yet may begin.
+            data = self._redacted(data)
             cut = len(data) - self.tail
-        else:
+            self.pending = data[cut:]
+            return data[:cut]
+        if not cut:
             self.pending = data
             return b""
         complete, self.pending = data[:cut], data[cut:]

@@ -264,6 +264,21 @@ def test_a_key_split_anywhere_between_two_chunks_is_redacted():
             assert sent.endswith(b"data: [DONE]\n\n")
 
 
+def test_crlf_events_and_an_event_too_long_to_hold_are_redacted_too():
+    crlf = error_event(SERVER_KEY).replace(b"\n", b"\r\n")
+    redactor = EventStreamRedactor([SERVER_KEY])
+    cut = crlf.index(SERVER_KEY.encode()) + 5
+    assert redactor.feed(crlf[:cut]) == b""  # held: the event has not ended
+    sent = redactor.feed(crlf[cut:]) + redactor.finish()
+    assert SERVER_KEY.encode() not in sent and sent.endswith(b"\r\n\r\n")
+    # An event longer than the redactor holds is let go in parts, but never a key's straddling part.
+    endless = b"data: " + b"x" * 5000 + SERVER_KEY.encode() + b"y" * 5000
+    for cut in range(4000, 7000, 7):
+        redactor = EventStreamRedactor([SERVER_KEY], hold_max=1000)
+        sent = redactor.feed(endless[:cut]) + redactor.feed(endless[cut:]) + redactor.finish()
+        assert SERVER_KEY.encode() not in sent and len(sent) == len(endless) - len(SERVER_KEY) + len(REDACTED)
+
+
 async def test_a_streamed_error_event_quoting_the_key_is_redacted_across_chunks(scripted):
     event = error_event(SERVER_KEY)
     split = event.index(SERVER_KEY.encode()) + 10  # the key's first 10 characters in one chunk, the rest in the next

@@ -21,8 +21,8 @@ SERVER_LOGGERS = (
 )
 
 
-def _clean(value):
-    return storable(redact_query(value), LOG_VALUE_MAX) if isinstance(value, str) else value
+def _clean(value, limit: int | None = LOG_VALUE_MAX):
+    return redact_query(storable(value, limit)) if isinstance(value, str) else value
 
 
 class RedactSecrets(logging.Filter):
@@ -33,7 +33,7 @@ class RedactSecrets(logging.Filter):
         # The arguments are redacted one by one, not the formatted message: uvicorn's access formatter
         # unpacks record.args itself.
         if isinstance(record.msg, str):
-            record.msg = _clean(record.msg)
+            record.msg = _clean(record.msg, None)  # the code's own format string: kept whole
         if isinstance(record.args, tuple):
             record.args = tuple(_clean(arg) for arg in record.args)
         elif isinstance(record.args, dict):
