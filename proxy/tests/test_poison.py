@@ -150,24 +150,48 @@ async def test_metrics_answer_even_with_a_label_an_older_process_poisoned(produc
     assert any(sample.labels == {"model": "?", "direction": "input"} and sample.value == 3 for sample in samples)
 
 
+def dropped(name: str, reason: str) -> float:
+    families = {family.name: family for family in text_string_to_metric_families(metrics.exposition().decode())}
+    return sum(sample.value for sample in families[name].samples if sample.labels["reason"] == reason)
+
+
+def test_a_span_the_exporter_cannot_encode_is_dropped_alone_and_counted(production):
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    from turbo_site.tests.test_tracing import Receiver
+
+    with tracing.span("before", {"model": "\ud800 made storable"}):
+        pass
+    # A span made past Turbo's hooks (a library's, say): its name cannot be encoded. (An attribute
+    # that cannot is left out by the encoder itself; a name, or a status message, fails the batch.)
+    tracing._tracer.start_span("chat \ud800", attributes={"model": "\ud800"}).end()
+    with tracing.span("after"):
+        pass
+    batch = production.get_finished_spans()
+    receiver = Receiver()
+    try:
+        before = dropped("turbo_spans_dropped", "refused")
+        exporter = tracing.EncodableSpans(OTLPSpanExporter(endpoint=receiver.url + "/v1/traces"))
+        assert exporter.export(batch).name == "SUCCESS"
+        received = receiver.wait(lambda spans: len(spans) >= 2)
+    finally:
+        receiver.stop()
+    assert [span.name for _, _, span in received] == ["before", "after"]
+    assert dropped("turbo_spans_dropped", "refused") - before == 1
+
+
 @database_sync_to_async
 def _write_a_refused_record_and_a_good_one() -> tuple[list[UsageRollup], float]:
     from accounts.models import User
 
     users = [User.objects.create_user(username=f"u-{uuid.uuid4().hex[:10]}", password="x") for _ in range(2)]
-    families = {family.name: family for family in text_string_to_metric_families(metrics.exposition().decode())}
-    before = sum(sample.value for sample in families.get("turbo_usage_records_dropped", []).samples or [])
+    before = dropped("turbo_usage_records_dropped", "refused")
     # An upstream that reports 2^70 tokens: no column holds it, on any database.
     usage_record(Caller(user_id=users[0].pk), Usage("gpt-4o", input_tokens=2**70))
     usage_record(Caller(user_id=users[1].pk), Usage("gpt-4o", input_tokens=5, output_tokens=1))
     events_flush()
     events_flush()  # nothing is left to retry
-    families = {family.name: family for family in text_string_to_metric_families(metrics.exposition().decode())}
-    after = sum(
-        sample.value
-        for sample in families["turbo_usage_records_dropped"].samples
-        if sample.labels["reason"] == "refused"
-    )
+    after = dropped("turbo_usage_records_dropped", "refused")
     return list(UsageRollup.objects.filter(user_id__in=[user.pk for user in users])), after - before
 
 

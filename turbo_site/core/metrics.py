@@ -225,6 +225,12 @@ usage_records_dropped = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+spans_dropped = Counter(
+    "turbo_spans_dropped",
+    "Spans the trace exporter could not encode, dropped alone rather than with their whole batch",
+    ["reason"],
+    registry=REGISTRY,
+)
 
 
 class _Children:
@@ -474,6 +480,11 @@ def events_batch_written(count: int) -> None:
 def events_lost(reason: str, count: int = 1) -> None:
     if _on:
         events_dropped.labels(reason).inc(count)
+
+
+def spans_lost(reason: str, count: int = 1) -> None:
+    if _on:
+        spans_dropped.labels(reason).inc(count)
 
 
 def usage_lost(reason: str, count: int = 1) -> None:

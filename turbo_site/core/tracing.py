@@ -17,6 +17,7 @@ import contextlib
 import contextvars
 import functools
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,7 +27,10 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from turbo_site.core import metrics
 from turbo_site.core.text import storable, storable_value
+
+logger = logging.getLogger("turbo.tracing")
 
 # Read on every hook: False until `tracing_setup()` (or a test) installs a span processor.
 enabled = False
@@ -61,7 +65,47 @@ def tracing_setup() -> None:
 
     # No endpoint given here: the exporter reads OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, or the
     # OTEL_EXPORTER_OTLP_ENDPOINT base + /v1/traces, and the other OTEL_EXPORTER_OTLP_* variables.
-    tracing_install(BatchSpanProcessor(OTLPSpanExporter()), capture=settings.OTEL_CAPTURE_CONTENT)
+    tracing_install(BatchSpanProcessor(EncodableSpans(OTLPSpanExporter())), capture=settings.OTEL_CAPTURE_CONTENT)
+
+
+class EncodableSpans:
+    """An OTLP span exporter that drops (and counts: `turbo_spans_dropped_total`) the spans it cannot
+    encode, instead of the whole batch with them.
+
+    Turbo's own attributes are made storable where they are set (below); this is for whatever got
+    past that (a library's span). The batch is re-encoded only when an export has failed.
+    """
+
+    def __init__(self, exporter):
+        self.exporter = exporter
+
+    def export(self, spans):
+        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        result = self.exporter.export(spans)
+        if result == SpanExportResult.SUCCESS:
+            return result
+        try:
+            encode_spans(spans).SerializeToString()
+            return result  # the batch encodes: the export failed for another reason (the exporter says)
+        except Exception:
+            pass
+        kept = []
+        for span in spans:
+            try:
+                encode_spans([span]).SerializeToString()
+                kept.append(span)
+            except Exception:
+                metrics.spans_lost("refused")
+        logger.error("dropped %d spans the exporter could not encode", len(spans) - len(kept))
+        return self.exporter.export(kept) if kept else SpanExportResult.SUCCESS
+
+    def shutdown(self):
+        self.exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.exporter.force_flush(timeout_millis)
 
 
 def tracing_install(processor, *, capture: bool = False) -> Callable[[], None]:
