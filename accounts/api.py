@@ -335,10 +335,18 @@ class ApiKeyCreateInput(serializers.Serializer):
         required=False, allow_null=True, help_text="a group you own: the key is limited to what it allows"
     )
     rpm = serializers.IntegerField(
-        required=False, allow_null=True, min_value=1, help_text="the key's requests per minute; omitted: the default"
+        required=False,
+        allow_null=True,
+        min_value=1,
+        max_value=keys.LIMIT_PER_MINUTE_MAX,
+        help_text="the key's requests per minute; omitted: the default",
     )
     tpm = serializers.IntegerField(
-        required=False, allow_null=True, min_value=1, help_text="the key's tokens per minute; omitted: the default"
+        required=False,
+        allow_null=True,
+        min_value=1,
+        max_value=keys.LIMIT_PER_MINUTE_MAX,
+        help_text="the key's tokens per minute; omitted: the default",
     )
     budget_usd = serializers.DecimalField(
         max_digits=14,

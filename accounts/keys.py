@@ -28,6 +28,7 @@ PREFIX_CHARS = 12  # `tk-` and 9 random characters: 54 bits, enough to tell a pe
 KEYS_PER_USER_MAX = 50  # live keys (neither revoked nor expired)
 NAME_MAX_CHARS = 100
 MODELS_MAX = 100
+LIMIT_PER_MINUTE_MAX = 2**31 - 1  # a key's rpm / tpm: what the column holds on every database
 MODEL_NAME_MAX_CHARS = 100
 
 
@@ -127,8 +128,10 @@ def api_key_create(
     if expires_at is not None and expires_at <= timezone.now():
         raise Invalid("expires_at: must be in the future")
     for field_name, limit in (("rpm", rpm), ("tpm", tpm)):
-        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
-            raise Invalid(f"{field_name}: must be a whole number of at least 1")
+        if limit is not None and (
+            not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= LIMIT_PER_MINUTE_MAX
+        ):
+            raise Invalid(f"{field_name}: must be a whole number from 1 to {LIMIT_PER_MINUTE_MAX}")
     group = None
     if group_id is not None:
         group = group_get_for_member(user=user, group_id=group_id)

@@ -42,12 +42,16 @@ class Chat(models.Model):
     def save(self, *args, **kwargs):
         if not (self._state.adding and self.number is None):
             return super().save(*args, **kwargs)
-        # The owner's next number; a concurrent creation that took it makes the insert fail: take the next.
+        # The owner's next number. The owner's row is locked first (Postgres, MySQL: until the enclosing
+        # transaction ends), so one owner's creations take their numbers one at a time; a collision
+        # the lock cannot prevent (SQLite has none) makes the insert fail: take the next.
+        owner_model = self._meta.get_field("owner").related_model
         for attempt in range(NUMBER_ATTEMPTS):
-            latest = Chat.objects.filter(owner_id=self.owner_id).aggregate(models.Max("number"))["number__max"]
-            self.number = (latest or 0) + 1
             try:
                 with transaction.atomic():
+                    list(owner_model.objects.select_for_update().filter(pk=self.owner_id).values_list("pk"))
+                    latest = Chat.objects.filter(owner_id=self.owner_id).aggregate(models.Max("number"))
+                    self.number = (latest["number__max"] or 0) + 1
                     return super().save(*args, **kwargs)
             except IntegrityError:
                 if attempt == NUMBER_ATTEMPTS - 1:

@@ -26,12 +26,15 @@ from django.conf import settings
 from django.db import close_old_connections, connection, transaction
 from django.utils import timezone
 
+from proxy.gateway.routing import text_redact
 from proxy.models import Event
-from proxy.usage.records import usage_flush, usage_pending
+from proxy.usage.records import usage_discard, usage_flush, usage_pending
 from turbo_site.core import metrics
+from turbo_site.core.batches import batch_write
 from turbo_site.core.http import REDACTED, SECRET_NAME, redact_query
 from turbo_site.core.parsers import client_json_loads
 from turbo_site.core.pubsub import apublish_many, publish
+from turbo_site.core.text import storable
 from turbo_site.core.tracing import trace_id_current
 
 logger = logging.getLogger("turbo.events")
@@ -65,7 +68,8 @@ def _redact_value(value: Any) -> Any:
 
 
 def capture_body(raw: bytes, content_type: str = "") -> str:
-    """A body as stored in the log: secrets redacted, truncated to EVENT_BODY_MAX_BYTES."""
+    """A body as stored in the log: secret fields and every configured key redacted, truncated to
+    EVENT_BODY_MAX_BYTES."""
     if not settings.EVENT_CAPTURE_BODIES or not raw:
         return ""
     limit = settings.EVENT_BODY_MAX_BYTES
@@ -87,6 +91,8 @@ def capture_body(raw: bytes, content_type: str = "") -> str:
         )
     else:
         return f"[{len(raw)} bytes of {content_type or 'unknown type'}]"
+    # An upstream may quote the key it was sent, any upstream's: none is stored (nor shown by the admin).
+    text = text_redact(text)
     if len(text) > limit:
         text = text[:limit] + "…[truncated]"
     return text
@@ -102,15 +108,6 @@ def _payload(event: dict[str, Any]) -> dict[str, Any]:
     shown["user_id"] = str(shown["user_id"]) if shown.get("user_id") else None
     shown["created_at"] = shown["created_at"].isoformat()
     return shown
-
-
-def _text(value: Any, limit: int) -> str:
-    """Text any database accepts: no NUL (Postgres refuses it), no lone surrogate (no UTF-8 for it), bounded."""
-    text = value if isinstance(value, str) else str(value or "")
-    text = text.replace("\x00", "")
-    if not text.isascii():
-        text = text.encode("utf-8", "replace").decode("utf-8")
-    return text if len(text) <= limit else text[:limit]
 
 
 def _count(value: Any, limit: int) -> int | None:
@@ -152,23 +149,25 @@ def event_record(
     body_limit = settings.EVENT_BODY_MAX_BYTES + len("…[truncated]")
     event = {
         "id": uuid.uuid4(),
-        "type": _text(type, 32),
+        "type": storable(type, 32),
         "user_id": user_id,
-        "method": _text(method, 10),
-        "path": _text(path, 2000),
-        "query": _text(redact_query(_text(query, 4000)), 2000),
+        "method": storable(method, 10),
+        "path": storable(path, 2000),
+        "query": storable(redact_query(storable(query, 4000)), 2000),
         "status": _count(status, 32767),
         "duration_ms": round(duration_ms, 3) if duration_ms is not None else None,
         "client_ip": _address(client_ip),
-        "model": _text(model, 100),
+        "model": storable(model, 100),
         "prompt_tokens": _count(prompt_tokens, 2147483647),
         "completion_tokens": _count(completion_tokens, 2147483647),
         "total_tokens": _count(total_tokens, 2147483647),
-        "request_body": _text(request_body, body_limit),
-        "response_body": _text(response_body, body_limit),
+        "request_body": storable(request_body, body_limit),
+        "response_body": storable(response_body, body_limit),
         # Attempt objects (proxy.gateway.Attempt): the last one tried is the one that answered, if any.
-        "upstream": _text(attempts[-1].deployment, 200) if attempts and not attempts[-1].error else "",
-        "attempts": [{"deployment": _text(a.deployment, 200), "error": _text(a.error, 300)} for a in attempts[:20]],
+        "upstream": storable(attempts[-1].deployment, 200) if attempts and not attempts[-1].error else "",
+        "attempts": [
+            {"deployment": storable(a.deployment, 200), "error": storable(a.error, 300)} for a in attempts[:20]
+        ],
         "trace_id": trace_id_current(),  # "" unless tracing is on
         "created_at": timezone.now(),
     }
@@ -260,41 +259,24 @@ def writer_wake(*, soon: bool = False) -> None:
 
 def _insert_or_split(batch: list[dict[str, Any]]) -> tuple[int, list[dict[str, Any]]]:
     """Insert `batch`, halving it around refused rows; returns (saved, events to keep for later)."""
+    return batch_write(batch, _insert_counted, refused=_event_refused)
+
+
+def _insert_counted(batch: list[dict[str, Any]]) -> None:
+    _insert(batch)
+    metrics.events_batch_written(len(batch))
+
+
+def _event_refused(event: dict[str, Any], exc: Exception) -> None:
     global events_dropped
-    try:
-        _insert(batch)
-        metrics.events_batch_written(len(batch))
-        return len(batch), []
-    except Exception as exc:
-        if not _database_reachable():
-            logger.warning("could not write %d events (%s); will retry", len(batch), type(exc).__name__)
-            return 0, batch
-        if len(batch) == 1:
-            events_dropped += 1
-            metrics.events_lost("refused")
-            logger.error("dropped an event the database refused (%s: %s)", type(exc).__name__, exc)
-            return 0, []
-    half = len(batch) // 2
-    saved, unsaved = _insert_or_split(batch[:half])
-    if unsaved:
-        return saved, unsaved + batch[half:]
-    more, unsaved = _insert_or_split(batch[half:])
-    return saved + more, unsaved
+    events_dropped += 1
+    metrics.events_lost("refused")
+    logger.error("dropped an event the database refused (%s: %s)", type(exc).__name__, exc)
 
 
 def events_state() -> dict[str, int]:
     """This process's log: events waiting to be written, and events the database refused (dropped)."""
     return {"queued": len(_queue), "dropped": events_dropped}
-
-
-def _database_reachable() -> bool:
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1")
-        return True
-    except Exception:
-        connection.close()
-        return False
 
 
 def _insert(batch: list[dict[str, Any]]) -> None:
@@ -400,6 +382,12 @@ def events_shutdown(*, flush: bool = True) -> None:
             logger.exception("could not save queued events at shutdown")
         finally:
             connection.close()
+        # What the database could not take now is lost with the process: counted, not silently.
+        if _queue:
+            logger.error("lost %d events at shutdown: the database could not be reached", len(_queue))
+            metrics.events_lost("shutdown", len(_queue))
+            _queue.clear()
+        usage_discard("shutdown")
 
 
 atexit.register(events_shutdown)

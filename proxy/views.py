@@ -26,6 +26,12 @@ from django.views.decorators.csrf import csrf_exempt
 from accounts.auth import AuthRefused, arequest_authenticate
 from proxy import gateway
 from proxy.events import capture_body, event_record
+from proxy.redaction import (
+    EventStreamRedactor,
+    encoding_readable,
+    error_body_decoded,
+    response_headers_allowed,
+)
 from proxy.requests import ModelRequest, RequestUnreadable, v1_request_read
 from proxy.usage.caller import Caller
 from proxy.usage.limits import limits_settle
@@ -50,33 +56,6 @@ FORWARDED_REQUEST_PREFIXES = ("openai-", "x-stainless-")
 # They pick whose account the server's key bills: the server's to set (OPENAI_ORGANIZATION,
 # OPENAI_PROJECT), never a client's, even if PROXY_FORWARD_HEADERS names them.
 SERVER_ONLY_REQUEST_HEADERS = {"openai-organization", "openai-project"}
-# Upstream response headers all come back, but for hop-by-hop ones (RFC 9110 7.6.1), the body's
-# framing (the server frames it again) and those Turbo owns: cookies for Turbo's domain, CORS, the
-# security headers it sets, and its own X-Turbo-*.
-DROPPED_RESPONSE_HEADERS = {
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "content-length",
-    "set-cookie",
-    "set-cookie2",
-    "server",
-    "date",
-    "alt-svc",
-    "strict-transport-security",
-    "content-security-policy",
-    "x-content-type-options",
-    "x-frame-options",
-    "referrer-policy",
-    "vary",
-}
-DROPPED_RESPONSE_PREFIXES = ("access-control-", "x-turbo-")
 
 
 def openai_error_body(message: str, error_type: str, code: str) -> bytes:
@@ -102,11 +81,8 @@ def _request_headers(client_headers: dict[str, str]) -> dict[str, str]:
 
 
 def _response_headers(upstream_headers: list[tuple[str, str]]) -> dict[str, str]:
-    return {
-        name: value
-        for name, value in upstream_headers
-        if name not in DROPPED_RESPONSE_HEADERS and not name.startswith(DROPPED_RESPONSE_PREFIXES)
-    }
+    # An allowlist (proxy.redaction): a header an upstream invents tomorrow stays here.
+    return response_headers_allowed(upstream_headers, gateway.secrets_known())
 
 
 def _has_dot_segment(path: str) -> bool:
@@ -248,6 +224,9 @@ async def exchange(request: ProxyRequest) -> ProxyReply:
     reader = gateway.UsageReader(is_event_stream)
     stripper = UsageStripper() if asked and is_event_stream and upstream.status < 400 else None
     capture_limit = settings.EVENT_BODY_MAX_BYTES if settings.EVENT_CAPTURE_BODIES else 0
+    # A stream's error event may quote the key, split over two chunks: taken out event by event.
+    redactor = EventStreamRedactor(gateway.secrets_known()) if is_event_stream and upstream.status < 400 else None
+    encoding = upstream.header("content-encoding")
 
     async def relay():
         captured = bytearray()
@@ -259,24 +238,30 @@ async def exchange(request: ProxyRequest) -> ProxyReply:
             if is_error:
                 body = await upstream.read_all(gateway.ERROR_BODY_MAX_BYTES)
                 reader.feed(body)
-                captured += body[:capture_limit]
-                yield gateway.text_redact(body.decode("utf-8", "replace")).encode()
+                # Read without its content coding (the header is not passed on), to take keys out.
+                readable = error_body_decoded(body, encoding, gateway.ERROR_BODY_MAX_BYTES)
+                if readable is None:
+                    message = f"the upstream answered {upstream.status} in a form Turbo cannot read ({encoding})"
+                    readable = openai_error_body(message, "server_error", "upstream_error")
+                captured += readable[:capture_limit]
+                yield gateway.text_redact(readable.decode("utf-8", "replace")).encode()
             else:
                 async for chunk in upstream.chunks():
                     reader.feed(chunk)
                     if len(captured) < capture_limit:
                         captured += chunk[: capture_limit - len(captured)]
+                    if redactor is not None:
+                        chunk = redactor.feed(chunk)
                     if stripper is not None:
                         chunk = stripper.feed(chunk)
-                        if not chunk:
-                            continue
-                    yield chunk
-                if stripper is not None and (rest := stripper.finish()):
+                    if chunk:
+                        yield chunk
+                if rest := _stream_rest(redactor, stripper):
                     yield rest
         except gateway.TransportError as exc:
             status = 504 if exc.timeout else 502
             logger.warning("upstream stream broke: %s", exc)
-            if stripper is not None and (rest := stripper.finish()):
+            if rest := _stream_rest(redactor, stripper):
                 yield rest
             if is_event_stream:
                 error = {
@@ -314,6 +299,10 @@ async def exchange(request: ProxyRequest) -> ProxyReply:
             await limits_settle(answer.admission, answer.reservation, cost=cost, tokens=reader.token("total_tokens"))
 
     headers = _response_headers(upstream.headers)
+    if upstream.status >= 400 and encoding:  # the error body goes out decoded (or replaced): see relay
+        headers.pop("content-encoding", None)
+        if not encoding_readable(encoding):
+            headers["content-type"] = "application/json"
     if answer.admission is not None and answer.admission.readings:  # the caller's limits apply, not the upstream's
         headers = {name: value for name, value in headers.items() if not name.startswith("x-ratelimit-")}
         headers.update(answer.admission.headers)
@@ -325,6 +314,14 @@ async def exchange(request: ProxyRequest) -> ProxyReply:
     headers["X-Turbo-Upstream"] = answer.deployment.id
     headers["X-Turbo-Attempts"] = str(len(answer.attempts))
     return ProxyReply(upstream.status, headers, stream=relay())
+
+
+def _stream_rest(redactor: EventStreamRedactor | None, stripper: UsageStripper | None) -> bytes:
+    """What the redactor and the usage stripper still hold once the stream has ended."""
+    rest = redactor.finish() if redactor is not None else b""
+    if stripper is not None:
+        rest = stripper.feed(rest) + stripper.finish() if rest else stripper.finish()
+    return rest
 
 
 def _models_answer(request: ProxyRequest) -> ProxyReply | None:

@@ -32,6 +32,7 @@ _HOMES = {
     "GatewayError": "errors",
     "gateway_config": "routing",
     "models_list": "routing",
+    "secrets_known": "routing",
     "text_redact": "routing",
 }
 
@@ -60,6 +61,7 @@ __all__ = [
     "embeddings",
     "gateway_config",
     "models_list",
+    "secrets_known",
     "send",
     "text_redact",
     "TransportError",

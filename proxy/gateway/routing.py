@@ -22,6 +22,7 @@ from proxy.gateway.instructions import json_schema_of
 from proxy.gateway.instructions import schema_as_instructions as schema_as_instructions_of
 from proxy.usage.ratelimits import deployment_is_full
 from turbo_site.core.http import redact_keys
+from turbo_site.core.text import json_bytes
 
 _cached: tuple[tuple, GatewayConfig] | None = None
 
@@ -53,14 +54,19 @@ def gateway_config() -> GatewayConfig:
     return config
 
 
-def text_redact(text: str) -> str:
-    """Upstream text with keys taken out: every configured key, and anything key-like (an upstream
-    may quote the key it was sent: "Incorrect API key provided: sk-...")."""
+def secrets_known() -> list[str]:
+    """Every key Turbo sends upstream: OPENAI_API_KEY and each TURBO_CONFIG upstream's."""
     try:
         secrets = gateway_config().secrets()
     except GatewayError:  # a file broken under a running server: the keys known before it broke
         secrets = _cached[1].secrets() if _cached is not None else []
-    return redact_keys(text, settings.OPENAI_API_KEY, *secrets)
+    return [secret for secret in (settings.OPENAI_API_KEY, *secrets) if secret]
+
+
+def text_redact(text: str) -> str:
+    """Upstream text with keys taken out: every configured key, and anything key-like (an upstream
+    may quote the key it was sent: "Incorrect API key provided: sk-...")."""
+    return redact_keys(text, *secrets_known())
 
 
 # --- what a request needs ----------------------------------------------------------------------------
@@ -215,7 +221,7 @@ def body_for(
         rewritten = schema_as_instructions_of(rewritten)
     if deployment.mapping:
         rewritten = deployment.mapping.apply(rewritten)
-    return json.dumps(rewritten, ensure_ascii=False).encode()
+    return json_bytes(rewritten)
 
 
 def models_list(allowed: frozenset[str] | None) -> dict:

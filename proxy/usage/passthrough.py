@@ -16,6 +16,7 @@ from proxy.gateway import Answer, UsageReader
 from proxy.usage.caller import Caller
 from proxy.usage.pricing import price_of, units_cost
 from proxy.usage.records import Estimate, Usage, usage_from, usage_record
+from turbo_site.core.text import json_bytes
 
 STREAMED_USAGE_PATHS = ("chat/completions", "completions")
 # Paths whose answers are charged by their tokens even when the upstream gives no usage (counted offline).
@@ -40,7 +41,7 @@ def usage_asked_for(path: str, payload: dict | None, body: bytes) -> tuple[dict,
             return {**payload, "stream_options": {"include_usage": True}}, new_body
     options = {**(options if isinstance(options, dict) else {}), "include_usage": True}
     asked = {**payload, "stream_options": options}
-    return asked, json.dumps(asked, ensure_ascii=False).encode()
+    return asked, json_bytes(asked)
 
 
 class UsageStripper:

@@ -26,6 +26,8 @@ from proxy.usage import tokens
 from proxy.usage.caller import Caller
 from proxy.usage.pricing import Price, cost_of, price_known, price_of
 from turbo_site.core import metrics
+from turbo_site.core.batches import batch_write
+from turbo_site.core.text import storable
 
 logger = logging.getLogger("turbo.usage")
 
@@ -116,6 +118,9 @@ def usage_record(
     database. `served_model`: the model the upstream said it used, priced if `usage.model` has no price.
     `cost`: the call's cost when it is priced by what it made (images, speech, audio seconds), not tokens.
     Returns the cost, or None when it is only known later (the tokens are counted offline by the writer)."""
+    # Storable before it is priced, counted or queued: one model name a database refuses ("gpt\x00x")
+    # must not hold up the records queued behind it.
+    usage.model, usage.deployment = storable(usage.model, 100), storable(usage.deployment, 200)
     if caller is None or not usage.model:
         return Decimal(0)
     price = price_known(usage.model) or price_known(served_model) or price_of(usage.model)
@@ -140,6 +145,7 @@ def _queue(record: _Record) -> None:
         if len(_pending) >= MAX_PENDING:
             _pending.popleft()
             records_dropped += 1
+            metrics.usage_lost("queue_full")
             logger.warning("usage queue full (%d); dropped the oldest record", MAX_PENDING)
         _pending.append(record)
     writer_wake(soon=len(_pending) >= settings.EVENT_BATCH_SIZE)
@@ -147,6 +153,20 @@ def _queue(record: _Record) -> None:
 
 def usage_pending() -> int:
     return len(_pending)
+
+
+def usage_discard(reason: str) -> int:
+    """Drop what is still queued, counted under `reason` (at shutdown, once the last flush has failed:
+    the records would go with the process anyway); returns how many."""
+    global records_dropped
+    with _lock:
+        count = len(_pending)
+        _pending.clear()
+        records_dropped += count
+    if count:
+        metrics.usage_lost(reason, count)
+        logger.error("lost %d usage records (%s): the database could not be reached", count, reason)
+    return count
 
 
 # --- the writer's side ----------------------------------------------------------------------------
@@ -173,24 +193,28 @@ def _resolved(record: _Record) -> _Record:
 
 def usage_flush() -> int:
     """Write every queued record into the rollups (the event writer calls it in its flush); returns how
-    many were written. If the database is away, the records stay queued for the next try."""
+    many were written. A rollup row the database refuses is dropped and its records counted
+    (`turbo_usage_records_dropped_total`), the others written; if the database is away, the records
+    stay queued for the next try."""
     with _lock:
         batch = list(_pending)
         _pending.clear()
     if not batch:
         return 0
     rows: dict[str, dict] = {}
+    records_of: dict[str, list[_Record]] = {}
     for record in map(_resolved, batch):
         usage, caller = record.usage, record.caller
         hour = record.at.replace(minute=0, second=0, microsecond=0)
         slot = _slot(hour, usage.model, usage.deployment, caller)
+        records_of.setdefault(slot, []).append(record)
         row = rows.get(slot)
         if row is None:
             row = rows[slot] = {
                 "slot": slot,
                 "hour": hour,
-                "model": usage.model[:100],
-                "deployment": usage.deployment[:200],
+                "model": usage.model,
+                "deployment": usage.deployment,
                 "user_id": caller.user_id,
                 "group_id": caller.group_id,
                 "key_id": caller.key_id,
@@ -207,14 +231,20 @@ def usage_flush() -> int:
         row["cached_tokens"] += usage.cached_tokens
         row["cost_usd"] += record.cost
         row["estimated_requests"] += usage.estimated
-    try:
-        _upsert(list(rows.values()))
-    except Exception as exc:
+    _, kept = batch_write(list(rows.values()), _upsert, refused=_row_refused)
+    if kept:
+        unwritten = [record for row in kept for record in records_of[row["slot"]]]
         with _lock:
-            _pending.extendleft(reversed(batch))  # now resolved: not counted twice
-        logger.warning("could not write %d usage records (%s); will retry", len(batch), type(exc).__name__)
-        raise
-    return len(batch)
+            _pending.extendleft(reversed(unwritten))  # now resolved: not counted twice
+        logger.warning("could not write %d usage records; will retry", len(unwritten))
+    return len(batch) - sum(len(records_of[row["slot"]]) for row in kept)
+
+
+def _row_refused(row: dict, exc: Exception) -> None:
+    global records_dropped
+    records_dropped += row["requests"]
+    metrics.usage_lost("refused", row["requests"])
+    logger.error("dropped %d usage records the database refused (%s: %s)", row["requests"], type(exc).__name__, exc)
 
 
 COUNTERS = ("requests", "input_tokens", "output_tokens", "cached_tokens", "cost_usd", "estimated_requests")

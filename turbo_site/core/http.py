@@ -2,16 +2,16 @@
 
 import ipaddress
 import re
+from urllib.parse import unquote_plus
 
 from django.conf import settings
 
 # Words in a name (a query parameter, a form field, a JSON key) that say its value is a secret.
 _SECRET_WORDS = r"token|key|secret|pass|auth|session|sess|credential|cookie"
 SECRET_NAME = re.compile(_SECRET_WORDS, re.IGNORECASE)
-# A query parameter whose name says it holds a secret (?token=, ?api_key=, ?password=, ...).
-_SECRET_PARAMETER = re.compile(
-    rf"(?P<name>(?:^|(?<=[?&;\s]))[^=&;\s?]*(?:{_SECRET_WORDS})[^=&;\s]*=)[^&;\s\"']*", re.IGNORECASE
-)
+# A query parameter (`name=value`) in a query string or a log line holding URLs; its name is judged
+# once percent-decoded (`%74oken=` is `token=` to the server that reads it).
+_PARAMETER = re.compile(r"(?P<name>(?:^|(?<=[?&;\s]))[^=&;\s?]+=)[^&;\s\"']*")
 # An OpenAI-style key (sk-..., sk-proj-..., or the masked sk-abc***xyz an upstream quotes back).
 _KEY_LIKE = re.compile(r"\bsk-[A-Za-z0-9_*.\-]{3,}")
 REDACTED = "[redacted]"
@@ -35,11 +35,40 @@ def redact_keys(text: str, *known: str) -> str:
     return _KEY_LIKE.sub(REDACTED, text)
 
 
+def parameter_name(raw: str) -> str:
+    """A query parameter's name as a server reads it: percent-decoded (`+` a space), repeatedly, so
+    that no spelling (`%74oken`, `%2574oken`) hides what it is."""
+    for _ in range(3):
+        decoded = unquote_plus(raw)
+        if decoded == raw:
+            break
+        raw = decoded
+    return raw
+
+
+def is_secret_name(name: str) -> bool:
+    """Does a parameter or field name (decoded, any case: `TOKEN`, `Api_Key`) say its value is a secret?"""
+    return SECRET_NAME.search(parameter_name(name)) is not None
+
+
+def _parameter_redacted(found: re.Match) -> str:
+    name = found.group("name")
+    return f"{name}{REDACTED}" if is_secret_name(name[:-1]) else found.group(0)
+
+
+def holds_key(text: str, *known: str) -> bool:
+    """Does `text` hold one of the `known` secrets, or anything that looks like an OpenAI key?"""
+    return any(secret and secret in text for secret in known) or _KEY_LIKE.search(text) is not None
+
+
 def redact_query(text: str) -> str:
-    """`text` (a query string, or a log line holding URLs) with the values of secret parameters redacted."""
+    """`text` (a query string, or a log line holding URLs) with the values of secret parameters redacted.
+
+    A name is judged after percent-decoding and in any case: `?%74oken=`, `?TOKEN=`, `?Api%5FKey=`.
+    """
     if not text or "=" not in text:
         return text
-    return _SECRET_PARAMETER.sub(rf"\g<name>{REDACTED}", text)
+    return _PARAMETER.sub(_parameter_redacted, text)
 
 
 def client_ip_from(remote_addr: str | None, forwarded_for: str | None) -> str | None:

@@ -32,6 +32,8 @@ import prometheus_client  # noqa: E402
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values  # noqa: E402
 from prometheus_client.multiprocess import MultiProcessCollector  # noqa: E402
 
+from turbo_site.core.text import storable  # noqa: E402
+
 if MULTIPROC_DIR and not getattr(values.ValueClass, "_multiprocess", False):
     values.ValueClass = values.get_value_class()  # prometheus_client was imported before the setting was read
 prometheus_client.disable_created_metrics()  # `_created` series: not kept in multiprocess mode either
@@ -87,9 +89,32 @@ def exposition() -> bytes:
     directory = settings.METRICS_MULTIPROC_DIR
     if directory:
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=directory)
+        collector = MultiProcessCollector(registry, path=directory)
+    else:
+        registry, collector = REGISTRY, REGISTRY
+    try:
         return prometheus_client.generate_latest(registry)
-    return prometheus_client.generate_latest(REGISTRY)
+    except UnicodeEncodeError:
+        # A label written before labels were made storable (or by an older process sharing the
+        # directory): the scrape answers, with that label cleaned, rather than fail until restarted.
+        cleaned = CollectorRegistry()
+        cleaned.register(_StorableLabels(collector))
+        return prometheus_client.generate_latest(cleaned)
+
+
+class _StorableLabels:
+    """A collector's metrics with every label value made storable."""
+
+    def __init__(self, collector):
+        self.collector = collector
+
+    def collect(self):
+        for family in self.collector.collect():
+            family.samples = [
+                sample._replace(labels={name: storable(value) for name, value in sample.labels.items()})
+                for sample in family.samples
+            ]
+            yield family
 
 
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_PLAIN_0_0_4
@@ -197,6 +222,18 @@ events_dropped = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+usage_records_dropped = Counter(
+    "turbo_usage_records_dropped",
+    "Usage records lost: refused by the database, over the queue's limit, or unwritten at shutdown",
+    ["reason"],
+    registry=REGISTRY,
+)
+spans_dropped = Counter(
+    "turbo_spans_dropped",
+    "Spans the trace exporter could not encode, dropped alone rather than with their whole batch",
+    ["reason"],
+    registry=REGISTRY,
+)
 
 grpc_requests = Counter(
     "turbo_grpc_requests",
@@ -257,6 +294,8 @@ _seen: dict[str, set[str]] = {"model": set(), "deployment": set()}
 
 def _bounded(kind: str, value: str) -> str:
     """`value` as a label, unless this process has already seen MAX_LABEL_VALUES others of its kind."""
+    # Storable first: a lone surrogate in a label breaks every later scrape of every process.
+    value = storable(value, 100)
     if not value:
         return "none"
     seen = _seen[kind]
@@ -264,7 +303,6 @@ def _bounded(kind: str, value: str) -> str:
         return value
     if len(seen) >= MAX_LABEL_VALUES:
         return "other"
-    value = value[:100]
     seen.add(value)
     return value
 
@@ -489,3 +527,13 @@ def events_batch_written(count: int) -> None:
 def events_lost(reason: str, count: int = 1) -> None:
     if _on:
         events_dropped.labels(reason).inc(count)
+
+
+def spans_lost(reason: str, count: int = 1) -> None:
+    if _on:
+        spans_dropped.labels(reason).inc(count)
+
+
+def usage_lost(reason: str, count: int = 1) -> None:
+    if _on:
+        usage_records_dropped.labels(reason).inc(count)

@@ -17,6 +17,7 @@ import contextlib
 import contextvars
 import functools
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -25,6 +26,11 @@ from django.conf import settings
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from turbo_site.core import metrics
+from turbo_site.core.text import storable, storable_value
+
+logger = logging.getLogger("turbo.tracing")
 
 # Read on every hook: False until `tracing_setup()` (or a test) installs a span processor.
 enabled = False
@@ -35,6 +41,9 @@ _provider = None  # the SDK's TracerProvider in force
 TRACE_ID_HEADER = b"x-turbo-trace-id"
 _PROPAGATION_HEADERS = (b"traceparent", b"tracestate")
 _NO_SPAN = contextlib.nullcontext()
+# Attribute values (captured prompts too) and span names are cut to these many characters.
+ATTRIBUTE_MAX = 65536
+NAME_MAX = 200
 # The public path under /v1/ -> gen_ai.operation.name.
 _OPERATIONS = {
     "chat/completions": "chat",
@@ -58,7 +67,49 @@ def tracing_setup(process: str = "") -> None:
     # No endpoint given here: the exporter reads OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, or the
     # OTEL_EXPORTER_OTLP_ENDPOINT base + /v1/traces, and the other OTEL_EXPORTER_OTLP_* variables.
     resource = {"turbo.process": process} if process else {}
-    tracing_install(BatchSpanProcessor(OTLPSpanExporter()), capture=settings.OTEL_CAPTURE_CONTENT, resource=resource)
+    tracing_install(
+        BatchSpanProcessor(EncodableSpans(OTLPSpanExporter())), capture=settings.OTEL_CAPTURE_CONTENT, resource=resource
+    )
+
+
+class EncodableSpans:
+    """An OTLP span exporter that drops (and counts: `turbo_spans_dropped_total`) the spans it cannot
+    encode, instead of the whole batch with them.
+
+    Turbo's own attributes are made storable where they are set (below); this is for whatever got
+    past that (a library's span). The batch is re-encoded only when an export has failed.
+    """
+
+    def __init__(self, exporter):
+        self.exporter = exporter
+
+    def export(self, spans):
+        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        result = self.exporter.export(spans)
+        if result == SpanExportResult.SUCCESS:
+            return result
+        try:
+            encode_spans(spans).SerializeToString()
+            return result  # the batch encodes: the export failed for another reason (the exporter says)
+        except Exception:
+            pass
+        kept = []
+        for span in spans:
+            try:
+                encode_spans([span]).SerializeToString()
+                kept.append(span)
+            except Exception:
+                metrics.spans_lost("refused")
+        logger.error("dropped %d spans the exporter could not encode", len(spans) - len(kept))
+        return self.exporter.export(kept) if kept else SpanExportResult.SUCCESS
+
+    def shutdown(self):
+        self.exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.exporter.force_flush(timeout_millis)
 
 
 def tracing_install(processor, *, capture: bool = False, resource: dict[str, str] | None = None) -> Callable[[], None]:
@@ -66,10 +117,12 @@ def tracing_install(processor, *, capture: bool = False, resource: dict[str, str
     InMemorySpanExporter); returns a function that turns tracing off again."""
     global enabled, capture_content, _tracer, _provider
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 
     attributes = {SERVICE_NAME: settings.OTEL_SERVICE_NAME, **(resource or {})}
-    provider = TracerProvider(resource=Resource.create(attributes))
+    provider = TracerProvider(
+        resource=Resource.create(attributes), span_limits=SpanLimits(max_attribute_length=ATTRIBUTE_MAX)
+    )
     provider.add_span_processor(processor)
     _provider, _tracer = provider, provider.get_tracer("turbo")
     capture_content, enabled = capture, True
@@ -124,9 +177,21 @@ def headers_inject(headers: dict[str, str], span: Span | None = None) -> None:
     propagate.inject(headers, context=trace.set_span_in_context(span) if span is not None else None)
 
 
+def _storable(attributes: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Attributes the exporter can encode: a lone surrogate in one (a model name a client made up)
+    would make it drop its whole batch, other requests' spans with it."""
+    if not attributes:
+        return attributes
+    return {storable(name, NAME_MAX): storable_value(value, ATTRIBUTE_MAX) for name, value in attributes.items()}
+
+
+def _set(span: Span, name: str, value: Any) -> None:
+    span.set_attribute(name, storable_value(value, ATTRIBUTE_MAX))
+
+
 def _error(span: Span, kind: str, message: str = "") -> None:
-    span.set_attribute("error.type", kind)
-    span.set_status(Status(StatusCode.ERROR, message or kind))
+    _set(span, "error.type", kind)
+    span.set_status(Status(StatusCode.ERROR, storable(message or kind, ATTRIBUTE_MAX)))
 
 
 def _content(value: Any) -> str:
@@ -162,7 +227,9 @@ async def _traced_request(app, scope, receive, send) -> None:
     client = scope.get("client")
     if client:
         attributes["client.address"] = client[0]
-    span = _tracer.start_span(f"{method} {path}", context=parent, kind=SpanKind.SERVER, attributes=attributes)
+    span = _tracer.start_span(
+        storable(f"{method} {path}", NAME_MAX), context=parent, kind=SpanKind.SERVER, attributes=_storable(attributes)
+    )
     header = (TRACE_ID_HEADER, trace_id_of(span).encode())
     status = 0
 
@@ -231,7 +298,9 @@ def attempt_start(call, deployment, headers: dict[str, str]) -> Span:
             attributes["gen_ai.input.messages"] = _content(payload["messages"])
         elif capture_content and "input" in payload:
             attributes["gen_ai.input.messages"] = _content(payload["input"])
-    span = _tracer.start_span(f"{operation} {model}".strip(), kind=SpanKind.CLIENT, attributes=attributes)
+    span = _tracer.start_span(
+        storable(f"{operation} {model}".strip(), NAME_MAX), kind=SpanKind.CLIENT, attributes=_storable(attributes)
+    )
     headers_inject(headers, span)
     return span
 
@@ -280,9 +349,9 @@ def attempt_end(
         return
     span.set_attribute("http.response.status_code", status)
     if isinstance(response_model, str) and response_model:
-        span.set_attribute("gen_ai.response.model", response_model)
+        _set(span, "gen_ai.response.model", response_model)
     if isinstance(response_id, str) and response_id:
-        span.set_attribute("gen_ai.response.id", response_id)
+        _set(span, "gen_ai.response.id", response_id)
     if isinstance(usage, dict):
         for name, attribute in (
             ("prompt_tokens", "gen_ai.usage.input_tokens"),
@@ -295,9 +364,9 @@ def attempt_end(
                 span.set_attribute(attribute, value)
     reasons = [reason for reason in finish_reasons or () if isinstance(reason, str) and reason]
     if reasons:
-        span.set_attribute("gen_ai.response.finish_reasons", reasons)
+        _set(span, "gen_ai.response.finish_reasons", reasons)
     if capture_content and output:
-        span.set_attribute("gen_ai.output.messages", _content(output))
+        _set(span, "gen_ai.output.messages", _content(output))
     if status >= 400:
         _error(span, str(status), error)
     elif error:
@@ -313,9 +382,9 @@ def span_start(name: str, attributes: dict[str, Any], *, content: dict[str, Any]
     `content` (prompt text) is added only with OTEL_CAPTURE_CONTENT=1."""
     if not enabled:
         return None
-    span = _tracer.start_span(name, attributes=attributes)
+    span = _tracer.start_span(storable(name, NAME_MAX), attributes=_storable(attributes))
     if capture_content and content:
-        span.set_attributes({key: _content(value) for key, value in content.items() if value is not None})
+        span.set_attributes(_storable({key: _content(value) for key, value in content.items() if value is not None}))
     return span
 
 
@@ -324,7 +393,7 @@ def span(name: str, attributes: dict[str, Any] | None = None, *, parent: Span | 
     if not enabled:
         return _NO_SPAN
     context = trace.set_span_in_context(parent) if parent is not None else None
-    return _tracer.start_as_current_span(name, context=context, attributes=attributes)
+    return _tracer.start_as_current_span(storable(name, NAME_MAX), context=context, attributes=_storable(attributes))
 
 
 def request_span(name: str, attributes: dict[str, Any], carrier: dict[str, str] | None = None):
@@ -333,7 +402,9 @@ def request_span(name: str, attributes: dict[str, Any], carrier: dict[str, str] 
     if not enabled:
         return _NO_SPAN
     parent = propagate.extract(carrier) if carrier else otel_context.Context()
-    return _tracer.start_as_current_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
+    return _tracer.start_as_current_span(
+        storable(name, NAME_MAX), context=parent, kind=SpanKind.SERVER, attributes=_storable(attributes)
+    )
 
 
 def server_span_start(name: str, attributes: dict[str, Any], carrier: dict[str, str] | None = None) -> Span | None:
@@ -359,7 +430,7 @@ def traced(name: str, attributes: Callable[..., dict[str, Any]] | None = None):
             title = name
             for key, value in values.items() if "{" in name else ():
                 title = title.replace("{" + key + "}", str(value))
-            with _tracer.start_as_current_span(title, attributes=values):
+            with _tracer.start_as_current_span(storable(title, NAME_MAX), attributes=_storable(values)):
                 return await function(*args, **kwargs)
 
         return wrapper
