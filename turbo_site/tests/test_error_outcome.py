@@ -77,7 +77,7 @@ KINDS = [
     pytest.param(lambda: Http404("gone"), "not_found", 404, "NOT_FOUND", None, id="http404"),
     pytest.param(lambda: PermissionDenied(), "forbidden", 403, "PERMISSION_DENIED", None, id="permission_denied"),
     pytest.param(lambda: RequestDataTooBig(), "body_too_large", 413, "INVALID_ARGUMENT", None, id="too_big"),
-    pytest.param(lambda: AuthRefused(401, "unauthorized", "bad token"), "unauthorized", 401, "UNAUTHENTICATED", None),
+    pytest.param(lambda: AuthRefused("bad token"), "unauthorized", 401, "UNAUTHENTICATED", None, id="auth-refused"),
     pytest.param(lambda: SessionRefused("the session ended"), "session_ended", 401, "UNAUTHENTICATED", None),
     pytest.param(
         lambda: RpcError("invalid_payload", "payload.x: bad"), "invalid_payload", 400, "INVALID_ARGUMENT", None
