@@ -27,6 +27,7 @@ from django.db import close_old_connections, connection, transaction
 from django.utils import timezone
 
 from proxy.models import Event
+from proxy.owners import objects_flush, objects_pending
 from proxy.usage.records import usage_flush, usage_pending
 from turbo_site.core import metrics
 from turbo_site.core.http import REDACTED, SECRET_NAME, redact_query
@@ -230,6 +231,7 @@ def events_flush() -> int:
     saved = 0
     with _flush_lock:
         _usage_flush()
+        _objects_flush()
         while _queue:
             batch = []
             while _queue and len(batch) < settings.EVENT_BATCH_SIZE:
@@ -251,6 +253,14 @@ def _usage_flush() -> None:
         pass
 
 
+def _objects_flush() -> None:
+    """The owners of stored objects (proxy.owners) too."""
+    try:
+        objects_flush()
+    except Exception:  # they stay queued for the next flush
+        pass
+
+
 def writer_wake(*, soon: bool = False) -> None:
     """Make sure the writer runs (for records queued outside event_record); `soon`: flush now."""
     _ensure_writer()
@@ -266,7 +276,7 @@ def _insert_or_split(batch: list[dict[str, Any]]) -> tuple[int, list[dict[str, A
         metrics.events_batch_written(len(batch))
         return len(batch), []
     except Exception as exc:
-        if not _database_reachable():
+        if not database_reachable():
             logger.warning("could not write %d events (%s); will retry", len(batch), type(exc).__name__)
             return 0, batch
         if len(batch) == 1:
@@ -287,7 +297,7 @@ def events_state() -> dict[str, int]:
     return {"queued": len(_queue), "dropped": events_dropped}
 
 
-def _database_reachable() -> bool:
+def database_reachable() -> bool:
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
@@ -349,7 +359,7 @@ def _writer_loop() -> None:
         _wake.clear()
         try:
             close_old_connections()
-            if _queue or usage_pending():
+            if _queue or usage_pending() or objects_pending():
                 events_flush()
             metrics.events_queued(len(_queue))
             if settings.EVENT_RETENTION_DAYS and time.monotonic() - _last_prune > 3600:
