@@ -28,6 +28,7 @@ from accounts.auth import AuthRefused, aauthenticate_websocket, websocket_origin
 from accounts.live import session_watch
 from turbo_site.core.errors import error_response
 from turbo_site.core.graphql import GraphQLContext
+from turbo_site.core.parsers import client_json_loads
 from turbo_site.core.streams import StreamUnavailable
 from turbo_site.graphql import schema
 
@@ -45,6 +46,23 @@ class GraphQLView(AsyncGraphQLView):
     async def get_context(self, request, response) -> GraphQLContext:
         return GraphQLContext(request=request)
 
+    def parse_json(self, data):
+        """The body as a client's JSON is read everywhere; not JSON (bad UTF-8 too) is a 400, not a 500."""
+        try:
+            parsed = client_json_loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise HTTPException(400, f"Unable to parse request body as JSON: {exc}") from None
+        if not isinstance(parsed, dict | list):
+            raise HTTPException(400, "The request body must be a JSON object")
+        return parsed
+
+    async def parse_http_body(self, request):
+        parsed = await super().parse_http_body(request)
+        for one in parsed if isinstance(parsed, list) else [parsed]:
+            if not isinstance(one.operation_name, str | None):
+                raise HTTPException(400, "The GraphQL operation's `operationName` must be a string or null.")
+        return parsed
+
     async def render_graphql_ide(self, request):
         """A browser's GET without a query: GraphiQL, from our own static files, when the playground is on."""
         if not playground_on():
@@ -56,7 +74,10 @@ class GraphQLView(AsyncGraphQLView):
             return await self.run(request=request)
         except HTTPException as exc:  # a malformed request, before any GraphQL: Turbo's error shape
             code = HTTP_CODES.get(exc.status_code, "bad_request")
-            return error_response(exc.status_code, code, str(exc.reason))
+            response = error_response(exc.status_code, code, str(exc.reason))
+            if exc.status_code == 405:
+                response["Allow"] = "GET, POST"  # as RFC 9110 asks of a 405
+            return response
 
 
 graphql_view = csrf_exempt(GraphQLView.as_view(schema=schema))
@@ -132,7 +153,7 @@ def add_graphql_path(result, generator, request, public):
         "type": "object",
         "required": ["query"],
         "properties": {
-            "query": {"type": "string"},
+            "query": {"type": "string", "minLength": 1},
             "variables": {"type": "object", "nullable": True},
             "operationName": {"type": "string", "nullable": True},
         },

@@ -14,6 +14,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("health", health.health),
     path("info", health.info),
+    path("ws", health.websocket_only),  # the WebSocket itself is routed in asgi.py
     path("graphql", graphql_view),
     path("metrics", metrics_view),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
