@@ -30,6 +30,8 @@ from turbo_site.core.serializers import StrictCharField, request_input
 
 USERNAME_FIELD = {"max_length": 150, "validators": [UnicodeUsernameValidator()]}
 PASSWORD_FIELD = {"max_length": 1024, "trim_whitespace": False}
+# A password being set: its length rule (the services check it too) stated where the schema shows it.
+NEW_PASSWORD_FIELD = {**PASSWORD_FIELD, "min_length": settings.PASSWORD_MIN_LENGTH}
 NAME_FIELD = {"max_length": 150, "required": False, "allow_blank": True}
 
 
@@ -117,7 +119,7 @@ class PublicAPIView(APIView):
 
 class SignupInput(serializers.Serializer):
     username = StrictCharField(**USERNAME_FIELD)
-    password = StrictCharField(**PASSWORD_FIELD)
+    password = StrictCharField(**NEW_PASSWORD_FIELD)
     first_name = StrictCharField(**NAME_FIELD)
     last_name = StrictCharField(**NAME_FIELD)
     group_name = StrictCharField(max_length=100, required=False, allow_blank=True)
@@ -172,7 +174,7 @@ class LogoutInput(serializers.Serializer):
     token = StrictCharField(max_length=4096, required=False)
 
 
-@get_and_post(request=LogoutInput, responses={200: Empty, **errors(401)}, summary="Sign out one session")
+@get_and_post(request=LogoutInput, responses={200: Empty, **errors(400, 401)}, summary="Sign out one session")
 class LogoutView(PublicAPIView):
     """Revokes the session of the token sent (header, cookie, or a `token` field) and clears the cookie."""
 
@@ -251,7 +253,7 @@ class UserUpdateView(APIView):
 
 class PasswordUpdateInput(serializers.Serializer):
     old_password = StrictCharField(**PASSWORD_FIELD)
-    new_password = StrictCharField(**PASSWORD_FIELD)
+    new_password = StrictCharField(**NEW_PASSWORD_FIELD)
 
 
 class PasswordUpdateView(APIView):
@@ -278,7 +280,7 @@ class PasswordUpdateView(APIView):
 
 class RegisterInput(serializers.Serializer):
     username = StrictCharField(**USERNAME_FIELD)
-    password = StrictCharField(**PASSWORD_FIELD)
+    password = StrictCharField(**NEW_PASSWORD_FIELD)
 
 
 class RegisterView(PublicAPIView):

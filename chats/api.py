@@ -7,6 +7,7 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from django.http import JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
+from drf_spectacular.extensions import OpenApiSerializerFieldExtension
 from drf_spectacular.utils import extend_schema, extend_schema_field, inline_serializer
 from rest_framework import serializers
 from rest_framework.response import Response
@@ -17,14 +18,15 @@ from accounts.auth import arequest_authenticate
 from chats import generation, selectors, services
 from chats.models import Message
 from chats.options import ModelSettingsField
+from chats.programs.registry import programs
 from chats.programs.runner import program_context_check
 from chats.serializers import ChatOutput, MessageOutput, chat_data, message_data
 from chats.stream import ChatSubscriber
 from proxy import tools
 from proxy.requests import context_size
-from turbo_site.core.errors import Invalid, error_response, failure_response
-from turbo_site.core.schema import EmptyResponse, errors, get_and_post
-from turbo_site.core.serializers import StrictCharField, plain_request_input, request_input
+from turbo_site.core.errors import Invalid, NotFound, error_response, failure_response
+from turbo_site.core.schema import EmptyResponse, errors, get_and_post, one_of_required, schema_extra
+from turbo_site.core.serializers import StrictCharField, StrictUUIDField, plain_request_input, request_input
 from turbo_site.core.streams import Entry
 
 logger = logging.getLogger("turbo.chats")
@@ -39,6 +41,7 @@ def _parse(serializer_class, data: dict) -> dict:
     return dict(parsed.validated_data)
 
 
+@schema_extra(**one_of_required("id", "chat_id"))
 class ChatIdInput(serializers.Serializer):
     """A chat id, as `id` or (the older form key) `chat_id`."""
 
@@ -56,8 +59,12 @@ class ChatIdInput(serializers.Serializer):
 class ToolNamesField(serializers.ListField):
     """Registered tool names: a JSON array, repeated form fields or one comma-separated string."""
 
+    max_tools = 32
+
     def __init__(self, **kwargs):
-        super().__init__(child=serializers.CharField(max_length=64), max_length=32, allow_empty=True, **kwargs)
+        super().__init__(
+            child=serializers.CharField(max_length=64), max_length=self.max_tools, allow_empty=True, **kwargs
+        )
 
     def to_internal_value(self, data):
         if isinstance(data, str):
@@ -69,6 +76,32 @@ class ToolNamesField(serializers.ListField):
                 f"unknown tool(s): {', '.join(unknown)}; see /info for the registered ones"
             )
         return names
+
+
+class ToolNamesFieldSchema(OpenApiSerializerFieldExtension):
+    """ToolNamesField in the schema: names from the registry as it stands when the schema is made."""
+
+    target_class = ToolNamesField
+
+    def map_serializer_field(self, auto_schema, direction):
+        names = sorted(tools.tool_names())
+        if not names:
+            return {"type": "array", "maxItems": 0}
+        item = {"type": "string", "enum": names}
+        return {"type": "array", "items": item, "maxItems": ToolNamesField.max_tools}
+
+
+class ProgramNameField(StrictCharField):
+    """A registered chat program's name ("" for none); checked by the service (chats.programs)."""
+
+
+class ProgramNameFieldSchema(OpenApiSerializerFieldExtension):
+    """ProgramNameField in the schema: "" or a name from the registry as it stands when the schema is made."""
+
+    target_class = ProgramNameField
+
+    def map_serializer_field(self, auto_schema, direction):
+        return {"type": "string", "enum": ["", *sorted(programs())]}
 
 
 @extend_schema_field({"type": "object", "additionalProperties": True})
@@ -99,7 +132,41 @@ class JsonValueField(serializers.Field):
         return value
 
 
-@extend_schema_field({"type": "object", "additionalProperties": True, "nullable": True})
+@extend_schema_field(
+    {
+        "nullable": True,
+        "oneOf": [
+            {
+                "type": "object",
+                "required": ["type"],
+                "additionalProperties": False,
+                "properties": {"type": {"type": "string", "enum": ["text", "json_object"]}},
+            },
+            {
+                "type": "object",
+                "required": ["type", "json_schema"],
+                "additionalProperties": False,
+                "properties": {
+                    "type": {"type": "string", "enum": ["json_schema"]},
+                    "json_schema": {
+                        "type": "object",
+                        "required": ["name", "schema"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                            "schema": {
+                                "type": "object",
+                                "description": "a JSON Schema (2020-12 unless its $schema names another draft)",
+                            },
+                            "strict": {"type": "boolean", "nullable": True},
+                            "description": {"type": "string"},
+                        },
+                    },
+                },
+            },
+        ],
+    }
+)
 class ResponseFormatField(JsonValueField):
     pass
 
@@ -137,14 +204,26 @@ SETTINGS_HELP = (
 )
 
 
+# A chat that runs a program takes no structured response_format (chats.services.chat_create).
+@schema_extra(
+    **{
+        "not": {
+            "required": ["program", "response_format"],
+            "properties": {
+                "program": {"type": "string", "minLength": 1},
+                "response_format": {"type": "object", "properties": {"type": {"enum": ["json_object", "json_schema"]}}},
+            },
+        }
+    }
+)
 class ChatCreateInput(serializers.Serializer):
     name = StrictCharField(max_length=200)
     model = StrictCharField(**MODEL_FIELD)
-    group_id = serializers.UUIDField(required=False, allow_null=True)
+    group_id = StrictUUIDField(required=False, allow_null=True)
     system_prompt = StrictCharField(**SYSTEM_PROMPT_FIELD)
     tools = ToolNamesField(required=False)
     settings = ModelSettingsField(required=False, help_text=SETTINGS_HELP)
-    program = StrictCharField(
+    program = ProgramNameField(
         max_length=100, required=False, allow_blank=True, help_text="run this chat program (see /info)"
     )
     program_context = ProgramContextField(required=False, help_text="the program's context (a JSON object)")
@@ -167,10 +246,11 @@ class ChatReadInput(ChatIdInput):
     before = serializers.UUIDField(required=False, help_text="a message id: return the messages before it")
 
 
+@schema_extra(**one_of_required("id", "chat_id"))
 class ChatUserInput(serializers.Serializer):
-    chat_id = serializers.UUIDField(required=False)
-    id = serializers.UUIDField(required=False)
-    user_id = serializers.UUIDField()
+    chat_id = StrictUUIDField(required=False)
+    id = StrictUUIDField(required=False)
+    user_id = StrictUUIDField()
 
     def validate(self, data):
         if not data.get("chat_id") and not data.get("id"):
@@ -214,8 +294,8 @@ class ChatReadView(APIView):
         before = None
         if fields.get("before"):
             anchor = Message.objects.filter(chat=chat, pk=fields["before"]).values_list("created_at", flat=True).first()
-            if anchor is None:
-                raise Invalid("before: no such message in this chat")
+            if anchor is None:  # like any id that is not there: a 404
+                raise NotFound("before: no such message in this chat")
             before = anchor
         messages = selectors.chat_messages(chat=chat, limit=fields["limit"], before=before)
         return Response(

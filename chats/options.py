@@ -11,14 +11,16 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from proxy.requests import MAX_TOKENS_MAX, MAX_TOKENS_MIN, TEMPERATURE_RANGE
+from turbo_site.core.schema import schema_extra
 
 STOP_MAX = 4  # OpenAI's limit on stop sequences
 STOP_MAX_CHARS = 200
 
 
-@extend_schema_field(
-    {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": STOP_MAX}]}
-)
+_STOP_SEQUENCE = {"type": "string", "minLength": 1, "maxLength": STOP_MAX_CHARS}
+
+
+@extend_schema_field({"oneOf": [_STOP_SEQUENCE, {"type": "array", "items": _STOP_SEQUENCE, "maxItems": STOP_MAX}]})
 class StopField(serializers.Field):
     """`stop`: one string or a list of at most four."""
 
@@ -52,6 +54,7 @@ class StrictIntegerField(serializers.IntegerField):
         return super().to_internal_value(data)
 
 
+@schema_extra(additionalProperties=False)
 class ModelSettings(serializers.Serializer):
     """The model settings a chat (or a program's Generate) may set; any other key is refused."""
 

@@ -11,19 +11,32 @@ def _errors(*codes: int) -> dict:
 
 def _form_and_json(schema: dict) -> dict:
     return {
+        "required": True,
         "content": {
             "application/json": {"schema": schema},
             "application/x-www-form-urlencoded": {"schema": schema},
-        }
+        },
     }
 
 
+# A chat's id is `id` or (the seed's form key) `chat_id`: one of them is required.
+CHAT_ID = {
+    "id": {"type": "string", "format": "uuid"},
+    "chat_id": {"type": "string", "format": "uuid", "description": "the same as id (the seed's form key)"},
+}
+ONE_CHAT_ID = [{"required": ["id"]}, {"required": ["chat_id"]}]
 PROMPT_INPUT = {
     "type": "object",
-    "required": ["id"],
+    # A prompt, or (instead) the results of the calls a tool_calls message waits on; and the chat.
+    "allOf": [{"anyOf": ONE_CHAT_ID}, {"anyOf": [{"required": ["prompt"]}, {"required": ["tool_results"]}]}],
     "properties": {
-        "id": {"type": "string", "format": "uuid"},
-        "prompt": {"type": "string", "description": "required, unless tool_results are sent"},
+        **CHAT_ID,
+        "prompt": {
+            "type": "string",
+            "minLength": 1,
+            "pattern": r"\S",
+            "description": "required, unless tool_results are sent; not only whitespace",
+        },
         "context": {"type": "integer", "description": "earlier exchanges to send (default 10, clamped to MAX_CONTEXT)"},
         "stream": {"type": "boolean", "description": "return at once; the reply streams on /chat/stream"},
         "otr": {"type": "boolean", "description": "store and show, but never send to the model"},
@@ -89,9 +102,23 @@ STREAM_EVENT = {
 }
 
 
+# One server-sent event of /chat/stream: `event: message`, its seq as `id`, and as `data` a StreamEvent in
+# JSON (OpenAPI 3.0 cannot say that of a string: the component documents it).
+SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string", "pattern": "^[0-9]+$"},
+        "event": {"type": "string", "enum": ["message"]},
+        "data": {"type": "string", "description": "a StreamEvent (see components) as JSON"},
+        "retry": {"type": "integer"},
+    },
+}
+
+
 def add_chat_paths(result, generator, request, public):
     """drf-spectacular postprocessing hook."""
     security = [{"bearerAuth": []}, {"cookieAuth": []}]
+    result.setdefault("components", {}).setdefault("schemas", {})["StreamEvent"] = STREAM_EVENT
     result.setdefault("paths", {})["/chat/prompt"] = {
         "post": {
             "operationId": "chat_prompt",
@@ -125,9 +152,7 @@ def add_chat_paths(result, generator, request, public):
                 '`status: "error"`, `error: "stopped"`, keeping its partial reply; a non-streamed prompt '
                 "waiting for it answers 409 `stopped`."
             ),
-            "requestBody": _form_and_json(
-                {"type": "object", "required": ["id"], "properties": {"id": {"type": "string", "format": "uuid"}}}
-            ),
+            "requestBody": _form_and_json({"type": "object", "anyOf": ONE_CHAT_ID, "properties": CHAT_ID}),
             "security": security,
             "responses": {
                 "200": {
@@ -155,11 +180,14 @@ def add_chat_paths(result, generator, request, public):
         ),
         "security": security,
         "responses": {
-            "200": {"description": "server-sent events", "content": {"text/event-stream": {"schema": STREAM_EVENT}}},
+            "200": {
+                "description": "server-sent events",
+                "content": {"text/event-stream": {"schema": SSE_EVENT}},
+            },
             **_errors(400, 401, 404, 503),
         },
     }
-    id_param = {"name": "id", "in": "query", "required": True, "schema": {"type": "string", "format": "uuid"}}
+    id_param = {"name": "id", "in": "query", "required": True, "schema": CHAT_ID["id"]}
     token_help = "a session token, for an EventSource (it cannot send headers); only this endpoint takes it"
     token_param = {
         "name": "token",
@@ -176,8 +204,9 @@ def add_chat_paths(result, generator, request, public):
             "requestBody": _form_and_json(
                 {
                     "type": "object",
+                    "anyOf": ONE_CHAT_ID,
                     "properties": {
-                        "id": {"type": "string", "format": "uuid"},
+                        **CHAT_ID,
                         "token": {"type": "string", "description": token_help + " (form bodies)"},
                     },
                 }
@@ -203,13 +232,28 @@ def add_chat_paths(result, generator, request, public):
             }
         ],
         "requestBody": _form_and_json(
-            {"type": "object", "required": ["message"], "properties": {"message": {"type": "string"}}}
+            {
+                "type": "object",
+                "required": ["message"],
+                "properties": {"message": {"type": "string", "minLength": 1, "pattern": r"\S"}},
+            }
         ),
         "security": security,
         "responses": {
             "200": {
                 "description": "server-sent events",
-                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                "content": {
+                    "text/event-stream": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["event", "data"],
+                            "properties": {
+                                "event": {"type": "string", "enum": ["message", "done", "full_response", "error"]},
+                                "data": {"type": "string"},
+                            },
+                        }
+                    }
+                },
             },
             **_errors(400, 401, 403, 404, 429, 503),
         },

@@ -8,8 +8,8 @@ from rest_framework.views import APIView
 from accounts.api import UserBriefOutput
 from groups import selectors, services
 from turbo_site.core.errors import Invalid
-from turbo_site.core.schema import EmptyResponse, errors, get_and_post
-from turbo_site.core.serializers import IdListField, StrictCharField, request_input
+from turbo_site.core.schema import EmptyResponse, errors, get_and_post, one_of_required, schema_extra
+from turbo_site.core.serializers import IdListField, StrictCharField, StrictUUIDField, request_input
 
 
 class GroupOutput(serializers.Serializer):
@@ -35,9 +35,10 @@ class GroupUpdateInput(GroupIdInput):
     description = StrictCharField(max_length=1000, required=False, allow_blank=True)
 
 
+@schema_extra(**one_of_required("group_id", "id"))
 class GroupMembersInput(serializers.Serializer):
-    group_id = serializers.UUIDField(required=False)
-    id = serializers.UUIDField(required=False)
+    group_id = StrictUUIDField(required=False)
+    id = StrictUUIDField(required=False)
     user_ids = IdListField()
 
     def validate(self, data):
@@ -105,7 +106,7 @@ class GroupIndexView(APIView):
 
 @get_and_post(
     request=GroupIdInput,
-    responses={200: inline_serializer("GroupMembers", {"users": UserBriefOutput(many=True)}), **errors(401, 404)},
+    responses={200: inline_serializer("GroupMembers", {"users": UserBriefOutput(many=True)}), **errors(400, 401, 404)},
     summary="A group's members (members only)",
 )
 class GroupMembersView(APIView):

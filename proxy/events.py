@@ -28,6 +28,7 @@ from django.utils import timezone
 
 from proxy.gateway.routing import text_redact
 from proxy.models import Event
+from proxy.owners import objects_flush, objects_pending
 from proxy.usage.records import usage_discard, usage_flush, usage_pending
 from turbo_site.core import metrics
 from turbo_site.core.batches import batch_write
@@ -229,6 +230,7 @@ def events_flush() -> int:
     saved = 0
     with _flush_lock:
         _usage_flush()
+        _objects_flush()
         while _queue:
             batch = []
             while _queue and len(batch) < settings.EVENT_BATCH_SIZE:
@@ -247,6 +249,14 @@ def _usage_flush() -> None:
     try:
         usage_flush()
     except Exception:  # the records stay queued for the next flush; the events still go
+        pass
+
+
+def _objects_flush() -> None:
+    """The owners of stored objects (proxy.owners) too."""
+    try:
+        objects_flush()
+    except Exception:  # they stay queued for the next flush
         pass
 
 
@@ -331,7 +341,7 @@ def _writer_loop() -> None:
         _wake.clear()
         try:
             close_old_connections()
-            if _queue or usage_pending():
+            if _queue or usage_pending() or objects_pending():
                 events_flush()
             metrics.events_queued(len(_queue))
             if settings.EVENT_RETENTION_DAYS and time.monotonic() - _last_prune > 3600:

@@ -209,3 +209,27 @@ class UsageRollup(models.Model):
 
     def __str__(self) -> str:
         return f"{self.hour:%Y-%m-%d %H}:00 {self.model} {self.requests} requests ${self.cost_usd}"
+
+
+class StoredObject(models.Model):
+    """An object the upstream stores under the server's key (a chat completion, a response, a file...),
+    and the user whose call through Turbo created it: the only user the proxy lets reach it.
+
+    Written only by proxy.owners (in the event writer's batches); read by the proxy on `/v1/<collection>/<id>`.
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    collection = models.CharField(max_length=50)  # the path it lives under: "chat/completions", "responses"
+    object_id = models.CharField(max_length=200)
+    # A plain id, like UsageRollup.user_id: proxy imports no app above it, and the record outlives the user.
+    user_id = models.UUIDField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        db_table = "stored_objects"
+        constraints = [
+            models.UniqueConstraint(fields=["collection", "object_id"], name="stored_objects_one_owner"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.collection}/{self.object_id}"

@@ -87,6 +87,8 @@ def response_format_check(value: Any) -> dict | None:
             value = json.loads(value)
         except ValueError as exc:
             raise _fail(f"is not valid JSON ({exc})") from None
+        if value is None:  # a form's "null": no format, as a JSON body's null
+            return None
     if not isinstance(value, dict):
         raise _fail("must be an object with a `type`")
     try:

@@ -1,8 +1,10 @@
 """`/v1/*`: an OpenAI-compatible passthrough that keeps the provider key on the server.
 
-Requests to the paths PROXY_ALLOWED_PATHS names (and, for staff, PROXY_ADMIN_PATHS) are forwarded
-with their method, query string and body unchanged; any other path is refused before the upstream
-hears of it, since every call upstream carries the server's key. The upstream's status, headers and
+Requests that proxy.paths allows (its table of paths and methods, within PROXY_ALLOWED_PATHS and, for
+staff, PROXY_ADMIN_PATHS) are forwarded with their method, query string and body unchanged; anything
+else is refused before the upstream hears of it, since every call upstream carries the server's key.
+An object the upstream stores (a chat completion, a response...) is reachable only by the user whose
+call created it (proxy.owners records the ids in the answers). The upstream's status, headers and
 body come back as they arrive (server-sent events chunk by chunk). The request is logged once its
 response has ended, off the hot path.
 
@@ -26,6 +28,8 @@ from django.views.decorators.csrf import csrf_exempt
 from accounts.auth import AuthRefused, arequest_authenticate
 from proxy import gateway
 from proxy.events import capture_body, event_record
+from proxy.owners import object_is_users, object_record
+from proxy.paths import Access, Decision, Route, path_decision
 from proxy.redaction import (
     EventStreamRedactor,
     encoding_readable,
@@ -39,7 +43,7 @@ from proxy.usage.passthrough import UsageStripper, exchange_usage_record, usage_
 from turbo_site.core import metrics, tracing
 from turbo_site.core.errors import Outcome, outcome_of
 from turbo_site.core.http import client_ip
-from turbo_site.core.parsers import JSONTooDeep
+from turbo_site.core.parsers import JSONTooDeep, client_json_loads
 
 logger = logging.getLogger("turbo.proxy")
 
@@ -89,23 +93,48 @@ def _has_dot_segment(path: str) -> bool:
     return any(segment in (".", "..") for segment in unquote(path).split("/"))
 
 
-def _under_any(path: str, prefixes: list[str]) -> bool:
-    """Is `path` (after /v1/) one of `prefixes` or below one, whole segments only (`models` ≠ `modelsx`)?"""
-    path = path.strip("/")
-    for prefix in prefixes:
-        prefix = prefix.strip("/")
-        if prefix and (path == prefix or path.startswith(prefix + "/")):
-            return True
-    return False
+def _referred(route: Route, body: bytes) -> list[tuple[str, object]] | None:
+    """The objects (collection, id) a `creates` route's body names by its `refers` fields; None when it
+    may name one that cannot be read for sure (a body that is not a JSON object, or a field given twice),
+    since the upstream's parser might read it where ours does not."""
+    fields = route.refers
+    # No field name in it, no escape that could spell one, no UTF-16/32: it names none.
+    if not fields or not (any(name.encode() in body for name in fields) or b"\\u" in body or b"\x00" in body):
+        return []
+    twice = False
 
+    def pairs(items: list) -> dict:
+        nonlocal twice
+        names = [name for name, _ in items if name in fields]
+        twice = twice or len(names) != len(set(names))
+        return dict(items)
 
-def path_refusal(path: str, *, is_staff: bool) -> tuple[str, str] | None:
-    """Why this user may not call /v1/`path` (code, message), or None if they may."""
-    if _under_any(path, settings.PROXY_ALLOWED_PATHS):
+    try:
+        client_json_loads(body)  # its limits (depth, no NaN) first
+        data = json.loads(body, object_pairs_hook=pairs)
+    except (ValueError, UnicodeDecodeError):
         return None
-    if _under_any(path, settings.PROXY_ADMIN_PATHS):
-        return None if is_staff else ("staff_only", f"/v1/{path} is for staff users only")
-    return ("path_not_allowed", f"this server does not proxy /v1/{path}")
+    if twice or not isinstance(data, dict):
+        return None
+    return [(collection, data[name]) for name, collection in fields.items() if data.get(name) is not None]
+
+
+async def _foreign_object(decision: Decision, request: "ProxyRequest", referred: list) -> object | None:
+    """An object id this request would reach that is not the caller's (then a 404), or None."""
+    route = decision.route
+    reached = [(route.collection, decision.object_id)] if route is not None and route.access is Access.OWNER else []
+    for collection, object_id in reached + referred:
+        if not isinstance(object_id, str) or not await object_is_users(collection, object_id, request.user_id):
+            return object_id
+    return None
+
+
+def _stored_by(route: Route | None, payload: dict | None) -> str:
+    """The collection whose new object this call's answer holds, if the upstream stores it; else ""."""
+    if route is None or route.access is not Access.CREATES:
+        return ""
+    store = payload.get("store") if payload is not None else None
+    return route.collection if (store is True or (store is None and route.store_default)) else ""
 
 
 @dataclass(slots=True)
@@ -180,13 +209,20 @@ async def exchange(request: ProxyRequest) -> ProxyReply:
 
     if _has_dot_segment(request.path):
         return fail(400, "the path may not contain '.' or '..' segments", "invalid_request_error", "invalid_path")
-    refusal = path_refusal(request.path, is_staff=request.is_staff)
-    if refusal is not None:
-        code, message = refusal
-        return fail(403, message, "invalid_request_error", code)
+    decision = path_decision(request.method, request.path, is_staff=request.is_staff)
+    if decision.refused:
+        return fail(decision.status, decision.message, "invalid_request_error", decision.code, decision.headers)
     if unreadable is not None:  # a model call policy cannot read is never forwarded unchecked
         code = unreadable.code if isinstance(unreadable, RequestUnreadable) else "invalid_json"
         return fail(400, str(unreadable), "invalid_request_error", code)
+    referred = _referred(decision.route, request.body) if decision.route is not None else []
+    if referred is None:
+        message = "the body must be one JSON object that names each object once"
+        return fail(400, message, "invalid_request_error", "invalid_json")
+    foreign = await _foreign_object(decision, request, referred)
+    if foreign is not None:  # as if it did not exist: whether another user's id is real is not told
+        return fail(404, f"no such object: {foreign!r}", "invalid_request_error", "not_found")
+    stores = _stored_by(decision.route, payload)
 
     try:
         listed = _models_answer(request)
@@ -286,6 +322,8 @@ async def exchange(request: ProxyRequest) -> ProxyReply:
                 error="" if status == upstream.status else f"the exchange ended {status}",
             )
             log(status, reader, capture_body(bytes(captured), response_type) if captured else "", answer.attempts)
+            if stores and upstream.status < 400 and reader.object_id:
+                object_record(stores, reader.object_id, request.user_id)
             cost = exchange_usage_record(
                 caller=request.caller,
                 path=request.path,

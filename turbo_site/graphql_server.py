@@ -63,6 +63,13 @@ class GraphQLView(AsyncGraphQLView):
     async def get_context(self, request, response) -> GraphQLContext:
         return GraphQLContext(request=request)
 
+    async def parse_http_body(self, request):
+        parsed = await super().parse_http_body(request)
+        for one in parsed if isinstance(parsed, list) else [parsed]:
+            if not isinstance(one.operation_name, str | None):
+                raise HTTPException(400, "The GraphQL operation's `operationName` must be a string or null.")
+        return parsed
+
     async def render_graphql_ide(self, request):
         """A browser's GET without a query: GraphiQL, from our own static files, when the playground is on."""
         if not playground_on():
@@ -74,7 +81,10 @@ class GraphQLView(AsyncGraphQLView):
             return await self.run(request=request)
         except HTTPException as exc:  # a malformed request, before any GraphQL: Turbo's error shape
             code = HTTP_CODES.get(exc.status_code, "bad_request")
-            return error_response(exc.status_code, code, str(exc.reason))
+            response = error_response(exc.status_code, code, str(exc.reason))
+            if exc.status_code == 405:
+                response["Allow"] = "GET, POST"  # as RFC 9110 asks of a 405
+            return response
 
 
 graphql_view = csrf_exempt(GraphQLView.as_view(schema=schema))
@@ -207,7 +217,7 @@ def add_graphql_path(result, generator, request, public):
         "type": "object",
         "required": ["query"],
         "properties": {
-            "query": {"type": "string"},
+            "query": {"type": "string", "minLength": 1},
             "variables": {"type": "object", "nullable": True},
             "operationName": {"type": "string", "nullable": True},
         },

@@ -11,10 +11,12 @@ from django.conf import settings
 from django.core.cache import cache
 from django.db import connection
 from django.http import JsonResponse
+from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET
 
 from proxy import consumers, events, tools
 from proxy.gateway import GatewayError, gateway_config
+from turbo_site.core.errors import error_response
 
 CHECK_TIMEOUT_SECONDS = 3
 
@@ -66,6 +68,8 @@ def _upstream_state() -> dict:
     return {"configured": True}
 
 
+# GET-only, changing nothing: no CSRF check, so that any other method is the 405 (with Allow) it is.
+@csrf_exempt
 @require_GET
 async def health(request):
     database, cache_state, layer = await asyncio.gather(
@@ -96,6 +100,7 @@ def _public_url(url: str) -> str:
     return f"{parts.scheme}://{host}{parts.path}" if parts.scheme else ""
 
 
+@csrf_exempt
 @require_GET
 def info(request):
     from chats.programs.registry import programs
@@ -121,6 +126,18 @@ def info(request):
             "programs": sorted(programs()),
         }
     )
+
+
+@csrf_exempt
+def websocket_only(request):
+    """/ws over plain HTTP: the socket is served only as a WebSocket (426 names the upgrade to ask for)."""
+    if request.method != "GET":
+        response = error_response(405, "method_not_allowed", f"method {request.method} is not allowed here")
+        response["Allow"] = "GET"
+        return response
+    response = error_response(426, "upgrade_required", "/ws is a WebSocket: connect with Upgrade: websocket")
+    response["Upgrade"] = "websocket"
+    return response
 
 
 def add_health_paths(result, generator, request, public):
@@ -190,7 +207,14 @@ def add_health_paths(result, generator, request, public):
                 "Authenticate with ?token=<token> or the sess cookie."
             ),
             "parameters": [{"name": "token", "in": "query", "required": False, "schema": {"type": "string"}}],
-            "responses": {"101": {"description": "switching protocols"}},
+            "responses": {
+                "101": {"description": "switching protocols"},
+                "426": {
+                    "description": "a plain HTTP request: ask for Upgrade: websocket",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+                    "headers": {"Upgrade": {"schema": {"type": "string", "enum": ["websocket"]}}},
+                },
+            },
         }
     }
     return result

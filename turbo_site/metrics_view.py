@@ -8,6 +8,7 @@ import logging
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.http import HttpResponse
+from django.views.decorators.csrf import csrf_exempt
 
 from proxy import events
 from turbo_site.core import metrics
@@ -44,16 +45,19 @@ def _allowed(request) -> bool:
     return any(ip in network for network in _networks(tuple(settings.METRICS_ALLOWED_IPS)))
 
 
+@csrf_exempt  # GET only: any other method is a 405
 async def metrics_view(request):
     """Every process's figures (one process's without METRICS_MULTIPROC_DIR); 404 while metrics are off."""
+    if request.method not in ("GET", "HEAD"):
+        response = error_response(405, "method_not_allowed", f"method {request.method} is not allowed here")
+        response["Allow"] = "GET, HEAD"
+        return response
     if not (settings.METRICS_TOKEN or settings.METRICS_ALLOWED_IPS):
         return error_response(404, "not_found", f"no endpoint at {request.path}")
     if not _allowed(request):
         return error_response(
             403, "forbidden", "metrics need the METRICS_TOKEN as a Bearer token, or a client address allowed"
         )
-    if request.method not in ("GET", "HEAD"):
-        return error_response(405, "method_not_allowed", f"method {request.method} is not allowed here")
     metrics.events_queued(events.events_state()["queued"])  # this process's, fresh
     body = await sync_to_async(metrics.exposition, thread_sensitive=False)()
     return HttpResponse(body, content_type=metrics.CONTENT_TYPE)

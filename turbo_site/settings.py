@@ -448,6 +448,7 @@ SPECTACULAR_SETTINGS = {
     "COMPONENT_SPLIT_REQUEST": True,
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
+        "turbo_site.core.schema.add_schema_extras",
         "proxy.schema.add_proxy_paths",
         "chats.schema.add_chat_paths",
         "turbo_site.health.add_health_paths",

@@ -19,6 +19,7 @@ urlpatterns = [
     path("favicon.ico", web_page(RedirectView.as_view(url=static("turbo/favicon.svg"), permanent=True))),
     path("health", health.health),
     path("info", health.info),
+    path("ws", health.websocket_only),  # the WebSocket itself is routed in asgi.py
     path("graphql", graphql_view),
     path("metrics", metrics_view),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),

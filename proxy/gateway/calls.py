@@ -372,6 +372,7 @@ class UsageReader:
         self.size = 0
         self.model = ""
         self.usage: dict = {}
+        self.object_id = ""  # the answer's own `id` (a chat completion's, a response's): proxy.owners
         # The answer as it arrived (up to SNIFF_LIMIT), to count its tokens when no usage comes.
         self.kept: list[bytes] = []
         self.kept_size = 0
@@ -388,7 +389,11 @@ class UsageReader:
             self.buffer += chunk
             *lines, self.buffer = self.buffer.split(b"\n")
             for line in lines:
-                if line.startswith(b"data:") and (b'"usage"' in line or (self.reads_finish and _FINISHED.search(line))):
+                if line.startswith(b"data:") and (
+                    b'"usage"' in line
+                    or (self.reads_finish and _FINISHED.search(line))
+                    or (not self.object_id and b'"id"' in line)
+                ):
                     self._read(line[5:])
             if len(self.buffer) > SNIFF_LIMIT:
                 self.buffer = b""
@@ -410,6 +415,8 @@ class UsageReader:
             return
         if isinstance(data.get("response"), dict):  # the Responses API's events: response.completed
             data = data["response"]
+        if not self.object_id and isinstance(data.get("id"), str):
+            self.object_id = data["id"]
         if isinstance(data.get("model"), str):
             self.model = data["model"]
         if isinstance(data.get("usage"), dict):

@@ -12,21 +12,6 @@ from accounts.models import User
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-BROWSER_ORIGIN = "https://app.example.com"
-
-
-@pytest.fixture(autouse=True)
-def browser_origin(settings):
-    settings.CORS_ALLOWED_ORIGINS = [BROWSER_ORIGIN]
-
-
-@pytest.fixture(params=["fast", "django"])
-def door(request):
-    """Request headers that send a call through one front door or the other."""
-    if request.param == "fast":
-        return lambda token: {"Authorization": f"Bearer {token}"}
-    return lambda token: {"Authorization": f"Bearer {token}", "Origin": BROWSER_ORIGIN}
-
 
 def make_staff(user_json) -> None:
     User.objects.filter(pk=user_json["id"]).update(is_staff=True)

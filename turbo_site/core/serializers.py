@@ -1,5 +1,7 @@
 """Serializer fields with the strictness an API needs (no silent type coercion)."""
 
+import uuid
+
 from rest_framework import serializers
 
 
@@ -32,13 +34,26 @@ def request_input(request) -> dict:
     return merged
 
 
+class StrictUUIDField(serializers.UUIDField):
+    """A UUID given as text: DRF's UUIDField also takes an integer or a boolean (0 and false become
+    00000000-...), an id no client means. A nullable one takes "null" too: a form has no other null."""
+
+    def to_internal_value(self, data):
+        if data == "null" and self.allow_null:
+            return None
+        if not isinstance(data, str | uuid.UUID):
+            self.fail("invalid", value=data)
+        return super().to_internal_value(data)
+
+
 class IdListField(serializers.ListField):
     """A list of UUIDs given as a JSON array, repeated form fields, or one comma-separated string."""
 
     def __init__(self, **kwargs):
-        kwargs.setdefault("child", serializers.UUIDField())
+        kwargs.setdefault("child", StrictUUIDField())
         kwargs.setdefault("max_length", 100)
         kwargs.setdefault("allow_empty", False)
+        kwargs.setdefault("min_length", 1)  # the same rule, in the schema (minItems)
         super().__init__(**kwargs)
 
     def to_internal_value(self, data):
@@ -52,6 +67,8 @@ class IdListField(serializers.ListField):
                 else:
                     flattened.append(item)
             data = flattened
+            if self.max_length is not None and len(data) > self.max_length:  # before duplicates go
+                self.fail("max_length", max_length=self.max_length)
         ids = super().to_internal_value(data)
         return list(dict.fromkeys(ids))  # de-duplicated, order kept
 

@@ -7,7 +7,11 @@
     fake.stop()
 
 Routes: ``GET /v1/models``, ``POST /v1/chat/completions`` (plain and streamed), ``POST /v1/embeddings``,
-``POST /v1/files`` (multipart); anything else is a JSON 404.
+``POST /v1/files`` (multipart), ``POST /v1/responses`` (plain and streamed, the reply as chat's); anything
+else is a JSON 404, but for the objects it stores, as OpenAI does under one key for every caller: chat
+completions made with ``store: true`` (``GET /v1/chat/completions`` lists them; ``GET``, ``POST``,
+``DELETE /v1/chat/completions/{id}``, ``GET .../messages``) and responses unless ``store: false``
+(``GET``, ``DELETE /v1/responses/{id}``, ``GET .../input_items``, ``POST .../cancel``).
 
 A request picks its behaviour with the ``x-fake-scenario`` header, or ``metadata.scenario`` in its JSON body
 (see ``SCENARIOS``). Knobs, read from a header or else from the same ``metadata`` object:
@@ -109,6 +113,7 @@ class FakeUpstream:
         # that way, whatever it asks: one upstream of several failing on demand. None: as asked.
         self.forced_scenario: str | None = None
         self.retry_after = "7"  # the Retry-After of error_429
+        self.stored: dict[str, dict[str, Any]] = {}  # id -> {"object": ..., "messages": [...]}
         self._gate = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing: asyncio.Event | None = None
@@ -155,6 +160,7 @@ class FakeUpstream:
     def reset(self) -> None:
         """Forget recorded requests and start over with a closed gate, answering as asked."""
         self.requests.clear()
+        self.stored.clear()
         self.forced_scenario = None
         self.retry_after = "7"
         self._gate = asyncio.Event()
@@ -253,7 +259,9 @@ class FakeUpstream:
             ("POST", "/v1/audio/speech"): self._speech,
             ("POST", "/v1/audio/transcriptions"): self._transcription,
             ("POST", "/v1/moderations"): self._moderations,
-        }.get((request.method, request.path))
+            ("POST", "/v1/responses"): self._responses,
+            ("GET", "/v1/chat/completions"): self._stored_list,
+        }.get((request.method, request.path)) or self._stored_route(request)
         if route is None:
             return _error(404, "Unknown path", "invalid_request_error", "not_found")
         if options.scenario == ECHO_KEY_SCENARIO:
@@ -340,9 +348,70 @@ class FakeUpstream:
             reply = content.removeprefix("echo:").strip().replace("[nul]", "\x00")
         else:
             reply = DEFAULT_REPLY
-        if stream:
-            return completion.text_stream(reply, include_usage)
-        return completion.text(reply)
+        answer = completion.text_stream(reply, include_usage) if stream else completion.text(reply)
+        if payload.get("store") is True:
+            stored = {"id": completion.id, "object": "chat.completion", "model": model, "metadata": {}}
+            self.stored[completion.id] = {"object": stored, "messages": messages}
+        return answer
+
+    def _responses(self, request: RecordedRequest, options: _Options) -> _Reply:
+        payload = _json_object(request)
+        given = payload.get("input")
+        text = given if isinstance(given, str) else " ".join(_text(item.get("content")) for item in given or [])
+        reply = text.removeprefix("echo:").strip() if text.startswith("echo:") else DEFAULT_REPLY
+        words = _word_count(text), _word_count(reply)
+        response = {
+            "id": "resp_" + secrets.token_hex(12),
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": "completed",
+            "model": str(payload.get("model") or MODELS[0]),
+            "previous_response_id": payload.get("previous_response_id"),
+            "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": reply}]}],
+            "usage": {"input_tokens": words[0], "output_tokens": words[1], "total_tokens": sum(words)},
+        }
+        if payload.get("store") is not False:
+            self.stored[response["id"]] = {"object": response, "messages": [{"role": "user", "content": text}]}
+        if payload.get("stream") is not True:
+            return _Reply(payload=response)
+        started = {**response, "status": "in_progress", "output": [], "usage": None}
+        events = [
+            ("response.created", {"response": started}),
+            ("response.output_text.delta", {"output_index": 0, "delta": reply}),
+            ("response.completed", {"response": response}),
+        ]
+        return _Reply(
+            events=[f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n".encode() for kind, data in events]
+        )
+
+    def _stored_list(self, request: RecordedRequest, options: _Options) -> _Reply:
+        data = [entry["object"] for entry in self.stored.values() if entry["object"]["object"] == "chat.completion"]
+        return _Reply(payload={"object": "list", "data": data})
+
+    def _stored_route(self, request: RecordedRequest) -> Callable[[RecordedRequest, _Options], _Reply] | None:
+        """A stored object's routes: ``/v1/chat/completions/{id}[/messages]``, ``/v1/responses/{id}[/...]``."""
+        found = re.fullmatch(
+            r"/v1/(chat/completions|responses)/([^/]+)(?:/(messages|input_items|cancel))?", request.path
+        )
+        if found is None:
+            return None
+        collection, object_id, sub = found.groups()
+        entry = self.stored.get(object_id)
+        kind = "chat.completion" if collection == "chat/completions" else "response"
+        if entry is None or entry["object"]["object"] != kind:
+            return lambda request, options: _error(
+                404, f"No object with id {object_id!r}", "invalid_request_error", "not_found"
+            )
+        if request.method == "DELETE" and sub is None:
+            del self.stored[object_id]
+            return lambda request, options: _Reply(
+                payload={"id": object_id, "object": f"{kind}.deleted", "deleted": True}
+            )
+        if request.method == "GET" and sub in ("messages", "input_items"):
+            return lambda request, options: _Reply(payload={"object": "list", "data": entry["messages"]})
+        if request.method == "GET" and sub is None or request.method == "POST" and sub in (None, "cancel"):
+            return lambda request, options: _Reply(payload=entry["object"])
+        return None
 
     def _embeddings(self, request: RecordedRequest, options: _Options) -> _Reply:
         payload = _json_object(request)
