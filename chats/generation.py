@@ -560,8 +560,11 @@ async def reply_stream(plan: PromptPlan, request: dict, reply: "_Reply | QuietRe
     rounds = 0
     while True:
         attempt_start = len(reply.text)
+        # Cut to the model's context window (oldest exchanges first; 400 context_length_exceeded if even
+        # the current turn leaves no room for a reply): chats, programs and conversations alike.
+        fitted = await gateway.context_fit(request)
         stream = gateway.chat_stream(
-            request, api_key=plan.api_key, allowed_models=plan.allowed_models, caller=plan.caller
+            fitted, api_key=plan.api_key, allowed_models=plan.allowed_models, caller=plan.caller
         )
         async for delta in stream:
             if delta.text:
