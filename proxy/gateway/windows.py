@@ -177,27 +177,27 @@ async def window_of(model: str) -> tuple[int | None, float]:
     return (min(known) if known else None), ratio
 
 
-def _exchanges(messages: list) -> tuple[list, list[list], list]:
-    """(the leading system messages, the earlier exchanges, the current turn: the last user message on)."""
+def _system_end(messages: list) -> int:
     start = 0
-    while (
-        start < len(messages)
-        and isinstance(messages[start], dict)
-        and messages[start].get("role")
-        in (
-            "system",
-            "developer",
-        )
-    ):
+    while start < len(messages) and isinstance(messages[start], dict):
+        if messages[start].get("role") not in ("system", "developer"):
+            break
         start += 1
-    current = next(
-        (
-            index
-            for index in range(len(messages) - 1, start - 1, -1)
-            if isinstance(messages[index], dict) and messages[index].get("role") == "user"
-        ),
-        start,
-    )
+    return start
+
+
+def turn_start(messages: list) -> int:
+    """Where the current turn begins: the last user message (what follows it, tool rounds and retries, is its)."""
+    start = _system_end(messages)
+    for index in range(len(messages) - 1, start - 1, -1):
+        if isinstance(messages[index], dict) and messages[index].get("role") == "user":
+            return index
+    return start
+
+
+def _exchanges(messages: list, current: int) -> tuple[list, list[list], list]:
+    """(the leading system messages, the earlier exchanges, the current turn: from `current` on)."""
+    start = min(_system_end(messages), current)
     groups: list[list] = []
     for message in messages[start:current]:
         if not groups or (isinstance(message, dict) and message.get("role") == "user"):
@@ -206,10 +206,11 @@ def _exchanges(messages: list) -> tuple[list, list[list], list]:
     return messages[:start], groups, messages[current:]
 
 
-async def context_fit(request: dict) -> dict:
+async def context_fit(request: dict, *, current: int | None = None) -> dict:
     """`request` (a chat completion's body) cut to its model's context window: the oldest earlier
-    exchanges go first, the system prompt and the current turn stay, and `max_tokens` is clamped to
-    what is left. Unchanged when the window is unknown. Raises GatewayError 400
+    exchanges go first, the system prompt and the current turn (from message `current` on; default:
+    the last user message) stay, and `max_tokens` is clamped to what is left. Unchanged when the
+    window is unknown. Raises GatewayError 400
     `context_length_exceeded`, before any upstream call, when less than CONTEXT_REPLY_MIN_TOKENS
     would be left for the reply."""
     messages = request.get("messages")
@@ -219,13 +220,13 @@ async def context_fit(request: dict) -> dict:
     window, ratio = await window_of(model)
     if window is None:
         return request
-    head, groups, current = _exchanges(messages)
+    head, groups, turn = _exchanges(messages, turn_start(messages) if current is None else current)
 
     def tokens(part: list) -> int:
         return int(count_messages(part, model) * ratio + 0.5)
 
     tools = request.get("tools")
-    fixed = tokens(head + current) + (int(count_text(json.dumps(tools), model) * ratio) if tools else 0)
+    fixed = tokens(head + turn) + (int(count_text(json.dumps(tools), model) * ratio) if tools else 0)
     size_key = "max_completion_tokens" if "max_completion_tokens" in request else "max_tokens"
     asked = request.get(size_key) if isinstance(request.get(size_key), int) else None
     room = min(asked or settings.CONTEXT_REPLY_TOKENS, window // 2)
@@ -246,7 +247,7 @@ async def context_fit(request: dict) -> dict:
             code="context_length_exceeded",
             error_type="invalid_request_error",
         )
-    fitted = {**request, "messages": [*head, *(m for group in reversed(kept) for m in group), *current]}
+    fitted = {**request, "messages": [*head, *(m for group in reversed(kept) for m in group), *turn]}
     if asked is not None or left < settings.CONTEXT_REPLY_TOKENS:
         fitted[size_key] = min(asked or left, left)
     return fitted

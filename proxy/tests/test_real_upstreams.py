@@ -209,3 +209,13 @@ async def test_a_declared_window_fits_and_a_prompt_that_cannot_fit_is_refused_be
 async def test_without_a_known_window_nothing_is_cut(upstream, fresh_health):
     body = {"model": "gpt-4o-mini", "messages": long_chat(8)}
     assert await gateway.context_fit(body) == body
+
+
+async def test_a_turn_with_its_retries_stays_whole_while_earlier_exchanges_go(pair):
+    pair["configure"](window=400)
+    messages = long_chat(6)
+    turn = len(messages) - 1
+    retried = [*messages, {"role": "assistant", "content": "not json"}, {"role": "user", "content": "errors: fix it"}]
+    fitted = await gateway.context_fit({"model": "pool", "messages": retried}, current=turn)
+    assert fitted["messages"][-3:] == retried[turn:]  # the prompt, the failed reply and the errors
+    assert len(fitted["messages"]) < len(retried)
