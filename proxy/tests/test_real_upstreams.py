@@ -3,15 +3,13 @@ a deployment that failed; a pooled connection closed under a request is retried 
 to its model's context window, declared or learned."""
 
 import logging
-import textwrap
-import time
 
 import pytest
 
 from proxy import gateway
 from proxy.gateway import health, windows
+from proxy.tests.test_gateway import configure, fakes, two_deployments  # noqa: F401 (fixtures)
 from proxy.usage.tokens import count_messages
-from turbo_site.testing.fake_upstream import FakeUpstream
 
 
 @pytest.fixture
@@ -22,35 +20,14 @@ def fresh_health():
 
 
 @pytest.fixture
-def pair(settings, tmp_path, fresh_health):
-    """Two fake upstreams (a, b) behind one model `pool` (a first), with cooldowns."""
-    fakes = {name: FakeUpstream().start() for name in ("a", "b")}
+def pair(fakes, configure, fresh_health):  # noqa: F811
+    """Fake upstreams a and b behind one model `pool` (a first), with cooldowns; `configure(window)` redeclares it."""
 
-    def configure(window: int | None = None) -> None:
-        path = tmp_path / f"turbo-{time.monotonic_ns()}.yaml"
-        declared = f"\n    context_window: {window}" if window else ""
-        path.write_text(
-            textwrap.dedent(f"""
-                upstreams:
-                  - {{name: a, base_url: {fakes["a"].url}/v1}}
-                  - {{name: b, base_url: {fakes["b"].url}/v1}}
-                models:
-                  - name: pool
-                    deployments:
-                      - {{upstream: a, model: gpt-4o-mini}}
-                      - {{upstream: b, model: gpt-4o-mini, priority: 1}}
-                    cooldown_seconds: 60""")
-            + declared
-            + "\n"
-        )
-        settings.TURBO_CONFIG = str(path)
-        settings.GATEWAY_HEALTH_SYNC_SECONDS = 0
+    def declare(window: int | None = None) -> None:
+        configure(two_deployments(fakes, cooldown_seconds=60, **({"context_window": window} if window else {})))
 
-    configure()
-    fakes["configure"] = configure
-    yield fakes
-    for name in ("a", "b"):
-        fakes[name].stop()
+    declare()
+    return {**fakes, "configure": declare}
 
 
 def chats_sent(fake) -> list:
@@ -122,7 +99,7 @@ async def test_an_html_502_from_a_proxy_is_reported_by_its_title(upstream, caplo
 async def test_an_html_502_cools_its_deployment_and_the_next_one_answers(pair):
     pair["a"].forced_scenario = "html_502"
     completion = await gateway.chat(ask("echo: from b"))
-    assert completion.text == "from b" and completion.deployment == "b/gpt-4o-mini"
+    assert completion.text == "from b" and completion.deployment == "b/gpt-4o-mini-2024-07-18"
     assert health.is_cooling("a/gpt-4o-mini")  # a 5xx is the deployment's failure
 
 
