@@ -315,8 +315,9 @@ async def _deliver(call: Call, admission: Admission) -> Answer:
             if kept is not None:
                 await kept.aclose()
                 kept = None
-            tried.append(Attempt(deployment.id))
-            if status >= 400 and html_error_text(response) is not None:
+            is_html = status >= 400 and html_error_text(response) is not None
+            tried.append(Attempt(deployment.id, "an HTML error page" if is_html else ""))
+            if is_html:
                 tracing.attempt_failed(span, "an HTML error page", status)
                 await response.aclose()
                 raise _html_refusal(response, deployment, tuple(tried))
