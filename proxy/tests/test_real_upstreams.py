@@ -196,3 +196,21 @@ async def test_a_turn_with_its_retries_stays_whole_while_earlier_exchanges_go(pa
     fitted = await gateway.context_fit({"model": "pool", "messages": retried}, current=turn)
     assert fitted["messages"][-3:] == retried[turn:]  # the prompt, the failed reply and the errors
     assert len(fitted["messages"]) < len(retried)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("scenario", "code"), [("empty_stream", "upstream_empty_answer"), ("html_502", "upstream_html_error")]
+)
+def test_the_v1_passthrough_reports_an_empty_answer_and_an_html_page_in_openai_shape(
+    client, signup, upstream, scenario, code
+):
+    token = signup()[0]
+    response = client.post(
+        "/v1/chat/completions",
+        json={"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+        headers={"Authorization": f"Bearer {token}", "x-fake-scenario": scenario},
+    )
+    assert response.status_code == 502
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.json()["error"]["code"] == code and "<html" not in response.text
