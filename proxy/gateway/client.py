@@ -155,7 +155,8 @@ async def send(
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             if not (context.reused and _closed_before_answer(exc)):
                 raise
-            logger.info("%s %s: the pooled connection was closed under it (%r); sent again", method, url, exc)
+            where = url.split("?", 1)[0]  # a query may hold a credential: never logged
+            logger.info("%s %s: the pooled connection was closed under it (%r); sent again", method, where, exc)
             response = await _session(fresh=True).request(
                 method, url, headers=headers, data=body or None, allow_redirects=False, timeout=timeouts
             )
