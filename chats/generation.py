@@ -48,6 +48,7 @@ from chats.stream import (
 )
 from proxy import ai, functions, gateway, structured, tools
 from proxy.gateway import GatewayError
+from proxy.gateway.windows import turn_start
 from proxy.usage.budgets import BudgetExceeded, budget_reserve
 from proxy.usage.caller import Caller
 from turbo_site.core import tracing
@@ -571,10 +572,15 @@ async def reply_stream(plan: PromptPlan, request: dict, reply: "_Reply | QuietRe
     start = len(reply.text)
     attempts = structured.Attempts(request.get("response_format"))
     rounds = 0
+    # Each round is cut to the model's context window (oldest exchanges first; 400 context_length_exceeded
+    # if even this turn leaves no room for a reply): chats, programs and conversations alike. The turn,
+    # from its prompt on (with its tool rounds and retries), always stays.
+    current = turn_start(request.get("messages") or [])
     while True:
         attempt_start = len(reply.text)
+        fitted = await gateway.context_fit(request, current=current)
         stream = gateway.chat_stream(
-            request, api_key=plan.api_key, allowed_models=plan.allowed_models, caller=plan.caller
+            fitted, api_key=plan.api_key, allowed_models=plan.allowed_models, caller=plan.caller
         )
         async for delta in stream:
             if delta.text:

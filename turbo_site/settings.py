@@ -276,6 +276,8 @@ OPENAI_API_URL = env_str("OPENAI_API_URL", "https://api.openai.com/v1")
 PROXY_CONNECT_TIMEOUT = env_int("PROXY_CONNECT_TIMEOUT", 10)
 PROXY_READ_TIMEOUT = env_int("PROXY_READ_TIMEOUT", 600)
 PROXY_MAX_CONNECTIONS = env_int("PROXY_MAX_CONNECTIONS", 200)
+# Idle pooled upstream connections are dropped after this, before the upstream's keep-alive timeout.
+PROXY_KEEPALIVE_SECONDS = env_float("PROXY_KEEPALIVE_SECONDS", 4.0)
 # The model gateway's file of upstreams and models (README, "The model gateway"); without it,
 # OPENAI_API_URL and OPENAI_API_KEY are the one upstream. A bad file stops Turbo here, in one line.
 TURBO_CONFIG = env_str("TURBO_CONFIG")  # checked at the end of this file, once every setting is defined
@@ -338,6 +340,10 @@ RATE_LIMIT_CACHE_SECONDS = env_int("RATE_LIMIT_CACHE_SECONDS", 30)
 DEFAULT_CONTEXT = env_int("DEFAULT_CONTEXT", 10)
 MAX_CONTEXT = env_int("MAX_CONTEXT", 20)
 CONTEXT_MAX_CHARS = env_int("CONTEXT_MAX_CHARS", 16_000)
+# A chat's model call is cut by tokens to its model's context window, keeping room for the reply:
+# its max_tokens (or this, when it names none), at most half the window; below the floor it is refused.
+CONTEXT_REPLY_TOKENS = env_int("CONTEXT_REPLY_TOKENS", 1024)
+CONTEXT_REPLY_MIN_TOKENS = env_int("CONTEXT_REPLY_MIN_TOKENS", 32)
 MAX_PROMPT_CHARS = env_int("MAX_PROMPT_CHARS", 32_000)
 # How many times one prompt may go back to the model with tool results.
 MAX_TOOL_ROUNDS = env_int("MAX_TOOL_ROUNDS", 5)

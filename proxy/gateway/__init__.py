@@ -7,6 +7,7 @@ client.py    the one HTTP client (aiohttp)
 dispatch.py  send(): one request, with failover while nothing has been sent
 calls.py     chat(), chat_stream(), embeddings(): typed results for Turbo's own code
 instructions.py  a json_schema response_format as instructions, for models without native support
+windows.py   context windows, declared or learned, and context_fit(): a chat request cut to its window
 errors.py    GatewayError, the one error type
 """
 
@@ -34,6 +35,7 @@ _HOMES = {
     "models_list": "routing",
     "secrets_known": "routing",
     "text_redact": "routing",
+    "context_fit": "windows",
 }
 
 
@@ -58,6 +60,7 @@ __all__ = [
     "GatewayError",
     "chat",
     "chat_stream",
+    "context_fit",
     "embeddings",
     "gateway_config",
     "models_list",

@@ -6,12 +6,17 @@
         ...
     stream.tool_calls, stream.usage, stream.finish_reason   # merged, once the stream has ended
 
-Every failure is a GatewayError. The upstream's JSON and server-sent events are parsed here, and only
+Every failure is a GatewayError, with a code that says what happened (an upstream's error answer
+`upstream_error`, or `context_length_exceeded` when it names the context length; a stream with an
+`error` event `upstream_error_in_stream`; one that breaks `upstream_stream_error`; one that ends
+without `[DONE]` `upstream_stream_incomplete`), in the upstream's own words, redacted, and logged
+once with the deployment's name. The upstream's JSON and server-sent events are parsed here, and only
 here: code above sees text, merged tool calls, usage and the finish reason (the /v1 passthrough,
 which relays bytes unchanged, reads the model and usage for its log with `UsageReader`).
 """
 
 import json
+import logging
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -20,14 +25,16 @@ from typing import Any
 
 from django.conf import settings
 
-from proxy.gateway import client
-from proxy.gateway.dispatch import ERROR_BODY_MAX_BYTES, Answer, Call, send
+from proxy.gateway import client, windows
+from proxy.gateway.dispatch import ERROR_BODY_MAX_BYTES, Answer, Call, error_object, send
 from proxy.gateway.errors import Attempt, GatewayError
 from proxy.usage.caller import Caller
 from proxy.usage.limits import limits_settle
 from proxy.usage.records import Estimate, Usage, usage_from, usage_record
 from proxy.usage.tokens import output_text
 from turbo_site.core import tracing
+
+logger = logging.getLogger("turbo.gateway")
 
 
 @dataclass
@@ -69,18 +76,32 @@ def _call(
     )
 
 
-def _upstream_error(status: int, body: bytes, attempts: tuple[Attempt, ...]) -> GatewayError:
-    try:
-        error = json.loads(body).get("error")
-        detail = error.get("message") if isinstance(error, dict) else str(error or "")
-    except (ValueError, AttributeError):
-        detail = body[:300].decode("utf-8", "replace").strip()
-    return GatewayError(
-        f"upstream error {status}: {detail or 'the upstream refused the request'}",
-        status=status,
-        code="upstream_error",
-        error_type="invalid_request_error" if status < 500 else "server_error",
-        attempts=attempts,
+def _logged(answer: Answer, error: GatewayError) -> GatewayError:
+    """The one log line of a model call's failure, naming the deployment."""
+    logger.warning("deployment %s: %s (%s)", answer.deployment.id, error.message, error.code)
+    return error
+
+
+def _upstream_error(answer: Answer, body: bytes) -> GatewayError:
+    status = answer.response.status
+    error = error_object(body)
+    if error is not None:
+        detail = str(error.get("message") or "")
+    else:
+        try:
+            detail = str(json.loads(body).get("error") or "")
+        except (ValueError, AttributeError):
+            detail = body[:300].decode("utf-8", "replace").strip()
+    is_context = status == 400 and windows.context_error(error)[0]
+    return _logged(
+        answer,
+        GatewayError(
+            f"upstream error {status}: {detail or 'the upstream refused the request'}",
+            status=status,
+            code="context_length_exceeded" if is_context else "upstream_error",
+            error_type="invalid_request_error" if status < 500 else "server_error",
+            attempts=answer.attempts,
+        ),
     )
 
 
@@ -94,7 +115,7 @@ async def _answer(call: Call) -> Answer:
         finally:
             await answer.response.aclose()
         tracing.answer_end(answer)
-        raise _upstream_error(answer.response.status, body, answer.attempts)
+        raise _upstream_error(answer, body)
     return answer
 
 
@@ -111,7 +132,9 @@ async def _json_body(answer: Answer) -> dict:
         body = await answer.response.read_all(settings.PROXY_MAX_BODY_BYTES)
     except client.TransportError as exc:
         tracing.answer_end(answer, error=str(exc))
-        raise GatewayError(str(exc), status=504 if exc.timeout else 502, attempts=answer.attempts) from None
+        raise _logged(
+            answer, GatewayError(str(exc), status=504 if exc.timeout else 502, attempts=answer.attempts)
+        ) from None
     finally:
         await answer.response.aclose()
     try:
@@ -120,7 +143,9 @@ async def _json_body(answer: Answer) -> dict:
         data = None
     if not isinstance(data, dict):
         tracing.answer_end(answer, error="not a JSON object")
-        raise GatewayError("the upstream's answer was not a JSON object", status=502, attempts=answer.attempts)
+        raise _logged(
+            answer, GatewayError("the upstream's answer was not a JSON object", status=502, attempts=answer.attempts)
+        )
     _trace_end(answer, data)
     return data
 
@@ -167,6 +192,7 @@ async def chat(
     call = _call("chat/completions", {**body, "stream": False}, api_key, allowed_models, caller)
     answer = await _answer(call)
     data = await _json_body(answer)
+    windows.learn_ratio(answer.deployment.id, call.payload, _usage(data.get("usage")).get("prompt_tokens"))
     served = str(data.get("model") or "")
     cost = _usage_record(
         call, answer, data.get("usage"), served, None if data.get("usage") else Estimate(text=output_text(data))
@@ -257,13 +283,19 @@ class ChatStream:
                     data = {name: value for name, value in data.items() if name != "usage"}
                 yield Delta(chunk=data, text=delta)
             whole = True
+            windows.learn_ratio(answer.deployment.id, self.call.payload, self.usage.get("prompt_tokens"))
         except client.TransportError as exc:
-            raise GatewayError(
-                "the upstream stream ended early" if not exc.timeout else "the upstream stopped sending",
-                status=504 if exc.timeout else 502,
-                code="upstream_stream_error",
-                attempts=answer.attempts,
+            raise _logged(
+                answer,
+                GatewayError(
+                    "the upstream stream ended early" if not exc.timeout else "the upstream stopped sending",
+                    status=504 if exc.timeout else 502,
+                    code="upstream_stream_error",
+                    attempts=answer.attempts,
+                ),
             ) from None
+        except GatewayError as exc:
+            raise _logged(answer, exc) from None
         finally:
             cost = self._usage_record(answer, whole)
             tracing.answer_end(
@@ -321,7 +353,8 @@ class ChatStream:
 
 
 async def _events(answer: Answer) -> AsyncIterator[dict]:
-    """The JSON objects of a server-sent event stream, up to [DONE]. An `error` object raises."""
+    """The JSON objects of a server-sent event stream, up to [DONE]. An `error` object raises, and so
+    does a stream that ends without [DONE]."""
     buffer = b""
     async for chunk in answer.response.chunks():
         buffer += chunk
@@ -342,10 +375,23 @@ async def _events(answer: Answer) -> AsyncIterator[dict]:
             if data.get("error"):
                 error = data["error"]
                 detail = error.get("message") if isinstance(error, dict) else str(error)
-                raise GatewayError(f"the upstream failed mid-stream: {detail}", status=502, attempts=answer.attempts)
+                is_context = windows.learn_from_error(answer.deployment, answer.model, error)
+                raise GatewayError(
+                    f"the upstream failed mid-stream: {detail}",
+                    status=400 if is_context else 502,
+                    code="context_length_exceeded" if is_context else "upstream_error_in_stream",
+                    error_type="invalid_request_error" if is_context else "server_error",
+                    attempts=answer.attempts,
+                )
             yield data
     if buffer.strip():
         raise client.TransportError("the upstream's stream ended in the middle of an event")
+    raise GatewayError(
+        "the upstream's stream ended without [DONE]: the reply may be cut short",
+        status=502,
+        code="upstream_stream_incomplete",
+        attempts=answer.attempts,
+    )
 
 
 def chat_stream(

@@ -3,14 +3,24 @@
 aiohttp costs about half the CPU per request of httpx (measured: bench/README.md), which is why it is
 the one. `send()` returns a `Response` once the headers have arrived; its body is read chunk by chunk
 as it arrives (transfer coding removed, content coding kept: the passthrough relays bytes unchanged).
+
+Pooled connections an upstream may have closed: idle ones are dropped after PROXY_KEEPALIVE_SECONDS,
+before a model server's own keep-alive timeout (uvicorn's, behind many Python servers, is 5 s). A
+request that failed on a reused connection before any of its answer arrived (the server had closed
+it under us) is sent once more, on a new connection of its own: nothing was answered, so nothing is
+repeated the client could see. A failure after the answer's first byte is never sent again.
 """
 
+import logging
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 
 import aiohttp
 from django.conf import settings
 
 from turbo_site.core.loops import loop_client
+
+logger = logging.getLogger("turbo.gateway")
 
 
 class TransportError(Exception):
@@ -21,20 +31,39 @@ class TransportError(Exception):
         self.timeout = timeout
 
 
-def _session() -> aiohttp.ClientSession:
+async def _reused(session, context, params) -> None:
+    context.trace_request_ctx.reused = True
+
+
+def _trace_reuse() -> aiohttp.TraceConfig:
+    """Marks a request's `trace_request_ctx` when it went out on a pooled connection."""
+    config = aiohttp.TraceConfig()
+    config.on_connection_reuseconn.append(_reused)
+    return config
+
+
+def _session(*, fresh: bool = False) -> aiohttp.ClientSession:
+    """The loop's pooled session; `fresh`: one whose every request opens (and then closes) its own connection."""
     max_connections = settings.PROXY_MAX_CONNECTIONS
+    keepalive = settings.PROXY_KEEPALIVE_SECONDS
 
     def make() -> aiohttp.ClientSession:
+        if fresh:
+            connector = aiohttp.TCPConnector(limit=max_connections, force_close=True, ttl_dns_cache=300)
+        else:
+            connector = aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=keepalive, ttl_dns_cache=300)
         return aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=30, ttl_dns_cache=300),
+            connector=connector,
             auto_decompress=False,
             trust_env=False,
             skip_auto_headers=("User-Agent",),
             # One client serves every user: a cookie an upstream sets must never ride on the next request.
             cookie_jar=aiohttp.DummyCookieJar(),
+            trace_configs=None if fresh else [_trace_reuse()],
         )
 
-    return loop_client("upstream-aiohttp", max_connections, make, lambda session: session.closed)
+    name = "upstream-aiohttp-fresh" if fresh else "upstream-aiohttp"
+    return loop_client(name, (max_connections, keepalive), make, lambda session: session.closed)
 
 
 class Response:
@@ -107,18 +136,41 @@ class Response:
 async def send(
     method: str, url: str, headers: dict[str, str], body: bytes, *, timeout: float, connect_timeout: float
 ) -> Response:
-    """Send one request and wait for the answer's headers. Raises TransportError."""
+    """Send one request and wait for the answer's headers. Raises TransportError.
+
+    Sent again once, on a new connection, when a reused one was closed under it before any answer."""
+    timeouts = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=timeout)
+    context = SimpleNamespace(reused=False)
     try:
-        response = await _session().request(
-            method,
-            url,
-            headers=headers,
-            data=body or None,
-            allow_redirects=False,
-            timeout=aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=timeout),
-        )
+        try:
+            response = await _session().request(
+                method,
+                url,
+                headers=headers,
+                data=body or None,
+                allow_redirects=False,
+                timeout=timeouts,
+                trace_request_ctx=context,
+            )
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if not (context.reused and _closed_before_answer(exc)):
+                raise
+            where = url.split("?", 1)[0]  # a query may hold a credential: never logged
+            logger.info("%s %s: the pooled connection was closed under it (%r); sent again", method, where, exc)
+            response = await _session(fresh=True).request(
+                method, url, headers=headers, data=body or None, allow_redirects=False, timeout=timeouts
+            )
     except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
         raise TransportError("the upstream did not answer in time", timeout=True) from exc
     except (aiohttp.ClientError, OSError, ValueError) as exc:
         raise TransportError(f"the upstream could not be reached: {type(exc).__name__}") from exc
     return Response(response)
+
+
+def _closed_before_answer(exc: aiohttp.ClientError) -> bool:
+    """Did the connection end before any answer came? (A connect failure is the upstream's, never this.)"""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return False
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return isinstance(exc.message, str)  # else the answer's head, parsed as far as it had come
+    return True

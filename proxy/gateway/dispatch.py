@@ -5,16 +5,26 @@ cannot be reached, times out, answers 429 or 5xx, or ends its body before the fi
 hands an answer on, `send()` reads the first chunk of its body (or the whole of an error's), so a
 break before the first byte is still a failover, and once the caller has an answer nothing is tried
 again: the client sees the upstream's break as it happens. A 400 `context_length_exceeded` moves on
-to a fallback with a larger `context_window`; any other 4xx is the client's and is returned as is.
+to a fallback with a larger `context_window` (and teaches Turbo the window it names, proxy.gateway.windows);
+any other 4xx is the client's and is returned as is.
+
+What real servers send that is no answer is reported as what it is, never as an unreachable upstream,
+and cools nothing down, because the request caused it: an empty `200` (llama.cpp's server answers so a
+streamed request it cannot serve) is a 502 `upstream_empty_answer`, or a 400 `context_length_exceeded`
+when the request is known not to fit the window. An HTML error page (a proxy in front of the model
+server) is a GatewayError `upstream_html_error` with the page's title, in place of the page.
 """
 
+import html
 import json
+import logging
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from proxy.gateway import client, health
+from proxy.gateway import client, health, windows
 from proxy.gateway.config import Deployment, Model
 from proxy.gateway.errors import Attempt, GatewayError
 from proxy.gateway.routing import attempt_order, body_for, gateway_config, models_for
@@ -22,7 +32,10 @@ from proxy.usage.budgets import Reservation, call_cost_ceiling
 from proxy.usage.caller import Caller
 from proxy.usage.limits import limits_settle, limits_take
 from proxy.usage.ratelimits import Admission, deployments_full_error, ratelimit_deployment_admit, ratelimit_release
+from proxy.usage.tokens import estimate_prompt_tokens
 from turbo_site.core import metrics, tracing
+
+logger = logging.getLogger("turbo.gateway")
 
 ERROR_BODY_MAX_BYTES = 64 * 1024  # an upstream error's body is read (and passed on) up to this size
 
@@ -73,17 +86,66 @@ def _retry_after(value: str) -> float | None:
     return seconds if 0 <= seconds <= 3600 else None
 
 
-def _error_code(body: bytes) -> str:
+def error_object(body: bytes) -> dict | None:
+    """The `error` object of an upstream's JSON error body, if it has one."""
     try:
         error = json.loads(body).get("error")
     except (ValueError, AttributeError):
-        return ""
-    if not isinstance(error, dict):
-        return ""
-    code = error.get("code") or error.get("type") or ""
-    if code != "context_length_exceeded" and "maximum context length" in str(error.get("message") or ""):
-        return "context_length_exceeded"
-    return str(code)
+        return None
+    return error if isinstance(error, dict) else None
+
+
+_TITLE = re.compile(rb"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+_TAG = re.compile(r"<[^>]+>")
+
+
+def html_error_text(response: client.Response) -> str | None:
+    """What an HTML error page says (its title, else its text), or None if the answer is not HTML."""
+    body = b"".join(response.prefix)
+    kind = response.header("content-type").lower()
+    if "html" not in kind and not body.lstrip()[:14].lower().startswith((b"<!doctype html", b"<html")):
+        return None
+    found = _TITLE.search(body)
+    text = found.group(1) if found else body
+    text = html.unescape(_TAG.sub(" ", text.decode("utf-8", "replace")))
+    return " ".join(text.split())[:200]
+
+
+def _html_refusal(response: client.Response, deployment: Deployment, attempts: tuple[Attempt, ...]) -> GatewayError:
+    said = html_error_text(response) or ""
+    error = GatewayError(
+        f"the upstream answered {response.status} with an HTML page, not the model server's answer: {said}",
+        status=response.status if response.status >= 500 else 502,
+        code="upstream_html_error",
+        attempts=attempts,
+    )
+    logger.warning("deployment %s: %s", deployment.id, error.message)
+    return error
+
+
+def _empty_refusal(call: Call, model: Model, deployment: Deployment, attempts: tuple[Attempt, ...]) -> GatewayError:
+    """An empty 200: the request is why (the one server known to do it refuses so what it cannot serve)."""
+    window = model.context_window or windows.learned(deployment, call.model)
+    needs = estimate_prompt_tokens(call.payload)
+    if window and needs >= window:
+        error = GatewayError(
+            f"the upstream answered an empty stream: the prompt (about {needs} tokens) does not fit the model's "
+            f"context window of {window} tokens",
+            status=400,
+            code="context_length_exceeded",
+            error_type="invalid_request_error",
+            attempts=attempts,
+        )
+    else:
+        error = GatewayError(
+            "the upstream answered 200 with an empty body: it could not serve this request (llama.cpp's server "
+            "answers so a prompt longer than its context window)",
+            status=502,
+            code="upstream_empty_answer",
+            attempts=attempts,
+        )
+    logger.warning("deployment %s: %s", deployment.id, error.message)
+    return error
 
 
 def _first_upstream_plan(config) -> list[tuple[Model, Deployment]]:
@@ -192,10 +254,10 @@ async def _deliver(call: Call, admission: Admission) -> Answer:
                     call.method, url, headers, body, timeout=upstream.timeout, connect_timeout=upstream.connect_timeout
                 )
                 if response.status < 400:
-                    if not await response.read_some() and response.status == 200 and call.model:
-                        raise client.TransportError("the upstream's answer was empty")
+                    is_empty = not await response.read_some() and response.status == 200 and call.model
                 else:
                     await response.read_all(ERROR_BODY_MAX_BYTES)
+                    is_empty = False
             except client.TransportError as exc:
                 health.ended(deployment.id, upstream.name)
                 if response is not None:
@@ -218,6 +280,12 @@ async def _deliver(call: Call, admission: Admission) -> Answer:
             metrics.upstream_answered(response, deployment.id, model.name, call.model, began, attempt=len(tried) + 1)
 
             status = response.status
+            if is_empty:  # the request's doing, not the deployment's: no cooldown, no other deployment
+                tried.append(Attempt(deployment.id, "an empty answer"))
+                tracing.attempt_failed(span, "an empty answer", status)
+                health.probe_release(deployment.id)
+                await response.aclose()
+                raise _empty_refusal(call, model, deployment, tuple(tried))
             if status == 429 or status >= 500:
                 reason = f"the upstream answered {status}"
                 rest = _retry_after(response.header("retry-after")) or 0
@@ -230,7 +298,9 @@ async def _deliver(call: Call, admission: Admission) -> Answer:
                     await kept.aclose()
                 kept, kept_deployment = response, deployment
                 continue
-            if status == 400 and _error_code(b"".join(response.prefix)) == "context_length_exceeded":
+            if status == 400 and windows.learn_from_error(
+                deployment, call.model, error_object(b"".join(response.prefix))
+            ):
                 larger = [
                     (m, d)
                     for m, d in queue
@@ -246,7 +316,13 @@ async def _deliver(call: Call, admission: Admission) -> Answer:
                 await health.succeeded(deployment.id, (time.perf_counter() - began) * 1000)
             if kept is not None:
                 await kept.aclose()
-            tried.append(Attempt(deployment.id))
+                kept = None
+            is_html = status >= 400 and html_error_text(response) is not None
+            tried.append(Attempt(deployment.id, "an HTML error page" if is_html else ""))
+            if is_html:
+                tracing.attempt_failed(span, "an HTML error page", status)
+                await response.aclose()
+                raise _html_refusal(response, deployment, tuple(tried))
             answer = Answer(response, deployment, tuple(tried), model.name if model.name != "*" else call.model)
             answer.span = tracing.attempt_answered(span, response)
             return answer
@@ -257,6 +333,9 @@ async def _deliver(call: Call, admission: Admission) -> Answer:
         raise
 
     if kept is not None and kept_deployment is not None:
+        if html_error_text(kept) is not None:
+            await kept.aclose()
+            raise _html_refusal(kept, kept_deployment, tuple(tried))
         return Answer(kept, kept_deployment, tuple(tried))
     attempts = tuple(tried)
     if not tried and full and not busy:

@@ -223,6 +223,9 @@ async def sync(deployment_ids: list[str]) -> None:
 def forget() -> None:
     """Start from nothing (tests, and a configuration that changed)."""
     global _last_sync
+    from proxy.gateway import windows
+
+    windows.forget()  # what was learned of the deployments' context windows goes with them
     _health.clear()
     _in_flight_by_upstream.clear()
     _last_sync = 0.0

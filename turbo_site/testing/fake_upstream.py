@@ -25,6 +25,15 @@ Chat replies: the text after ``echo:`` when the last message starts with it; ``T
 last message is a tool result (or, in the ``tool_call`` scenario, when any tool result is present); otherwise
 ``Hello from fake upstream``. Token counts are word counts.
 
+What real model servers do, as scenarios: ``empty_stream`` (a ``200 text/event-stream`` with no body at all,
+as llama.cpp's server answers a streamed request it cannot serve), ``no_done`` (a stream that ends without
+``data: [DONE]``), ``error_event`` (an ``error`` object inside a stream, after some text), ``html_502`` (a proxy's
+HTML error page in front of the model server), ``context_length`` (OpenAI's and vLLM's 400) and
+``context_length_llama`` (llama.cpp's), and ``close_after_answer``: the answer as usual, then the connection is
+closed when the next request arrives on it, before a byte of that one's answer (a keep-alive connection the
+server closed under its client). A ``/v1/models`` listing says each model's context length when
+``max_model_len`` (vLLM's field) or ``n_ctx_train`` (llama.cpp's ``meta``) is set on the fake.
+
 Replies that change across calls (structured output's retries): a user message ``sequence: A ||| B ||| C``
 answers A; with one more user message after it (the validation errors Turbo sends back) B, then C, and the
 last item from then on. The ``sequence:`` message need not be the last one, so a retried conversation
@@ -78,13 +87,40 @@ ERROR_SCENARIOS: dict[str, tuple[int, str, str, str]] = {
         "context_length_exceeded",
     ),
 }
+# llama.cpp's server: the window in `n_ctx`, its own type, the HTTP status as the code.
+LLAMA_CONTEXT_ERROR = {
+    "code": 400,
+    "message": "the request exceeds the available context size, try increasing it",
+    "type": "exceed_context_size_error",
+    "n_prompt_tokens": 600,
+    "n_ctx": 512,
+}
+HTML_502 = (
+    b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1>"
+    b"</center>\r\n<hr><center>nginx/1.24.0</center>\r\n</body>\r\n</html>\r\n"
+)
+ERROR_EVENT = {"code": 500, "message": "the model server failed while generating", "type": "server_error"}
+# Bent deliveries of what real servers send (see the module's docstring).
+SERVER_SCENARIOS = frozenset(
+    {"empty_stream", "no_done", "error_event", "html_502", "context_length_llama", "close_after_answer"}
+)
 # OpenAI's answer to a wrong key quotes the key it was sent; so does this scenario.
 ECHO_KEY_SCENARIO = "error_401_echo"
 # Usage as some upstreams give it: "no_usage" never sends any (not even when asked); "usage_on_choices"
 # puts a stream's usage on its last chunk with choices instead of a chunk of its own.
 USAGE_SCENARIOS = frozenset({"no_usage", "usage_on_choices"})
 SCENARIOS = frozenset(
-    {*ERROR_SCENARIOS, *USAGE_SCENARIOS, ECHO_KEY_SCENARIO, "slow", "gated", "die_mid_stream", "stall", "tool_call"}
+    {
+        *ERROR_SCENARIOS,
+        *USAGE_SCENARIOS,
+        *SERVER_SCENARIOS,
+        ECHO_KEY_SCENARIO,
+        "slow",
+        "gated",
+        "die_mid_stream",
+        "stall",
+        "tool_call",
+    }
 )
 
 
@@ -98,6 +134,7 @@ class RecordedRequest:
     headers: dict[str, str]
     body: bytes
     aborted: bool = False
+    connection: tuple | None = None  # the client's address: one per connection
 
     def json(self) -> Any:
         """The body parsed as JSON."""
@@ -114,6 +151,9 @@ class FakeUpstream:
         self.forced_scenario: str | None = None
         self.retry_after = "7"  # the Retry-After of error_429
         self.stored: dict[str, dict[str, Any]] = {}  # id -> {"object": ..., "messages": [...]}
+        self.max_model_len: int | None = None  # said by /v1/models as vLLM does
+        self.n_ctx_train: int | None = None  # said by /v1/models as llama.cpp's server does
+        self._doomed: set[tuple] = set()  # connections closed when their next request arrives
         self._gate = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing: asyncio.Event | None = None
@@ -122,7 +162,14 @@ class FakeUpstream:
         self._socket.bind((host, port))
         self.port: int = self._socket.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="off", interface="asgi3", ws="none")
+        config = uvicorn.Config(
+            self.app,
+            log_level="warning",
+            lifespan="off",
+            interface="asgi3",
+            ws="none",
+            http=_protocol_closing(self._doomed),
+        )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name=f"fake-upstream-{self.port}", daemon=True)
         _install_log_filter()
@@ -163,6 +210,7 @@ class FakeUpstream:
         self.stored.clear()
         self.forced_scenario = None
         self.retry_after = "7"
+        self.max_model_len = self.n_ctx_train = None
         self._gate = asyncio.Event()
 
     def release(self) -> None:
@@ -216,6 +264,7 @@ class FakeUpstream:
             headers=headers,
             body=body,
             aborted=disconnected,
+            connection=scope.get("client"),
         )
         self.requests.append(request)
         if disconnected:
@@ -244,6 +293,8 @@ class FakeUpstream:
             options = _Options.of(request)
             if self.forced_scenario is not None:
                 options = dataclasses.replace(options, scenario=self.forced_scenario)
+            if options.scenario == "close_after_answer" and request.connection:
+                self._doomed.add(tuple(request.connection))
             reply = self._reply(request, options)
         except _BadRequest as exc:
             options, reply = _Options.plain(), _error(400, str(exc), "invalid_request_error", exc.code)
@@ -272,6 +323,8 @@ class FakeUpstream:
             status, message, kind, code = ERROR_SCENARIOS[options.scenario]
             extra = [(b"retry-after", self.retry_after.encode())] if status == 429 else []
             return _error(status, message, kind, code, extra)
+        if options.scenario == "context_length_llama":
+            return _Reply(status=400, payload={"error": LLAMA_CONTEXT_ERROR})
         return route(request, options)
 
     async def _deliver(self, reply: _Reply, options: _Options, writer: _Writer) -> None:
@@ -280,6 +333,22 @@ class FakeUpstream:
         if scenario == "slow":
             await asyncio.sleep(options.delay)
         headers = _standard_headers() + reply.headers
+        if scenario == "html_502":
+            await writer.start(502, [(b"content-type", b"text/html"), (b"content-length", b"%d" % len(HTML_502))])
+            await writer.body(HTML_502)
+            return
+        if scenario == "empty_stream" and reply.status == 200:
+            await writer.start(200, headers + [(b"content-type", b"text/event-stream")])
+            await writer.body(b"")
+            return
+        if reply.events is not None and scenario == "no_done":
+            reply.events = reply.events[:-1]
+        elif reply.events is not None and scenario == "error_event":
+            reply.events = [
+                *reply.events[: reply.first_word + 1],
+                b"data: " + json.dumps({"error": ERROR_EVENT}).encode(),
+            ]
+            reply.events[-1] += b"\n\n"
         if reply.events is None:
             body = json.dumps(reply.payload).encode()
             headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -318,6 +387,11 @@ class FakeUpstream:
 
     def _models(self, request: RecordedRequest, options: _Options) -> _Reply:
         data = [{"id": model, "object": "model", "created": 0, "owned_by": "fake"} for model in MODELS]
+        for entry in data:
+            if self.max_model_len is not None:
+                entry["max_model_len"] = self.max_model_len
+            if self.n_ctx_train is not None:
+                entry["meta"] = {"vocab_type": 2, "n_vocab": 32000, "n_ctx_train": self.n_ctx_train, "n_embd": 64}
         return _Reply(payload={"object": "list", "data": data})
 
     def _chat_completions(self, request: RecordedRequest, options: _Options) -> _Reply:
@@ -496,6 +570,24 @@ class _QuietDrops(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.exc_info and isinstance(record.exc_info[1], _DropConnection))
+
+
+def _protocol_closing(doomed: set[tuple]) -> type:
+    """uvicorn's HTTP protocol, closing a connection in `doomed` as soon as its next request arrives."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    except ImportError:
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base
+
+    class ClosingProtocol(Base):
+        def data_received(self, data: bytes) -> None:
+            if self.client is not None and tuple(self.client) in doomed:
+                doomed.discard(tuple(self.client))
+                self.transport.close()  # no byte of an answer: the client sees the connection end
+                return
+            super().data_received(data)
+
+    return ClosingProtocol
 
 
 def _install_log_filter() -> None:
