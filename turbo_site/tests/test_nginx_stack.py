@@ -3,6 +3,7 @@ front of two web processes started by deploy/entrypoint.sh (`make migrate static
 twice) on Postgres + Redis. Through the proxy: a streamed group chat followed over SSE and WebSocket, a
 /v1 stream, the caller's address from X-Forwarded-For, and a collected static file."""
 
+import contextlib
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ from conftest import PROJECT_ROOT, SERVER_KEY
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
 SITE = PROJECT_ROOT / "deploy" / "nginx" / "turbo.conf"
+UPSTREAM = PROJECT_ROOT / "deploy" / "nginx" / "upstream.conf"
 ENTRYPOINT = PROJECT_ROOT / "deploy" / "entrypoint.sh"
 
 pytestmark = [
@@ -33,17 +35,24 @@ pytestmark = [
 ]
 
 
-def site_on(listen: int, servers: list[int]) -> str:
-    """The shipped site with its ports rewritten: nginx on `listen`, the upstream on `servers`."""
+def site_on(listen: int) -> str:
+    """The shipped site, listening on `listen` instead of 80."""
     text = SITE.read_text()
-    upstream_lines = re.findall(r"^\s*server 127\.0\.0\.1:\d+;\n", text, flags=re.M)
-    assert len(upstream_lines) == 2 and "    listen 80;\n" in text, "the shipped site's ports moved: update the test"
-    text = text.replace(upstream_lines[0], "".join(f"    server 127.0.0.1:{port};\n" for port in servers))
-    text = text.replace(upstream_lines[1], "").replace("    listen [::]:80;\n", "")
+    assert text.count("    listen 80;\n") == 1, "the shipped site's port moved: update the test"
     return text.replace("    listen 80;\n", f"    listen 127.0.0.1:{listen};\n")
 
 
-def nginx_main(prefix: Path, site: Path) -> str:
+def upstream_on(servers: list[int]) -> str:
+    """The shipped upstream with its two servers on the ports given."""
+    text = UPSTREAM.read_text()
+    shipped = re.findall(r"^    server 127\.0\.0\.1:\d+;\n", text, flags=re.M)
+    assert len(shipped) == len(servers) == 2, "the shipped upstream changed: update the test"
+    for line, port in zip(shipped, servers, strict=True):
+        text = text.replace(line, f"    server 127.0.0.1:{port};\n")
+    return text
+
+
+def nginx_main(prefix: Path) -> str:
     """A main nginx.conf of the test's own: everything under `prefix`, workers as the current user."""
     user = "root root" if os.getuid() == 0 else ""  # as root, workers would otherwise drop to nobody
     return f"""
@@ -60,7 +69,8 @@ http {{
     fastcgi_temp_path {prefix}/fastcgi;
     uwsgi_temp_path {prefix}/uwsgi;
     scgi_temp_path {prefix}/scgi;
-    include {site};
+    include {prefix}/upstream.conf;
+    include {prefix}/turbo.conf;
 }}
 """
 
@@ -97,10 +107,10 @@ class Stack:
         listen = free_port()
         prefix = self.tmp / "nginx"
         prefix.mkdir()
-        site = prefix / "turbo.conf"
-        site.write_text(site_on(listen, ports))
+        (prefix / "turbo.conf").write_text(site_on(listen))
+        (prefix / "upstream.conf").write_text(upstream_on(ports))
         main = prefix / "nginx.conf"
-        main.write_text(nginx_main(prefix, site))
+        main.write_text(nginx_main(prefix))
         checked = subprocess.run([NGINX, "-t", "-p", str(prefix), "-c", str(main)], capture_output=True, text=True)
         assert checked.returncode == 0, checked.stderr
         self.spawn([NGINX, "-p", str(prefix), "-c", str(main), "-g", "daemon off;"], "nginx.log")
@@ -133,15 +143,18 @@ class Stack:
         return "\n".join(f"== {log.name}\n{log.read_text(errors='replace')[-3000:]}" for log in self.tmp.glob("*.log"))
 
     def stop(self) -> None:
+        # SIGTERM to make alone, as systemd (KillMode=mixed) and `docker stop` send it: make passes it on
+        # to uvicorn once, which then shuts down gracefully. Whatever is left of a group is then killed.
         for process in reversed(self.processes):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
+            process.terminate()
         for process in self.processes:
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
+                pass
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
+            process.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
