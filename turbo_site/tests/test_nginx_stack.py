@@ -24,7 +24,7 @@ SITE = PROJECT_ROOT / "deploy" / "nginx" / "turbo.conf"
 UPSTREAM = PROJECT_ROOT / "deploy" / "nginx" / "upstream.conf"
 ENTRYPOINT = PROJECT_ROOT / "deploy" / "entrypoint.sh"
 
-pytestmark = [
+STACK_MARKS = [
     pytest.mark.django_db(transaction=True),
     pytest.mark.skipif(NGINX is None, reason="needs Debian's nginx (make nginx-deps)"),
     # Two processes share only what Postgres and Redis share; the embedded leg has neither.
@@ -33,6 +33,13 @@ pytestmark = [
         reason="needs DB_ADDRESS=postgresql://... and REDIS_ADDRESS",
     ),
 ]
+
+
+def through_the_stack(test):
+    """A test through the running stack: it needs nginx, Postgres and Redis, and cleans the database after."""
+    for mark in STACK_MARKS:
+        test = mark(test)
+    return test
 
 
 def site_on(listen: int) -> str:
@@ -174,6 +181,7 @@ def signed_up(http: httpx.Client, username: str) -> dict:
     return signed.json()
 
 
+@through_the_stack
 def test_a_group_chat_streams_through_the_proxy_to_sse_and_websocket_subscribers(proxy_url, upstream):
     with httpx.Client(base_url=proxy_url, timeout=20) as http:
         owner = signed_up(http, "stack-owner")
@@ -209,6 +217,7 @@ def test_a_group_chat_streams_through_the_proxy_to_sse_and_websocket_subscribers
             ws.close()
 
 
+@through_the_stack
 def test_a_v1_stream_passes_the_proxy_event_by_event(proxy_url, upstream):
     with httpx.Client(base_url=proxy_url, timeout=20) as http:
         token = signed_up(http, "stack-v1")["token"]
@@ -229,6 +238,7 @@ def test_a_v1_stream_passes_the_proxy_event_by_event(proxy_url, upstream):
     assert "gamma" in "".join(rest)
 
 
+@through_the_stack
 def test_the_callers_address_comes_from_x_forwarded_for_of_the_trusted_proxy(proxy_url):
     with httpx.Client(base_url=proxy_url, timeout=20) as http:
         # The client's own X-Forwarded-For is kept, and nginx appends its peer (the test, 127.0.0.1): Turbo
@@ -243,6 +253,7 @@ def test_the_callers_address_comes_from_x_forwarded_for_of_the_trusted_proxy(pro
     assert session["client_ip"] == "203.0.113.7"
 
 
+@through_the_stack
 def test_static_files_have_hashed_names_gzip_and_a_long_cache(proxy_url):
     with httpx.Client(base_url=proxy_url, timeout=20) as http:
         page = http.get("/login")
@@ -257,3 +268,34 @@ def test_static_files_have_hashed_names_gzip_and_a_long_cache(proxy_url):
     assert "immutable" in response.headers["cache-control"]
     assert "content-encoding" not in plain.headers
     assert response.content == plain.content  # httpx decodes the gzip: the same file either way
+
+
+def test_the_container_files_start_what_this_test_runs():
+    """No Docker engine runs here: compose.yaml and the Dockerfile are held to the entrypoint, make targets
+    and nginx files the stack test above runs, so that they cannot drift apart unseen."""
+    import yaml
+
+    dockerfile = (PROJECT_ROOT / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["deploy/entrypoint.sh"]' in dockerfile
+    assert "make install REQUIREMENTS=requirements.txt" in dockerfile and "make static" in dockerfile
+    entrypoint = ENTRYPOINT.read_text()
+    compose = yaml.safe_load((PROJECT_ROOT / "compose.yaml").read_text())
+    turbo = {name: service for name, service in compose["services"].items() if service.get("build") == "."}
+    assert {name: service["command"] for name, service in turbo.items()} == {
+        "migrate": ["migrate"],
+        "web1": ["web"],
+        "web2": ["web"],
+        "grpc": ["grpc"],
+    }
+    for command in ("migrate", "web", "grpc"):
+        assert f"    {command})" in entrypoint
+    for name in ("web1", "web2", "grpc"):
+        assert turbo[name]["depends_on"] == {"migrate": {"condition": "service_completed_successfully"}}
+    nginx = compose["services"]["nginx"]
+    mounted = [volume.split(":")[0] for volume in nginx["volumes"]]
+    assert mounted == ["./deploy/nginx/turbo.conf", "./deploy/nginx/upstream-compose.conf"]
+    upstream = (PROJECT_ROOT / "deploy" / "nginx" / "upstream-compose.conf").read_text()
+    assert re.findall(r"server (\w+):8000;", upstream) == ["web1", "web2"]
+    assert turbo["web1"]["environment"]["ADDRESS"] == "0.0.0.0:8000"
+    address = nginx["networks"]["turbo"]["ipv4_address"]
+    assert turbo["web1"]["environment"]["TRUSTED_PROXIES"] == address  # nginx's X-Forwarded-* believed
