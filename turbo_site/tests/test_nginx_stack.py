@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from django.conf import settings
 from django.db import connection
 
@@ -292,8 +293,6 @@ def test_static_files_have_hashed_names_gzip_and_a_long_cache(proxy_url):
 def test_the_container_files_start_what_this_test_runs():
     """No Docker engine runs here: compose.yaml and the Dockerfile are held to the entrypoint, make targets
     and nginx files the stack test above runs, so that they cannot drift apart unseen."""
-    import yaml
-
     dockerfile = (PROJECT_ROOT / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["deploy/entrypoint.sh"]' in dockerfile
     assert "make install REQUIREMENTS=requirements.txt" in dockerfile and "make static" in dockerfile
