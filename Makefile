@@ -3,8 +3,10 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 ADDRESS ?= 127.0.0.1:8080
+# What `make install` installs: the runtime and the test tools; a production image installs requirements.txt alone.
+REQUIREMENTS ?= requirements-dev.txt
 
-.PHONY: help install browser-deps env demo run serve grpcserve protos test test-pg lint format docs bench clean
+.PHONY: help install browser-deps nginx-deps env demo run migrate static serve grpcserve protos test test-pg lint format docs bench clean
 
 # `make help` (and plain `make`): each target with its `## ` line.
 help:
@@ -19,7 +21,7 @@ $(BIN)/activate:
 
 $(VENV)/.installed: $(BIN)/activate requirements.txt requirements-dev.txt
 	@echo "== installing the requirements (first time: about a minute)"
-	$(BIN)/uv pip install --python $(BIN)/python -r requirements-dev.txt
+	$(BIN)/uv pip install --python $(BIN)/python -r $(REQUIREMENTS)
 	@echo "== byte-compiling the dependencies"
 	@# Byte-compile the dependencies once: with PYTHONDONTWRITEBYTECODE set, every process (server,
 	@# subprocess in a test, benchmark) would otherwise compile them again (seconds each).
@@ -38,6 +40,15 @@ browser-deps: ## install Debian's chromium + chromedriver for the browser tests 
 		exit 1; \
 	fi; \
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver
+
+# The production stack's test (turbo_site/tests/test_nginx_stack.py) runs Debian's nginx with deploy/nginx/turbo.conf.
+nginx-deps: ## install Debian's nginx for the production stack's test (as root)
+	@if command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then \
+		echo "the nginx stack test needs nginx: run as root (or with sudo): apt-get install -y nginx-light" >&2; \
+		exit 1; \
+	fi; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx-light
 
 # A local install's secrets: a generated SECRET_KEY in a git-ignored .env that settings read (the
 # environment wins), so `manage.py ...` works as printed. Never overwritten; production sets its own.
@@ -77,13 +88,23 @@ demo: install $(ENV_FILE) ## `make run` pointed at a fake upstream on FAKE_PORT 
 	@$(BIN)/python manage.py fakellm --port $(FAKE_PORT) & trap "kill $$! 2>/dev/null" EXIT INT TERM; \
 		$(DEMO_ENV) $(MAKE) --no-print-directory run
 
+# Production (docs/deploying.md): `make static migrate` once per release, then any number of `make serve MIGRATE=0`
+# (deploy/entrypoint.sh does this for compose.yaml, the systemd units and the nginx stack's test).
+migrate: install ## apply the database migrations
+	$(BIN)/python manage.py migrate --noinput
+
+static: install ## collect the static files into STATIC_ROOT (hashed names, gzip) for WhiteNoise
+	@if [ -z "$$STATIC_ROOT" ]; then echo "STATIC_ROOT is not set: nothing to collect (files are served from the apps)"; exit 0; fi; \
+	$(BIN)/python manage.py collectstatic --noinput -v0 && echo "collected the static files into $$STATIC_ROOT"
+
 # Production-style: uvicorn with lifespan (graceful shutdown on SIGTERM), listening on ADDRESS.
 # Set SECRET_KEY (and DEBUG stays off). Client addresses come from TRUSTED_PROXIES, not uvicorn.
-serve: install ## production server (uvicorn) on ADDRESS; needs SECRET_KEY
-	$(BIN)/python manage.py migrate --noinput
+# It migrates first, unless MIGRATE=0 (several processes: one `make migrate` before them all).
+serve: install ## production server (uvicorn) on ADDRESS; needs SECRET_KEY (MIGRATE=0: skip migrating)
+	@if [ "$${MIGRATE:-1}" != 0 ]; then $(MAKE) --no-print-directory migrate; fi
 	@# Metrics of several workers (METRICS_MULTIPROC_DIR): a new server starts from an empty directory.
 	@if [ -n "$$METRICS_MULTIPROC_DIR" ]; then mkdir -p "$$METRICS_MULTIPROC_DIR" && rm -f "$$METRICS_MULTIPROC_DIR"/*.db; fi
-	$(BIN)/python -m uvicorn turbo_site.asgi:application --host $(word 1,$(subst :, ,$(ADDRESS))) \
+	exec $(BIN)/python -m uvicorn turbo_site.asgi:application --host $(word 1,$(subst :, ,$(ADDRESS))) \
 		--port $(word 2,$(subst :, ,$(ADDRESS))) --loop uvloop --http httptools --ws-per-message-deflate false \
 		--lifespan on --no-proxy-headers --no-access-log --timeout-graceful-shutdown $${SHUTDOWN_SERVER_SECONDS:-5}
 

@@ -12,12 +12,13 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "turbo_site.settings")
 sys.setswitchinterval(0.001)
 
 from channels.routing import ProtocolTypeRouter  # noqa: E402
-from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 from django.core.asgi import get_asgi_application  # noqa: E402
 
-# /static/ (the admin's CSS and JS) is answered from the apps' files; every other path goes straight
-# to Django, so the async views (proxy, streams) never pass through sync-only code.
-django_application = ASGIStaticFilesHandler(get_asgi_application())
+from turbo_site.core.staticfiles import StaticFiles  # noqa: E402
+
+# /static/ is answered from WhiteNoise's index (collected, compressed, hashed names once STATIC_ROOT is
+# set); every other path goes straight to Django, so the async views never pass through sync-only code.
+django_application = StaticFiles(get_asgi_application())
 
 from turbo_site.core.startup import process_start  # noqa: E402
 

@@ -421,12 +421,19 @@ USE_TZ = True
 STATIC_URL = "static/"
 # The web app's own CSS and JavaScript (templates/static/turbo/), served like the admin's.
 STATICFILES_DIRS = [BASE_DIR / "templates" / "static"]
+# Production collects the static files (`manage.py collectstatic`, run by deploy/entrypoint.sh) into
+# STATIC_ROOT: hashed names and .gz/.br copies, served by WhiteNoise (turbo_site/core/staticfiles.py) with a
+# ten-year Cache-Control. Unset (`make run`, the suite), the files are served from the apps as they are.
+STATIC_ROOT = env_str("STATIC_ROOT") or None
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    "staticfiles": {
+        "BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"
+        if STATIC_ROOT
+        else "django.contrib.staticfiles.storage.StaticFilesStorage"
+    },
 }
-# The admin's static files are served straight from the apps by the ASGI app (turbo_site/asgi.py),
-# so no collectstatic step is needed and no sync-only middleware sits on the async request path.
+WHITENOISE_USE_FINDERS = not STATIC_ROOT
 
 # --- DRF and OpenAPI ------------------------------------------------------------------------------
 REST_FRAMEWORK = {

@@ -3,6 +3,7 @@
 from django.contrib import admin
 from django.templatetags.static import static
 from django.urls import include, path
+from django.utils.functional import lazy
 from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
@@ -15,8 +16,9 @@ from turbo_site.metrics_view import metrics_view
 urlpatterns = [
     path("admin/usage/", usage_dashboard, name="admin_usage"),  # before the admin's own catch-all
     path("admin/", admin.site.urls),
-    # Browsers ask for /favicon.ico on any page (the admin, Swagger, JSON): the web app's icon.
-    path("favicon.ico", web_page(RedirectView.as_view(url=static("turbo/favicon.svg"), permanent=True))),
+    # Browsers ask for /favicon.ico on any page (the admin, Swagger, JSON): the web app's icon. Its (hashed)
+    # name is looked up per request: in production it exists only once the static files are collected.
+    path("favicon.ico", web_page(RedirectView.as_view(url=lazy(static, str)("turbo/favicon.svg"), permanent=True))),
     path("health", health.health),
     path("info", health.info),
     path("ws", health.websocket_only),  # the WebSocket itself is routed in asgi.py
