@@ -411,15 +411,18 @@ def test_models_lists_the_public_names_and_unknown_models_are_404_before_any_ups
 
 def test_paths_without_a_model_go_to_the_first_upstream(client, token, fakes, configure):
     configure(two_deployments(fakes))
-    response = client.get("/v1/responses/resp_1", headers=bearer(token))
+    created = client.post("/v1/responses", json={"model": "pool", "input": "echo: hi"}, headers=bearer(token))
+    assert created.status_code == 200, created.text
+    response_id = created.json()["id"]  # the caller's own: only they reach it (proxy/paths.py)
+    response = client.get(f"/v1/responses/{response_id}", headers=bearer(token))
     assert response.headers["x-turbo-upstream"] == "a"
-    assert fakes["a"].requests[-1].path == "/v1/responses/resp_1" and fakes["b"].requests == []
+    assert fakes["a"].requests[-1].path == f"/v1/responses/{response_id}" and fakes["b"].requests == []
     # A model call is never one of them: one whose model cannot be read goes nowhere.
     refused = client.post(
         "/v1/embeddings", content=b"not json", headers={**bearer(token), "content-type": "text/plain"}
     )
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_json"
-    assert len(fakes["a"].requests) == 1 and fakes["b"].requests == []
+    assert len(fakes["a"].requests) == 2 and fakes["b"].requests == []
 
 
 def test_instruction_mapping_rewrites_the_request_per_deployment(client, token, fakes, configure):

@@ -27,6 +27,7 @@ pytestmark = zero_config  # a fresh install of its own: the same on both legs
 
 # The pages, in the order a reader meets them.
 PAGES = [
+    "README.md",  # the repository's front page, then the site's pages
     "getting-started.md",
     "authentication.md",
     "api/rest.md",
@@ -48,7 +49,7 @@ def free_port() -> int:
 
 def blocks(page: str) -> list[tuple[str, str]]:
     """(language, code) of the page's blocks that are meant to run."""
-    text = (PROJECT_ROOT / "docs" / page).read_text()
+    text = (PROJECT_ROOT / page if page == "README.md" else PROJECT_ROOT / "docs" / page).read_text()
     return [(language, code) for marker, language, code in BLOCK.findall(text) if not marker]
 
 
