@@ -33,6 +33,7 @@ from proxy.usage.limits import limits_settle
 from proxy.usage.records import Estimate, Usage, usage_from, usage_record
 from proxy.usage.tokens import output_text
 from turbo_site.core import tracing
+from turbo_site.core.text import json_bytes
 
 logger = logging.getLogger("turbo.gateway")
 
@@ -66,7 +67,7 @@ def _call(
     return Call(
         path=path,
         headers={"content-type": "application/json", "accept": "application/json"},
-        body=json.dumps(body, ensure_ascii=False).encode(),
+        body=json_bytes(body),  # a lone surrogate a client sent goes on escaped, as it was written
         payload=body,
         model=body["model"],
         allowed_models=allowed_models,

@@ -1,5 +1,6 @@
 """No store or exporter can be poisoned: one hostile value (NUL, a lone surrogate, a 10 MB string) in a
-/v1 call or a REST request neither fails that request with a 500 nor stops what comes after it from being
+/v1 call, a REST request, a GraphQL model call, a /ws frame or a gRPC call neither fails that request
+with a 500 nor stops what comes after it from being
 logged, charged (usage rollups), counted (/metrics) and traced (the OTLP encoding of the spans).
 
 In process (httpx.ASGITransport over Turbo's ASGI app), in production mode, on whichever database the
@@ -261,4 +262,61 @@ async def test_poison_anywhere_leaves_ordinary_requests_served(production, model
             answered = await post_json(http, path, body, token)
             assert answered.status_code < 500, (path, answered.text)
             assert "error" in answered.json() or answered.status_code == 200
+        # GraphQL over HTTP: a model call whose every string is the poison.
+        query = "mutation($input: CompletionInput!) { complete(input: $input) { content } }"
+        variables = {"input": {"model": model, "messages": [{"role": "user", "content": content, "name": name}]}}
+        answered = await post_json(http, "/graphql", {"query": query, "variables": variables}, token)
+        assert answered.status_code < 500, answered.text
+        # /ws: the same call as an RPC frame; the socket answers it (a result or an error frame).
+        frame = {"type": "chat_completion", "request_id": "p", "payload": chat}
+        answer = await ws_answer(token, frame)
+        assert (answer.get("error") or {}).get("code") != "internal_error", answer
+        assert answer["request_id"] == "p" or answer["error"]["code"] == "frame_too_large", answer  # 10 MB
+        # gRPC: the Completions servicer, as the server calls it.
+        await grpc_complete(token, model, content)
         await assert_ordinary_call_served(http, production)
+
+
+async def ws_answer(token: str, frame: dict) -> dict:
+    """The /ws answer to one frame (sent as a client may: lone surrogates as \\u escapes)."""
+    from channels.testing import WebsocketCommunicator
+
+    from turbo_site.asgi import application
+
+    headers = [(b"host", b"127.0.0.1"), (b"authorization", f"Bearer {token}".encode())]
+    communicator = WebsocketCommunicator(application, "/ws", headers=headers)
+    connected, _ = await communicator.connect()
+    assert connected
+    try:
+        await communicator.send_to(text_data=json.dumps(frame))
+        return json.loads(await communicator.receive_from(timeout=30))
+    finally:
+        await communicator.disconnect()
+
+
+class CallContext:
+    """What the gRPC servicer reads of its call: the metadata (and, refused, the status it aborts with)."""
+
+    def __init__(self, token: str):
+        self.metadata = (("authorization", f"Bearer {token}"),)
+
+    def invocation_metadata(self):
+        return self.metadata
+
+
+async def grpc_complete(token: str, model: str, content: str) -> None:
+    """A Complete call with poison: answered, or refused with a status that is not INTERNAL or UNKNOWN."""
+    import grpc
+
+    from protos.turbo.v1 import turbo_pb2
+    from proxy.grpc import CompletionsServicer
+    from turbo_site.core.grpc import grpc_status
+
+    # A gRPC client can send only UTF-8: a lone surrogate cannot leave it (protobuf refuses to encode it).
+    model, content = (text.encode("utf-8", "replace").decode("utf-8") for text in (model, content))
+    request = turbo_pb2.CompleteRequest(model=model, messages=[turbo_pb2.Message(role="user", content=content)])
+    try:
+        await CompletionsServicer().Complete(request, CallContext(token))
+    except Exception as exc:  # noqa: BLE001 (what the server's status mapping makes of it is checked)
+        status, _, _ = grpc_status(exc)
+        assert status not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), exc
