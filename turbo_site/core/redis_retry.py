@@ -1,12 +1,19 @@
-"""Redis clients that survive a Redis restart: a pooled connection found dead is replaced once.
+"""Redis clients of bounded size that survive a Redis restart.
 
-Without this, redis-py's asyncio client fails the first command on each connection it pooled before
-a restart ("Connection closed by server"), so a request right after Redis returned could still get 503.
+Bounded: a client's pool holds at most REDIS_POOL_SIZE connections; a caller beyond that waits for
+one to come free (up to its socket timeout) instead of failing with "Too many connections", so a
+process's Redis connections stay few however many requests or listeners it serves.
+
+Restart: without the retry options, redis-py's asyncio client fails the first command on each
+connection it pooled before a restart ("Connection closed by server"), so a request right after Redis
+returned could still get 503; a pooled connection found dead is replaced once.
 """
 
 import redis
+import redis.asyncio
 import redis.asyncio.retry
 import redis.retry
+from django.conf import settings
 from redis.backoff import NoBackoff
 
 
@@ -16,3 +23,39 @@ def async_retry_options() -> dict:
 
 def sync_retry_options() -> dict:
     return {"retry": redis.retry.Retry(NoBackoff(), 1), "retry_on_error": [redis.exceptions.ConnectionError]}
+
+
+def bounded_async_client(url: str, *, socket_timeout: float, socket_connect_timeout: float) -> redis.asyncio.Redis:
+    """An asyncio client over at most REDIS_POOL_SIZE connections; a caller waits `socket_timeout` for one."""
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        url,
+        max_connections=settings.REDIS_POOL_SIZE,
+        timeout=socket_timeout,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=socket_connect_timeout,
+        **async_retry_options(),
+    )
+    return redis.asyncio.Redis.from_pool(pool)
+
+
+def bounded_sync_client(url: str, *, socket_timeout: float, socket_connect_timeout: float) -> redis.Redis:
+    """A client for sync code (any thread) over at most REDIS_POOL_SIZE connections."""
+    pool = redis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=settings.REDIS_POOL_SIZE,
+        timeout=socket_timeout,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=socket_connect_timeout,
+        **sync_retry_options(),
+    )
+    return redis.Redis(connection_pool=pool)
+
+
+def bounded_cache_options(pool_size: int) -> dict:
+    """OPTIONS of Django's Redis cache (read by settings.py): the same bound, a 10 s wait for a connection."""
+    return {
+        "pool_class": "redis.BlockingConnectionPool",
+        "max_connections": pool_size,
+        "timeout": 10,
+        **sync_retry_options(),
+    }

@@ -39,7 +39,7 @@ from django.conf import settings
 
 from turbo_site.core import metrics
 from turbo_site.core.loops import loop_client
-from turbo_site.core.redis_retry import async_retry_options, sync_retry_options
+from turbo_site.core.redis_retry import bounded_async_client, bounded_sync_client
 
 logger = logging.getLogger("turbo.streams")
 
@@ -185,17 +185,13 @@ class RedisBackend:
         return loop_client(
             "streams-redis",
             self.url,
-            lambda: redis.asyncio.Redis.from_url(
-                self.url, socket_timeout=5, socket_connect_timeout=3, **async_retry_options()
-            ),
+            lambda: bounded_async_client(self.url, socket_timeout=5, socket_connect_timeout=3),
             lambda client: False,
         )
 
     def _sync(self) -> redis.Redis:
         if self._sync_client is None or self._sync_pid != os.getpid():
-            self._sync_client = redis.Redis.from_url(
-                self.url, socket_timeout=5, socket_connect_timeout=3, **sync_retry_options()
-            )
+            self._sync_client = bounded_sync_client(self.url, socket_timeout=5, socket_connect_timeout=3)
             self._sync_pid = os.getpid()
         return self._sync_client
 
@@ -257,6 +253,7 @@ class _RedisReader:
         self.listeners: dict[str, set[Subscription]] = {}
         self.positions: dict[bytes, bytes] = {}  # redis stream key -> last id read
         self.keys: dict[bytes, str] = {}
+        self.starting: dict[str, asyncio.Task] = {}  # stream key -> the look-up of where it stands
         self.connection: redis.asyncio.Redis | None = None
         self.connection_id: int | None = None
         self.reading = False
@@ -267,22 +264,39 @@ class _RedisReader:
 
     async def add(self, key: str, subscription: "Subscription") -> None:
         subscribers = self.listeners.get(key)
+        if subscribers is None:
+            # Subscribers of a stream not followed yet that arrive together share one look-up of where it
+            # stands (a burst would otherwise take a Redis command, and a pooled connection, each).
+            starting = self.starting.get(key)
+            if starting is None:
+                starting = self.starting[key] = asyncio.get_running_loop().create_task(self._last_id(key))
+                starting.add_done_callback(lambda task: self._started(key, task))
+            last = await asyncio.shield(starting)
+            subscribers = self.listeners.get(key)
         if subscribers is not None:
             subscribers.add(subscription)
             return
+        self.listeners[key] = {subscription}
         stream_key = _redis_keys(key)[1].encode()
-        try:
-            last = await self.backend._client().xrevrange(stream_key, "+", "-", count=1)
-        except TRANSPORT_ERRORS as exc:
-            raise StreamUnavailable(str(exc)) from exc
-        subscribers = self.listeners.setdefault(key, set())
-        subscribers.add(subscription)
-        if stream_key not in self.positions:
-            self.positions[stream_key] = last[0][0] if last else b"0-0"
-            self.keys[stream_key] = key
-            await self._wake()
+        self.positions[stream_key] = last
+        self.keys[stream_key] = key
         if self.task is None or self.task.done():
             self.task = asyncio.get_running_loop().create_task(self._run())
+        await self._wake()
+
+    async def _last_id(self, key: str) -> bytes:
+        """The id of the stream's newest entry: following it starts after that one."""
+        try:
+            last = await self.backend._client().xrevrange(_redis_keys(key)[1], "+", "-", count=1)
+        except TRANSPORT_ERRORS as exc:
+            raise StreamUnavailable(str(exc)) from exc
+        return last[0][0] if last else b"0-0"
+
+    def _started(self, key: str, task: asyncio.Task) -> None:
+        if self.starting.get(key) is task:
+            del self.starting[key]
+        if not task.cancelled():
+            task.exception()  # read here, so that it is never reported as unretrieved
 
     def remove(self, key: str, subscription: "Subscription") -> None:
         subscribers = self.listeners.get(key)
