@@ -8,15 +8,14 @@ Needs Postgres + Redis: the embedded leg has no Redis connections to count.
 
 import asyncio
 import json
-import os
 from pathlib import Path
 
 import httpx
 import pytest
-import redis
 from django.conf import settings
 from django.db import connection
 
+from bench.redis_clients import redis_connections_of
 from chats.tests.processes import Api, bearer
 
 pytestmark = [
@@ -30,40 +29,6 @@ pytestmark = [
 SUBSCRIBERS = 300
 CHATS = 3  # fresh chats: their first subscribers all arrive before the process follows them
 REDIS_CONNECTIONS_BOUND = 20  # per process, as bench/README.md's target
-
-
-def _socket_inodes(pid: int) -> set[str]:
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[len("socket:[") : -1])
-    return inodes
-
-
-def _local_ports(pid: int) -> set[int]:
-    """The local TCP ports of the sockets process `pid` holds (from /proc)."""
-    inodes = _socket_inodes(pid)
-    ports = set()
-    for table in ("tcp", "tcp6"):
-        path = Path(f"/proc/{pid}/net/{table}")
-        if not path.exists():
-            continue
-        for line in path.read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[9] in inodes:
-                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
-
-
-def redis_connections_of(pid: int) -> int:
-    """How many of Redis's clients (CLIENT LIST) are sockets of process `pid`."""
-    ports = _local_ports(pid)
-    clients = redis.Redis.from_url(settings.REDIS_ADDRESS).client_list()
-    return sum(1 for client in clients if int(client["addr"].rsplit(":", 1)[1]) in ports)
 
 
 async def subscribe(http: httpx.AsyncClient, url: str, token: str, chat_id: str, after: int | None, opened: list):
@@ -107,7 +72,7 @@ def test_hundreds_of_subscribers_at_once_are_all_accepted_over_few_redis_connect
             ]
             while len(opened) < SUBSCRIBERS and not any(task.done() for task in tasks):
                 await asyncio.sleep(0.05)
-            connections = redis_connections_of(server.process.pid)
+            connections = redis_connections_of(server.process.pid, settings.REDIS_ADDRESS)
             for chat_id in chat_ids:
                 renamed = await http.post(
                     f"{server.url}/chat/update", data={"id": chat_id, "name": "everyone in"}, headers=api.headers

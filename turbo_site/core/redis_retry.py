@@ -9,6 +9,9 @@ connection it pooled before a restart ("Connection closed by server"), so a requ
 returned could still get 503; a pooled connection found dead is replaced once.
 """
 
+import os
+import threading
+
 import redis
 import redis.asyncio
 import redis.asyncio.retry
@@ -51,10 +54,27 @@ def bounded_sync_client(url: str, *, socket_timeout: float, socket_connect_timeo
     return redis.Redis(connection_pool=pool)
 
 
+class SharedBlockingConnectionPool(redis.BlockingConnectionPool):
+    """One pool per address and process, whoever asks: Django makes a cache (and so a pool) per thread."""
+
+    _shared: dict = {}
+    _lock = threading.Lock()
+
+    @classmethod
+    def from_url(cls, url: str, **options):
+        key = (os.getpid(), url, options.get("max_connections"))
+        with cls._lock:
+            pool = cls._shared.get(key)
+            if pool is None:
+                pool = cls._shared[key] = super().from_url(url, **options)
+            return pool
+
+
 def bounded_cache_options(pool_size: int) -> dict:
-    """OPTIONS of Django's Redis cache (read by settings.py): the same bound, a 10 s wait for a connection."""
+    """OPTIONS of Django's Redis cache (read by settings.py): the same bound for every thread's cache, a
+    10 s wait for a connection."""
     return {
-        "pool_class": "redis.BlockingConnectionPool",
+        "pool_class": "turbo_site.core.redis_retry.SharedBlockingConnectionPool",
         "max_connections": pool_size,
         "timeout": 10,
         **sync_retry_options(),
