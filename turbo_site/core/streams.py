@@ -163,6 +163,19 @@ return id
 """
 
 
+def _raise_swallowed_cancellation() -> None:
+    """Raise the cancellation of the running task if a Redis command swallowed it.
+
+    redis-py (8.1, on Python 3.11) can complete a command whose task was cancelled mid-way and return
+    normally, the CancelledError lost: a reply cancelled at shutdown then streamed on to its end (once
+    in a few SIGTERMs). A task that runs on while a cancellation of it is pending (`cancelling()`) was
+    told to stop and nobody has taken that back: it stops here.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def _redis_keys(key: str) -> tuple[str, str]:
     # One hash tag for both, so that they live on the same node of a Redis Cluster.
     return f"turbo:seq:{{{key}}}", f"turbo:stream:{{{key}}}"
@@ -217,9 +230,11 @@ class RedisBackend:
         if script is None:
             script = client._turbo_append = client.register_script(_APPEND_SCRIPT)
         try:
-            return int(await script(keys=keys, args=args))
+            seq = int(await script(keys=keys, args=args))
         except TRANSPORT_ERRORS as exc:
             raise StreamUnavailable(str(exc)) from exc
+        _raise_swallowed_cancellation()
+        return seq
 
     async def range(self, key: str, after: int) -> tuple[list[Entry], int]:
         seq_key, stream_key = _redis_keys(key)
@@ -231,6 +246,7 @@ class RedisBackend:
                 found, counter = await pipe.execute()
         except TRANSPORT_ERRORS as exc:
             raise StreamUnavailable(str(exc)) from exc
+        _raise_swallowed_cancellation()
         entries = [Entry(_seq_of(i), f[b"t"].decode(), f[b"d"].decode()) for i, f in found]
         return entries, int(counter or 0)
 
@@ -334,12 +350,10 @@ class _RedisReader:
         self.connection_id = await self.connection.client_id()
 
     async def _run(self) -> None:
-        me = asyncio.current_task()
         while self.listeners:
             try:
                 # redis-py can swallow a cancellation that lands mid-command: look for it each round.
-                if me.cancelling():
-                    raise asyncio.CancelledError
+                _raise_swallowed_cancellation()
                 if self.connection is None:
                     await self._connect()
                     continue  # look for a cancellation again
