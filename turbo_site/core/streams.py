@@ -350,6 +350,7 @@ class _RedisReader:
         self.connection_id = await self.connection.client_id()
 
     async def _run(self) -> None:
+        failed_once = False  # the last read failed, and has not succeeded since
         while self.listeners:
             try:
                 # redis-py can swallow a cancellation that lands mid-command: look for it each round.
@@ -369,6 +370,7 @@ class _RedisReader:
                     found = await self.connection.xread(dict(self.positions), count=1000, block=self.BLOCK_MS)
                 finally:
                     self.reading = False
+                failed_once = False
                 for stream_key, entries in found or ():
                     key = self.keys.get(stream_key)
                     if key is None:
@@ -384,9 +386,15 @@ class _RedisReader:
                 await self._disconnect()
                 raise
             except TRANSPORT_ERRORS as exc:
+                await self._disconnect()
+                if not failed_once and self.positions:
+                    # One failed read (a busy process can miss the read timeout) costs a new connection,
+                    # not every subscriber's stream: the next read goes on from the same positions.
+                    failed_once = True
+                    logger.warning("live streams: a read failed (%s); reading again on a new connection", exc)
+                    continue
                 logger.warning("live streams interrupted: Redis unavailable (%s)", exc)
                 self._fail_all()
-                await self._disconnect()
             except Exception:
                 logger.exception("live stream reader failed")
                 self._fail_all()
