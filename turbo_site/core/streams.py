@@ -38,6 +38,7 @@ import redis.asyncio
 from django.conf import settings
 
 from turbo_site.core import metrics
+from turbo_site.core.fastredis import fast_redis
 from turbo_site.core.loops import loop_client
 from turbo_site.core.redis_retry import bounded_async_client, bounded_sync_client
 
@@ -225,12 +226,19 @@ class RedisBackend:
 
     async def append(self, key: str, type: str, payload: dict) -> int:
         keys, args = self._append_args(key, type, payload)
-        client = self._client()
-        script = getattr(client, "_turbo_append", None)
-        if script is None:
-            script = client._turbo_append = client.register_script(_APPEND_SCRIPT)
         try:
-            seq = int(await script(keys=keys, args=args))
+            fast = fast_redis(self.url)
+            if fast is not None:
+                # One pipelined connection for every append of the process: no pool to wait for, however
+                # many replies stream at once, and a process's appends reach Redis in the order made.
+                async with asyncio.timeout(5):
+                    seq = int(await fast.script(_APPEND_SCRIPT, keys, args))
+            else:
+                client = self._client()
+                script = getattr(client, "_turbo_append", None)
+                if script is None:
+                    script = client._turbo_append = client.register_script(_APPEND_SCRIPT)
+                seq = int(await script(keys=keys, args=args))
         except TRANSPORT_ERRORS as exc:
             raise StreamUnavailable(str(exc)) from exc
         _raise_swallowed_cancellation()
