@@ -38,7 +38,7 @@ from pathlib import Path
 import httpx
 from websockets.asyncio.client import connect as ws_connect
 
-from bench.fanout import SERVE_FLAGS
+from bench.fanout import turbo_start
 from bench.proxy_overhead import PROJECT, PYTHON, Processes, free_port, report_write, turbo_env, wait_until_answering
 from bench.redis_clients import redis_clients_of, redis_connections_of
 
@@ -348,13 +348,7 @@ def main() -> None:
         for index in range(args.servers):
             port = free_port()
             name = f"turbo-{index}"
-            turbo = processes.start(
-                name,
-                [PYTHON, "-m", "uvicorn", "turbo_site.asgi:application", "--port", str(port)]
-                + ["--log-level", "warning", "--no-access-log", "--backlog", "4096"]
-                + SERVE_FLAGS,
-                env,
-            )
+            turbo = turbo_start(processes, name, port, env, "--backlog", "4096")
             wait_until_answering(processes, name, turbo, f"http://127.0.0.1:{port}/health")
             ports.append(port)
             pids.append(turbo.pid)

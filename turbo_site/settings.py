@@ -187,7 +187,7 @@ REDIS_ADDRESS = env_str("REDIS_ADDRESS")
 if REDIS_ADDRESS and not REDIS_ADDRESS.startswith(("redis://", "rediss://", "unix://")):
     raise ImproperlyConfigured("REDIS_ADDRESS must be a redis:// or rediss:// URL")
 # Connections per pool per process at most (the stream, cache and script clients each have one pool).
-REDIS_POOL_SIZE = env_int("REDIS_POOL_SIZE", 4)
+REDIS_POOL_SIZE = env_int("REDIS_POOL_SIZE", 3)
 if REDIS_POOL_SIZE < 1:
     raise ImproperlyConfigured("REDIS_POOL_SIZE must be at least 1")
 if REDIS_ADDRESS:
