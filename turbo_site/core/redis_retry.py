@@ -1,7 +1,7 @@
 """Redis clients of bounded size that survive a Redis restart.
 
 Bounded: a client's pool holds at most REDIS_POOL_SIZE connections; a caller beyond that waits for
-one to come free (up to its socket timeout) instead of failing with "Too many connections", so a
+one to come free (up to POOL_WAIT_SECONDS) instead of failing with "Too many connections", so a
 process's Redis connections stay few however many requests or listeners it serves.
 
 Restart: without the retry options, redis-py's asyncio client fails the first command on each
@@ -19,6 +19,11 @@ import redis.retry
 from django.conf import settings
 from redis.backoff import NoBackoff
 
+# How long a caller waits for a pooled connection. Generous: under a burst a busy process holds its
+# connections longer (each waits for the loop to read its reply), and a wait is better than a 503; an
+# unreachable Redis still fails at once (connecting fails, the slot is given back).
+POOL_WAIT_SECONDS = 30
+
 
 def async_retry_options() -> dict:
     return {"retry": redis.asyncio.retry.Retry(NoBackoff(), 1), "retry_on_error": [redis.exceptions.ConnectionError]}
@@ -29,11 +34,11 @@ def sync_retry_options() -> dict:
 
 
 def bounded_async_client(url: str, *, socket_timeout: float, socket_connect_timeout: float) -> redis.asyncio.Redis:
-    """An asyncio client over at most REDIS_POOL_SIZE connections; a caller waits `socket_timeout` for one."""
+    """An asyncio client over at most REDIS_POOL_SIZE connections; a caller waits for one."""
     pool = redis.asyncio.BlockingConnectionPool.from_url(
         url,
         max_connections=settings.REDIS_POOL_SIZE,
-        timeout=socket_timeout,
+        timeout=POOL_WAIT_SECONDS,
         socket_timeout=socket_timeout,
         socket_connect_timeout=socket_connect_timeout,
         **async_retry_options(),
@@ -46,7 +51,7 @@ def bounded_sync_client(url: str, *, socket_timeout: float, socket_connect_timeo
     pool = redis.BlockingConnectionPool.from_url(
         url,
         max_connections=settings.REDIS_POOL_SIZE,
-        timeout=socket_timeout,
+        timeout=POOL_WAIT_SECONDS,
         socket_timeout=socket_timeout,
         socket_connect_timeout=socket_connect_timeout,
         **sync_retry_options(),
@@ -71,11 +76,10 @@ class SharedBlockingConnectionPool(redis.BlockingConnectionPool):
 
 
 def bounded_cache_options(pool_size: int) -> dict:
-    """OPTIONS of Django's Redis cache (read by settings.py): the same bound for every thread's cache, a
-    10 s wait for a connection."""
+    """OPTIONS of Django's Redis cache (read by settings.py): the same bound for every thread's cache."""
     return {
         "pool_class": "turbo_site.core.redis_retry.SharedBlockingConnectionPool",
         "max_connections": pool_size,
-        "timeout": 10,
+        "timeout": POOL_WAIT_SECONDS,
         **sync_retry_options(),
     }
