@@ -81,6 +81,17 @@ FIGURES = ("delay_ms", "spread_ms", "prompt_ms")
 SERVE_FLAGS = ["--loop", "uvloop", "--http", "httptools", "--ws-per-message-deflate", "false"]
 
 
+def turbo_start(processes: Processes, name: str, port: int, env: dict, *flags: str) -> subprocess.Popen:
+    """Turbo under uvicorn as `make serve` runs it, on `port`, access log off, with `flags` added."""
+    return processes.start(
+        name,
+        [PYTHON, "-m", "uvicorn", "turbo_site.asgi:application", "--port", str(port)]
+        + ["--log-level", "warning", "--no-access-log", *flags]
+        + SERVE_FLAGS,
+        env,
+    )
+
+
 # --- the subscriber process -----------------------------------------------------------------------
 
 
@@ -428,13 +439,7 @@ def run_layer(
     turbo_url = f"http://127.0.0.1:{port}"
     chat_ids = []
     try:
-        turbo = processes.start(
-            name,
-            [PYTHON, "-m", "uvicorn", "turbo_site.asgi:application", "--port", str(port)]
-            + ["--log-level", "warning", "--no-access-log"]
-            + SERVE_FLAGS,
-            env,
-        )
+        turbo = turbo_start(processes, name, port, env)
         wait_until_answering(processes, name, turbo, f"{turbo_url}/health")
         if not members:
             started = time.monotonic()
@@ -871,13 +876,7 @@ def run_many_layer(
     try:
         for index in range(count):
             name, port = f"turbo-{layer}-{index}", free_port()
-            process = processes.start(
-                name,
-                [PYTHON, "-m", "uvicorn", "turbo_site.asgi:application", "--port", str(port)]
-                + ["--log-level", "warning", "--no-access-log", "--timeout-graceful-shutdown", "10"]
-                + SERVE_FLAGS,
-                env,
-            )
+            process = turbo_start(processes, name, port, env, "--timeout-graceful-shutdown", "10")
             names.append(name)
             bases.append(f"http://127.0.0.1:{port}")
             pids.append(process.pid)

@@ -9,7 +9,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from turbo_site.core.redis_retry import sync_retry_options
+from turbo_site.core.redis_retry import bounded_cache_options
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -188,14 +188,19 @@ DATABASES = {"default": _database}
 REDIS_ADDRESS = env_str("REDIS_ADDRESS")
 if REDIS_ADDRESS and not REDIS_ADDRESS.startswith(("redis://", "rediss://", "unix://")):
     raise ImproperlyConfigured("REDIS_ADDRESS must be a redis:// or rediss:// URL")
+# Connections per pool per process at most (the stream, cache and script clients each have one pool).
+REDIS_POOL_SIZE = env_int("REDIS_POOL_SIZE", 3)
+if REDIS_POOL_SIZE < 1:
+    raise ImproperlyConfigured("REDIS_POOL_SIZE must be at least 1")
 if REDIS_ADDRESS:
     CACHES = {
         "default": {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
             "LOCATION": REDIS_ADDRESS,
             "KEY_PREFIX": "turbo",
-            # A pooled connection found dead after a Redis restart is replaced, not reported as an error.
-            "OPTIONS": sync_retry_options(),
+            # At most REDIS_POOL_SIZE connections (callers wait for one); a pooled connection found dead
+            # after a Redis restart is replaced, not reported as an error.
+            "OPTIONS": bounded_cache_options(REDIS_POOL_SIZE),
         }
     }
     CHANNEL_LAYERS = {

@@ -24,6 +24,7 @@ from django.conf import settings
 
 from turbo_site.core import metrics
 from turbo_site.core.loops import loop_client
+from turbo_site.core.redis_retry import bounded_async_client
 
 logger = logging.getLogger("turbo.gateway")
 
@@ -97,7 +98,7 @@ def _redis() -> redis.asyncio.Redis | None:
     return loop_client(
         "gateway-redis",
         url,
-        lambda: redis.asyncio.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2),
+        lambda: bounded_async_client(url, socket_timeout=2, socket_connect_timeout=2),  # REDIS_POOL_SIZE at most
         lambda client: False,
     )
 

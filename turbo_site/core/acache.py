@@ -19,7 +19,7 @@ from django.core.cache.backends.redis import RedisCache
 
 from turbo_site.core.fastredis import fast_redis
 from turbo_site.core.loops import loop_client
-from turbo_site.core.redis_retry import async_retry_options
+from turbo_site.core.redis_retry import bounded_async_client
 
 REDIS_SECONDS = 10  # as the clients' socket timeouts
 
@@ -29,9 +29,7 @@ def redis_client(location: str) -> redis.asyncio.Redis:
     return loop_client(
         "cache-redis",
         location,
-        lambda: redis.asyncio.Redis.from_url(
-            location, socket_timeout=REDIS_SECONDS, socket_connect_timeout=REDIS_SECONDS, **async_retry_options()
-        ),
+        lambda: bounded_async_client(location, socket_timeout=REDIS_SECONDS, socket_connect_timeout=REDIS_SECONDS),
         lambda client: False,
     )
 

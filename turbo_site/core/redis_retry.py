@@ -1,13 +1,28 @@
-"""Redis clients that survive a Redis restart: a pooled connection found dead is replaced once.
+"""Redis clients of bounded size that survive a Redis restart.
 
-Without this, redis-py's asyncio client fails the first command on each connection it pooled before
-a restart ("Connection closed by server"), so a request right after Redis returned could still get 503.
+Bounded: a client's pool holds at most REDIS_POOL_SIZE connections; a caller beyond that waits for
+one to come free (up to POOL_WAIT_SECONDS) instead of failing with "Too many connections", so a
+process's Redis connections stay few however many requests or listeners it serves.
+
+Restart: without the retry options, redis-py's asyncio client fails the first command on each
+connection it pooled before a restart ("Connection closed by server"), so a request right after Redis
+returned could still get 503; a pooled connection found dead is replaced once.
 """
 
+import os
+import threading
+
 import redis
+import redis.asyncio
 import redis.asyncio.retry
 import redis.retry
+from django.conf import settings
 from redis.backoff import NoBackoff
+
+# How long a caller waits for a pooled connection. Generous: under a burst a busy process holds its
+# connections longer (each waits for the loop to read its reply), and a wait is better than a 503; an
+# unreachable Redis still fails at once (connecting fails, the slot is given back).
+POOL_WAIT_SECONDS = 30
 
 
 def async_retry_options() -> dict:
@@ -16,3 +31,55 @@ def async_retry_options() -> dict:
 
 def sync_retry_options() -> dict:
     return {"retry": redis.retry.Retry(NoBackoff(), 1), "retry_on_error": [redis.exceptions.ConnectionError]}
+
+
+def bounded_async_client(url: str, *, socket_timeout: float, socket_connect_timeout: float) -> redis.asyncio.Redis:
+    """An asyncio client over at most REDIS_POOL_SIZE connections; a caller waits for one."""
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        url,
+        max_connections=settings.REDIS_POOL_SIZE,
+        timeout=POOL_WAIT_SECONDS,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=socket_connect_timeout,
+        **async_retry_options(),
+    )
+    return redis.asyncio.Redis.from_pool(pool)
+
+
+def bounded_sync_client(url: str, *, socket_timeout: float, socket_connect_timeout: float) -> redis.Redis:
+    """A client for sync code (any thread) over at most REDIS_POOL_SIZE connections."""
+    pool = redis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=settings.REDIS_POOL_SIZE,
+        timeout=POOL_WAIT_SECONDS,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=socket_connect_timeout,
+        **sync_retry_options(),
+    )
+    return redis.Redis(connection_pool=pool)
+
+
+class SharedBlockingConnectionPool(redis.BlockingConnectionPool):
+    """One pool per address and process, whoever asks: Django makes a cache (and so a pool) per thread."""
+
+    _shared: dict = {}
+    _lock = threading.Lock()
+
+    @classmethod
+    def from_url(cls, url: str, **options):
+        key = (os.getpid(), url, options.get("max_connections"))
+        with cls._lock:
+            pool = cls._shared.get(key)
+            if pool is None:
+                pool = cls._shared[key] = super().from_url(url, **options)
+            return pool
+
+
+def bounded_cache_options(pool_size: int) -> dict:
+    """OPTIONS of Django's Redis cache (read by settings.py): the same bound for every thread's cache."""
+    return {
+        "pool_class": "turbo_site.core.redis_retry.SharedBlockingConnectionPool",
+        "max_connections": pool_size,
+        "timeout": POOL_WAIT_SECONDS,
+        **sync_retry_options(),
+    }

@@ -38,8 +38,9 @@ import redis.asyncio
 from django.conf import settings
 
 from turbo_site.core import metrics
+from turbo_site.core.fastredis import fast_redis
 from turbo_site.core.loops import loop_client
-from turbo_site.core.redis_retry import async_retry_options, sync_retry_options
+from turbo_site.core.redis_retry import bounded_async_client, bounded_sync_client
 
 logger = logging.getLogger("turbo.streams")
 
@@ -163,6 +164,19 @@ return id
 """
 
 
+def _raise_swallowed_cancellation() -> None:
+    """Raise the cancellation of the running task if a Redis command swallowed it.
+
+    redis-py (8.1, on Python 3.11) can complete a command whose task was cancelled mid-way and return
+    normally, the CancelledError lost: a reply cancelled at shutdown then streamed on to its end (once
+    in a few SIGTERMs). A task that runs on while a cancellation of it is pending (`cancelling()`) was
+    told to stop and nobody has taken that back: it stops here.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def _redis_keys(key: str) -> tuple[str, str]:
     # One hash tag for both, so that they live on the same node of a Redis Cluster.
     return f"turbo:seq:{{{key}}}", f"turbo:stream:{{{key}}}"
@@ -185,17 +199,13 @@ class RedisBackend:
         return loop_client(
             "streams-redis",
             self.url,
-            lambda: redis.asyncio.Redis.from_url(
-                self.url, socket_timeout=5, socket_connect_timeout=3, **async_retry_options()
-            ),
+            lambda: bounded_async_client(self.url, socket_timeout=5, socket_connect_timeout=3),
             lambda client: False,
         )
 
     def _sync(self) -> redis.Redis:
         if self._sync_client is None or self._sync_pid != os.getpid():
-            self._sync_client = redis.Redis.from_url(
-                self.url, socket_timeout=5, socket_connect_timeout=3, **sync_retry_options()
-            )
+            self._sync_client = bounded_sync_client(self.url, socket_timeout=5, socket_connect_timeout=3)
             self._sync_pid = os.getpid()
         return self._sync_client
 
@@ -216,14 +226,23 @@ class RedisBackend:
 
     async def append(self, key: str, type: str, payload: dict) -> int:
         keys, args = self._append_args(key, type, payload)
-        client = self._client()
-        script = getattr(client, "_turbo_append", None)
-        if script is None:
-            script = client._turbo_append = client.register_script(_APPEND_SCRIPT)
         try:
-            return int(await script(keys=keys, args=args))
+            fast = fast_redis(self.url)
+            if fast is not None:
+                # One pipelined connection for every append of the process: no pool to wait for, however
+                # many replies stream at once, and a process's appends reach Redis in the order made.
+                async with asyncio.timeout(5):
+                    seq = int(await fast.script(_APPEND_SCRIPT, keys, args))
+            else:
+                client = self._client()
+                script = getattr(client, "_turbo_append", None)
+                if script is None:
+                    script = client._turbo_append = client.register_script(_APPEND_SCRIPT)
+                seq = int(await script(keys=keys, args=args))
         except TRANSPORT_ERRORS as exc:
             raise StreamUnavailable(str(exc)) from exc
+        _raise_swallowed_cancellation()
+        return seq
 
     async def range(self, key: str, after: int) -> tuple[list[Entry], int]:
         seq_key, stream_key = _redis_keys(key)
@@ -235,6 +254,7 @@ class RedisBackend:
                 found, counter = await pipe.execute()
         except TRANSPORT_ERRORS as exc:
             raise StreamUnavailable(str(exc)) from exc
+        _raise_swallowed_cancellation()
         entries = [Entry(_seq_of(i), f[b"t"].decode(), f[b"d"].decode()) for i, f in found]
         return entries, int(counter or 0)
 
@@ -257,6 +277,7 @@ class _RedisReader:
         self.listeners: dict[str, set[Subscription]] = {}
         self.positions: dict[bytes, bytes] = {}  # redis stream key -> last id read
         self.keys: dict[bytes, str] = {}
+        self.starting: dict[str, asyncio.Task] = {}  # stream key -> the look-up of where it stands
         self.connection: redis.asyncio.Redis | None = None
         self.connection_id: int | None = None
         self.reading = False
@@ -267,22 +288,39 @@ class _RedisReader:
 
     async def add(self, key: str, subscription: "Subscription") -> None:
         subscribers = self.listeners.get(key)
+        if subscribers is None:
+            # Subscribers of a stream not followed yet that arrive together share one look-up of where it
+            # stands (a burst would otherwise take a Redis command, and a pooled connection, each).
+            starting = self.starting.get(key)
+            if starting is None:
+                starting = self.starting[key] = asyncio.get_running_loop().create_task(self._last_id(key))
+                starting.add_done_callback(lambda task: self._started(key, task))
+            last = await asyncio.shield(starting)
+            subscribers = self.listeners.get(key)
         if subscribers is not None:
             subscribers.add(subscription)
             return
+        self.listeners[key] = {subscription}
         stream_key = _redis_keys(key)[1].encode()
-        try:
-            last = await self.backend._client().xrevrange(stream_key, "+", "-", count=1)
-        except TRANSPORT_ERRORS as exc:
-            raise StreamUnavailable(str(exc)) from exc
-        subscribers = self.listeners.setdefault(key, set())
-        subscribers.add(subscription)
-        if stream_key not in self.positions:
-            self.positions[stream_key] = last[0][0] if last else b"0-0"
-            self.keys[stream_key] = key
-            await self._wake()
+        self.positions[stream_key] = last
+        self.keys[stream_key] = key
         if self.task is None or self.task.done():
             self.task = asyncio.get_running_loop().create_task(self._run())
+        await self._wake()
+
+    async def _last_id(self, key: str) -> bytes:
+        """The id of the stream's newest entry: following it starts after that one."""
+        try:
+            last = await self.backend._client().xrevrange(_redis_keys(key)[1], "+", "-", count=1)
+        except TRANSPORT_ERRORS as exc:
+            raise StreamUnavailable(str(exc)) from exc
+        return last[0][0] if last else b"0-0"
+
+    def _started(self, key: str, task: asyncio.Task) -> None:
+        if self.starting.get(key) is task:
+            del self.starting[key]
+        if not task.cancelled():
+            task.exception()  # read here, so that it is never reported as unretrieved
 
     def remove(self, key: str, subscription: "Subscription") -> None:
         subscribers = self.listeners.get(key)
@@ -320,12 +358,11 @@ class _RedisReader:
         self.connection_id = await self.connection.client_id()
 
     async def _run(self) -> None:
-        me = asyncio.current_task()
+        failed_once = False  # the last read failed, and has not succeeded since
         while self.listeners:
             try:
                 # redis-py can swallow a cancellation that lands mid-command: look for it each round.
-                if me.cancelling():
-                    raise asyncio.CancelledError
+                _raise_swallowed_cancellation()
                 if self.connection is None:
                     await self._connect()
                     continue  # look for a cancellation again
@@ -341,6 +378,7 @@ class _RedisReader:
                     found = await self.connection.xread(dict(self.positions), count=1000, block=self.BLOCK_MS)
                 finally:
                     self.reading = False
+                failed_once = False
                 for stream_key, entries in found or ():
                     key = self.keys.get(stream_key)
                     if key is None:
@@ -356,9 +394,15 @@ class _RedisReader:
                 await self._disconnect()
                 raise
             except TRANSPORT_ERRORS as exc:
+                await self._disconnect()
+                if not failed_once and self.positions:
+                    # One failed read (a busy process can miss the read timeout) costs a new connection,
+                    # not every subscriber's stream: the next read goes on from the same positions.
+                    failed_once = True
+                    logger.warning("live streams: a read failed (%s); reading again on a new connection", exc)
+                    continue
                 logger.warning("live streams interrupted: Redis unavailable (%s)", exc)
                 self._fail_all()
-                await self._disconnect()
             except Exception:
                 logger.exception("live stream reader failed")
                 self._fail_all()

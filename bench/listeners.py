@@ -1,0 +1,375 @@
+"""Listeners at scale: many idle subscribers over many chats, a few chats streaming, and a burst of subscribes.
+
+    python -m bench.listeners [--subscribers 10000] [--chats 1000] [--streaming 100] [--servers 2]
+                              [--burst 1000] [--deltas 20] [--db-address postgresql://...] [--redis-url ...]
+
+Starts the fake upstream (bench.fast_upstream: each delta carries its send time `t=<time.time_ns()>`) and
+`--servers` Turbo processes as `make serve` runs them (uvicorn, uvloop, httptools), sharing the database
+(a throwaway SQLite file, or `--db-address`) and Redis (`--redis-url`). Signs up one user per 50 chats,
+creates `--chats` chats, and opens `--subscribers` subscriptions spread evenly over the chats and the
+processes, alternating SSE and WebSocket (each chat's subscribers are its owner's "tabs": a member's
+cost to the server is the same). All subscribers live in this process, on one event loop, with a
+minimal SSE client (a raw socket) and websockets' client.
+
+Reports: subscriptions refused; each process's resident memory before and after (per idle subscriber)
+and its Redis connections (CLIENT LIST, by the process's sockets) while idle and while streaming; then
+`--streaming` chats get one streamed prompt each, all at once: every subscriber of those chats must
+get every delta once and the final event (missing, duplicated and no-final are counted), with the
+delivery delay (arrival minus upstream send time) p50/p99; then a burst of `--burst` SSE subscribes
+to one process, spread over one second: how many were refused and when the last was accepted.
+Writes bench/results/listeners-<timestamp>.json and listeners-latest.json. A benchmark, not a test.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+from websockets.asyncio.client import connect as ws_connect
+
+from bench.fanout import turbo_start
+from bench.proxy_overhead import PROJECT, PYTHON, Processes, free_port, report_write, turbo_env, wait_until_answering
+from bench.redis_clients import redis_clients_of, redis_connections_of
+
+SENT_AT = re.compile(rb"t=(\d+)")
+CHATS_PER_USER = 50
+OPEN_AT_ONCE = 200  # subscribes in flight while the idle subscribers are opened
+FINAL_MARK = b'"partial":false'
+
+
+class Listener:
+    """One subscription's frames of interest: message events, by message id."""
+
+    __slots__ = ("chat_id", "kind", "status", "seqs", "deltas", "finals", "delays", "closed")
+
+    def __init__(self, chat_id: str, kind: str):
+        self.chat_id = chat_id
+        self.kind = kind
+        self.status: int | str | None = None
+        self.seqs: list[int] = []
+        self.deltas = 0
+        self.finals = 0
+        self.delays: list[float] = []
+        self.closed: str | None = None
+
+    def frame(self, data: bytes) -> None:
+        if not data.startswith(b'{"seq":'):
+            return
+        arrived = time.time_ns()
+        event = json.loads(data)
+        self.seqs.append(event["seq"])
+        if event["type"] == "message.delta":
+            self.deltas += 1
+            sent = SENT_AT.search(event.get("delta", "").encode())
+            if sent:
+                self.delays.append((arrived - int(sent.group(1))) / 1e6)
+        elif event["type"] in ("message.completed", "message.failed"):
+            self.finals += 1
+
+
+async def sse_listen(listener: Listener, host: str, port: int, token: str, opened: asyncio.Future) -> None:
+    """A minimal SSE client: one GET on a raw socket, frames read line by line (one chunk per frame)."""
+    try:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(
+            f"GET /chat/stream?id={listener.chat_id} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Authorization: Bearer {token}\r\nAccept: text/event-stream\r\n\r\n".encode()
+        )
+        status_line = await reader.readline()
+        listener.status = int(status_line.split()[1]) if status_line else "closed"
+    except (OSError, ValueError, IndexError) as exc:
+        listener.status = type(exc).__name__
+        opened.set_result(None)
+        return
+    opened.set_result(None)
+    if listener.status != 200:
+        writer.close()
+        return
+    try:
+        while line := await reader.readline():
+            if line.startswith(b"data: "):
+                listener.frame(line[6:].rstrip())
+    except (OSError, asyncio.IncompleteReadError) as exc:
+        listener.closed = type(exc).__name__
+    finally:
+        writer.close()
+
+
+async def ws_listen(listener: Listener, host: str, port: int, token: str, opened: asyncio.Future) -> None:
+    url = f"ws://{host}:{port}/chat/stream?id={listener.chat_id}&token={token}"
+    try:
+        connection = await ws_connect(url, origin=f"http://{host}:{port}", open_timeout=60, compression=None)
+    except Exception as exc:  # a refused handshake, in whatever form: counted, not raised
+        listener.status = getattr(getattr(exc, "response", None), "status_code", None) or type(exc).__name__
+        opened.set_result(None)
+        return
+    listener.status = 200
+    opened.set_result(None)
+    try:
+        async for frame in connection:
+            listener.frame(frame.encode() if isinstance(frame, str) else frame)
+    except Exception as exc:
+        listener.closed = type(exc).__name__
+    finally:
+        await connection.close()
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def percentile(values: list[float], share: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(share * len(ordered)))], 1)
+
+
+async def open_listeners(plan, ports, tokens, tasks, *, at_once: int | None, spread_seconds: float = 0) -> list:
+    """Open one listener per (chat_id, owner, server index, kind) of `plan`; returns them once all answered."""
+    loop = asyncio.get_running_loop()
+    gate = asyncio.Semaphore(at_once) if at_once else None
+    listeners = []
+
+    async def one(index: int, chat_id: str, owner: int, server: int, kind: str) -> None:
+        if spread_seconds:
+            await asyncio.sleep(spread_seconds * index / len(plan))
+        listener = Listener(chat_id, kind)
+        listeners.append(listener)
+        opened = loop.create_future()
+        listen = sse_listen if kind == "sse" else ws_listen
+        if gate:
+            await gate.acquire()
+        tasks.append(asyncio.create_task(listen(listener, "127.0.0.1", ports[server], tokens[owner], opened)))
+        try:
+            await opened
+        finally:
+            if gate:
+                gate.release()
+
+    await asyncio.gather(*(one(index, *item) for index, item in enumerate(plan)))
+    return listeners
+
+
+async def measure(args, ports: list[int], pids: list[int]) -> dict:
+    bases = [f"http://127.0.0.1:{port}" for port in ports]
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+    async with httpx.AsyncClient(timeout=120, limits=limits, trust_env=False) as http:
+        users = -(-args.chats // CHATS_PER_USER)
+        tokens = []
+        for index in range(users):
+            signed = await http.post(
+                f"{bases[index % len(bases)]}/user/signup",
+                data={"username": f"bench-{secrets.token_hex(5)}", "password": secrets.token_urlsafe(16)},
+            )
+            signed.raise_for_status()
+            tokens.append(signed.json()["token"])
+
+        async def chat_create(number: int) -> str:
+            owner = number % users
+            created = await http.post(
+                f"{bases[number % len(bases)]}/chat/create",
+                data={"name": f"listeners {number}"},
+                headers={"Authorization": f"Bearer {tokens[owner]}"},
+            )
+            created.raise_for_status()
+            return created.json()["id"]
+
+        chat_ids = []
+        for start in range(0, args.chats, 100):
+            chat_ids += await asyncio.gather(*(chat_create(n) for n in range(start, min(start + 100, args.chats))))
+        print(f"{users} users, {len(chat_ids)} chats", file=sys.stderr, flush=True)
+
+        tasks: list[asyncio.Task] = []
+        # One subscriber per process first, so that memory is measured with the code paths warm.
+        warm = [(chat_ids[0], 0, server, "sse") for server in range(len(ports))]
+        await open_listeners(warm, ports, tokens, tasks, at_once=None)
+        await asyncio.sleep(1)
+        rss_before = [rss_kib(pid) for pid in pids]
+        plan = [
+            (chat_ids[n % args.chats], (n % args.chats) % users, n % len(ports), "sse" if (n // 2) % 2 else "ws")
+            for n in range(args.subscribers)
+        ]
+        started = time.monotonic()
+        listeners = await open_listeners(plan, ports, tokens, tasks, at_once=OPEN_AT_ONCE)
+        open_seconds = time.monotonic() - started
+        await asyncio.sleep(3)
+        rss_after = [rss_kib(pid) for pid in pids]
+        idle_clients = [redis_clients_of(pid, args.redis_url) for pid in pids]
+        redis_idle = [len(clients) for clients in idle_clients]
+        # By last command: what each connection is for (xread: the stream reader; evalsha/get: pools).
+        redis_idle_by_command = [dict(Counter(client["cmd"] for client in clients)) for clients in idle_clients]
+        refused = [listener.status for listener in listeners if listener.status != 200]
+        print(
+            f"{len(listeners) - len(refused)} subscribers open in {open_seconds:.1f} s, {len(refused)} refused",
+            file=sys.stderr,
+            flush=True,
+        )
+        per_process = [args.subscribers / len(ports)] * len(ports)
+        memory = [
+            round((after - before) / count, 1)
+            for before, after, count in zip(rss_before, rss_after, per_process, strict=True)
+        ]
+
+        # Streaming: one prompt in each of the first --streaming chats, all at once.
+        streaming = chat_ids[: args.streaming]
+        watched = [listener for listener in listeners if listener.chat_id in set(streaming) and listener.status == 200]
+        redis_streaming: list[int] = [0] * len(pids)
+
+        async def sample_redis() -> None:
+            while True:
+                counts = [redis_connections_of(pid, args.redis_url) for pid in pids]
+                redis_streaming[:] = [max(a, b) for a, b in zip(redis_streaming, counts, strict=True)]
+                await asyncio.sleep(0.2)
+
+        sampler = asyncio.create_task(sample_redis())
+
+        async def prompt(number: int) -> int:
+            answered = await http.post(
+                f"{bases[number % len(bases)]}/chat/prompt",
+                data={"id": streaming[number], "prompt": "count", "stream": "true"},
+                headers={"Authorization": f"Bearer {tokens[number % users]}"},
+            )
+            return answered.status_code
+
+        started = time.monotonic()
+        statuses = await asyncio.gather(*(prompt(n) for n in range(len(streaming))))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(listener.finals < 1 for listener in watched):
+            await asyncio.sleep(0.1)
+        stream_seconds = time.monotonic() - started
+        await asyncio.sleep(1)  # time for a duplicate to show up
+        sampler.cancel()
+        delays = [delay for listener in watched for delay in listener.delays]
+        lost = {
+            "prompts_not_200": sum(status != 200 for status in statuses),
+            "subscribers_missing_deltas": sum(listener.deltas < args.deltas for listener in watched),
+            "subscribers_with_duplicates": sum(len(set(listener.seqs)) != len(listener.seqs) for listener in watched),
+            "subscribers_without_final": sum(listener.finals != 1 for listener in watched),
+            "subscribers_closed": sum(listener.closed is not None for listener in listeners),
+        }
+        print(f"streaming: {json.dumps(lost)}", file=sys.stderr, flush=True)
+
+        # The burst: fresh SSE subscribes to process 0, spread over one second.
+        burst_plan = [(chat_ids[n % args.chats], (n % args.chats) % users, 0, "sse") for n in range(args.burst)]
+        started = time.monotonic()
+        burst = await open_listeners(burst_plan, ports, tokens, tasks, at_once=None, spread_seconds=1.0)
+        burst_seconds = time.monotonic() - started
+        burst_refused = [listener.status for listener in burst if listener.status != 200]
+        redis_burst = redis_connections_of(pids[0], args.redis_url)
+
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    return {
+        "subscribers": args.subscribers,
+        "chats": args.chats,
+        "servers": len(ports),
+        "open_seconds": round(open_seconds, 1),
+        "refused": len(refused),
+        "refused_examples": [str(status) for status in refused[:5]],
+        "rss_kib_before": rss_before,
+        "rss_kib_after": rss_after,
+        "kib_per_idle_subscriber": memory,
+        "redis_connections_idle": redis_idle,
+        "redis_connections_idle_by_command": redis_idle_by_command,
+        "redis_connections_streaming_max": redis_streaming,
+        "streaming_chats": len(streaming),
+        "streaming_subscribers": len(watched),
+        "deltas_per_reply": args.deltas,
+        "stream_seconds": round(stream_seconds, 1),
+        "delay_ms_p50": percentile(delays, 0.5),
+        "delay_ms_p99": percentile(delays, 0.99),
+        "delay_ms_max": percentile(delays, 1.0),
+        "delays_measured": len(delays),
+        **lost,
+        "burst": args.burst,
+        "burst_seconds": round(burst_seconds, 2),
+        "burst_refused": len(burst_refused),
+        "burst_refused_examples": [str(status) for status in burst_refused[:5]],
+        "redis_connections_after_burst": redis_burst,
+    }
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--subscribers", type=int, default=10000)
+    parser.add_argument("--chats", type=int, default=1000)
+    parser.add_argument("--streaming", type=int, default=100, help="chats that get a streamed prompt at once")
+    parser.add_argument("--servers", type=int, default=2)
+    parser.add_argument("--burst", type=int, default=1000, help="SSE subscribes to one process within one second")
+    parser.add_argument("--deltas", type=int, default=20, help="deltas per streamed reply")
+    parser.add_argument("--chunk-gap-ms", type=float, default=10.0)
+    parser.add_argument("--db-address", default="", help="a Postgres database (migrated here); default SQLite")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/13")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    started_at = datetime.now(UTC)
+    work = Path(tempfile.mkdtemp(prefix="turbo-listeners-"))
+    processes = Processes(work)
+    db_address = args.db_address or f"sqlite:///{work / 'bench.db'}"
+    try:
+        upstream_port = free_port()
+        upstream = processes.start(
+            "upstream",
+            [PYTHON, "-m", "bench.fast_upstream", "--port", str(upstream_port), "--latency-ms", "5"]
+            + ["--chunks", str(args.deltas), "--chunk-gap-ms", str(args.chunk_gap_ms)],
+            dict(os.environ),
+        )
+        wait_until_answering(processes, "upstream", upstream, f"http://127.0.0.1:{upstream_port}/v1/models")
+        env = turbo_env(
+            argparse.Namespace(redis=args.redis_url, limits=False), upstream_port=upstream_port, db_address=db_address
+        )
+        env["DJANGO_SETTINGS_MODULE"] = "bench.settings"
+        migrated = subprocess.run(
+            [PYTHON, "manage.py", "migrate", "--noinput"], cwd=PROJECT, env=env, capture_output=True, text=True
+        )
+        if migrated.returncode != 0:
+            raise RuntimeError(f"migrate failed:\n{migrated.stdout[-2000:]}{migrated.stderr[-3000:]}")
+        ports, pids = [], []
+        for index in range(args.servers):
+            port = free_port()
+            name = f"turbo-{index}"
+            turbo = turbo_start(processes, name, port, env, "--backlog", "4096")
+            wait_until_answering(processes, name, turbo, f"http://127.0.0.1:{port}/health")
+            ports.append(port)
+            pids.append(turbo.pid)
+        result = asyncio.run(measure(args, ports, pids))
+        report = {
+            "benchmark": "listeners",
+            "started_at": started_at.isoformat(),
+            "command": " ".join(sys.argv),
+            **result,
+        }
+        print(json.dumps(report, indent=2))
+        stamp = started_at.strftime("%Y%m%d-%H%M%S")
+        report_write(report, [f"listeners-{stamp}.json", "listeners-latest.json"])
+        for index in range(args.servers):
+            lines = [line for line in processes.log_lines(f"turbo-{index}") if not line.startswith("HTTP Request:")]
+            if lines:
+                print(f"turbo-{index} said ({len(lines)} lines), the last:\n" + "\n".join(lines[-10:]), file=sys.stderr)
+    finally:
+        processes.stop_all()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
