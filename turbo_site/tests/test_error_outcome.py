@@ -1,5 +1,5 @@
 """One error outcome: each failure kind, raised through each front's renderer, has the same code (and the
-matching HTTP and gRPC status) on every front; README's table is the code's table."""
+matching HTTP and gRPC status) on every front; the Errors page's table (docs/api/errors.md) is the code's table."""
 
 import json
 import logging
@@ -45,7 +45,7 @@ from turbo_site.core.grpc import grpc_status
 from turbo_site.core.streams import StreamUnavailable
 from turbo_site.graphql import ErrorCodes
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[2] / "docs" / "api" / "errors.md"
 SECRET = "db password hunter2 in a traceback"
 
 

@@ -1,6 +1,6 @@
 """The servers `make run` (runserver, daphne) and `make serve` (uvicorn) start, run as subprocesses.
 
-What they print and how they treat a /ws client must be what the README says, whichever one runs.
+What they print and how they treat a /ws client must be what the docs say, whichever one runs.
 """
 
 import json
