@@ -176,6 +176,8 @@ if _database["ENGINE"] == "django.db.backends.postgresql" and DB_POOL_SIZE > 0:
     # Each connection is checked as the pool hands it out (one empty round trip): after a database
     # restart or a cut connection, a request gets a live one instead of failing on the dead one.
     _database["CONN_HEALTH_CHECKS"] = True
+    # Which process a connection is (pg_stat_activity): `turbo:<pid>`.
+    _database.setdefault("OPTIONS", {}).setdefault("application_name", f"turbo:{os.getpid()}")
     _database.setdefault("OPTIONS", {})["pool"] = {
         "min_size": 1,
         "max_size": DB_POOL_SIZE,

@@ -17,20 +17,14 @@ pytestmark = [pytest.mark.django_db(transaction=True), needs_postgres]
 POOL = 4
 
 
-def _backend_pid() -> int:
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_backend_pid()")
-        return cursor.fetchone()[0]
-
-
-def _server_connections(ours: int) -> int:
-    """Connections to the test database other than this test's own two (its thread's and the sampler's)."""
+def _server_connections(pids: list[int]) -> int:
+    """Connections to the test database from these Turbo processes (their application_name: turbo:<pid>)."""
+    names = [f"turbo:{pid}" for pid in pids]
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_stat_clear_snapshot()")
         cursor.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND pid <> pg_backend_pid() AND pid <> %s",
-            [ours],
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = ANY(%s)",
+            [names],
         )
         return cursor.fetchone()[0]
 
@@ -41,12 +35,12 @@ def test_a_burst_over_two_processes_stays_within_their_pools(start_server):
     api = Api(servers[0].url, "pool-burst")
     for _ in range(3):
         api.chat()
-    most, sampling, ours = 0, True, _backend_pid()
+    most, sampling, pids = 0, True, [server.process.pid for server in servers]
 
     def sample():
         nonlocal most
         while sampling:
-            most = max(most, _server_connections(ours))
+            most = max(most, _server_connections(pids))
         connection.close()
 
     sampler = threading.Thread(target=sample, daemon=True)
