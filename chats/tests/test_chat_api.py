@@ -369,3 +369,13 @@ def test_query_counts_do_not_grow_with_history(client, alice, upstream):
     Message.objects.bulk_create([Message(chat=chat_row, author=user, prompt=f"p{n}", reply=f"r{n}") for n in range(57)])
     large = (count(read), count(send))
     assert large == small
+
+
+@pytest.mark.parametrize("path", ["/chat/prompt", "/chat/stop", "/chat/stream", "/api/chat/1"])
+def test_a_multipart_body_without_a_boundary_is_a_400(client, signup, path):
+    """Found by schemathesis: the async chat views answered 500 to multipart/form-data with no boundary."""
+    token, _, _ = signup()
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "multipart/form-data"}
+    response = client.post(path, content=b'{"id": "x"}', headers=headers)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "malformed_body"

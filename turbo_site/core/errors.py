@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import redis
 from django.core.exceptions import PermissionDenied, RequestDataTooBig, SuspiciousOperation
 from django.db import InterfaceError, OperationalError
-from django.http import Http404, JsonResponse
+from django.http import Http404, JsonResponse, UnreadablePostError
+from django.http.multipartparser import MultiPartParserError
 from rest_framework import exceptions as drf_exceptions
 from rest_framework import status
 
@@ -358,6 +359,8 @@ def outcome_of(exc: BaseException) -> Outcome:
         return Outcome("body_too_large", 413, "request body is too large")
     if isinstance(exc, SuspiciousOperation):
         return Outcome("bad_request", 400, "the request was refused as malformed")
+    if isinstance(exc, MultiPartParserError | UnreadablePostError):  # e.g. multipart without a boundary
+        return Outcome("malformed_body", 400, f"the body cannot be read: {exc}")
     if is_unavailable(exc):
         logger.warning("a backing service is unavailable: %s", exc)
         return UNAVAILABLE
