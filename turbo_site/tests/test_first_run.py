@@ -189,7 +189,7 @@ def test_api_docs_load_no_external_asset(client):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_unknown_upstream_headers_pass_and_owned_ones_do_not(client, signup, upstream):
+def test_upstream_headers_pass_an_allowlist(client, signup, upstream):
     token, _, _ = signup()
     for path in ("/v1/models", "/v1/chat/completions"):
         body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -199,8 +199,8 @@ def test_unknown_upstream_headers_pass_and_owned_ones_do_not(client, signup, ups
             else client.post(path, json=body, headers={"Authorization": f"Bearer {token}"})
         )
         assert response.status_code == 200
-        assert response.headers["x-fake-upstream"] == "yes"  # a header Turbo has never heard of
-        assert response.headers["x-request-id"].startswith("req_")
+        assert "x-fake-upstream" not in response.headers  # not on the allowlist (it may carry anything)
+        assert response.headers["x-request-id"].startswith("req_")  # on it
         assert "set-cookie" not in response.headers  # a cookie for Turbo's domain is Turbo's to set
 
 
