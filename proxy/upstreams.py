@@ -225,35 +225,24 @@ async def _check(upstream: Upstream, names: list[str], timeout: float, serves_an
     base_url = url_shown(upstream.base_url)
     if upstream.problem:
         return UpstreamCheck(upstream.name, base_url, is_reachable=False, problem=upstream.problem)
-    headers = {"accept": "application/json", "accept-encoding": "identity", **upstream.auth_headers()}
     began = time.perf_counter()
-    response = None
     try:
-        async with asyncio.timeout(timeout):
-            response = await client.send(
-                "GET", f"{upstream.base_url}/models", headers, b"", timeout=timeout, connect_timeout=timeout
-            )
-            body = await response.read_all(MODELS_MAX_BYTES)
+        status, body = await client.models_get(upstream, timeout=timeout, max_bytes=MODELS_MAX_BYTES)
     except TimeoutError:
         return UpstreamCheck(upstream.name, base_url, is_reachable=False, problem=f"no answer within {timeout:g}s")
     except client.TransportError as exc:
         problem = text_redact(_USERINFO.sub("//", _transport_problem(exc, timeout)))
         return UpstreamCheck(upstream.name, base_url, is_reachable=False, problem=problem)
-    finally:
-        if response is not None:
-            await response.aclose()
     ms = round((time.perf_counter() - began) * 1000, 1)
-    if not 200 <= response.status < 300:
-        problem = text_redact(f"answered {response.status}: {_error_text(body)}")
-        return UpstreamCheck(
-            upstream.name, base_url, is_reachable=False, status=response.status, ms=ms, problem=problem
-        )
+    if not 200 <= status < 300:
+        problem = text_redact(f"answered {status}: {_error_text(body)}")
+        return UpstreamCheck(upstream.name, base_url, is_reachable=False, status=status, ms=ms, problem=problem)
     ids = _model_ids(body)
     return UpstreamCheck(
         upstream.name,
         base_url,
         is_reachable=True,
-        status=response.status,
+        status=status,
         ms=ms,
         model_count=None if ids is None else len(ids),
         listed={} if ids is None else {name: name in ids for name in names},
@@ -291,23 +280,13 @@ async def served_models() -> list[str] | None:
     cached = await cache.aget("upstream.served_models")
     if cached is not None:
         return cached or None
-    upstream = config.upstreams[0]
-    headers = {"accept": "application/json", "accept-encoding": "identity", **upstream.auth_headers()}
-    response = None
     ids: list[str] | None = None
     try:
-        async with asyncio.timeout(3):
-            response = await client.send(
-                "GET", f"{upstream.base_url}/models", headers, b"", timeout=3, connect_timeout=3
-            )
-            body = await response.read_all(MODELS_MAX_BYTES)
-        if 200 <= response.status < 300:
+        status, body = await client.models_get(config.upstreams[0], timeout=3, max_bytes=MODELS_MAX_BYTES)
+        if 200 <= status < 300:
             ids = _model_ids(body)
     except (TimeoutError, client.TransportError):
-        ids = None
-    finally:
-        if response is not None:
-            await response.aclose()
+        pass
     chat_models = sorted(name for name in ids or () if not name.lower().startswith(_NOT_CHAT))
     await cache.aset("upstream.served_models", chat_models, SERVED_MODELS_CACHE_SECONDS if ids is not None else 30)
     return chat_models or None

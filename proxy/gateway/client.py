@@ -11,6 +11,7 @@ it under us) is sent once more, on a new connection of its own: nothing was answ
 repeated the client could see. A failure after the answer's first byte is never sent again.
 """
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
@@ -174,3 +175,25 @@ def _closed_before_answer(exc: aiohttp.ClientError) -> bool:
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return isinstance(exc.message, str)  # else the answer's head, parsed as far as it had come
     return True
+
+
+async def models_get(
+    upstream, *, timeout: float, max_bytes: int, connect_timeout: float | None = None
+) -> tuple[int, bytes]:
+    """GET an upstream's /models with the server's credentials, within `timeout` seconds in all: its status
+    and body (read up to `max_bytes`). Raises TransportError, or TimeoutError. What `manage.py upstreams
+    check`, the model pickers and the learned context windows read."""
+    headers = {"accept": "application/json", "accept-encoding": "identity", **upstream.auth_headers()}
+    async with asyncio.timeout(timeout):
+        response = await send(
+            "GET",
+            f"{upstream.base_url}/models",
+            headers,
+            b"",
+            timeout=timeout,
+            connect_timeout=connect_timeout or timeout,
+        )
+        try:
+            return response.status, await response.read_all(max_bytes)
+        finally:
+            await response.aclose()

@@ -131,22 +131,15 @@ async def _ask_listing(deployment: Deployment, model: str) -> None:
     upstream = deployment.upstream
     if upstream.problem or not upstream.base_url:
         return
-    headers = {"accept": "application/json", "accept-encoding": "identity", **upstream.auth_headers()}
     try:
-        response = await client.send(
-            "GET",
-            f"{upstream.base_url}/models",
-            headers,
-            b"",
+        status, body = await client.models_get(
+            upstream,
             timeout=LISTING_TIMEOUT_SECONDS,
+            max_bytes=LISTING_MAX_BYTES,
             connect_timeout=min(upstream.connect_timeout, LISTING_TIMEOUT_SECONDS),
         )
-        try:
-            body = await response.read_all(LISTING_MAX_BYTES)
-        finally:
-            await response.aclose()
-        data = json.loads(body) if response.status == 200 else None
-    except (client.TransportError, ValueError) as exc:
+        data = json.loads(body) if status == 200 else None
+    except (client.TransportError, TimeoutError, ValueError) as exc:
         logger.info("deployment %s: its model listing could not be read: %s", deployment.id, exc)
         return
     window = _listing_window(data, _upstream_model(deployment, model))
