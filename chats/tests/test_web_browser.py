@@ -491,9 +491,13 @@ def test_copy_regenerate_and_edit_a_prompt(browser, signup, client, upstream):
     assert browser.find("#editing").is_displayed()
     box.clear()
     box.send_keys("echo: edited answer")
+    before = set(chat_messages(browser))
     browser.find("#send").click()
-    browser.wait(lambda _: first not in chat_messages(browser), "the edited message to be replaced")
-    edited = chat_messages(browser)[-1]
+    browser.wait(
+        lambda _: first not in chat_messages(browser) and set(chat_messages(browser)) - before,
+        "the edited message to be replaced by a new one",
+    )
+    (edited,) = set(chat_messages(browser)) - before
     message_status_wait(browser, edited, "complete")
     assert browser.text(f"{message_css(edited)} .reply") == "edited answer"
     assert not browser.find("#editing").is_displayed()
