@@ -32,7 +32,7 @@ from accounts.auth import AuthRefused, aauthenticate, scope_credentials, websock
 from accounts.live import session_watch
 from turbo_site.core.errors import error_response
 from turbo_site.core.graphql import GraphQLContext
-from turbo_site.core.parsers import client_json_loads
+from turbo_site.core.parsers import JSONTooDeep, client_json_loads
 from turbo_site.core.streams import StreamUnavailable
 from turbo_site.graphql import schema
 
@@ -45,6 +45,14 @@ def playground_on() -> bool:
     return bool(settings.DEBUG or settings.GRAPHQL_PLAYGROUND)
 
 
+class CodedHTTPException(HTTPException):
+    """A refusal before any GraphQL, with Turbo's code (else HTTP_CODES names it by its status)."""
+
+    def __init__(self, status_code: int, reason: str, *, code: str):
+        super().__init__(status_code, reason)
+        self.code = code
+
+
 class GraphQLView(AsyncGraphQLView):
     schema = schema
     allow_queries_via_get = True  # queries only: strawberry refuses a mutation over GET
@@ -54,7 +62,9 @@ class GraphQLView(AsyncGraphQLView):
         so is a body that is not an object (or a list: strawberry answers that batching is off)."""
         try:
             parsed = client_json_loads(data)
-        except ValueError as exc:  # UnicodeDecodeError and JSONTooDeep included
+        except JSONTooDeep as exc:  # `invalid_json`, as every front answers deep nesting
+            raise CodedHTTPException(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
+        except ValueError as exc:  # UnicodeDecodeError included
             raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
         if not isinstance(parsed, (dict, list)):
             raise HTTPException(400, "the body must be a JSON object")
@@ -80,7 +90,7 @@ class GraphQLView(AsyncGraphQLView):
         try:
             return await self.run(request=request)
         except HTTPException as exc:  # a malformed request, before any GraphQL: Turbo's error shape
-            code = HTTP_CODES.get(exc.status_code, "bad_request")
+            code = getattr(exc, "code", None) or HTTP_CODES.get(exc.status_code, "bad_request")
             response = error_response(exc.status_code, code, str(exc.reason))
             if exc.status_code == 405:
                 response["Allow"] = "GET, POST"  # as RFC 9110 asks of a 405

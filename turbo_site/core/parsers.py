@@ -47,6 +47,16 @@ def client_json_loads(raw: bytes | str, *, max_depth: int = MAX_JSON_DEPTH):
     return json.loads(raw, parse_constant=_refuse_constant)
 
 
+def parse_refusal(exc: ValueError) -> Exception:
+    """Why a client's JSON body was refused: nested too deeply is `invalid_json`, as /v1, /ws and GraphQL
+    answer it (the front matrix checks they agree); anything else DRF's ParseError (`malformed_body`)."""
+    if isinstance(exc, JSONTooDeep):
+        from turbo_site.core.errors import Invalid
+
+        return Invalid(str(exc), code="invalid_json")
+    return ParseError(f"JSON parse error - {exc}")
+
+
 class JSONParser(DrfJSONParser):
     """DRF's JSON parser over client_json_loads."""
 
@@ -56,7 +66,7 @@ class JSONParser(DrfJSONParser):
         try:
             return client_json_loads(raw.decode(encoding))
         except (UnicodeDecodeError, ValueError) as exc:
-            raise ParseError(f"JSON parse error - {exc}") from exc
+            raise parse_refusal(exc) from exc
 
 
 class LenientFormParser(FormParser):
@@ -73,7 +83,7 @@ class LenientFormParser(FormParser):
             try:
                 data = client_json_loads(raw.decode(encoding))
             except (UnicodeDecodeError, ValueError) as exc:
-                raise ParseError(f"JSON parse error - {exc}") from exc
+                raise parse_refusal(exc) from exc
             if not isinstance(data, dict):
                 raise ParseError("the body must be a JSON object")
             return data

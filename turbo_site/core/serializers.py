@@ -76,7 +76,7 @@ class IdListField(serializers.ListField):
 def plain_request_input(request) -> dict:
     """request_input for plain (non-DRF) Django views, such as the async ones: query string + body."""
     from turbo_site.core.errors import TurboError
-    from turbo_site.core.parsers import client_json_loads
+    from turbo_site.core.parsers import JSONTooDeep, client_json_loads
 
     merged: dict = {}
     for key, values in request.GET.lists():
@@ -91,7 +91,8 @@ def plain_request_input(request) -> dict:
         try:
             data = client_json_loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
-            raise TurboError(f"malformed JSON body: {exc}", code="malformed_body") from exc
+            code = "invalid_json" if isinstance(exc, JSONTooDeep) else "malformed_body"
+            raise TurboError(f"malformed JSON body: {exc}", code=code) from exc
         if not isinstance(data, dict):
             raise TurboError("the body must be a JSON object", code="malformed_body")
         merged.update(data)

@@ -71,16 +71,16 @@ async def test_deeply_nested_variables_are_a_400_not_a_500():
     body = '{"query": "' + ME + '", "variables": ' + deep_json() + "}"
     response = await post(body)
     assert response.status_code == 400, response.text
-    assert response.json()["error"]["code"] == "bad_request"
+    assert response.json()["error"]["code"] == "invalid_json"
     assert "nested" in response.json()["error"]["message"]
 
     deep_body = await post(deep_json())
-    assert deep_body.status_code == 400 and deep_body.json()["error"]["code"] == "bad_request"
+    assert deep_body.status_code == 400 and deep_body.json()["error"]["code"] == "invalid_json"
 
     transport = httpx.ASGITransport(app=application)
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
         by_get = await http.get("/graphql", params={"query": ME, "variables": deep_json(2000)})
-    assert by_get.status_code == 400 and by_get.json()["error"]["code"] == "bad_request"
+    assert by_get.status_code == 400 and by_get.json()["error"]["code"] == "invalid_json"
 
     # NaN is not JSON either; a body that is not an object is no request
     assert (await post('{"query": "' + ME + '", "variables": {"a": NaN}}')).status_code == 400
