@@ -19,7 +19,6 @@ import httpx
 import pytest
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
-from django.test import AsyncClient
 from django.utils import timezone
 
 from accounts.auth import FRONTS, AuthRefused, Credentials, aauthenticate, authenticate
@@ -36,12 +35,19 @@ from proxy.grpc import CompletionsServicer
 from proxy.routing import websocket_urlpatterns as rpc_websockets
 from turbo_site.core.grpc import grpc_status
 from turbo_site.graphql_server import websocket_urlpatterns as graphql_websockets
+from turbo_site.testing.fronts import (
+    OURS,
+    CallContext,
+    Sent,
+    django_client,
+    grpc_metadata,
+    http_parts,
+    socket_parts,
+)
 
 # Async views and consumers reach the database from other threads: they must see committed rows.
 pytestmark = pytest.mark.django_db(transaction=True)
 
-HOST = "testserver"
-OURS = f"http://{HOST}"
 FOREIGN = "https://evil.example"
 GRPC_STATUSES = {grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.PERMISSION_DENIED: 403}
 GRAPHQL_STATUSES = {"unauthorized": 401, "forbidden": 403, "key_not_allowed_here": 403}
@@ -68,15 +74,6 @@ def tokens(db) -> Tokens:
 
 
 @dataclass(frozen=True)
-class Sent:
-    """What a client sends: a token (or none) in one way, maybe from a foreign browser page."""
-
-    token: str | None
-    way: str = "header"  # header, cookie or parameter
-    origin: str | None = None
-
-
-@dataclass(frozen=True)
 class Outcome:
     status: int  # an HTTP status; 101 for an accepted socket; 200 for a GraphQL answer without errors
     code: str | None  # Turbo's code, where the front carries one
@@ -85,31 +82,9 @@ class Outcome:
 # --- the adapters: one function per front, sending `Sent` its way and reading the outcome --------------
 
 
-def _http_parts(sent: Sent, path: str) -> tuple[str, dict]:
-    headers = {}
-    if sent.origin:
-        headers["origin"] = sent.origin
-    if sent.token is not None:
-        if sent.way == "header":
-            headers["authorization"] = f"Bearer {sent.token}"
-        elif sent.way == "cookie":
-            headers["cookie"] = f"sess={sent.token}"
-        else:
-            path += ("&" if "?" in path else "?") + f"token={sent.token}"
-    return path, headers
-
-
-def _client(headers: dict) -> AsyncClient:
-    """Django's async client; a cookie goes through its jar (it sends a cookie header of its own)."""
-    client = AsyncClient()
-    if "cookie" in headers:
-        client.cookies["sess"] = headers.pop("cookie").removeprefix("sess=")
-    return client
-
-
 async def _django(method: str, path: str, sent: Sent, **body) -> Outcome:
-    path, headers = _http_parts(sent, path)
-    client = _client(headers)
+    path, headers = http_parts(sent, path)
+    client = django_client(headers)
     if method == "GET":
         response = await client.get(path, headers=headers)
     else:
@@ -144,7 +119,7 @@ async def proxy_django(sent: Sent) -> Outcome:
 
 
 async def proxy_fast(sent: Sent) -> Outcome:
-    path, headers = _http_parts(sent, "/v1/chat/completions")
+    path, headers = http_parts(sent, "/v1/chat/completions")
     assert "authorization" in headers, "the fast path takes only requests with an Authorization header"
     reached = []
 
@@ -162,8 +137,8 @@ async def proxy_fast(sent: Sent) -> Outcome:
 
 
 async def graphql_http(query: str, sent: Sent) -> Outcome:
-    path, headers = _http_parts(sent, "/graphql")
-    client = _client(headers)
+    path, headers = http_parts(sent, "/graphql")
+    client = django_client(headers)
     response = await client.post(path, {"query": query}, content_type="application/json", headers=headers)
     assert response.status_code == 200, response.content
     errors = response.json().get("errors")
@@ -181,15 +156,8 @@ async def graphql_account_field(sent: Sent) -> Outcome:
     return await graphql_http("{ chats { id } }", sent)
 
 
-def _socket_parts(sent: Sent, path: str) -> tuple[str, list]:
-    path, headers = _http_parts(sent, path)
-    headers.setdefault("origin", OURS)
-    headers["host"] = HOST
-    return path, [(name.encode(), value.encode()) for name, value in headers.items()]
-
-
 async def _socket(application, path: str, sent: Sent) -> Outcome:
-    path, headers = _socket_parts(sent, path)
+    path, headers = socket_parts(sent, path)
     communicator = WebsocketCommunicator(application, path, headers=headers)
     connected, close_code = await communicator.connect()
     if connected:
@@ -213,7 +181,7 @@ async def graphql_socket(sent: Sent) -> Outcome:
     """connection_init's `authorization` carries a header token; other ways ride on the handshake."""
     init_authorization = f"Bearer {sent.token}" if sent.way == "header" and sent.token else None
     handshake = Sent(None if init_authorization else sent.token, sent.way, sent.origin)
-    path, headers = _socket_parts(handshake, "/graphql")
+    path, headers = socket_parts(handshake, "/graphql")
     communicator = WebsocketCommunicator(
         URLRouter(graphql_websockets), path, headers=headers, subprotocols=["graphql-transport-ws"]
     )
@@ -231,21 +199,6 @@ async def graphql_socket(sent: Sent) -> Outcome:
     return Outcome(101, None)
 
 
-class CallContext:
-    """What a gRPC servicer reads of its call here: the metadata."""
-
-    def __init__(self, metadata):
-        self.metadata = metadata
-
-    def invocation_metadata(self):
-        return self.metadata
-
-
-def _metadata(sent: Sent):
-    assert sent.way == "header", "gRPC carries only metadata"
-    return (("authorization", f"Bearer {sent.token}"),) if sent.token is not None else ()
-
-
 async def _grpc(call) -> Outcome:
     try:
         await call
@@ -256,13 +209,13 @@ async def _grpc(call) -> Outcome:
 
 
 async def grpc_chats(sent: Sent) -> Outcome:
-    events = ChatsServicer().Events(turbo_pb2.EventsRequest(chat_id="not a chat"), CallContext(_metadata(sent)))
+    events = ChatsServicer().Events(turbo_pb2.EventsRequest(chat_id="not a chat"), CallContext(grpc_metadata(sent)))
     return await _grpc(anext(events))
 
 
 async def grpc_completions(sent: Sent) -> Outcome:
     # No input: a 400 once the caller is known (no upstream is called).
-    embed = CompletionsServicer().Embed(turbo_pb2.EmbedRequest(), CallContext(_metadata(sent)))
+    embed = CompletionsServicer().Embed(turbo_pb2.EmbedRequest(), CallContext(grpc_metadata(sent)))
     return await _grpc(embed)
 
 

@@ -79,7 +79,16 @@ grpc_events = Front("grpc_events", fronts.grpc_events, "grpc")
 # Sockets refuse a caller at the handshake (or, on GraphQL's, at connection_init): close codes, no body.
 HANDSHAKE = {ws_complete, ws_stream, graphql_stream, graphql_chat_events, chat_socket}
 # Model calls an API key may make.
-KEY_MODEL_FRONTS = [v1_django, v1_fast, ws_complete, ws_stream, graphql_complete, graphql_stream, grpc_complete, grpc_stream]
+KEY_MODEL_FRONTS = [
+    v1_django,
+    v1_fast,
+    ws_complete,
+    ws_stream,
+    graphql_complete,
+    graphql_stream,
+    grpc_complete,
+    grpc_stream,
+]
 # A chat's prompt: session tokens only.
 PROMPT_FRONTS = [chat_prompt, chat_sse, graphql_prompt, grpc_prompt]
 MODEL_FRONTS = KEY_MODEL_FRONTS + PROMPT_FRONTS
@@ -207,7 +216,13 @@ V1_OWN_CODE = "/v1 answers invalid_model, a code outside turbo_site.core.errors.
 ROWS = [
     # --- who is calling (accounts.auth): every front --------------------------------------------------
     # The fast path takes only requests with an Authorization header: one without is Django's (v1_django).
-    Row("no_credential", lambda w, s, u: Ask(None), "unauthorized", [f for f in EVERY_FRONT if f is not v1_fast], handshake=True),
+    Row(
+        "no_credential",
+        lambda w, s, u: Ask(None),
+        "unauthorized",
+        [f for f in EVERY_FRONT if f is not v1_fast],
+        handshake=True,
+    ),
     Row("garbage_credential", lambda w, s, u: Ask("not-a-token"), "unauthorized", EVERY_FRONT, handshake=True),
     Row("revoked_credential", lambda w, s, u: Ask(w.revoked), "unauthorized", EVERY_FRONT, handshake=True),
     Row("expired_credential", lambda w, s, u: Ask(w.expired), "unauthorized", EVERY_FRONT, handshake=True),
