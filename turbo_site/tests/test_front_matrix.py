@@ -201,6 +201,7 @@ class Row:
     status: int = 0  # 0: the code's status in CODES
     handshake: bool = False  # refused before a socket opens
     mid_reply: bool = False  # the failure comes once the model is called, after a prompt is stored
+    upstream_asked: bool = False  # the upstream is called (and fails); else policy refuses before it
     spelled: dict = field(default_factory=dict)  # front -> Seen, where the front's protocol spells it its way
     xfail: dict = field(default_factory=dict)  # front -> why (a disagreement in the completion path)
 
@@ -308,6 +309,7 @@ ROWS = [
         status=502,
         spelled={v1_django: Seen(429, "rate_limit_exceeded"), v1_fast: Seen(429, "rate_limit_exceeded")},
         mid_reply=True,
+        upstream_asked=True,
     ),
     Row(
         "upstream_500",
@@ -317,6 +319,7 @@ ROWS = [
         status=502,
         spelled={v1_django: Seen(500, "server_error"), v1_fast: Seen(500, "server_error")},
         mid_reply=True,
+        upstream_asked=True,
     ),
     Row(
         "upstream_timeout",
@@ -324,6 +327,7 @@ ROWS = [
         "upstream_timeout",
         MODEL_FRONTS,
         mid_reply=True,
+        upstream_asked=True,
         xfail={chat_sse: MID_REPLY_CODE},
     ),
     # /v1 is a passthrough: it never validates a reply against a schema.
@@ -333,6 +337,7 @@ ROWS = [
         "invalid_structured_output",
         [f for f in MODEL_FRONTS if f not in (v1_django, v1_fast)],
         mid_reply=True,
+        upstream_asked=True,
         xfail={chat_sse: MID_REPLY_CODE},
     ),
 ]
@@ -364,6 +369,9 @@ def _table(cells: dict[str, tuple[Seen, Seen]]) -> str:
 async def test_a_rule_has_one_outcome_on_every_front(row: Row, world, settings, upstream):
     cells = await _row_run(row, [f for f in row.fronts if f not in row.xfail], world, settings, upstream)
     assert all(seen == want for seen, want in cells.values()), f"{row.name}:\n{_table(cells)}"
+    if not row.upstream_asked:  # a refusal is decided before the upstream hears of the call
+        calls = [request.path for request in upstream.requests if request.method == "POST"]
+        assert calls == [], f"{row.name}: the upstream was called: {calls}"
 
 
 def _disagreements():
