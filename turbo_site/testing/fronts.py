@@ -202,13 +202,6 @@ def padding() -> str:
     return "x" * (max(settings.MAX_BODY_BYTES, settings.PROXY_MAX_BODY_BYTES, settings.WS_MAX_FRAME_BYTES) + 1)
 
 
-def deep() -> object:
-    value: object = []
-    for _ in range(DEEP):
-        value = [value]
-    return value
-
-
 def deep_json(fields: dict) -> bytes:
     """`fields` as a JSON object with one more member nested DEEP levels (json.dumps would refuse it)."""
     text = json.dumps(fields)
