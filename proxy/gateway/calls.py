@@ -182,6 +182,17 @@ def _usage_record(
     return usage_record(call.caller, usage, estimate=estimate, served_model=served_model)
 
 
+async def _settle(call: Call, answer: Answer, given: Any, served_model: str, *, text: str = "") -> None:
+    """The end of one answered call of Turbo's own, and the only one, however it ended (a whole answer, a
+    broken body or stream, a cancelled caller): its usage recorded once for the caller (the upstream's
+    `given` usage, else the prompt and `text` counted offline), then its admission and reservation
+    settled once. Callers reach it from a `finally`, so nothing above the gateway settles a call."""
+    tokens = _usage(given).get("total_tokens")
+    estimate = None if usage_from(given, model=call.model) else Estimate(text=text)
+    cost = _usage_record(call, answer, given, served_model, estimate)
+    await limits_settle(answer.admission, answer.reservation, cost=cost, tokens=tokens, reply_text=text)
+
+
 async def chat(
     body: dict,
     *,
@@ -192,15 +203,12 @@ async def chat(
     """One chat completion for a ready-made request body (model, messages, tools, ...)."""
     call = _call("chat/completions", {**body, "stream": False}, api_key, allowed_models, caller)
     answer = await _answer(call)
-    data = await _json_body(answer)
-    windows.learn_ratio(answer.deployment.id, call.payload, _usage(data.get("usage")).get("prompt_tokens"))
-    served = str(data.get("model") or "")
-    cost = _usage_record(
-        call, answer, data.get("usage"), served, None if data.get("usage") else Estimate(text=output_text(data))
-    )
-    await limits_settle(
-        answer.admission, answer.reservation, cost=cost, tokens=_usage(data.get("usage")).get("total_tokens")
-    )
+    data: dict = {}
+    try:
+        data = await _json_body(answer)
+        windows.learn_ratio(answer.deployment.id, call.payload, _usage(data.get("usage")).get("prompt_tokens"))
+    finally:  # an answer whose body broke (or a cancelled call) is settled too
+        await _settle(call, answer, data.get("usage"), str(data.get("model") or ""), text=output_text(data))
     choices = data.get("choices") or []
     if not choices or not isinstance(choices[0], dict):
         raise GatewayError("the upstream returned no choices", status=502, attempts=answer.attempts)
@@ -227,11 +235,11 @@ async def embeddings(
     """Embeddings, as the upstream's JSON object."""
     call = _call("embeddings", body, api_key, allowed_models, caller)
     answer = await _answer(call)
-    data = await _json_body(answer)
-    cost = _usage_record(call, answer, data.get("usage"), str(data.get("model") or ""))
-    await limits_settle(
-        answer.admission, answer.reservation, cost=cost, tokens=_usage(data.get("usage")).get("total_tokens")
-    )
+    data: dict = {}
+    try:
+        data = await _json_body(answer)
+    finally:
+        await _settle(call, answer, data.get("usage"), str(data.get("model") or ""))
     return data
 
 
@@ -298,29 +306,22 @@ class ChatStream:
         except GatewayError as exc:
             raise _logged(answer, exc) from None
         finally:
-            cost = self._usage_record(answer, whole)
-            tracing.answer_end(
-                answer,
-                response_model=self.model,
-                usage=self.usage,
-                finish_reasons=(self.finish_reason,),
-                output=self.text or self.tool_calls,
-                error="" if whole else "the stream did not finish",
-            )
-            await answer.response.aclose()
-            await limits_settle(
-                answer.admission,
-                answer.reservation,
-                cost=cost,
-                tokens=self.usage.get("total_tokens"),
-                reply_text=self.text,
-            )
-
-    def _usage_record(self, answer: Answer, whole: bool) -> Decimal | None:
-        if whole and self._usage_given:
-            return _usage_record(self.call, answer, self._usage_given, self.model)
-        arguments = "".join(call["function"]["name"] + call["function"]["arguments"] for call in self.tool_calls)
-        return _usage_record(self.call, answer, None, self.model, Estimate(text=self.text + arguments))
+            try:
+                tracing.answer_end(
+                    answer,
+                    response_model=self.model,
+                    usage=self.usage,
+                    finish_reasons=(self.finish_reason,),
+                    output=self.text or self.tool_calls,
+                    error="" if whole else "the stream did not finish",
+                )
+                await answer.response.aclose()
+            finally:
+                # A stream that broke or was abandoned is counted from what it streamed.
+                calls = self.tool_calls
+                arguments = "".join(call["function"]["name"] + call["function"]["arguments"] for call in calls)
+                given = self._usage_given if whole else None
+                await _settle(self.call, answer, given, self.model, text=self.text + arguments)
 
     def _take(self, data: dict) -> str:
         if isinstance(data.get("model"), str) and data["model"]:

@@ -36,20 +36,22 @@ class TerminalRuntime(Runtime):
 
     async def generate(self, *, messages, options, model, top, forward) -> str:
         from chats.options import settings_apply
-        from proxy import gateway
+        from proxy import completion
 
         request = settings_apply({"messages": messages}, options)
         if model:
             request["model"] = model
         if not (top and forward):
-            return (await gateway.chat(request)).text
-        stream = gateway.chat_stream(request)
-        async for delta in stream:
-            if delta.text:
-                self.write(delta.text)
+            return (await completion.complete_collect(request)).completion.text
+        text = ""
+        async for item in completion.complete(request):
+            if isinstance(item, completion.Delta) and item.text:
+                self.write(item.text)
+            elif isinstance(item, completion.Done):
+                text = item.completion.text
         self.write("\n")
         self.streamed = True
-        return stream.text
+        return text
 
 
 class Command(ActionCommand):
