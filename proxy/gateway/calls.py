@@ -1,4 +1,5 @@
-"""Model calls for Turbo's own code (chats, /ws, conversations, `proxy.ai`), as typed results.
+"""One upstream call for Turbo's own code, as typed results: under the completion service
+(proxy.completion, which every model front, chats and `proxy.ai` use) and embeddings.
 
     completion = await gateway.chat({"model": "gpt-4o-mini", "messages": [...]})
     stream = gateway.chat_stream({...})
@@ -13,6 +14,8 @@ without `[DONE]` `upstream_stream_incomplete`), in the upstream's own words, red
 once with the deployment's name. The upstream's JSON and server-sent events are parsed here, and only
 here: code above sees text, merged tool calls, usage and the finish reason (the /v1 passthrough,
 which relays bytes unchanged, reads the model and usage for its log with `UsageReader`).
+Each answered call is settled here, once, however it ends (`_settle`: usage recorded, admission and
+reservation settled).
 """
 
 import json
@@ -166,30 +169,22 @@ def _trace_end(answer: Answer, data: dict) -> None:
     )
 
 
-def _usage_record(
-    call: Call, answer: Answer, raw: Any, served_model: str, estimate: Estimate | None = None
-) -> Decimal | None:
-    """Record a call's usage for its caller (none: nobody's); counted offline when the upstream gave none.
-    Returns its cost (None: known only once counted)."""
-    if call.caller is None:
-        return Decimal(0)
-    model, deployment = answer.model or call.model, answer.deployment.id
-    usage = usage_from(raw, model=model, deployment=deployment) if estimate is None else None
-    if usage is None:
-        estimate = estimate or Estimate()
-        estimate.prompt = call.payload
-        usage = Usage(model, deployment)
-    return usage_record(call.caller, usage, estimate=estimate, served_model=served_model)
-
-
 async def _settle(call: Call, answer: Answer, given: Any, served_model: str, *, text: str = "") -> None:
     """The end of one answered call of Turbo's own, and the only one, however it ended (a whole answer, a
-    broken body or stream, a cancelled caller): its usage recorded once for the caller (the upstream's
-    `given` usage, else the prompt and `text` counted offline), then its admission and reservation
-    settled once. Callers reach it from a `finally`, so nothing above the gateway settles a call."""
+    broken body or stream, a cancelled caller): its usage recorded once for its caller (none: nobody's),
+    as the upstream's `given` usage or else the prompt and `text` counted offline, then its admission
+    and reservation settled once. Callers reach it from a `finally`, so nothing above the gateway
+    settles a call (an answer that is an upstream's error was settled by `send`)."""
+    cost: Decimal | None = Decimal(0)
+    if call.caller is not None:
+        model, deployment = answer.model or call.model, answer.deployment.id
+        usage = usage_from(given, model=model, deployment=deployment)
+        if usage is not None:
+            cost = usage_record(call.caller, usage, served_model=served_model)
+        else:
+            estimate = Estimate(text=text, prompt=call.payload)
+            cost = usage_record(call.caller, Usage(model, deployment), estimate=estimate, served_model=served_model)
     tokens = _usage(given).get("total_tokens")
-    estimate = None if usage_from(given, model=call.model) else Estimate(text=text)
-    cost = _usage_record(call, answer, given, served_model, estimate)
     await limits_settle(answer.admission, answer.reservation, cost=cost, tokens=tokens, reply_text=text)
 
 
