@@ -21,6 +21,7 @@ import asyncio
 import logging
 import time
 import uuid
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING
@@ -574,38 +575,40 @@ async def reply_stream(plan: PromptPlan, request: dict, reply: "_Reply | QuietRe
     conversations alike. The turn, from its prompt on (with its tool rounds and retries), always stays."""
     start = len(reply.text)
     ending, ran = False, []  # a round with client calls: its records go in at its end, in the calls' order
-    items = completion.complete(
-        request,
-        caller=plan.caller,
-        api_key=plan.api_key,
-        allowed_models=plan.allowed_models,
-        server_tools=plan.allowed_tools,
-        client_functions=getattr(plan, "client_functions", frozenset()),
-        fit_from=turn_start(request.get("messages") or []),
-    )
-    async for item in items:
-        if isinstance(item, completion.Delta):
-            if item.text:
-                await reply.add(item.text)
-        elif isinstance(item, completion.Usage):
-            _add_usage(reply.usage, item.usage)
-        elif isinstance(item, completion.ToolCall):
-            ending, ran = bool(item.client), []
-        elif isinstance(item, completion.ToolResult):
-            ran = item.records
-            if not ending:
-                reply.records += item.records
-                await reply.add("")  # members see the calls and their results
-        elif isinstance(item, completion.Retry):
-            await reply.restart(len(reply.text) - len(item.text), item.attempt, item.errors)
-        elif isinstance(item, completion.Done):
-            if item.client_calls:  # the client runs these: the turn ends here, the server's calls done
-                by_id = {record["id"]: record for record in ran}
-                calls = item.completion.tool_calls
-                reply.records += [by_id.get(call.get("id", "")) or _client_record(call) for call in calls]
-                reply.pending = True
-                await reply.add("")
-            reply.data = item.parsed
+    async with aclosing(
+        completion.complete(
+            request,
+            caller=plan.caller,
+            api_key=plan.api_key,
+            allowed_models=plan.allowed_models,
+            server_tools=plan.allowed_tools,
+            client_functions=getattr(plan, "client_functions", frozenset()),
+            fit_from=turn_start(request.get("messages") or []),
+        )
+    ) as items:
+        async for item in items:
+            if isinstance(item, completion.Delta):
+                if item.text:
+                    await reply.add(item.text)
+            elif isinstance(item, completion.Usage):
+                _add_usage(reply.usage, item.usage)
+            elif isinstance(item, completion.ToolCall):
+                ending, ran = bool(item.client), []
+            elif isinstance(item, completion.ToolResult):
+                ran = item.records
+                if not ending:
+                    reply.records += item.records
+                    await reply.add("")  # members see the calls and their results
+            elif isinstance(item, completion.Retry):
+                await reply.restart(len(reply.text) - len(item.text), item.attempt, item.errors)
+            elif isinstance(item, completion.Done):
+                if item.client_calls:  # the client runs these: the turn ends here, the server's calls done
+                    by_id = {record["id"]: record for record in ran}
+                    calls = item.completion.tool_calls
+                    reply.records += [by_id.get(call.get("id", "")) or _client_record(call) for call in calls]
+                    reply.pending = True
+                    await reply.add("")
+                reply.data = item.parsed
     return reply.text[start:]
 
 

@@ -19,6 +19,7 @@ never just ends.
 
 import hashlib
 from collections.abc import AsyncIterator, Iterable
+from contextlib import aclosing
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -171,14 +172,15 @@ class TextStream:
         self.retries: list[completion.Retry] = []
 
     async def __aiter__(self) -> AsyncIterator[str]:
-        async for item in completion.complete(self.request, caller=self.caller):
-            if isinstance(item, completion.Delta):
-                if item.text:
-                    yield item.text
-            elif isinstance(item, completion.Retry):
-                self.retries.append(item)
-            elif isinstance(item, completion.Done):
-                self.usage, self.parsed = item.completion.usage, item.parsed
+        async with aclosing(completion.complete(self.request, caller=self.caller)) as items:
+            async for item in items:
+                if isinstance(item, completion.Delta):
+                    if item.text:
+                        yield item.text
+                elif isinstance(item, completion.Retry):
+                    self.retries.append(item)
+                elif isinstance(item, completion.Done):
+                    self.usage, self.parsed = item.completion.usage, item.parsed
 
 
 def stream(

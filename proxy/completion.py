@@ -28,6 +28,7 @@ by Turbo's own code (a chat's settings and tools, `ai.*`'s options).
 
 import asyncio
 from collections.abc import AsyncIterator, Collection
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,7 +113,8 @@ async def complete(
     fit_from: int | None = None,
 ) -> AsyncIterator[Item]:
     """The items of one chat completion (see the module). Raises GatewayError (the upstream's or the
-    gateway's failure, StructuredOutputError after the retries, 502 after MAX_TOOL_ROUNDS)."""
+    gateway's failure, StructuredOutputError after the retries, 502 after MAX_TOOL_ROUNDS). A consumer
+    that stops early closes it (`contextlib.aclosing`), which ends and settles the upstream call."""
     attempts = structured.Attempts(request.get("response_format"))
     total: dict[str, int] = {}
     rounds = 0
@@ -120,8 +122,11 @@ async def complete(
         sent = request if fit_from is None else await gateway.context_fit(request, current=fit_from)
         if stream:
             upstream = gateway.chat_stream(sent, api_key=api_key, allowed_models=allowed_models, caller=caller)
-            async for delta in upstream:
-                yield Delta(delta.text, delta.chunk)
+            # Closed here, not when collected, when this is closed early (a client that went away): its
+            # call is settled at once.
+            async with aclosing(aiter(upstream)) as deltas:
+                async for delta in deltas:
+                    yield Delta(delta.text, delta.chunk)
             reply = Completion(
                 text=upstream.text,
                 model=upstream.model,
@@ -173,9 +178,10 @@ async def complete(
 async def complete_collect(request: dict, **options: Any) -> Done:
     """`complete` for a front that answers once (not streamed unless `stream=True` is passed)."""
     options.setdefault("stream", False)
-    async for item in complete(request, **options):
-        if isinstance(item, Done):
-            return item
+    async with aclosing(complete(request, **options)) as items:
+        async for item in items:
+            if isinstance(item, Done):
+                return item
     raise GatewayError("the completion ended without a reply", status=502)  # not reached: complete ends on Done
 
 

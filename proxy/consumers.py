@@ -15,6 +15,7 @@ socket stays open.
 import asyncio
 import json
 import time
+from contextlib import aclosing
 from typing import Any
 
 from channels.generic.websocket import AsyncWebsocketConsumer
@@ -257,23 +258,27 @@ class RpcConsumer(AsyncWebsocketConsumer):
         failed one gets a `chat_completion_retry` frame ({attempt, errors}: drop what streamed) and
         streams again. The done frame has the model's `tool_calls` when it called the client's tools."""
         request = {**_chat_request(payload), "stream_options": {"include_usage": True}}
-        items = completion.complete(request, allowed_models=self.allowed_models, caller=self.caller)
-        async for item in items:
-            if isinstance(item, completion.Delta):
-                await self.send_frame({"type": "chat_completion_chunk", "request_id": request_id, "data": item.chunk})
-            elif isinstance(item, completion.Usage):
-                self.attempts[request_id] = item.attempts
-            elif isinstance(item, completion.Retry):
-                retry = {"attempt": item.attempt, "errors": item.errors}
-                await self.send_frame({"type": "chat_completion_retry", "request_id": request_id, "data": retry})
-            elif isinstance(item, completion.Done):
-                reply = item.completion
-                done = {"content": reply.text, "model": reply.model, "usage": reply.usage or None}
-                if item.parsed is not None:
-                    done["parsed"] = item.parsed
-                if item.client_calls:
-                    done["tool_calls"] = item.client_calls
-                await self.send_frame({"type": "chat_completion_done", "request_id": request_id, "data": done})
+        async with aclosing(
+            completion.complete(request, allowed_models=self.allowed_models, caller=self.caller)
+        ) as items:
+            async for item in items:
+                if isinstance(item, completion.Delta):
+                    await self.send_frame(
+                        {"type": "chat_completion_chunk", "request_id": request_id, "data": item.chunk}
+                    )
+                elif isinstance(item, completion.Usage):
+                    self.attempts[request_id] = item.attempts
+                elif isinstance(item, completion.Retry):
+                    retry = {"attempt": item.attempt, "errors": item.errors}
+                    await self.send_frame({"type": "chat_completion_retry", "request_id": request_id, "data": retry})
+                elif isinstance(item, completion.Done):
+                    reply = item.completion
+                    done = {"content": reply.text, "model": reply.model, "usage": reply.usage or None}
+                    if item.parsed is not None:
+                        done["parsed"] = item.parsed
+                    if item.client_calls:
+                        done["tool_calls"] = item.client_calls
+                    await self.send_frame({"type": "chat_completion_done", "request_id": request_id, "data": done})
 
     async def do_embedding(self, request_id, payload):
         try:

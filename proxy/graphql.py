@@ -10,6 +10,7 @@ retries), usage's input by GET /usage's serializer.
 import datetime
 import json
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from decimal import Decimal
 
 import strawberry
@@ -275,21 +276,23 @@ class Subscription:
     async def completion_stream(self, info: Info, input: CompletionInput) -> AsyncGenerator[CompletionDelta, None]:
         session = await viewer(info, keys=True)
         request = _request_of(input)
-        items = completion.complete(request, caller=_caller(session), allowed_models=session.allowed_models)
-        async for item in items:
-            if isinstance(item, completion.Delta):
-                if item.text:
-                    yield CompletionDelta(text=item.text)
-            elif isinstance(item, completion.Retry):
-                yield CompletionDelta(text="", retry={"attempt": item.attempt, "errors": item.errors})
-            elif isinstance(item, completion.Done):
-                reply = item.completion
-                yield CompletionDelta(
-                    text="",
-                    done=True,
-                    model=reply.model,
-                    finish_reason=reply.finish_reason,
-                    usage=_usage_of(reply.usage),
-                    data=item.parsed,
-                    tool_calls=item.client_calls or None,
-                )
+        async with aclosing(
+            completion.complete(request, caller=_caller(session), allowed_models=session.allowed_models)
+        ) as items:
+            async for item in items:
+                if isinstance(item, completion.Delta):
+                    if item.text:
+                        yield CompletionDelta(text=item.text)
+                elif isinstance(item, completion.Retry):
+                    yield CompletionDelta(text="", retry={"attempt": item.attempt, "errors": item.errors})
+                elif isinstance(item, completion.Done):
+                    reply = item.completion
+                    yield CompletionDelta(
+                        text="",
+                        done=True,
+                        model=reply.model,
+                        finish_reason=reply.finish_reason,
+                        usage=_usage_of(reply.usage),
+                        data=item.parsed,
+                        tool_calls=item.client_calls or None,
+                    )

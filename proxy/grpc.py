@@ -11,6 +11,7 @@ interceptor). A client that cancels a call cancels its handler, and with it the 
 
 import json
 import math
+from contextlib import aclosing
 
 from accounts.auth import aauthenticate, metadata_credentials
 from protos.turbo.v1 import turbo_pb2, turbo_pb2_grpc
@@ -110,22 +111,22 @@ class CompletionsServicer(turbo_pb2_grpc.CompletionsServicer):
         """The reply's deltas as they come; a structured reply that fails its schema gets a chunk with
         `retry` (drop what streamed) and streams again; the last chunk ends it."""
         session = await aauthenticate("grpc.completions", metadata_credentials(context.invocation_metadata()))
-        items = completion.complete(
-            chat_body(request), caller=Caller.of(session), allowed_models=session.allowed_models
-        )
-        async for item in items:
-            if isinstance(item, completion.Delta):
-                if item.text:
-                    yield turbo_pb2.CompleteChunk(delta=item.text)
-            elif isinstance(item, completion.Retry):
-                yield turbo_pb2.CompleteChunk(retry=turbo_pb2.Retry(attempt=item.attempt, errors=item.errors))
-            elif isinstance(item, completion.Done):
-                reply = item.completion
-                yield turbo_pb2.CompleteChunk(
-                    finish_reason=reply.finish_reason or "stop",
-                    usage=usage_message(reply.usage),
-                    tool_calls_json=_calls_json(item.client_calls),
-                )
+        async with aclosing(
+            completion.complete(chat_body(request), caller=Caller.of(session), allowed_models=session.allowed_models)
+        ) as items:
+            async for item in items:
+                if isinstance(item, completion.Delta):
+                    if item.text:
+                        yield turbo_pb2.CompleteChunk(delta=item.text)
+                elif isinstance(item, completion.Retry):
+                    yield turbo_pb2.CompleteChunk(retry=turbo_pb2.Retry(attempt=item.attempt, errors=item.errors))
+                elif isinstance(item, completion.Done):
+                    reply = item.completion
+                    yield turbo_pb2.CompleteChunk(
+                        finish_reason=reply.finish_reason or "stop",
+                        usage=usage_message(reply.usage),
+                        tool_calls_json=_calls_json(item.client_calls),
+                    )
 
     async def Embed(self, request, context):
         session = await aauthenticate("grpc.completions", metadata_credentials(context.invocation_metadata()))

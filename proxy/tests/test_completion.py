@@ -210,3 +210,14 @@ async def test_the_request_model_reads_a_front_s_fields():
     assert request["tools"] == [LOOKUP] and request["response_format"] == ANSWER and request["model"]
     with pytest.raises(Exception, match="input.messages"):
         completion.request_read({"messages": []}, prefix="input.")
+
+
+async def test_a_consumer_that_stops_reading_settles_the_call_at_once(upstream, caller, paused_event_writer):
+    before = usage_pending()
+    items = completion.complete(asking("[scenario:stall] echo: one two three"), caller=caller)
+    async for item in items:
+        if isinstance(item, completion.Delta):
+            break
+    assert await reserved(caller) > 0
+    await items.aclose()  # as a front does when its client goes away (contextlib.aclosing)
+    assert usage_pending() - before == 1 and await reserved(caller) == 0

@@ -2,6 +2,7 @@
 
 import asyncio
 import sys
+from contextlib import aclosing
 
 from django.core.management.base import CommandError
 
@@ -44,11 +45,12 @@ class TerminalRuntime(Runtime):
         if not (top and forward):
             return (await completion.complete_collect(request)).completion.text
         text = ""
-        async for item in completion.complete(request):
-            if isinstance(item, completion.Delta) and item.text:
-                self.write(item.text)
-            elif isinstance(item, completion.Done):
-                text = item.completion.text
+        async with aclosing(completion.complete(request)) as items:
+            async for item in items:
+                if isinstance(item, completion.Delta) and item.text:
+                    self.write(item.text)
+                elif isinstance(item, completion.Done):
+                    text = item.completion.text
         self.write("\n")
         self.streamed = True
         return text
