@@ -21,6 +21,7 @@ import asyncio
 import logging
 import time
 import uuid
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING
@@ -46,7 +47,7 @@ from chats.stream import (
     aevent_send,
     message_event,
 )
-from proxy import ai, functions, gateway, structured, tools
+from proxy import ai, completion, functions, structured, tools
 from proxy.gateway import GatewayError
 from proxy.gateway.windows import turn_start
 from proxy.usage.budgets import BudgetExceeded, budget_reserve
@@ -563,57 +564,52 @@ async def _generate(plan: PromptPlan, base: dict) -> Outcome:
 
 
 async def reply_stream(plan: PromptPlan, request: dict, reply: "_Reply | QuietReply") -> str:
-    """Ask the model, streaming its text into `reply`; run the tools it calls and ask again,
-    MAX_TOOL_ROUNDS at most. Returns the text it added.
+    """Ask the model through the completion service (proxy.completion), streaming its text into
+    `reply`: the tools it calls run between rounds, their records shown; a json_schema reply that fails
+    is dropped from `reply` (members see the `retry`) and asked for again; the parsed value lands in
+    `reply.data`. A call to one of the client's functions (`plan.client_functions`) ends the turn:
+    `reply.pending`, with the calls recorded (`client: true`). Returns the text it added.
 
-    A json_schema response_format's reply is validated and asked for again with the errors
-    (proxy.structured); the parsed value lands in `reply.data`. A call to one of the client's functions
-    (`plan.client_functions`) ends the turn: `reply.pending`, with the calls recorded (`client: true`)."""
+    Each round is cut to the model's context window (oldest exchanges first; 400
+    context_length_exceeded if even this turn leaves no room for a reply): chats, programs and
+    conversations alike. The turn, from its prompt on (with its tool rounds and retries), always stays."""
     start = len(reply.text)
-    attempts = structured.Attempts(request.get("response_format"))
-    rounds = 0
-    # Each round is cut to the model's context window (oldest exchanges first; 400 context_length_exceeded
-    # if even this turn leaves no room for a reply): chats, programs and conversations alike. The turn,
-    # from its prompt on (with its tool rounds and retries), always stays.
-    current = turn_start(request.get("messages") or [])
-    while True:
-        attempt_start = len(reply.text)
-        fitted = await gateway.context_fit(request, current=current)
-        stream = gateway.chat_stream(
-            fitted, api_key=plan.api_key, allowed_models=plan.allowed_models, caller=plan.caller
+    ending, ran = False, []  # a round with client calls: its records go in at its end, in the calls' order
+    async with aclosing(
+        completion.complete(
+            request,
+            caller=plan.caller,
+            api_key=plan.api_key,
+            allowed_models=plan.allowed_models,
+            server_tools=plan.allowed_tools,
+            client_functions=getattr(plan, "client_functions", frozenset()),
+            fit_from=turn_start(request.get("messages") or []),
         )
-        async for delta in stream:
-            if delta.text:
-                await reply.add(delta.text)
-        _add_usage(reply.usage, stream.usage)
-        if not stream.tool_calls:
-            if not attempts.wanted:
-                return reply.text[start:]
-            parsed, errors = attempts.check(stream.text)  # raises StructuredOutputError when out of retries
-            if not errors:
-                reply.data = parsed
-                return reply.text[start:]
-            await reply.restart(attempt_start, attempts.made, errors)
-            request = {**request, "messages": structured.retry_messages(request["messages"], stream.text, errors)}
-            continue
-        tool_calls = stream.tool_calls
-        client_functions = getattr(plan, "client_functions", frozenset())
-        theirs = [call for call in tool_calls if (call.get("function") or {}).get("name") in client_functions]
-        ours = [call for call in tool_calls if call not in theirs]
-        records, answers = await _run_tools(ours, plan.allowed_tools) if ours else ([], [])
-        if theirs:  # the client runs these: the turn ends here, the server's calls done and recorded
-            by_id = {record["id"]: record for record in records}
-            reply.records += [by_id.get(call.get("id", "")) or _client_record(call) for call in tool_calls]
-            reply.pending = True
-            await reply.add("")
-            return reply.text[start:]
-        reply.records += records
-        await reply.add("")  # members see the calls and their results
-        rounds += 1
-        if rounds > settings.MAX_TOOL_ROUNDS:
-            raise GatewayError(f"the model was still calling tools after {settings.MAX_TOOL_ROUNDS} rounds", status=502)
-        assistant = {"role": "assistant", "content": stream.text or None, "tool_calls": tool_calls}
-        request = {**request, "messages": [*request["messages"], assistant, *answers]}
+    ) as items:
+        async for item in items:
+            if isinstance(item, completion.Delta):
+                if item.text:
+                    await reply.add(item.text)
+            elif isinstance(item, completion.Usage):
+                _add_usage(reply.usage, item.usage)
+            elif isinstance(item, completion.ToolCall):
+                ending, ran = bool(item.client), []
+            elif isinstance(item, completion.ToolResult):
+                ran = item.records
+                if not ending:
+                    reply.records += item.records
+                    await reply.add("")  # members see the calls and their results
+            elif isinstance(item, completion.Retry):
+                await reply.restart(len(reply.text) - len(item.text), item.attempt, item.errors)
+            elif isinstance(item, completion.Done):
+                if item.client_calls:  # the client runs these: the turn ends here, the server's calls done
+                    by_id = {record["id"]: record for record in ran}
+                    calls = item.completion.tool_calls
+                    reply.records += [by_id.get(call.get("id", "")) or _client_record(call) for call in calls]
+                    reply.pending = True
+                    await reply.add("")
+                reply.data = item.parsed
+    return reply.text[start:]
 
 
 def _client_record(call: dict) -> dict:
@@ -633,39 +629,6 @@ def _add_usage(total: dict, usage: dict | None) -> None:
     for name, value in (usage or {}).items():
         if isinstance(value, int):
             total[name] = (total.get(name) or 0) + value
-
-
-@tracing.traced(
-    "execute_tool {gen_ai.tool.name}",
-    lambda call, allowed: {
-        "gen_ai.operation.name": "execute_tool",
-        "gen_ai.tool.name": str((call.get("function") or {}).get("name") or ""),
-        "gen_ai.tool.call.id": str(call.get("id") or ""),
-    },
-)
-async def _run_tool(call: dict, allowed: list[str]) -> dict:
-    name = (call.get("function") or {}).get("name")
-    if name not in allowed:  # the model may only use the tools enabled for this chat
-        return {"tool_call_id": call.get("id", ""), "content": f"tool {name!r} is not enabled here", "is_error": True}
-    return await tools.tool_execute(call)
-
-
-@tracing.traced("chat tool round", lambda calls, allowed: {"turbo.tool_calls": len(calls)})
-async def _run_tools(calls: list[dict], allowed: list[str]) -> tuple[list[dict], list[dict]]:
-    """Execute tool calls concurrently: (records for the message, `tool` messages for the model)."""
-    results = await asyncio.gather(*(_run_tool(call, allowed) for call in calls))
-    records = [
-        {
-            "id": call.get("id", ""),
-            "name": (call.get("function") or {}).get("name", ""),
-            "arguments": (call.get("function") or {}).get("arguments", ""),
-            "result": result["content"],
-            "is_error": bool(result.get("is_error")),
-        }
-        for call, result in zip(calls, results, strict=True)
-    ]
-    answers = [{"role": "tool", "tool_call_id": r["tool_call_id"], "content": r["content"]} for r in results]
-    return records, answers
 
 
 # --- stopping a reply ---------------------------------------------------------------------------------

@@ -7,8 +7,9 @@
     person = ai.structured("Invent a person", schema={"type": "object", ...})  # the parsed, valid JSON
     person = await ai.astructured("Invent a person", response_format={"type": "json_schema", ...})
 
-A `response_format` of type json_schema (an option of complete/acomplete too) is validated by
-proxy.structured: an invalid reply is asked for again with the errors (STRUCTURED_RETRIES times), then
+Every call goes through the completion service (proxy.completion), as the fronts' do. A
+`response_format` of type json_schema (an option of complete/acomplete/stream too) is validated: an
+invalid reply is asked for again with the errors (STRUCTURED_RETRIES times), then
 StructuredOutputError (502 `invalid_structured_output`); a bad schema is ResponseFormatInvalid (400).
 
 Failures raise gateway.GatewayError (with an HTTP-ish `status`: 502 unreachable, 504 timeout, 503 not
@@ -18,11 +19,12 @@ never just ends.
 
 import hashlib
 from collections.abc import AsyncIterator, Iterable
+from contextlib import aclosing
 from typing import Any
 
 from asgiref.sync import async_to_sync
 
-from proxy import gateway
+from proxy import completion
 from proxy import structured as structured_output
 from proxy.usage.caller import Caller
 
@@ -86,8 +88,8 @@ async def acomplete(
         request["response_format"] = structured_output.response_format_check(request["response_format"])
         if request["response_format"] is None:
             del request["response_format"]
-    completion, _ = await structured_output.structured_complete(request, caller=_caller(user))
-    return completion.text
+    done = await completion.complete_collect(request, caller=_caller(user))
+    return done.completion.text
 
 
 async def astructured(
@@ -113,8 +115,8 @@ async def astructured(
     if checked is None or checked["type"] != "json_schema":
         raise structured_output.ResponseFormatInvalid("response_format: astructured() needs type json_schema")
     request = _request(prompt, user, context, model, system, {**options, "response_format": checked})
-    _, parsed = await structured_output.structured_complete(request, caller=_caller(user))
-    return parsed
+    done = await completion.complete_collect(request, caller=_caller(user))
+    return done.parsed
 
 
 def structured(
@@ -157,20 +159,28 @@ def complete(
 
 
 class TextStream:
-    """The reply as it is generated, delta by delta (`async for`). Once iteration ends, `usage`
-    holds the token counts if the upstream sent them."""
+    """The reply as it is generated, delta by delta (`async for`). Once iteration ends, `usage` holds
+    the token counts if the upstream sent them, and with a json_schema `response_format` `parsed` the
+    valid value; `retries` the attempts whose replies failed their schema (their text was yielded
+    before the retry: only the text after the last one is the reply)."""
 
     def __init__(self, request: dict, caller: Caller | None = None):
         self.request = request
         self.caller = caller
         self.usage: dict = {}
+        self.parsed: Any = None
+        self.retries: list[completion.Retry] = []
 
     async def __aiter__(self) -> AsyncIterator[str]:
-        stream = gateway.chat_stream(self.request, caller=self.caller)
-        async for delta in stream:
-            if delta.text:
-                yield delta.text
-        self.usage = stream.usage
+        async with aclosing(completion.complete(self.request, caller=self.caller)) as items:
+            async for item in items:
+                if isinstance(item, completion.Delta):
+                    if item.text:
+                        yield item.text
+                elif isinstance(item, completion.Retry):
+                    self.retries.append(item)
+                elif isinstance(item, completion.Done):
+                    self.usage, self.parsed = item.completion.usage, item.parsed
 
 
 def stream(

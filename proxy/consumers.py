@@ -6,8 +6,8 @@ Response: {"type": <method>, "request_id": ..., "data": {...}}
 
 Methods: chat_completion, chat_completion_stream (chat_completion_chunk frames, then chat_completion_done),
 embedding, ping (-> pong), tools_list, tool_execute, and cancel (stops one in-flight request).
-A `response_format` of type json_schema is validated by proxy.structured (chat_completion_retry frames
-when a streamed reply is asked for again; the parsed value as `parsed`).
+A chat completion goes through proxy.completion: a json_schema `response_format` is validated
+(chat_completion_retry frames when a streamed reply is asked for again; the parsed value as `parsed`).
 Requests run concurrently and are answered as they finish; a bad frame gets an error frame and the
 socket stays open.
 """
@@ -15,6 +15,7 @@ socket stays open.
 import asyncio
 import json
 import time
+from contextlib import aclosing
 from typing import Any
 
 from channels.generic.websocket import AsyncWebsocketConsumer
@@ -24,7 +25,7 @@ from rest_framework import serializers
 from accounts.auth import AuthRefused, aauthenticate, scope_credentials
 from accounts.live import session_watch
 from accounts.services import asession_refresh
-from proxy import gateway, structured, tools
+from proxy import completion, gateway, structured, tools
 from proxy.events import event_record
 from proxy.requests import chat_request_read, embedding_request_read
 from proxy.usage.caller import Caller
@@ -240,42 +241,44 @@ class RpcConsumer(AsyncWebsocketConsumer):
 
     async def do_chat_completion(self, request_id, payload):
         """With a json_schema response_format, the reply is validated (and asked for again) by
-        proxy.structured; its parsed value is the message's `parsed`, as OpenAI's SDK `parse()` has it."""
-        completion, parsed = await structured.structured_complete(
+        proxy.completion; its parsed value is the message's `parsed`, as OpenAI's SDK `parse()` has it."""
+        done = await completion.complete_collect(
             _chat_request(payload), allowed_models=self.allowed_models, caller=self.caller
         )
-        self.attempts[request_id] = completion.attempts
-        data = completion.data
-        if parsed is not None:
+        self.attempts[request_id] = done.completion.attempts
+        data = done.completion.data
+        if done.parsed is not None:
             choices = data.get("choices") or [{}]
-            message = {**(choices[0].get("message") or {}), "parsed": parsed}
+            message = {**(choices[0].get("message") or {}), "parsed": done.parsed}
             data = {**data, "choices": [{**choices[0], "message": message}, *choices[1:]]}
         await self.send_frame({"type": "chat_completion", "request_id": request_id, "data": data})
 
     async def do_chat_completion_stream(self, request_id, payload):
-        """A json_schema reply is validated once it has streamed; a failed one gets a
-        `chat_completion_retry` frame ({attempt, errors}: drop what streamed) and streams again."""
+        """The upstream's chunks as they come. A json_schema reply is validated once it has streamed; a
+        failed one gets a `chat_completion_retry` frame ({attempt, errors}: drop what streamed) and
+        streams again. The done frame has the model's `tool_calls` when it called the client's tools."""
         request = {**_chat_request(payload), "stream_options": {"include_usage": True}}
-        attempts = structured.Attempts(request.get("response_format"))
-        while True:
-            stream = gateway.chat_stream(request, allowed_models=self.allowed_models, caller=self.caller)
-            async for delta in stream:
-                self.attempts[request_id] = stream.attempts
-                await self.send_frame({"type": "chat_completion_chunk", "request_id": request_id, "data": delta.chunk})
-            parsed = None
-            if attempts.wanted and not stream.tool_calls:
-                parsed, errors = attempts.check(stream.text)
-                if errors:
-                    retry = {"attempt": attempts.made, "errors": errors}
+        async with aclosing(
+            completion.complete(request, allowed_models=self.allowed_models, caller=self.caller)
+        ) as items:
+            async for item in items:
+                if isinstance(item, completion.Delta):
+                    await self.send_frame(
+                        {"type": "chat_completion_chunk", "request_id": request_id, "data": item.chunk}
+                    )
+                elif isinstance(item, completion.Usage):
+                    self.attempts[request_id] = item.attempts
+                elif isinstance(item, completion.Retry):
+                    retry = {"attempt": item.attempt, "errors": item.errors}
                     await self.send_frame({"type": "chat_completion_retry", "request_id": request_id, "data": retry})
-                    messages = structured.retry_messages(request["messages"], stream.text, errors)
-                    request = {**request, "messages": messages}
-                    continue
-            break
-        done = {"content": stream.text, "model": stream.model, "usage": stream.usage or None}
-        if parsed is not None:
-            done["parsed"] = parsed
-        await self.send_frame({"type": "chat_completion_done", "request_id": request_id, "data": done})
+                elif isinstance(item, completion.Done):
+                    reply = item.completion
+                    done = {"content": reply.text, "model": reply.model, "usage": reply.usage or None}
+                    if item.parsed is not None:
+                        done["parsed"] = item.parsed
+                    if item.client_calls:
+                        done["tool_calls"] = item.client_calls
+                    await self.send_frame({"type": "chat_completion_done", "request_id": request_id, "data": done})
 
     async def do_embedding(self, request_id, payload):
         try:

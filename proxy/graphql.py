@@ -2,13 +2,15 @@
 (its deltas). An API key may use all four, as on /v1 and /ws.
 
 Calls go through proxy.gateway with the caller named (proxy.usage.Caller), so usage, budgets and rate
-limits apply as everywhere; a request is read by the one request model (proxy.requests, as on /ws and gRPC),
-a response_format by proxy.structured, usage's input by GET /usage's serializer.
+limits apply as everywhere; a completion is read by the one request model and run by the completion
+service (proxy.completion, as on /ws and gRPC: your functions as tools, structured output with its
+retries), usage's input by GET /usage's serializer.
 """
 
 import datetime
 import json
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from decimal import Decimal
 
 import strawberry
@@ -20,8 +22,7 @@ from strawberry.types import Info
 
 from accounts.graphql import viewer
 from accounts.services import AuthSession
-from proxy import gateway
-from proxy.requests import chat_request_read
+from proxy import completion, gateway
 from proxy.usage.api import DEFAULT_SPAN, UsageInput
 from proxy.usage.caller import Caller
 from proxy.usage.selectors import usage_report_for
@@ -115,6 +116,11 @@ class MessageInput:
     role: str = strawberry.field(description="system, user, assistant, tool or developer")
     content: str | None = None
     name: str | None = None
+    tool_calls: JSON | None = strawberry.field(
+        default=None,
+        description="an assistant message's tool calls (OpenAI's shape), answered by tool messages",
+    )
+    tool_call_id: str | None = strawberry.field(default=None, description="a tool message: the call it answers")
 
 
 @strawberry.input(description="A one-off chat completion, as on /ws (chat_completion).")
@@ -126,6 +132,11 @@ class CompletionInput:
     response_format: JSON | None = strawberry.field(
         default=None, description="OpenAI's response_format: json_schema replies are validated (parsed in `data`)"
     )
+    tools: JSON | None = strawberry.field(
+        default=None,
+        description="your functions (OpenAI's tools): the model's calls of them end the completion, in `toolCalls`",
+    )
+    tool_choice: JSON | None = None
 
 
 @strawberry.type(description="Tokens a call used.")
@@ -163,22 +174,36 @@ class CompletionDelta:
     finish_reason: str | None = None
     usage: TokenUsage | None = None
     data: JSON | None = None
+    tool_calls: JSON | None = strawberry.field(
+        default=None, description="the last delta: the calls of your functions the model made (it waits for results)"
+    )
+    retry: JSON | None = strawberry.field(
+        default=None,
+        description="a structured reply failed its schema ({attempt, errors}): drop the text so far, another follows",
+    )
 
 
-def _request_of(input: CompletionInput) -> tuple[dict, dict | None]:
-    """The gateway request for `input` (read by the one request model, proxy.requests), and its
-    response_format."""
+def _request_of(input: CompletionInput) -> dict:
+    """The completion request for `input`, read by the one request model (proxy.completion)."""
     fields = {
         "messages": [
-            {"role": message.role, "content": message.content, "name": message.name} for message in input.messages
+            {
+                "role": message.role,
+                "content": message.content,
+                "name": message.name,
+                "tool_calls": message.tool_calls,
+                "tool_call_id": message.tool_call_id,
+            }
+            for message in input.messages
         ],
         "model": input.model,
         "max_tokens": input.max_tokens,
         "temperature": input.temperature,
         "response_format": input.response_format,
+        "tools": input.tools,
+        "tool_choice": input.tool_choice,
     }
-    request = chat_request_read(fields, prefix="input.", default_model=settings.DEFAULT_MODEL)
-    return request, request.get("response_format")
+    return completion.request_read(fields, prefix="input.")
 
 
 def _caller(session: AuthSession) -> Caller:
@@ -228,20 +253,18 @@ class Mutation:
         description="One chat completion (not stored in any chat); an API key may call it.", metadata=MODEL_CALL
     )
     async def complete(self, info: Info, input: CompletionInput) -> Completion:
-        from proxy.structured import structured_complete
-
         session = await viewer(info, keys=True)
-        request, response_format = _request_of(input)
-        completion, data = await structured_complete(
-            request, caller=_caller(session), allowed_models=session.allowed_models
+        done = await completion.complete_collect(
+            _request_of(input), caller=_caller(session), allowed_models=session.allowed_models
         )
+        reply = done.completion
         return Completion(
-            text=completion.text,
-            model=completion.model,
-            finish_reason=completion.finish_reason,
-            tool_calls=completion.tool_calls,
-            usage=_usage_of(completion.usage),
-            data=data,
+            text=reply.text,
+            model=reply.model,
+            finish_reason=reply.finish_reason,
+            tool_calls=reply.tool_calls,
+            usage=_usage_of(reply.usage),
+            data=done.parsed,
         )
 
 
@@ -252,28 +275,24 @@ class Subscription:
     )
     async def completion_stream(self, info: Info, input: CompletionInput) -> AsyncGenerator[CompletionDelta, None]:
         session = await viewer(info, keys=True)
-        request, response_format = _request_of(input)
-        stream = gateway.chat_stream(
-            {**request, "stream_options": {"include_usage": True}},
-            allowed_models=session.allowed_models,
-            caller=_caller(session),
-        )
-        async for delta in stream:
-            if delta.text:
-                yield CompletionDelta(text=delta.text)
-        data = None
-        if response_format is not None and not stream.tool_calls:
-            from proxy.structured import ReplyInvalid, StructuredOutputError, reply_parse
-
-            try:
-                data = reply_parse(stream.text, response_format)
-            except ReplyInvalid as invalid:
-                raise StructuredOutputError(invalid.errors) from None
-        yield CompletionDelta(
-            text="",
-            done=True,
-            model=stream.model,
-            finish_reason=stream.finish_reason,
-            usage=_usage_of(stream.usage),
-            data=data,
-        )
+        request = _request_of(input)
+        async with aclosing(
+            completion.complete(request, caller=_caller(session), allowed_models=session.allowed_models)
+        ) as items:
+            async for item in items:
+                if isinstance(item, completion.Delta):
+                    if item.text:
+                        yield CompletionDelta(text=item.text)
+                elif isinstance(item, completion.Retry):
+                    yield CompletionDelta(text="", retry={"attempt": item.attempt, "errors": item.errors})
+                elif isinstance(item, completion.Done):
+                    reply = item.completion
+                    yield CompletionDelta(
+                        text="",
+                        done=True,
+                        model=reply.model,
+                        finish_reason=reply.finish_reason,
+                        usage=_usage_of(reply.usage),
+                        data=item.parsed,
+                        tool_calls=item.client_calls or None,
+                    )

@@ -1,21 +1,22 @@
 """The gRPC Completions service (protos/turbo/v1/turbo.proto): chat completions, plain and streamed, and
 embeddings, over the model gateway, like /v1 and /ws.
 
-A thin adapter: authenticate (a session token or an API key), parse the request into the gateway's
-body, call `gateway.chat` / `chat_stream` / `embeddings` (or `structured.structured_complete` with a
-schema) for the caller, so usage, budgets and rate limits apply, and shape the answer. Errors are
+A thin adapter: authenticate (a session token or an API key), read the request, run a completion
+through the completion service (proxy.completion: your functions as tools, structured output with
+its retries, streamed or not) or `gateway.embeddings` for the caller, so usage, budgets and rate
+limits apply, and shape the answer. Errors are
 raised as they are and become gRPC statuses in one place (turbo_site.core.grpc, through the server's
 interceptor). A client that cancels a call cancels its handler, and with it the upstream call.
 """
 
+import json
 import math
-
-from django.conf import settings
+from contextlib import aclosing
 
 from accounts.auth import aauthenticate, metadata_credentials
 from protos.turbo.v1 import turbo_pb2, turbo_pb2_grpc
-from proxy import gateway, structured
-from proxy.requests import chat_request_read, embedding_request_read
+from proxy import completion, gateway, structured
+from proxy.requests import embedding_request_read
 from proxy.usage.caller import Caller
 from turbo_site.core.errors import Invalid
 from turbo_site.core.parsers import client_json_loads
@@ -40,13 +41,34 @@ def response_format_of(text: str, *, field: str = "response_format_json_schema")
     return structured.response_format_check({"type": "json_schema", "json_schema": json_schema})
 
 
+def _json_field(text: str, field: str) -> object:
+    """A request's JSON text field, parsed (None for ""): 400 naming the field when it is not JSON."""
+    if not text.strip():
+        return None
+    try:
+        return client_json_loads(text)
+    except ValueError as exc:
+        raise Invalid(f"{field}: is not valid JSON ({exc})") from None
+
+
 def chat_body(request: turbo_pb2.CompleteRequest) -> dict:
-    """The gateway's request body for a CompleteRequest, read by the one request model (proxy.requests):
+    """The completion request for a CompleteRequest, read by the one request model (proxy.completion):
     400 naming the field that is wrong."""
     fields: dict = {
-        "messages": [{"role": message.role, "content": message.content} for message in request.messages],
+        "messages": [
+            {
+                "role": message.role,
+                "content": message.content,
+                "name": message.name or None,
+                "tool_calls": _json_field(message.tool_calls_json, f"messages[{index}].tool_calls_json"),
+                "tool_call_id": message.tool_call_id or None,
+            }
+            for index, message in enumerate(request.messages)
+        ],
         "model": request.model,
         "response_format": response_format_of(request.response_format_json_schema),
+        "tools": _json_field(request.tools_json, "tools_json"),
+        "tool_choice": _json_field(request.tool_choice_json, "tool_choice_json"),
     }
     if request.HasField("temperature"):
         if math.isnan(request.temperature):
@@ -54,7 +76,7 @@ def chat_body(request: turbo_pb2.CompleteRequest) -> dict:
         fields["temperature"] = request.temperature
     if request.HasField("max_tokens"):
         fields["max_tokens"] = request.max_tokens
-    return chat_request_read(fields, default_model=settings.DEFAULT_MODEL)
+    return completion.request_read(fields)
 
 
 def usage_message(usage: dict | None) -> turbo_pb2.Usage:
@@ -64,47 +86,47 @@ def usage_message(usage: dict | None) -> turbo_pb2.Usage:
     )
 
 
+def _calls_json(calls: list[dict]) -> str:
+    return json.dumps(calls, separators=(",", ":")) if calls else ""
+
+
 class CompletionsServicer(turbo_pb2_grpc.CompletionsServicer):
     """turbo.v1.Completions: every call is the caller's (a session token or an API key)."""
 
     async def Complete(self, request, context):
         session = await aauthenticate("grpc.completions", metadata_credentials(context.invocation_metadata()))
-        body = chat_body(request)
-        completion, _ = await structured.structured_complete(
-            body, caller=Caller.of(session), allowed_models=session.allowed_models
+        done = await completion.complete_collect(
+            chat_body(request), caller=Caller.of(session), allowed_models=session.allowed_models
         )
+        reply = done.completion
         return turbo_pb2.CompleteResponse(
-            content=completion.text,
-            model=completion.model,
-            finish_reason=completion.finish_reason or "",
-            usage=usage_message(completion.usage),
+            content=reply.text,
+            model=reply.model,
+            finish_reason=reply.finish_reason or "",
+            usage=usage_message(reply.usage),
+            tool_calls_json=_calls_json(done.client_calls),
         )
 
     async def CompleteStream(self, request, context):
+        """The reply's deltas as they come; a structured reply that fails its schema gets a chunk with
+        `retry` (drop what streamed) and streams again; the last chunk ends it."""
         session = await aauthenticate("grpc.completions", metadata_credentials(context.invocation_metadata()))
-        body = chat_body(request)
-        caller = Caller.of(session)
-        if "response_format" in body:
-            # A reply that must match a schema is sent once it has been validated (and asked again if
-            # it did not match): as one delta, then the last chunk.
-            completion, _ = await structured.structured_complete(
-                body, caller=caller, allowed_models=session.allowed_models
-            )
-            if completion.text:
-                yield turbo_pb2.CompleteChunk(delta=completion.text)
-            yield turbo_pb2.CompleteChunk(
-                finish_reason=completion.finish_reason or "stop", usage=usage_message(completion.usage)
-            )
-            return
-        stream = gateway.chat_stream(
-            {**body, "stream_options": {"include_usage": True}},
-            allowed_models=session.allowed_models,
-            caller=caller,
-        )
-        async for delta in stream:
-            if delta.text:
-                yield turbo_pb2.CompleteChunk(delta=delta.text)
-        yield turbo_pb2.CompleteChunk(finish_reason=stream.finish_reason or "stop", usage=usage_message(stream.usage))
+        async with aclosing(
+            completion.complete(chat_body(request), caller=Caller.of(session), allowed_models=session.allowed_models)
+        ) as items:
+            async for item in items:
+                if isinstance(item, completion.Delta):
+                    if item.text:
+                        yield turbo_pb2.CompleteChunk(delta=item.text)
+                elif isinstance(item, completion.Retry):
+                    yield turbo_pb2.CompleteChunk(retry=turbo_pb2.Retry(attempt=item.attempt, errors=item.errors))
+                elif isinstance(item, completion.Done):
+                    reply = item.completion
+                    yield turbo_pb2.CompleteChunk(
+                        finish_reason=reply.finish_reason or "stop",
+                        usage=usage_message(reply.usage),
+                        tool_calls_json=_calls_json(item.client_calls),
+                    )
 
     async def Embed(self, request, context):
         session = await aauthenticate("grpc.completions", metadata_credentials(context.invocation_metadata()))

@@ -2,10 +2,11 @@
 model's reply validated against its schema, asked again with the validation errors when it fails.
 
     response_format = response_format_check(value)            # 400 invalid_response_format
-    completion, parsed = await structured_complete(request)    # 502 invalid_structured_output
+    parsed, errors = Attempts(response_format).check(text)     # 502 invalid_structured_output at the end
 
-Every front (chat prompts, /ws, GraphQL, gRPC, `proxy.ai`) goes through this module: the check, the
-reply's validation and the retry loop are written once. A deployment without native `json_schema`
+Every front (chat prompts, /ws, GraphQL, gRPC, `proxy.ai`) goes through this module, by way of the
+completion service (proxy.completion, which runs the retry loop): the check and the reply's
+validation are written once. A deployment without native `json_schema`
 support gets the schema as a system instruction (proxy.gateway.instructions); its reply is validated
 the same way. The /v1 passthrough never comes here.
 """
@@ -20,10 +21,8 @@ import referencing.exceptions
 from django.conf import settings
 from jsonschema.validators import validator_for
 
-from proxy import gateway
 from proxy.gateway import GatewayError
 from proxy.gateway.instructions import json_schema_of
-from proxy.usage.caller import Caller
 from turbo_site.core.errors import Invalid
 
 MAX_SCHEMA_BYTES = 32 * 1024  # a response_format as JSON, at most
@@ -199,7 +198,7 @@ def retry_messages(messages: list[dict], reply: str, errors: list[str]) -> list[
 
 @dataclass
 class Attempts:
-    """The retry loop's bookkeeping, shared by the streamed chat loop and structured_complete."""
+    """The retry loop's bookkeeping (the loop itself is proxy.completion's)."""
 
     response_format: dict | None
     made: int = 0
@@ -218,29 +217,3 @@ class Attempts:
             if self.made > settings.STRUCTURED_RETRIES:
                 raise StructuredOutputError(invalid.errors, attempts=self.made) from None
             return None, invalid.errors
-
-
-async def structured_complete(
-    request: dict,
-    *,
-    caller: Caller | None = None,
-    api_key: str | None = None,
-    allowed_models: frozenset[str] | None = None,
-) -> tuple[gateway.Completion, Any]:
-    """A non-streamed model call honouring request["response_format"]: the reply is validated against
-    its schema and asked for again with the errors (STRUCTURED_RETRIES times at most). Returns the last
-    Completion (its usage summed over the attempts) and the parsed value (None without a json_schema,
-    or when the model answered with tool calls). Raises GatewayError, StructuredOutputError (502)."""
-    attempts = Attempts(request.get("response_format"))
-    usage: dict[str, int] = {}
-    while True:
-        completion = await gateway.chat(request, api_key=api_key, allowed_models=allowed_models, caller=caller)
-        for name, number in completion.usage.items():
-            usage[name] = usage.get(name, 0) + number
-        completion.usage = usage
-        if not attempts.wanted or completion.tool_calls:
-            return completion, None
-        parsed, errors = attempts.check(completion.text)
-        if not errors:
-            return completion, parsed
-        request = {**request, "messages": retry_messages(list(request.get("messages") or []), completion.text, errors)}

@@ -177,12 +177,12 @@ class Runtime:
         self, *, messages: list[dict], options: dict, model: str | None, top: bool, forward: bool
     ) -> str:
         from chats.options import settings_apply
-        from proxy import gateway
+        from proxy import completion
 
         request = settings_apply({"messages": messages}, options)
         if model:
             request["model"] = model
-        return (await gateway.chat(request)).text
+        return (await completion.complete_collect(request)).completion.text
 
 
 _runtime: contextvars.ContextVar[Runtime | None] = contextvars.ContextVar("turbo_program_runtime", default=None)

@@ -1,4 +1,5 @@
-"""Model calls for Turbo's own code (chats, /ws, conversations, `proxy.ai`), as typed results.
+"""One upstream call for Turbo's own code, as typed results: under the completion service
+(proxy.completion, which every model front, chats and `proxy.ai` use) and embeddings.
 
     completion = await gateway.chat({"model": "gpt-4o-mini", "messages": [...]})
     stream = gateway.chat_stream({...})
@@ -13,6 +14,8 @@ without `[DONE]` `upstream_stream_incomplete`), in the upstream's own words, red
 once with the deployment's name. The upstream's JSON and server-sent events are parsed here, and only
 here: code above sees text, merged tool calls, usage and the finish reason (the /v1 passthrough,
 which relays bytes unchanged, reads the model and usage for its log with `UsageReader`).
+Each answered call is settled here, once, however it ends (`_settle`: usage recorded, admission and
+reservation settled).
 """
 
 import json
@@ -166,20 +169,23 @@ def _trace_end(answer: Answer, data: dict) -> None:
     )
 
 
-def _usage_record(
-    call: Call, answer: Answer, raw: Any, served_model: str, estimate: Estimate | None = None
-) -> Decimal | None:
-    """Record a call's usage for its caller (none: nobody's); counted offline when the upstream gave none.
-    Returns its cost (None: known only once counted)."""
-    if call.caller is None:
-        return Decimal(0)
-    model, deployment = answer.model or call.model, answer.deployment.id
-    usage = usage_from(raw, model=model, deployment=deployment) if estimate is None else None
-    if usage is None:
-        estimate = estimate or Estimate()
-        estimate.prompt = call.payload
-        usage = Usage(model, deployment)
-    return usage_record(call.caller, usage, estimate=estimate, served_model=served_model)
+async def _settle(call: Call, answer: Answer, given: Any, served_model: str, *, text: str = "") -> None:
+    """The end of one answered call of Turbo's own, and the only one, however it ended (a whole answer, a
+    broken body or stream, a cancelled caller): its usage recorded once for its caller (none: nobody's),
+    as the upstream's `given` usage or else the prompt and `text` counted offline, then its admission
+    and reservation settled once. Callers reach it from a `finally`, so nothing above the gateway
+    settles a call (an answer that is an upstream's error was settled by `send`)."""
+    cost: Decimal | None = Decimal(0)
+    if call.caller is not None:
+        model, deployment = answer.model or call.model, answer.deployment.id
+        usage = usage_from(given, model=model, deployment=deployment)
+        if usage is not None:
+            cost = usage_record(call.caller, usage, served_model=served_model)
+        else:
+            estimate = Estimate(text=text, prompt=call.payload)
+            cost = usage_record(call.caller, Usage(model, deployment), estimate=estimate, served_model=served_model)
+    tokens = _usage(given).get("total_tokens")
+    await limits_settle(answer.admission, answer.reservation, cost=cost, tokens=tokens, reply_text=text)
 
 
 async def chat(
@@ -192,15 +198,12 @@ async def chat(
     """One chat completion for a ready-made request body (model, messages, tools, ...)."""
     call = _call("chat/completions", {**body, "stream": False}, api_key, allowed_models, caller)
     answer = await _answer(call)
-    data = await _json_body(answer)
-    windows.learn_ratio(answer.deployment.id, call.payload, _usage(data.get("usage")).get("prompt_tokens"))
-    served = str(data.get("model") or "")
-    cost = _usage_record(
-        call, answer, data.get("usage"), served, None if data.get("usage") else Estimate(text=output_text(data))
-    )
-    await limits_settle(
-        answer.admission, answer.reservation, cost=cost, tokens=_usage(data.get("usage")).get("total_tokens")
-    )
+    data: dict = {}
+    try:
+        data = await _json_body(answer)
+        windows.learn_ratio(answer.deployment.id, call.payload, _usage(data.get("usage")).get("prompt_tokens"))
+    finally:  # an answer whose body broke (or a cancelled call) is settled too
+        await _settle(call, answer, data.get("usage"), str(data.get("model") or ""), text=output_text(data))
     choices = data.get("choices") or []
     if not choices or not isinstance(choices[0], dict):
         raise GatewayError("the upstream returned no choices", status=502, attempts=answer.attempts)
@@ -227,11 +230,11 @@ async def embeddings(
     """Embeddings, as the upstream's JSON object."""
     call = _call("embeddings", body, api_key, allowed_models, caller)
     answer = await _answer(call)
-    data = await _json_body(answer)
-    cost = _usage_record(call, answer, data.get("usage"), str(data.get("model") or ""))
-    await limits_settle(
-        answer.admission, answer.reservation, cost=cost, tokens=_usage(data.get("usage")).get("total_tokens")
-    )
+    data: dict = {}
+    try:
+        data = await _json_body(answer)
+    finally:
+        await _settle(call, answer, data.get("usage"), str(data.get("model") or ""))
     return data
 
 
@@ -298,29 +301,22 @@ class ChatStream:
         except GatewayError as exc:
             raise _logged(answer, exc) from None
         finally:
-            cost = self._usage_record(answer, whole)
-            tracing.answer_end(
-                answer,
-                response_model=self.model,
-                usage=self.usage,
-                finish_reasons=(self.finish_reason,),
-                output=self.text or self.tool_calls,
-                error="" if whole else "the stream did not finish",
-            )
-            await answer.response.aclose()
-            await limits_settle(
-                answer.admission,
-                answer.reservation,
-                cost=cost,
-                tokens=self.usage.get("total_tokens"),
-                reply_text=self.text,
-            )
-
-    def _usage_record(self, answer: Answer, whole: bool) -> Decimal | None:
-        if whole and self._usage_given:
-            return _usage_record(self.call, answer, self._usage_given, self.model)
-        arguments = "".join(call["function"]["name"] + call["function"]["arguments"] for call in self.tool_calls)
-        return _usage_record(self.call, answer, None, self.model, Estimate(text=self.text + arguments))
+            try:
+                tracing.answer_end(
+                    answer,
+                    response_model=self.model,
+                    usage=self.usage,
+                    finish_reasons=(self.finish_reason,),
+                    output=self.text or self.tool_calls,
+                    error="" if whole else "the stream did not finish",
+                )
+                await answer.response.aclose()
+            finally:
+                # A stream that broke or was abandoned is counted from what it streamed.
+                calls = self.tool_calls
+                arguments = "".join(call["function"]["name"] + call["function"]["arguments"] for call in calls)
+                given = self._usage_given if whole else None
+                await _settle(self.call, answer, given, self.model, text=self.text + arguments)
 
     def _take(self, data: dict) -> str:
         if isinstance(data.get("model"), str) and data["model"]:

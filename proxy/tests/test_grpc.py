@@ -254,3 +254,56 @@ async def test_an_upstream_that_is_too_slow_is_deadline_exceeded(grpc_server, si
             await stub.Complete(ask("[scenario:slow][delay:5] echo: hi"), metadata=bearer(token))
     assert refused.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert refused.value.details()
+
+
+LOOKUP = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+
+
+async def test_completions_take_tools_and_tool_results(grpc_server, signup, upstream):
+    token = signup()[0]
+    tools_json = json.dumps([LOOKUP])
+    async with grpc_server.channel() as channel:
+        stub = turbo_pb2_grpc.CompletionsStub(channel)
+        asked = ask("[scenario:tool_call][tool:lookup] find it", tools_json=tools_json, tool_choice_json='"auto"')
+        chunks = [chunk async for chunk in stub.CompleteStream(asked, metadata=bearer(token))]
+        (call,) = json.loads(chunks[-1].tool_calls_json)
+        assert call["function"]["name"] == "lookup" and chunks[-1].finish_reason == "tool_calls"
+        sent = chat_requests(upstream)[-1].json()
+        assert sent["tools"] == [LOOKUP] and sent["tool_choice"] == "auto"
+        unary = await stub.Complete(asked, metadata=bearer(token))
+        assert json.loads(unary.tool_calls_json)[0]["function"]["name"] == "lookup"
+
+        # The caller runs its function and answers with a tool message.
+        answered = turbo_pb2.CompleteRequest(
+            messages=[
+                *asked.messages,
+                turbo_pb2.Message(role="assistant", tool_calls_json=json.dumps([call])),
+                turbo_pb2.Message(role="tool", tool_call_id=call["id"], content="found at home"),
+            ],
+            tools_json=tools_json,
+        )
+        reply = await stub.Complete(answered, metadata=bearer(token))
+        assert reply.content == "Tool said: found at home" and reply.tool_calls_json == ""
+        tool_message = chat_requests(upstream)[-1].json()["messages"][-1]
+        assert tool_message == {"role": "tool", "content": "found at home", "tool_call_id": call["id"]}
+
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Complete(ask("hi", tools_json="[not json"), metadata=bearer(token))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tools_json" in refused.value.details()
+
+
+async def test_complete_stream_streams_structured_output_and_its_retries(grpc_server, signup, upstream):
+    token = signup()[0]
+    asked = ask('sequence: {"answer": "x"} ||| {"answer": 42}', response_format_json_schema=json.dumps(SCHEMA))
+    async with grpc_server.channel() as channel:
+        stub = turbo_pb2_grpc.CompletionsStub(channel)
+        chunks = [chunk async for chunk in stub.CompleteStream(asked, metadata=bearer(token))]
+    retries = [index for index, chunk in enumerate(chunks) if chunk.HasField("retry")]
+    assert len(retries) == 1
+    retry = chunks[retries[0]].retry
+    assert retry.attempt == 1 and list(retry.errors) == ["at $.answer: 'x' is not of type 'integer'"]
+    before, after = chunks[: retries[0]], chunks[retries[0] + 1 :]
+    assert json.loads("".join(chunk.delta for chunk in before)) == {"answer": "x"}  # streamed, then voided
+    assert json.loads("".join(chunk.delta for chunk in after)) == {"answer": 42}
+    assert len([chunk for chunk in after if chunk.delta]) > 1  # streamed as it came, not whole at the end
+    assert chunks[-1].finish_reason == "stop" and len(chat_requests(upstream)) == 2

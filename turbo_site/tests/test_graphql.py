@@ -275,6 +275,28 @@ def test_structured_output_through_prompt_and_complete(client, signup, upstream)
     assert "response_format" in bad["errors"][0]["message"]
 
 
+def test_complete_takes_tools_and_returns_the_model_s_calls(client, signup, upstream):
+    token, _, _ = signup()
+    lookup = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+    query = "mutation($i: CompletionInput!) { complete(input: $i) { text finishReason toolCalls } }"
+    asked = {"role": "user", "content": "[scenario:tool_call][tool:lookup] find it"}
+    called = data_of(gql(client, query, {"i": {"messages": [asked], "tools": [lookup]}}, token=token))["complete"]
+    (call,) = called["toolCalls"]
+    assert call["function"]["name"] == "lookup" and called["finishReason"] == "tool_calls"
+    assert upstream.requests[-1].json()["tools"] == [lookup]
+
+    answered = [
+        asked,
+        {"role": "assistant", "toolCalls": [call]},
+        {"role": "tool", "toolCallId": call["id"], "content": "found at home"},
+    ]
+    reply = data_of(gql(client, query, {"i": {"messages": answered, "tools": [lookup]}}, token=token))["complete"]
+    assert reply["text"] == "Tool said: found at home" and reply["toolCalls"] == []
+
+    bad = gql(client, query, {"i": {"messages": [{"role": "tool", "content": "x"}]}}, token=token)
+    assert "input.messages[0].tool_call_id" in bad["errors"][0]["message"]
+
+
 def test_api_key_only_where_keys_act(client, signup, upstream):
     token, user, _ = signup()
     key = client.post("/user/keys/create", json={"name": "prog"}, headers=bearer(token)).json()["key"]

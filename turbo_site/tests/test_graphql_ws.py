@@ -241,6 +241,48 @@ def test_completion_stream_with_an_api_key(client, turbo_server, signup, upstrea
         assert result["errors"][0]["extensions"]["code"] == "key_not_allowed_here"
 
 
+TOOLED = """subscription($i: CompletionInput!) { completionStream(input: $i) {
+  text done finishReason data toolCalls retry
+} }"""
+LOOKUP = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+
+
+def test_completion_stream_takes_tools_and_streams_structured_retries(turbo_server, signup, upstream):
+    token, _, _ = signup()
+    asked = {"role": "user", "content": "[scenario:tool_call][tool:lookup] find it"}
+    with Socket(turbo_server, token) as socket:
+        socket.subscribe("t", TOOLED, {"i": {"messages": [asked], "tools": [LOOKUP]}})
+        deltas = [payload["data"]["completionStream"] for payload in socket.results("t")]
+        last = deltas[-1]
+        assert last["done"] is True and last["finishReason"] == "tool_calls"
+        (call,) = last["toolCalls"]
+        assert call["function"]["name"] == "lookup"
+
+        # The caller runs its function and answers with a tool message.
+        answered = [
+            asked,
+            {"role": "assistant", "toolCalls": [call]},
+            {"role": "tool", "toolCallId": call["id"], "content": "found at home"},
+        ]
+        socket.subscribe("r", TOOLED, {"i": {"messages": answered, "tools": [LOOKUP]}})
+        deltas = [payload["data"]["completionStream"] for payload in socket.results("r")]
+        assert "".join(delta["text"] for delta in deltas) == "Tool said: found at home"
+        assert deltas[-1]["toolCalls"] is None
+        assert upstream.requests[-1].json()["messages"][-1]["tool_call_id"] == call["id"]
+
+        # A structured reply that fails its schema: a delta with `retry`, then the next attempt streams.
+        schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+        response_format = {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
+        retried = {"role": "user", "content": 'sequence: {"n": "x"} ||| {"n": 3}'}
+        socket.subscribe("s", TOOLED, {"i": {"messages": [retried], "responseFormat": response_format}})
+        deltas = [payload["data"]["completionStream"] for payload in socket.results("s")]
+        (at,) = [index for index, delta in enumerate(deltas) if delta["retry"]]
+        assert deltas[at]["retry"] == {"attempt": 1, "errors": ["at $.n: 'x' is not of type 'integer'"]}
+        assert json.loads("".join(delta["text"] for delta in deltas[:at])) == {"n": "x"}
+        assert json.loads("".join(delta["text"] for delta in deltas[at + 1 :])) == {"n": 3}
+        assert deltas[-1]["data"] == {"n": 3}
+
+
 def test_socket_without_the_protocol_is_refused(turbo_server, signup):
     token, _, _ = signup()
     with connect(f"ws://127.0.0.1:{turbo_server.port}/graphql", subprotocols=["graphql-ws"], open_timeout=10) as ws:

@@ -2,6 +2,7 @@
 
 import asyncio
 import sys
+from contextlib import aclosing
 
 from django.core.management.base import CommandError
 
@@ -36,20 +37,23 @@ class TerminalRuntime(Runtime):
 
     async def generate(self, *, messages, options, model, top, forward) -> str:
         from chats.options import settings_apply
-        from proxy import gateway
+        from proxy import completion
 
         request = settings_apply({"messages": messages}, options)
         if model:
             request["model"] = model
         if not (top and forward):
-            return (await gateway.chat(request)).text
-        stream = gateway.chat_stream(request)
-        async for delta in stream:
-            if delta.text:
-                self.write(delta.text)
+            return (await completion.complete_collect(request)).completion.text
+        text = ""
+        async with aclosing(completion.complete(request)) as items:
+            async for item in items:
+                if isinstance(item, completion.Delta) and item.text:
+                    self.write(item.text)
+                elif isinstance(item, completion.Done):
+                    text = item.completion.text
         self.write("\n")
         self.streamed = True
-        return stream.text
+        return text
 
 
 class Command(ActionCommand):

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bprotos/turbo/v1/turbo.proto\x12\x08turbo.v1\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"4\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\"\xbc\x01\n\x0f\x43ompleteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x08messages\x18\x02 \x03(\x0b\x32\x11.turbo.v1.Message\x12\x18\n\x0btemperature\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12#\n\x1bresponse_format_json_schema\x18\x05 \x01(\tB\x0e\n\x0c_temperatureB\r\n\x0b_max_tokens\"i\n\x10\x43ompleteResponse\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x1e\n\x05usage\x18\x04 \x01(\x0b\x32\x0f.turbo.v1.Usage\"U\n\rCompleteChunk\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x1e\n\x05usage\x18\x03 \x01(\x0b\x32\x0f.turbo.v1.Usage\",\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x03(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"g\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\'\n\nembeddings\x18\x02 \x03(\x0b\x32\x13.turbo.v1.Embedding\x12\x1e\n\x05usage\x18\x03 \x01(\x0b\x32\x0f.turbo.v1.Usage\"\xe5\x02\n\x0b\x43hatMessage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63hat_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\r\n\x05reply\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x0b\n\x03otr\x18\x07 \x01(\x08\x12\x0e\n\x06status\x18\x08 \x01(\t\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x17\n\x0ftool_calls_json\x18\n \x01(\t\x12\x1a\n\rprompt_tokens\x18\x0b \x01(\x03H\x00\x88\x01\x01\x12\x1e\n\x11\x63ompletion_tokens\x18\x0c \x01(\x03H\x01\x88\x01\x01\x12\x19\n\x0ctotal_tokens\x18\r \x01(\x03H\x02\x88\x01\x01\x12\x12\n\ncreated_at\x18\x0e \x01(\t\x12\x11\n\tdata_json\x18\x0f \x01(\tB\x10\n\x0e_prompt_tokensB\x14\n\x12_completion_tokensB\x0f\n\r_total_tokens\"\x94\x01\n\rPromptRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x14\n\x07\x63ontext\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06stream\x18\x04 \x01(\x08\x12\x0b\n\x03otr\x18\x05 \x01(\x08\x12#\n\x1bresponse_format_json_schema\x18\x06 \x01(\tB\n\n\x08_context\"8\n\x0ePromptResponse\x12&\n\x07message\x18\x01 \x01(\x0b\x32\x15.turbo.v1.ChatMessage\">\n\rEventsRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12\x12\n\x05\x61\x66ter\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x08\n\x06_after\"\x8d\x01\n\tChatEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07\x63hat_id\x18\x03 \x01(\t\x12&\n\x07message\x18\x04 \x01(\x0b\x32\x15.turbo.v1.ChatMessage\x12\r\n\x05\x64\x65lta\x18\x05 \x01(\t\x12\x0f\n\x07partial\x18\x06 \x01(\x08\x12\x0c\n\x04json\x18\x07 \x01(\t2\xd2\x01\n\x0b\x43ompletions\x12\x41\n\x08\x43omplete\x12\x19.turbo.v1.CompleteRequest\x1a\x1a.turbo.v1.CompleteResponse\x12\x46\n\x0e\x43ompleteStream\x12\x19.turbo.v1.CompleteRequest\x1a\x17.turbo.v1.CompleteChunk0\x01\x12\x38\n\x05\x45mbed\x12\x16.turbo.v1.EmbedRequest\x1a\x17.turbo.v1.EmbedResponse2~\n\x05\x43hats\x12;\n\x06Prompt\x12\x17.turbo.v1.PromptRequest\x1a\x18.turbo.v1.PromptResponse\x12\x38\n\x06\x45vents\x12\x17.turbo.v1.EventsRequest\x1a\x13.turbo.v1.ChatEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bprotos/turbo/v1/turbo.proto\x12\x08turbo.v1\"e\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x17\n\x0ftool_calls_json\x18\x04 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\"4\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\"\xea\x01\n\x0f\x43ompleteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x08messages\x18\x02 \x03(\x0b\x32\x11.turbo.v1.Message\x12\x18\n\x0btemperature\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12#\n\x1bresponse_format_json_schema\x18\x05 \x01(\t\x12\x12\n\ntools_json\x18\x06 \x01(\t\x12\x18\n\x10tool_choice_json\x18\x07 \x01(\tB\x0e\n\x0c_temperatureB\r\n\x0b_max_tokens\"\x82\x01\n\x10\x43ompleteResponse\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x1e\n\x05usage\x18\x04 \x01(\x0b\x32\x0f.turbo.v1.Usage\x12\x17\n\x0ftool_calls_json\x18\x05 \x01(\t\"(\n\x05Retry\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12\x0e\n\x06\x65rrors\x18\x02 \x03(\t\"\x8e\x01\n\rCompleteChunk\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x1e\n\x05usage\x18\x03 \x01(\x0b\x32\x0f.turbo.v1.Usage\x12\x17\n\x0ftool_calls_json\x18\x04 \x01(\t\x12\x1e\n\x05retry\x18\x05 \x01(\x0b\x32\x0f.turbo.v1.Retry\",\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x03(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"g\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\'\n\nembeddings\x18\x02 \x03(\x0b\x32\x13.turbo.v1.Embedding\x12\x1e\n\x05usage\x18\x03 \x01(\x0b\x32\x0f.turbo.v1.Usage\"\xe5\x02\n\x0b\x43hatMessage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63hat_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\r\n\x05reply\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x0b\n\x03otr\x18\x07 \x01(\x08\x12\x0e\n\x06status\x18\x08 \x01(\t\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x17\n\x0ftool_calls_json\x18\n \x01(\t\x12\x1a\n\rprompt_tokens\x18\x0b \x01(\x03H\x00\x88\x01\x01\x12\x1e\n\x11\x63ompletion_tokens\x18\x0c \x01(\x03H\x01\x88\x01\x01\x12\x19\n\x0ctotal_tokens\x18\r \x01(\x03H\x02\x88\x01\x01\x12\x12\n\ncreated_at\x18\x0e \x01(\t\x12\x11\n\tdata_json\x18\x0f \x01(\tB\x10\n\x0e_prompt_tokensB\x14\n\x12_completion_tokensB\x0f\n\r_total_tokens\"\x94\x01\n\rPromptRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x14\n\x07\x63ontext\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06stream\x18\x04 \x01(\x08\x12\x0b\n\x03otr\x18\x05 \x01(\x08\x12#\n\x1bresponse_format_json_schema\x18\x06 \x01(\tB\n\n\x08_context\"8\n\x0ePromptResponse\x12&\n\x07message\x18\x01 \x01(\x0b\x32\x15.turbo.v1.ChatMessage\">\n\rEventsRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12\x12\n\x05\x61\x66ter\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x08\n\x06_after\"\x8d\x01\n\tChatEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07\x63hat_id\x18\x03 \x01(\t\x12&\n\x07message\x18\x04 \x01(\x0b\x32\x15.turbo.v1.ChatMessage\x12\r\n\x05\x64\x65lta\x18\x05 \x01(\t\x12\x0f\n\x07partial\x18\x06 \x01(\x08\x12\x0c\n\x04json\x18\x07 \x01(\t2\xd2\x01\n\x0b\x43ompletions\x12\x41\n\x08\x43omplete\x12\x19.turbo.v1.CompleteRequest\x1a\x1a.turbo.v1.CompleteResponse\x12\x46\n\x0e\x43ompleteStream\x12\x19.turbo.v1.CompleteRequest\x1a\x17.turbo.v1.CompleteChunk0\x01\x12\x38\n\x05\x45mbed\x12\x16.turbo.v1.EmbedRequest\x1a\x17.turbo.v1.EmbedResponse2~\n\x05\x43hats\x12;\n\x06Prompt\x12\x17.turbo.v1.PromptRequest\x1a\x18.turbo.v1.PromptResponse\x12\x38\n\x06\x45vents\x12\x17.turbo.v1.EventsRequest\x1a\x13.turbo.v1.ChatEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,33 +32,35 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.turbo.v1.turbo_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MESSAGE']._serialized_start=41
-  _globals['_MESSAGE']._serialized_end=81
-  _globals['_USAGE']._serialized_start=83
-  _globals['_USAGE']._serialized_end=135
-  _globals['_COMPLETEREQUEST']._serialized_start=138
-  _globals['_COMPLETEREQUEST']._serialized_end=326
-  _globals['_COMPLETERESPONSE']._serialized_start=328
-  _globals['_COMPLETERESPONSE']._serialized_end=433
-  _globals['_COMPLETECHUNK']._serialized_start=435
-  _globals['_COMPLETECHUNK']._serialized_end=520
-  _globals['_EMBEDREQUEST']._serialized_start=522
-  _globals['_EMBEDREQUEST']._serialized_end=566
-  _globals['_EMBEDDING']._serialized_start=568
-  _globals['_EMBEDDING']._serialized_end=595
-  _globals['_EMBEDRESPONSE']._serialized_start=597
-  _globals['_EMBEDRESPONSE']._serialized_end=700
-  _globals['_CHATMESSAGE']._serialized_start=703
-  _globals['_CHATMESSAGE']._serialized_end=1060
-  _globals['_PROMPTREQUEST']._serialized_start=1063
-  _globals['_PROMPTREQUEST']._serialized_end=1211
-  _globals['_PROMPTRESPONSE']._serialized_start=1213
-  _globals['_PROMPTRESPONSE']._serialized_end=1269
-  _globals['_EVENTSREQUEST']._serialized_start=1271
-  _globals['_EVENTSREQUEST']._serialized_end=1333
-  _globals['_CHATEVENT']._serialized_start=1336
-  _globals['_CHATEVENT']._serialized_end=1477
-  _globals['_COMPLETIONS']._serialized_start=1480
-  _globals['_COMPLETIONS']._serialized_end=1690
-  _globals['_CHATS']._serialized_start=1692
-  _globals['_CHATS']._serialized_end=1818
+  _globals['_MESSAGE']._serialized_end=142
+  _globals['_USAGE']._serialized_start=144
+  _globals['_USAGE']._serialized_end=196
+  _globals['_COMPLETEREQUEST']._serialized_start=199
+  _globals['_COMPLETEREQUEST']._serialized_end=433
+  _globals['_COMPLETERESPONSE']._serialized_start=436
+  _globals['_COMPLETERESPONSE']._serialized_end=566
+  _globals['_RETRY']._serialized_start=568
+  _globals['_RETRY']._serialized_end=608
+  _globals['_COMPLETECHUNK']._serialized_start=611
+  _globals['_COMPLETECHUNK']._serialized_end=753
+  _globals['_EMBEDREQUEST']._serialized_start=755
+  _globals['_EMBEDREQUEST']._serialized_end=799
+  _globals['_EMBEDDING']._serialized_start=801
+  _globals['_EMBEDDING']._serialized_end=828
+  _globals['_EMBEDRESPONSE']._serialized_start=830
+  _globals['_EMBEDRESPONSE']._serialized_end=933
+  _globals['_CHATMESSAGE']._serialized_start=936
+  _globals['_CHATMESSAGE']._serialized_end=1293
+  _globals['_PROMPTREQUEST']._serialized_start=1296
+  _globals['_PROMPTREQUEST']._serialized_end=1444
+  _globals['_PROMPTRESPONSE']._serialized_start=1446
+  _globals['_PROMPTRESPONSE']._serialized_end=1502
+  _globals['_EVENTSREQUEST']._serialized_start=1504
+  _globals['_EVENTSREQUEST']._serialized_end=1566
+  _globals['_CHATEVENT']._serialized_start=1569
+  _globals['_CHATEVENT']._serialized_end=1710
+  _globals['_COMPLETIONS']._serialized_start=1713
+  _globals['_COMPLETIONS']._serialized_end=1923
+  _globals['_CHATS']._serialized_start=1925
+  _globals['_CHATS']._serialized_end=2051
 # @@protoc_insertion_point(module_scope)
