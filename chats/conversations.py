@@ -202,7 +202,7 @@ async def conversation_chat(request, number):
                     continue
                 final = event["message"]
                 if final["status"] == "error":
-                    yield _error_frame(refusal("upstream_error", final["error"]))
+                    yield _error_frame(refusal(event.get("code") or "upstream_error", final["error"]))
                 yield _frame("done", STREAM_FINISHED)
                 yield _frame("full_response", final["reply"])
                 return

@@ -54,7 +54,7 @@ from proxy.usage.budgets import BudgetExceeded, budget_reserve
 from proxy.usage.caller import Caller
 from turbo_site.core import tracing
 from turbo_site.core.crypto import secret_decrypt
-from turbo_site.core.errors import Forbidden, Invalid, RateLimited, ServiceUnavailable
+from turbo_site.core.errors import Forbidden, Invalid, RateLimited, ServiceUnavailable, outcome_of
 from turbo_site.core.streams import StreamUnavailable
 from turbo_site.core.text import storable, storable_json
 
@@ -105,6 +105,7 @@ class _Reply:
     unsent: str = ""  # text whose delta event could not be sent: it goes out with the next one
     data: object = None  # the structured reply, parsed and valid (proxy.structured)
     pending: bool = False  # the model called a client function: the turn waits for its results
+    code: str = ""  # a failed reply's outcome code (turbo_site.core.errors), carried by `message.failed`
 
     def snapshot(self) -> dict:
         return {**self.base, "reply": self.text, "tool_calls": self.records}
@@ -548,6 +549,7 @@ async def _generate(plan: PromptPlan, base: dict) -> Outcome:
         else:
             status, error = Message.Status.ERROR, INTERRUPTED
             failure = GatewayError(INTERRUPTED, status=503)
+            reply.code = outcome_of(failure).code
             # Saved whether or not anyone is listening, even though the task is being cancelled.
             await asyncio.shield(_finish(plan, reply, status, error, turn))
             raise
@@ -555,6 +557,8 @@ async def _generate(plan: PromptPlan, base: dict) -> Outcome:
         logger.exception("generation of message %s failed", plan.message.pk)
         status, error = Message.Status.ERROR, "internal error during generation"
         failure = GatewayError(error, status=502)
+    if failure is not None:
+        reply.code = outcome_of(failure).code
     stored = await asyncio.shield(_finish(plan, reply, status, error, turn))
     if stored is None:
         return Outcome(plan.message, GatewayError(DELETED, status=409, code="message_deleted"))
@@ -720,7 +724,7 @@ async def _after_save(plan: PromptPlan, reply: _Reply, status: str, turn) -> Non
     except Exception:
         logger.exception("message %s: after its save", message.pk)
     ended = status in (Message.Status.COMPLETE, Message.Status.TOOL_CALLS)  # tool_calls: the turn ended well
-    await _send_final(message, MESSAGE_COMPLETED if ended else MESSAGE_FAILED)
+    await _send_final(message, MESSAGE_COMPLETED if ended else MESSAGE_FAILED, code="" if ended else reply.code)
 
 
 async def _save_late(plan: PromptPlan, reply: _Reply, save, status: str, turn) -> None:
@@ -750,11 +754,12 @@ async def _save_late(plan: PromptPlan, reply: _Reply, save, status: str, turn) -
 
 
 @tracing.traced("chat fan-out", lambda message, type: {"turbo.chat.event": type})
-async def _send_final(message: Message, type: str, *, unstored: _Reply | None = None) -> None:
-    """The message's final event; with `unstored`, the reply that could not be stored (status error,
-    code `storage_unavailable`), so that members still see it."""
+async def _send_final(message: Message, type: str, *, unstored: _Reply | None = None, code: str = "") -> None:
+    """The message's final event; `code` says why a failed one failed (the same outcome code every front
+    gives); with `unstored`, the reply that could not be stored (status error, code
+    `storage_unavailable`), so that members still see it."""
     data = message_data(message)
-    extra = {}
+    extra = {"code": code} if code else {}
     if unstored is not None:
         data = {**data, "status": Message.Status.ERROR, "error": STORAGE_UNAVAILABLE}
         data.update(reply=unstored.text, tool_calls=unstored.records)

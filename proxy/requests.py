@@ -164,14 +164,14 @@ def v1_request_read(path: str, method: str, body: bytes, content_type: str) -> M
         form = form_fields(body, content_type)
         if form is None:
             raise RequestUnreadable(
-                "the multipart form could not be read (or names a field twice)", code="invalid_request_body"
+                "the multipart form could not be read (or names a field twice)", code="malformed_body"
             )
         return ModelRequest(None, _model_named(form.get("model"), called), form)
     payload = _json_object(body) if body else None
     if payload is None:
         raise RequestUnreadable(f"/v1/{called} takes a JSON object body", code="invalid_json")
     if _has_duplicate_model(body):
-        raise RequestUnreadable("the body names `model` more than once", code="invalid_model")
+        raise RequestUnreadable("the body names `model` more than once", code="invalid")
     return ModelRequest(payload, _model_named(payload.get("model"), called))
 
 
@@ -179,11 +179,11 @@ def _model_named(value: object, called: str) -> str:
     try:
         name = model_name_read(value, "`model`")
     except Invalid as exc:
-        raise RequestUnreadable(exc.message, code="invalid_model") from None
+        raise RequestUnreadable(exc.message, code="invalid") from None
     if name is None:
         if called in DEFAULT_MODELS:
             return DEFAULT_MODELS[called]
-        raise RequestUnreadable(f"/v1/{called} needs a `model`", code="model_required")
+        raise RequestUnreadable(f"/v1/{called} needs a `model`", code="invalid")
     return name
 
 

@@ -32,8 +32,8 @@ def add_proxy_paths(result, generator, request, public):
             "200": {"description": "the upstream's response, passed through"},
             "default": {"description": "any other status of the upstream's, passed through with its body"},
             "400": {
-                "description": "a model call whose model cannot be read (invalid_json, model_required, "
-                "invalid_model, invalid_request_body), a '.' or '..' segment, JSON nested too deep, or an "
+                "description": "a model call whose model cannot be read (invalid_json, invalid, "
+                "malformed_body), a '.' or '..' segment, JSON nested too deep, or an "
                 "ambiguous body",
                 "content": error,
             },

@@ -65,6 +65,7 @@ CODES: dict[str, Code] = {
     "unknown_tool_call": Code(400, "a tool result answers no call that waits for one"),
     "tool_results_missing": Code(400, "some pending tool calls got no result"),
     "no_model_fits": Code(400, "no configured route can serve this request"),
+    "context_length_exceeded": Code(400, "the prompt and the reply's room do not fit the model's context window"),
     "invalid_query": Code(400, "a GraphQL document that does not parse or validate"),
     "query_too_costly": Code(400, "a GraphQL operation over GRAPHQL_MAX_COST or GRAPHQL_MAX_DEPTH"),
     "body_too_large": Code(413, "the request body is over the limit"),
@@ -80,6 +81,7 @@ CODES: dict[str, Code] = {
     "model_not_allowed": Code(403, "the key, user or group may not use this model"),
     "path_not_allowed": Code(403, "a /v1 path this server does not proxy"),
     "staff_only": Code(403, "a /v1 path for staff users only"),
+    "model_not_priced": Code(403, "the model has no price (UNPRICED_MODELS=refuse) and a budget applies to the caller"),
     # what they asked for
     "not_found": Code(404, "no such object (or not visible to the caller), or no endpoint at the path"),
     "user_not_found": Code(404, "no such user"),
@@ -93,6 +95,7 @@ CODES: dict[str, Code] = {
     "program_busy": Code(409, "the chat's program is still answering"),
     "program_finished": Code(409, "the chat's program has finished"),
     "stopped": Code(409, "a member stopped the reply", "ABORTED"),
+    "message_deleted": Code(409, "the message was deleted while its reply was running", "ABORTED"),
     # limits
     "rate_limited": Code(429, "a rate limit is reached; Retry-After says when to try again"),
     "budget_exceeded": Code(429, "a spending budget is used up; Retry-After says when it renews"),
@@ -108,6 +111,10 @@ CODES: dict[str, Code] = {
     "upstream_error": Code(502, "the upstream refused or failed the call (an upstream 400/403/404 keeps its status)"),
     "upstream_unreachable": Code(502, "no upstream could be reached"),
     "upstream_stream_error": Code(502, "the upstream's stream broke off"),
+    "upstream_error_in_stream": Code(502, "the upstream reported an error in the middle of its stream"),
+    "upstream_stream_incomplete": Code(502, "the upstream's stream ended without [DONE]: the reply may be cut short"),
+    "upstream_empty_answer": Code(502, "the upstream answered with an empty body"),
+    "upstream_html_error": Code(502, "the upstream answered with an HTML error page (its title is in the message)"),
     "invalid_structured_output": Code(502, "the model's replies never matched the schema (`errors` says how)"),
     "program_failed": Code(502, "the chat's program failed"),
     "upstream_busy": Code(503, "every upstream of the model is at its in-flight limit; try again shortly"),
@@ -116,6 +123,7 @@ CODES: dict[str, Code] = {
     "gateway_misconfigured": Code(503, "the gateway's configuration cannot be read"),
     "upstream_timeout": Code(504, "the upstream did not answer in time"),
     # Turbo itself
+    "storage_unavailable": Code(503, "the reply could not be stored in time; it is saved when the database is back"),
     "unavailable": Code(503, "a service Turbo depends on (database, Redis) is away; Retry-After says when to retry"),
     "internal_error": Code(500, "a fault in Turbo (logged with its traceback, never sent)"),
 }

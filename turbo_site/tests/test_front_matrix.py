@@ -206,13 +206,8 @@ class Row:
     xfail: dict = field(default_factory=dict)  # front -> why (a disagreement in the completion path)
 
 
-# Disagreements found by the matrix (strict xfails: when one is fixed, its cell must start passing).
-# Seed 002's SSE renders every failure after the reply started as `upstream_error` (chats/conversations.py):
-# the message.failed event it reads carries the failure's text but not its code (chats/generation.py).
-MID_REPLY_CODE = "the SSE error event says upstream_error: message.failed carries no code (chats/generation.py)"
-# /v1's policy names an unreadable model `invalid_model` (also model_required, invalid_request_body):
-# documented in docs/api/v1.md but not in CODES, where every other front says `invalid`.
-V1_OWN_CODE = "/v1 answers invalid_model, a code outside turbo_site.core.errors.CODES (proxy/requests.py)"
+# A disagreement the matrix finds is a strict xfail on its cell (`xfail={front: why}`): when it is fixed,
+# the cell must start passing. None is open.
 
 ROWS = [
     # --- who is calling (accounts.auth): every front --------------------------------------------------
@@ -255,7 +250,7 @@ ROWS = [
         KEY_MODEL_FRONTS,  # a chat prompt takes no API key
     ),
     # A chat prompt's rate limit is taken by its model call, after the prompt is stored: mid-reply.
-    Row("rate_limited", rate_limited, "rate_limited", MODEL_FRONTS, mid_reply=True, xfail={chat_sse: MID_REPLY_CODE}),
+    Row("rate_limited", rate_limited, "rate_limited", MODEL_FRONTS, mid_reply=True),
     Row("budget_used_up", budget_used_up, "budget_exceeded", MODEL_FRONTS),
     # --- malformed requests ---------------------------------------------------------------------------
     Row(
@@ -294,10 +289,6 @@ ROWS = [
             graphql_stream: Seen(None, "invalid_query"),
             graphql_prompt: Seen(None, "invalid_query"),
         },
-        xfail={
-            v1_django: V1_OWN_CODE,
-            v1_fast: V1_OWN_CODE,
-        },
     ),
     # --- the upstream fails ---------------------------------------------------------------------------
     # /v1 is a byte-exact passthrough: the upstream's own error status and body reach the client.
@@ -328,7 +319,6 @@ ROWS = [
         MODEL_FRONTS,
         mid_reply=True,
         upstream_asked=True,
-        xfail={chat_sse: MID_REPLY_CODE},
     ),
     # /v1 is a passthrough: it never validates a reply against a schema.
     Row(
@@ -338,7 +328,6 @@ ROWS = [
         [f for f in MODEL_FRONTS if f not in (v1_django, v1_fast)],
         mid_reply=True,
         upstream_asked=True,
-        xfail={chat_sse: MID_REPLY_CODE},
     ),
 ]
 
