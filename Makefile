@@ -122,16 +122,24 @@ protos: install ## regenerate protos/turbo/v1/turbo_pb2*.py
 # suite's subprocesses (servers, manage.py commands) would otherwise compile them again.
 PROJECT_CODE := manage.py conftest.py accounts groups chats proxy turbo_site protos bench
 
-test: install ## the suite on the embedded defaults (SQLite, in-memory)
+# The suite runs in TEST_WORKERS processes at once (pytest-xdist): most of a test's time is spent waiting on
+# sockets, servers and subprocesses, not on the CPU. A test file stays on one worker (its module fixtures
+# are made once); each worker has its own test database (SQLite file, or Postgres test_<db>_gwK) and its own
+# Redis database (REDIS_ADDRESS's + K, turbo_site/test_settings.py). TEST_WORKERS=0: one process, as before;
+# PYTEST_ARGS come last, so `make test PYTEST_ARGS="-k foo"` or `PYTEST_ARGS="-n 0 -x"` do the obvious thing.
+TEST_WORKERS ?= 4
+PYTEST_WORKERS := $(if $(filter 0,$(TEST_WORKERS)),-n 0,-n $(TEST_WORKERS) --dist loadfile)
+
+test: install ## the suite on the embedded defaults (SQLite, in-memory), in TEST_WORKERS processes
 	@$(BIN)/python -m compileall -q -j 0 $(PROJECT_CODE) >/dev/null || true
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 # The second leg: the same suite on Postgres + Redis.
-test-pg: install ## the suite on Postgres + Redis (DB_ADDRESS, REDIS_ADDRESS)
+test-pg: install ## the suite on Postgres + Redis (DB_ADDRESS, REDIS_ADDRESS), in TEST_WORKERS processes
 	@$(BIN)/python -m compileall -q -j 0 $(PROJECT_CODE) >/dev/null || true
 	DB_ADDRESS=$${DB_ADDRESS:-postgresql://postgres@127.0.0.1:5432/test} \
 	REDIS_ADDRESS=$${REDIS_ADDRESS:-redis://127.0.0.1:6379/0} \
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 # Benchmarks (not tests), each printing its table and targets and writing JSON to bench/results/:
 # proxy overhead (PEERS=litellm adds LiteLLM, SERVERS=uvicorn,daphne,gunicorn compares servers),

@@ -198,6 +198,11 @@ def upstream(fake_upstream, settings):
 
 # --- server processes of a test's own (chats/tests/processes.py) --------------------------------------------------
 
+# How long a server process a test starts may take to answer, at most (a deadline, not a wait): with the
+# suite's workers (make test) starting servers at once on a busy machine, importing Django and the app
+# can take well over 30s.
+SERVER_START_SECONDS = 120
+
 
 @pytest.fixture
 def processes():

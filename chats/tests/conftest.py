@@ -13,7 +13,7 @@ import pytest
 from django.conf import settings
 from django.db import connection
 
-from conftest import PROJECT_ROOT, SERVER_KEY
+from conftest import PROJECT_ROOT, SERVER_KEY, SERVER_START_SECONDS
 
 
 def free_port() -> int:
@@ -62,7 +62,7 @@ def two_servers(upstream, tmp_path):
                 )
             servers.append(Server(f"127.0.0.1:{port}", process, log))
         for server in servers:
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + SERVER_START_SECONDS
             while True:
                 assert server.process.poll() is None, f"a server process died:\n{server.log_tail()}"
                 try:

@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from chats.models import Message
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, SERVER_START_SECONDS
 
 # Cutting the server's database connections, or refusing new ones, is Postgres's to do.
 needs_postgres = pytest.mark.skipif(
@@ -95,7 +95,7 @@ class Server:
             except httpx.HTTPError:
                 return False
 
-        wait_for(answers, 30, "the server to answer /info", interval=0.1)
+        wait_for(answers, SERVER_START_SECONDS, "the server to answer /info", interval=0.1)
         return self
 
     def stderr(self) -> str:
