@@ -193,7 +193,9 @@ async def open_listeners(plan, ports, tokens, tasks, *, at_once: int | None, spr
 
 async def measure(args, ports: list[int], pids: list[int]) -> dict:
     bases = [f"http://127.0.0.1:{port}" for port in ports]
-    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+    # Idle connections dropped before uvicorn's 5 s keep-alive timeout would: at the same 5 s (httpx's
+    # default) a request could go out on a connection the server was closing (a ReadError in setup).
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200, keepalive_expiry=2)
     async with httpx.AsyncClient(timeout=120, limits=limits, trust_env=False) as http:
         users = -(-args.chats // CHATS_PER_USER)
         tokens = []
@@ -415,7 +417,12 @@ def main() -> None:
             wait_until_answering(processes, name, turbo, f"http://127.0.0.1:{port}/health")
             ports.append(port)
             pids.append(turbo.pid)
-        result = asyncio.run(measure(args, ports, pids))
+        try:
+            result = asyncio.run(measure(args, ports, pids))
+        except Exception:
+            for index in range(args.servers):
+                print(f"turbo-{index} said:\n{processes.log_tail(f'turbo-{index}')}", file=sys.stderr)
+            raise
         report = {
             "benchmark": "listeners",
             "started_at": started_at.isoformat(),
