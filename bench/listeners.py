@@ -12,11 +12,14 @@ cost to the server is the same). All subscribers live in this process, on one ev
 minimal SSE client (a raw socket) and websockets' client.
 
 Reports: subscriptions refused; each process's resident memory before and after (per idle subscriber)
-and its Redis connections (CLIENT LIST, by the process's sockets) while idle and while streaming; then
-`--streaming` chats get one streamed prompt each, all at once: every subscriber of those chats must
-get every delta once and the final event (missing, duplicated and no-final are counted), with the
-delivery delay (arrival minus upstream send time) p50/p99; then a burst of `--burst` SSE subscribes
-to one process, spread over one second: how many were refused and when the last was accepted.
+and its Redis connections (CLIENT LIST, by the process's sockets) while idle and while streaming
+(sampled by a process of its own: not on this event loop); then `--streaming` chats get one streamed
+prompt each, all at once: every subscriber of those chats must get every delta once and the final
+event (missing, duplicated and no-final are counted), with the delivery delay (arrival minus upstream
+send time) p50/p99, split at the append (the time Turbo stored with each event in Redis), and the CPU
+seconds each process and this one spent meanwhile; then a burst of `--burst` SSE subscribes to one
+process, spread over one second: how many were refused and when the last was accepted. Each process
+answers one streamed prompt before any of this (its first loads the tokenizer, once in its life).
 Writes bench/results/listeners-<timestamp>.json and listeners-latest.json. A benchmark, not a test.
 """
 
@@ -209,11 +212,18 @@ async def measure(args, ports: list[int], pids: list[int]) -> dict:
 
         async def chat_create(number: int) -> str:
             owner = number % users
-            created = await http.post(
-                f"{bases[number % len(bases)]}/chat/create",
-                data={"name": f"listeners {number}"},
-                headers={"Authorization": f"Bearer {tokens[owner]}"},
-            )
+            for attempt in range(3):
+                try:
+                    created = await http.post(
+                        f"{bases[number % len(bases)]}/chat/create",
+                        data={"name": f"listeners {number}"},
+                        headers={"Authorization": f"Bearer {tokens[owner]}"},
+                    )
+                    break
+                except httpx.TransportError as exc:  # setup, not measured: a connection lost is tried again
+                    print(f"chat create: {type(exc).__name__}, trying again", file=sys.stderr, flush=True)
+                    if attempt == 2:
+                        raise
             created.raise_for_status()
             return created.json()["id"]
 
