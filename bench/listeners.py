@@ -12,11 +12,14 @@ cost to the server is the same). All subscribers live in this process, on one ev
 minimal SSE client (a raw socket) and websockets' client.
 
 Reports: subscriptions refused; each process's resident memory before and after (per idle subscriber)
-and its Redis connections (CLIENT LIST, by the process's sockets) while idle and while streaming; then
-`--streaming` chats get one streamed prompt each, all at once: every subscriber of those chats must
-get every delta once and the final event (missing, duplicated and no-final are counted), with the
-delivery delay (arrival minus upstream send time) p50/p99; then a burst of `--burst` SSE subscribes
-to one process, spread over one second: how many were refused and when the last was accepted.
+and its Redis connections (CLIENT LIST, by the process's sockets) while idle and while streaming
+(sampled by a process of its own: not on this event loop); then `--streaming` chats get one streamed
+prompt each, all at once: every subscriber of those chats must get every delta once and the final
+event (missing, duplicated and no-final are counted), with the delivery delay (arrival minus upstream
+send time) p50/p99, split at the append (the time Turbo stored with each event in Redis), and the CPU
+seconds each process and this one spent meanwhile; then a burst of `--burst` SSE subscribes to one
+process, spread over one second: how many were refused and when the last was accepted. Each process
+answers one streamed prompt before any of this (its first loads the tokenizer, once in its life).
 Writes bench/results/listeners-<timestamp>.json and listeners-latest.json. A benchmark, not a test.
 """
 
@@ -36,10 +39,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import redis.asyncio
 from websockets.asyncio.client import connect as ws_connect
 
 from bench.fanout import turbo_start
-from bench.proxy_overhead import PROJECT, PYTHON, Processes, free_port, report_write, turbo_env, wait_until_answering
+from bench.proxy_overhead import (
+    PROJECT,
+    PYTHON,
+    Processes,
+    cpu_seconds,
+    free_port,
+    report_write,
+    turbo_env,
+    wait_until_answering,
+)
 from bench.redis_clients import redis_clients_of, redis_connections_of
 
 SENT_AT = re.compile(rb"t=(\d+)")
@@ -51,7 +64,7 @@ FINAL_MARK = b'"partial":false'
 class Listener:
     """One subscription's frames of interest: message events, by message id."""
 
-    __slots__ = ("chat_id", "kind", "status", "seqs", "deltas", "finals", "delays", "closed")
+    __slots__ = ("chat_id", "kind", "status", "seqs", "deltas", "finals", "delays", "arrivals", "closed")
 
     def __init__(self, chat_id: str, kind: str):
         self.chat_id = chat_id
@@ -61,6 +74,7 @@ class Listener:
         self.deltas = 0
         self.finals = 0
         self.delays: list[float] = []
+        self.arrivals: list[tuple[int, int]] = []  # (seq, arrival time_ns) of each delta: the delay's split
         self.closed: str | None = None
 
     def frame(self, data: bytes) -> None:
@@ -74,6 +88,7 @@ class Listener:
             sent = SENT_AT.search(event.get("delta", "").encode())
             if sent:
                 self.delays.append((arrived - int(sent.group(1))) / 1e6)
+                self.arrivals.append((event["seq"], arrived))
         elif event["type"] in ("message.completed", "message.failed"):
             self.finals += 1
 
@@ -125,6 +140,20 @@ async def ws_listen(listener: Listener, host: str, port: int, token: str, opened
         await connection.close()
 
 
+async def appended_at(redis_url: str, chat_ids: list[str]) -> dict[tuple[str, int], int]:
+    """(chat id, seq) -> when Turbo appended the event (time_ns), from the `a` field kept with it in Redis."""
+    client = redis.asyncio.Redis.from_url(redis_url)
+    found = {}
+    try:
+        for chat_id in chat_ids:
+            for stream_id, fields in await client.xrange(f"turbo:stream:{{chat.{chat_id}}}"):
+                seq = int(stream_id.split(b"-", 1)[0])
+                found[(chat_id, seq)] = int(float(fields[b"a"]) * 1e9)
+    finally:
+        await client.aclose()
+    return found
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -167,7 +196,9 @@ async def open_listeners(plan, ports, tokens, tasks, *, at_once: int | None, spr
 
 async def measure(args, ports: list[int], pids: list[int]) -> dict:
     bases = [f"http://127.0.0.1:{port}" for port in ports]
-    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+    # Idle connections dropped before uvicorn's 5 s keep-alive timeout would: at the same 5 s (httpx's
+    # default) a request could go out on a connection the server was closing (a ReadError in setup).
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200, keepalive_expiry=2)
     async with httpx.AsyncClient(timeout=120, limits=limits, trust_env=False) as http:
         users = -(-args.chats // CHATS_PER_USER)
         tokens = []
@@ -181,11 +212,18 @@ async def measure(args, ports: list[int], pids: list[int]) -> dict:
 
         async def chat_create(number: int) -> str:
             owner = number % users
-            created = await http.post(
-                f"{bases[number % len(bases)]}/chat/create",
-                data={"name": f"listeners {number}"},
-                headers={"Authorization": f"Bearer {tokens[owner]}"},
-            )
+            for attempt in range(3):
+                try:
+                    created = await http.post(
+                        f"{bases[number % len(bases)]}/chat/create",
+                        data={"name": f"listeners {number}"},
+                        headers={"Authorization": f"Bearer {tokens[owner]}"},
+                    )
+                    break
+                except httpx.TransportError as exc:  # setup, not measured: a connection lost is tried again
+                    print(f"chat create: {type(exc).__name__}, trying again", file=sys.stderr, flush=True)
+                    if attempt == 2:
+                        raise
             created.raise_for_status()
             return created.json()["id"]
 
@@ -198,7 +236,18 @@ async def measure(args, ports: list[int], pids: list[int]) -> dict:
         # One subscriber per process first, so that memory is measured with the code paths warm.
         warm = [(chat_ids[0], 0, server, "sse") for server in range(len(ports))]
         await open_listeners(warm, ports, tokens, tasks, at_once=None)
-        await asyncio.sleep(1)
+        # And one streamed prompt per process, in a chat nobody here follows: a process's first reply loads
+        # the tokenizer (about a second of CPU, on its event loop), once in its life; the figures below are
+        # for a process that has answered before, not for its first prompt.
+        for server in range(len(ports)):
+            number = args.chats - 1 - server
+            warmed = await http.post(
+                f"{bases[server]}/chat/prompt",
+                data={"id": chat_ids[number], "prompt": "warm up", "stream": "true"},
+                headers={"Authorization": f"Bearer {tokens[number % users]}"},
+            )
+            warmed.raise_for_status()
+        await asyncio.sleep(2)
         rss_before = [rss_kib(pid) for pid in pids]
         plan = [
             (chat_ids[n % args.chats], (n % args.chats) % users, n % len(ports), "sse" if (n // 2) % 2 else "ws")
@@ -228,15 +277,17 @@ async def measure(args, ports: list[int], pids: list[int]) -> dict:
         # Streaming: one prompt in each of the first --streaming chats, all at once.
         streaming = chat_ids[: args.streaming]
         watched = [listener for listener in listeners if listener.chat_id in set(streaming) and listener.status == 200]
-        redis_streaming: list[int] = [0] * len(pids)
-
-        async def sample_redis() -> None:
-            while True:
-                counts = [redis_connections_of(pid, args.redis_url) for pid in pids]
-                redis_streaming[:] = [max(a, b) for a, b in zip(redis_streaming, counts, strict=True)]
-                await asyncio.sleep(0.2)
-
-        sampler = asyncio.create_task(sample_redis())
+        # Sampled by a process of its own: on this event loop each look held up every frame.
+        sampler = await asyncio.create_subprocess_exec(
+            PYTHON,
+            "-m",
+            "bench.redis_clients",
+            args.redis_url,
+            *map(str, pids),
+            cwd=PROJECT,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
 
         async def prompt(number: int) -> int:
             answered = await http.post(
@@ -247,14 +298,32 @@ async def measure(args, ports: list[int], pids: list[int]) -> dict:
             return answered.status_code
 
         started = time.monotonic()
+        cpu_started = [cpu_seconds(pid) for pid in pids], time.process_time()
         statuses = await asyncio.gather(*(prompt(n) for n in range(len(streaming))))
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and any(listener.finals < 1 for listener in watched):
             await asyncio.sleep(0.1)
         stream_seconds = time.monotonic() - started
+        cpu_streaming = [round(cpu_seconds(pid) - before, 2) for pid, before in zip(pids, cpu_started[0], strict=True)]
+        cpu_streaming_loadgen = round(time.process_time() - cpu_started[1], 2)
         await asyncio.sleep(1)  # time for a duplicate to show up
-        sampler.cancel()
+        sampled, _ = await sampler.communicate(b"")
+        redis_streaming = json.loads(sampled)
         delays = [delay for listener in watched for delay in listener.delays]
+        # The split: upstream send -> append (the `a` Turbo stored with each event in Redis), append -> arrival.
+        appended = await appended_at(args.redis_url, streaming)
+        after_append = [
+            (arrived - appended[(listener.chat_id, seq)]) / 1e6
+            for listener in watched
+            for seq, arrived in listener.arrivals
+            if (listener.chat_id, seq) in appended
+        ]
+        before_append = [
+            delay - (arrived - appended[(listener.chat_id, seq)]) / 1e6
+            for listener in watched
+            for delay, (seq, arrived) in zip(listener.delays, listener.arrivals, strict=True)
+            if (listener.chat_id, seq) in appended
+        ]
         lost = {
             "prompts_not_200": sum(status != 200 for status in statuses),
             "subscribers_missing_deltas": sum(listener.deltas < args.deltas for listener in watched),
@@ -297,6 +366,12 @@ async def measure(args, ports: list[int], pids: list[int]) -> dict:
         "delay_ms_p99": percentile(delays, 0.99),
         "delay_ms_max": percentile(delays, 1.0),
         "delays_measured": len(delays),
+        "delay_ms_upstream_to_append_p50": percentile(before_append, 0.5),
+        "delay_ms_upstream_to_append_p99": percentile(before_append, 0.99),
+        "delay_ms_append_to_arrival_p50": percentile(after_append, 0.5),
+        "delay_ms_append_to_arrival_p99": percentile(after_append, 0.99),
+        "cpu_seconds_streaming": cpu_streaming,
+        "cpu_seconds_streaming_loadgen": cpu_streaming_loadgen,
         **lost,
         "burst": args.burst,
         "burst_seconds": round(burst_seconds, 2),
@@ -352,7 +427,12 @@ def main() -> None:
             wait_until_answering(processes, name, turbo, f"http://127.0.0.1:{port}/health")
             ports.append(port)
             pids.append(turbo.pid)
-        result = asyncio.run(measure(args, ports, pids))
+        try:
+            result = asyncio.run(measure(args, ports, pids))
+        except Exception:
+            for index in range(args.servers):
+                print(f"turbo-{index} said:\n{processes.log_tail(f'turbo-{index}')}", file=sys.stderr)
+            raise
         report = {
             "benchmark": "listeners",
             "started_at": started_at.isoformat(),

@@ -35,6 +35,11 @@ def script_sha(script: str) -> str:
     return hashlib.sha1(script.encode()).hexdigest()
 
 
+def bulk(data: bytes) -> bytes:
+    """One argument of a command as Redis reads it (for callers that keep parts of a command packed)."""
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
 def _pack(args: tuple) -> bytes:
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
@@ -198,6 +203,13 @@ class FastRedis:
             connection = await self._ready()  # once more, on a new connection (as redis_retry does)
             return await connection.send(payload)
 
+    async def send_once(self, payload: bytes):
+        """Send a command already packed (`*N` and its arguments) and return its reply, with no second try
+        on a new connection: for a caller that must know which connection it talked to (the stream
+        reader's blocking XREAD, which another connection unblocks by this one's CLIENT ID)."""
+        connection = await self._ready()
+        return await connection.send(payload)
+
     async def script(self, script: str, keys: list, args: list):
         """Run a Lua script: EVAL the first time on a connection, EVALSHA after (EVAL again on NOSCRIPT)."""
         sha = script_sha(script)
@@ -259,3 +271,10 @@ def fast_redis(location: str) -> FastRedis | None:
     if address is None:
         return None
     return loop_client("fast-redis", location, lambda: FastRedis(*address), lambda client: client.closed)
+
+
+def fast_redis_own(location: str) -> FastRedis | None:
+    """A FastRedis with a connection of its own, not the loop's shared one (a blocking read must not hold
+    up the commands pipelined behind it); None for an address it does not speak."""
+    address = _address(location)
+    return None if address is None else FastRedis(*address)

@@ -30,7 +30,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -38,7 +38,7 @@ import redis.asyncio
 from django.conf import settings
 
 from turbo_site.core import metrics
-from turbo_site.core.fastredis import fast_redis
+from turbo_site.core.fastredis import FastRedis, bulk, fast_redis, fast_redis_own
 from turbo_site.core.loops import loop_client
 from turbo_site.core.redis_retry import bounded_async_client, bounded_sync_client
 
@@ -60,10 +60,21 @@ class Entry:
     type: str
     text: str
     at: float = 0.0  # time.time() of its append, when it came live (the fan-out delay metric); 0: unknown
+    sse: bytes | None = field(default=None, repr=False, compare=False)  # its SSE frame, once made
 
     @property
     def data(self) -> dict:
         return json.loads(self.text)
+
+    def sse_frame(self) -> bytes:
+        """Its Server-Sent Events frame: stored events carry their number as `id:`, notices do not.
+
+        Made once and kept: a live entry is one object shared by every subscriber of the process, so a
+        chat with many SSE listeners encodes each event once, not once per listener."""
+        if self.sse is None:
+            head = b"event: message\ndata: " if self.is_notice else b"id: %d\nevent: message\ndata: " % self.seq
+            self.sse = head + self.text.encode() + b"\n\n"
+        return self.sse
 
     @property
     def is_notice(self) -> bool:
@@ -278,8 +289,14 @@ class _RedisReader:
         self.positions: dict[bytes, bytes] = {}  # redis stream key -> last id read
         self.keys: dict[bytes, str] = {}
         self.starting: dict[str, asyncio.Task] = {}  # stream key -> the look-up of where it stands
-        self.connection: redis.asyncio.Redis | None = None
+        self.connection: FastRedis | redis.asyncio.Redis | None = None
         self.connection_id: int | None = None
+        # The XREAD command in parts, kept packed: it names every stream followed (a thousand, in a
+        # process whose clients watch a thousand chats), and packing those anew for every read cost
+        # more than delivering what it read. Keys change when a stream is followed or dropped, ids as
+        # entries are read.
+        self.keys_packed: bytes | None = None
+        self.ids_packed: dict[bytes, bytes] = {}
         self.reading = False
         self.version = 0  # bumped when the set of streams changes
         self.read_version = 0  # the version the running XREAD was sent with
@@ -303,6 +320,8 @@ class _RedisReader:
         self.listeners[key] = {subscription}
         stream_key = _redis_keys(key)[1].encode()
         self.positions[stream_key] = last
+        self.ids_packed[stream_key] = bulk(last)
+        self.keys_packed = None
         self.keys[stream_key] = key
         if self.task is None or self.task.done():
             self.task = asyncio.get_running_loop().create_task(self._run())
@@ -331,6 +350,8 @@ class _RedisReader:
             del self.listeners[key]
             stream_key = _redis_keys(key)[1].encode()
             self.positions.pop(stream_key, None)
+            self.ids_packed.pop(stream_key, None)
+            self.keys_packed = None
             self.keys.pop(stream_key, None)
 
     async def _wake(self) -> None:
@@ -349,6 +370,12 @@ class _RedisReader:
             await asyncio.sleep(0.002)
 
     async def _connect(self) -> None:
+        fast = fast_redis_own(self.backend.url)
+        if fast is not None:
+            self.connection = fast
+            async with asyncio.timeout(self.BLOCK_MS / 1000 + 5):
+                self.connection_id = await fast.send_once(b"*2\r\n$6\r\nCLIENT\r\n$2\r\nID\r\n")
+            return
         self.connection = redis.asyncio.Redis.from_url(
             self.backend.url,
             single_connection_client=True,
@@ -375,7 +402,7 @@ class _RedisReader:
                 self.reading = True
                 self.read_version = self.version
                 try:
-                    found = await self.connection.xread(dict(self.positions), count=1000, block=self.BLOCK_MS)
+                    found = await self._read()
                 finally:
                     self.reading = False
                 failed_once = False
@@ -385,6 +412,7 @@ class _RedisReader:
                         continue
                     for stream_id, fields in entries:
                         self.positions[stream_key] = stream_id
+                        self.ids_packed[stream_key] = bulk(stream_id)
                         entry = Entry(
                             _seq_of(stream_id), fields[b"t"].decode(), fields[b"d"].decode(), float(fields.get(b"a", 0))
                         )
@@ -409,9 +437,36 @@ class _RedisReader:
                 await self._disconnect()
         await self._disconnect()
 
+    async def _read(self) -> list:
+        """One blocking XREAD of every stream followed: [(stream key, [(id, {field: value})])], or None."""
+        if not isinstance(self.connection, FastRedis):
+            return await self.connection.xread(dict(self.positions), count=1000, block=self.BLOCK_MS)
+        if self.keys_packed is None:
+            self.keys_packed = b"".join(bulk(stream_key) for stream_key in self.positions)
+        ids = self.ids_packed
+        command = b"".join(
+            (
+                b"*%d\r\n$5\r\nXREAD\r\n$5\r\nCOUNT\r\n$4\r\n1000\r\n$5\r\nBLOCK\r\n%s$7\r\nSTREAMS\r\n"
+                % (6 + 2 * len(self.positions), bulk(b"%d" % self.BLOCK_MS)),
+                self.keys_packed,
+                *(ids[stream_key] for stream_key in self.positions),
+            )
+        )
+        async with asyncio.timeout(self.BLOCK_MS / 1000 + 5):
+            found = await self.connection.send_once(command)
+        return [
+            (
+                stream_key,
+                [(stream_id, dict(zip(fields[::2], fields[1::2], strict=True))) for stream_id, fields in entries],
+            )
+            for stream_key, entries in found or ()
+        ]
+
     def _fail_all(self) -> None:
         listeners, self.listeners = self.listeners, {}
         self.positions.clear()
+        self.ids_packed.clear()
+        self.keys_packed = None
         self.keys.clear()
         for subscribers in listeners.values():
             for subscription in subscribers:
@@ -426,6 +481,9 @@ class _RedisReader:
     async def _disconnect(self) -> None:
         client, self.connection, self.connection_id = self.connection, None, None
         if client is None:
+            return
+        if isinstance(client, FastRedis):
+            await client.aclose()
             return
         try:
             # Close the socket without waiting for it to drain: a read cut short (cancelled at
@@ -510,6 +568,14 @@ class ReadsByGet(abc.ABC):
             entry = await self.get(timeout=None)
             if entry is not None:
                 return entry
+
+
+_TIMED_OUT = object()
+
+
+def _time_up(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(_TIMED_OUT)
 
 
 # Subscriptions open in this process, ended together at shutdown (after which no new one starts).
@@ -649,13 +715,18 @@ class Subscription(ReadsByGet):
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return None
-            self._waiter = self._loop.create_future()
+            # A future and a timer, not asyncio.wait_for: on Python 3.11 that costs a second future and a
+            # callback per wait, and every subscriber waits once per event it is handed.
+            waiter = self._waiter = self._loop.create_future()
+            timer = None if remaining is None else self._loop.call_later(remaining, _time_up, waiter)
             try:
-                await asyncio.wait_for(self._waiter, remaining)
-            except TimeoutError:
-                return None
+                await waiter
             finally:
                 self._waiter = None
+                if timer is not None:
+                    timer.cancel()
+            if waiter.result() is _TIMED_OUT:
+                return None
 
     async def _next_ready(self) -> Entry | None:
         while True:

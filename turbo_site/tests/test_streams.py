@@ -148,3 +148,34 @@ def test_a_resume_from_beyond_the_last_event_is_told_so_and_then_gets_the_live_e
     last, got = run(scenario)
     assert got[0].type == "stream.gap" and got[0].data["after"] == last
     assert [(entry.seq, entry.data["n"]) for entry in got[1:]] == [(last + 1, 1), (last + 2, 2)]
+
+
+def test_streams_followed_and_dropped_in_turn_each_get_their_own_events_once():
+    """The process's one reader keeps its read of every followed stream packed (the streams, and where
+    each stands): following one, dropping one and following one again must each change what it reads."""
+    first, second, third = new_key(), new_key(), new_key()
+
+    async def scenario():
+        a = await streams.Subscription(first).start()
+        b = await streams.Subscription(second).start()
+        await streams.append(first, "t", {"n": 1})
+        await streams.append(second, "t", {"n": 2})
+        got = {"a": [await a.get(timeout=5)], "b": [await b.get(timeout=5)]}
+        await a.close()
+        await streams.append(first, "t", {"n": 3})  # nobody here follows it now
+        await streams.append(second, "t", {"n": 4})
+        got["b"].append(await b.get(timeout=5))
+        c = await streams.Subscription(third).start()
+        again = await streams.Subscription(first).start()  # live from here: not 3
+        await streams.append(third, "t", {"n": 5})
+        await streams.append(first, "t", {"n": 6})
+        got["c"] = [await c.get(timeout=5)]
+        got["again"] = [await again.get(timeout=5)]
+        for subscription in (b, c, again):
+            got.setdefault("after", []).append(await subscription.get(timeout=0.3))
+            await subscription.close()
+        return got
+
+    got = run(scenario)
+    numbers = {name: [entry and entry.data["n"] for entry in entries] for name, entries in got.items()}
+    assert numbers == {"a": [1], "b": [2, 4], "c": [5], "again": [6], "after": [None, None, None]}
