@@ -31,14 +31,19 @@ class Ran:
     stderr: str
 
 
-def manage(*args: str) -> Ran:
-    """Run `manage.py *args` in process; its exit status, stdout and stderr."""
+def manage(*args: str, stdin: str = "") -> Ran:
+    """Run `manage.py *args` in process, `stdin` its standard input; its exit status, stdout and stderr."""
     argv = ["manage.py", *args]
     stdout, stderr = io.StringIO(), io.StringIO()
     returncode = 0
     # run_from_argv closes every connection when the command ends, which a process about to exit wants;
     # here it would close the connection holding the test's transaction.
-    with redirect_stdout(stdout), redirect_stderr(stderr), mock.patch.object(connections, "close_all"):
+    with (
+        redirect_stdout(stdout),
+        redirect_stderr(stderr),
+        mock.patch("sys.stdin", io.StringIO(stdin)),
+        mock.patch.object(connections, "close_all"),
+    ):
         try:
             # Built inside the redirect: a command's OutputWrappers bind sys.stdout/sys.stderr when made.
             ManagementUtility(argv).fetch_command(args[0]).run_from_argv(argv)
