@@ -95,7 +95,9 @@ class Server:
             except httpx.HTTPError:
                 return False
 
-        wait_for(answers, 30, "the server to answer /info", interval=0.1)
+        # It ends as soon as the server answers (or dies); the bound is for a 2-core machine under load, where
+        # a fresh interpreter's django.setup() alone has taken 45 s.
+        wait_for(answers, 120, "the server to answer /info", interval=0.1)
         return self
 
     def stderr(self) -> str:
