@@ -21,13 +21,14 @@ from websockets.sync.client import connect
 
 from accounts.keys import KEYS_PER_USER_MAX, api_key_create
 from accounts.models import ApiKey, User
-from accounts.services import asession_lookup, session_create, session_lookup
+from accounts.services import asession_lookup, session_create, session_lookup, user_create
 from accounts.tests.test_admin import ADMIN_PASSWORD, log_in, run_action
 from chats.models import Chat
 from chats.tests.conftest import two_servers  # noqa: F401 (a fixture)
-from conftest import run_manage, run_python, unique_name
+from conftest import unique_name
 from groups.models import Group
 from groups.services import group_allowed_models_set, group_create, group_members_add
+from turbo_site.testing.commands import manage
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -536,20 +537,15 @@ def test_the_admin_lists_and_searches_keys_never_shows_a_hash_and_revokes(admin,
 # --- manage.py keys --------------------------------------------------------------------------------------------------
 
 
-def test_manage_keys_lists_and_revokes(cli_env):
-    made = run_python(
-        cli_env,
-        "from accounts.keys import api_key_create\n"
-        "from accounts.services import user_create\n"
-        "olga = user_create(username='olga', password='correct-horse')\n"
-        "pat = user_create(username='pat', password='correct-horse')\n"
-        "key, secret = api_key_create(user=olga, name='nightly export')\n"
-        "other, _ = api_key_create(user=pat, name='pat laptop')\n"
-        "print(key.pk, key.prefix, secret, key.key_hash, other.prefix)\n",
-    )
-    key_id, prefix, secret, key_hash, other_prefix = made.split()
+@pytest.mark.django_db  # in this process, through manage.py's entry point: no other thread reads the rows
+def test_manage_keys_lists_and_revokes():
+    olga = user_create(username="olga", password="correct-horse")
+    pat = user_create(username="pat", password="correct-horse")
+    key, secret = api_key_create(user=olga, name="nightly export")
+    other, _ = api_key_create(user=pat, name="pat laptop")
+    key_id, prefix, key_hash, other_prefix = str(key.pk), key.prefix, key.key_hash, other.prefix
 
-    listed = run_manage(cli_env, "keys", "list")
+    listed = manage("keys", "list")
     assert listed.returncode == 0, listed.stderr
     header, *rows = listed.stdout.splitlines()
     assert header.split()[:5] == ["ID", "PREFIX", "NAME", "USER", "GROUP"]
@@ -557,17 +553,16 @@ def test_manage_keys_lists_and_revokes(cli_env):
     assert row.startswith(key_id) and "nightly export" in row and "olga" in row and row.endswith("live")
     assert secret not in listed.stdout and key_hash not in listed.stdout
 
-    mine = run_manage(cli_env, "keys", "list", "--user", "OLGA")
+    mine = manage("keys", "list", "--user", "OLGA")
     assert mine.returncode == 0 and prefix in mine.stdout and other_prefix not in mine.stdout
 
-    revoked = run_manage(cli_env, "keys", "revoke", prefix)
+    revoked = manage("keys", "revoke", prefix)
     assert revoked.returncode == 0, revoked.stderr
     assert revoked.stdout.strip() == f"API key {prefix} ('nightly export') of 'olga' revoked"
-    lookup = "import sys\nfrom accounts.services import session_lookup\nprint(session_lookup(sys.argv[1], keys=True))\n"
-    assert run_python(cli_env, lookup, secret) == "None"
-    again = run_manage(cli_env, "keys", "revoke", key_id)
+    assert session_lookup(secret, keys=True) is None
+    again = manage("keys", "revoke", key_id)
     assert again.returncode == 0 and "already revoked" in again.stdout
-    assert run_manage(cli_env, "keys", "list", "--user", "olga").stdout.splitlines()[1].endswith("revoked")
+    assert manage("keys", "list", "--user", "olga").stdout.splitlines()[1].endswith("revoked")
 
 
 @pytest.mark.parametrize(
@@ -580,18 +575,20 @@ def test_manage_keys_lists_and_revokes(cli_env):
         (["teleport"], 2, "error: argument SUBCOMMAND: invalid choice"),
     ],
 )
-def test_manage_keys_errors_are_one_line(cli_env, args, returncode, says):
-    done = run_manage(cli_env, "keys", *args)
+@pytest.mark.django_db
+def test_manage_keys_errors_are_one_line(args, returncode, says):
+    done = manage("keys", *args)
     assert done.returncode == returncode, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and says in done.stderr, done.stderr
 
 
-def test_manage_keys_help(cli_env):
+@pytest.mark.django_db
+def test_manage_keys_help():
     for args in (["--help"], ["list", "--help"], ["revoke", "--help"]):
-        done = run_manage(cli_env, "keys", *args)
+        done = manage("keys", *args)
         assert done.returncode == 0, done.stderr
-    assert "PREFIX_OR_ID" in run_manage(cli_env, "keys", "revoke", "--help").stdout
-    assert "manage.py keys revoke" in run_manage(cli_env, "keys", "--help").stdout
+    assert "PREFIX_OR_ID" in manage("keys", "revoke", "--help").stdout
+    assert "manage.py keys revoke" in manage("keys", "--help").stdout
 
 
 # --- two processes ---------------------------------------------------------------------------------------------

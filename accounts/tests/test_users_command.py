@@ -1,4 +1,5 @@
-"""`manage.py users`: in-process through call_command, and as an operator runs it, in a subprocess."""
+"""`manage.py users`: through call_command, through manage.py's entry point in this process, and once in a
+subprocess (what a fresh process adds: start-up, exit status)."""
 
 import io
 import re
@@ -9,9 +10,10 @@ from django.core.management.base import CommandError
 
 from accounts.models import User
 from accounts.services import session_create, session_lookup, user_create
-from conftest import run_manage, run_python
+from conftest import run_manage
+from turbo_site.testing.commands import manage
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 HASH_MARKERS = ("md5$", "pbkdf2", "argon2", "bcrypt", "sha1$")
 
@@ -167,16 +169,16 @@ def test_missing_argument_is_an_error_not_a_crash():
         users("create")
 
 
-# --- as a subprocess, like an operator --------------------------------------------------------------
+# --- as an operator runs it: manage.py's entry point, exit status and streams -----------------------
 
 
-def test_cli_help_lists_the_subcommands(cli_env):
-    done = run_manage(cli_env, "users", "--help")
+def test_cli_help_lists_the_subcommands():
+    done = manage("users", "--help")
 
     assert done.returncode == 0
     for name in ("list", "show", "create", "reset"):
         assert re.search(rf"^\s+{name}\s+\S", done.stdout, re.MULTILINE), name
-    create_help = run_manage(cli_env, "users", "create", "--help")
+    create_help = manage("users", "create", "--help")
     assert create_help.returncode == 0
     assert "--password" in create_help.stdout
 
@@ -188,32 +190,41 @@ def test_cli_help_lists_the_subcommands(cli_env):
         ([], "manage.py users: error: the following arguments are required: SUBCOMMAND"),
     ],
 )
-def test_cli_missing_argument_is_one_line_on_stderr(cli_env, args, line):
-    done = run_manage(cli_env, "users", *args)
+def test_cli_missing_argument_is_one_line_on_stderr(args, line):
+    done = manage("users", *args)
 
-    assert done.returncode != 0
+    assert done.returncode == 2
     assert done.stderr.splitlines() == [line]
     assert done.stdout == ""
 
 
-def test_cli_unknown_subcommand_is_one_line_on_stderr(cli_env):
-    done = run_manage(cli_env, "users", "frobnicate")
+def test_cli_unknown_subcommand_is_one_line_on_stderr():
+    done = manage("users", "frobnicate")
 
-    assert done.returncode != 0
+    assert done.returncode == 2
     assert len(done.stderr.splitlines()) == 1
     assert "invalid choice: 'frobnicate'" in done.stderr
 
 
-def test_cli_unknown_user_is_one_line_on_stderr(cli_env):
+def test_cli_unknown_user_is_one_line_on_stderr_of_a_real_process(cli_env):
+    """The one subprocess of this module: a fresh process's start-up adds nothing to stderr and exits 1."""
     done = run_manage(cli_env, "users", "show", "nobody-at-all")
+
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == ["CommandError: no user with id or username 'nobody-at-all'"]
+    assert done.stdout == ""
+
+
+def test_cli_unknown_user_is_one_line_on_stderr():
+    done = manage("users", "show", "nobody-at-all")
 
     assert done.returncode == 1
     assert done.stderr.splitlines() == ["CommandError: no user with id or username 'nobody-at-all'"]
 
 
-def test_cli_create_then_list_shows_the_user_and_never_a_hash(cli_env):
-    created = run_manage(cli_env, "users", "create", "ivan")
-    listed = run_manage(cli_env, "users", "list")
+def test_cli_create_then_list_shows_the_user_and_never_a_hash():
+    created = manage("users", "create", "ivan")
+    listed = manage("users", "list")
 
     assert created.returncode == listed.returncode == 0
     assert "generated password" in created.stdout
@@ -223,21 +234,14 @@ def test_cli_create_then_list_shows_the_user_and_never_a_hash(cli_env):
         assert_no_hash(done.stdout)
 
 
-def test_cli_reset_revokes_sessions(cli_env):
-    token = run_python(
-        cli_env,
-        "from accounts.services import session_create, user_create\n"
-        "judy = user_create(username='judy', password='correct-horse')\n"
-        "print(session_create(user=judy)[1])\n",
-    )
+def test_cli_reset_revokes_sessions():
+    judy = user_create(username="judy", password="correct-horse")
+    token = session_create(user=judy)[1]
 
-    reset = run_manage(cli_env, "users", "reset", "judy", "a-new-long-password")
+    reset = manage("users", "reset", "judy", "a-new-long-password")
 
     assert reset.returncode == 0, reset.stderr
     assert "sessions were revoked" in reset.stdout
     assert token not in reset.stdout
     assert_no_hash(reset.stdout)
-    lookup = run_python(
-        cli_env, "import sys\nfrom accounts.services import session_lookup\nprint(session_lookup(sys.argv[1]))\n", token
-    )
-    assert lookup == "None"
+    assert session_lookup(token) is None

@@ -95,6 +95,7 @@ class Server:
             except httpx.HTTPError:
                 return False
 
+        # It ends as soon as the server answers (or dies); the bound is for a 2-core machine under load.
         wait_for(answers, SERVER_START_SECONDS, "the server to answer /info", interval=0.1)
         return self
 

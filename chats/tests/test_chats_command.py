@@ -1,8 +1,6 @@
 """`manage.py chats` and the message_delete service behind `chats delete-message`."""
 
 import io
-import subprocess
-import sys
 import uuid
 from datetime import timedelta
 
@@ -15,11 +13,11 @@ from django.utils import timezone
 from accounts.services import user_create
 from chats.models import Chat, ChatMember, Message
 from chats.services import message_delete
-from conftest import PROJECT_ROOT, run_manage
 from groups.models import GroupMember
 from turbo_site.core.errors import NotFound
+from turbo_site.testing.commands import manage
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 LONG_REPLY = "The first line of a long answer.\n" + "word " * 200 + "THE-END"
 
@@ -160,59 +158,50 @@ def test_message_delete_service_raises_not_found(chat, message_id):
     assert cache.get(f"chat-context:{chat.pk}") == ["context"]
 
 
-# --- as a subprocess, like an operator --------------------------------------------------------------
+# --- as an operator runs it: manage.py's entry point, exit status and streams -----------------------
+# In this process (turbo_site.testing.commands); what a fresh process adds is checked once, for every
+# operator command, in accounts/tests/test_users_command.py.
 
 
-SEED = """\
-import django; django.setup()
-from accounts.services import user_create
-from chats.models import Chat, ChatMember, Message
-owner = user_create(username="olivia", password="correct-horse")
-chat = Chat.objects.create(name="Ops chat", model="gpt-test", owner=owner)
-ChatMember.objects.create(chat=chat, user=owner)
-message = Message.objects.create(chat=chat, author=owner, prompt="ping", reply="pong")
-print(chat.pk, message.pk)
-"""
+def test_cli_show_and_delete_message():
+    owner = user_create(username="olivia", password="correct-horse")
+    chat = Chat.objects.create(name="Ops chat", model="gpt-test", owner=owner)
+    ChatMember.objects.create(chat=chat, user=owner)
+    message_id = str(Message.objects.create(chat=chat, author=owner, prompt="ping", reply="pong").pk)
 
-
-def test_cli_show_and_delete_message(cli_env):
-    seeded = subprocess.run(
-        [sys.executable, "-c", SEED], cwd=PROJECT_ROOT, env=cli_env, capture_output=True, text=True, timeout=120
-    )
-    assert seeded.returncode == 0, seeded.stderr
-    chat_id, message_id = seeded.stdout.split()
-
-    shown = run_manage(cli_env, "chats", "show", chat_id)
-    deleted = run_manage(cli_env, "chats", "delete-message", message_id)
-    again = run_manage(cli_env, "chats", "delete-message", message_id)
+    shown = manage("chats", "show", str(chat.pk))
+    deleted = manage("chats", "delete-message", message_id)
+    again = manage("chats", "delete-message", message_id)
 
     assert shown.returncode == 0 and "name:          Ops chat" in shown.stdout
     assert deleted.returncode == 0 and deleted.stdout == f"deleted message {message_id}\n"
     assert again.returncode == 1
     assert again.stderr.splitlines() == [f"CommandError: no message with id {message_id}"]
+    assert not Message.objects.filter(pk=message_id).exists()
 
 
 @pytest.mark.parametrize(
-    ("args", "line"),
+    ("args", "returncode", "line"),
     [
-        (["members"], "manage.py chats members: error: the following arguments are required: CHAT_ID"),
-        (["show", "123"], "manage.py chats show: error: argument CHAT_ID: '123' is not a valid chat id (a UUID)"),
+        (["members"], 2, "manage.py chats members: error: the following arguments are required: CHAT_ID"),
+        (["show", "123"], 2, "manage.py chats show: error: argument CHAT_ID: '123' is not a valid chat id (a UUID)"),
         (
             ["show", "00000000-0000-0000-0000-000000000000"],
+            1,
             "CommandError: no chat with id 00000000-0000-0000-0000-000000000000",
         ),
     ],
 )
-def test_cli_errors_are_one_line_on_stderr(cli_env, args, line):
-    done = run_manage(cli_env, "chats", *args)
+def test_cli_errors_are_one_line_on_stderr(args, returncode, line):
+    done = manage("chats", *args)
 
-    assert done.returncode != 0
+    assert done.returncode == returncode
     assert done.stderr.splitlines() == [line]
     assert done.stdout == ""
 
 
-def test_cli_help_lists_the_subcommands(cli_env):
-    done = run_manage(cli_env, "chats", "--help")
+def test_cli_help_lists_the_subcommands():
+    done = manage("chats", "--help")
 
     assert done.returncode == 0
     for name in ("show", "members", "messages", "delete-message"):

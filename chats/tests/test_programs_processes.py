@@ -1,9 +1,7 @@
-"""A chat program resumed by another server process after the first one stopped, and `manage.py programs`."""
+"""A chat program resumed by another server process after the first one stopped, and `manage.py programs`
+(through manage.py's entry point, in this process)."""
 
-import os
 import signal
-import subprocess
-import sys
 
 import httpx
 import pytest
@@ -12,7 +10,7 @@ from django.conf import settings
 
 from chats.models import ChatProgram
 from chats.tests.test_programs import CHAT_PROGRAMS, chat_requests, wait_until
-from conftest import PROJECT_ROOT, SERVER_KEY
+from turbo_site.testing.commands import manage
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -73,28 +71,19 @@ def test_a_second_process_resumes_a_looping_program_with_one_new_upstream_call(s
         assert state.memory_steps == 4 and state.memory[-1] == {"role": "assistant", "content": "second turn"}
 
 
-def run_programs(upstream, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "DEBUG": "1",
-        "DJANGO_SETTINGS_MODULE": "turbo_site.test_settings",
-        "OPENAI_API_URL": upstream.url + "/v1",
-        "OPENAI_API_KEY": SERVER_KEY,
-        "CHAT_PROGRAMS": ",".join(CHAT_PROGRAMS),
-    }
-    return subprocess.run(
-        [sys.executable, "manage.py", "programs", *args],
-        cwd=PROJECT_ROOT,
-        env=env,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+@pytest.fixture
+def programs_command(upstream, settings):
+    """`manage.py programs ...` through manage.py's entry point in this process, against the fake upstream."""
+    settings.CHAT_PROGRAMS = CHAT_PROGRAMS
+
+    def run(*args: str, stdin: str = ""):
+        return manage("programs", *args, stdin=stdin)
+
+    return run
 
 
-def test_programs_run_is_driven_through_stdin(upstream):
-    done = run_programs(upstream, "run", "looper", stdin="echo: hello there\n\necho: and again\n")
+def test_programs_run_is_driven_through_stdin(programs_command, upstream):
+    done = programs_command("run", "looper", stdin="echo: hello there\n\necho: and again\n")
     assert done.returncode == 0, done.stderr
     assert done.stdout == "Say something\n> hello there\nSay something\n> > and again\nSay something\n> \n"
     first, second = chat_requests(upstream)
@@ -105,24 +94,24 @@ def test_programs_run_is_driven_through_stdin(upstream):
     ]
     assert second["stream"] is True
 
-    horoscope = run_programs(upstream, "run", "horoscope", "--context", '{"user_id": 1}', stdin="echo: yes\n")
+    horoscope = programs_command("run", "horoscope", "--context", '{"user_id": 1}', stdin="echo: yes\n")
     assert horoscope.returncode == 0, horoscope.stderr
     assert horoscope.stdout.startswith("What do you want to know?\n> yes\n")
     assert chat_requests(upstream)[-1]["temperature"] == 0.9
 
 
-def test_programs_list_and_bad_arguments(upstream):
-    listed = run_programs(upstream, "list")
+def test_programs_list_and_bad_arguments(programs_command):
+    listed = programs_command("list")
     assert listed.returncode == 0, listed.stderr
     names = [line.split()[0] for line in listed.stdout.splitlines()[1:]]
     assert names == sorted(["horoscope", "tutor", "looper", "redis_looper", "composed", "broken"])
 
-    unknown = run_programs(upstream, "run", "nope")
+    unknown = programs_command("run", "nope")
     assert unknown.returncode == 1 and "no program named 'nope'" in unknown.stderr
     assert "Traceback" not in unknown.stderr
-    bad_context = run_programs(upstream, "run", "looper", "--context", "[1]")
+    bad_context = programs_command("run", "looper", "--context", "[1]")
     assert bad_context.returncode == 1 and "--context must be a JSON object" in bad_context.stderr
-    failing = run_programs(upstream, "run", "broken", stdin="boom\n")
+    failing = programs_command("run", "broken", stdin="boom\n")
     assert failing.returncode == 1 and "the program broke on purpose" in failing.stderr
     assert "Traceback" not in failing.stderr
 

@@ -33,6 +33,7 @@ from chats.tests.processes import (
 )
 from turbo_site.core import streams
 from turbo_site.core.loops import loop_clients_close
+from turbo_site.testing.commands import manage
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -201,14 +202,16 @@ def test_the_sweeper_ends_only_what_runs_nowhere():
     assert run(messages_sweep()) == 0  # what was ended stays ended
 
 
-def test_chats_sweep_command_needs_the_shared_cache_and_says_how_many(cli_env):
-    from conftest import run_manage
-
-    refused = run_manage(cli_env, "chats", "sweep")
+def test_chats_sweep_command_needs_the_shared_cache_and_says_how_many(settings):
+    """Through manage.py's entry point, in this process: the leg's Redis (if any) is the shared cache."""
+    shared = settings.REDIS_ADDRESS
+    settings.REDIS_ADDRESS = ""
+    refused = manage("chats", "sweep")
     assert refused.returncode == 1 and "sweep needs REDIS_ADDRESS" in refused.stderr
-    assert "streaming" in run_manage(cli_env, "chats", "sweep", "--help").stdout
-    if settings.REDIS_ADDRESS:
-        done = run_manage({**cli_env, "REDIS_ADDRESS": settings.REDIS_ADDRESS}, "chats", "sweep")
+    assert "streaming" in manage("chats", "sweep", "--help").stdout
+    if shared:
+        settings.REDIS_ADDRESS = shared
+        done = manage("chats", "sweep")
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == "ended 0 abandoned messages"
 

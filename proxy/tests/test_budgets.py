@@ -6,10 +6,11 @@ from decimal import Decimal
 import pytest
 
 from accounts.services import user_create
-from conftest import run_manage, unique_name
+from conftest import unique_name
 from proxy.models import Budget
 from proxy.usage.budgets import BudgetExceeded, budget_reserve, budget_rules_forget, budget_set
 from proxy.usage.caller import Caller
+from turbo_site.testing.commands import manage
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -111,18 +112,13 @@ def test_bad_amounts_and_periods_are_refused():
     assert not Budget.objects.exists()
 
 
-def test_budgets_command_sets_lists_and_clears(cli_env):
-    from conftest import run_python
-
+def test_budgets_command_sets_lists_and_clears():
     name = unique_name()
-    run_python(
-        cli_env,
-        f"from accounts.services import user_create; user_create(username='{name}', password='correct-horse-battery')",
-    )
-    done = run_manage(cli_env, "budgets", "set", "--user", name, "--usd", "5", "--period", "month")
+    user_create(username=name, password="correct-horse-battery")
+    done = manage("budgets", "set", "--user", name, "--usd", "5", "--period", "month")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"user {name}: $5 per month"
-    listed = run_manage(cli_env, "budgets", "list")
+    listed = manage("budgets", "list")
     assert listed.returncode == 0 and f"user {name}" in listed.stdout and "$5" in listed.stdout
     assert "month" in listed.stdout and "$0" in listed.stdout
     for args, problem in (
@@ -132,9 +128,9 @@ def test_budgets_command_sets_lists_and_clears(cli_env):
         (("set", "--key", "tk-missing", "--usd", "1"), "no single live API key"),
         (("set", "--usd", "1"), "one of the arguments --user --group --key is required"),
     ):
-        refused = run_manage(cli_env, "budgets", *args)
+        refused = manage("budgets", *args)
         assert refused.returncode != 0 and problem in refused.stderr, (args, refused.stderr)
         assert "Traceback" not in refused.stderr
-    cleared = run_manage(cli_env, "budgets", "clear", "--user", name)
+    cleared = manage("budgets", "clear", "--user", name)
     assert cleared.returncode == 0 and "removed" in cleared.stdout
-    assert run_manage(cli_env, "budgets", "list").stdout.strip() == "no budgets"
+    assert manage("budgets", "list").stdout.strip() == "no budgets"

@@ -1,5 +1,6 @@
-"""`manage.py upstreams list|check`, run as an operator would, against fake upstreams on loopback ports
-and a closed port; the cross-process view of health through Redis (this leg's, or one of the test's own)."""
+"""`manage.py upstreams list|check`, run as an operator would (manage.py's entry point, in this process; one
+test in a subprocess, for what a fresh process does at start-up), against fake upstreams on loopback ports
+and a closed port; the view of a running server's health through Redis (this leg's, or one of the test's own)."""
 
 import json
 import textwrap
@@ -10,10 +11,11 @@ import pytest
 from chats.tests.processes import free_port, redis_start
 from conftest import run_manage
 from proxy.gateway import health
+from turbo_site.testing.commands import manage
 from turbo_site.testing.fake_upstream import FakeUpstream
 from turbo_site.tests.test_tracing import receiver  # noqa: F401  (an OTLP/HTTP receiver)
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 LIVE_KEY = "sk-live-upstream-key-0123456789"
 DEAD_KEY = "sk-dead-upstream-key-9876543210"
@@ -56,8 +58,22 @@ def config_file(tmp_path, live, names):
 
 
 @pytest.fixture
-def env(cli_env, config_file):
-    return {**cli_env, "TURBO_CONFIG": str(config_file)}
+def per_process(settings):
+    """Settings as `manage.py` sees them without REDIS_ADDRESS: health is this process's, from nothing."""
+    settings.REDIS_ADDRESS = ""
+    health.forget()
+    yield settings
+    health.forget()
+
+
+@pytest.fixture
+def env(per_process, config_file):
+    per_process.TURBO_CONFIG = str(config_file)
+    return per_process
+
+
+def configured(settings, path) -> None:
+    settings.TURBO_CONFIG = str(path)
 
 
 def assert_no_keys(done):
@@ -75,7 +91,7 @@ def row_of(output: str, deployment: str) -> str:
 
 
 def test_check_names_the_reachable_and_the_unreachable_upstream_and_exits_1(env, live, names):
-    done = run_manage(env, "upstreams", "check")
+    done = manage("upstreams", "check")
     assert done.returncode == 1, done.stderr
     assert done.stderr == f"CommandError: 1 of 2 upstreams failed the check: {names['dead']}\n"
     reachable = row_of(done.stdout, f"{live.url}/v1")
@@ -92,7 +108,7 @@ def test_check_names_the_reachable_and_the_unreachable_upstream_and_exits_1(env,
 
 
 def test_check_as_json(env, names):
-    done = run_manage(env, "upstreams", "check", "--json", "--timeout", "2")
+    done = manage("upstreams", "check", "--json", "--timeout", "2")
     assert done.returncode == 1
     checks = {check["upstream"]: check for check in json.loads(done.stdout)["upstreams"]}
     live, dead = checks[names["live"]], checks[names["dead"]]
@@ -103,13 +119,14 @@ def test_check_as_json(env, names):
     assert_no_keys(done)
 
 
-def test_check_passes_when_every_upstream_answers(cli_env, live, tmp_path):
+def test_check_passes_when_every_upstream_answers(per_process, live, tmp_path):
     path = tmp_path / "one.yaml"
     path.write_text(
         f"upstreams: [{{name: only, base_url: '{live.url}', api_key: {LIVE_KEY}}}]\n"
         "models: [{name: m, deployments: [{upstream: only, model: gpt-4o}]}]\n"
     )
-    done = run_manage({**cli_env, "TURBO_CONFIG": str(path)}, "upstreams", "check")
+    configured(per_process, path)
+    done = manage("upstreams", "check")
     assert done.returncode == 0, done.stderr
     assert "gpt-4o listed" in done.stdout
     assert done.stdout.endswith("all 1 upstreams reachable\n")
@@ -117,7 +134,7 @@ def test_check_passes_when_every_upstream_answers(cli_env, live, tmp_path):
 
 def test_an_upstream_that_quotes_the_key_back_fails_the_check_without_showing_it(env, live, names):
     live.forced_scenario = "error_401_echo"  # "Incorrect API key provided: sk-..."
-    done = run_manage(env, "upstreams", "check")
+    done = manage("upstreams", "check")
     assert done.returncode == 1
     answered = next(line for line in done.stdout.splitlines() if line.startswith(names["live"]))
     assert "error: answered 401: Incorrect API key provided: [redacted]" in answered
@@ -125,18 +142,18 @@ def test_an_upstream_that_quotes_the_key_back_fails_the_check_without_showing_it
 
 
 def test_check_refuses_a_bad_timeout_in_one_line(env):
-    done = run_manage(env, "upstreams", "check", "--timeout", "soon")
+    done = manage("upstreams", "check", "--timeout", "soon")
     assert done.returncode == 2
     assert done.stderr == "manage.py upstreams check: error: argument --timeout: 'soon' is not a number of seconds\n"
 
 
 def test_help_explains_both_subcommands(env):
-    done = run_manage(env, "upstreams", "--help")
+    done = manage("upstreams", "--help")
     assert done.returncode == 0
     text = " ".join(done.stdout.split())
     assert "list List every deployment" in text and "check Ask every upstream for GET /models" in text
     for action, says in (("list", "cooling until HH:MM:SS"), ("check", "Exits 1 if any upstream")):
-        done = run_manage(env, "upstreams", action, "--help")
+        done = manage("upstreams", action, "--help")
         assert done.returncode == 0 and says in " ".join(done.stdout.split())
 
 
@@ -144,7 +161,7 @@ def test_help_explains_both_subcommands(env):
 
 
 def test_list_shows_every_deployment_and_says_health_is_per_process(env, live, names):
-    done = run_manage(env, "upstreams", "list")
+    done = manage("upstreams", "list")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].split() == [
@@ -174,13 +191,14 @@ def test_list_shows_every_deployment_and_says_health_is_per_process(env, live, n
     assert_no_keys(done)
 
 
-def test_list_never_shows_credentials_in_a_base_url(cli_env, tmp_path):
+def test_list_never_shows_credentials_in_a_base_url(per_process, tmp_path):
     path = tmp_path / "userinfo.yaml"
     path.write_text(
         "upstreams: [{name: u, base_url: 'https://someone:hunter2-password@llm.example.com/v1', api_key: sk-x1234}]\n"
         "models: [{name: m, deployments: [{upstream: u}]}]\n"
     )
-    done = run_manage({**cli_env, "TURBO_CONFIG": str(path)}, "upstreams", "list", "--json")
+    configured(per_process, path)
+    done = manage("upstreams", "list", "--json")
     assert done.returncode == 0, done.stderr
     (deployment,) = json.loads(done.stdout)["deployments"]
     assert deployment["base_url"] == "https://llm.example.com/v1"
@@ -188,7 +206,8 @@ def test_list_never_shows_credentials_in_a_base_url(cli_env, tmp_path):
 
 
 def test_list_with_redis_out_of_reach_says_so_in_one_line(env):
-    done = run_manage({**env, "REDIS_ADDRESS": f"redis://127.0.0.1:{free_port()}/0"}, "upstreams", "list")
+    env.REDIS_ADDRESS = f"redis://127.0.0.1:{free_port()}/0"
+    done = manage("upstreams", "list")
     assert done.returncode == 1
     assert done.stdout == ""
     assert done.stderr.startswith("CommandError: cannot read the shared health from Redis (REDIS_ADDRESS): ")
@@ -210,8 +229,9 @@ def shared_redis(settings, processes):  # noqa: F811
     health.forget()
 
 
+@pytest.mark.django_db(transaction=True)  # the live server's thread signs the user up
 def test_list_shows_a_deployment_cooling_in_the_running_server(
-    client, signup, settings, live, names, config_file, cli_env, shared_redis
+    client, signup, settings, live, names, config_file, shared_redis
 ):
     settings.TURBO_CONFIG = str(config_file)
     settings.GATEWAY_HEALTH_SYNC_SECONDS = 0
@@ -222,8 +242,10 @@ def test_list_shows_a_deployment_cooling_in_the_running_server(
     response = client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {token}"})
     assert response.status_code == 500
 
-    env = {**cli_env, "TURBO_CONFIG": str(config_file), "REDIS_ADDRESS": shared_redis}
-    done = run_manage(env, "upstreams", "list")
+    # The server runs in this process: without its in-memory health, the command sees only what Redis holds,
+    # as a command in another process would.
+    health.forget()
+    done = manage("upstreams", "list")
     assert done.returncode == 0, done.stderr
     failed = row_of(done.stdout, f"{names['live']}/gpt-4o-mini")
     assert " cooling until " in failed and "the upstream answered 500" in failed
@@ -232,7 +254,7 @@ def test_list_shows_a_deployment_cooling_in_the_running_server(
     assert "per process" not in done.stdout
     assert_no_keys(done)
 
-    listed = run_manage(env, "upstreams", "list", "--json")
+    listed = manage("upstreams", "list", "--json")
     document = json.loads(listed.stdout)
     assert document["health_is_shared"] is True
     states = {deployment["id"]: deployment for deployment in document["deployments"]}
@@ -243,7 +265,8 @@ def test_list_shows_a_deployment_cooling_in_the_running_server(
 
 def test_a_command_starts_like_every_process_and_exports_its_span(cli_env, live, tmp_path, receiver):  # noqa: F811
     """Operator commands start through core.startup.process_start: with an OTLP endpoint, the command is a
-    span of its own (the parent of what it does), exported when the command exits."""
+    span of its own (the parent of what it does), exported when the command exits. A subprocess: start-up
+    and the export at exit are what is checked."""
     path = tmp_path / "one.yaml"
     path.write_text(
         f"upstreams: [{{name: only, base_url: '{live.url}', api_key: {LIVE_KEY}}}]\n"
@@ -258,7 +281,7 @@ def test_a_command_starts_like_every_process_and_exports_its_span(cli_env, live,
     assert LIVE_KEY not in str(received)
 
 
-def test_check_lists_the_models_with_no_price(cli_env, live, tmp_path):
+def test_check_lists_the_models_with_no_price(per_process, live, tmp_path):
     path = tmp_path / "prices.yaml"
     path.write_text(
         f"upstreams: [{{name: only, base_url: '{live.url}/v1', api_key: {LIVE_KEY}}}]\n"
@@ -268,10 +291,11 @@ def test_check_lists_the_models_with_no_price(cli_env, live, tmp_path):
         "  - {name: gpt-4o-mini, deployments: [{upstream: only}]}\n"
         "  - {name: '*', deployments: [{upstream: only}]}\n"
     )
-    env = {**cli_env, "TURBO_CONFIG": str(path)}
-    done = run_manage(env, "upstreams", "check")
+    configured(per_process, path)
+    done = manage("upstreams", "check")
     assert done.returncode == 0, done.stderr
     line = "models with no price, counted at DEFAULT_PRICE 10,30 USD per 1M tokens (input,output): house-llama\n"
     assert line in done.stdout  # the fake's own list (gpt-4o-mini, gpt-4o) is priced by the shipped table
-    done = run_manage({**env, "UNPRICED_MODELS": "refuse"}, "upstreams", "check", "--json")
+    per_process.UNPRICED_MODELS = "refuse"
+    done = manage("upstreams", "check", "--json")
     assert json.loads(done.stdout)["unpriced_models"] == ["house-llama"]

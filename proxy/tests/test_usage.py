@@ -15,7 +15,7 @@ import pytest
 from asgiref.sync import async_to_sync
 from websockets.sync.client import connect
 
-from conftest import run_manage, run_python
+from accounts.services import user_create
 from proxy import ai, gateway
 from proxy.events import events_flush
 from proxy.gateway import ConfigError, UsageReader
@@ -26,6 +26,7 @@ from proxy.usage.passthrough import UsageStripper, usage_asked_for
 from proxy.usage.pricing import DEFAULT_PRICES, Price, cost_of, cost_usd, price_of
 from proxy.usage.records import Usage, usage_from, usage_record
 from proxy.usage.tokens import count_text, estimate_prompt_tokens
+from turbo_site.testing.commands import manage
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -485,23 +486,19 @@ def test_group_usage_is_for_its_owner_only(client, signup, account):
     assert client.get(f"/usage?group_id={uuid.uuid4()}", headers=bearer(owner_token)).status_code == 404
 
 
-def test_usage_command_prints_a_table(cli_env):
-    made = run_python(
-        cli_env,
-        "from accounts.services import user_create; from proxy.events import events_flush\n"
-        "from proxy.usage.caller import Caller; from proxy.usage.records import Usage, usage_record\n"
-        "user = user_create(username='usage-' + __import__('uuid').uuid4().hex[:6], password='correct-horse')\n"
-        "usage_record(Caller(user.pk), Usage('gpt-4o-mini', 'default', 1000, 100))\n"
-        "usage_record(Caller(user.pk), Usage('gpt-4o', 'default', 10, 10))\n"
-        "events_flush(); print(user.username)",
-    )
-    by_user = run_manage(cli_env, "usage", "--since", "7d", "--by", "user")
+def test_usage_command_prints_a_table():
+    user = user_create(username=f"usage-{uuid.uuid4().hex[:6]}", password="correct-horse")
+    usage_record(Caller(user.pk), Usage("gpt-4o-mini", "default", 1000, 100))
+    usage_record(Caller(user.pk), Usage("gpt-4o", "default", 10, 10))
+    events_flush()
+    made = user.username
+    by_user = manage("usage", "--since", "7d", "--by", "user")
     assert by_user.returncode == 0, by_user.stderr
     assert any(line.startswith(made) and "0.000335" in line for line in by_user.stdout.splitlines())
-    by_model = run_manage(cli_env, "usage", "--since", "7d", "--by", "model")
+    by_model = manage("usage", "--since", "7d", "--by", "model")
     lines = by_model.stdout.splitlines()
     assert lines[1].split()[:3] == ["model", "requests", "input"]
     assert any(line.split()[0] == "gpt-4o" for line in lines) and lines[-1].startswith("total")
     for args, problem in ((["--by", "week"], "invalid choice"), (["--since", "soon"], "is not a time")):
-        failed = run_manage(cli_env, "usage", *args)
+        failed = manage("usage", *args)
         assert failed.returncode == 2 and problem in failed.stderr and len(failed.stderr.strip().splitlines()) == 1

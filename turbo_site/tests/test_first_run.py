@@ -1,6 +1,7 @@
 """What a new user runs first: a local secret without a manual step, the fake upstream to try Turbo
 without a provider key, and the API docs working offline."""
 
+import json
 import os
 import re
 import subprocess
@@ -62,19 +63,6 @@ def test_make_env_writes_a_secret_once_and_the_documented_commands_then_work(tmp
     assert refused.returncode == 1 and "SECRET_KEY is not set" in refused.stderr  # production refuses
 
     with_file = bare_env(tmp_path, TURBO_ENV_FILE=str(env_file))
-    assert manage(with_file, "migrate", "--noinput", "-v0").returncode == 0
-    made_chat = manage(
-        with_file,
-        "shell",
-        "-c",
-        "from accounts.services import user_create; from chats.services import chat_create; "
-        "from chats.models import Message; owner = user_create(username='chat-owner', password='correct-horse'); "
-        "chat = chat_create(owner=owner, name='c'); "
-        "m = Message.objects.create(chat=chat, author=owner, prompt='p', reply='r'); "
-        "from accounts.keys import api_key_create; key, _ = api_key_create(user=owner, name='k'); "
-        "print(chat.pk, m.pk, key.prefix)",
-    )
-    chat_id, message_id, key_prefix = made_chat.stdout.split()[-3:]
     # Every operator command of the Operating page, as printed there (placeholders filled in), works.
     page = (PROJECT_ROOT / "docs" / "operating.md").read_text()
     block = page.split("Management commands (each has", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
@@ -100,28 +88,74 @@ def test_make_env_writes_a_secret_once_and_the_documented_commands_then_work(tmp
         "JSON]": ['{"user_id": 1}'],
         "[--user": ["--user"],
         "NAME]": ["chat-owner"],
-        "<prefix-or-id>": [key_prefix],
+        "<prefix-or-id>": ["@key_prefix@"],
         "[--check]": ["--check"],  # graphql_schema: compare, do not write
     }
-    # `upstreams check` asks the upstream: a real (fake) one, as an operator's would be.
-    with_upstream = {**with_file, "OPENAI_API_URL": fake_upstream.url + "/v1", "OPENAI_API_KEY": "sk-first-run"}
+    command_args = []
     for words in commands:
         assert words[:3] == [".venv/bin/python", "manage.py", words[2]]
         args = []
         for word in words[2:]:
             if word == "<id>":
-                word = message_id if "delete-message" in words else chat_id
+                word = "@message_id@" if "delete-message" in words else "@chat_id@"
             args += fills.get(word, [word])
-        done = manage(with_upstream, *args)
-        assert done.returncode == 0, (args, done.stderr)
-    listed = manage(with_file, "users", "list")
-    assert listed.returncode == 0 and "first-user" in listed.stdout
+        command_args.append(args)
+    # `upstreams check` asks the upstream: a real (fake) one, as an operator's would be.
+    with_upstream = {**with_file, "OPENAI_API_URL": fake_upstream.url + "/v1", "OPENAI_API_KEY": "sk-first-run"}
+    operated = operator_session(with_upstream, command_args)
+    migrated, *documented, listed = operated["ran"]
+    assert migrated["returncode"] == 0, migrated["stderr"]
+    for done in documented:
+        assert done["returncode"] == 0, (done["args"], done["stderr"])
+    assert listed["returncode"] == 0 and "first-user" in listed["stdout"]
+    assert operated["secret_key"] == text.strip().removeprefix("SECRET_KEY=")  # from the file
     # the environment wins over the file
     code = "from django.conf import settings; print(settings.SECRET_KEY)"
     overridden = manage({**with_file, "SECRET_KEY": "from-the-environment"}, "shell", "-c", code)
     assert overridden.stdout.splitlines()[-1] == "from-the-environment"
-    from_file = manage(with_file, "shell", "-c", code)
-    assert from_file.stdout.splitlines()[-1] == text.strip().removeprefix("SECRET_KEY=")
+
+
+# One fresh interpreter for a new user's whole session of operator commands (migrate, the Operating page's
+# commands in order, `users list`): each through manage.py's entry point (turbo_site.testing.commands), with
+# the settings of the environment it was started in. A process per command cost ~25 interpreter start-ups.
+OPERATOR_SESSION = """\
+import io, json, os, sys
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "turbo_site.settings")
+import django
+django.setup()
+from django.conf import settings
+from turbo_site.testing.commands import manage
+
+ran = [manage("migrate", "--noinput", "-v0")]
+from accounts.keys import api_key_create
+from accounts.services import user_create
+from chats.models import Message
+from chats.services import chat_create
+
+owner = user_create(username="chat-owner", password="correct-horse")
+chat = chat_create(owner=owner, name="c")
+message = Message.objects.create(chat=chat, author=owner, prompt="p", reply="r")
+key, _ = api_key_create(user=owner, name="k")
+fills = {"@chat_id@": str(chat.pk), "@message_id@": str(message.pk), "@key_prefix@": key.prefix}
+for args in json.loads(sys.argv[1]):
+    sys.stdin = io.StringIO("echo: and then?\\n")  # what an interactive command (`programs run`) reads
+    ran.append(manage(*[fills.get(arg, arg) for arg in args]))
+ran.append(manage("users", "list"))
+print(json.dumps({"ran": [vars(done) for done in ran], "secret_key": settings.SECRET_KEY}))
+"""
+
+
+def operator_session(env, command_args: list[list[str]]) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-c", OPERATOR_SESSION, json.dumps(command_args)],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 @zero_config
