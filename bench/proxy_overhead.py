@@ -385,11 +385,7 @@ def limits_check(turbo: dict, results: list[dict], sent: int) -> dict:
     charged = [budget for budget in budgets if float(budget["spent_usd"]) > 0]
     exact = all(abs(float(budget["spent_usd"]) - cost) <= 1e-9 * max(recorded, 1) for budget in budgets)
     ok = (
-        recorded == expected
-        and not errors
-        and with_headers == answered
-        and len(charged) == len(budgets) == 2
-        and exact
+        recorded == expected and not errors and with_headers == answered and len(charged) == len(budgets) == 2 and exact
     )
     return {
         "key_prefix": limits["prefix"],
@@ -1026,7 +1022,7 @@ def parse_args() -> argparse.Namespace:
     args.peers_given, args.servers_given = bool(args.peers), args.servers is not None
     if args.production:
         if not args.postgres:
-            parser.error("--production runs Turbo on Postgres: give --postgres postgresql://... (a database of its own)")
+            parser.error("--production runs Turbo on Postgres: give --postgres postgresql://... (its own database)")
         if args.gateway not in ("off", "three"):
             parser.error("--production is the gateway mode three; leave --gateway out")
         args.limits, args.gateway = True, "three"
