@@ -197,10 +197,11 @@ def admit(front: str, found: AuthSession | None) -> AuthSession:
     return found
 
 
-async def aauthenticate(front: str, credentials: Credentials) -> AuthSession:
-    """Who is calling on `front` (a name in FRONTS) with `credentials`; AuthRefused otherwise."""
+async def aauthenticate(front: str, credentials: Credentials, *, shared: bool = False) -> AuthSession:
+    """Who is calling on `front` (a name in FRONTS) with `credentials`; AuthRefused otherwise.
+    `shared`: the caller never changes the session or its user (see asession_lookup)."""
     token = _chosen(front, credentials)
-    return admit(front, await asession_lookup(token, keys=True))
+    return admit(front, await asession_lookup(token, keys=True, shared=shared))
 
 
 def authenticate(front: str, credentials: Credentials) -> AuthSession:

@@ -171,11 +171,14 @@ def session_lookup(token: str, *, keys: bool = False) -> AuthSession | None:
     return _still_valid(found, keys)
 
 
-async def asession_lookup(token: str, *, keys: bool = False) -> AuthSession | None:
-    """session_lookup for async code: a cache hit costs no thread hop and no query."""
+async def asession_lookup(token: str, *, keys: bool = False, shared: bool = False) -> AuthSession | None:
+    """session_lookup for async code: a cache hit costs no thread hop and no query. `shared`: the
+    caller only reads the session (and its user), so an unchanged cache entry is not unpickled again
+    (turbo_site.core.acache); the proxy's hot path reads it so."""
     if not _token_acceptable(token):
         return None
-    return await _asession_of(token_hash(token), maybe_key=token.startswith(API_KEY_PREFIX), keys=keys)
+    hashed = token_hash(token)
+    return await _asession_of(hashed, maybe_key=token.startswith(API_KEY_PREFIX), keys=keys, shared=shared)
 
 
 async def asession_refresh(session: AuthSession) -> AuthSession | None:
@@ -185,9 +188,9 @@ async def asession_refresh(session: AuthSession) -> AuthSession | None:
     return await _asession_of(session.token_hash, maybe_key=is_key, keys=is_key)
 
 
-async def _asession_of(hashed: str, *, maybe_key: bool, keys: bool) -> AuthSession | None:
+async def _asession_of(hashed: str, *, maybe_key: bool, keys: bool, shared: bool = False) -> AuthSession | None:
     key = _cache_key(hashed)
-    found = await acache_get(key)
+    found = await acache_get(key, shared=shared)
     if found is None:
         found = await database_sync_to_async(_session_from_db)(hashed, maybe_key=maybe_key)
         if found is not None:

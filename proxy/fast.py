@@ -141,7 +141,10 @@ async def serve(scope, receive, send) -> None:
     try:
         _check_host(headers)
         try:
-            found = await aauthenticate("proxy.fast", Credentials(authorization=headers.get("authorization", "")))
+            # Shared: this path only reads who is calling, so an unchanged cached lookup is not unpickled again.
+            found = await aauthenticate(
+                "proxy.fast", Credentials(authorization=headers.get("authorization", "")), shared=True
+            )
         except AuthRefused as refused:
             raise _openai_refusal(refused.status_code, refused.code, refused.message, refused.headers) from None
         body = await _read_body(receive, headers)

@@ -16,6 +16,8 @@ import threading
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
+from turbo_site.core.startup import heap_freeze
+
 logger = logging.getLogger("turbo")
 
 
@@ -92,6 +94,7 @@ async def lifespan(scope, receive, send) -> None:
         if message["type"] == "lifespan.startup":
             _drain_before_server_stops(asyncio.get_running_loop())
             _background.add(asyncio.get_running_loop().create_task(_sweeper()))
+            heap_freeze()
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             try:

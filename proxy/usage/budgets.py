@@ -29,6 +29,7 @@ from django.conf import settings
 
 from proxy.usage.caller import Caller
 from turbo_site.core import metrics
+from turbo_site.core.singleflight import load_once
 
 logger = logging.getLogger("turbo.proxy")
 
@@ -140,7 +141,8 @@ async def _rules_for(caller: Caller) -> list[BudgetRule]:
             elif cached[1] is not None:
                 rules.append(cached[1])
     if missing:
-        loaded = await database_sync_to_async(_rules_from_db)(missing)
+        # Requests that miss the same budgets together share one query (turbo_site.core.singleflight).
+        loaded = await load_once(("budget-rules", *missing), lambda: database_sync_to_async(_rules_from_db)(missing))
         until = now + settings.BUDGET_CACHE_SECONDS
         with _rules_lock:
             for target, rule in loaded.items():

@@ -37,6 +37,7 @@ from proxy.usage.tokens import estimate_prompt_tokens
 from turbo_site.core import metrics
 from turbo_site.core.acache import redis_client
 from turbo_site.core.fastredis import fast_redis, script_sha
+from turbo_site.core.singleflight import load_once
 
 logger = logging.getLogger("turbo.ratelimits")
 
@@ -361,7 +362,9 @@ async def ratelimit_counters(caller: Caller | None) -> list[Counter]:
     if missing:
         if len(_overrides) > 100_000:
             _overrides.clear()
-        for scope, (rpm, tpm) in (await database_sync_to_async(_overrides_read)(missing)).items():
+        # Requests that miss the same limits together share one query (turbo_site.core.singleflight).
+        read = await load_once(("rate-limits", *missing), lambda: database_sync_to_async(_overrides_read)(missing))
+        for scope, (rpm, tpm) in read.items():
             _overrides[scope] = (now, rpm, tpm)
     counters = []
     for scope, name in wanted:

@@ -3,6 +3,7 @@
 import json
 import re
 
+import orjson
 from django.http import QueryDict
 from rest_framework.exceptions import ParseError
 from rest_framework.parsers import FormParser
@@ -14,6 +15,8 @@ MAX_JSON_DEPTH = 100
 
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 _JSON_BRACKET = re.compile(rb"[\[\]{}]")
+# orjson reads an integer past 64 bits as a float; json.loads keeps it an int.
+_LONG_DIGITS = re.compile(rb"\d{20}")
 
 
 class JSONTooDeep(ValueError):
@@ -44,6 +47,15 @@ def client_json_loads(raw: bytes | str, *, max_depth: int = MAX_JSON_DEPTH):
     RecursionError, and accepts NaN and Infinity, which are not JSON.
     """
     _check_depth(raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw, max_depth)
+    # orjson (C, a few times faster on a chat body) refuses NaN and Infinity too. What it refuses for
+    # other reasons (UTF-16 or -32 bytes, a byte order mark, a lone surrogate escape, 1e999) and what
+    # it would read otherwise (integers past 64 bits, as floats) go to the standard parser, so a body
+    # reads exactly as json.loads read it.
+    if isinstance(raw, bytes) and not _LONG_DIGITS.search(raw):
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
     return json.loads(raw, parse_constant=_refuse_constant)
 
 

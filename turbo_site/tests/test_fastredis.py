@@ -208,3 +208,30 @@ def test_addresses_it_speaks_and_those_left_to_redis_py():
             await one.execute("PING")  # nothing listens on port 1
 
     asyncio.run(run())
+
+
+def test_commands_sent_in_one_turn_of_the_loop_go_out_in_one_write(server):
+    port, _ = server
+
+    async def run(client):
+        await client.execute("PING")  # connected (AUTH and SELECT went first)
+        connection = client._connection
+        writes = []
+        write = connection.transport.write
+
+        def counted(data):
+            writes.append(data)
+            write(data)
+
+        connection.transport.write = counted
+        replies = await asyncio.gather(
+            client.execute("INCR", "n"),
+            client.script(SCRIPT, ["s"], [2]),
+            client.execute("ECHO", "x"),
+        )
+        assert replies == [1, [b"2", 2, [1, b"x"]], b"x"]
+        assert len(writes) == 1  # three commands, one system call
+        assert await client.execute("GET", "n") == b"1"
+        assert len(writes) == 2
+
+    with_client(port, run)

@@ -137,3 +137,31 @@ def test_nesting_a_real_request_needs_is_still_accepted(client, signup, upstream
     response = client.post("/v1/chat/completions", json=completion, headers=bearer(token))
     assert response.status_code == 200, response.text
     assert upstream.requests[-1].json()["tools"][0]["function"]["parameters"] == schema
+
+
+def test_client_json_reads_exactly_as_the_standard_parser_did():
+    """The fast parser (orjson) or the standard one: the same values, the same refusals."""
+    from turbo_site.core.parsers import client_json_loads
+
+    same = [
+        b'{"model": "m", "messages": [{"role": "user", "content": "h\\u00e9"}], "max_tokens": 5}',
+        b'{"a": 1, "a": 2}',
+        b'{"big": 123456789012345678901234567890, "neg": -98765432109876543210}',
+        b'{"f": 1.5e300, "e": 1e999}',
+        b'"\\ud800"',
+        '{"u": "é"}'.encode("utf-16"),
+        b"\xef\xbb\xbf{}",
+        b' [1, 2.0, true, null, "x"] ',
+    ]
+    for raw in same:
+        try:
+            expected = json.loads(raw)
+        except ValueError:
+            expected = ValueError
+        got = client_json_loads(raw)
+        assert got == expected and type(got) is type(expected), raw
+        if isinstance(expected, dict) and "big" in expected:
+            assert type(got["big"]) is int and type(got["neg"]) is int
+    for raw in (b"NaN", b"[Infinity]", b'{"a": -Infinity}', b"{", b"", b"\xff"):
+        with pytest.raises(ValueError):
+            client_json_loads(raw)
