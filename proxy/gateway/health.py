@@ -23,8 +23,7 @@ import redis.asyncio
 from django.conf import settings
 
 from turbo_site.core import metrics
-from turbo_site.core.loops import loop_client
-from turbo_site.core.redis_retry import bounded_async_client
+from turbo_site.core.redis_retry import redis_client
 
 logger = logging.getLogger("turbo.gateway")
 
@@ -98,12 +97,7 @@ def _redis() -> redis.asyncio.Redis | None:
     url = settings.REDIS_ADDRESS
     if not url:
         return None
-    return loop_client(
-        "gateway-redis",
-        url,
-        lambda: bounded_async_client(url, socket_timeout=2, socket_connect_timeout=2),  # REDIS_POOL_SIZE at most
-        lambda client: False,
-    )
+    return redis_client(url, purpose="gateway", socket_timeout=2, socket_connect_timeout=2)
 
 
 async def succeeded(deployment_id: str, first_byte_ms: float) -> None:
