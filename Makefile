@@ -156,9 +156,11 @@ bench: install ## the benchmarks (see bench/README.md)
 	$(BIN)/python -m bench.soak $(ARGS)
 	$(BIN)/python -m bench.grpc_stream $(ARGS)
 
-lint: install ## ruff format --check and ruff check
+# The import contracts (pyproject.toml, [tool.importlinter]): the layering docs/layout.md draws, no cycles.
+lint: install ## ruff format --check, ruff check and the import contracts (lint-imports)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
 
 format: install ## ruff format and ruff check --fix
 	$(BIN)/ruff format .

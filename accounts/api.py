@@ -22,6 +22,7 @@ from accounts.auth import (
     request_credentials,
     request_origin_allowed,
 )
+from accounts.model_path import key_budget_set
 from accounts.models import User
 from turbo_site.core.errors import Conflict, Invalid
 from turbo_site.core.http import client_ip, mark_event
@@ -426,11 +427,8 @@ class ApiKeyCreateView(APIView):
         budget_usd, budget_period = fields.pop("budget_usd", None), fields.pop("budget_period")
         with transaction.atomic():
             api_key, key = keys.api_key_create(user=request.user, **fields)
-            if budget_usd is not None:
-                # The one named call from accounts into proxy (like signup's into groups): a key's budget.
-                from proxy.usage.budgets import budget_set
-
-                budget_set(scope="key", target_id=api_key.pk, usd=budget_usd, period=budget_period)
+            if budget_usd is not None:  # proxy's, lent to accounts (accounts.model_path)
+                key_budget_set(key_id=api_key.pk, usd=budget_usd, period=budget_period)
         api_key = keys.api_keys_of(request.user).get(pk=api_key.pk)
         return Response(ApiKeyCreatedOutput({"key": key, **ApiKeyOutput(api_key).data}).data)
 

@@ -28,7 +28,8 @@ from urllib.parse import parse_qs, urlsplit
 from django.conf import settings
 from rest_framework import authentication
 
-from accounts.services import AuthSession, asession_lookup, session_lookup
+from accounts.services import asession_lookup, session_lookup
+from accounts.tokens import AuthSession
 from turbo_site.core.errors import TurboError
 from turbo_site.core.http import mark_event, scope_headers
 

@@ -18,7 +18,8 @@ from strawberry.types import Info
 
 from accounts.auth import FRONTS, AuthRefused, admit, arequest_authenticate
 from accounts.models import User
-from accounts.services import AuthSession, asession_refresh
+from accounts.services import asession_refresh
+from accounts.tokens import AuthSession
 from turbo_site.core.graphql import GraphQLContext, loader, operation_memo
 
 

@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from accounts.live import sessions_revoked_announce
 from accounts.models import API_KEY_PREFIX, ApiKey, User
-from accounts.services import AuthSession, token_hash, token_lookups_forget
+from accounts.tokens import AuthSession, token_hash, token_lookups_forget
 from turbo_site.core.errors import Conflict, Forbidden, Invalid, NotFound
 
 PREFIX_CHARS = 12  # `tk-` and 9 random characters: 54 bits, enough to tell a person's keys apart

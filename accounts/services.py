@@ -10,8 +10,6 @@ also carries the user and their groups' model limit; changes to either delete it
 import hashlib
 import secrets
 import uuid
-from dataclasses import dataclass
-from datetime import datetime
 
 import jwt
 from asgiref.sync import sync_to_async
@@ -25,56 +23,21 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from accounts.keys import api_key_session
 from accounts.live import sessions_revoked_announce
-from accounts.models import API_KEY_PREFIX, ApiKey, Session, User
+from accounts.models import API_KEY_PREFIX, Session, User
 from accounts.throttle import login_throttle_check, login_throttle_fail, login_throttle_reset
+from accounts.tokens import AuthSession, cache_key, token_hash, token_lookups_forget
 from turbo_site.core.acache import acache_get
 from turbo_site.core.errors import Conflict, Invalid, NotFound, Unauthorized
 
-CACHE_PREFIX = "session:"
 # A hash to compare against when the username is unknown, so both failures take the same time.
 _DUMMY_PASSWORD_HASH = None
-
-
-@dataclass(frozen=True)
-class AuthSession:
-    """What a valid token resolves to: the session's id and its user. For an API key (kind "key"),
-    `session_id` is the key's id and `expires_at` may be None (never)."""
-
-    session_id: uuid.UUID
-    user: User
-    expires_at: datetime | None
-    kind: str
-    token_hash: str
-    # The public model names the user's groups allow (the intersection of the limited ones; for a key,
-    # also its group's and its own list); None: any.
-    allowed_models: frozenset[str] | None = None
-    group_id: uuid.UUID | None = None  # a group key's group: its usage and budget are the group's
-
-    @property
-    def key_id(self) -> uuid.UUID | None:
-        return self.session_id if self.kind == "key" else None
 
 
 def _jwt_key() -> bytes:
     """JWTs are signed with a key derived from SECRET_KEY, never with SECRET_KEY itself."""
     return hashlib.sha256(f"turbo-jwt:{settings.SECRET_KEY}".encode()).digest()
-
-
-def token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def _cache_key(hashed: str) -> str:
-    return CACHE_PREFIX + hashed
-
-
-def token_lookups_forget(hashes) -> None:
-    """Drop cached lookups (by token hash) now and again after commit, so no request re-caches the old row."""
-    keys = [_cache_key(h) for h in hashes]
-    if keys:
-        cache.delete_many(keys)
-        transaction.on_commit(lambda: cache.delete_many(keys))
 
 
 # --- sessions -------------------------------------------------------------------------------------
@@ -123,8 +86,6 @@ def _token_acceptable(token: str) -> bool:
 
 def _session_from_db(hashed: str, *, maybe_key: bool = False) -> AuthSession | None:
     if maybe_key:  # a `tk-` token; a session token may start so too, rarely: then it is one of those
-        from accounts.keys import api_key_session
-
         found = api_key_session(hashed)
         if found is not None:
             return found
@@ -162,7 +123,7 @@ def session_lookup(token: str, *, keys: bool = False) -> AuthSession | None:
     if not _token_acceptable(token):
         return None
     hashed = token_hash(token)
-    key = _cache_key(hashed)
+    key = cache_key(hashed)
     found = cache.get(key)
     if found is None:
         found = _session_from_db(hashed, maybe_key=token.startswith(API_KEY_PREFIX))
@@ -189,7 +150,7 @@ async def asession_refresh(session: AuthSession) -> AuthSession | None:
 
 
 async def _asession_of(hashed: str, *, maybe_key: bool, keys: bool, shared: bool = False) -> AuthSession | None:
-    key = _cache_key(hashed)
+    key = cache_key(hashed)
     found = await acache_get(key, shared=shared)
     if found is None:
         found = await database_sync_to_async(_session_from_db)(hashed, maybe_key=maybe_key)
@@ -224,27 +185,6 @@ def sessions_revoke_all(*, user_id: uuid.UUID, except_session_id: uuid.UUID | No
     token_lookups_forget([hashed for _, hashed in ended])
     sessions_revoked_announce([pk for pk, _ in ended])
     return count
-
-
-def session_cache_forget_user(*, user_id: uuid.UUID, is_active: bool = True) -> None:
-    """Drop cached lookups of a user's sessions and API keys, so the next request sees the user as saved now.
-
-    A user who is no longer active (or is being deleted) also loses their open streams and sockets.
-    """
-    live = list(Session.objects.filter(user_id=user_id, revoked_at__isnull=True).values_list("pk", "token_hash"))
-    live += ApiKey.objects.filter(user_id=user_id, revoked_at__isnull=True).values_list("pk", "key_hash")
-    token_lookups_forget([hashed for _, hashed in live])
-    if not is_active:
-        sessions_revoked_announce([pk for pk, _ in live])
-
-
-def session_cache_forget_users(*, user_ids) -> None:
-    """Drop cached lookups of many users' sessions and API keys (two queries; `user_ids` may be a queryset
-    of ids), so that their next request sees what is saved now: e.g. the model limit of a group they
-    joined or left."""
-    hashes = Session.objects.filter(user_id__in=user_ids, revoked_at__isnull=True, expires_at__gt=timezone.now())
-    keys = ApiKey.objects.filter(user_id__in=user_ids, revoked_at__isnull=True)
-    token_lookups_forget([*hashes.values_list("token_hash", flat=True), *keys.values_list("key_hash", flat=True)])
 
 
 # --- users ----------------------------------------------------------------------------------------

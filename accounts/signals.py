@@ -10,7 +10,7 @@ from accounts.models import ApiKey, User
 @receiver(post_save, sender=User)
 @receiver(pre_delete, sender=User)
 def forget_cached_sessions(sender, instance: User, **kwargs) -> None:
-    from accounts.services import session_cache_forget_user
+    from accounts.tokens import session_cache_forget_user
 
     deleted = kwargs.get("signal") is pre_delete
     session_cache_forget_user(user_id=instance.pk, is_active=instance.is_active and not deleted)
@@ -19,7 +19,7 @@ def forget_cached_sessions(sender, instance: User, **kwargs) -> None:
 @receiver(post_delete, sender=ApiKey)
 def forget_deleted_key(sender, instance: ApiKey, **kwargs) -> None:
     from accounts.live import sessions_revoked_announce
-    from accounts.services import token_lookups_forget
+    from accounts.tokens import token_lookups_forget
 
     token_lookups_forget([instance.key_hash])
     sessions_revoked_announce([instance.pk])

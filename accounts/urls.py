@@ -1,6 +1,6 @@
 from django.urls import path
 
-from accounts import api, web
+from accounts import api, keys_web, web
 
 urlpatterns = [
     path("user/signup", api.SignupView.as_view()),
@@ -19,4 +19,5 @@ urlpatterns = [
     path("login", web.login_page),
     path("signup", web.signup_page),
     path("logout", web.logout_page),
+    path("keys", keys_web.keys_page),
 ]

@@ -24,7 +24,7 @@ from accounts.models import User
 from chats import api, generation, selectors, services, stream
 from chats.models import Chat, Message
 from chats.stream import ChatSubscriber
-from groups.graphql import group_load_for, parsed
+from groups.graphql import group_chats_register, group_load_for, parsed
 from proxy.requests import context_size
 from turbo_site.core.errors import Invalid, NotFound
 from turbo_site.core.graphql import MODEL_CALL, BigInt, loader
@@ -66,6 +66,9 @@ async def chats_of_group(info: Info, group_id: uuid.UUID) -> list[Chat]:
         return [found[group_id] for group_id in group_ids]
 
     return await loader(f"group_chats:{user.pk}", database_sync_to_async(load)).load(group_id)
+
+
+group_chats_register(chats_of_group)  # a group's `chats` field (groups.graphql) is this list
 
 
 def _latest_loader(limit: int):

@@ -24,6 +24,5 @@ urlpatterns = [
     # the web app's pages
     path("", web.index_page),
     path("chats/<uuid:chat_id>", web.chat_page),
-    path("keys", web.keys_page),
-    path("usage", web.usage),  # the page for browsers; otherwise the API's GET /usage (proxy.urls)
+    path("groups/<uuid:group_id>", web.group_page),
 ]

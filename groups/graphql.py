@@ -1,13 +1,14 @@
 """GraphQL: groups, their members and chats; the group operations of the REST API (groups.api).
 
 Input is checked by the REST API's serializers, access by groups.selectors, changes by
-groups.services: this module only adapts. A group's `chats` are those its caller may see
-(chats.graphql, named lazily: the one link from a group up to chats).
+groups.services: this module only adapts. A group's `chats` are those its caller may see: chats lists
+them (chats.graphql registers the list with `group_chats_register`), so groups imports no app above it.
 """
 
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import strawberry
 from channels.db import database_sync_to_async
@@ -19,8 +20,15 @@ from groups import api, selectors, services
 from groups.models import Group, GroupMember
 from turbo_site.core.graphql import loader
 
-if TYPE_CHECKING:
-    from chats.graphql import ChatType
+# The chats of a group its caller may see: chats.graphql's, registered when that module is imported
+# (turbo_site.graphql imports every app's schema before building it).
+_group_chats: Callable[[Info, uuid.UUID], Awaitable[list]] | None = None
+
+
+def group_chats_register(group_chats: Callable[[Info, uuid.UUID], Awaitable[list]]) -> None:
+    """Let `Group.chats` list a group's chats with `group_chats(info, group_id)` (chats owns the list)."""
+    global _group_chats
+    _group_chats = group_chats
 
 
 def parsed(serializer_class, data: dict) -> dict:
@@ -69,11 +77,10 @@ class GroupType:
     async def members(self, info: Info) -> list[UserType]:
         return await loader("group_members", database_sync_to_async(_members_of)).load(self.id)
 
+    # The field's type is chats' (strawberry.lazy names its module; the schema resolves it when built).
     @strawberry.field(description="The group's chats you may see, newest activity first.")
-    async def chats(self, info: Info) -> list[Annotated["ChatType", strawberry.lazy("chats.graphql")]]:
-        from chats.graphql import chats_of_group
-
-        return await chats_of_group(info, self.id)
+    async def chats(self, info: Info) -> list[Annotated["ChatType", strawberry.lazy("chats.graphql")]]:  # noqa: F821
+        return await _group_chats(info, self.id)
 
 
 def _id(value) -> uuid.UUID:

@@ -11,7 +11,7 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 
 from accounts.models import User
-from accounts.services import session_cache_forget_users
+from accounts.tokens import session_cache_forget_users
 from groups.models import Group, GroupMember, model_names_clean
 from groups.signals import group_members_removed
 from turbo_site.core.errors import Forbidden, Invalid, NotFound

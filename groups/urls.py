@@ -13,5 +13,5 @@ urlpatterns = [
     path("group/members/remove", api.GroupMembersRemoveView.as_view()),
     # the web app's pages
     path("groups/new", web.group_new_page),
-    path("groups/<uuid:group_id>", web.group_page),
+    # /groups/<id>, the group's page, is chats.urls' (it lists the group's chats)
 ]

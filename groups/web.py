@@ -1,11 +1,11 @@
-"""The web app's group pages: a new group (`/groups/new`) and a group (`/groups/<id>`): its members and
-chats; its owner renames it and adds and removes members, a member leaves.
+"""The web app's group pages: a new group (`/groups/new`), and the forms of a group's page: its owner
+renames it and adds and removes members, a member leaves (`INTENTS`).
 
-Every form on the group page posts back to it, naming what it does in `intent`. The rules (only the
-owner manages, the owner cannot leave) are the services'; a refused request is a 403 page.
+The group's page itself (`/groups/<id>`: its members and chats) is chats.web's, since it lists chats
+(groups imports no app above it); every form on it posts back to it, naming what it does in `intent`.
+The rules (only the owner manages, the owner cannot leave) are the services'; a refused request is a
+403 page.
 """
-
-import uuid
 
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.views.decorators.csrf import csrf_protect
@@ -13,8 +13,8 @@ from django.views.decorators.http import require_http_methods
 from rest_framework import serializers
 
 from accounts.selectors import user_find
-from accounts.web import error_page, form_error, page, sentence, signed_in, web_page
-from groups import selectors, services
+from accounts.web import form_error, page, sentence, signed_in, web_page
+from groups import services
 from groups.api import GroupCreateInput
 from groups.models import Group
 from turbo_site.core.errors import Forbidden, Invalid, NotFound
@@ -103,34 +103,3 @@ def _leave(request: HttpRequest, group: Group) -> dict:
 
 
 INTENTS = {"rename": _rename, "add": _add, "remove": _remove, "leave": _leave}
-
-
-@web_page
-@csrf_protect
-@require_http_methods(["GET", "POST"])
-@signed_in
-def group_page(request: HttpRequest, group_id: uuid.UUID) -> HttpResponse:
-    """A group of mine (a 404 page otherwise): its members and chats, and the owner's forms."""
-    group = selectors.group_get_for_member(user=request.user, group_id=group_id)
-    errors: dict = {}
-    if request.method == "POST":
-        action = INTENTS.get(request.POST.get("intent", ""))
-        if action is None:
-            return error_page(request, 400, "Bad request", "the form did not say what to do")
-        errors = action(request, group)
-        if errors.pop("left", False):
-            return HttpResponseRedirect("/")
-        if not errors:  # done: show the page as it now is (a reload does not send the form again)
-            return HttpResponseRedirect(f"/groups/{group.pk}")
-    # The one place a group's page reads chats: the web app is a front over every app.
-    from chats.selectors import chats_visible_to
-
-    context = {
-        "group": group,
-        "is_owner": group.owner_id == request.user.pk,
-        "members": list(selectors.group_members(group=group)),
-        "chats": list(chats_visible_to(user=request.user, group_id=group.pk)),
-        "errors": errors,
-        "form": {"username": request.POST.get("username", "")} if request.method == "POST" else {},
-    }
-    return page(request, "web/group.html", context)

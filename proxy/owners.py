@@ -67,8 +67,8 @@ def object_record(collection: str, object_id: object, user_id: object) -> None:
 
 
 def _record(collection: str, object_id: object, user_id: object) -> None:
-    from proxy.events import writer_wake
     from proxy.usage.ratelimits import redis_script, redis_script_soon
+    from proxy.writer_bell import writer_wake
 
     object_id = storable_id(object_id)
     if object_id is None or user_id is None:
@@ -138,7 +138,7 @@ def objects_flush() -> int:
     try:
         _insert(rows)
     except Exception as exc:
-        from proxy.events import database_reachable
+        from turbo_site.core.batches import database_reachable
 
         if database_reachable():  # not the database's absence: a row it refuses, dropped alone
             for row in rows:

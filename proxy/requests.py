@@ -14,11 +14,9 @@
 """
 
 import json
-import re
 from dataclasses import dataclass
-from email.message import Message
-from email.utils import collapse_rfc2231_value
 
+from proxy.forms import FORM_FIELDS, form_fields, media_type_of  # noqa: F401 (FORM_FIELDS: named here too)
 from turbo_site.core.errors import Invalid
 from turbo_site.core.parsers import JSONTooDeep, client_json_loads
 
@@ -47,9 +45,6 @@ DEFAULT_MODELS = {
 }
 # A model's name, on any front (names an upstream serves, such as a repository path, can be long).
 MODEL_MAX_CHARS = 200
-# A multipart form's text fields that policy and pricing read (the files are left alone).
-FORM_FIELDS = ("model", "n", "size", "quality")
-_PART_END = re.compile(rb"\r?\n\r?\n")
 
 
 class RequestUnreadable(Invalid):
@@ -71,12 +66,6 @@ def model_path(path: str, method: str) -> str | None:
     """The model-calling path `path` (after /v1/) stands for, or None if this call is not one."""
     path = path.strip("/")
     return path if method == "POST" and path in MODEL_PATHS else None
-
-
-def _media_type(content_type: str) -> tuple[str, Message]:
-    header = Message()
-    header["content-type"] = content_type or "application/octet-stream"
-    return header.get_content_type(), header
 
 
 def _is_json_type(media_type: str) -> bool:
@@ -114,48 +103,12 @@ def _has_duplicate_model(body: bytes) -> bool:
     return bool(repeated) and repeated[-1]  # the outermost object closes last
 
 
-def form_fields(body: bytes, content_type: str) -> dict[str, str] | None:
-    """The text fields `FORM_FIELDS` of a `multipart/form-data` body (None: not a form one can read).
-    A field given twice makes the form unreadable: policy and upstream might each take another."""
-    _, header = _media_type(content_type)
-    boundary = header.get_param("boundary")
-    if not isinstance(boundary, str) or not boundary or len(boundary) > 200:
-        return None
-    # A delimiter starts a line (RFC 2046 5.1.1); text inside a file that merely contains it does not count.
-    parts = re.split(rb"\r?\n--" + re.escape(boundary.encode("latin-1")), b"\r\n" + body)
-    if len(parts) < 3:
-        return None
-    fields: dict[str, str] = {}
-    for part in parts[1:-1]:
-        split = _PART_END.search(part)
-        if split is None:
-            return None
-        head = Message()
-        for line in part[: split.start()].decode("latin-1").splitlines():
-            name, colon, value = line.partition(":")
-            if colon:
-                head[name.strip()] = value.strip()
-        name = head.get_param("name", header="content-disposition")
-        if name is None:
-            continue
-        name = collapse_rfc2231_value(name).lower()
-        if name not in FORM_FIELDS:
-            continue
-        if name in fields:
-            return None
-        try:
-            fields[name] = part[split.end() :].decode("utf-8").strip()
-        except UnicodeDecodeError:
-            return None
-    return fields
-
-
 def v1_request_read(path: str, method: str, body: bytes, content_type: str) -> ModelRequest:
     """What a `/v1` request asks for. A model call (`model_path`) must name a model policy can read,
     whatever its Content-Type, or it raises RequestUnreadable; any other request is read as JSON when
     it says it is JSON, for the log. Raises JSONTooDeep for JSON nested too deep to parse."""
     called = model_path(path, method)
-    media_type, _ = _media_type(content_type)
+    media_type, _ = media_type_of(content_type)
     if called is None:
         payload = _json_object(body) if body and _is_json_type(media_type) else None
         model = payload.get("model") if payload is not None else None

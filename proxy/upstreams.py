@@ -1,7 +1,8 @@
 """What operators see of the model gateway: each deployment's live health, and which upstreams answer.
 
 `manage.py upstreams list|check` and the admin's "Upstream health" page are thin adapters over
-`deployments_health()` and `upstreams_check()`. Nothing here shows an API key: base URLs lose any
+`deployments_health()` and `upstreams_check()`; the web app's model pickers offer `models_offered()`.
+Nothing here shows an API key: base URLs lose any
 `user:password@`, and every text that came from an upstream or an error is redacted.
 """
 
@@ -14,12 +15,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from urllib.parse import urlsplit, urlunsplit
 
+from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.utils import timezone
 
 from proxy.gateway import client, health
 from proxy.gateway.config import GatewayConfig, Upstream
-from proxy.gateway.routing import gateway_config, text_redact
+from proxy.gateway.routing import gateway_config, models_list, text_redact
 from proxy.usage.pricing import price_known
 
 MODELS_MAX_BYTES = 16 * 1024 * 1024  # a /models answer larger than this is not parsed
@@ -290,3 +292,21 @@ async def served_models() -> list[str] | None:
     chat_models = sorted(name for name in ids or () if not name.lower().startswith(_NOT_CHAT))
     await cache.aset("upstream.served_models", chat_models, SERVED_MODELS_CACHE_SECONDS if ids is not None else 30)
     return chat_models or None
+
+
+def models_offered(allowed_models: frozenset[str] | None) -> list[str]:
+    """The models to offer, the default first: the gateway's public names the user may use; without a
+    config file, the chat models the upstream lists (those the user may use), or, if it cannot say, the
+    default model and the aliases' models (or just the ones the user may use)."""
+    names = [model["id"] for model in models_list(allowed_models)["data"]]
+    if not names:
+        served = async_to_sync(served_models)()
+        if served is not None:
+            names = [name for name in served if allowed_models is None or name in allowed_models]
+        elif allowed_models is not None:
+            names = sorted(allowed_models)
+        else:
+            names = [settings.DEFAULT_MODEL, *settings.MODEL_ALIASES.values()]
+    if settings.DEFAULT_MODEL in names:
+        names = [settings.DEFAULT_MODEL, *(name for name in names if name != settings.DEFAULT_MODEL)]
+    return list(dict.fromkeys(names))

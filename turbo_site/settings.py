@@ -113,6 +113,7 @@ INSTALLED_APPS = [
     "groups",
     "chats",
     "proxy",
+    "turbo_site",  # the site's own commands (graphql_schema, grpcserve): they serve every app
 ]
 
 MIDDLEWARE = [
@@ -496,10 +497,9 @@ LOGGING = {
     },
 }
 
-# A bad TURBO_CONFIG stops Turbo here, in one line. Last: loading it imports the gateway, whose modules
-# (metrics, tracing) read settings defined above.
+# A bad TURBO_CONFIG stops Turbo here, in one line (turbo_site.core.turbo_config imports no app).
 if TURBO_CONFIG:
-    from proxy.gateway.config import ConfigError, load
+    from turbo_site.core.turbo_config import ConfigError, load
 
     try:
         load(TURBO_CONFIG)

@@ -8,7 +8,7 @@ from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from accounts.web import web_page
-from proxy.usage.dashboard import usage_dashboard
+from proxy.dashboard import usage_dashboard
 from turbo_site import health
 from turbo_site.graphql_server import graphql_view
 from turbo_site.metrics_view import metrics_view

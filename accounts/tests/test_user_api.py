@@ -205,7 +205,7 @@ def test_logout_with_get_and_cookie_like_the_seed(turbo_server, signup):
     token, _, _ = signup()
     with httpx.Client(base_url=turbo_server.url, cookies={"sess": token}) as browser:
         assert browser.get("/user/logout").status_code == 200
-    from accounts.services import token_hash
+    from accounts.tokens import token_hash
 
     assert Session.objects.get(token_hash=token_hash(token)).revoked_at is not None
 

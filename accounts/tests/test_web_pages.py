@@ -12,7 +12,7 @@ import pytest
 from django.conf import settings
 
 from accounts.models import ApiKey, Session, User
-from accounts.services import token_hash
+from accounts.tokens import token_hash
 from conftest import unique_name
 from groups.models import Group, GroupMember
 from proxy.events import events_flush

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, replace
 
+from proxy.gateway.current import text_redact
 from turbo_site.core.errors import Outcome, TurboError
 
 
@@ -35,8 +36,6 @@ class GatewayError(TurboError):
         headers: dict[str, str] | None = None,
     ):
         if redact:
-            from proxy.gateway.routing import text_redact
-
             message = text_redact(message)
         super().__init__(message, code=code, headers=headers)  # headers: a rate limit's x-ratelimit-*
         self.status = status

@@ -23,8 +23,7 @@ import redis.asyncio
 from django.conf import settings
 
 from turbo_site.core import metrics
-from turbo_site.core.loops import loop_client
-from turbo_site.core.redis_retry import bounded_async_client
+from turbo_site.core.redis_retry import redis_client
 
 logger = logging.getLogger("turbo.gateway")
 
@@ -55,6 +54,9 @@ class Health:
 _health: dict[str, Health] = {}
 _in_flight_by_upstream: dict[str, int] = {}
 _last_sync = 0.0
+# What else hangs on the deployments and goes when they are forgotten (proxy.gateway.windows: what was
+# learned of their context windows), added by those modules: health imports none of them.
+_forgets: list = []
 _syncing = False
 
 
@@ -95,12 +97,7 @@ def _redis() -> redis.asyncio.Redis | None:
     url = settings.REDIS_ADDRESS
     if not url:
         return None
-    return loop_client(
-        "gateway-redis",
-        url,
-        lambda: bounded_async_client(url, socket_timeout=2, socket_connect_timeout=2),  # REDIS_POOL_SIZE at most
-        lambda client: False,
-    )
+    return redis_client(url, purpose="gateway", socket_timeout=2, socket_connect_timeout=2)
 
 
 async def succeeded(deployment_id: str, first_byte_ms: float) -> None:
@@ -221,12 +218,17 @@ async def sync(deployment_ids: list[str]) -> None:
         state.last_error = state.last_error or str(shared.get("error") or "")
 
 
+def forget_also(forget_other) -> None:
+    """Have `forget()` call `forget_other()` too (for state kept per deployment outside this module)."""
+    if forget_other not in _forgets:
+        _forgets.append(forget_other)
+
+
 def forget() -> None:
     """Start from nothing (tests, and a configuration that changed)."""
     global _last_sync
-    from proxy.gateway import windows
-
-    windows.forget()  # what was learned of the deployments' context windows goes with them
+    for forget_other in _forgets:
+        forget_other()
     _health.clear()
     _in_flight_by_upstream.clear()
     _last_sync = 0.0

@@ -13,60 +13,31 @@ import math
 import random
 from typing import Any
 
-from django.conf import settings
-
 from proxy.gateway import health
-from proxy.gateway.config import ConfigError, Deployment, GatewayConfig, Model, from_environment, load
+from proxy.gateway.config import ConfigError, Deployment, GatewayConfig, Model
+from proxy.gateway.current import config_in_force, secrets_known, text_redact  # noqa: F401 (their names here too)
 from proxy.gateway.errors import GatewayError
 from proxy.gateway.instructions import json_schema_of
 from proxy.gateway.instructions import schema_as_instructions as schema_as_instructions_of
 from proxy.usage.ratelimits import deployment_is_full
-from turbo_site.core.http import redact_keys
 from turbo_site.core.text import json_bytes
 
-_cached: tuple[tuple, GatewayConfig] | None = None
+# The configuration this module last answered with: a new one starts health (and what hangs on it) afresh.
+_seen: GatewayConfig | None = None
 
 
 def gateway_config() -> GatewayConfig:
     """The configuration in force: TURBO_CONFIG's file, or the one upstream of OPENAI_API_URL."""
-    global _cached
-    key = (
-        settings.TURBO_CONFIG,
-        settings.OPENAI_API_URL,
-        settings.OPENAI_API_KEY,
-        settings.OPENAI_ORGANIZATION,
-        settings.OPENAI_PROJECT,
-        settings.PROXY_READ_TIMEOUT,
-        settings.PROXY_CONNECT_TIMEOUT,
-    )
-    if _cached is not None and _cached[0] == key:
-        return _cached[1]
-    if settings.TURBO_CONFIG:
-        try:
-            config = load(settings.TURBO_CONFIG)
-        except ConfigError as exc:  # checked at start; this is a file changed under a running server
-            raise GatewayError(str(exc), status=503, code="gateway_misconfigured", redact=False) from None
-    else:
-        config = from_environment(settings)
-    if _cached is not None:
-        health.forget()
-    _cached = (key, config)
-    return config
-
-
-def secrets_known() -> list[str]:
-    """Every key Turbo sends upstream: OPENAI_API_KEY and each TURBO_CONFIG upstream's."""
+    global _seen
     try:
-        secrets = gateway_config().secrets()
-    except GatewayError:  # a file broken under a running server: the keys known before it broke
-        secrets = _cached[1].secrets() if _cached is not None else []
-    return [secret for secret in (settings.OPENAI_API_KEY, *secrets) if secret]
-
-
-def text_redact(text: str) -> str:
-    """Upstream text with keys taken out: every configured key, and anything key-like (an upstream
-    may quote the key it was sent: "Incorrect API key provided: sk-...")."""
-    return redact_keys(text, *secrets_known())
+        config = config_in_force()
+    except ConfigError as exc:  # checked at start; this is a file changed under a running server
+        raise GatewayError(str(exc), status=503, code="gateway_misconfigured", redact=False) from None
+    if config is not _seen:
+        if _seen is not None:
+            health.forget()
+        _seen = config
+    return config
 
 
 # --- what a request needs ----------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 
 from django.conf import settings
 
-from proxy.gateway import client
+from proxy.gateway import client, health
 from proxy.gateway.config import Deployment
 from proxy.gateway.errors import GatewayError
 from proxy.gateway.routing import gateway_config
@@ -49,6 +49,9 @@ def forget() -> None:
     _learned.clear()
     _listed.clear()
     _ratios.clear()
+
+
+health.forget_also(forget)  # what was learned of the deployments' context windows goes with them
 
 
 def _upstream_model(deployment: Deployment, model: str) -> str:

@@ -477,7 +477,7 @@ def call_cost_ceiling(path: str, model: str, body: dict | None, *, raw: bytes = 
     `content_type` says so); else its prompt's tokens (counted offline) plus the reply it may get
     (`max_tokens` or the like, else BUDGET_DEFAULT_MAX_TOKENS; times `n`), at the model's price.
     A model with no known price counts at DEFAULT_PRICE (UnpricedModel: refused, UNPRICED_MODELS=refuse)."""
-    from proxy.requests import form_fields
+    from proxy.forms import form_fields
     from proxy.usage.pricing import cost_of, price_for_budget, units_cost
     from proxy.usage.tokens import estimate_prompt_tokens
 

@@ -11,12 +11,16 @@ gets the upstream's bytes untouched.
 import json
 import re
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
-from proxy.gateway import Answer, UsageReader
 from proxy.usage.caller import Caller
 from proxy.usage.pricing import price_of, units_cost
 from proxy.usage.records import Estimate, Usage, usage_from, usage_record
 from turbo_site.core.text import json_bytes
+
+if TYPE_CHECKING:  # the gateway's call path stands on usage: its types only name what this reads
+    from proxy.gateway.calls import UsageReader
+    from proxy.gateway.dispatch import Answer
 
 STREAMED_USAGE_PATHS = ("chat/completions", "completions")
 # Paths whose answers are charged by their tokens even when the upstream gives no usage (counted offline).
@@ -118,8 +122,8 @@ def exchange_usage_record(
     path: str,
     model: str,
     payload: dict | None,
-    answer: Answer,
-    reader: UsageReader,
+    answer: "Answer",
+    reader: "UsageReader",
     form: dict[str, str] | None = None,
     body_size: int = 0,
 ) -> Decimal | None:

@@ -117,11 +117,12 @@ def _decimal(value: float | int | None) -> Decimal | None:
 
 
 def _configured(name: str) -> Price | None:
-    from proxy.gateway import GatewayError, gateway_config  # here: the gateway imports usage
+    from proxy.gateway.config import ConfigError
+    from proxy.gateway.current import config_in_force
 
     try:
-        models = gateway_config().models
-    except GatewayError:  # a broken file under a running server: the shipped prices still count
+        models = config_in_force().models
+    except ConfigError:  # a broken file under a running server: the shipped prices still count
         return None
     model = models.get(name)
     if model is None:

@@ -139,7 +139,7 @@ def usage_record(
 
 def _queue(record: _Record) -> None:
     global records_dropped
-    from proxy.events import writer_wake
+    from proxy.writer_bell import writer_wake
 
     with _lock:
         if len(_pending) >= MAX_PENDING:

@@ -22,9 +22,8 @@ from django.core.cache import caches
 from django.core.cache.backends.locmem import LocMemCache
 from django.core.cache.backends.redis import RedisCache
 
+from turbo_site.core import redis_retry
 from turbo_site.core.fastredis import fast_redis
-from turbo_site.core.loops import loop_client
-from turbo_site.core.redis_retry import bounded_async_client
 
 REDIS_SECONDS = 10  # as the clients' socket timeouts
 SHARED_MAX = 4096  # keys whose last (bytes, value) are kept for `shared` reads; beyond it, start again
@@ -34,11 +33,8 @@ _shared: dict[str, tuple[bytes, Any]] = {}
 
 def redis_client(location: str) -> redis.asyncio.Redis:
     """This loop's asyncio client of the Redis at `location` (shared by everything reading it directly)."""
-    return loop_client(
-        "cache-redis",
-        location,
-        lambda: bounded_async_client(location, socket_timeout=REDIS_SECONDS, socket_connect_timeout=REDIS_SECONDS),
-        lambda client: False,
+    return redis_retry.redis_client(
+        location, purpose="cache", socket_timeout=REDIS_SECONDS, socket_connect_timeout=REDIS_SECONDS
     )
 
 

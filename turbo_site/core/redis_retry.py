@@ -1,4 +1,4 @@
-"""Redis clients of bounded size that survive a Redis restart.
+"""Redis clients of bounded size that survive a Redis restart; `redis_client` is the one way code gets one.
 
 Bounded: a client's pool holds at most REDIS_POOL_SIZE connections; a caller beyond that waits for
 one to come free (up to POOL_WAIT_SECONDS) instead of failing with "Too many connections", so a
@@ -18,6 +18,8 @@ import redis.asyncio.retry
 import redis.retry
 from django.conf import settings
 from redis.backoff import NoBackoff
+
+from turbo_site.core.loops import loop_client
 
 # How long a caller waits for a pooled connection. Generous: under a burst a busy process holds its
 # connections longer (each waits for the loop to read its reply), and a wait is better than a 503; an
@@ -44,6 +46,20 @@ def bounded_async_client(url: str, *, socket_timeout: float, socket_connect_time
         **async_retry_options(),
     )
     return redis.asyncio.Redis.from_pool(pool)
+
+
+def redis_client(
+    url: str, *, purpose: str, socket_timeout: float, socket_connect_timeout: float
+) -> redis.asyncio.Redis:
+    """The running loop's client of the Redis at `url` for `purpose` ("cache", "gateway", ...): bounded
+    (REDIS_POOL_SIZE at most), surviving a restart, made once per loop and purpose (each purpose keeps its
+    own timeouts, so a slow one does not hold up another's pool)."""
+    return loop_client(
+        f"{purpose}-redis",
+        (url, socket_timeout, socket_connect_timeout),
+        lambda: bounded_async_client(url, socket_timeout=socket_timeout, socket_connect_timeout=socket_connect_timeout),
+        lambda client: False,
+    )
 
 
 def bounded_sync_client(url: str, *, socket_timeout: float, socket_connect_timeout: float) -> redis.Redis:

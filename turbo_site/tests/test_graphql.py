@@ -427,7 +427,7 @@ def test_introspection_and_graphiql_only_when_on(client, signup, settings):
 
 def test_schema_file_is_current(tmp_path):
     """schema.graphql is the schema as the code defines it: run `manage.py graphql_schema` after a change."""
-    from chats.management.commands.graphql_schema import SCHEMA_FILE, schema_text
+    from turbo_site.management.commands.graphql_schema import SCHEMA_FILE, schema_text
 
     assert SCHEMA_FILE.read_text() == schema_text(), "schema.graphql is stale: run manage.py graphql_schema"
     written = tmp_path / "schema.graphql"

@@ -1,6 +1,6 @@
 """`manage.py graphql_schema`: write the GraphQL schema (turbo_site.graphql) to schema.graphql, or with
-`--check` say whether that file is current (exit 1 if not). Lives in chats, the app that sees every
-other app, as the schema does."""
+`--check` say whether that file is current (exit 1 if not). Lives in turbo_site, which assembles the
+schema from every app's."""
 
 from pathlib import Path
 

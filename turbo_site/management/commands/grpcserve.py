@@ -1,6 +1,6 @@
 """`manage.py grpcserve`: Turbo's gRPC front (turbo_site/grpc.py) until SIGTERM or SIGINT.
 
-It lives in chats, the app every service it serves may depend on; the assembly is turbo_site/grpc.py.
+It lives in turbo_site, beside the assembly it serves (turbo_site/grpc.py: every app's services).
 """
 
 import asyncio
