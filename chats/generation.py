@@ -753,7 +753,7 @@ async def _save_late(plan: PromptPlan, reply: _Reply, save, status: str, turn) -
     logger.error("message %s: the reply could not be stored in %ss; the sweeper will end it", message.pk, deadline)
 
 
-@tracing.traced("chat fan-out", lambda message, type: {"turbo.chat.event": type})
+@tracing.traced("chat fan-out", lambda message, type, **_: {"turbo.chat.event": type})
 async def _send_final(message: Message, type: str, *, unstored: _Reply | None = None, code: str = "") -> None:
     """The message's final event; `code` says why a failed one failed (the same outcome code every front
     gives); with `unstored`, the reply that could not be stored (status error, code

@@ -151,7 +151,7 @@ def test_chat_failure_ends_with_an_error_event(client, signup, upstream, setting
     settings.OPENAI_API_URL = "http://127.0.0.1:9/v1"
     events = sse_events(client.post(f"/api/chat/{cid}", json={"message": "hello"}, headers=bearer(token)).text)
     assert [name for name, _ in events] == ["error", "done", "full_response"]
-    assert json.loads(events[0][1])["error"]["code"] == "upstream_error"
+    assert json.loads(events[0][1])["error"]["code"] == "upstream_unreachable"  # the outcome code, as on every front
     assert events[1] == ("done", "Stream finished")
 
 

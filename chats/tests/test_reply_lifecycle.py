@@ -141,11 +141,13 @@ def test_a_final_save_past_its_window_says_so_and_stores_the_reply_when_the_data
 
 @pytest.mark.skipif(not settings.REDIS_ADDRESS, reason="another process's generation is known through Redis")
 def test_a_reply_left_streaming_by_a_killed_process_is_ended_by_the_sweeper(start_server, upstream):
-    doomed = start_server(REDIS_ADDRESS=settings.REDIS_ADDRESS, GENERATION_ALIVE_SECONDS=2)
+    # The alive mark lasts 6 s: short, but longer than a loaded 2-core machine may starve the doomed
+    # server's loop (with 2 s, the survivor swept a reply that was still running).
+    doomed = start_server(REDIS_ADDRESS=settings.REDIS_ADDRESS, GENERATION_ALIVE_SECONDS=6)
+    survivor = start_server(REDIS_ADDRESS=settings.REDIS_ADDRESS, GENERATION_ALIVE_SECONDS=6, SWEEP_SECONDS=1)
     api = Api(doomed.url, "sweep-killed")
     chat_id = api.chat()
     message = api.prompt(chat_id, LONG)
-    survivor = start_server(REDIS_ADDRESS=settings.REDIS_ADDRESS, GENERATION_ALIVE_SECONDS=2, SWEEP_SECONDS=1)
     ws = WSFollower(survivor.url, api.token, chat_id)
     ws.deltas(3)
     doomed.process.send_signal(signal.SIGKILL)

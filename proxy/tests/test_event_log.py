@@ -133,7 +133,7 @@ def test_forwarded_for_is_believed_only_from_trusted_proxies(client, signup, set
     assert by_query == {"n=untrusted": "127.0.0.1", "n=trusted": "203.0.113.9"}
 
 
-def test_flushed_events_keep_every_field(signup):
+def test_flushed_events_keep_every_field(signup, paused_event_writer):
     from proxy.events import event_record
 
     _, user, _ = signup()

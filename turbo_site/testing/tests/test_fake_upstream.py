@@ -160,7 +160,9 @@ def test_streamed_chunks_arrive_separately(http):
     assert usage["choices"] == []
     assert usage["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
     gaps = [later - earlier for (earlier, _), (later, _) in zip(arrivals, arrivals[1:], strict=False)]
-    assert len(gaps) == 6 and min(gaps) > 0.025  # every event was its own read, ~50 ms after the previous one
+    # Streamed, not buffered: the events arrive spread over the ~300 ms the fake spends sending them (a loaded
+    # machine may deliver two of them in one read, so most gaps, not every one, show the 50 ms delay).
+    assert len(gaps) == 6 and sum(gap > 0.025 for gap in gaps) >= 4
 
 
 def test_stream_without_usage_option(http):
