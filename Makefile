@@ -124,12 +124,13 @@ PROJECT_CODE := manage.py conftest.py accounts groups chats proxy turbo_site pro
 
 # TEST_WORKERS=N runs the suite in N processes at once (pytest-xdist). A test file stays on one worker (its
 # module fixtures are made once); each worker has its own test database (SQLite file, or Postgres
-# test_<db>_gwK) and its own Redis database (REDIS_ADDRESS's + K, turbo_site/test_settings.py). The default
-# is one process: on 2 cores with both legs at once (.ci/run), 4 workers a leg took CI 22:42 against 19:17
-# in one process each (2026-12-07): the legs are CPU-bound there, and every worker pays Django's start-up,
-# its own database and its own session servers again. On a machine with cores to spare, try TEST_WORKERS=4.
+# test_<db>_gwK) and its own Redis database (REDIS_ADDRESS's + K, turbo_site/test_settings.py). On this
+# 2-core machine with both legs at once (.ci/run), the same tree took CI 22:42 with 4 workers a leg and
+# 24:38 in one process a leg (2026-12-07): little better, since there the legs are mostly CPU-bound and
+# every worker pays Django's start-up, its own database and its own session servers again.
+# TEST_WORKERS=0: one process.
 # PYTEST_ARGS come last, so `make test PYTEST_ARGS="-k foo"` or `PYTEST_ARGS="-n 0 -x"` do the obvious thing.
-TEST_WORKERS ?= 0
+TEST_WORKERS ?= 4
 PYTEST_WORKERS := $(if $(filter 0,$(TEST_WORKERS)),-n 0,-n $(TEST_WORKERS) --dist loadfile)
 
 test: install ## the suite on the embedded defaults (SQLite, in-memory), in TEST_WORKERS processes

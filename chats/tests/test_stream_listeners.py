@@ -63,7 +63,7 @@ def test_hundreds_of_subscribers_at_once_are_all_accepted_over_few_redis_connect
     async def run():
         opened: list = []
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-        async with httpx.AsyncClient(limits=limits, timeout=60) as http:
+        async with httpx.AsyncClient(limits=limits, timeout=180) as http:
             tasks = [
                 asyncio.create_task(
                     subscribe(http, server.url, api.token, chat_ids[i % CHATS], 1 if i % 2 else None, opened)
@@ -78,7 +78,7 @@ def test_hundreds_of_subscribers_at_once_are_all_accepted_over_few_redis_connect
                     f"{server.url}/chat/update", data={"id": chat_id, "name": "everyone in"}, headers=api.headers
                 )
                 assert renamed.status_code == 200, renamed.text
-            results = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+            results = await asyncio.wait_for(asyncio.gather(*tasks), 180)  # 8 s here when quiet; a loaded CI is slower
         return connections, results
 
     connections, results = asyncio.run(run())
