@@ -12,19 +12,16 @@ socket), and the gRPC servicers with the call's metadata (their statuses from tu
 import base64
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
 
 import grpc
 import httpx
 import pytest
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
-from django.utils import timezone
 
 from accounts.auth import FRONTS, AuthRefused, Credentials, aauthenticate, authenticate
 from accounts.keys import api_key_create
-from accounts.models import Session
-from accounts.services import session_create, session_revoke, user_create
+from accounts.services import user_create
 from chats.grpc import ChatsServicer
 from chats.routing import websocket_urlpatterns as chat_websockets
 from conftest import unique_name
@@ -42,6 +39,7 @@ from turbo_site.testing.fronts import (
     django_client,
     grpc_metadata,
     http_parts,
+    session_tokens_of,
     socket_parts,
 )
 
@@ -64,11 +62,7 @@ class Tokens:
 @pytest.fixture
 def tokens(db) -> Tokens:
     user = user_create(username=unique_name(), password="correct-horse-battery")
-    _, live = session_create(user=user)
-    revoked_session, revoked = session_create(user=user)
-    session_revoke(session_id=revoked_session.pk)
-    expired_session, expired = session_create(user=user)
-    Session.objects.filter(pk=expired_session.pk).update(expires_at=timezone.now() - timedelta(minutes=1))
+    live, revoked, expired = session_tokens_of(user)
     _, key = api_key_create(user=user, name="a program")
     return Tokens(live, revoked, expired, key)
 

@@ -70,6 +70,23 @@ class Ask:
 # --- transport pieces ------------------------------------------------------------------------------------
 
 
+def session_tokens_of(user) -> tuple[str, str, str]:
+    """Three session tokens of `user`: a live one, a revoked one and an expired one."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from accounts.models import Session
+    from accounts.services import session_create, session_revoke
+
+    _, live = session_create(user=user)
+    revoked_session, revoked = session_create(user=user)
+    session_revoke(session_id=revoked_session.pk)
+    expired_session, expired = session_create(user=user)
+    Session.objects.filter(pk=expired_session.pk).update(expires_at=timezone.now() - timedelta(minutes=1))
+    return live, revoked, expired
+
+
 def http_parts(sent: Sent, path: str) -> tuple[str, dict]:
     headers = {}
     if sent.origin:
