@@ -188,5 +188,5 @@ format: install ## ruff format and ruff check --fix
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-clean: ## remove .venv and caches
-	rm -rf $(VENV) .pytest_cache site
+clean: ## remove .venv, caches, the docs site and the JavaScript clients
+	rm -rf $(VENV) .pytest_cache site $(JS_DEPS)/node_modules
