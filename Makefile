@@ -6,7 +6,7 @@ ADDRESS ?= 127.0.0.1:8080
 # What `make install` installs: the runtime and the test tools; a production image installs requirements.txt alone.
 REQUIREMENTS ?= requirements-dev.txt
 
-.PHONY: help install browser-deps nginx-deps env demo run migrate static serve grpcserve protos test test-pg lint format docs bench clean
+.PHONY: help install browser-deps nginx-deps js-deps env demo run migrate static serve grpcserve protos test test-pg lint format docs bench clean
 
 # `make help` (and plain `make`): each target with its `## ` line.
 help:
@@ -50,6 +50,22 @@ nginx-deps: ## install Debian's nginx for the production stack's test (as root)
 	fi; \
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx-light
 
+# The documentation's JavaScript examples run through their real clients (openai, eventsource, ws, graphql-ws),
+# pinned in turbo_site/testing/js/package-lock.json; the example runner (turbo_site/tests/test_docs_examples.py)
+# runs them with Node.js. Node and npm: Debian's nodejs and npm (as root when missing, as browser-deps).
+JS_DEPS := turbo_site/testing/js
+js-deps: ## install the JavaScript clients the docs' examples use (needs node and npm)
+	@if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then \
+		if [ "$$(id -u)" != 0 ]; then \
+			echo "the docs' JavaScript examples need node and npm: run as root (or with sudo):" >&2; \
+			echo "  apt-get install -y --no-install-recommends nodejs npm" >&2; \
+			exit 1; \
+		fi; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nodejs npm; \
+	fi
+	@echo "== installing the JavaScript clients of the docs' examples into $(JS_DEPS)/node_modules"
+	npm ci --prefix $(JS_DEPS) --no-audit --no-fund
+
 # A local install's secrets: a generated SECRET_KEY in a git-ignored .env that settings read (the
 # environment wins), so `manage.py ...` works as printed. Never overwritten; production sets its own.
 ENV_FILE ?= .env
@@ -81,10 +97,13 @@ export PORT_CHECK
 # demo.env names the fake for commands run beside it: `set -a; . ./demo.env; set +a` in another shell.
 FAKE_PORT ?= 8081
 DEMO_ENV := OPENAI_API_URL=http://127.0.0.1:$(FAKE_PORT)/v1 OPENAI_API_KEY=sk-demo-not-a-real-key
+# DEMO_ENV_FILE: where demo.env goes (the docs' example runner keeps its own out of the checkout).
+DEMO_ENV_FILE ?= demo.env
+DEMO_ENV_SOURCE := $(if $(filter /%,$(DEMO_ENV_FILE)),$(DEMO_ENV_FILE),./$(DEMO_ENV_FILE))
 demo: install $(ENV_FILE) ## `make run` pointed at a fake upstream on FAKE_PORT (no provider key needed)
 	@$(PYTHON) -c "$$PORT_CHECK" $(ADDRESS) 127.0.0.1:$(FAKE_PORT)
-	@printf '%s\n' $(DEMO_ENV) > demo.env
-	@echo "wrote demo.env: in another shell, 'set -a; . ./demo.env; set +a' points manage.py and make grpcserve at the fake"
+	@printf '%s\n' $(DEMO_ENV) > $(DEMO_ENV_FILE)
+	@echo "wrote $(DEMO_ENV_FILE): in another shell, 'set -a; . $(DEMO_ENV_SOURCE); set +a' points manage.py and make grpcserve at the fake"
 	@$(BIN)/python manage.py fakellm --port $(FAKE_PORT) & trap "kill $$! 2>/dev/null" EXIT INT TERM; \
 		$(DEMO_ENV) $(MAKE) --no-print-directory run
 
@@ -169,5 +188,5 @@ format: install ## ruff format and ruff check --fix
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-clean: ## remove .venv and caches
-	rm -rf $(VENV) .pytest_cache site
+clean: ## remove .venv, caches, the docs site and the JavaScript clients
+	rm -rf $(VENV) .pytest_cache site $(JS_DEPS)/node_modules

@@ -1,4 +1,4 @@
-"""The user API: the seed's /user/* paths, API keys (/user/keys/*) and seed 002's /api/users/* paths."""
+"""The user API: the /user/* paths, API keys (/user/keys/*) and the JWT flavour's /api/users/* paths."""
 
 from dataclasses import replace
 
@@ -276,7 +276,7 @@ class PasswordUpdateView(APIView):
         return Response({})
 
 
-# --- /api/users/* (seed 002) ----------------------------------------------------------------------
+# --- /api/users/* (JWT) --------------------------------------------------------------------------
 
 
 class RegisterInput(serializers.Serializer):

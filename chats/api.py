@@ -1,4 +1,4 @@
-"""The chat API: the seed's /chat/* paths. Prompt and stream are async views (they wait on the model)."""
+"""The chat API: the /chat/* paths. Prompt and stream are async views (they wait on the model)."""
 
 import functools
 import logging

@@ -1,6 +1,6 @@
-"""Seed 002's conversation API over the same chats and messages: /api/conversations/*, /api/chat/<id>.
+"""The conversation API over the same chats and messages: /api/conversations/*, /api/chat/<id>.
 
-It speaks the seed's wire format: a conversation is known by its owner's integer number (Chat.number, not
+It speaks its own wire format: a conversation is known by its owner's integer number (Chat.number, not
 our UUID), times are Unix seconds, history turns are numbered 1, 2, 3... (a user turn, then its reply),
 and the chat stream's `data:` lines carry raw text.
 """
@@ -49,7 +49,7 @@ STREAM_FINISHED = "Stream finished"
 
 @extend_schema_field(OpenApiTypes.INT)
 class UnixTimeField(serializers.Field):
-    """A datetime as whole seconds since the epoch, as the seed sends `created_time`."""
+    """A datetime as whole seconds since the epoch, as the API sends `created_time`."""
 
     def to_representation(self, value) -> int:
         return int(value.timestamp())

@@ -24,9 +24,9 @@ class Chat(models.Model):
     response_format = models.JSONField(null=True, blank=True, default=None)
     # The chat program (chats.programs) this chat runs, by its registered name; blank: an ordinary chat.
     program = models.CharField(max_length=100, blank=True, default="", editable=False)
-    # A conversation's own upstream key (seed 002), encrypted; never returned in full.
+    # A conversation's own upstream key (the conversation API's api_key), encrypted; never returned in full.
     api_key_encrypted = models.TextField(blank=True, default="", editable=False)
-    # Seed 002's integer conversation_id: 1, 2, 3... per owner, given on creation (our own API uses the UUID).
+    # The conversation API's conversation_id: 1, 2, 3... per owner, given on creation (our own API uses the UUID).
     number = models.PositiveIntegerField(editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     # Bumped by every prompt: /chat/index sorts by latest activity.

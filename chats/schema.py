@@ -19,10 +19,10 @@ def _form_and_json(schema: dict) -> dict:
     }
 
 
-# A chat's id is `id` or (the seed's form key) `chat_id`: one of them is required.
+# A chat's id is `id` or (its older form key) `chat_id`: one of them is required.
 CHAT_ID = {
     "id": {"type": "string", "format": "uuid"},
-    "chat_id": {"type": "string", "format": "uuid", "description": "the same as id (the seed's form key)"},
+    "chat_id": {"type": "string", "format": "uuid", "description": "the same as id (its older name, still read)"},
 }
 ONE_CHAT_ID = [{"required": ["id"]}, {"required": ["chat_id"]}]
 PROMPT_INPUT = {

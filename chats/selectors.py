@@ -108,7 +108,7 @@ def chat_context(*, chat_id: uuid.UUID, size: int) -> list[tuple[str, str]]:
 
 
 def conversations_of(*, user: User) -> QuerySet[Chat]:
-    """Seed 002's conversations: the chats a user owns, newest first."""
+    """The conversation API's conversations: the chats a user owns, newest first."""
     return Chat.objects.filter(owner=user).order_by("-created_at")
 
 

@@ -110,7 +110,7 @@ def conversation_create(
     api_key: str = "",
     allowed_models: frozenset[str] | None = None,
 ) -> Chat:
-    """A chat in seed 002's terms; its own upstream key, if given, is stored encrypted."""
+    """A chat as the conversation API creates one; its own upstream key, if given, is stored encrypted."""
     chat = chat_create(owner=owner, name=title, model=model, allowed_models=allowed_models)
     if api_key:
         chat.api_key_encrypted = secret_encrypt(api_key)

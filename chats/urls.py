@@ -14,7 +14,7 @@ urlpatterns = [
     path("chat/user/add", api.ChatUserAddView.as_view()),
     path("chat/user/remove", api.ChatUserRemoveView.as_view()),
     path("chat/message/delete", api.MessageDeleteView.as_view()),
-    # seed 002
+    # the conversation API
     path("api/conversations/create", conversations.ConversationCreateView.as_view()),
     path("api/conversations/list", conversations.ConversationListView.as_view()),
     path("api/conversations/history/<int:number>", conversations.ConversationHistoryView.as_view()),

@@ -64,7 +64,7 @@ def _chat_create(request: HttpRequest) -> HttpResponse:
     else:
         session = request.turbo_session
         try:
-            # A program started from the page learns who started it (seed 001's horoscope asks for user_id).
+            # A program started from the page learns who started it (the horoscope asks for user_id).
             program_context = {"user_id": str(request.user.pk)} if data.validated_data.get("program") else None
             chat = services.chat_create(
                 owner=request.user,

@@ -5,7 +5,7 @@
 #                                  STATIC_ROOT (when set), then the migrations
 #   deploy/entrypoint.sh web       one web process on ADDRESS (`make serve`), not migrating again
 #   deploy/entrypoint.sh grpc      the gRPC front on GRPC_ADDRESS (`make grpcserve`)
-# Settings come from the environment (README's settings table; docs/deploying.md lists what production sets).
+# Settings come from the environment (docs/configuration.md; docs/deploying.md lists what production sets).
 set -eu
 cd "$(dirname "$0")/.."
 case "${1:-web}" in

@@ -1,4 +1,4 @@
-"""The group API: the seed's /group/* paths."""
+"""The group API: the /group/* paths."""
 
 from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import serializers

@@ -1,4 +1,4 @@
-"""`/ws`: many RPC requests multiplexed on one authenticated WebSocket (seed 003's envelope).
+"""`/ws`: many RPC requests multiplexed on one authenticated WebSocket (its own request envelope).
 
 Request:  {"type": <method>, "request_id": <string>, "payload": {...}}
 Response: {"type": <method>, "request_id": ..., "data": {...}}

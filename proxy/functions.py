@@ -37,7 +37,7 @@ def _json_value(value: Any, where: str, code: str) -> Any:
 
 def client_functions_check(value: Any, *, reserved: set[str] | frozenset[str] = frozenset()) -> list[dict]:
     """A client's function definitions (a list, or its JSON text), as OpenAI `tools` entries
-    `{"type": "function", "function": {"name", "description"?, "parameters"?, "strict"?}}`; seed 003's flat
+    `{"type": "function", "function": {"name", "description"?, "parameters"?, "strict"?}}`; the /ws RPC's flat
     `{name, description, parameters}` is accepted too. A name in `reserved` (the server's own tools), a
     duplicate, an invalid `parameters` schema, or more than MAX_FUNCTIONS / MAX_FUNCTIONS_BYTES is a 400
     `invalid_tools` naming the problem."""

@@ -84,7 +84,7 @@ def openai_tools(names: list[str]) -> list[dict]:
 
 
 def tool_to_openai(definition: dict) -> dict:
-    """A client-supplied tool in OpenAI's shape: seed 003's flat `{name, description, parameters}` becomes
+    """A client-supplied tool in OpenAI's shape: the /ws RPC's flat `{name, description, parameters}` becomes
     `{"type": "function", "function": {...}}`; a tool already in OpenAI's shape (it has `type`) is kept."""
     if "type" in definition or "function" in definition or "name" not in definition:
         return definition

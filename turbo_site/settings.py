@@ -1,4 +1,4 @@
-"""Turbo's settings: every knob comes from an environment variable (see the README's table)."""
+"""Turbo's settings: every knob comes from an environment variable (docs/configuration.md lists them)."""
 
 import os
 import re
@@ -261,7 +261,7 @@ GRAPHQL_PLAYGROUND = env_bool("GRAPHQL_PLAYGROUND")
 CORS_ALLOWED_ORIGINS = env_list("CORS_ALLOWED_ORIGINS")
 CORS_ALLOW_CREDENTIALS = True
 CSRF_TRUSTED_ORIGINS = CORS_ALLOWED_ORIGINS
-# TLS (README, "Behind TLS"). A request is secure over https, or with `X-Forwarded-Proto: https` from one of
+# TLS (docs/configuration.md). A request is secure over https, or with `X-Forwarded-Proto: https` from one of
 # TRUSTED_PROXIES (core.middleware.secure_transport drops the header from anyone else); every cookie of a
 # secure request's response is Secure. HSTS, the redirect and the policies below are Django's.
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
@@ -286,7 +286,7 @@ PROXY_READ_TIMEOUT = env_int("PROXY_READ_TIMEOUT", 600)
 PROXY_MAX_CONNECTIONS = env_int("PROXY_MAX_CONNECTIONS", 200)
 # Idle pooled upstream connections are dropped after this, before the upstream's keep-alive timeout.
 PROXY_KEEPALIVE_SECONDS = env_float("PROXY_KEEPALIVE_SECONDS", 4.0)
-# The model gateway's file of upstreams and models (README, "The model gateway"); without it,
+# The model gateway's file of upstreams and models (docs/gateway.md); without it,
 # OPENAI_API_URL and OPENAI_API_KEY are the one upstream. A bad file stops Turbo here, in one line.
 TURBO_CONFIG = env_str("TURBO_CONFIG")  # checked at the end of this file, once every setting is defined
 # How often a process reads the deployments' shared health (cooldowns) from Redis, at most.
@@ -303,7 +303,7 @@ PROXY_ADMIN_PATHS = env_list("PROXY_ADMIN_PATHS")
 OPENAI_ORGANIZATION = env_str("OPENAI_ORGANIZATION")
 OPENAI_PROJECT = env_str("OPENAI_PROJECT")
 DEFAULT_MODEL = env_str("DEFAULT_MODEL", "gpt-4o-mini")
-# The seed's model aliases, as alias=model pairs.
+# Model aliases clients may ask for (the original API's gpt-3.5-turbo and gpt-4), as alias=model pairs.
 MODEL_ALIASES = dict(
     pair.split("=", 1) for pair in env_list("MODEL_ALIASES", "gpt-3=gpt-3.5-turbo,gpt-4=gpt-4") if "=" in pair
 )

@@ -346,7 +346,7 @@ def test_cookie_authenticated_cross_site_post_is_refused(client, turbo_server, s
             "/user/update", data={"id": me["id"], "first_name": "Me"}, headers={"Origin": turbo_server.url}
         )
         assert same_origin.status_code == 200
-        # curl --cookie sends no Origin at all: still works, as in the seed.
+        # curl --cookie sends no Origin at all: still works, as documented.
         assert browser.post("/user/update", data={"id": me["id"], "first_name": "Curl"}).status_code == 200
     # Bearer tokens are not sent by browsers on their own: no Origin rule for them.
     assert (

@@ -1,4 +1,4 @@
-"""Chat programs: seed 001's async-generator chat flows, run by Turbo on chats (see library.py).
+"""Chat programs: async-generator chat flows (the turbo-chat library's style), run by Turbo on chats (see library.py).
 
 from chats.programs import turbo, System, User, Assistant, Generate, GetUserInput, run
 """

@@ -1,4 +1,4 @@
-"""The chat programs Turbo ships: seed 001's horoscope, and a tutor that answers in a loop."""
+"""The chat programs Turbo ships: the turbo-chat library's horoscope example, and a tutor that answers in a loop."""
 
 from chats.programs.library import Generate, GetUserInput, System, User, run, turbo
 
@@ -18,7 +18,7 @@ async def set_user_zodiac(context: dict):
     yield User(content=f"My zodiac sign is {zodiac}")
 
 
-# Horoscope app (seed 001's example as it is written there)
+# Horoscope app (the turbo-chat library's example as it is written there)
 @turbo()
 async def horoscope(context: dict):
     yield System(content="You are a fortune teller")
@@ -36,7 +36,7 @@ async def horoscope(context: dict):
     yield User(content=input)
 
     # Generate (overriding the temperature)
-    value = yield Generate(settings={"temperature": 0.9})  # noqa: F841 - as in the seed
+    value = yield Generate(settings={"temperature": 0.9})  # noqa: F841 - as in the example
 
 
 @turbo()

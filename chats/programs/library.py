@@ -1,4 +1,4 @@
-"""Chat programs as async generators, after seed 001 (turbo-chat), running through Turbo's model path.
+"""Chat programs as async generators, after the turbo-chat library, running through Turbo's model path.
 
 A program is an async generator decorated with `@turbo()`. It yields messages (`System`, `User`,
 `Assistant`) to build its memory, `Generate(...)` to have the model answer that memory (the reply is

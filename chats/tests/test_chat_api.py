@@ -50,7 +50,7 @@ def test_seed_walkthrough_create_add_prompt_read(client, alice, signup, upstream
     assert message["user_id"] == user["id"] and message["chat_id"] == chat["id"]
     assert message["total_tokens"] > 0
 
-    # the seed's form key chat_id and the JSON key id both read
+    # the older form key chat_id and the JSON key id both read
     for read in (
         client.post("/chat/read", data={"chat_id": chat["id"]}, headers=bearer(bob_token)),
         client.get("/chat/read", params={"id": chat["id"]}, headers=bearer(bob_token)),

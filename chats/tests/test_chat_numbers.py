@@ -1,4 +1,4 @@
-"""A user's chats are numbered 1, 2, 3... (seed 002's conversation ids): creations at the same moment,
+"""A user's chats are numbered 1, 2, 3... (the conversation API's ids): creations at the same moment,
 from many server threads or processes, never collide on a number."""
 
 import threading

@@ -1,4 +1,4 @@
-"""Seed 002's conversation API over real HTTP, against the fake upstream, in the seed's wire format."""
+"""The conversation API over real HTTP, against the fake upstream, in its own wire format."""
 
 import json
 import time
@@ -41,7 +41,7 @@ def test_create_list_history_and_delete_speak_the_seeds_format(client, signup, u
     after = int(time.time())
     assert created.status_code == 200, created.text
     conversation = created.json()
-    # the seed's example with our values: same keys in the same order, an integer id and Unix seconds
+    # the API's documented example with our values: same keys in the same order, an integer id and Unix seconds
     assert list(conversation) == ["conversation_id", "title", "model", "api_key", "created_time"]
     assert conversation["conversation_id"] == 1
     assert before <= conversation["created_time"] <= after and isinstance(conversation["created_time"], int)
@@ -100,7 +100,7 @@ def test_chat_streams_raw_text_byte_for_byte(client, signup, upstream):
         headers=bearer(token),
     ).json()["conversation_id"]
 
-    # the seed's curl example: POST /api/chat/329629 (no trailing slash), and the Go router's /api/chat/:id/
+    # the API's documented curl example: POST /api/chat/329629 (no trailing slash), and the Go router's /api/chat/:id/
     for path in (f"/api/chat/{number}", f"/api/chat/{number}/"):
         reply = client.post(path, json={"message": 'echo: Rust "is" fast'}, headers=bearer(token))
         assert reply.status_code == 200, reply.text

@@ -1,4 +1,4 @@
-"""Chat programs (seed 001's async generators) on chats and from Python, against the fake upstream."""
+"""Chat programs (async generators in the turbo-chat style) on chats and from Python, against the fake upstream."""
 
 import asyncio
 import json
@@ -161,7 +161,7 @@ while True:
 def test_the_seed_example_runs_from_python_with_only_its_import_changed(upstream):
     asked, printed = [], []
     namespace = {"input": lambda message: asked.append(message) or "echo: the stars say yes", "print": printed.append}
-    # The seed's top-level `await` runs in a coroutine of its own.
+    # The example's top-level `await` runs in a coroutine of its own.
     body = "\n".join("    " + line for line in SEED_EXAMPLE.splitlines())
     exec(f"async def main():\n{body}\n", namespace)
     asyncio.run(namespace["main"]())

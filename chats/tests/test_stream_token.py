@@ -1,4 +1,4 @@
-"""Seed 000's SSE sign-in: /chat/stream takes `token` as a query or form parameter (EventSource sends no
+"""The SSE sign-in: /chat/stream takes `token` as a query or form parameter (EventSource sends no
 headers); no other endpoint does, and the token never reaches a log or the event log."""
 
 import logging

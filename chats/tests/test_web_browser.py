@@ -6,11 +6,15 @@ The fake upstream answers "echo: some words" with "some words", one word per str
 """
 
 import re
+import uuid
 
 import pytest
 from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import Select
 
 from chats.models import Chat, Message
+from conftest import SERVER_KEY
+from proxy.gateway import health
 from turbo_site.testing.browser import (
     assert_grew_word_by_word,
     assert_only_grew,
@@ -506,3 +510,79 @@ def test_copy_regenerate_and_edit_a_prompt(browser, signup, client, upstream):
         "echo: edited answer",
     ]
     assert browser.console_errors() == []
+
+
+def chat_create_with_model(browser, name: str, model: str) -> str:
+    """A chat made on the index page's form with the model picked in its picker; returns its id."""
+    browser.find("#chat-create-form [name=name]").send_keys(name)
+    Select(browser.find("#chat-model")).select_by_value(model)
+    browser.find("#chat-create-submit").click()
+    return browser.wait_for_path(is_chat_path).removeprefix("/chats/")
+
+
+def picker_models(browser) -> list[str]:
+    return [option.get_attribute("value") for option in Select(browser.find("#chat-model")).options]
+
+
+def test_the_model_picker_offers_the_models_the_upstream_serves(browser, signup, upstream):
+    """Zero config: the chat models the upstream lists at /models, not the aliases; the one picked answers."""
+    token, _, _ = signup()
+    browser.sign_in(token)
+    browser.open("/")
+    assert picker_models(browser) == ["gpt-4o-mini", "gpt-4o"]
+    chat_id = chat_create_with_model(browser, "Picked", "gpt-4o")
+    assert Chat.objects.get(pk=chat_id).model == "gpt-4o"
+    message_id = prompt_send(browser, "echo: picked by hand")
+    message_status_wait(browser, message_id, "complete")
+    asked = [r.json()["model"] for r in upstream.requests if r.path.endswith("/chat/completions")]
+    assert asked == ["gpt-4o"]
+    assert browser.console_errors() == []
+
+
+def test_under_a_gateway_file_the_picker_offers_its_public_names(browser, signup, upstream, settings, tmp_path):
+    """TURBO_CONFIG: the gateway's public names (not the upstream's list); the one picked reaches its deployment."""
+    name = f"house-{uuid.uuid4().hex[:6]}"  # health in a shared Redis is keyed by deployment id
+    config = tmp_path / "turbo.yaml"
+    config.write_text(
+        f"upstreams: [{{name: {name}, base_url: '{upstream.url}/v1', api_key: {SERVER_KEY}}}]\n"
+        "models:\n"
+        f"  - {{name: house-fast, deployments: [{{upstream: {name}, model: gpt-4o-mini}}]}}\n"
+        f"  - {{name: house-smart, deployments: [{{upstream: {name}, model: gpt-4o}}]}}\n"
+    )
+    health.forget()
+    settings.TURBO_CONFIG = str(config)
+    token, _, _ = signup()
+    browser.sign_in(token)
+    browser.open("/")
+    assert picker_models(browser) == ["house-fast", "house-smart"]
+    chat_id = chat_create_with_model(browser, "Through the gateway", "house-smart")
+    assert Chat.objects.get(pk=chat_id).model == "house-smart"
+    message_id = prompt_send(browser, "echo: routed by name")
+    message_status_wait(browser, message_id, "complete")
+    assert browser.text(f"{message_css(message_id)} .reply") == "routed by name"
+    asked = [r.json()["model"] for r in upstream.requests if r.path.endswith("/chat/completions")]
+    assert asked == ["gpt-4o"]  # house-smart's deployment
+    assert browser.console_errors() == []
+
+
+def test_the_favicon_shows_on_every_page_and_at_favicon_ico(browser, signup):
+    browser.open("/login")
+    icon = browser.attribute("link[rel=icon]", "href")
+    assert icon and icon.endswith(".svg"), icon
+    # The browser loads the page's icon as an image (a 404 or a wrong type would not decode).
+    size = browser.driver.execute_async_script(
+        """const done = arguments[arguments.length - 1];
+        const image = new Image();
+        image.onload = () => done([image.naturalWidth, image.naturalHeight]);
+        image.onerror = () => done(null);
+        image.src = document.querySelector("link[rel=icon]").href;"""
+    )
+    assert size and size[0] > 0 and size[1] > 0, size
+    # What browsers ask for by themselves on any page (the admin, Swagger, a JSON answer): the same icon.
+    browser.open("/favicon.ico")
+    assert browser.driver.current_url.endswith(icon), browser.driver.current_url
+    assert browser.driver.execute_script("return document.documentElement.localName") == "svg"
+    token, _, _ = signup()
+    browser.sign_in(token)
+    browser.open("/")
+    assert browser.attribute("link[rel=icon]", "href") == icon

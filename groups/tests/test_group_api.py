@@ -54,7 +54,7 @@ def test_members_add_by_group_id_or_id_in_every_list_format(client, owner, signu
     token, _ = owner
     group = create_group(client, token)
     users = [signup()[1] for _ in range(4)]
-    # repeated form fields, with the seed's group_id
+    # repeated form fields, with the older group_id
     response = client.post(
         "/group/members/add",
         data={"group_id": group["id"], "user_ids": [users[0]["id"], users[1]["id"]]},

@@ -84,7 +84,7 @@ class JSONParser(DrfJSONParser):
 class LenientFormParser(FormParser):
     """A form parser that also takes a JSON object sent with curl's default form content type.
 
-    The seed's own examples (`curl -XPOST /user/logout -d '{"token": "..."}'`) send JSON labelled
+    The API's documented examples (`curl -XPOST /user/logout -d '{"token": "..."}'`) send JSON labelled
     `application/x-www-form-urlencoded`; a body that starts with `{` is therefore read as JSON.
     """
 

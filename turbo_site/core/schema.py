@@ -61,7 +61,7 @@ _EXTRAS: dict[type, dict] = {}
 
 def schema_extra(**extra):
     """Class decorator for a serializer whose rules its fields cannot say: `anyOf` (one of several
-    fields required, e.g. `id` or the seed's `chat_id`), `additionalProperties: False` (unknown keys
+    fields required, e.g. `id` or its older name `chat_id`), `additionalProperties: False` (unknown keys
     refused). Applied to its components, and its subclasses', by `add_schema_extras`."""
 
     def decorate(serializer_class):

@@ -6,7 +6,7 @@ importing the gateway; proxy.gateway.config is its name in the gateway.
 Zero config (no TURBO_CONFIG): one upstream, `default`, from OPENAI_API_URL and OPENAI_API_KEY, serving
 every model name as asked, with no retries and no cooldown (Turbo as it always was).
 
-With `TURBO_CONFIG=path/to/turbo.yaml`, the file declares both (see README, "The model gateway"). Any
+With `TURBO_CONFIG=path/to/turbo.yaml`, the file declares both (see docs/gateway.md). Any
 string value may be `${NAME}` or `${NAME:-default}`, read from the environment. A bad file is refused
 with one `ConfigError` line naming the file, the key and the problem.
 """

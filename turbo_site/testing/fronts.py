@@ -58,7 +58,7 @@ class Ask:
     model: str = "gpt-4o-mini"
     response_format: dict | None = None
     chat_id: uuid.UUID | None = None  # the chat a chat front prompts or reads
-    chat_number: int | None = None  # its number, for seed 002's /api/chat/<number>
+    chat_number: int | None = None  # its number, for the conversation API's /api/chat/<number>
     bad: str | None = None  # a malformed request: "deep", "oversize" or "wrong_type"
     origin: str | None = None
     prompt: str = PROMPT  # "[scenario:NAME] ..." picks the fake upstream's behaviour for this call alone
@@ -461,7 +461,7 @@ async def chat_prompt(ask: Ask) -> Seen:
 
 
 async def chat_sse(ask: Ask) -> Seen:
-    """Seed 002's POST /api/chat/<number>: a refusal as a JSON answer; a failure mid-reply as the SSE
+    """The conversation API's POST /api/chat/<number>: a refusal as a JSON answer; a failure mid-reply as the SSE
     `error` event."""
     fields: dict = {"message": ask.prompt}
     if ask.bad == "oversize":

@@ -271,3 +271,15 @@ def test_make_demo_and_run_with_the_port_taken_say_so_and_stop(tmp_path):
             done = make(target, f"ADDRESS={address}", f"FAKE_PORT={fake_port}", f"ENV_FILE={env_file}")
             assert done.returncode != 0
             assert f"{address} is already in use" in done.stderr
+
+
+def test_a_first_install_says_what_it_is_doing(tmp_path):
+    """A fresh `make install` (a minute or so) prints each step and lets the installers show their progress."""
+    planned = make("-n", "install", f"VENV={tmp_path / 'venv'}")
+    assert planned.returncode == 0, planned.stderr
+    steps = planned.stdout
+    for step in ("== creating the virtualenv", "== installing the installer", "== installing the requirements"):
+        assert step in steps, steps
+    assert "pip install --progress-bar on" in steps
+    (install,) = [line for line in steps.splitlines() if "uv pip install" in line]
+    assert "-q" not in install.split() and "--quiet" not in install  # uv's own progress stays on

@@ -89,7 +89,7 @@ KEY_MODEL_FRONTS = [
 # A chat's prompt: session tokens only.
 PROMPT_FRONTS = [chat_prompt, chat_sse, graphql_prompt, grpc_prompt]
 MODEL_FRONTS = KEY_MODEL_FRONTS + PROMPT_FRONTS
-# A chat's objects: session tokens only. (Seed 002's /api/chat/<number> names a chat by its owner's own
+# A chat's objects: session tokens only. (The conversation API's /api/chat/<number> names a chat by its owner's own
 # number: another user's chat cannot even be named there, so it is not a chat-object front.)
 CHAT_FRONTS = [chat_read, chat_stream_sse, chat_socket, graphql_chat, graphql_chat_events, grpc_events]
 CHAT_FRONTS += [chat_prompt, graphql_prompt, grpc_prompt]

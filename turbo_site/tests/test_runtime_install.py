@@ -3,6 +3,7 @@ virtualenv of the runtime requirements only (no test tools), uvicorn from it as 
 and a real client opening /ws and a GraphQL subscription through it."""
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -34,6 +35,29 @@ def runtime_python(tmp_path_factory) -> Path:
     )
     assert installed.returncode == 0, installed.stderr
     return python
+
+
+def pins() -> dict[str, str]:
+    """name -> version of every requirement line, runtime and dev."""
+    found = {}
+    for name in ("requirements.txt", "requirements-dev.txt"):
+        for line in (PROJECT_ROOT / name).read_text().splitlines():
+            line = line.split("#")[0].strip()
+            if line and not line.startswith("-r "):
+                pinned = re.fullmatch(r"([A-Za-z0-9_.-]+)(?:\[[\w,]+\])?==([\w.]+)", line)
+                assert pinned, f"{name}: {line!r} is not pinned to one version"
+                found[pinned[1].lower()] = pinned[2]
+    return found
+
+
+def test_every_requirement_is_pinned_and_related_pins_agree():
+    found = pins()
+    for family in ("grpcio", "opentelemetry-"):  # released together: one version for the whole family
+        versions = {name: version for name, version in found.items() if name.startswith(family)}
+        assert len(versions) >= 3 and len(set(versions.values())) == 1, versions
+    runtime = (PROJECT_ROOT / "requirements.txt").read_text()
+    for test_tool in ("pytest", "httpx", "openai", "selenium", "schemathesis", "ruff", "mkdocs"):
+        assert not re.search(rf"^{test_tool}[=\[]", runtime, re.MULTILINE), f"{test_tool} is not a runtime need"
 
 
 def test_runtime_requirements_hold_no_test_tools(runtime_python):

@@ -40,6 +40,27 @@ def test_schema_covers_every_endpoint(client):
     assert "200" in signup["responses"] and "409" in signup["responses"]
 
 
+HISTORY = re.compile(r"(?i)\bseed \d|\bthe seed\b|\bseed's\b|turbo-chat")
+
+
+def prose_of(value, key: str = "") -> list[str]:
+    """Every summary, description and title in a schema document."""
+    if isinstance(value, dict):
+        return [text for name, inner in value.items() for text in prose_of(inner, name)]
+    if isinstance(value, list):
+        return [text for inner in value for text in prose_of(inner, key)]
+    return [value] if key in ("summary", "description", "title") and isinstance(value, str) else []
+
+
+def test_the_schema_speaks_a_readers_words_not_the_projects_history(client):
+    """Summaries and descriptions say what an endpoint does, not which early spec of the project it came from
+    (`seed`, OpenAI's sampling setting, is a word of the API itself and may appear)."""
+    schema = client.get("/api/schema/", headers={"Accept": "application/json"}).json()
+    prose = prose_of(schema)
+    assert len(prose) > 50  # the walk found the schema's prose
+    assert not [text for text in prose if HISTORY.search(text)]
+
+
 def test_swagger_ui_is_served(client):
     response = client.get("/api/docs/")
     assert response.status_code == 200

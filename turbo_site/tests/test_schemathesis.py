@@ -61,7 +61,7 @@ stateful.enabled = false  # the schema has no links between operations
 enabled = true
 """
 
-# Well-formed requests a rule no schema can state refuses: seed 002's contract answers a taken username
+# Well-formed requests a rule no schema can state refuses: the conversation API's contract answers a taken username
 # 400 (not 409), an API key's `expires_at` must be in the future, /usage's `since` before its `until`;
 # and /ws over plain HTTP is a 426 (schemathesis speaks no WebSocket: the WebSocket tests cover it).
 REFUSED_WELL_FORMED = """
