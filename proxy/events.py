@@ -26,7 +26,7 @@ from django.conf import settings
 from django.db import close_old_connections, connection, transaction
 from django.utils import timezone
 
-from proxy.gateway.routing import text_redact
+from proxy.config import text_redact
 from proxy.models import Event
 from proxy.owners import objects_flush, objects_pending
 from proxy.usage.records import usage_discard, usage_flush, usage_pending

@@ -31,7 +31,7 @@ import redis
 from channels.db import database_sync_to_async
 from django.conf import settings
 
-from proxy.gateway.errors import GatewayError
+from proxy.errors import GatewayError
 from proxy.usage.caller import Caller
 from proxy.usage.tokens import estimate_prompt_tokens
 from turbo_site.core import metrics
