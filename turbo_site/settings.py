@@ -401,8 +401,6 @@ EVENT_CAPTURE_BODIES = env_bool("EVENT_CAPTURE_BODIES")
 EVENT_BODY_MAX_BYTES = env_int("EVENT_BODY_MAX_BYTES", 4096)
 EVENT_RETENTION_DAYS = env_int("EVENT_RETENTION_DAYS", 90)
 EVENT_FLUSH_MS = env_int("EVENT_FLUSH_MS", 500)
-# Events recorded within this many ms are published on the `events` topic together.
-EVENT_PUBLISH_MS = env_int("EVENT_PUBLISH_MS", 20)
 EVENT_BATCH_SIZE = env_int("EVENT_BATCH_SIZE", 500)
 EVENT_QUEUE_MAX = env_int("EVENT_QUEUE_MAX", 100_000)
 
