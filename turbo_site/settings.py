@@ -9,7 +9,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from turbo_site.core.redis_retry import bounded_cache_options
+from turbo_site.core.redis_retry import bounded_cache_options, channel_layer_hosts
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -209,9 +209,8 @@ if REDIS_ADDRESS:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            # redis-py 8 times idle sockets out after a few seconds; subscribers wait indefinitely.
             "CONFIG": {
-                "hosts": [{"address": REDIS_ADDRESS, "socket_timeout": None}],
+                "hosts": channel_layer_hosts(REDIS_ADDRESS),
                 "prefix": "turbo",
             },
         }
