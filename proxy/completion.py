@@ -35,8 +35,8 @@ from typing import Any
 from django.conf import settings
 
 from proxy import gateway, structured, tools
+from proxy.errors import Attempt
 from proxy.gateway import Completion, GatewayError
-from proxy.gateway.errors import Attempt
 from proxy.requests import chat_request_read
 from proxy.usage.caller import Caller
 from turbo_site.core import tracing

@@ -1,12 +1,10 @@
 """The request and event log.
 
-`event_record()` costs no database write: it queues the event and schedules its publication on the
-pub/sub topic `events`, where the events of each EVENT_PUBLISH_MS go out together in one message
-(one Redis round trip however busy the server is). A writer thread saves queued events in batches,
-at most every EVENT_FLUSH_MS; what is still queued at a clean exit is saved then.
+`event_record()` costs no database write: it queues the event, and a writer thread saves queued events
+in batches, at most every EVENT_FLUSH_MS; what is still queued at a clean exit is saved then. The log is
+read in the admin (and pruned by `manage.py events prune`); it is not published anywhere.
 """
 
-import asyncio
 import atexit
 import ipaddress
 import json
@@ -16,7 +14,6 @@ import re
 import threading
 import time
 import uuid
-import weakref
 from collections import deque
 from datetime import timedelta
 from typing import Any
@@ -26,7 +23,7 @@ from django.conf import settings
 from django.db import close_old_connections, connection, transaction
 from django.utils import timezone
 
-from proxy.gateway.routing import text_redact
+from proxy.config import text_redact
 from proxy.models import Event
 from proxy.owners import objects_flush, objects_pending
 from proxy.usage.records import usage_discard, usage_flush, usage_pending
@@ -34,13 +31,10 @@ from turbo_site.core import metrics
 from turbo_site.core.batches import batch_write
 from turbo_site.core.http import REDACTED, SECRET_NAME, redact_query
 from turbo_site.core.parsers import client_json_loads
-from turbo_site.core.pubsub import apublish_many, publish
 from turbo_site.core.text import storable
 from turbo_site.core.tracing import trace_id_current
 
 logger = logging.getLogger("turbo.events")
-
-TOPIC = "events"
 
 _queue: deque[dict[str, Any]] = deque()
 _wake = threading.Event()
@@ -52,9 +46,6 @@ _stopped = False
 _last_prune = 0.0
 # Events dropped because the database refused them (bad values), since the process started; /health shows it.
 events_dropped = 0
-_pending_publishes: set[asyncio.Task] = set()
-# Events waiting to be published, per event loop (a loop's batch goes out from that loop).
-_outboxes: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[dict[str, Any]]]" = weakref.WeakKeyDictionary()
 
 
 # --- body capture -------------------------------------------------------------------------------
@@ -102,15 +93,6 @@ def capture_body(raw: bytes, content_type: str = "") -> str:
 # --- recording ----------------------------------------------------------------------------------
 
 
-def _payload(event: dict[str, Any]) -> dict[str, Any]:
-    """What subscribers of `events` see: no bodies."""
-    shown = {k: v for k, v in event.items() if k not in ("request_body", "response_body")}
-    shown["id"] = str(shown["id"])
-    shown["user_id"] = str(shown["user_id"]) if shown.get("user_id") else None
-    shown["created_at"] = shown["created_at"].isoformat()
-    return shown
-
-
 def _count(value: Any, limit: int) -> int | None:
     """A non-negative integer the column can hold, or nothing."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
@@ -143,7 +125,7 @@ def event_record(
     response_body: str = "",
     attempts: tuple = (),
 ) -> dict[str, Any]:
-    """Queue one event for the log and publish it on `events`. Never touches the database.
+    """Queue one event for the log. Never touches the database.
 
     Every field is cleaned here, whatever the client sent, so that one request cannot hold up the log.
     """
@@ -180,41 +162,7 @@ def event_record(
     _ensure_writer()
     if len(_queue) >= settings.EVENT_BATCH_SIZE:
         _wake.set()
-    _publish_soon(_payload(event))
     return event
-
-
-def _publish_soon(payload: dict[str, Any]) -> None:
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        loop = None
-    if loop is None:
-        try:
-            publish(TOPIC, payload)
-        except Exception:  # the log must never break the request it records
-            logger.exception("could not publish an event")
-        return
-    outbox = _outboxes.get(loop)
-    if outbox is None:
-        outbox = _outboxes[loop] = []
-        loop.call_later(settings.EVENT_PUBLISH_MS / 1000, _publish_outbox, loop)
-    outbox.append(payload)
-
-
-def _publish_outbox(loop: asyncio.AbstractEventLoop) -> None:
-    outbox = _outboxes.pop(loop, None)
-    if outbox:
-        task = loop.create_task(_publish_quietly(outbox))
-        _pending_publishes.add(task)
-        task.add_done_callback(_pending_publishes.discard)
-
-
-async def _publish_quietly(payloads: list[dict[str, Any]]) -> None:
-    try:
-        await apublish_many(TOPIC, payloads)
-    except Exception:
-        logger.exception("could not publish %d events", len(payloads))
 
 
 # --- writing ------------------------------------------------------------------------------------

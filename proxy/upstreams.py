@@ -19,9 +19,9 @@ from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.utils import timezone
 
+from proxy.config import GatewayConfig, Upstream, text_redact
 from proxy.gateway import client, health
-from proxy.gateway.config import GatewayConfig, Upstream
-from proxy.gateway.routing import gateway_config, models_list, text_redact
+from proxy.gateway.routing import gateway_config, models_list
 from proxy.usage.pricing import price_known
 
 MODELS_MAX_BYTES = 16 * 1024 * 1024  # a /models answer larger than this is not parsed

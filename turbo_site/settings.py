@@ -9,7 +9,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from turbo_site.core.redis_retry import bounded_cache_options
+from turbo_site.core.redis_retry import bounded_cache_options, channel_layer_hosts
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -209,9 +209,8 @@ if REDIS_ADDRESS:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            # redis-py 8 times idle sockets out after a few seconds; subscribers wait indefinitely.
             "CONFIG": {
-                "hosts": [{"address": REDIS_ADDRESS, "socket_timeout": None}],
+                "hosts": channel_layer_hosts(REDIS_ADDRESS),
                 "prefix": "turbo",
             },
         }
@@ -401,8 +400,6 @@ EVENT_CAPTURE_BODIES = env_bool("EVENT_CAPTURE_BODIES")
 EVENT_BODY_MAX_BYTES = env_int("EVENT_BODY_MAX_BYTES", 4096)
 EVENT_RETENTION_DAYS = env_int("EVENT_RETENTION_DAYS", 90)
 EVENT_FLUSH_MS = env_int("EVENT_FLUSH_MS", 500)
-# Events recorded within this many ms are published on the `events` topic together.
-EVENT_PUBLISH_MS = env_int("EVENT_PUBLISH_MS", 20)
 EVENT_BATCH_SIZE = env_int("EVENT_BATCH_SIZE", 500)
 EVENT_QUEUE_MAX = env_int("EVENT_QUEUE_MAX", 100_000)
 

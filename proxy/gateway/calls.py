@@ -28,9 +28,9 @@ from typing import Any
 
 from django.conf import settings
 
+from proxy.errors import Attempt, GatewayError
 from proxy.gateway import client, windows
 from proxy.gateway.dispatch import ERROR_BODY_MAX_BYTES, Answer, Call, error_object, send
-from proxy.gateway.errors import Attempt, GatewayError
 from proxy.usage.caller import Caller
 from proxy.usage.limits import limits_settle
 from proxy.usage.records import Estimate, Usage, usage_from, usage_record

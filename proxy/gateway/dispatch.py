@@ -24,9 +24,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from decimal import Decimal
 
+from proxy.config import Deployment, Model
+from proxy.errors import Attempt, GatewayError
 from proxy.gateway import client, health, windows
-from proxy.gateway.config import Deployment, Model
-from proxy.gateway.errors import Attempt, GatewayError
 from proxy.gateway.routing import attempt_order, body_for, gateway_config, models_for
 from proxy.usage.budgets import Reservation, call_cost_ceiling
 from proxy.usage.caller import Caller

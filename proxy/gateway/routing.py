@@ -13,10 +13,9 @@ import math
 import random
 from typing import Any
 
+from proxy.config import ConfigError, Deployment, GatewayConfig, Model, config_in_force
+from proxy.errors import GatewayError
 from proxy.gateway import health
-from proxy.gateway.config import ConfigError, Deployment, GatewayConfig, Model
-from proxy.gateway.current import config_in_force, secrets_known, text_redact  # noqa: F401 (their names here too)
-from proxy.gateway.errors import GatewayError
 from proxy.gateway.instructions import json_schema_of
 from proxy.gateway.instructions import schema_as_instructions as schema_as_instructions_of
 from proxy.usage.ratelimits import deployment_is_full

@@ -18,9 +18,9 @@ from typing import Any
 
 from django.conf import settings
 
+from proxy.config import Deployment
+from proxy.errors import GatewayError
 from proxy.gateway import client, health
-from proxy.gateway.config import Deployment
-from proxy.gateway.errors import GatewayError
 from proxy.gateway.routing import gateway_config
 from proxy.usage.tokens import count_messages, count_text
 

@@ -4,7 +4,7 @@ import textwrap
 
 import pytest
 
-from proxy.gateway.config import ConfigError, load
+from proxy.config import ConfigError, load
 
 GOOD = """
 upstreams:

@@ -14,7 +14,7 @@ from django.db import connection
 from websockets.sync.client import connect
 
 # The fault tests' server processes.
-from proxy.gateway.config import ConfigError, load
+from proxy.config import ConfigError, load
 from proxy.models import RateLimit
 from proxy.tests.test_gateway import configure, fakes  # noqa: F401 (fixtures: three fake upstreams, TURBO_CONFIG)
 from proxy.usage.ratelimits import duration_text, ratelimits_forget

@@ -17,9 +17,9 @@ from websockets.sync.client import connect
 
 from accounts.services import user_create
 from proxy import ai, gateway
+from proxy.config import load
 from proxy.events import events_flush
 from proxy.gateway import ConfigError, UsageReader
-from proxy.gateway.config import load
 from proxy.models import UsageRollup
 from proxy.usage.caller import Caller
 from proxy.usage.passthrough import UsageStripper, usage_asked_for

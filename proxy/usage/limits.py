@@ -15,7 +15,7 @@ from decimal import Decimal
 
 from django.conf import settings
 
-from proxy.gateway.errors import GatewayError
+from proxy.errors import GatewayError
 from proxy.usage import budgets, ratelimits
 from proxy.usage.budgets import BudgetExceeded, Reservation
 from proxy.usage.caller import Caller

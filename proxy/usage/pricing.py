@@ -13,6 +13,8 @@ from decimal import Decimal
 
 from django.conf import settings
 
+from proxy.config import ConfigError, config_in_force
+
 PER_TOKENS = Decimal(1_000_000)
 _DATED = re.compile(r"-\d{4}-\d{2}-\d{2}$")
 
@@ -117,9 +119,6 @@ def _decimal(value: float | int | None) -> Decimal | None:
 
 
 def _configured(name: str) -> Price | None:
-    from proxy.gateway.config import ConfigError
-    from proxy.gateway.current import config_in_force
-
     try:
         models = config_in_force().models
     except ConfigError:  # a broken file under a running server: the shipped prices still count

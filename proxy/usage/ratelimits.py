@@ -31,12 +31,13 @@ import redis
 from channels.db import database_sync_to_async
 from django.conf import settings
 
-from proxy.gateway.errors import GatewayError
+from proxy.errors import GatewayError
 from proxy.usage.caller import Caller
 from proxy.usage.tokens import estimate_prompt_tokens
 from turbo_site.core import metrics
 from turbo_site.core.acache import redis_client
-from turbo_site.core.fastredis import fast_redis, script_sha
+from turbo_site.core.fastredis import script_sha
+from turbo_site.core.redis_retry import fast_redis
 from turbo_site.core.singleflight import load_once
 
 logger = logging.getLogger("turbo.ratelimits")

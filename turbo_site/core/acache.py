@@ -23,7 +23,6 @@ from django.core.cache.backends.locmem import LocMemCache
 from django.core.cache.backends.redis import RedisCache
 
 from turbo_site.core import redis_retry
-from turbo_site.core.fastredis import fast_redis
 
 REDIS_SECONDS = 10  # as the clients' socket timeouts
 SHARED_MAX = 4096  # keys whose last (bytes, value) are kept for `shared` reads; beyond it, start again
@@ -74,7 +73,7 @@ async def acache_get(key: str, default: Any = None, *, shared: bool = False) -> 
         return default if raw is None else _loads(cache, made, raw, shared)
     if isinstance(cache, RedisCache) and len(cache._servers) == 1:
         location = cache._servers[0]
-        fast = fast_redis(location)
+        fast = redis_retry.fast_redis(location)
         if fast is not None:
             try:
                 async with asyncio.timeout(REDIS_SECONDS):

@@ -12,7 +12,10 @@ redis-py. Commands are pipelined: replies come back in the order sent, each to i
 waiter that gave up (timed out, cancelled) leaves the connection in step. Errors are redis-py's
 exception classes, so callers handle both clients alike: a lost connection fails its waiters with
 ConnectionError, and a command whose connection was lost is sent once more on a new one (as the
-redis-py clients here do, turbo_site.core.redis_retry).
+redis-py clients here do).
+
+The clients are made where every Redis client is made: turbo_site.core.redis_retry (`fast_redis`, the
+loop's shared one; `redis_own_connection`, one of a blocking reader's own).
 """
 
 import asyncio
@@ -22,8 +25,6 @@ from collections import deque
 from urllib.parse import unquote, urlsplit
 
 import redis.exceptions
-
-from turbo_site.core.loops import loop_client
 
 CONNECT_SECONDS = 10.0
 CLOSE_WAIT_SECONDS = 1.0  # at shutdown, for replies still on their way
@@ -264,7 +265,9 @@ class FastRedis:
 
 
 @functools.lru_cache(maxsize=16)
-def _address(location: str) -> tuple | None:
+def fast_address(location: str) -> tuple | None:
+    """(host, port, db, username, password) of a `redis://` address, FastRedis's arguments; None for an
+    address it does not speak (`rediss://`, `unix://`: redis-py serves those)."""
     parts = urlsplit(location)
     if parts.scheme != "redis" or not parts.hostname:
         return None
@@ -277,18 +280,3 @@ def _address(location: str) -> tuple | None:
     username = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password is not None else None
     return parts.hostname, port, db, username, password
-
-
-def fast_redis(location: str) -> FastRedis | None:
-    """The running loop's FastRedis for `location`; None for an address it does not speak (use redis-py)."""
-    address = _address(location)
-    if address is None:
-        return None
-    return loop_client("fast-redis", location, lambda: FastRedis(*address), lambda client: client.closed)
-
-
-def fast_redis_own(location: str) -> FastRedis | None:
-    """A FastRedis with a connection of its own, not the loop's shared one (a blocking read must not hold
-    up the commands pipelined behind it); None for an address it does not speak."""
-    address = _address(location)
-    return None if address is None else FastRedis(*address)

@@ -1,18 +1,16 @@
 """Topic pub/sub over the Channels layer: in-process by default, across processes with Redis.
 
-    async with subscribe("events") as events:
-        await apublish("events", {"type": "login", "user": "..."})
-        async for data in events:
+    async with subscribe("logins") as logins:
+        await apublish("logins", {"type": "login", "user": "..."})
+        async for data in logins:
             ...
 
 A topic is a Channels group; a subscriber is a fresh channel in it. Delivery is at most once: a
 message published while nobody listens is gone, and a subscriber that falls too far behind loses
-messages rather than slowing the publisher down. `apublish_many` sends several messages as one
-Channels message (one Redis round trip); subscribers still receive them one by one, in order.
+messages rather than slowing the publisher down.
 """
 
 import re
-from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -38,14 +36,6 @@ async def apublish(topic: str, data: Any) -> None:
     await layer.group_send(topic_group(topic), {"type": MESSAGE_TYPE, "topic": topic, "data": data})
 
 
-async def apublish_many(topic: str, items: list[Any]) -> None:
-    """Send each of `items` to every current subscriber of `topic`, in order, as one layer message."""
-    layer = get_channel_layer()
-    if layer is None or not items:
-        return
-    await layer.group_send(topic_group(topic), {"type": MESSAGE_TYPE, "topic": topic, "items": items})
-
-
 def publish(topic: str, data: Any) -> None:
     """apublish for sync code (inside a request it runs on the server's event loop)."""
     async_to_sync(apublish)(topic, data)
@@ -59,7 +49,6 @@ class Subscription:
         self.group = topic_group(topic)
         self.layer = get_channel_layer()
         self.channel: str | None = None
-        self._pending: deque[Any] = deque()
 
     async def start(self) -> "Subscription":
         if self.channel is None:
@@ -85,15 +74,10 @@ class Subscription:
 
     async def __anext__(self) -> Any:
         await self.start()
-        while not self._pending:
+        while True:
             message = await self.layer.receive(self.channel)
-            if message.get("type") != MESSAGE_TYPE:
-                continue
-            if "items" in message:
-                self._pending.extend(message["items"])
-            else:
+            if message.get("type") == MESSAGE_TYPE:
                 return message["data"]
-        return self._pending.popleft()
 
 
 def subscribe(topic: str) -> Subscription:

@@ -1,4 +1,13 @@
-"""Redis clients of bounded size that survive a Redis restart; `redis_client` is the one way code gets one.
+"""Every Redis client Turbo makes is made here: of bounded size, surviving a Redis restart.
+
+- `redis_client(url, purpose=...)`: the running loop's asyncio client for a purpose (cache, gateway,
+  streams), over a pool of at most REDIS_POOL_SIZE connections;
+- `bounded_sync_client`: the same for sync code (the live streams' appends from threads);
+- `fast_redis`: the loop's one pipelined connection of the hot path (turbo_site.core.fastredis), for
+  `redis://` addresses;
+- `redis_own_connection`: a connection of its own, for a blocking read (the live-stream reader's XREAD);
+- `bounded_cache_options`: Django's Redis cache (settings.py), one bounded pool per process;
+- `channel_layer_hosts`: the Channels layer's (channels_redis builds its connections from it).
 
 Bounded: a client's pool holds at most REDIS_POOL_SIZE connections; a caller beyond that waits for
 one to come free (up to POOL_WAIT_SECONDS) instead of failing with "Too many connections", so a
@@ -19,6 +28,7 @@ import redis.retry
 from django.conf import settings
 from redis.backoff import NoBackoff
 
+from turbo_site.core.fastredis import FastRedis, fast_address
 from turbo_site.core.loops import loop_client
 
 # How long a caller waits for a pooled connection. Generous: under a burst a busy process holds its
@@ -99,3 +109,34 @@ def bounded_cache_options(pool_size: int) -> dict:
         "timeout": POOL_WAIT_SECONDS,
         **sync_retry_options(),
     }
+
+
+def channel_layer_hosts(address: str) -> list[dict]:
+    """`hosts` of the Channels layer (read by settings.py). No socket timeout: redis-py 8 would time idle
+    sockets out after a few seconds, and a subscriber waits on its socket indefinitely."""
+    return [{"address": address, "socket_timeout": None}]
+
+
+def fast_redis(location: str) -> FastRedis | None:
+    """The running loop's FastRedis for `location`; None for an address it does not speak (use redis-py)."""
+    address = fast_address(location)
+    if address is None:
+        return None
+    return loop_client("fast-redis", location, lambda: FastRedis(*address), lambda client: client.closed)
+
+
+def redis_own_connection(
+    url: str, *, socket_timeout: float, socket_connect_timeout: float
+) -> FastRedis | redis.asyncio.Redis:
+    """A client with a connection of its own, shared with nobody (a blocking read must not hold up the
+    commands behind it): FastRedis for a `redis://` address (its reads are bounded by the caller), else
+    redis-py's single-connection client. No retry: its one reader reconnects on a failure itself."""
+    address = fast_address(url)
+    if address is not None:
+        return FastRedis(*address)
+    return redis.asyncio.Redis.from_url(
+        url,
+        single_connection_client=True,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=socket_connect_timeout,
+    )

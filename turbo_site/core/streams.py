@@ -38,9 +38,8 @@ import redis.asyncio
 from django.conf import settings
 
 from turbo_site.core import metrics
-from turbo_site.core.fastredis import FastRedis, bulk, fast_redis, fast_redis_own
-from turbo_site.core.loops import loop_client
-from turbo_site.core.redis_retry import bounded_async_client, bounded_sync_client
+from turbo_site.core.fastredis import FastRedis, bulk
+from turbo_site.core.redis_retry import bounded_sync_client, fast_redis, redis_client, redis_own_connection
 
 logger = logging.getLogger("turbo.streams")
 
@@ -207,12 +206,7 @@ class RedisBackend:
 
     # writes and reads
     def _client(self) -> redis.asyncio.Redis:
-        return loop_client(
-            "streams-redis",
-            self.url,
-            lambda: bounded_async_client(self.url, socket_timeout=5, socket_connect_timeout=3),
-            lambda client: False,
-        )
+        return redis_client(self.url, purpose="streams", socket_timeout=5, socket_connect_timeout=3)
 
     def _sync(self) -> redis.Redis:
         if self._sync_client is None or self._sync_pid != os.getpid():
@@ -370,19 +364,14 @@ class _RedisReader:
             await asyncio.sleep(0.002)
 
     async def _connect(self) -> None:
-        fast = fast_redis_own(self.backend.url)
-        if fast is not None:
-            self.connection = fast
-            async with asyncio.timeout(self.BLOCK_MS / 1000 + 5):
-                self.connection_id = await fast.send_once(b"*2\r\n$6\r\nCLIENT\r\n$2\r\nID\r\n")
-            return
-        self.connection = redis.asyncio.Redis.from_url(
-            self.backend.url,
-            single_connection_client=True,
-            socket_timeout=self.BLOCK_MS / 1000 + 5,
-            socket_connect_timeout=3,
+        self.connection = redis_own_connection(
+            self.backend.url, socket_timeout=self.BLOCK_MS / 1000 + 5, socket_connect_timeout=3
         )
-        self.connection_id = await self.connection.client_id()
+        if not isinstance(self.connection, FastRedis):
+            self.connection_id = await self.connection.client_id()
+            return
+        async with asyncio.timeout(self.BLOCK_MS / 1000 + 5):
+            self.connection_id = await self.connection.send_once(b"*2\r\n$6\r\nCLIENT\r\n$2\r\nID\r\n")
 
     async def _run(self) -> None:
         failed_once = False  # the last read failed, and has not succeeded since

@@ -1,7 +1,7 @@
 """What the gateway knows: upstreams, and the public model names it serves with their deployments.
 
 Here, below every app (it imports none), so that settings.py checks TURBO_CONFIG at start without
-importing the gateway; proxy.gateway.config is its name in the gateway.
+importing proxy; proxy.config is its name in the model path.
 
 Zero config (no TURBO_CONFIG): one upstream, `default`, from OPENAI_API_URL and OPENAI_API_KEY, serving
 every model name as asked, with no retries and no cooldown (Turbo as it always was).

@@ -1,5 +1,8 @@
 """A fake OpenAI-compatible upstream, served by uvicorn on a real loopback socket, for tests.
 
+Its answers are built from the product's own stand-in, proxy.fakellm (what `manage.py fakellm` serves):
+the same models, chat completions, streams and embeddings, with what tests need around them here.
+
     fake = FakeUpstream().start()
     client = openai.OpenAI(base_url=fake.url + "/v1", api_key="sk-test")
     ...
@@ -44,15 +47,12 @@ last item from then on. The ``sequence:`` message need not be the last one, so a
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
-import hashlib
 import json
 import logging
 import re
 import secrets
 import socket
-import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -64,15 +64,29 @@ from typing import Any
 
 import uvicorn
 
-__all__ = ["DEFAULT_REPLY", "MODELS", "SCENARIOS", "FakeUpstream", "RecordedRequest"]
+from proxy.fakellm import (
+    DEFAULT_REPLY,
+    MODELS,
+    BadRequest,
+    ChatRequest,
+    Completion,
+    embeddings,
+    error_object,
+    fake_embedding,
+    json_object,
+    message_text,
+    models_list,
+    sse_events,
+    word_count,
+)
+
+__all__ = ["DEFAULT_REPLY", "MODELS", "SCENARIOS", "FakeUpstream", "RecordedRequest", "fake_embedding"]
 
 ASGIMessage = dict[str, Any]
 Receive = Callable[[], Awaitable[ASGIMessage]]
 Send = Callable[[ASGIMessage], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
 
-DEFAULT_REPLY = "Hello from fake upstream"
-MODELS = ("gpt-4o-mini", "gpt-4o")
 DEFAULT_TOOL = "calculator"
 DEFAULT_TOOL_ARGS = '{"expression": "2+2"}'
 
@@ -296,7 +310,7 @@ class FakeUpstream:
             if options.scenario == "close_after_answer" and request.connection:
                 self._doomed.add(tuple(request.connection))
             reply = self._reply(request, options)
-        except _BadRequest as exc:
+        except BadRequest as exc:
             options, reply = _Options.plain(), _error(400, str(exc), "invalid_request_error", exc.code)
         await self._deliver(reply, options, writer)
 
@@ -386,7 +400,7 @@ class FakeUpstream:
     # --- routes ---------------------------------------------------------------------------------------------------
 
     def _models(self, request: RecordedRequest, options: _Options) -> _Reply:
-        data = [{"id": model, "object": "model", "created": 0, "owned_by": "fake"} for model in MODELS]
+        data = models_list()
         for entry in data:
             if self.max_model_len is not None:
                 entry["max_model_len"] = self.max_model_len
@@ -396,33 +410,32 @@ class FakeUpstream:
 
     def _chat_completions(self, request: RecordedRequest, options: _Options) -> _Reply:
         payload = _json_object(request)
-        messages = payload.get("messages")
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            raise _BadRequest("'messages' must be a non-empty list of objects", "invalid_messages")
-        model = str(payload.get("model") or MODELS[0])
-        stream = payload.get("stream") is True
-        stream_options = payload.get("stream_options")
-        include_usage = stream and isinstance(stream_options, dict) and stream_options.get("include_usage") is True
-        prompt_tokens = sum(_word_count(_text(message.get("content"))) for message in messages)
+        asked = ChatRequest.read(payload)
+        messages, model, stream, include_usage = asked.messages, asked.model, asked.stream, asked.include_usage
         tool_results = [message for message in messages if message.get("role") == "tool"]
-        completion = _Completion(model=model, prompt_tokens=prompt_tokens, usage_style=options.scenario or "")
+        completion = _Completion(model=model, prompt_tokens=asked.prompt_tokens, usage_style=options.scenario or "")
 
         if options.scenario == "tool_call" and not tool_results:
             if stream:
-                return completion.tool_call_stream(options.tool, options.tool_args, include_usage)
-            return completion.tool_call(options.tool, options.tool_args)
+                return _Reply(
+                    events=sse_events(completion.tool_call_stream(options.tool, options.tool_args, include_usage))
+                )
+            return _Reply(payload=completion.tool_call(options.tool, options.tool_args))
 
         last = messages[-1]
         if last.get("role") == "tool" or (options.scenario == "tool_call" and tool_results):
-            reply = "Tool said: " + _text(tool_results[-1].get("content"))
+            reply = "Tool said: " + message_text(tool_results[-1].get("content"))
         elif (sequenced := _sequence_reply(messages)) is not None:
             reply = sequenced
-        elif (content := _MARKER.sub("", _text(last.get("content")), count=1)).startswith("echo:"):
+        elif (content := _MARKER.sub("", message_text(last.get("content")), count=1)).startswith("echo:"):
             # "[nul]" stands for U+0000, which models do send and a prompt cannot carry (Turbo refuses it).
             reply = content.removeprefix("echo:").strip().replace("[nul]", "\x00")
         else:
             reply = DEFAULT_REPLY
-        answer = completion.text_stream(reply, include_usage) if stream else completion.text(reply)
+        if stream:
+            answer = _Reply(events=sse_events(completion.text_stream(reply, include_usage)))
+        else:
+            answer = _Reply(payload=completion.text(reply))
         if payload.get("store") is True:
             stored = {"id": completion.id, "object": "chat.completion", "model": model, "metadata": {}}
             self.stored[completion.id] = {"object": stored, "messages": messages}
@@ -431,9 +444,9 @@ class FakeUpstream:
     def _responses(self, request: RecordedRequest, options: _Options) -> _Reply:
         payload = _json_object(request)
         given = payload.get("input")
-        text = given if isinstance(given, str) else " ".join(_text(item.get("content")) for item in given or [])
+        text = given if isinstance(given, str) else " ".join(message_text(item.get("content")) for item in given or [])
         reply = text.removeprefix("echo:").strip() if text.startswith("echo:") else DEFAULT_REPLY
-        words = _word_count(text), _word_count(reply)
+        words = word_count(text), word_count(reply)
         response = {
             "id": "resp_" + secrets.token_hex(12),
             "object": "response",
@@ -488,25 +501,7 @@ class FakeUpstream:
         return None
 
     def _embeddings(self, request: RecordedRequest, options: _Options) -> _Reply:
-        payload = _json_object(request)
-        inputs = payload.get("input")
-        if isinstance(inputs, str):
-            inputs = [inputs]
-        if not isinstance(inputs, list) or not inputs or not all(isinstance(item, str) for item in inputs):
-            raise _BadRequest("'input' must be a string or a non-empty list of strings", "invalid_input")
-        encoding = payload.get("encoding_format", "float")
-        if encoding not in ("float", "base64"):
-            raise _BadRequest("'encoding_format' must be 'float' or 'base64'", "invalid_encoding_format")
-        data = []
-        for index, text in enumerate(inputs):
-            vector = fake_embedding(text)
-            encoded = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
-            embedding = vector if encoding == "float" else encoded
-            data.append({"object": "embedding", "index": index, "embedding": embedding})
-        tokens = sum(_word_count(text) for text in inputs)
-        model = str(payload.get("model") or "text-embedding-3-small")
-        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
-        return _Reply(payload={"object": "list", "data": data, "model": model, "usage": usage})
+        return _Reply(payload=embeddings(_json_object(request)))
 
     def _images(self, request: RecordedRequest, options: _Options) -> _Reply:
         count = _json_object(request).get("n") or 1
@@ -521,7 +516,7 @@ class FakeUpstream:
         parts = _parse_multipart(request.body, request.headers.get("content-type", ""))
         upload = next((part for part in parts if part.name == "file"), None)
         if upload is None:
-            raise _BadRequest("a 'file' upload is required", "invalid_upload")
+            raise BadRequest("a 'file' upload is required", "invalid_upload")
         seconds = max(1, len(upload.content) // 1000)
         return _Reply(payload={"text": DEFAULT_REPLY, "usage": {"type": "duration", "seconds": seconds}})
 
@@ -534,7 +529,7 @@ class FakeUpstream:
         upload = next((part for part in parts if part.name == "file" and part.filename is not None), None)
         purpose = next((part.content.decode() for part in parts if part.name == "purpose"), None)
         if upload is None or purpose is None:
-            raise _BadRequest("a 'file' upload and a 'purpose' field are required", "invalid_upload")
+            raise BadRequest("a 'file' upload and a 'purpose' field are required", "invalid_upload")
         payload = {
             "id": "file-" + secrets.token_hex(12),
             "object": "file",
@@ -547,22 +542,11 @@ class FakeUpstream:
         return _Reply(payload=payload)
 
 
-def fake_embedding(text: str) -> list[float]:
-    """Eight floats in [-1, 1) derived from ``text``; exact in float32, so base64 round-trips are lossless."""
-    return [(byte - 128) / 128 for byte in hashlib.sha256(text.encode()).digest()[:8]]
-
-
 # --- internals ------------------------------------------------------------------------------------------------------
 
 
 class _DropConnection(Exception):
     """Raised out of the app so uvicorn closes the connection without finishing the response."""
-
-
-class _BadRequest(Exception):
-    def __init__(self, message: str, code: str = "invalid_request") -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class _QuietDrops(logging.Filter):
@@ -619,7 +603,7 @@ def _sequence_reply(messages: list[dict]) -> str | None:
         message = messages[position]
         if message.get("role") != "user":
             continue
-        text = _MARKER.sub("", _text(message.get("content")), count=1)
+        text = _MARKER.sub("", message_text(message.get("content")), count=1)
         if text.startswith(SEQUENCE_PREFIX):
             items = [item.strip() for item in text.removeprefix(SEQUENCE_PREFIX).split(SEQUENCE_SEPARATOR)]
             later = sum(1 for after in messages[position + 1 :] if after.get("role") == "user")
@@ -632,7 +616,7 @@ def _scenario_marker(messages: Any) -> dict[str, str] | None:
     "[delay:2]" (apps that control only the prompt text, like Turbo's chats, pick behaviour this way)."""
     if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
         return None
-    match = _MARKER.match(_text(messages[-1].get("content")))
+    match = _MARKER.match(message_text(messages[-1].get("content")))
     return dict(_MARKER_ITEM.findall(match.group(0))) if match else None
 
 
@@ -673,13 +657,13 @@ class _Options:
             try:
                 return max(float(value), 0.0)
             except ValueError:
-                raise _BadRequest(
+                raise BadRequest(
                     f"{header} must be a number of seconds, not {value!r}", "invalid_fake_option"
                 ) from None
 
         scenario = pick("x-fake-scenario", "scenario", "").strip().lower() or None
         if scenario is not None and scenario not in SCENARIOS:
-            raise _BadRequest(f"Unknown fake scenario {scenario!r}", "unknown_scenario")
+            raise BadRequest(f"Unknown fake scenario {scenario!r}", "unknown_scenario")
         return cls(
             scenario=scenario,
             delay=seconds("x-fake-delay", "delay", "5"),
@@ -690,79 +674,39 @@ class _Options:
 
 
 @dataclass
-class _Completion:
-    """Builds chat.completion objects and chat.completion.chunk streams for one request."""
+class _Completion(Completion):
+    """proxy.fakellm's completions, with tool calls, and usage as some upstreams give it (`usage_style`:
+    "no_usage" or "usage_on_choices", USAGE_SCENARIOS; otherwise as OpenAI does)."""
 
-    model: str
-    prompt_tokens: int
-    usage_style: str = ""  # "no_usage" or "usage_on_choices" (USAGE_SCENARIOS); else as OpenAI does
-    id: str = field(default_factory=lambda: "chatcmpl-" + secrets.token_hex(12))
-    created: int = field(default_factory=lambda: int(time.time()))
+    usage_style: str = ""
 
-    def text(self, reply: str) -> _Reply:
-        message = {"role": "assistant", "content": reply, "refusal": None}
-        return self._whole(message, "stop", _word_count(reply))
-
-    def tool_call(self, name: str, arguments: str) -> _Reply:
+    def tool_call(self, name: str, arguments: str) -> dict[str, Any]:
         call = {"id": "call_1", "type": "function", "function": {"name": name, "arguments": arguments}}
         message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}
-        return self._whole(message, "tool_calls", _word_count(arguments))
+        return self.whole(message, "tool_calls", word_count(arguments))
 
-    def text_stream(self, reply: str, include_usage: bool) -> _Reply:
-        words = re.findall(r"\S+\s*", reply)
-        deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
-        deltas += [{"content": word} for word in words]
-        return self._stream(deltas, "stop", len(words), include_usage)
-
-    def tool_call_stream(self, name: str, arguments: str, include_usage: bool) -> _Reply:
+    def tool_call_stream(self, name: str, arguments: str, include_usage: bool) -> list[dict[str, Any]]:
         half = len(arguments) // 2
         opening = {"index": 0, "id": "call_1", "type": "function", "function": {"name": name, "arguments": ""}}
         deltas: list[dict[str, Any]] = [{"role": "assistant", "content": None, "tool_calls": [opening]}]
         for piece in (arguments[:half], arguments[half:]):
             deltas.append({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
-        return self._stream(deltas, "tool_calls", _word_count(arguments), include_usage)
+        return self.stream(deltas, "tool_calls", word_count(arguments), include_usage)
 
-    def _usage(self, completion_tokens: int) -> dict[str, int]:
-        total = self.prompt_tokens + completion_tokens
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
-
-    def _whole(self, message: dict[str, Any], finish_reason: str, completion_tokens: int) -> _Reply:
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
-        payload = {
-            "id": self.id,
-            "object": "chat.completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-            "usage": self._usage(completion_tokens),
-        }
+    def whole(self, message: dict[str, Any], finish_reason: str, completion_tokens: int) -> dict[str, Any]:
+        payload = super().whole(message, finish_reason, completion_tokens)
         if self.usage_style == "no_usage":
             del payload["usage"]
-        return _Reply(payload=payload)
+        return payload
 
-    def _stream(
+    def stream(
         self, deltas: list[dict[str, Any]], finish_reason: str, completion_tokens: int, include_usage: bool
-    ) -> _Reply:
-        chunks = [
-            self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]) for delta in deltas
-        ]
-        chunks.append(self._chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason}]))
+    ) -> list[dict[str, Any]]:
+        as_openai = include_usage and self.usage_style not in USAGE_SCENARIOS
+        chunks = super().stream(deltas, finish_reason, completion_tokens, as_openai)
         if include_usage and self.usage_style == "usage_on_choices":
-            chunks[-1]["usage"] = self._usage(completion_tokens)
-        elif include_usage and self.usage_style != "no_usage":
-            chunks.append({**self._chunk([]), "usage": self._usage(completion_tokens)})
-        events = [b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks]
-        events.append(b"data: [DONE]\n\n")
-        return _Reply(events=events, first_word=1)
-
-    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        }
+            chunks[-1]["usage"] = self.usage(completion_tokens)
+        return chunks
 
 
 class _Writer:
@@ -819,32 +763,11 @@ def _standard_headers() -> Headers:
 
 
 def _error(status: int, message: str, kind: str, code: str, headers: Headers | None = None) -> _Reply:
-    error = {"message": message, "type": kind, "param": None, "code": code}
-    return _Reply(status=status, payload={"error": error}, headers=headers or [])
+    return _Reply(status=status, payload=error_object(message, kind, code), headers=headers or [])
 
 
 def _json_object(request: RecordedRequest) -> dict[str, Any]:
-    try:
-        payload = request.json()
-    except ValueError:
-        raise _BadRequest("The request body is not valid JSON", "invalid_json") from None
-    if not isinstance(payload, dict):
-        raise _BadRequest("The request body must be a JSON object", "invalid_json")
-    return payload
-
-
-def _text(content: Any) -> str:
-    """The text of a message's content: a string, or a list of parts of which the text ones count."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = [part.get("text") for part in content if isinstance(part, dict)]
-        return " ".join(text for text in texts if isinstance(text, str))
-    return ""
-
-
-def _word_count(text: str) -> int:
-    return len(text.split())
+    return json_object(request.body)
 
 
 def _parse_multipart(body: bytes, content_type: str) -> list[_FormPart]:
@@ -853,7 +776,7 @@ def _parse_multipart(body: bytes, content_type: str) -> list[_FormPart]:
     header["content-type"] = content_type
     boundary = header.get_boundary()
     if header.get_content_type() != "multipart/form-data" or not boundary:
-        raise _BadRequest("Expected a multipart/form-data body with a boundary", "invalid_upload")
+        raise BadRequest("Expected a multipart/form-data body with a boundary", "invalid_upload")
     sections = (b"\r\n" + body).split(b"\r\n--" + boundary.encode("latin-1"))
     parts: list[_FormPart] = []
     for section in sections[1:]:  # sections[0] is the preamble
@@ -871,4 +794,4 @@ def _parse_multipart(body: bytes, content_type: str) -> list[_FormPart]:
                 content=content,
             )
         )
-    raise _BadRequest("Malformed multipart body", "invalid_upload")
+    raise BadRequest("Malformed multipart body", "invalid_upload")

@@ -10,7 +10,8 @@ import pytest
 import redis
 import redis.exceptions
 
-from turbo_site.core.fastredis import FastRedis, _address, fast_redis, script_sha
+from turbo_site.core.fastredis import FastRedis, fast_address, script_sha
+from turbo_site.core.redis_retry import fast_redis
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary")
 
@@ -194,11 +195,11 @@ def test_redis_gone_is_a_connection_error_and_its_return_is_picked_up(server):
 
 
 def test_addresses_it_speaks_and_those_left_to_redis_py():
-    assert _address("redis://127.0.0.1:6380/4") == ("127.0.0.1", 6380, 4, None, None)
-    assert _address("redis://user:p%40ss@cache.internal/0") == ("cache.internal", 6379, 0, "user", "p@ss")
-    assert _address("redis://:secret@127.0.0.1") == ("127.0.0.1", 6379, 0, None, "secret")
-    assert _address("rediss://127.0.0.1:6379/0") is None
-    assert _address("unix:///run/redis.sock") is None
+    assert fast_address("redis://127.0.0.1:6380/4") == ("127.0.0.1", 6380, 4, None, None)
+    assert fast_address("redis://user:p%40ss@cache.internal/0") == ("cache.internal", 6379, 0, "user", "p@ss")
+    assert fast_address("redis://:secret@127.0.0.1") == ("127.0.0.1", 6379, 0, None, "secret")
+    assert fast_address("rediss://127.0.0.1:6379/0") is None
+    assert fast_address("unix:///run/redis.sock") is None
 
     async def run():
         one = fast_redis("redis://127.0.0.1:1/0")

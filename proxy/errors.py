@@ -1,8 +1,9 @@
-"""The one error a model call raises, whatever went wrong on the way."""
+"""The one error a model call raises, whatever went wrong on the way (the floor under the model path,
+with proxy.config: the gateway and usage both raise it)."""
 
 from dataclasses import dataclass, replace
 
-from proxy.gateway.current import text_redact
+from proxy.config import text_redact
 from turbo_site.core.errors import Outcome, TurboError
 
 

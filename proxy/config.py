@@ -1,15 +1,58 @@
-"""The configuration in force, and the keys it holds: the floor the rest of the gateway stands on.
+"""The gateway's configuration: its names, the configuration in force, and the keys it holds.
 
-GatewayError redacts every key Turbo sends upstream from its message, so the keys must be known without
-the routing that raises it; and usage (prices from the config) reads the config below the gateway's
-call path. A broken file raises ConfigError here; proxy.gateway.routing.gateway_config answers it as a
-GatewayError (503).
+The floor under the model path: the gateway's call path (proxy.gateway) and usage (proxy.usage: prices
+from the config, budgets, rate limits) both stand on it, and it imports neither. TURBO_CONFIG is read and
+checked by turbo_site.core.turbo_config (below every app, so that settings.py checks it without importing
+proxy); its names are the gateway's, re-exported here.
+
+GatewayError (proxy.errors) redacts every key Turbo sends upstream from its message, so the keys must be
+known without the routing that raises it. A broken file raises ConfigError here;
+proxy.gateway.routing.gateway_config answers it as a GatewayError (503).
 """
 
 from django.conf import settings
 
-from proxy.gateway.config import ConfigError, GatewayConfig, from_environment, load
 from turbo_site.core.http import redact_keys
+from turbo_site.core.turbo_config import (
+    CAPABILITIES,
+    PICKS,
+    PRICE_KEYS,
+    STRATEGIES,
+    ZERO_CONFIG_UPSTREAM,
+    ConfigError,
+    Deployment,
+    GatewayConfig,
+    Mapping,
+    Model,
+    Router,
+    Upstream,
+    base_url_of,
+    from_environment,
+    load,
+    url_problem,
+)
+
+__all__ = [
+    "CAPABILITIES",
+    "PICKS",
+    "PRICE_KEYS",
+    "STRATEGIES",
+    "ZERO_CONFIG_UPSTREAM",
+    "ConfigError",
+    "Deployment",
+    "GatewayConfig",
+    "Mapping",
+    "Model",
+    "Router",
+    "Upstream",
+    "base_url_of",
+    "config_in_force",
+    "from_environment",
+    "load",
+    "secrets_known",
+    "text_redact",
+    "url_problem",
+]
 
 _cached: tuple[tuple, GatewayConfig] | None = None
 
