@@ -25,11 +25,18 @@ from turbo_site.core.errors import Forbidden, Invalid
 from turbo_site.core.text import storable
 
 
-def _model_request(
-    *, chat: Chat, user: User, messages: list[dict], response_format: dict | None, client_functions: list[dict]
-) -> dict:
-    """The model request of an ordinary chat's prompt: its messages, the chat's settings and tools, the
-    client's functions and the response_format in force."""
+def _chat_plan(
+    chat: Chat,
+    user: User,
+    message: Message,
+    messages: list[dict],
+    allowed_models: frozenset[str] | None,
+    response_format: dict | None,
+    client_functions: list[dict],
+) -> PromptPlan:
+    """The plan of an ordinary chat's message: the model request of `messages` with the chat's settings
+    and tools, the client's functions and the response_format in force; the chat's key; the models allowed;
+    who the calls are for (the user and the chat's group)."""
     request = settings_apply(
         {
             "model": chat.model,
@@ -43,7 +50,31 @@ def _model_request(
         request["tools"] = [*tools.openai_tools(chat.tools), *client_functions]
     if response_format:
         request["response_format"] = response_format
-    return request
+    return _plan(chat, user, message, request, allowed_models, client_functions=client_functions)
+
+
+def _plan(
+    chat: Chat,
+    user: User,
+    message: Message,
+    request: dict,
+    allowed_models: frozenset[str] | None,
+    *,
+    client_functions: list[dict] | None = None,
+    program: ProgramTurn | None = None,
+) -> PromptPlan:
+    """A stored message's plan: its model request, the chat's key and tools, the models allowed, who the
+    calls are for (the user and the chat's group), the client's function names, the program's turn."""
+    return PromptPlan(
+        message,
+        request,
+        secret_decrypt(chat.api_key_encrypted),
+        list(chat.tools),
+        allowed_models,
+        program=program,
+        caller=Caller(user.pk, chat.group_id),
+        client_functions=functions.function_names(client_functions or []),
+    )
 
 
 @transaction.atomic
@@ -78,22 +109,8 @@ def message_start(
     context = context_fit(
         chat_context_get(chat_id=chat.pk, size=context_size), prompt=prompt, system=chat.system_prompt
     )
-    request = _model_request(
-        chat=chat,
-        user=user,
-        messages=ai.build_messages(prompt, context, chat.system_prompt or None),
-        response_format=response_format,
-        client_functions=client_functions or [],
-    )
-    return PromptPlan(
-        message,
-        request,
-        secret_decrypt(chat.api_key_encrypted),
-        list(chat.tools),
-        allowed_models,
-        caller=Caller(user.pk, chat.group_id),
-        client_functions=functions.function_names(client_functions or []),
-    )
+    messages = ai.build_messages(prompt, context, chat.system_prompt or None)
+    return _chat_plan(chat, user, message, messages, allowed_models, response_format, client_functions or [])
 
 
 @transaction.atomic
@@ -159,18 +176,7 @@ def message_resume(
     ]
     messages.append({"role": "assistant", "content": message.reply or None, "tool_calls": calls})
     messages += [{"role": "tool", "tool_call_id": r["id"], "content": r["result"] or ""} for r in records]
-    request = _model_request(
-        chat=chat, user=user, messages=messages, response_format=response_format, client_functions=client_functions
-    )
-    return PromptPlan(
-        message,
-        request,
-        secret_decrypt(chat.api_key_encrypted),
-        list(chat.tools),
-        allowed_models,
-        caller=Caller(user.pk, chat.group_id),
-        client_functions=functions.function_names(client_functions),
-    )
+    return _chat_plan(chat, user, message, messages, allowed_models, response_format, client_functions)
 
 
 @transaction.atomic
@@ -191,12 +197,4 @@ def program_turn_start(
     Chat.objects.filter(pk=chat.pk).update(updated_at=timezone.now())
     request = {"model": chat.model, "user": ai.user_tag(user)}
     turn = ProgramTurn(state=state, prompt=prompt, chat_settings=dict(chat.settings))
-    return PromptPlan(
-        message,
-        request,
-        secret_decrypt(chat.api_key_encrypted),
-        list(chat.tools),
-        allowed_models,
-        program=turn,
-        caller=Caller(user.pk, chat.group_id),
-    )
+    return _plan(chat, user, message, request, allowed_models, program=turn)
