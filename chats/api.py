@@ -15,7 +15,7 @@ from rest_framework.views import APIView
 
 from accounts.api import UserBriefOutput
 from accounts.auth import arequest_authenticate
-from chats import generation, selectors, services
+from chats import generation, running, selectors, services
 from chats.models import Message
 from chats.options import ModelSettingsField
 from chats.programs.registry import programs
@@ -530,5 +530,5 @@ async def chat_stop(request):
     """Stop the chat's replies being generated (documented in chats/schema.py)."""
     fields = _parse(ChatIdInput, plain_request_input(request))
     chat = await database_sync_to_async(selectors.chat_get_for_member)(user=request.user, chat_id=fields["id"])
-    stopped = await generation.generations_stop_chat(chat=chat, user=request.user)
+    stopped = await running.generations_stop_chat(chat=chat, user=request.user)
     return JsonResponse({"stopped": stopped})

@@ -52,7 +52,7 @@ def context_fit(context: list[tuple[str, str]], *, prompt: str, system: str) -> 
     """Keep the newest exchanges that fit CONTEXT_MAX_CHARS together with the system prompt and prompt.
 
     An upper bound only: each model call is then cut by tokens to its model's context window
-    (proxy.gateway.context_fit, in chats.generation.reply_stream)."""
+    (proxy.gateway.context_fit, in chats.reply.reply_stream)."""
     budget = settings.CONTEXT_MAX_CHARS - len(prompt) - len(system)
     kept: list[tuple[str, str]] = []
     for earlier_prompt, earlier_reply in reversed(context):

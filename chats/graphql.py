@@ -1,9 +1,10 @@
 """GraphQL: chats and their messages, the chat operations of the REST API, `prompt`, and `chatEvents`.
 
 Input is checked by the REST API's serializers (chats.api), access by chats.selectors, changes by
-chats.services and chats.generation; `chatEvents` reads through chats.stream.ChatSubscriber, the
-subscriber behind the SSE and WebSocket streams, and ends as they do (chat deleted, access lost,
-session ended). Lists are batched per operation (turbo_site.core.graphql.loader): no query per item.
+chats.services, chats.generation and chats.running (stop); `chatEvents` reads through
+chats.stream.ChatSubscriber, the subscriber behind the SSE and WebSocket streams, and ends as they do
+(chat deleted, access lost, session ended). Lists are batched per operation
+(turbo_site.core.graphql.loader): no query per item.
 """
 
 import enum
@@ -21,7 +22,7 @@ from strawberry.types import Info
 
 from accounts.graphql import UserType, user_load, viewer
 from accounts.models import User
-from chats import api, generation, selectors, services, stream
+from chats import api, generation, running, selectors, services, stream
 from chats.models import Chat, Message
 from chats.stream import ChatSubscriber
 from groups.graphql import group_chats_register, group_load_for, parsed
@@ -397,7 +398,7 @@ class Mutation:
     async def chat_stop(self, info: Info, id: strawberry.ID) -> int:
         session = await viewer(info)
         chat = await _chat_of_member(session.user, id)
-        return await generation.generations_stop_chat(chat=chat, user=session.user)
+        return await running.generations_stop_chat(chat=chat, user=session.user)
 
     @strawberry.mutation(
         description="Send a prompt; the reply streams to the chat's members (chatEvents). With stream: false "

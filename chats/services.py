@@ -15,6 +15,7 @@ from chats import running, selectors, stream
 from chats.context import chat_context_forget
 from chats.models import Chat, ChatMember, Message
 from chats.options import settings_validate
+from chats.programs.runner import program_bind
 from chats.serializers import chat_data
 from groups.models import Group
 from groups.selectors import group_get_for_member, models_allowed_in
@@ -95,8 +96,6 @@ def chat_create(
     )
     ChatMember.objects.create(chat=chat, user=owner)
     if program:
-        from chats.programs.runner import program_bind
-
         program_bind(chat=chat, name=program, context=program_context or {})
     return chat
 

@@ -10,7 +10,7 @@
 
     done = await complete_collect(request, ...)        # the same, for fronts that answer once
 
-`/ws`, GraphQL, gRPC, chat replies (chats.generation) and `ai.*` (proxy.ai) all come here, so tools,
+`/ws`, GraphQL, gRPC, chat replies (chats.reply) and `ai.*` (proxy.ai) all come here, so tools,
 tool results and structured output with its retries behave alike on each; a front only maps items
 onto its wire format. What it owns, written once:
 - structured output: a json_schema reply is validated once it has come and asked for again with the

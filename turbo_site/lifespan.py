@@ -23,7 +23,7 @@ logger = logging.getLogger("turbo")
 
 async def drain() -> None:
     """Finish (or save) running generations, then end every open stream with a shutdown notice."""
-    from chats.generation import generations_stop
+    from chats.running import generations_stop
     from chats.stream import shutdown_notice
     from turbo_site.core import streams
 

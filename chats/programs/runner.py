@@ -38,6 +38,7 @@ from chats.programs.library import (
 )
 from chats.programs.memory import ChatMemory
 from chats.programs.registry import program_get, programs
+from chats.reply import PromptPlan, QuietReply, reply_stream
 from proxy import tools
 from proxy.gateway import GatewayError
 from turbo_site.core.errors import Conflict, Invalid
@@ -179,8 +180,6 @@ class ChatRuntime(Runtime):
         return self.top_memory
 
     async def generate(self, *, messages, options, model, top, forward) -> str:
-        from chats import generation
-
         if self.replaying:
             return self._recorded("generate")
         if len(self.steps) >= settings.PROGRAM_MAX_STEPS:
@@ -203,9 +202,7 @@ class ChatRuntime(Runtime):
         visible = top and forward
         if visible and self.reply.text:
             await self.reply.add(SEPARATOR)
-        text = await generation.reply_stream(
-            plan, request, self.reply if visible else generation.QuietReply(self.reply.usage)
-        )
+        text = await reply_stream(plan, request, self.reply if visible else QuietReply(self.reply.usage))
         self.shown_by_stream = visible
         self.steps.append({"generate": text})
         self.cursor += 1
@@ -222,7 +219,7 @@ class ProgramTurn:
     state: ProgramState
     prompt: str | None
     chat_settings: dict
-    plan: object = None  # the PromptPlan (model, user tag, tools, key, limits)
+    plan: PromptPlan | None = None  # the model call's plan (model, user tag, tools, key, limits)
 
     async def run(self, plan, reply) -> TurnResult:
         self.plan = plan
