@@ -218,10 +218,11 @@ class Browser:
     # --- pictures -------------------------------------------------------------------------------------------------
 
     def screenshot(self, name: str, *, readme: bool = False) -> Path:
-        """Save the viewport as ``<artifacts>/<name>.png``; ``readme``: also as the README's picture."""
+        """Save the viewport as ``<artifacts>/<name>.png``; ``readme``: also as the README's picture, when
+        UPDATE_README_SCREENSHOTS=1 (a test run never rewrites a tracked file unasked)."""
         path = self.artifacts / f"{name}.png"
         assert self.driver.save_screenshot(str(path)), f"no screenshot of {self.path}"
-        if readme:
+        if readme and os.environ.get("UPDATE_README_SCREENSHOTS") == "1":
             README_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, README_SCREENSHOTS / f"{name}.png")
         return path
