@@ -32,7 +32,10 @@ HTML error page in front of the model server), ``context_length`` (OpenAI's and 
 ``context_length_llama`` (llama.cpp's), and ``close_after_answer``: the answer as usual, then the connection is
 closed when the next request arrives on it, before a byte of that one's answer (a keep-alive connection the
 server closed under its client). A ``/v1/models`` listing says each model's context length when
-``max_model_len`` (vLLM's field) or ``n_ctx_train`` (llama.cpp's ``meta``) is set on the fake.
+``max_model_len`` (vLLM's field) or ``n_ctx_train`` (llama.cpp's ``meta``) is set on the fake. With ``n_ctx``
+set, the fake is llama-cpp-python's server with that window and a listing that says nothing of it: a chat
+request whose prompt (in words) fills the window is answered, streamed, with an empty ``200`` (no data, no
+``[DONE]``) and, unstreamed, with its ``400 context_length_exceeded`` naming the window and the prompt's tokens.
 
 Replies that change across calls (structured output's retries): a user message ``sequence: A ||| B ||| C``
 answers A; with one more user message after it (the validation errors Turbo sends back) B, then C, and the
@@ -153,6 +156,7 @@ class FakeUpstream:
         self.stored: dict[str, dict[str, Any]] = {}  # id -> {"object": ..., "messages": [...]}
         self.max_model_len: int | None = None  # said by /v1/models as vLLM does
         self.n_ctx_train: int | None = None  # said by /v1/models as llama.cpp's server does
+        self.n_ctx: int | None = None  # a window enforced as llama-cpp-python's server does (see the module)
         self._doomed: set[tuple] = set()  # connections closed when their next request arrives
         self._gate = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -210,7 +214,7 @@ class FakeUpstream:
         self.stored.clear()
         self.forced_scenario = None
         self.retry_after = "7"
-        self.max_model_len = self.n_ctx_train = None
+        self.max_model_len = self.n_ctx_train = self.n_ctx = None
         self._gate = asyncio.Event()
 
     def release(self) -> None:
@@ -406,6 +410,16 @@ class FakeUpstream:
         prompt_tokens = sum(_word_count(_text(message.get("content"))) for message in messages)
         tool_results = [message for message in messages if message.get("role") == "tool"]
         completion = _Completion(model=model, prompt_tokens=prompt_tokens, usage_style=options.scenario or "")
+        if self.n_ctx is not None and prompt_tokens >= self.n_ctx:
+            if stream:
+                return _Reply(events=[])  # headers, then the end of the body
+            asked = payload.get("max_tokens") if isinstance(payload.get("max_tokens"), int) else None
+            message = (
+                f"This model's maximum context length is {self.n_ctx} tokens. However, you requested "
+                f"{(asked or 0) + prompt_tokens} tokens ({prompt_tokens} in the messages, {asked} in the completion). "
+                "Please reduce the length of the messages or completion."
+            )
+            return _error(400, message, "invalid_request_error", "context_length_exceeded")
 
         if options.scenario == "tool_call" and not tool_results:
             if stream:
