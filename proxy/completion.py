@@ -18,7 +18,9 @@ onto its wire format. What it owns, written once:
 - tools: with `server_tools` (a chat's enabled tools) the server runs the calls between rounds,
   MAX_TOOL_ROUNDS at most; a call to one of `client_functions`, or any call when the caller has no
   server tools (the fronts), ends the call with the calls in `Done.client_calls`;
-- context fitting, where the caller asks for it (`fit_from`: where the current turn starts);
+- context fitting, where the caller asks for it (`fit_from`: where the current turn starts); a call
+  refused for its context length before any of its reply came is cut again and sent once more when
+  the refusal taught a window that cuts it (proxy.gateway.windows);
 - settlement: every upstream call's usage is recorded and its admission and reservation settled by
   the gateway in one place (proxy.gateway.calls `_settle`, from a `finally`: once, however it ended,
   broken or cancelled), so no front settles anything.
@@ -118,15 +120,24 @@ async def complete(
     attempts = structured.Attempts(request.get("response_format"))
     total: dict[str, int] = {}
     rounds = 0
+    refitted = False
     while True:
         sent = request if fit_from is None else await gateway.context_fit(request, current=fit_from)
         if stream:
             upstream = gateway.chat_stream(sent, api_key=api_key, allowed_models=allowed_models, caller=caller)
-            # Closed here, not when collected, when this is closed early (a client that went away): its
-            # call is settled at once.
-            async with aclosing(aiter(upstream)) as deltas:
-                async for delta in deltas:
-                    yield Delta(delta.text, delta.chunk)
+            streamed = False
+            try:
+                # Closed here, not when collected, when this is closed early (a client that went away):
+                # its call is settled at once.
+                async with aclosing(aiter(upstream)) as deltas:
+                    async for delta in deltas:
+                        streamed = True
+                        yield Delta(delta.text, delta.chunk)
+            except GatewayError as exc:
+                if streamed or refitted or not await _fits_otherwise(exc, request, sent, fit_from):
+                    raise
+                refitted = True
+                continue
             reply = Completion(
                 text=upstream.text,
                 model=upstream.model,
@@ -138,7 +149,13 @@ async def complete(
                 attempts=upstream.attempts,
             )
         else:
-            reply = await gateway.chat(sent, api_key=api_key, allowed_models=allowed_models, caller=caller)
+            try:
+                reply = await gateway.chat(sent, api_key=api_key, allowed_models=allowed_models, caller=caller)
+            except GatewayError as exc:
+                if refitted or not await _fits_otherwise(exc, request, sent, fit_from):
+                    raise
+                refitted = True
+                continue
             if reply.text:
                 yield Delta(reply.text)
         yield Usage(dict(reply.usage), reply.attempts)
@@ -173,6 +190,13 @@ async def complete(
                 continue
         yield Done(done, parsed)
         return
+
+
+async def _fits_otherwise(error: GatewayError, request: dict, sent: dict, fit_from: int | None) -> bool:
+    """Was `sent` refused for its context length, and does the window that taught cut it further?"""
+    if error.code != "context_length_exceeded" or fit_from is None:
+        return False
+    return await gateway.context_fit(request, current=fit_from) != sent
 
 
 async def complete_collect(request: dict, **options: Any) -> Done:

@@ -43,6 +43,7 @@ class GatewayError(TurboError):
         self.error_type = error_type
         self.retry_after = retry_after
         self.attempts = attempts
+        self.is_logged = False  # the gateway logged it already, naming the deployment: no front logs it again
 
     @property
     def status_code(self) -> int:

@@ -247,7 +247,7 @@ async def exchange(request: ProxyRequest) -> ProxyReply:
         )
     except gateway.GatewayError as exc:
         outcome = outcome_of(exc)
-        if outcome.status >= 500:
+        if outcome.status >= 500 and not exc.is_logged:
             logger.warning("upstream request failed: %s", exc.message)
         headers = {"X-Turbo-Attempts": str(len(exc.attempts))} if exc.attempts else {}
         headers.update(outcome.all_headers())  # Retry-After, a rate limit's x-ratelimit-*

@@ -83,6 +83,7 @@ def _call(
 def _logged(answer: Answer, error: GatewayError) -> GatewayError:
     """The one log line of a model call's failure, naming the deployment."""
     logger.warning("deployment %s: %s (%s)", answer.deployment.id, error.message, error.code)
+    error.is_logged = True
     return error
 
 

@@ -11,8 +11,10 @@ any other 4xx is the client's and is returned as is.
 What real servers send that is no answer is reported as what it is, never as an unreachable upstream,
 and cools nothing down, because the request caused it: an empty `200` (llama.cpp's server answers so a
 streamed request it cannot serve) is a 502 `upstream_empty_answer`, or a 400 `context_length_exceeded`
-when the request is known not to fit the window. An HTML error page (a proxy in front of the model
-server) is a GatewayError `upstream_html_error` with the page's title, in place of the page.
+when the request is known not to fit the window, or, the window unknown, when the same request asked
+again unstreamed for one token is refused for its length (which teaches the window). An HTML error
+page (a proxy in front of the model server) is a GatewayError `upstream_html_error` with the page's
+title, in place of the page.
 """
 
 import html
@@ -95,6 +97,12 @@ def error_object(body: bytes) -> dict | None:
     return error if isinstance(error, dict) else None
 
 
+def _log(deployment: Deployment, error: GatewayError) -> None:
+    """The one log line of what a deployment sent that was no answer."""
+    logger.warning("deployment %s: %s", deployment.id, error.message)
+    error.is_logged = True
+
+
 _TITLE = re.compile(rb"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
 _TAG = re.compile(r"<[^>]+>")
 
@@ -119,13 +127,36 @@ def _html_refusal(response: client.Response, deployment: Deployment, attempts: t
         code="upstream_html_error",
         attempts=attempts,
     )
-    logger.warning("deployment %s: %s", deployment.id, error.message)
+    _log(deployment, error)
     return error
 
 
-def _empty_refusal(call: Call, model: Model, deployment: Deployment, attempts: tuple[Attempt, ...]) -> GatewayError:
-    """An empty 200: the request is why (the one server known to do it refuses so what it cannot serve)."""
+async def _empty_refusal(
+    call: Call,
+    model: Model,
+    deployment: Deployment,
+    attempts: tuple[Attempt, ...],
+    *,
+    url: str,
+    headers: dict[str, str],
+    body: bytes,
+) -> GatewayError:
+    """An empty 200: the request is why (the one server known to do it refuses so what it cannot serve).
+    When the window is not known, the same request is asked once more unstreamed, for one token: the
+    server then says what it refused (a context error teaches the window, proxy.gateway.windows)."""
     window = model.context_window or windows.learned(deployment, call.model)
+    if not window:
+        said = await _ask_unstreamed(call, deployment, url=url, headers=headers, body=body)
+        if said is not None:
+            error = GatewayError(
+                f"the upstream answered an empty stream; asked again unstreamed, it said: {said}",
+                status=400,
+                code="context_length_exceeded",
+                error_type="invalid_request_error",
+                attempts=attempts,
+            )
+            _log(deployment, error)
+            return error
     needs = estimate_prompt_tokens(call.payload)
     if window and needs >= window:
         error = GatewayError(
@@ -144,8 +175,45 @@ def _empty_refusal(call: Call, model: Model, deployment: Deployment, attempts: t
             code="upstream_empty_answer",
             attempts=attempts,
         )
-    logger.warning("deployment %s: %s", deployment.id, error.message)
+    _log(deployment, error)
     return error
+
+
+async def _ask_unstreamed(
+    call: Call, deployment: Deployment, *, url: str, headers: dict[str, str], body: bytes
+) -> str | None:
+    """Send a streamed chat request that got an empty answer again, unstreamed and for one token: the
+    upstream's words if it refuses it for its context length (the window learned), else None."""
+    try:
+        sent = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(sent, dict) or sent.get("stream") is not True or not isinstance(sent.get("messages"), list):
+        return None
+    sent = {name: value for name, value in sent.items() if name not in ("stream", "stream_options")}
+    sent.pop("max_completion_tokens", None)
+    sent["max_tokens"] = 1
+    upstream = deployment.upstream
+    response = None
+    try:
+        response = await client.send(
+            "POST",
+            url,
+            {**headers, "content-type": "application/json"},
+            json.dumps(sent).encode(),
+            timeout=upstream.timeout,
+            connect_timeout=upstream.connect_timeout,
+        )
+        answer = await response.read_all(ERROR_BODY_MAX_BYTES)
+    except client.TransportError:
+        return None
+    finally:
+        if response is not None:
+            await response.aclose()
+    error = error_object(answer) if response.status == 400 else None
+    if error is None or not windows.learn_from_error(deployment, call.model, error, call.payload):
+        return None
+    return str(error.get("message") or "the prompt does not fit the model's context window")
 
 
 def _first_upstream_plan(config) -> list[tuple[Model, Deployment]]:
@@ -285,7 +353,7 @@ async def _deliver(call: Call, admission: Admission) -> Answer:
                 tracing.attempt_failed(span, "an empty answer", status)
                 health.probe_release(deployment.id)
                 await response.aclose()
-                raise _empty_refusal(call, model, deployment, tuple(tried))
+                raise await _empty_refusal(call, model, deployment, tuple(tried), url=url, headers=headers, body=body)
             if status == 429 or status >= 500:
                 reason = f"the upstream answered {status}"
                 rest = _retry_after(response.header("retry-after")) or 0
@@ -299,7 +367,7 @@ async def _deliver(call: Call, admission: Admission) -> Answer:
                 kept, kept_deployment = response, deployment
                 continue
             if status == 400 and windows.learn_from_error(
-                deployment, call.model, error_object(b"".join(response.prefix))
+                deployment, call.model, error_object(b"".join(response.prefix)), call.payload
             ):
                 larger = [
                     (m, d)

@@ -42,6 +42,8 @@ _LIMIT_WORDS = (
     re.compile(r"context (?:size|length|window)[^0-9]{0,20}\((\d+)\)", re.IGNORECASE),
 )
 _CONTEXT_WORDS = re.compile(r"context (?:length|size|window)|maximum context", re.IGNORECASE)
+# How many tokens the upstream counted in the prompt it refused: OpenAI's, vLLM's and llama-cpp-python's words.
+_PROMPT_WORDS = re.compile(r"\((\d+) in the messages", re.IGNORECASE)
 
 
 def forget() -> None:
@@ -85,15 +87,27 @@ def context_error(error: Any) -> tuple[bool, int | None]:
     return True, None
 
 
-def learn_from_error(deployment: Deployment, model: str, error: Any) -> bool:
-    """Remember the window an upstream's context error names. Is it a context error?"""
+def learn_from_error(deployment: Deployment, model: str, error: Any, payload: dict | None = None) -> bool:
+    """Remember the window an upstream's context error names, and (with the refused request's `payload`)
+    how many tokens it counted in that prompt against the offline count. Is it a context error?"""
     is_context, window = context_error(error)
     if window:
         key = (deployment.id, _upstream_model(deployment, model))
         if _learned.get(key) != window:
             logger.info("deployment %s: its context window is %d tokens (from its error)", deployment.id, window)
         _learned[key] = window
+    if is_context and payload is not None:
+        learn_ratio(deployment.id, payload, _prompt_tokens_said(error))
     return is_context
+
+
+def _prompt_tokens_said(error: dict) -> int | None:
+    """The prompt's tokens as a context error counts them (llama.cpp's `n_prompt_tokens`, or its words)."""
+    said = error.get("n_prompt_tokens")
+    if isinstance(said, int):
+        return said
+    found = _PROMPT_WORDS.search(str(error.get("message") or ""))
+    return int(found.group(1)) if found else None
 
 
 def learn_ratio(deployment_id: str, payload: dict | None, prompt_tokens: Any) -> None:

@@ -2,6 +2,7 @@
 a deployment that failed; a pooled connection closed under a request is retried once; a chat request is cut
 to its model's context window, declared or learned."""
 
+import asyncio
 import logging
 
 import pytest
@@ -58,8 +59,27 @@ async def test_an_empty_200_stream_is_its_own_error_logged_once_and_cools_nothin
     assert not health.is_cooling("a/gpt-4o-mini")  # the request's doing: a stays in service...
     assert chats_sent(pair["b"]) == []  # ...and the request is not sent to b as well
     assert warnings_of(caplog) == [f"deployment a/gpt-4o-mini: {failed.value.message}"]
+    # No window known: asked once more unstreamed for one token, which the fake answers empty as well.
+    probe = chats_sent(pair["a"])[-1].json()
+    assert "stream" not in probe and probe["max_tokens"] == 1
     assert await stream_text(ask("echo: still here")) == "still here"
-    assert len(chats_sent(pair["a"])) == 2
+    assert len(chats_sent(pair["a"])) == 3
+
+
+async def test_an_empty_stream_with_no_known_window_is_asked_unstreamed_which_teaches_the_window(
+    upstream, fresh_health, caplog
+):
+    upstream.n_ctx = 100  # llama-cpp-python's server: its listing says no window
+    with pytest.raises(gateway.GatewayError) as failed:
+        await stream_text(ask("echo: " + "word " * 150, model="gpt-4o-mini"))
+    assert failed.value.code == "context_length_exceeded" and failed.value.status == 400
+    assert "maximum context length is 100 tokens" in failed.value.message  # the upstream's own words
+    streamed, probe = (request.json() for request in chats_sent(upstream))
+    assert streamed["stream"] is True and "stream" not in probe and probe["max_tokens"] == 1
+    assert probe["messages"] == streamed["messages"]
+    assert (await windows.window_of("gpt-4o-mini"))[0] == 100
+    assert not health.is_cooling("default")
+    assert warnings_of(caplog) == [f"deployment default: {failed.value.message}"]
 
 
 async def test_an_empty_stream_for_a_prompt_longer_than_the_window_says_context_length(pair):
@@ -137,10 +157,24 @@ async def test_a_pooled_connection_closed_under_a_request_is_sent_again_once(ups
 
 
 async def test_nothing_is_sent_again_after_the_first_byte_of_an_answer(upstream):
+    assert (await gateway.chat(ask("echo: warm", model="gpt-4o-mini"))).text == "warm"
     with pytest.raises(gateway.GatewayError) as failed:
         await stream_text(ask("[scenario:die_mid_stream] echo: one two three four", model="gpt-4o-mini"))
     assert failed.value.code == "upstream_stream_error"
-    assert len(chats_sent(upstream)) == 1
+    warm, broken = chats_sent(upstream)  # sent once, although it went out on a pooled connection
+    assert broken.connection == warm.connection
+
+
+@pytest.mark.parametrize(("keepalive", "is_reused"), [(0.2, False), (30.0, True)])
+async def test_idle_pooled_connections_are_dropped_after_proxy_keepalive_seconds(
+    upstream, settings, keepalive, is_reused
+):
+    settings.PROXY_KEEPALIVE_SECONDS = keepalive  # the fake (uvicorn) keeps an idle connection 5 s
+    await gateway.chat(ask("echo: one", model="gpt-4o-mini"))
+    await asyncio.sleep(0.5)  # idle for longer than 0.2 s (the time passing is what is tested)
+    await gateway.chat(ask("echo: two", model="gpt-4o-mini"))
+    first, second = (request.connection for request in chats_sent(upstream))
+    assert (first == second) is is_reused
 
 
 # --- context windows -------------------------------------------------------------------------------------
@@ -203,7 +237,7 @@ async def test_a_turn_with_its_retries_stays_whole_while_earlier_exchanges_go(pa
     ("scenario", "code"), [("empty_stream", "upstream_empty_answer"), ("html_502", "upstream_html_error")]
 )
 def test_the_v1_passthrough_reports_an_empty_answer_and_an_html_page_in_openai_shape(
-    client, signup, upstream, scenario, code
+    client, signup, upstream, scenario, code, caplog
 ):
     token = signup()[0]
     response = client.post(
@@ -214,3 +248,6 @@ def test_the_v1_passthrough_reports_an_empty_answer_and_an_html_page_in_openai_s
     assert response.status_code == 502
     assert response.headers["content-type"].startswith("application/json")
     assert response.json()["error"]["code"] == code and "<html" not in response.text
+    said = response.json()["error"]["message"]
+    logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and said in r.getMessage()]
+    assert logged == [f"deployment default: {said}"]  # once, naming the deployment

@@ -35,7 +35,10 @@ HTML error page in front of the model server), ``context_length`` (OpenAI's and 
 ``context_length_llama`` (llama.cpp's), and ``close_after_answer``: the answer as usual, then the connection is
 closed when the next request arrives on it, before a byte of that one's answer (a keep-alive connection the
 server closed under its client). A ``/v1/models`` listing says each model's context length when
-``max_model_len`` (vLLM's field) or ``n_ctx_train`` (llama.cpp's ``meta``) is set on the fake.
+``max_model_len`` (vLLM's field) or ``n_ctx_train`` (llama.cpp's ``meta``) is set on the fake. With ``n_ctx``
+set, the fake is llama-cpp-python's server with that window and a listing that says nothing of it: a chat
+request whose prompt (in words) fills the window is answered, streamed, with an empty ``200`` (no data, no
+``[DONE]``) and, unstreamed, with its ``400 context_length_exceeded`` naming the window and the prompt's tokens.
 
 Replies that change across calls (structured output's retries): a user message ``sequence: A ||| B ||| C``
 answers A; with one more user message after it (the validation errors Turbo sends back) B, then C, and the
@@ -167,6 +170,7 @@ class FakeUpstream:
         self.stored: dict[str, dict[str, Any]] = {}  # id -> {"object": ..., "messages": [...]}
         self.max_model_len: int | None = None  # said by /v1/models as vLLM does
         self.n_ctx_train: int | None = None  # said by /v1/models as llama.cpp's server does
+        self.n_ctx: int | None = None  # a window enforced as llama-cpp-python's server does (see the module)
         self._doomed: set[tuple] = set()  # connections closed when their next request arrives
         self._gate = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -224,7 +228,7 @@ class FakeUpstream:
         self.stored.clear()
         self.forced_scenario = None
         self.retry_after = "7"
-        self.max_model_len = self.n_ctx_train = None
+        self.max_model_len = self.n_ctx_train = self.n_ctx = None
         self._gate = asyncio.Event()
 
     def release(self) -> None:
@@ -414,6 +418,16 @@ class FakeUpstream:
         messages, model, stream, include_usage = asked.messages, asked.model, asked.stream, asked.include_usage
         tool_results = [message for message in messages if message.get("role") == "tool"]
         completion = _Completion(model=model, prompt_tokens=asked.prompt_tokens, usage_style=options.scenario or "")
+        if self.n_ctx is not None and asked.prompt_tokens >= self.n_ctx:
+            if stream:
+                return _Reply(events=[])  # headers, then the end of the body
+            room = payload.get("max_tokens") if isinstance(payload.get("max_tokens"), int) else None
+            message = (
+                f"This model's maximum context length is {self.n_ctx} tokens. However, you requested "
+                f"{(room or 0) + asked.prompt_tokens} tokens ({asked.prompt_tokens} in the messages, {room} in the "
+                "completion). Please reduce the length of the messages or completion."
+            )
+            return _error(400, message, "invalid_request_error", "context_length_exceeded")
 
         if options.scenario == "tool_call" and not tool_results:
             if stream:
