@@ -9,15 +9,17 @@ Starts the fake upstream (bench.fast_upstream: each delta carries its send time 
 creates `--chats` chats, and opens `--subscribers` subscriptions spread evenly over the chats and the
 processes, alternating SSE and WebSocket (each chat's subscribers are its owner's "tabs": a member's
 cost to the server is the same). All subscribers live in this process, on one event loop, with a
-minimal SSE client (a raw socket) and websockets' client.
+minimal SSE client (a raw socket) and websockets' client, on uvloop as the servers are.
 
 Reports: subscriptions refused; each process's resident memory before and after (per idle subscriber)
 and its Redis connections (CLIENT LIST, by the process's sockets) while idle and while streaming
-(sampled by a process of its own: not on this event loop); then `--streaming` chats get one streamed
+(sampled once a second by a process of its own: not on this event loop); then `--streaming` chats get one streamed
 prompt each, all at once: every subscriber of those chats must get every delta once and the final
 event (missing, duplicated and no-final are counted), with the delivery delay (arrival minus upstream
-send time) p50/p99, split at the append (the time Turbo stored with each event in Redis), and the CPU
-seconds each process and this one spent meanwhile; then a burst of `--burst` SSE subscribes to one
+send time) p50/p99, split at the append (the time Turbo stored with each event in Redis), the CPU
+seconds each process, this one and the sampler spent meanwhile, and how long each was runnable but
+waiting for a CPU (Linux schedstat: a process starved by the machine's other work, not one waiting on
+I/O), with the load average; then a burst of `--burst` SSE subscribes to one
 process, spread over one second: how many were refused and when the last was accepted. Each process
 answers one streamed prompt before any of this (its first loads the tokenizer, once in its life).
 Writes bench/results/listeners-<timestamp>.json and listeners-latest.json. A benchmark, not a test.
