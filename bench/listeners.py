@@ -9,15 +9,17 @@ Starts the fake upstream (bench.fast_upstream: each delta carries its send time 
 creates `--chats` chats, and opens `--subscribers` subscriptions spread evenly over the chats and the
 processes, alternating SSE and WebSocket (each chat's subscribers are its owner's "tabs": a member's
 cost to the server is the same). All subscribers live in this process, on one event loop, with a
-minimal SSE client (a raw socket) and websockets' client.
+minimal SSE client (a raw socket) and websockets' client, on uvloop as the servers are.
 
 Reports: subscriptions refused; each process's resident memory before and after (per idle subscriber)
 and its Redis connections (CLIENT LIST, by the process's sockets) while idle and while streaming
-(sampled by a process of its own: not on this event loop); then `--streaming` chats get one streamed
+(sampled once a second by a process of its own: not on this event loop); then `--streaming` chats get one streamed
 prompt each, all at once: every subscriber of those chats must get every delta once and the final
 event (missing, duplicated and no-final are counted), with the delivery delay (arrival minus upstream
-send time) p50/p99, split at the append (the time Turbo stored with each event in Redis), and the CPU
-seconds each process and this one spent meanwhile; then a burst of `--burst` SSE subscribes to one
+send time) p50/p99, split at the append (the time Turbo stored with each event in Redis), the CPU
+seconds each process, this one and the sampler spent meanwhile, and how long each was runnable but
+waiting for a CPU (Linux schedstat: a process starved by the machine's other work, not one waiting on
+I/O), with the load average; then a burst of `--burst` SSE subscribes to one
 process, spread over one second: how many were refused and when the last was accepted. Each process
 answers one streamed prompt before any of this (its first loads the tokenizer, once in its life).
 Writes bench/results/listeners-<timestamp>.json and listeners-latest.json. A benchmark, not a test.
@@ -40,6 +42,7 @@ from pathlib import Path
 
 import httpx
 import redis.asyncio
+import uvloop
 from websockets.asyncio.client import connect as ws_connect
 
 from bench.fanout import turbo_start
@@ -55,7 +58,8 @@ from bench.proxy_overhead import (
 )
 from bench.redis_clients import redis_clients_of, redis_connections_of
 
-SENT_AT = re.compile(rb"t=(\d+)")
+EVENT_TYPE = re.compile(rb'^\{"seq":\d+,"type":"([a-z._]+)"')
+DELTA_SENT_AT = re.compile(rb'"delta":"t=(\d+)"')  # the upstream's send time, in the delta's text
 CHATS_PER_USER = 50
 OPEN_AT_ONCE = 200  # subscribes in flight while the idle subscribers are opened
 FINAL_MARK = b'"partial":false'
@@ -81,15 +85,19 @@ class Listener:
         if not data.startswith(b'{"seq":'):
             return
         arrived = time.time_ns()
-        event = json.loads(data)
-        self.seqs.append(event["seq"])
-        if event["type"] == "message.delta":
+        # Only the fields counted, found in place: this process reads every frame of every subscriber, and
+        # parsing each whole event (the reply so far included) was most of its CPU per frame.
+        seq = int(data[7 : data.index(b",", 7)])
+        self.seqs.append(seq)
+        kind = EVENT_TYPE.search(data)
+        kind = kind.group(1) if kind else b""
+        if kind == b"message.delta":
             self.deltas += 1
-            sent = SENT_AT.search(event.get("delta", "").encode())
+            sent = DELTA_SENT_AT.search(data)
             if sent:
                 self.delays.append((arrived - int(sent.group(1))) / 1e6)
-                self.arrivals.append((event["seq"], arrived))
-        elif event["type"] in ("message.completed", "message.failed"):
+                self.arrivals.append((seq, arrived))
+        elif kind in (b"message.completed", b"message.failed"):
             self.finals += 1
 
 
@@ -112,10 +120,15 @@ async def sse_listen(listener: Listener, host: str, port: int, token: str, opene
         writer.close()
         return
     try:
-        while line := await reader.readline():
-            if line.startswith(b"data: "):
-                listener.frame(line[6:].rstrip())
-    except (OSError, asyncio.IncompleteReadError) as exc:
+        while True:
+            # One read per frame (a frame is its lines up to a blank one), not one per line.
+            frame = await reader.readuntil(b"\n\n")
+            at = frame.find(b"data: ")
+            if at >= 0:
+                listener.frame(frame[at + 6 : frame.index(b"\n", at)])
+    except asyncio.IncompleteReadError:
+        pass  # the server ended the response (as an empty read ended the line loop before)
+    except (OSError, asyncio.LimitOverrunError) as exc:
         listener.closed = type(exc).__name__
     finally:
         writer.close()
@@ -152,6 +165,25 @@ async def appended_at(redis_url: str, chat_ids: list[str]) -> dict[tuple[str, in
     finally:
         await client.aclose()
     return found
+
+
+def run_queue_wait_seconds(pid: int) -> float | None:
+    """Time the process's threads have spent runnable but waiting for a CPU (Linux schedstat), so far:
+    what tells a process starved of CPU by the machine's other work from one waiting on I/O."""
+    try:
+        waited = 0
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                waited += int((task / "schedstat").read_text().split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # a thread that ended meanwhile
+        return waited / 1e9
+    except OSError:
+        return None
+
+
+def load_average() -> list[float]:
+    return [round(value, 2) for value in os.getloadavg()]
 
 
 def rss_kib(pid: int) -> int:
@@ -299,6 +331,8 @@ async def measure(args, ports: list[int], pids: list[int]) -> dict:
 
         started = time.monotonic()
         cpu_started = [cpu_seconds(pid) for pid in pids], time.process_time()
+        waits_started = [run_queue_wait_seconds(pid) for pid in [*pids, os.getpid(), sampler.pid]]
+        load_streaming = load_average()
         statuses = await asyncio.gather(*(prompt(n) for n in range(len(streaming))))
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and any(listener.finals < 1 for listener in watched):
@@ -306,6 +340,13 @@ async def measure(args, ports: list[int], pids: list[int]) -> dict:
         stream_seconds = time.monotonic() - started
         cpu_streaming = [round(cpu_seconds(pid) - before, 2) for pid, before in zip(pids, cpu_started[0], strict=True)]
         cpu_streaming_loadgen = round(time.process_time() - cpu_started[1], 2)
+        waits = [run_queue_wait_seconds(pid) for pid in [*pids, os.getpid(), sampler.pid]]
+        # Runnable but not running: the CPU the machine's other work (and this benchmark) did not leave them.
+        run_queue_wait = [
+            round(after - before, 2) if after is not None and before is not None else None
+            for before, after in zip(waits_started, waits, strict=True)
+        ]
+        sampler_cpu = cpu_seconds(sampler.pid)
         await asyncio.sleep(1)  # time for a duplicate to show up
         sampled, _ = await sampler.communicate(b"")
         redis_streaming = json.loads(sampled)
@@ -372,6 +413,11 @@ async def measure(args, ports: list[int], pids: list[int]) -> dict:
         "delay_ms_append_to_arrival_p99": percentile(after_append, 0.99),
         "cpu_seconds_streaming": cpu_streaming,
         "cpu_seconds_streaming_loadgen": cpu_streaming_loadgen,
+        "cpu_seconds_streaming_sampler": sampler_cpu,
+        "run_queue_wait_seconds_streaming": run_queue_wait[: len(pids)],
+        "run_queue_wait_seconds_streaming_loadgen": run_queue_wait[len(pids)],
+        "run_queue_wait_seconds_streaming_sampler": run_queue_wait[len(pids) + 1],
+        "load_average_streaming": load_streaming,
         **lost,
         "burst": args.burst,
         "burst_seconds": round(burst_seconds, 2),
@@ -428,7 +474,9 @@ def main() -> None:
             ports.append(port)
             pids.append(turbo.pid)
         try:
-            result = asyncio.run(measure(args, ports, pids))
+            # uvloop, as the servers run: this one process reads every frame of every subscriber.
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                result = runner.run(measure(args, ports, pids))
         except Exception:
             for index in range(args.servers):
                 print(f"turbo-{index} said:\n{processes.log_tail(f'turbo-{index}')}", file=sys.stderr)

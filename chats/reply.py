@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from chats.models import Message
-from chats.stream import MESSAGE_DELTA, aevent_send, message_event
+from chats.stream import MESSAGE_DELTA, ReplyEvents, aevent_send, message_event
 from proxy import completion
 from proxy.gateway.windows import turn_start
 from proxy.usage.caller import Caller
@@ -49,6 +49,7 @@ class Reply:
     data: object = None  # the structured reply, parsed and valid (proxy.structured)
     pending: bool = False  # the model called a client function: the turn waits for its results
     code: str = ""  # a failed reply's outcome code (turbo_site.core.errors), carried by `message.failed`
+    events: ReplyEvents | None = None  # its deltas on the way, not waited for one by one
 
     def snapshot(self) -> dict:
         return {**self.base, "reply": self.text, "tool_calls": self.records}
@@ -56,18 +57,20 @@ class Reply:
     async def add(self, text: str) -> None:
         self.text += text
         self.unsent += text
-        try:
-            await aevent_send(
-                self.message.chat_id, MESSAGE_DELTA, **message_event(MESSAGE_DELTA, self.snapshot(), self.unsent)
-            )
-            self.unsent = ""
-        except StreamUnavailable:
-            pass  # subscribers were told to reconnect; the final event carries the whole reply
+        if self.events is None:
+            self.events = ReplyEvents(self.message.chat_id)
+        # Not stored yet when this returns: the next delta is read meanwhile. Text not stored comes back in
+        # `unsent`, for the next delta (subscribers were told to reconnect; the final event has it all).
+        self.unsent = await self.events.send(
+            MESSAGE_DELTA, self.unsent, **message_event(MESSAGE_DELTA, self.snapshot(), self.unsent)
+        )
 
     async def restart(self, at: int, attempt: int, errors: list[str]) -> None:
         """A structured reply failed its schema: its text (from `at`) goes; members see `message.reply`
         without it, in a delta that carries `retry`, and the next attempt streams after it."""
         self.text, self.unsent = self.text[:at], ""
+        if self.events is not None:
+            self.events.forget()
         try:
             await aevent_send(
                 self.message.chat_id,

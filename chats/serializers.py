@@ -58,9 +58,15 @@ class StreamEventOutput(serializers.Serializer):
     partial = serializers.BooleanField(help_text="false on the last event of a prompt")
 
 
+# One serializer of each for every call: making one deep-copies and binds all its fields (a quarter of a
+# millisecond of CPU for MessageOutput, three times per prompt, on the event loop); the output is the same.
+_chat_output = ChatOutput()
+_message_output = MessageOutput()
+
+
 def chat_data(chat: Chat) -> dict:
-    return dict(ChatOutput(chat).data)
+    return dict(_chat_output.to_representation(chat))
 
 
 def message_data(message: Message) -> dict:
-    return dict(MessageOutput(message).data)
+    return dict(_message_output.to_representation(message))

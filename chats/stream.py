@@ -113,6 +113,24 @@ async def aevent_send(chat_id, type: str, **fields: Any) -> int:
     return await streams.append(chat_stream_key(chat_id), type, _payload(chat_id, type, fields))
 
 
+class ReplyEvents:
+    """A reply's events to its chat, each sent without waiting for the one before to be stored
+    (turbo_site.core.streams.Appends): the next delta is read from the model meanwhile."""
+
+    def __init__(self, chat_id):
+        self.chat_id = chat_id
+        self.appends = streams.Appends(chat_stream_key(chat_id))
+
+    async def send(self, type: str, text: str, **fields: Any) -> str:
+        """Send an event carrying `text` (a delta's); returns the text to send again with the next one
+        (earlier events' found not stored, then this one's if it was not sent), "" when all is on its way."""
+        return await self.appends.send(type, _payload(self.chat_id, type, fields), text=text)
+
+    def forget(self) -> None:
+        """Whether the events on their way are stored no longer matters (the reply was cut back)."""
+        self.appends.forget()
+
+
 class ChatSubscriber(streams.ReadsByGet):
     """One member's view of a chat's stream, for every front.
 

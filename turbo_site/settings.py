@@ -121,14 +121,15 @@ MIDDLEWARE = [
     "turbo_site.core.middleware.json_errors",
     "turbo_site.core.middleware.body_size_limit",
     "turbo_site.core.middleware.secure_transport",
-    "django.middleware.security.SecurityMiddleware",
+    # Django's own, in the event loop for async requests (turbo_site.core.django_middleware says when).
+    "turbo_site.core.django_middleware.SecurityMiddleware",
     "corsheaders.middleware.CorsMiddleware",
-    "django.contrib.sessions.middleware.SessionMiddleware",
-    "django.middleware.common.CommonMiddleware",
+    "turbo_site.core.django_middleware.SessionMiddleware",
+    "turbo_site.core.django_middleware.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
-    "django.contrib.auth.middleware.AuthenticationMiddleware",
-    "django.contrib.messages.middleware.MessageMiddleware",
-    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "turbo_site.core.django_middleware.AuthenticationMiddleware",
+    "turbo_site.core.django_middleware.MessageMiddleware",
+    "turbo_site.core.django_middleware.XFrameOptionsMiddleware",
 ]
 
 ROOT_URLCONF = "turbo_site.urls"

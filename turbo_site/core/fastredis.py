@@ -245,7 +245,10 @@ class FastRedis:
         connection = self._connection
         if connection is None or connection.lost:
             return None
-        return self._script_send(connection, script, script_sha(script), keys, args)
+        sha = script_sha(script)
+        sent = self._script_send(connection, script, sha, keys, args)
+        sent.add_done_callback(lambda done: _forget_flushed(connection, sha, done))
+        return sent
 
     @staticmethod
     def _script_send(connection: _Connection, script: str, sha: str, keys: list, args: list) -> asyncio.Future:
@@ -262,6 +265,12 @@ class FastRedis:
                 await asyncio.wait(list(connection.waiting), timeout=CLOSE_WAIT_SECONDS)
             connection.transport.close()
         self._connection = None
+
+
+def _forget_flushed(connection: _Connection, sha: str, done: asyncio.Future) -> None:
+    """A script sent without waiting found the server's scripts flushed: the next send is EVAL again."""
+    if not done.cancelled() and isinstance(done.exception(), redis.exceptions.NoScriptError):
+        connection.scripts.discard(sha)
 
 
 @functools.lru_cache(maxsize=16)

@@ -138,6 +138,9 @@ class MemoryBackend:
     async def append(self, key: str, type: str, payload: dict) -> int:
         return self.append_sync(key, type, payload)
 
+    def append_soon(self, key: str, type: str, payload: dict) -> None:
+        return None  # `append` never waits here
+
     async def range(self, key: str, after: int) -> tuple[list[Entry], int]:
         with self._lock:
             stream = self._streams.get(key)
@@ -248,6 +251,15 @@ class RedisBackend:
             raise StreamUnavailable(str(exc)) from exc
         _raise_swallowed_cancellation()
         return seq
+
+    def append_soon(self, key: str, type: str, payload: dict) -> asyncio.Future | None:
+        """Send one append on the process's pipelined connection without waiting for it (None: not
+        connected yet, `append` instead). Its future resolves to the id, or fails with a Redis error."""
+        fast = fast_redis(self.url)
+        if fast is None:
+            return None
+        keys, args = self._append_args(key, type, payload)
+        return fast.script_nowait(_APPEND_SCRIPT, keys, args)
 
     async def range(self, key: str, after: int) -> tuple[list[Entry], int]:
         seq_key, stream_key = _redis_keys(key)
@@ -523,6 +535,80 @@ def append_sync(key: str, type: str, payload: dict) -> int:
 async def append(key: str, type: str, payload: dict) -> int:
     """Number, keep and publish one event; returns its number. Raises StreamUnavailable."""
     return await backend().append(key, type, payload)
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()  # looked at by Appends when it matters; never "exception was never retrieved"
+
+
+class Appends:
+    """One writer's events to one stream, sent in order without waiting for each to be numbered.
+
+    A reply's deltas used to wait for each append's answer before the next could be read from the
+    model: in a busy process every such wait is a turn or two of a crowded event loop, and the deltas
+    queued up behind it (seconds, with a hundred replies streaming to thousands of subscribers). Here an
+    append goes out at once on the process's one pipelined Redis connection, whose commands run in the
+    order written, so the stream keeps the order sent. One that cannot go that way (not connected yet,
+    the in-memory backend, a `rediss://` address) is awaited, after those in flight.
+
+    `send` returns the text to send again with the writer's next event: that of events found not stored
+    (their connection was lost), oldest first, then this event's own if it was not sent. An event sent
+    after others were found lost is held back (its text returned with theirs) so that text never goes
+    out of order; a failed awaited append's text comes back the same way.
+    """
+
+    MAX_IN_FLIGHT = 64  # beyond this many unanswered appends, a send first waits for them
+    WAIT_SECONDS = 5.0  # as long as an awaited append may take
+
+    def __init__(self, key: str):
+        self.key = key
+        self._in_flight: deque[tuple[asyncio.Future, str]] = deque()
+
+    async def send(self, type: str, payload: dict, *, text: str = "") -> str:
+        """Send one event carrying `text` (a delta's); the text to send again (see the class). Never
+        raises StreamUnavailable."""
+        lost = self._lost()
+        if not lost and len(self._in_flight) >= self.MAX_IN_FLIGHT:
+            lost = await self._settle()
+        if lost:
+            return lost + text
+        sent = backend().append_soon(self.key, type, payload)
+        if sent is not None:
+            sent.add_done_callback(_retrieve)
+            self._in_flight.append((sent, text))
+            return ""
+        lost = await self._settle()
+        if lost:
+            return lost + text
+        try:
+            await append(self.key, type, payload)
+        except StreamUnavailable:
+            return text
+        return ""
+
+    def forget(self) -> None:
+        """Stop following the appends in flight: whether they are stored no longer matters (a reply's
+        text was cut back, and a failed one's text must not come back)."""
+        self._in_flight.clear()
+
+    def _lost(self) -> str:
+        lost = []
+        while self._in_flight and self._in_flight[0][0].done():
+            sent, text = self._in_flight.popleft()
+            if sent.cancelled() or sent.exception() is not None:
+                lost.append(text)
+        return "".join(lost)
+
+    async def _settle(self) -> str:
+        """Wait for every append in flight (WAIT_SECONDS at most); the text of those not stored (one that
+        did not answer in time counts as not stored)."""
+        waiting, self._in_flight = self._in_flight, deque()
+        if waiting:
+            await asyncio.wait([sent for sent, _ in waiting], timeout=self.WAIT_SECONDS)
+        return "".join(
+            text for sent, text in waiting if not sent.done() or sent.cancelled() or sent.exception() is not None
+        )
 
 
 async def replay(key: str, after: int) -> tuple[list[Entry], bool]:

@@ -4,9 +4,12 @@ numbering, replay, gaps, slow subscribers and restarts."""
 import asyncio
 import uuid
 
+import pytest
+import redis
 from django.core.cache import cache
 
 from turbo_site.core import streams
+from turbo_site.core.fastredis import fast_redis
 from turbo_site.core.loops import loop_clients_close
 
 
@@ -179,3 +182,56 @@ def test_streams_followed_and_dropped_in_turn_each_get_their_own_events_once():
     got = run(scenario)
     numbers = {name: [entry and entry.data["n"] for entry in entries] for name, entries in got.items()}
     assert numbers == {"a": [1], "b": [2, 4], "c": [5], "again": [6], "after": [None, None, None]}
+
+
+def test_appends_sent_without_waiting_arrive_once_in_the_order_sent():
+    """A reply's deltas go out without waiting for each to be stored (Appends): the stream still holds
+    each once, in the order sent, and nothing comes back to send again."""
+    key = new_key()
+
+    async def scenario():
+        subscription = await streams.Subscription(key).start()
+        appends = streams.Appends(key)
+        again = [await appends.send("t", {"n": n}, text=str(n)) for n in range(40)]
+        got = [await subscription.get(timeout=10) for _ in range(40)]
+        extra = await subscription.get(timeout=0.2)
+        await subscription.close()
+        stored, _ = await streams.replay(key, 0)
+        return again, got, extra, stored
+
+    again, got, extra, stored = run(scenario)
+    assert again == [""] * 40
+    assert [entry.data["n"] for entry in got] == list(range(40))
+    assert [entry.seq for entry in got] == list(range(got[0].seq, got[0].seq + 40))
+    assert extra is None
+    assert [entry.data["n"] for entry in stored] == list(range(40))
+
+
+def test_appends_lost_with_their_connection_come_back_in_order_and_the_next_is_held_back(settings):
+    """Appends on their way when the process's Redis connection is cut are not stored: their text comes
+    back, oldest first, with the event sent next (held back so that no text goes out of order); the one
+    after that goes out on a new connection."""
+    if not isinstance(streams.backend(), streams.RedisBackend):
+        pytest.skip("the in-memory backend waits for every append: nothing is on its way to be lost")
+    key = new_key()
+
+    async def scenario():
+        appends = streams.Appends(key)
+        assert await appends.send("t", {"n": 0}, text="x") == ""
+        fast = fast_redis(settings.REDIS_ADDRESS)
+        connection_id = await fast.execute("CLIENT", "ID")
+        with redis.Redis.from_url(settings.REDIS_ADDRESS) as sync:
+            sync.client_kill_filter(_id=connection_id)
+        # Sent before this loop has seen the connection go: written to a socket the server closed.
+        sent = [await appends.send("t", {"n": n}, text=text) for n, text in ((1, "a"), (2, "b"), (3, "c"))]
+        await asyncio.sleep(0.3)
+        held = await appends.send("t", {"n": 4}, text="d")
+        after = await appends.send("t", {"n": 5}, text="e")
+        stored, _ = await streams.replay(key, 0)
+        return sent, held, after, stored
+
+    sent, held, after, stored = run(scenario)
+    assert sent == ["", "", ""]
+    assert held == "abcd"
+    assert after == ""
+    assert [entry.data["n"] for entry in stored] == [0, 5]
