@@ -51,9 +51,9 @@ nginx-deps: ## install Debian's nginx for the production stack's test (as root)
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx-light
 
 # The documentation's JavaScript examples run through their real clients (openai, eventsource, ws, graphql-ws),
-# pinned in turbo_site/testing/js/package-lock.json; the example runner (turbo_site/tests/test_docs_examples.py)
+# pinned in testing/js/package-lock.json; the example runner (turbo_site/tests/test_docs_examples.py)
 # runs them with Node.js. Node and npm: Debian's nodejs and npm (as root when missing, as browser-deps).
-JS_DEPS := turbo_site/testing/js
+JS_DEPS := testing/js
 js-deps: ## install the JavaScript clients the docs' examples use (needs node and npm)
 	@if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then \
 		if [ "$$(id -u)" != 0 ]; then \
@@ -139,7 +139,7 @@ protos: install ## regenerate protos/turbo/v1/turbo_pb2*.py
 
 # The project's own modules, byte-compiled before a run: with PYTHONDONTWRITEBYTECODE set, each of the
 # suite's subprocesses (servers, manage.py commands) would otherwise compile them again.
-PROJECT_CODE := manage.py conftest.py accounts groups chats proxy turbo_site protos bench
+PROJECT_CODE := manage.py conftest.py accounts groups chats proxy turbo_site protos bench testing
 
 # TEST_WORKERS=N runs the suite in N processes at once (pytest-xdist). A test file stays on one worker (its
 # module fixtures are made once); each worker has its own test database (SQLite file, or Postgres

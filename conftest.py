@@ -15,8 +15,8 @@ import pytest
 import uvicorn
 from django.core.cache import cache
 
-# Test helpers and fixture modules (turbo_site/testing/) get pytest's assertion messages too.
-pytest.register_assert_rewrite("turbo_site.testing")
+# Test helpers and fixture modules (testing/) get pytest's assertion messages too.
+pytest.register_assert_rewrite("testing")
 
 
 @pytest.fixture(autouse=True)
@@ -87,7 +87,7 @@ def turbo_server(django_db_setup, django_db_blocker):
 @pytest.fixture(scope="session")
 def grpc_server(django_db_setup, django_db_blocker):
     """Turbo's gRPC server (turbo_site/grpc.py) on a loopback port, in a thread sharing the test database."""
-    from turbo_site.testing.grpc import GrpcServer
+    from testing.grpc import GrpcServer
 
     server = GrpcServer().start()
     yield server
@@ -177,7 +177,7 @@ FAKE_HEADERS = ["x-fake-scenario", "x-fake-delay", "x-fake-chunk-delay", "x-fake
 
 @pytest.fixture(scope="session")
 def fake_upstream():
-    from turbo_site.testing.fake_upstream import FakeUpstream
+    from testing.fake_upstream import FakeUpstream
 
     fake = FakeUpstream()
     fake.start()

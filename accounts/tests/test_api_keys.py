@@ -28,7 +28,7 @@ from chats.tests.conftest import two_servers  # noqa: F401 (a fixture)
 from conftest import unique_name
 from groups.models import Group
 from groups.services import group_allowed_models_set, group_create, group_members_add
-from turbo_site.testing.commands import manage
+from testing.commands import manage
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

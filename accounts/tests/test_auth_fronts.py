@@ -30,9 +30,7 @@ from proxy.fast import ProxyFastPath
 from proxy.fast import takes as fast_path_takes
 from proxy.grpc import CompletionsServicer
 from proxy.routing import websocket_urlpatterns as rpc_websockets
-from turbo_site.core.grpc import grpc_status
-from turbo_site.graphql_server import websocket_urlpatterns as graphql_websockets
-from turbo_site.testing.fronts import (
+from testing.fronts import (
     OURS,
     CallContext,
     Sent,
@@ -42,6 +40,8 @@ from turbo_site.testing.fronts import (
     session_tokens_of,
     socket_parts,
 )
+from turbo_site.core.grpc import grpc_status
+from turbo_site.graphql_server import websocket_urlpatterns as graphql_websockets
 
 # Async views and consumers reach the database from other threads: they must see committed rows.
 pytestmark = pytest.mark.django_db(transaction=True)

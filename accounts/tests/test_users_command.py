@@ -11,7 +11,7 @@ from django.core.management.base import CommandError
 from accounts.models import User
 from accounts.services import session_create, session_lookup, user_create
 from conftest import run_manage
-from turbo_site.testing.commands import manage
+from testing.commands import manage
 
 pytestmark = pytest.mark.django_db
 

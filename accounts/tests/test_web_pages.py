@@ -17,7 +17,7 @@ from conftest import unique_name
 from groups.models import Group, GroupMember
 from proxy.events import events_flush
 from proxy.models import Budget, Event
-from turbo_site.testing.pages import (
+from testing.pages import (
     PASSWORD,
     log_in,
     page_of,
@@ -26,7 +26,7 @@ from turbo_site.testing.pages import (
 )
 
 pytestmark = pytest.mark.django_db(transaction=True)
-pytest_plugins = ["turbo_site.testing.pages"]  # the browsers fixture
+pytest_plugins = ["testing.pages"]  # the browsers fixture
 
 
 @pytest.fixture

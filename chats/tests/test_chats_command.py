@@ -14,8 +14,8 @@ from accounts.services import user_create
 from chats.models import Chat, ChatMember, Message
 from chats.services import message_delete
 from groups.models import GroupMember
+from testing.commands import manage
 from turbo_site.core.errors import NotFound
-from turbo_site.testing.commands import manage
 
 pytestmark = pytest.mark.django_db
 
@@ -159,7 +159,7 @@ def test_message_delete_service_raises_not_found(chat, message_id):
 
 
 # --- as an operator runs it: manage.py's entry point, exit status and streams -----------------------
-# In this process (turbo_site.testing.commands); what a fresh process adds is checked once, for every
+# In this process (testing.commands); what a fresh process adds is checked once, for every
 # operator command, in accounts/tests/test_users_command.py.
 
 

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from protos.turbo.v1 import turbo_pb2, turbo_pb2_grpc
-from turbo_site.testing.grpc import bearer
+from testing.grpc import bearer
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

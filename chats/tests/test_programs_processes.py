@@ -10,7 +10,7 @@ from django.conf import settings
 
 from chats.models import ChatProgram
 from chats.tests.test_programs import CHAT_PROGRAMS, chat_requests, wait_until
-from turbo_site.testing.commands import manage
+from testing.commands import manage
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -31,9 +31,9 @@ from chats.tests.processes import (
     stored,
     words,
 )
+from testing.commands import manage
 from turbo_site.core import streams
 from turbo_site.core.loops import loop_clients_close
-from turbo_site.testing.commands import manage
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

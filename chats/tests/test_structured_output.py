@@ -164,7 +164,7 @@ def plain_model(settings, tmp_path):
     """A public model `plain` whose deployment lacks native json_schema support (TURBO_CONFIG)."""
     from conftest import FAKE_HEADERS
     from proxy.gateway import health
-    from turbo_site.testing.fake_upstream import FakeUpstream
+    from testing.fake_upstream import FakeUpstream
 
     fake = FakeUpstream().start()
     health.forget()

@@ -15,7 +15,7 @@ from selenium.webdriver.support.ui import Select
 from chats.models import Chat, Message
 from conftest import SERVER_KEY
 from proxy.gateway import health
-from turbo_site.testing.browser import (
+from testing.browser import (
     assert_grew_word_by_word,
     assert_only_grew,
     chat_messages,
@@ -27,7 +27,7 @@ from turbo_site.testing.browser import (
     server_websockets_drop,
 )
 
-pytest_plugins = ["turbo_site.testing.browser"]
+pytest_plugins = ["testing.browser"]
 pytestmark = pytest.mark.django_db(transaction=True)
 
 CHAT_PATH = r"/chats/[0-9a-f-]{36}"

@@ -22,10 +22,10 @@ from django.test.utils import CaptureQueriesContext
 from chats.models import Chat, ChatMember, Message
 from conftest import PROJECT_ROOT, unique_name
 from groups.models import Group, GroupMember
-from turbo_site.testing.pages import page_of, post_form
+from testing.pages import page_of, post_form
 
 pytestmark = pytest.mark.django_db(transaction=True)
-pytest_plugins = ["turbo_site.testing.pages"]  # the browsers and person fixtures
+pytest_plugins = ["testing.pages"]  # the browsers and person fixtures
 
 XSS_PROMPT = "<script>alert(1)</script> and <img src=x onerror=alert(1)>"
 STATIC = PROJECT_ROOT / "templates" / "static" / "turbo"

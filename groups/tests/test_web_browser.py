@@ -6,7 +6,7 @@ import re
 import pytest
 from selenium.webdriver.support.ui import Select
 
-from turbo_site.testing.browser import (
+from testing.browser import (
     Browser,
     assert_grew_word_by_word,
     chat_messages,
@@ -16,7 +16,7 @@ from turbo_site.testing.browser import (
     prompt_send,
 )
 
-pytest_plugins = ["turbo_site.testing.browser"]
+pytest_plugins = ["testing.browser"]
 pytestmark = pytest.mark.django_db(transaction=True)
 
 

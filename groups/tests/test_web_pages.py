@@ -9,10 +9,10 @@ import pytest
 from chats.models import Chat
 from conftest import unique_name
 from groups.models import Group, GroupMember
-from turbo_site.testing.pages import page_of, post_form
+from testing.pages import page_of, post_form
 
 pytestmark = pytest.mark.django_db(transaction=True)
-pytest_plugins = ["turbo_site.testing.pages"]  # the browsers and person fixtures
+pytest_plugins = ["testing.pages"]  # the browsers and person fixtures
 
 
 def bearer(token: str) -> dict:

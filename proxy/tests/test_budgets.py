@@ -10,7 +10,7 @@ from conftest import unique_name
 from proxy.models import Budget
 from proxy.usage.budgets import BudgetExceeded, budget_reserve, budget_rules_forget, budget_set
 from proxy.usage.caller import Caller
-from turbo_site.testing.commands import manage
+from testing.commands import manage
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

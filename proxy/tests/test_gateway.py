@@ -20,7 +20,7 @@ from conftest import FAKE_HEADERS, SERVER_KEY
 from proxy.events import events_flush
 from proxy.gateway import health
 from proxy.models import Event
-from turbo_site.testing.fake_upstream import FakeUpstream
+from testing.fake_upstream import FakeUpstream
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -12,8 +12,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from protos.turbo.v1 import turbo_pb2, turbo_pb2_grpc
 from proxy.usage.ratelimits import ratelimits_forget
-from turbo_site.testing.fake_upstream import fake_embedding
-from turbo_site.testing.grpc import bearer
+from testing.fake_upstream import fake_embedding
+from testing.grpc import bearer
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

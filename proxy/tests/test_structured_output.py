@@ -13,7 +13,7 @@ from proxy import ai
 from proxy.gateway import health
 from proxy.gateway.instructions import SCHEMA_INSTRUCTIONS
 from proxy.structured import RETRY_INSTRUCTION, ResponseFormatInvalid, StructuredOutputError
-from turbo_site.testing.fake_upstream import FakeUpstream
+from testing.fake_upstream import FakeUpstream
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

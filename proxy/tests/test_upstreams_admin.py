@@ -12,7 +12,7 @@ from accounts.models import User
 from accounts.tests.test_admin import log_in
 from conftest import unique_name
 from proxy.gateway import health
-from turbo_site.testing.fake_upstream import FakeUpstream
+from testing.fake_upstream import FakeUpstream
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

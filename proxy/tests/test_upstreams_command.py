@@ -11,8 +11,8 @@ import pytest
 from chats.tests.processes import free_port, redis_start
 from conftest import run_manage
 from proxy.gateway import health
-from turbo_site.testing.commands import manage
-from turbo_site.testing.fake_upstream import FakeUpstream
+from testing.commands import manage
+from testing.fake_upstream import FakeUpstream
 from turbo_site.tests.test_tracing import receiver  # noqa: F401  (an OTLP/HTTP receiver)
 
 pytestmark = pytest.mark.django_db

@@ -26,7 +26,7 @@ from proxy.usage.passthrough import UsageStripper, usage_asked_for
 from proxy.usage.pricing import DEFAULT_PRICES, Price, cost_of, cost_usd, price_of
 from proxy.usage.records import Usage, usage_from, usage_record
 from proxy.usage.tokens import count_text, estimate_prompt_tokens
-from turbo_site.testing.commands import manage
+from testing.commands import manage
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

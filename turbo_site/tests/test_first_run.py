@@ -116,7 +116,7 @@ def test_make_env_writes_a_secret_once_and_the_documented_commands_then_work(tmp
 
 
 # One fresh interpreter for a new user's whole session of operator commands (migrate, the Operating page's
-# commands in order, `users list`): each through manage.py's entry point (turbo_site.testing.commands), with
+# commands in order, `users list`): each through manage.py's entry point (testing.commands), with
 # the settings of the environment it was started in. A process per command cost ~25 interpreter start-ups.
 OPERATOR_SESSION = """\
 import io, json, os, sys
@@ -124,7 +124,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "turbo_site.settings")
 import django
 django.setup()
 from django.conf import settings
-from turbo_site.testing.commands import manage
+from testing.commands import manage
 
 ran = [manage("migrate", "--noinput", "-v0")]
 from accounts.keys import api_key_create

@@ -3,7 +3,7 @@
 A row is a rule broken (a credential that is no good, a key where keys are not allowed, another user's
 chat, a forbidden model, a rate limit, a used-up budget, a malformed request, an upstream that fails, a
 reply that misses its schema) and the one outcome it has (Turbo's code and its HTTP status, from
-turbo_site.core.errors.CODES). A column is a front's adapter (turbo_site.testing.fronts); each cell
+turbo_site.core.errors.CODES). A column is a front's adapter (testing.fronts); each cell
 asserts that the front told its client that outcome in the front's own terms: the status and code of an
 HTTP answer or an SSE error event, the code of a /ws error frame or of GraphQL's `extensions.code`, the
 gRPC status of the code, a socket's close code.
@@ -13,7 +13,7 @@ Where a front's protocol names an outcome its own way (the /ws `invalid_payload`
 close codes) the row says so in `spelled`, with the reason. A cell that disagrees is a bug to fix where
 the outcome is made, never a mark here.
 
-A new front joins by adding its adapter to turbo_site.testing.fronts and its `Front` to the lists here.
+A new front joins by adding its adapter to testing.fronts and its `Front` to the lists here.
 """
 
 from collections.abc import Callable
@@ -33,9 +33,9 @@ from proxy.gateway import health
 from proxy.usage.budgets import budget_set
 from proxy.usage.caller import Caller
 from proxy.usage.ratelimits import ratelimit_admit
+from testing import fronts
+from testing.fronts import Ask, Front, Seen, session_tokens_of
 from turbo_site.core.errors import CODES, grpc_name_of
-from turbo_site.testing import fronts
-from turbo_site.testing.fronts import Ask, Front, Seen, session_tokens_of
 
 # Async views and consumers reach the database from other threads: they must see committed rows.
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -16,7 +16,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Status as StatusProto
 
 from conftest import PROJECT_ROOT, SERVER_KEY, run_python
 from protos.turbo.v1 import turbo_pb2, turbo_pb2_grpc
-from turbo_site.testing.grpc import bearer
+from testing.grpc import bearer
 
 # The metrics tests' scrape parser, and the tracing tests' OTLP/HTTP receiver.
 from turbo_site.tests.test_metrics import TOKEN as METRICS_TOKEN

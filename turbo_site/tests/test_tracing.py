@@ -435,7 +435,7 @@ def test_a_ws_request_has_a_span_of_its_own_over_its_attempt(turbo_server, signu
 
 async def test_a_grpc_call_continues_the_client_traceparent(grpc_server, signup, upstream, spans):
     from protos.turbo.v1 import turbo_pb2, turbo_pb2_grpc
-    from turbo_site.testing.grpc import bearer as grpc_bearer
+    from testing.grpc import bearer as grpc_bearer
 
     token = signup()[0]
     client_trace, client_span = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from turbo_site.testing.fake_upstream import DEFAULT_REPLY, FakeUpstream, fake_embedding
+from testing.fake_upstream import DEFAULT_REPLY, FakeUpstream, fake_embedding
 
 
 @pytest.fixture(scope="module")

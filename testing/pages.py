@@ -156,7 +156,7 @@ def log_in(browser: httpx.Client, username: str, password: str = PASSWORD, *, ne
     return post_form(browser, "/login", {"username": username, "password": password, "next": next})
 
 
-# --- fixtures: test modules import them (`from turbo_site.testing.pages import browsers, person`) ---------
+# --- fixtures: test modules import them (`from testing.pages import browsers, person`) ---------
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """Real-browser tests of the web app: Debian's headless chromium driven by Selenium.
 
-A test module loads these fixtures with ``pytest_plugins = ["turbo_site.testing.browser"]``, then asks for
+A test module loads these fixtures with ``pytest_plugins = ["testing.browser"]``, then asks for
 ``browser`` (and ``second_browser`` for a second user): each is a :class:`Browser` on the live test server
 (``turbo_server``), light theme, a 1280x900 viewport and no cookies. The chromium processes are shared by
 the tests of a module (starting one takes a second or two); a test gets them cleaned, never half-used.
@@ -50,7 +50,7 @@ __all__ = [
     "server_websockets_drop",
 ]
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 README_SCREENSHOTS = PROJECT_ROOT / "templates" / "static" / "turbo" / "screenshots"
 CHROMIUM_ARGUMENTS = ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900")
 DESKTOP = {"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": False}
