@@ -9,8 +9,8 @@ import redis
 from django.core.cache import cache
 
 from turbo_site.core import streams
-from turbo_site.core.fastredis import fast_redis
 from turbo_site.core.loops import loop_clients_close
+from turbo_site.core.redis_retry import fast_redis
 
 
 def run(coroutine_function):
