@@ -475,8 +475,8 @@ async def events_writer_stop(timeout: float = 30.0) -> None:
         await asyncio.wait_for(task, timeout)
     except Exception:
         logger.exception("the event writer did not stop cleanly")
-    if _database_thread is not None:
-        _database_thread.shutdown(wait=True)
+    if _database_thread is not None:  # a write still running (the task timed out) ends on its own, under the lock
+        _database_thread.shutdown(wait=False)
 
 
 async def _loop_writer_run() -> None:
