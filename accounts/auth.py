@@ -28,8 +28,9 @@ from urllib.parse import parse_qs, urlsplit
 from django.conf import settings
 from rest_framework import authentication
 
-from accounts.services import asession_lookup, session_lookup
+from accounts.services import asession_lookup, asession_lookup_unconfirmed, session_lookup
 from accounts.tokens import AuthSession
+from turbo_site.core.acache import CachedCheck
 from turbo_site.core.errors import TurboError
 from turbo_site.core.http import mark_event, scope_headers
 
@@ -203,6 +204,16 @@ async def aauthenticate(front: str, credentials: Credentials, *, shared: bool = 
     `shared`: the caller never changes the session or its user (see asession_lookup)."""
     token = _chosen(front, credentials)
     return admit(front, await asession_lookup(token, keys=True, shared=shared))
+
+
+async def aauthenticate_unconfirmed(front: str, credentials: Credentials) -> tuple[AuthSession, CachedCheck | None]:
+    """`aauthenticate(shared=True)` with no Redis round trip for a token this process looked up before:
+    the caller, and None or a check the caller MUST confirm on Redis before it answers or acts (the
+    proxy's hot path folds it into its admission script). CacheChanged from the check: the token's
+    lookup changed (revoked, the user or their groups changed): authenticate again with `aauthenticate`."""
+    token = _chosen(front, credentials)
+    found, check = await asession_lookup_unconfirmed(token, keys=True)
+    return admit(front, found), check
 
 
 def authenticate(front: str, credentials: Credentials) -> AuthSession:

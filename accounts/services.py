@@ -28,7 +28,7 @@ from accounts.live import sessions_revoked_announce
 from accounts.models import API_KEY_PREFIX, Session, User
 from accounts.throttle import login_throttle_check, login_throttle_fail, login_throttle_reset
 from accounts.tokens import AuthSession, cache_key, token_hash, token_lookups_forget
-from turbo_site.core.acache import acache_get
+from turbo_site.core.acache import CachedCheck, acache_get, acache_get_unconfirmed
 from turbo_site.core.errors import Conflict, Invalid, NotFound, Unauthorized
 
 # A hash to compare against when the username is unknown, so both failures take the same time.
@@ -140,6 +140,20 @@ async def asession_lookup(token: str, *, keys: bool = False, shared: bool = Fals
         return None
     hashed = token_hash(token)
     return await _asession_of(hashed, maybe_key=token.startswith(API_KEY_PREFIX), keys=keys, shared=shared)
+
+
+async def asession_lookup_unconfirmed(
+    token: str, *, keys: bool = False
+) -> tuple[AuthSession | None, CachedCheck | None]:
+    """asession_lookup(shared=True) with no Redis round trip when this process has read the token's
+    cached lookup before and it is still valid: that lookup, and the check (turbo_site.core.acache) the
+    caller must confirm before it answers or acts. Otherwise the lookup as asession_lookup makes it, and
+    None (nothing to confirm)."""
+    if _token_acceptable(token):
+        known = acache_get_unconfirmed(cache_key(token_hash(token)))
+        if known is not None and _still_valid(known[0], keys) is not None:
+            return known
+    return await asession_lookup(token, keys=keys, shared=True), None
 
 
 async def asession_refresh(session: AuthSession) -> AuthSession | None:

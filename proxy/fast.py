@@ -17,9 +17,11 @@ import time
 from django.conf import settings
 from django.http.request import split_domain_port, validate_host
 
-from accounts.auth import AuthRefused, Credentials, aauthenticate
+from accounts.auth import AuthRefused, Credentials, aauthenticate, aauthenticate_unconfirmed
+from accounts.tokens import AuthSession
 from proxy.usage.caller import Caller
 from proxy.views import ProxyReply, ProxyRequest, exchange, openai_error_body
+from turbo_site.core.acache import CacheChanged, CachedCheck
 from turbo_site.core.errors import outcome_of
 from turbo_site.core.http import client_ip_from, scope_headers
 
@@ -134,42 +136,71 @@ async def _until_disconnect(receive) -> None:
         pass
 
 
+async def _caller(headers: dict[str, str], *, confirmed: bool) -> tuple[AuthSession, CachedCheck | None]:
+    """Who is calling; unless `confirmed`, as this process read the token last (no round trip), with the
+    check every answer must wait for (accounts.auth.aauthenticate_unconfirmed)."""
+    credentials = Credentials(authorization=headers.get("authorization", ""))
+    try:
+        if confirmed:
+            # Shared: this path only reads who is calling, so an unchanged cached lookup is not unpickled again.
+            return await aauthenticate("proxy.fast", credentials, shared=True), None
+        return await aauthenticate_unconfirmed("proxy.fast", credentials)
+    except AuthRefused as refused:
+        raise _openai_refusal(refused.status_code, refused.code, refused.message, refused.headers) from None
+
+
 async def serve(scope, receive, send) -> None:
     """Answer one /v1/ request that `takes()` accepted."""
     started = time.perf_counter()
     headers = scope_headers(scope)
+    check = None
     try:
         _check_host(headers)
-        try:
-            # Shared: this path only reads who is calling, so an unchanged cached lookup is not unpickled again.
-            found = await aauthenticate(
-                "proxy.fast", Credentials(authorization=headers.get("authorization", "")), shared=True
-            )
-        except AuthRefused as refused:
-            raise _openai_refusal(refused.status_code, refused.code, refused.message, refused.headers) from None
+        # The token as this process read it last: the admission's script checks it is still the one in
+        # Redis, so the lookup costs no round trip of its own (proxy.usage.limits).
+        found, check = await _caller(headers, confirmed=False)
         body = await _read_body(receive, headers)
         if body is None:
             return
     except Refused as refused:
-        await _send_whole(send, refused.status, refused.body, refused.headers)
+        answer = refused
+        if check is not None:  # a refusal waits for the token's check: a revoked token gets its 401
+            try:
+                await check.confirm()
+            except CacheChanged:
+                try:
+                    await _caller(headers, confirmed=True)
+                except Refused as unauthenticated:
+                    answer = unauthenticated
+        await _send_whole(send, answer.status, answer.body, answer.headers)
         return
     path = scope["path"]
-    reply = await exchange(
-        ProxyRequest(
-            user_id=found.user.pk,
-            is_staff=found.user.is_staff,
-            allowed_models=found.allowed_models,
-            caller=Caller.of(found),
-            method=scope["method"],
-            path=path[len(PREFIX) :],
-            request_path=path,
-            query=scope.get("query_string", b"").decode("latin1"),
-            headers=headers,
-            body=body,
-            client_ip=client_ip_from((scope.get("client") or (None,))[0], headers.get("x-forwarded-for")),
-            started=started,
-        )
-    )
+    while True:
+        try:
+            reply = await exchange(
+                ProxyRequest(
+                    user_id=found.user.pk,
+                    is_staff=found.user.is_staff,
+                    allowed_models=found.allowed_models,
+                    caller=Caller.of(found),
+                    method=scope["method"],
+                    path=path[len(PREFIX) :],
+                    request_path=path,
+                    query=scope.get("query_string", b"").decode("latin1"),
+                    headers=headers,
+                    body=body,
+                    client_ip=client_ip_from((scope.get("client") or (None,))[0], headers.get("x-forwarded-for")),
+                    started=started,
+                    token_check=check,
+                )
+            )
+            break
+        except CacheChanged:  # revoked, or the user or their groups changed: nothing was done, start again
+            try:
+                found, check = await _caller(headers, confirmed=True)
+            except Refused as refused:
+                await _send_whole(send, refused.status, refused.body, refused.headers)
+                return
     if reply.stream is None:  # our own error: its headers (Retry-After, X-Turbo-Attempts...) go along
         extra = [
             (name.lower().encode("latin1"), str(value).encode("latin1"))

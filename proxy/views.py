@@ -41,6 +41,7 @@ from proxy.usage.caller import Caller
 from proxy.usage.limits import limits_settle
 from proxy.usage.passthrough import UsageStripper, exchange_usage_record, usage_asked_for
 from turbo_site.core import metrics, tracing
+from turbo_site.core.acache import CachedCheck
 from turbo_site.core.errors import Outcome, outcome_of
 from turbo_site.core.http import client_ip
 from turbo_site.core.parsers import JSONTooDeep, client_json_loads
@@ -153,6 +154,10 @@ class ProxyRequest:
     started: float  # time.perf_counter() when the request arrived
     allowed_models: frozenset[str] | None = None  # the user's groups' limit; None: any model
     caller: Caller | None = None  # who the call is for: user, group (a group key's) and API key
+    # The hot path's token lookup as this process read it last (turbo_site.core.acache): confirmed on
+    # Redis before any answer (in the admission's script when the call gets that far); CacheChanged
+    # from exchange() means it changed, and the request must be authenticated again.
+    token_check: CachedCheck | None = None
 
 
 @dataclass(slots=True)
@@ -197,9 +202,15 @@ async def exchange(request: ProxyRequest) -> ProxyReply:
             attempts=attempts,
         )
 
-    def fail(
+    async def confirmed() -> None:
+        """A refusal (or an answer of our own) waits for the token's check: a revoked one gets its 401."""
+        if request.token_check is not None:
+            await request.token_check.confirm()
+
+    async def fail(
         status: int, message: str, error_type: str, code: str, headers: dict | None = None, attempts=()
     ) -> ProxyReply:
+        await confirmed()
         log(status, attempts=attempts)
         return ProxyReply(
             status,
@@ -208,25 +219,28 @@ async def exchange(request: ProxyRequest) -> ProxyReply:
         )
 
     if _has_dot_segment(request.path):
-        return fail(400, "the path may not contain '.' or '..' segments", "invalid_request_error", "invalid_path")
+        return await fail(400, "the path may not contain '.' or '..' segments", "invalid_request_error", "invalid_path")
     decision = path_decision(request.method, request.path, is_staff=request.is_staff)
     if decision.refused:
-        return fail(decision.status, decision.message, "invalid_request_error", decision.code, decision.headers)
+        return await fail(decision.status, decision.message, "invalid_request_error", decision.code, decision.headers)
     if unreadable is not None:  # a model call policy cannot read is never forwarded unchecked
         code = unreadable.code if isinstance(unreadable, RequestUnreadable) else "invalid_json"
-        return fail(400, str(unreadable), "invalid_request_error", code)
+        return await fail(400, str(unreadable), "invalid_request_error", code)
     referred = _referred(decision.route, request.body) if decision.route is not None else []
     if referred is None:
         message = "the body must be one JSON object that names each object once"
-        return fail(400, message, "invalid_request_error", "invalid_json")
+        return await fail(400, message, "invalid_request_error", "invalid_json")
+    if referred or (decision.route is not None and decision.route.access is Access.OWNER):
+        await confirmed()  # a revoked token learns nothing of whose objects exist
     foreign = await _foreign_object(decision, request, referred)
     if foreign is not None:  # as if it did not exist: whether another user's id is real is not told
-        return fail(404, f"no such object: {foreign!r}", "invalid_request_error", "not_found")
+        return await fail(404, f"no such object: {foreign!r}", "invalid_request_error", "not_found")
     stores = _stored_by(decision.route, payload)
 
     try:
         listed = _models_answer(request)
         if listed is not None:
+            await confirmed()
             log(listed.status)
             return listed
         sent = time.perf_counter()
@@ -243,6 +257,7 @@ async def exchange(request: ProxyRequest) -> ProxyReply:
                 model=model,
                 allowed_models=request.allowed_models,
                 caller=request.caller,
+                token_check=request.token_check,
             )
         )
     except gateway.GatewayError as exc:
@@ -251,7 +266,7 @@ async def exchange(request: ProxyRequest) -> ProxyReply:
             logger.warning("upstream request failed: %s", exc.message)
         headers = {"X-Turbo-Attempts": str(len(exc.attempts))} if exc.attempts else {}
         headers.update(outcome.all_headers())  # Retry-After, a rate limit's x-ratelimit-*
-        return fail(outcome.status, outcome.message, outcome.openai_type, outcome.code, headers, exc.attempts)
+        return await fail(outcome.status, outcome.message, outcome.openai_type, outcome.code, headers, exc.attempts)
     answered = time.perf_counter()
 
     upstream = answer.response

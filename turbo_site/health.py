@@ -174,7 +174,11 @@ def add_health_paths(result, generator, request, public):
                                     "websocket_clients": {"type": "integer"},
                                     "events": {
                                         "type": "object",
-                                        "properties": {"queued": {"type": "integer"}, "dropped": {"type": "integer"}},
+                                        "properties": {
+                                            "queued": {"type": "integer"},
+                                            "dropped": {"type": "integer"},
+                                            "writer": {"type": "string", "enum": ["loop", "thread", "none"]},
+                                        },
                                     },
                                 },
                             }

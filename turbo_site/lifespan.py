@@ -66,7 +66,7 @@ async def _drain_then(server_handler, signum) -> None:
 
 
 async def on_shutdown() -> None:
-    from proxy.events import events_shutdown
+    from proxy.events import events_shutdown, events_writer_stop
     from turbo_site.core.loops import loop_clients_close
     from turbo_site.core.tracing import tracing_shutdown
 
@@ -74,6 +74,7 @@ async def on_shutdown() -> None:
         task.cancel()
     await drain()  # a no-op when SIGTERM already drained
     await loop_clients_close()
+    await events_writer_stop()  # its flush in flight ends; what is left is written just below
     await sync_to_async(events_shutdown, thread_sensitive=False)()
     await sync_to_async(tracing_shutdown, thread_sensitive=False)()  # the last spans, when tracing is on
 
@@ -94,6 +95,9 @@ async def lifespan(scope, receive, send) -> None:
         if message["type"] == "lifespan.startup":
             _drain_before_server_stops(asyncio.get_running_loop())
             _background.add(asyncio.get_running_loop().create_task(_sweeper()))
+            from proxy.events import events_writer_start
+
+            events_writer_start()  # the event and usage writer on this loop, not in a thread of its own
             heap_freeze()
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":

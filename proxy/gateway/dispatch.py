@@ -36,6 +36,7 @@ from proxy.usage.limits import limits_settle, limits_take
 from proxy.usage.ratelimits import Admission, deployments_full_error, ratelimit_deployment_admit, ratelimit_release
 from proxy.usage.tokens import estimate_prompt_tokens
 from turbo_site.core import metrics, tracing
+from turbo_site.core.acache import CachedCheck
 
 logger = logging.getLogger("turbo.gateway")
 
@@ -59,6 +60,9 @@ class Call:
     # Turbo's own call, which validates the reply: a deployment without native json_schema support gets
     # the schema as instructions (proxy.gateway.instructions). The /v1 passthrough leaves this off.
     schema_as_instructions: bool = False
+    # The caller's token lookup as this process read it last, still to be confirmed on Redis (the /v1 hot
+    # path: turbo_site.core.acache): confirmed before anything is taken or sent, in the admission's script.
+    token_check: CachedCheck | None = None
 
 
 @dataclass(slots=True)
@@ -235,9 +239,12 @@ async def send(call: Call) -> Answer:
             cost_ceiling=lambda: call_cost_ceiling(
                 call.path, call.model, call.payload, raw=call.body, content_type=call.headers.get("content-type", "")
             ),
+            token_check=call.token_check,
         )
     else:
         admission, reservation = Admission(), None
+        if call.token_check is not None:
+            await call.token_check.confirm()
     try:
         answer = await _deliver(call, admission)
     except BaseException:

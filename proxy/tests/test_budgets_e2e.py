@@ -172,3 +172,77 @@ def test_a_budget_and_a_rate_limit_together_refuse_without_taking_from_each_othe
     # The last cent is still there to reserve: every earlier reservation was settled, none left to expire.
     assert ask(client, token).status_code == 200
     assert ask(client, token).json()["error"]["code"] == "budget_exceeded"
+
+
+def _top_level_commands(monitor, until: str) -> list[list[str]]:
+    """The commands Redis received from clients (not those a script ran) up to the ECHO of `until`."""
+    seen = []
+    while True:
+        command = monitor.next_command()
+        words = command["command"].split()
+        if words[:2] == ["ECHO", until]:
+            return seen
+        if command["client_type"] != "lua":
+            seen.append(words)
+
+
+@pytest.mark.skipif(not settings.REDIS_ADDRESS, reason="the token's lookup and the admission meet on Redis")
+def test_a_keys_lookup_and_admission_share_one_round_trip_and_its_revocation_holds_at_once(
+    client, signup, priced, upstream, settings
+):
+    """The production setup (a key with rpm/tpm and a budget): once this process has read the key's
+    lookup, a call sends Redis no GET for it; the admission's script checks it in place. A revocation
+    (which deletes the cached lookup) is refused by the very next call, whatever that call carries."""
+    import redis as redis_py
+
+    from proxy.usage.ratelimits import ratelimits_forget
+
+    ratelimits_forget()
+    settings.PROXY_MAX_BODY_BYTES = 4096
+    token, _, _ = signup()
+    made = client.post(
+        "/user/keys/create",
+        json={"name": "limited", "rpm": 100, "tpm": 100_000, "budget_usd": "1", "budget_period": "day"},
+        headers=bearer(token),
+    ).json()
+    key = made["key"]
+    for _ in range(2):  # from the database (and cached), then from the cache: this process holds it now
+        assert ask(client, key).status_code == 200
+    observer = redis_py.Redis.from_url(settings.REDIS_ADDRESS)
+    with observer.monitor() as monitor:
+        answer = ask(client, key)
+        observer.echo("end-of-call")
+        commands = _top_level_commands(monitor, "end-of-call")
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-ratelimit-remaining-requests"] == "97"
+    names = [words[0].upper() for words in commands]
+    assert "GET" not in names, commands  # no lookup of its own
+    assert names.count("EVALSHA") + names.count("EVAL") == 2, commands  # the admission, then the settlement
+
+    heard = len(upstream.requests)
+    assert client.post("/user/keys/revoke", json={"id": made["id"]}, headers=bearer(token)).status_code == 200
+    refused = ask(client, key)
+    assert (refused.status_code, refused.json()["error"]["code"]) == (401, "unauthorized")
+    # A request that would be refused for itself still learns first that its key is revoked.
+    unreadable = client.post("/v1/chat/completions", content=b"{not json", headers=bearer(key))
+    assert unreadable.status_code == 401
+    too_big = client.post("/v1/chat/completions", content=b"x" * 5000, headers=bearer(key))
+    assert too_big.status_code == 401
+    assert len(upstream.requests) == heard  # nothing reached the upstream
+    assert ask(client, token).status_code == 200  # the user's session goes on
+
+
+def test_a_revoked_tokens_bad_request_is_refused_as_unauthenticated(client, signup, upstream, settings):
+    """On both legs: once a token is revoked, a request that is wrong in itself (unreadable, too big)
+    gets 401, as a request with a revoked token always did."""
+    settings.PROXY_MAX_BODY_BYTES = 4096
+    token, _, _ = signup()
+    for _ in range(2):
+        assert ask(client, token).status_code == 200
+    assert client.post("/user/logout", headers=bearer(token)).status_code == 200
+    for response in (
+        client.post("/v1/chat/completions", content=b"{not json", headers=bearer(token)),
+        client.post("/v1/chat/completions", content=b"x" * 5000, headers=bearer(token)),
+        client.get("/v1/models", headers=bearer(token)),
+    ):
+        assert response.status_code == 401, response.text

@@ -34,6 +34,8 @@ def test_queued_events_are_saved_on_sigterm(cli_env):
         ).json()["token"]
         for _ in range(5):
             assert httpx.get(base + "/user/session", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        # Under uvicorn (with its lifespan) the writer is a task on the server's loop, not a thread.
+        assert httpx.get(base + "/health").json()["events"]["writer"] == "loop"
         before = run_python(
             env, "from proxy.models import Event; print(Event.objects.filter(user__username='shutdown-user').count())"
         )

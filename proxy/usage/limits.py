@@ -6,6 +6,12 @@ nothing: a call refused by either takes nothing from the other. After the call, 
 corrects the tokens taken and swaps the reservation for the cost, again in one script. Without Redis,
 or when only one of the two applies, each module does its own part (proxy.usage.ratelimits,
 proxy.usage.budgets); the rules are theirs, this module only saves round trips.
+
+On the `/v1` hot path the caller itself comes unconfirmed: the token's lookup as this process read it
+last (turbo_site.core.acache's `CachedCheck`). The joint script then first checks that Redis still holds
+those bytes, so the token lookup and the admission share one round trip; a changed entry (a revoked
+key, a changed user) takes nothing and raises CacheChanged, and the request starts again. Whenever the
+joint script does not run, the check is confirmed on its own before anything is taken.
 """
 
 import logging
@@ -21,6 +27,7 @@ from proxy.usage.budgets import BudgetExceeded, Reservation
 from proxy.usage.caller import Caller
 from proxy.usage.pricing import UnpricedModel
 from proxy.usage.ratelimits import Admission
+from turbo_site.core.acache import CachedCheck
 
 logger = logging.getLogger("turbo.proxy")
 
@@ -95,6 +102,16 @@ end
 return result
 """
 
+# The same, first checking an unconfirmed token lookup: its cache key is the last key, the SHA1 (hex) of
+# the bytes it was read from the last argument. Other bytes there (or none) return {3}, having done nothing.
+CHECKED_TAKE_AND_RESERVE_SCRIPT = (
+    """
+local held = redis.call('GET', KEYS[#KEYS])
+if not held or redis.sha1hex(held) ~= ARGV[#ARGV] then return {3} end
+"""
+    + TAKE_AND_RESERVE_SCRIPT
+)
+
 # KEYS: three per budget, then the rate-limit counters to correct. ARGV: n, id, the actual cost, then
 # ADJUST_SCRIPT's arguments (window; limit and units per counter).
 SETTLE_AND_ADJUST_SCRIPT = """
@@ -136,12 +153,17 @@ def budget_refused(refused: BudgetExceeded) -> GatewayError:
 
 
 async def limits_take(
-    caller: Caller | None, *, payload: dict | None, cost_ceiling: Callable[[], Decimal]
+    caller: Caller | None,
+    *,
+    payload: dict | None,
+    cost_ceiling: Callable[[], Decimal],
+    token_check: CachedCheck | None = None,
 ) -> tuple[Admission, Reservation | None]:
     """Admit a model call by `caller` (its body: `payload`) through its rate limits and reserve what it
     may cost (`cost_ceiling()`, worked out only when a budget applies) against its budgets. Raises
     GatewayError 429 `rate_limited` or `budget_exceeded` (403 `model_not_priced`: UNPRICED_MODELS=refuse),
-    having taken and reserved nothing."""
+    having taken and reserved nothing. `token_check`: the caller's unconfirmed token lookup, confirmed
+    here before anything is taken (in the joint script when it runs); CacheChanged if it changed."""
     asked_ceiling = cost_ceiling
 
     def cost_ceiling() -> Decimal:
@@ -155,9 +177,11 @@ async def limits_take(
     admission, wanted = await ratelimits.ratelimit_wanted(caller, payload=payload)
     limits = await budgets.budget_limits(caller)
     if settings.REDIS_ADDRESS and wanted and limits:
-        joint = await _take_and_reserve(admission, wanted, limits, cost_ceiling)
+        joint = await _take_and_reserve(admission, wanted, limits, cost_ceiling, token_check)
         if joint is not None:
             return joint
+    if token_check is not None:  # a round trip of its own (a no-op if the joint script confirmed it)
+        await token_check.confirm()
     # One of the two (or Redis failed just now): each module on its own, with its own failure rules.
     if wanted:
         admission = ratelimits.ratelimit_taken(admission, wanted, *await ratelimits.counters_take(wanted))
@@ -173,17 +197,29 @@ async def limits_take(
         raise
 
 
-async def _take_and_reserve(admission, wanted, limits, cost_ceiling) -> tuple[Admission, Reservation] | None:
-    """Both in one script; None if Redis failed (the caller falls back to one at a time)."""
+async def _take_and_reserve(
+    admission, wanted, limits, cost_ceiling, token_check: CachedCheck | None
+) -> tuple[Admission, Reservation] | None:
+    """Both in one script (checking `token_check` first, when unconfirmed); None if Redis failed (the
+    caller falls back to one at a time)."""
     reservation = Reservation(limits, uuid.uuid4().hex, budgets.to_nano(cost_ceiling()))
     keys, take = ratelimits.take_arguments(wanted)
     keys += budgets.redis_keys(limits)
     args = [len(wanted), *take, *budgets.reserve_arguments(limits, reservation.reservation_id, reservation.amount)]
     for _ in range(3):
-        found = await ratelimits.redis_script(TAKE_AND_RESERVE_SCRIPT, keys, args)
+        if token_check is not None and not token_check.confirmed:
+            found = await ratelimits.redis_script(
+                CHECKED_TAKE_AND_RESERVE_SCRIPT, [*keys, token_check.key], [*args, token_check.digest]
+            )
+        else:
+            found = await ratelimits.redis_script(TAKE_AND_RESERVE_SCRIPT, keys, args)
         if found is None:
             return None
         status = int(found[0])
+        if status == 3:
+            raise token_check.changed()
+        if token_check is not None:
+            token_check.confirmed = True  # the script found the bytes in place before anything else
         if status == -1:
             await budgets.spent_load(limits, [int(index) for index in found[1:]])
             continue

@@ -196,11 +196,40 @@ def usage_flush() -> int:
     many were written. A rollup row the database refuses is dropped and its records counted
     (`turbo_usage_records_dropped_total`), the others written; if the database is away, the records
     stay queued for the next try."""
+    return usage_write(usage_prepare(usage_take()))
+
+
+def usage_take() -> list[_Record]:
+    """Every queued record, out of the queue (give them to usage_prepare, then usage_write)."""
     with _lock:
         batch = list(_pending)
         _pending.clear()
-    if not batch:
-        return 0
+    return batch
+
+
+def usage_requeue(batch: list[_Record]) -> None:
+    """Put records taken but not prepared back at the front of the queue (a writer stopped halfway)."""
+    with _lock:
+        _pending.extendleft(reversed(batch))
+
+
+def usage_resolve(record: _Record) -> None:
+    """Count an estimated record's tokens and price it (CPU only, no database): the writer on the event
+    loop calls it one record at a time, so that no long text holds the loop up."""
+    _resolved(record)
+
+
+@dataclass(slots=True)
+class PreparedUsage:
+    """Queued records as rollup rows, each with the values its statement sends: what the database gets."""
+
+    count: int = 0
+    rows: list[tuple[dict, tuple]] = field(default_factory=list)
+    records_of: dict[str, list[_Record]] = field(default_factory=dict)
+
+
+def usage_prepare(batch: list[_Record]) -> PreparedUsage:
+    """The rollup rows of `batch` (estimates counted here, if not yet), ready to write; no database."""
     rows: dict[str, dict] = {}
     records_of: dict[str, list[_Record]] = {}
     for record in map(_resolved, batch):
@@ -231,79 +260,85 @@ def usage_flush() -> int:
         row["cached_tokens"] += usage.cached_tokens
         row["cost_usd"] += record.cost
         row["estimated_requests"] += usage.estimated
-    _, kept = batch_write(list(rows.values()), _upsert, refused=_row_refused)
+    return PreparedUsage(len(batch), [(row, _values(row)) for row in rows.values()], records_of)
+
+
+def usage_write(prepared: PreparedUsage) -> int:
+    """Write prepared rollup rows (see usage_flush); returns how many records they hold were written."""
+    if not prepared.rows:
+        return 0
+    _, kept = batch_write(prepared.rows, _upsert, refused=_row_refused)
     if kept:
-        unwritten = [record for row in kept for record in records_of[row["slot"]]]
+        unwritten = [record for row, _ in kept for record in prepared.records_of[row["slot"]]]
         with _lock:
             _pending.extendleft(reversed(unwritten))  # now resolved: not counted twice
         logger.warning("could not write %d usage records; will retry", len(unwritten))
-    return len(batch) - sum(len(records_of[row["slot"]]) for row in kept)
+    return prepared.count - sum(len(prepared.records_of[row["slot"]]) for row, _ in kept)
 
 
-def _row_refused(row: dict, exc: Exception) -> None:
+def _row_refused(row: tuple[dict, tuple], exc: Exception) -> None:
     global records_dropped
-    records_dropped += row["requests"]
-    metrics.usage_lost("refused", row["requests"])
-    logger.error("dropped %d usage records the database refused (%s: %s)", row["requests"], type(exc).__name__, exc)
+    requests = row[0]["requests"]
+    records_dropped += requests
+    metrics.usage_lost("refused", requests)
+    logger.error("dropped %d usage records the database refused (%s: %s)", requests, type(exc).__name__, exc)
 
 
 COUNTERS = ("requests", "input_tokens", "output_tokens", "cached_tokens", "cost_usd", "estimated_requests")
+COLUMNS = ("slot", "hour", "model", "deployment", "user_id", "group_id", "key_id", *COUNTERS)
 
 
-def _upsert(rows: list[dict]) -> None:
+def _db_uuid(value):
+    if value is None:
+        return None
+    value = value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+    return value if connection.features.has_native_uuid_field else value.hex
+
+
+def _values(row: dict) -> tuple:
+    """A rollup row as its statement sends it (the conversions the database needs, done once)."""
+    from proxy.models import UsageRollup
+
+    cost_field = UsageRollup._meta.get_field("cost_usd")
+    ops = connection.ops
+    return (
+        row["slot"],
+        ops.adapt_datetimefield_value(row["hour"]),
+        row["model"],
+        row["deployment"],
+        _db_uuid(row["user_id"]),
+        _db_uuid(row["group_id"]),
+        _db_uuid(row["key_id"]),
+        row["requests"],
+        row["input_tokens"],
+        row["output_tokens"],
+        row["cached_tokens"],
+        ops.adapt_decimalfield_value(row["cost_usd"], cost_field.max_digits, cost_field.decimal_places),
+        row["estimated_requests"],
+    )
+
+
+def _upsert(rows: list[tuple[dict, tuple]]) -> None:
     """One INSERT ... ON CONFLICT DO UPDATE adding to each (hour, model, deployment, user, group, key)
     row; both SQLite and Postgres have it. The unique `slot` stands for that tuple (NULLs never conflict
-    in a unique constraint, so the columns themselves cannot be the conflict target)."""
+    in a unique constraint, so the columns themselves cannot be the conflict target). One statement with
+    every row: the driver converts them in one call, where executemany would go once per row."""
     from proxy.models import UsageRollup
 
     ops = connection.ops
-    native_uuid = connection.features.has_native_uuid_field
-    cost_field = UsageRollup._meta.get_field("cost_usd")
-
-    def db_uuid(value):
-        if value is None:
-            return None
-        value = value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
-        return value if native_uuid else value.hex
-
-    columns = [
-        "slot",
-        "hour",
-        "model",
-        "deployment",
-        "user_id",
-        "group_id",
-        "key_id",
-        *COUNTERS,
-    ]
-    values = []
-    for row in rows:
-        values.append(
-            (
-                row["slot"],
-                ops.adapt_datetimefield_value(row["hour"]),
-                row["model"],
-                row["deployment"],
-                db_uuid(row["user_id"]),
-                db_uuid(row["group_id"]),
-                db_uuid(row["key_id"]),
-                row["requests"],
-                row["input_tokens"],
-                row["output_tokens"],
-                row["cached_tokens"],
-                ops.adapt_decimalfield_value(row["cost_usd"], cost_field.max_digits, cost_field.decimal_places),
-                row["estimated_requests"],
-            )
-        )
     table = ops.quote_name(UsageRollup._meta.db_table)
-    quoted = [ops.quote_name(name) for name in columns]
+    quoted = [ops.quote_name(name) for name in COLUMNS]
     updates = ", ".join(
         f"{ops.quote_name(name)} = {table}.{ops.quote_name(name)} + excluded.{ops.quote_name(name)}"
         for name in COUNTERS
     )
-    sql = (
-        f"INSERT INTO {table} ({', '.join(quoted)}) VALUES ({', '.join(['%s'] * len(columns))}) "
-        f"ON CONFLICT ({ops.quote_name('slot')}) DO UPDATE SET {updates}"
-    )
+    row_placeholder = f"({', '.join(['%s'] * len(COLUMNS))})"
+    size = max(1, min(len(rows), ops.bulk_batch_size(COLUMNS, rows)))
     with transaction.atomic(), connection.cursor() as cursor:
-        cursor.executemany(sql, values)
+        for start in range(0, len(rows), size):
+            chunk = rows[start : start + size]
+            sql = (
+                f"INSERT INTO {table} ({', '.join(quoted)}) VALUES {', '.join([row_placeholder] * len(chunk))} "
+                f"ON CONFLICT ({ops.quote_name('slot')}) DO UPDATE SET {updates}"
+            )
+            cursor.execute(sql, [value for _, values in chunk for value in values])
