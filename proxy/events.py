@@ -28,7 +28,7 @@ from django.utils import timezone
 
 from proxy.gateway.routing import text_redact
 from proxy.models import Event
-from proxy.owners import objects_flush, objects_pending
+from proxy.owners import objects_discard, objects_flush, objects_pending
 from proxy.usage.records import usage_discard, usage_flush, usage_pending
 from turbo_site.core import metrics
 from turbo_site.core.batches import batch_write
@@ -398,6 +398,7 @@ def events_shutdown(*, flush: bool = True) -> None:
             metrics.events_lost("shutdown", len(_queue))
             _queue.clear()
         usage_discard("shutdown")
+        objects_discard("shutdown")
 
 
 atexit.register(events_shutdown)
