@@ -224,7 +224,8 @@ def processes():
 def start_server(upstream, processes, tmp_path, request):
     """start_server(**env) -> a running ServerProcess on the test database, with the fake upstream.
 
-    Its output goes to a file in tmp_path, or under $STREAM_FAULT_LOGS if set (kept for reading).
+    Its output goes to a file in tmp_path, or under $STREAM_FAULT_LOGS if set (kept for reading);
+    uvicorn's own lines from `log_level` up (start_server(log_level="info", ...)).
     """
     from django.db import connection
 
@@ -252,9 +253,9 @@ def start_server(upstream, processes, tmp_path, request):
     }
     base.pop("REDIS_ADDRESS", None)
 
-    def start(**env: str) -> ServerProcess:
+    def start(*, log_level: str = "warning", **env: str) -> ServerProcess:
         merged = {**base, **{name: str(value) for name, value in env.items() if value is not None}}
-        server = ServerProcess(merged, logs / f"server-{len(processes)}.log")
+        server = ServerProcess(merged, logs / f"server-{len(processes)}.log", log_level=log_level)
         processes.append(server)
         return server.wait_ready()
 

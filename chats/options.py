@@ -12,6 +12,7 @@ from rest_framework import serializers
 
 from proxy.requests import MAX_TOKENS_MAX, MAX_TOKENS_MIN, TEMPERATURE_RANGE
 from turbo_site.core.schema import schema_extra
+from turbo_site.core.text import unstorable_text
 
 STOP_MAX = 4  # OpenAI's limit on stop sequences
 STOP_MAX_CHARS = 200
@@ -87,6 +88,8 @@ def settings_validate(value) -> dict:
             raise serializers.ValidationError("must be a JSON object") from None
     if not isinstance(value, dict):
         raise serializers.ValidationError("must be a JSON object")
+    if problem := unstorable_text(value):  # kept with the chat: Postgres's jsonb refuses NUL
+        raise serializers.ValidationError(f"may not hold {problem}")
     parsed = ModelSettings(data=value)
     if not parsed.is_valid():
         problems = []

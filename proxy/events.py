@@ -37,7 +37,7 @@ from django.utils import timezone
 
 from proxy.config import text_redact
 from proxy.models import Event
-from proxy.owners import objects_flush, objects_pending
+from proxy.owners import objects_discard, objects_flush, objects_pending
 from proxy.usage.records import (
     PreparedUsage,
     usage_discard,
@@ -560,6 +560,7 @@ def events_shutdown(*, flush: bool = True) -> None:
             metrics.events_lost("shutdown", len(_queue))
             _queue.clear()
         usage_discard("shutdown")
+        objects_discard("shutdown")
 
 
 atexit.register(events_shutdown)

@@ -23,15 +23,15 @@ from proxy.usage.caller import Caller
 from proxy.views import ProxyReply, ProxyRequest, exchange, openai_error_body
 from turbo_site.core.acache import CacheChanged, CachedCheck
 from turbo_site.core.errors import outcome_of
-from turbo_site.core.http import client_ip_from, scope_headers
+from turbo_site.core.http import client_ip_from, is_trusted_proxy, scope_headers
 
 logger = logging.getLogger("turbo.proxy")
 
 PREFIX = "/v1/"
-# What Django's SecurityMiddleware and XFrameOptionsMiddleware add to every response.
+# What Django's SecurityMiddleware and XFrameOptionsMiddleware add to every response (and, by the same
+# settings, Referrer-Policy and, on a secure request, Strict-Transport-Security: security_headers()).
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"same-origin"),
     (b"x-frame-options", b"DENY"),
 ]
 TOKEN_SCHEMES = (b"bearer ", b"basic ")
@@ -107,25 +107,41 @@ async def _read_body(receive, headers: dict[str, str]) -> bytes | None:
             return b"".join(parts)
 
 
-async def _send_whole(send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+def security_headers(scope, headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    """The headers Django's SecurityMiddleware would add to this request's response, from the same settings:
+    a request is secure by its scheme, or by `X-Forwarded-Proto: https` from TRUSTED_PROXIES only."""
+    found = list(SECURITY_HEADERS)
+    if settings.SECURE_REFERRER_POLICY:
+        policy = settings.SECURE_REFERRER_POLICY
+        policy = policy if isinstance(policy, str) else ",".join(policy)
+        found.append((b"referrer-policy", policy.encode("latin1")))
+    if settings.SECURE_HSTS_SECONDS:
+        peer = (scope.get("client") or (None,))[0]
+        forwarded = headers.get("x-forwarded-proto", "") == "https" and is_trusted_proxy(peer)
+        if scope.get("scheme") == "https" or forwarded:
+            hsts = f"max-age={settings.SECURE_HSTS_SECONDS}"
+            if settings.SECURE_HSTS_INCLUDE_SUBDOMAINS:
+                hsts += "; includeSubDomains"
+            if settings.SECURE_HSTS_PRELOAD:
+                hsts += "; preload"
+            found.append((b"strict-transport-security", hsts.encode()))
+    return found
+
+
+async def _send_whole(send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *SECURITY_HEADERS,
-                *(headers or []),
-            ],
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
         }
     )
     await send({"type": "http.response.body", "body": body})
 
 
-async def _relay(send, reply: ProxyReply) -> None:
+async def _relay(send, reply: ProxyReply, security: list[tuple[bytes, bytes]]) -> None:
     headers = [(name.lower().encode("latin1"), value.encode("latin1")) for name, value in reply.headers.items()]
-    await send({"type": "http.response.start", "status": reply.status, "headers": headers + SECURITY_HEADERS})
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers + security})
     async for chunk in reply.stream:
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
     await send({"type": "http.response.body", "body": b""})
@@ -154,6 +170,7 @@ async def serve(scope, receive, send) -> None:
     started = time.perf_counter()
     headers = scope_headers(scope)
     check = None
+    security = security_headers(scope, headers)
     try:
         _check_host(headers)
         # The token as this process read it last: the admission's script checks it is still the one in
@@ -172,7 +189,7 @@ async def serve(scope, receive, send) -> None:
                     await _caller(headers, confirmed=True)
                 except Refused as unauthenticated:
                     answer = unauthenticated
-        await _send_whole(send, answer.status, answer.body, answer.headers)
+        await _send_whole(send, answer.status, answer.body, security + answer.headers)
         return
     path = scope["path"]
     while True:
@@ -199,7 +216,7 @@ async def serve(scope, receive, send) -> None:
             try:
                 found, check = await _caller(headers, confirmed=True)
             except Refused as refused:
-                await _send_whole(send, refused.status, refused.body, refused.headers)
+                await _send_whole(send, refused.status, refused.body, security + refused.headers)
                 return
     if reply.stream is None:  # our own error: its headers (Retry-After, X-Turbo-Attempts...) go along
         extra = [
@@ -207,11 +224,11 @@ async def serve(scope, receive, send) -> None:
             for name, value in reply.headers.items()
             if name.lower() != "content-type"
         ]
-        await _send_whole(send, reply.status, reply.content, extra)
+        await _send_whole(send, reply.status, reply.content, security + extra)
         return
     # Like Django's ASGI handler: a client that hangs up cancels the relay, which closes the
     # upstream request and logs the exchange as 499.
-    relay = asyncio.ensure_future(_relay(send, reply))
+    relay = asyncio.ensure_future(_relay(send, reply, security))
     watcher = asyncio.ensure_future(_until_disconnect(receive))
     try:
         await asyncio.wait((relay, watcher), return_when=asyncio.FIRST_COMPLETED)
@@ -252,4 +269,4 @@ class ProxyFastPath:
             headers = [
                 (name.lower().encode("latin1"), value.encode("latin1")) for name, value in outcome.all_headers().items()
             ]
-            await _send_whole(send, outcome.status, body, headers)
+            await _send_whole(send, outcome.status, body, security_headers(scope, scope_headers(scope)) + headers)

@@ -13,6 +13,7 @@ from typing import Any
 import jsonschema
 
 from turbo_site.core.errors import Invalid
+from turbo_site.core.text import unstorable_text
 
 MAX_FUNCTIONS = 32  # client functions on one request, at most
 MAX_FUNCTIONS_BYTES = 64 * 1024  # all their definitions as JSON, at most
@@ -46,6 +47,8 @@ def client_functions_check(value: Any, *, reserved: set[str] | frozenset[str] = 
     value = _json_value(value, "tools", "invalid_tools")
     if not isinstance(value, list):
         raise _fail("tools", "must be a list of function definitions")
+    if problem := unstorable_text(value):
+        raise _fail("tools", f"may not hold {problem}")
     if len(value) > MAX_FUNCTIONS:
         raise _fail("tools", f"at most {MAX_FUNCTIONS} functions")
     try:
@@ -118,6 +121,8 @@ def tool_results_check(value: Any) -> list[dict]:
     value = _json_value(value, "tool_results", code)
     if not isinstance(value, list) or not value:
         raise _fail("tool_results", "must be a non-empty list of {tool_call_id, content}", code)
+    if problem := unstorable_text(value):  # kept as the tool messages' text
+        raise _fail("tool_results", f"may not hold {problem}", code)
     if len(value) > MAX_TOOL_RESULTS:
         raise _fail("tool_results", f"at most {MAX_TOOL_RESULTS} results", code)
     checked: list[dict] = []

@@ -20,6 +20,7 @@ from django.conf import settings
 from django.db import transaction
 
 from proxy.models import StoredObject
+from turbo_site.core import metrics
 
 logger = logging.getLogger("turbo.proxy")
 
@@ -79,6 +80,7 @@ def _record(collection: str, object_id: object, user_id: object) -> None:
             return
         if len(_pending) >= MAX_PENDING:
             _pending.popleft()
+            metrics.object_owners_lost("queue_full")
             logger.warning("object owner queue full (%d); dropped the oldest record", MAX_PENDING)
         _pending.append((collection, object_id, user_id))
     _remember(collection, object_id, user_id)
@@ -145,6 +147,7 @@ def objects_flush() -> int:
                 try:
                     _insert([row])
                 except Exception:
+                    metrics.object_owners_lost("refused")
                     logger.error("dropped the owner of %s %r: the database refused it", row.collection, row.object_id)
             return len(batch)
         with _lock:
@@ -152,6 +155,19 @@ def objects_flush() -> int:
         logger.warning("could not write %d object owners (%s); will retry", len(batch), type(exc).__name__)
         raise
     return len(batch)
+
+
+def objects_discard(reason: str) -> int:
+    """Drop the owners still queued, counted under `reason` (at shutdown, once the last flush has failed:
+    they would go with the process anyway; their objects are then nobody's, a 404 to everyone); returns
+    how many."""
+    with _lock:
+        count = len(_pending)
+        _pending.clear()
+    if count:
+        metrics.object_owners_lost(reason, count)
+        logger.error("lost the owners of %d stored objects (%s): the database could not be reached", count, reason)
+    return count
 
 
 def _insert(rows: list[StoredObject]) -> None:

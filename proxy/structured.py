@@ -24,6 +24,7 @@ from jsonschema.validators import validator_for
 from proxy.gateway import GatewayError
 from proxy.gateway.instructions import json_schema_of
 from turbo_site.core.errors import Invalid
+from turbo_site.core.text import unstorable_text
 
 MAX_SCHEMA_BYTES = 32 * 1024  # a response_format as JSON, at most
 MAX_ERRORS = 8  # validation errors reported (to the model and the client), at most
@@ -90,6 +91,8 @@ def response_format_check(value: Any) -> dict | None:
             return None
     if not isinstance(value, dict):
         raise _fail("must be an object with a `type`")
+    if problem := unstorable_text(value):  # kept with the chat or the message: Postgres's jsonb refuses NUL
+        raise _fail(f"may not hold {problem}")
     try:
         size = len(json.dumps(value, ensure_ascii=False).encode())
     except (TypeError, ValueError, RecursionError):

@@ -42,6 +42,7 @@ from chats.reply import PromptPlan, QuietReply, reply_stream
 from proxy import tools
 from proxy.gateway import GatewayError
 from turbo_site.core.errors import Conflict, Invalid
+from turbo_site.core.text import unstorable_text
 
 logger = logging.getLogger("turbo.programs")
 
@@ -85,6 +86,8 @@ def program_context_check(value) -> dict:
             raise Invalid("program_context: must be a JSON object") from None
     if not isinstance(value, dict):
         raise Invalid("program_context: must be a JSON object")
+    if problem := unstorable_text(value):  # kept with the chat: Postgres's jsonb refuses NUL
+        raise Invalid(f"program_context: may not hold {problem}")
     if len(json.dumps(value)) > PROGRAM_CONTEXT_MAX_BYTES:
         raise Invalid(f"program_context: may be at most {PROGRAM_CONTEXT_MAX_BYTES} bytes as JSON")
     return value

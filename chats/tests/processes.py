@@ -61,7 +61,7 @@ def bearer(token: str) -> dict:
 class Server:
     """One uvicorn process serving turbo_site on the test database; its stderr kept in a file."""
 
-    def __init__(self, env: dict, log: Path):
+    def __init__(self, env: dict, log: Path, *, log_level: str = "warning"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
@@ -79,7 +79,7 @@ class Server:
                 "--timeout-graceful-shutdown",
                 "5",
                 "--log-level",
-                "warning",
+                log_level,
             ],
             cwd=PROJECT_ROOT,
             env=env,

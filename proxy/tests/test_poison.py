@@ -1,7 +1,8 @@
-"""No store or exporter can be poisoned: one hostile value (NUL, a lone surrogate, a 10 MB string) in a
-/v1 call, a REST request, a GraphQL model call, a /ws frame or a gRPC call neither fails that request
-with a 500 nor stops what comes after it from being
-logged, charged (usage rollups), counted (/metrics) and traced (the OTLP encoding of the spans).
+"""No store or exporter can be poisoned: one hostile value (NUL, a lone surrogate, a 10 MB string, deep
+nesting, odd Unicode) in a /v1 call, a REST request (a chat's JSON settings and a prompt included), a
+GraphQL model call, a /ws frame or a gRPC call neither fails that request with a 500 nor stops what
+comes after it from being logged, charged (usage rollups), counted (/metrics) and traced (the OTLP
+encoding of the spans).
 
 In process (httpx.ASGITransport over Turbo's ASGI app), in production mode, on whichever database the
 suite runs (SQLite, or Postgres where NUL is refused), against the fake upstream.
@@ -14,7 +15,7 @@ from decimal import Decimal
 import httpx
 import pytest
 from channels.db import database_sync_to_async
-from hypothesis import HealthCheck, given
+from hypothesis import HealthCheck, example, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
@@ -24,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.events import events_flush, events_shutdown, events_state, events_writer_resume
 from proxy.models import Event, UsageRollup
+from proxy.owners import objects_pending
 from proxy.usage.caller import Caller
 from proxy.usage.records import Usage, usage_pending, usage_record
 from turbo_site.core import metrics, tracing
@@ -34,6 +36,48 @@ pytestmark = pytest.mark.django_db(transaction=True)
 METRICS_TOKEN = "poison-scraper-secret"
 ORDINARY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "echo: all is well"}]}
 POISON = ["gpt\u0000x", "\ud800", "x" * 10_000_000, "\u202egpt\ufeff\U0001f600\u0301", "\udfff\x00\ud83d"]
+
+
+class Nested:
+    """A value nested `levels` deep (lists in objects), written as JSON text by hand: the standard encoder
+    stops at about a thousand levels; a client need not."""
+
+    MARK = "\x00nested\x00"
+
+    def __init__(self, levels: int):
+        self.levels = levels
+
+    def text(self) -> str:
+        return '{"a": [' * self.levels + "1" + "]}" * self.levels
+
+    def __repr__(self) -> str:
+        return f"Nested({self.levels})"
+
+
+def json_text(value) -> str:
+    """`value` as a client may send it: lone surrogates as \\u escapes, a Nested value as its deep text."""
+    found: list[Nested] = []
+
+    def mark(item):
+        if isinstance(item, Nested):
+            found.append(item)
+            return Nested.MARK
+        raise TypeError(type(item).__name__)
+
+    text = json.dumps(value, default=mark)
+    for nested in found:
+        text = text.replace(json.dumps(Nested.MARK), nested.text(), 1)
+    return text
+
+
+def keyed(value) -> dict:
+    """`value` as the key of a JSON object (a Nested value cannot be one: as the value then)."""
+    return {"poison": value} if isinstance(value, Nested) else {value: 1}
+
+
+def as_text(value) -> str:
+    """What a front that takes only text (a gRPC string) is sent for `value`."""
+    return value.text() if isinstance(value, Nested) else value
 
 
 @pytest.fixture
@@ -65,9 +109,9 @@ async def signed_up(http: httpx.AsyncClient) -> tuple[str, str]:
 
 
 async def post_json(http: httpx.AsyncClient, path: str, value, token: str) -> httpx.Response:
-    """POST a JSON body as a client may send it: lone surrogates as \\u escapes (httpx's json= cannot)."""
+    """POST a JSON body as a client may send it (json_text: httpx's json= cannot)."""
     headers = {**bearer(token), "Content-Type": "application/json"}
-    return await http.post(path, content=json.dumps(value).encode(), headers=headers)
+    return await http.post(path, content=json_text(value).encode(), headers=headers)
 
 
 def bearer(token: str) -> dict:
@@ -236,7 +280,55 @@ async def test_pending_usage_is_written_at_shutdown(production):
     assert usage_pending() == 0
 
 
-# --- any poison, through /v1 and the REST API ---------------------------------------------------------
+@database_sync_to_async
+def _shutdown_with_the_database_away() -> tuple[int, int]:
+    """The shutdown flush with the database unreachable (its address changed: a closed port, or a file
+    that cannot be opened); returns what is left queued (usage records, object owners)."""
+    import socket
+
+    from django.db import connection
+
+    database = connection.settings_dict  # shared by every thread's connection to it
+    saved = dict(database)
+    connection.close()
+    if connection.vendor == "postgresql":
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            closed_port = probe.getsockname()[1]  # nothing listens once the probe is closed
+        database.update(HOST="127.0.0.1", PORT=str(closed_port))
+    else:
+        database["NAME"] = f"/nonexistent-{uuid.uuid4().hex}/turbo.sqlite3"
+    try:
+        events_shutdown()
+        return usage_pending(), objects_pending()
+    finally:
+        connection.close()
+        database.clear()
+        database.update(saved)
+        events_writer_resume()
+
+
+async def test_what_is_pending_at_shutdown_with_the_database_away_is_counted(production, paused_event_writer):
+    # The writer paused: the records stay queued for the shutdown's flush, not written just before it.
+    from proxy.owners import object_record
+
+    user_id = await database_sync_to_async(_new_user_id)()
+    usage_record(Caller(user_id=user_id), Usage("gpt-4o", input_tokens=7, output_tokens=2))
+    object_record("responses", f"resp_{uuid.uuid4().hex}", user_id)
+    before = dropped("turbo_usage_records_dropped", "shutdown"), dropped("turbo_object_owners_dropped", "shutdown")
+    assert await _shutdown_with_the_database_away() == (0, 0)
+    after = dropped("turbo_usage_records_dropped", "shutdown"), dropped("turbo_object_owners_dropped", "shutdown")
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 1)  # not written, and not lost silently
+    assert not await UsageRollup.objects.filter(user_id=user_id).aexists()
+
+
+def _new_user_id() -> str:
+    from accounts.models import User
+
+    return str(User.objects.create_user(username=f"u-{uuid.uuid4().hex[:10]}", password="x").pk)
+
+
+# --- any poison, through every front ------------------------------------------------------------------
 
 poison_text = st.one_of(
     st.sampled_from(POISON),
@@ -244,10 +336,17 @@ poison_text = st.one_of(
     st.text(alphabet=st.one_of(st.characters(), st.sampled_from("\x00\ud800\udfff\u202e\ufeff\u200b")), max_size=40),
     st.text(min_size=1, max_size=20).map(lambda text: text * 50_000),  # long strings
 )
+# Where a string is expected, or inside a JSON value: nesting deeper than any parser's recursion.
+poison = st.one_of(poison_text, st.integers(min_value=500, max_value=100_000).map(Nested))
 
 
+# Each kind of poison in every place at least once, whatever hypothesis draws besides.
+@example(model=POISON[0], content=POISON[2], name=POISON[1])  # NUL, 10 MB, a lone surrogate
+@example(model=POISON[1], content=Nested(100_000), name=POISON[0])
+@example(model=Nested(5_000), content=POISON[3], name=POISON[2])  # odd Unicode
+@example(model=POISON[4], content=POISON[0], name=Nested(100_000))
 @hypothesis_settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
-@given(model=poison_text, content=poison_text, name=poison_text)
+@given(model=poison, content=poison, name=poison)
 async def test_poison_anywhere_leaves_ordinary_requests_served(production, model, content, name):
     async with await asgi_client() as http:
         token, _ = await signed_up(http)
@@ -255,31 +354,43 @@ async def test_poison_anywhere_leaves_ordinary_requests_served(production, model
         for body in (chat, {**chat, "stream": True}, {"model": model, "input": content}):
             answered = await post_json(http, "/v1/chat/completions", body, token)
             assert answered.status_code < 500, answered.text
+        ordinary_chat = await post_json(http, "/chat/create", {"name": "ordinary"}, token)
+        assert ordinary_chat.status_code == 200, ordinary_chat.text
+        chat_id = ordinary_chat.json()["id"]
         for path, body in (
             ("/chat/create", {"name": name, "model": model, "system_prompt": content}),
+            # JSON values a chat keeps (Postgres's jsonb refuses \u0000 where SQLite stores it)
+            ("/chat/create", {"name": "settings", "settings": {"stop": [content], **keyed(name)}}),
+            ("/chat/create", {"name": "program", "program": "horoscope", "program_context": {"a": content}}),
+            ("/chat/update", {"id": chat_id, "settings": {"stop": [name]}}),
             ("/user/keys/create", {"name": name, "models": [model]}),
-            ("/group/create", {"name": name}),
+            ("/group/create", {"name": name, "description": content}),
         ):
             answered = await post_json(http, path, body, token)
             assert answered.status_code < 500, (path, answered.text)
             assert "error" in answered.json() or answered.status_code == 200
-        # GraphQL over HTTP: a model call whose every string is the poison.
+        # GraphQL over HTTP: a model call whose every string is the poison, and a chat's JSON settings.
         query = "mutation($input: CompletionInput!) { complete(input: $input) { content } }"
         variables = {"input": {"model": model, "messages": [{"role": "user", "content": content, "name": name}]}}
         answered = await post_json(http, "/graphql", {"query": query, "variables": variables}, token)
         assert answered.status_code < 500, answered.text
+        query = "mutation($n: String!, $s: JSON!) { chatCreate(name: $n, settings: $s) { id } }"
+        variables = {"n": name, "s": {"stop": [content]}}
+        answered = await post_json(http, "/graphql", {"query": query, "variables": variables}, token)
+        assert answered.status_code < 500, answered.text
+        assert "internal_error" not in answered.text, answered.text
         # /ws: the same call as an RPC frame; the socket answers it (a result or an error frame).
         frame = {"type": "chat_completion", "request_id": "p", "payload": chat}
         answer = await ws_answer(token, frame)
         assert (answer.get("error") or {}).get("code") != "internal_error", answer
-        assert answer["request_id"] == "p" or answer["error"]["code"] == "frame_too_large", answer  # 10 MB
+        assert answer.get("request_id") == "p" or answer["error"]["code"] in ("frame_too_large", "invalid_json"), answer
         # gRPC: the Completions servicer, as the server calls it.
-        await grpc_complete(token, model, content)
+        await grpc_complete(token, as_text(model), as_text(content))
         await assert_ordinary_call_served(http, production)
 
 
 async def ws_answer(token: str, frame: dict) -> dict:
-    """The /ws answer to one frame (sent as a client may: lone surrogates as \\u escapes)."""
+    """The /ws answer to one frame (sent as a client may: json_text)."""
     from channels.testing import WebsocketCommunicator
 
     from turbo_site.asgi import application
@@ -289,7 +400,7 @@ async def ws_answer(token: str, frame: dict) -> dict:
     connected, _ = await communicator.connect()
     assert connected
     try:
-        await communicator.send_to(text_data=json.dumps(frame))
+        await communicator.send_to(text_data=json_text(frame))
         return json.loads(await communicator.receive_from(timeout=30))
     finally:
         await communicator.disconnect()

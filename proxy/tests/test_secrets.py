@@ -188,6 +188,34 @@ async def test_the_event_log_never_holds_a_token_sent_as_an_encoded_parameter(sc
     assert any(REDACTED in event.query for event in events if event.path == "/v1/models")
 
 
+def test_a_real_servers_log_and_event_log_hold_no_token_sent_as_an_encoded_parameter(start_server):
+    """uvicorn at INFO (its access lines, and the WebSocket handshakes it logs even without them), then the
+    events the server wrote on SIGTERM: the token, accepted under `%74oken`, is in neither."""
+    from websockets.sync.client import connect
+
+    server = start_server(log_level="info")
+    port = server.url.rsplit(":", 1)[1]
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        signed = http.post("/user/signup", data={"username": f"u-{uuid.uuid4().hex[:10]}", "password": "pw-123456"})
+        token, user_id = signed.json()["token"], signed.json()["user"]["id"]
+        chat = http.post("/chat/create", data={"name": "c"}, headers=bearer(token)).json()
+        with connect(f"ws://127.0.0.1:{port}/ws?%74oken={token}", open_timeout=30) as socket:
+            socket.send(json.dumps({"type": "ping", "request_id": "p"}))
+            assert json.loads(socket.recv(timeout=30))["type"] == "pong"  # the token was accepted
+        with http.stream("GET", f"/chat/stream?id={chat['id']}&%74oken={token}") as stream:
+            assert stream.status_code == 200  # accepted here too
+            next(stream.iter_bytes())
+        assert http.get(f"/ws?%74oken={token}").status_code == 426
+        assert http.get(f"/v1/models?%74oken={token}", headers=bearer(token)).status_code == 200
+    server.stop()  # SIGTERM: queued events are written
+    log = server.log.read_text(errors="replace")
+    assert token not in log, log[-3000:]
+    assert "/ws?%74oken=" + REDACTED in log and "&%74oken=" + REDACTED in log, log[-3000:]
+    events = list(Event.objects.filter(user_id=user_id))
+    assert {"/chat/stream", "/ws", "/v1/models"} <= {event.path for event in events}
+    assert not [event.query for event in events if token in event.query]
+
+
 # --- upstream response headers ----------------------------------------------------------------------
 
 

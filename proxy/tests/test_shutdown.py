@@ -1,4 +1,4 @@
-"""Queued events are written when the server stops cleanly, not lost."""
+"""Queued events and usage records are written when the server stops cleanly, not lost."""
 
 import signal
 import socket
@@ -7,6 +7,7 @@ import sys
 import time
 
 import httpx
+import pytest
 
 from conftest import PROJECT_ROOT, run_python
 
@@ -49,3 +50,23 @@ def test_queued_events_are_saved_on_sigterm(cli_env):
         "print(sorted(Event.objects.filter(user__username='shutdown-user').values_list('type', flat=True)))",
     )
     assert after == str(["request"] * 5 + ["signup"])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_usage_of_a_call_still_queued_is_written_on_sigterm(start_server, upstream):
+    """A /v1 call's usage waits in the server's queue (its writer asleep); SIGTERM writes it, not loses it."""
+    from proxy.models import UsageRollup
+
+    server = start_server(EVENT_FLUSH_MS="600000")
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            signed = http.post("/user/signup", data={"username": "shutdown-usage", "password": "correct-horse"})
+            token, user_id = signed.json()["token"], signed.json()["user"]["id"]
+            chat = {"model": "gpt-4o", "messages": [{"role": "user", "content": "echo: counted"}]}
+            answered = http.post("/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {token}"})
+        assert answered.status_code == 200, answered.text
+        assert not UsageRollup.objects.filter(user_id=user_id).exists()  # still queued in the server
+    finally:
+        server.stop()  # SIGTERM, and the wait for the process to end
+    assert server.process.returncode in (0, -signal.SIGTERM), server.stderr()[-3000:]
+    assert list(UsageRollup.objects.filter(user_id=user_id).values_list("model", "requests")) == [("gpt-4o", 1)]

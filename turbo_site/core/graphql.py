@@ -4,7 +4,7 @@ Limits (read from settings on every operation, so an operator's change needs no 
 bounded by the one before it so that no document can hold the event loop:
 GRAPHQL_MAX_QUERY_BYTES and GRAPHQL_MAX_VARIABLE_VALUES (before parsing: turbo_site.graphql.Schema),
 GRAPHQL_MAX_TOKENS (while
-parsing), GRAPHQL_MAX_FIELDS (before validation), then GRAPHQL_MAX_DEPTH, GRAPHQL_MAX_COST and
+parsing), GRAPHQL_MAX_FIELDS (selections, before validation), then GRAPHQL_MAX_DEPTH, GRAPHQL_MAX_COST and
 GRAPHQL_MAX_MODEL_CALLS (OperationLimits, one walk per operation), and introspection only with
 DEBUG=1 or GRAPHQL_PLAYGROUND=1.
 """
@@ -152,20 +152,22 @@ def variables_refusal(variables) -> GraphQLError | None:
 
 
 def fields_over(document: DocumentNode, limit: int) -> bool:
-    """Does the document hold more than `limit` fields (aliases included, each fragment's once)?
+    """Does the document hold more than `limit` selections: fields (aliases included, each fragment's
+    once) and fragment spreads and inline fragments?
 
-    Counted before validation: graphql-core's rule that fields may merge compares fields pairwise, so
-    a thousand repetitions of one field cost seconds of the event loop.
+    Counted before validation: graphql-core's rule that fields may merge compares fields pairwise, and
+    each field with the fragments spread beside it (not remembered per pair), so a thousand repetitions
+    of one field, or forty of a field spreading twenty fragments, cost a large part of a second of the
+    event loop each.
     """
     count = 0
     pending = [definition.selection_set for definition in document.definitions if hasattr(definition, "selection_set")]
     while pending:
         selection_set = pending.pop()
         for selection in selection_set.selections if selection_set is not None else ():
-            if isinstance(selection, FieldNode):
-                count += 1
-                if count > limit:
-                    return True
+            count += 1
+            if count > limit:
+                return True
             if getattr(selection, "selection_set", None) is not None:
                 pending.append(selection.selection_set)
     return False

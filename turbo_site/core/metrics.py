@@ -228,6 +228,12 @@ usage_records_dropped = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+object_owners_dropped = Counter(
+    "turbo_object_owners_dropped",
+    "Owners of stored /v1 objects lost: refused by the database, over the queue's limit, or unwritten at shutdown",
+    ["reason"],
+    registry=REGISTRY,
+)
 spans_dropped = Counter(
     "turbo_spans_dropped",
     "Spans the trace exporter could not encode, dropped alone rather than with their whole batch",
@@ -537,3 +543,8 @@ def spans_lost(reason: str, count: int = 1) -> None:
 def usage_lost(reason: str, count: int = 1) -> None:
     if _on:
         usage_records_dropped.labels(reason).inc(count)
+
+
+def object_owners_lost(reason: str, count: int = 1) -> None:
+    if _on:
+        object_owners_dropped.labels(reason).inc(count)

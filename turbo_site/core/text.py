@@ -51,6 +51,30 @@ def json_bytes(value: Any) -> bytes:
         return json.dumps(value).encode()
 
 
+def unstorable_text(value: Any) -> str | None:
+    """What in a JSON value a store refuses, said for a 400 ("a NUL character", "an unpaired surrogate"), or
+    None: its strings, keys included, are checked (Postgres's jsonb refuses U+0000; no UTF-8 holds a lone
+    surrogate). For what a client asks to be kept as given (a chat's settings, a program's context, a
+    response format), where cleaning it (storable_json) would change what was asked."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
+        elif isinstance(item, str):
+            if "\x00" in item:
+                return "a NUL character (U+0000)"
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return "an unpaired surrogate character"
+    return None
+
+
 def storable_json(value: Any) -> Any:
     """A JSON value (a model's tool calls, a structured reply) with every string in it, keys included,
     made storable (Postgres's jsonb refuses U+0000 as its text columns do)."""

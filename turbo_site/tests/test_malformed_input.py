@@ -86,6 +86,43 @@ def test_conversation_message_with_nul_or_a_lone_surrogate_is_a_400(client, sign
     assert history["messages"] == []
 
 
+# JSON values kept as given (a chat's settings and program context, a response format, a prompt's client
+# functions and tool results): a NUL or a lone surrogate anywhere in them, keys included, is a 400 on
+# both databases, not a value SQLite keeps and Postgres's jsonb refuses, nor one no response can encode.
+KEPT_JSON = {
+    "settings": ("/chat/update", lambda text: {"settings": {"stop": [f"a{text}b"]}}),
+    "settings-key": ("/chat/update", lambda text: {"settings": {f"k{text}": 1}}),
+    "program-context": ("/chat/create", lambda text: {"program": "horoscope", "program_context": {"a": text}}),
+    "chat-response-format": ("/chat/update", lambda text: {"response_format": schema_format(text)}),
+    "prompt-response-format": ("/chat/prompt", lambda text: {"prompt": "hi", "response_format": schema_format(text)}),
+    "prompt-tools": ("/chat/prompt", lambda text: {"prompt": "hi", "tools": [{"name": "f", "description": text}]}),
+    "tool-results": ("/chat/prompt", lambda text: {"tool_results": [{"tool_call_id": "c", "content": {"a": text}}]}),
+}
+
+
+def schema_format(text: str) -> dict:
+    schema = {"type": "object", "properties": {"a": {"type": "string", "description": text}}}
+    return {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
+
+
+@pytest.mark.parametrize("text", ["\x00", "\ud800"], ids=["nul", "lone-surrogate"])
+@pytest.mark.parametrize("where", KEPT_JSON.values(), ids=KEPT_JSON.keys())
+def test_kept_json_with_nul_or_a_lone_surrogate_is_a_400(client, signup, upstream, where, text):
+    token, _, _ = signup()
+    chat = client.post("/chat/create", json={"name": "kept"}, headers=bearer(token)).json()
+    path, body = where
+    sent = {"name": "new", **body(text)} if path == "/chat/create" else {"id": chat["id"], **body(text)}
+    response = client.post(
+        path, content=json.dumps(sent), headers={**bearer(token), "Content-Type": "application/json"}
+    )
+    error = assert_turbo_error(response)
+    assert "NUL" in error["message"] or "surrogate" in error["message"], error
+    assert upstream.requests == []
+    read = client.post("/chat/read", json={"id": chat["id"]}, headers=bearer(token)).json()
+    assert (read["chat"]["settings"], read["messages"]) == ({}, [])  # nothing changed
+    assert [listed["name"] for listed in client.get("/chat/index", headers=bearer(token)).json()["chats"]] == ["kept"]
+
+
 def ws_send_and_expect_error(socket, frame: str) -> dict:
     socket.send(frame)
     while True:

@@ -146,3 +146,42 @@ def test_the_tls_settings_come_from_the_environment():
         "SECURE_REFERRER_POLICY": "no-referrer",
         "SECURE_CROSS_ORIGIN_OPENER_POLICY": None,
     }
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_the_v1_fast_path_sends_hsts_and_the_referrer_policy_as_django_does(production, upstream):
+    """An API client's /v1 call skips Django's middleware (proxy.fast): the same security headers all the same."""
+    import httpx
+
+    from proxy.fast import takes
+    from turbo_site.asgi import application
+
+    production.SECURE_REFERRER_POLICY = "no-referrer"
+
+    def client(scheme: str) -> httpx.AsyncClient:
+        return httpx.AsyncClient(transport=httpx.ASGITransport(app=application), base_url=f"{scheme}://127.0.0.1")
+
+    async with client("http") as http:
+        signed = await http.post("/user/signup", data={"username": "tls-fast", "password": "correct-horse"})
+        bearer = {"Authorization": f"Bearer {signed.json()['token']}"}
+        plain = await http.get("/v1/models", headers=bearer)
+        proxied = await http.get("/v1/models", headers={**bearer, "X-Forwarded-Proto": "https"})
+        refused = await http.get("/v1/nowhere", headers={**bearer, "X-Forwarded-Proto": "https"})
+        production.TRUSTED_PROXIES = ["10.0.0.1"]  # the caller is no longer the trusted proxy
+        spoofed = await http.get("/v1/models", headers={**bearer, "X-Forwarded-Proto": "https"})
+    async with client("https") as http:
+        direct = await http.get("/v1/models", headers=bearer)
+    assert takes({"type": "http", "path": "/v1/models", "method": "GET", "headers": [(b"authorization", b"Bearer x")]})
+    assert [response.status_code for response in (plain, proxied, refused, spoofed, direct)] == [
+        200,
+        200,
+        403,
+        200,
+        200,
+    ]
+    hsts = f"max-age={HSTS_YEAR}; includeSubDomains; preload"
+    assert [response.headers.get("strict-transport-security") for response in (proxied, refused, direct)] == [hsts] * 3
+    assert "strict-transport-security" not in plain.headers and "strict-transport-security" not in spoofed.headers
+    for response in (plain, proxied, refused, spoofed, direct):
+        assert response.headers["referrer-policy"] == "no-referrer"
+        assert response.headers["x-content-type-options"] == "nosniff"
