@@ -18,6 +18,52 @@ from django.core.cache import cache
 # Test helpers and fixture modules (turbo_site/testing/) get pytest's assertion messages too.
 pytest.register_assert_rewrite("turbo_site.testing")
 
+# The files that take longest on one leg or the other (--durations, 2026-12-07), slowest first. Under
+# `make test`'s --dist loadfile a file runs on one worker, and the workers take files in collection
+# order (the Makefile turns off xdist's own order, by number of tests, which put the one-test files
+# such as the schemathesis shards last): a long file taken last is the leg's tail, so they go first.
+# A stale entry costs nothing but its place; a file missing from here is taken after them, larger first.
+SLOWEST_FILES = (
+    "turbo_site/tests/test_schemathesis_",  # its shards, leg 1 only
+    "chats/tests/test_stream_faults.py",
+    "chats/tests/test_reply_lifecycle.py",
+    "proxy/tests/test_gateway.py",
+    "accounts/tests/test_auth_fronts.py",
+    "turbo_site/tests/test_grpc_server.py",
+    "chats/tests/test_programs_processes.py",
+    "accounts/tests/test_api_keys.py",
+    "chats/tests/test_sigterm_loop.py",
+    "chats/tests/test_web_browser.py",
+    "accounts/tests/test_admin.py",
+    "chats/tests/test_db_pool.py",
+    "turbo_site/tests/test_servers.py",
+    "groups/tests/test_web_browser.py",
+    "turbo_site/tests/test_runtime_install.py",
+    "turbo_site/tests/test_metrics.py",
+    "turbo_site/tests/test_docs_examples.py",
+    "turbo_site/tests/test_startup.py",
+    "turbo_site/tests/test_first_run.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under xdist (`make test`): files in SLOWEST_FILES' order, then the others by number of tests, most
+    first. A file's tests stay together and in their order. In one process the order is left alone."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    files: dict[str, list[int]] = {}  # path -> [tests, position of its first]
+    for position, item in enumerate(items):
+        files.setdefault(item.nodeid.split("::")[0], [0, position])[0] += 1
+
+    def rank(path: str) -> tuple[int, int, int]:
+        tests, first = files[path]
+        for index, prefix in enumerate(SLOWEST_FILES):
+            if path.startswith(prefix):
+                return index, 0, first
+        return len(SLOWEST_FILES), -tests, first
+
+    items.sort(key=lambda item: rank(item.nodeid.split("::")[0]))  # stable: within a file, the same order
+
 
 @pytest.fixture(autouse=True)
 def _clean_cache(request):
