@@ -98,8 +98,15 @@ class LiveServer:
         self.socket.bind(("127.0.0.1", 0))
         self.port = self.socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
+        # A stream a test left open would hold the shutdown at the session's end until stop()'s join gives
+        # up (10 s, more on a loaded machine, at the tail of each worker): 2 s, then it is cut.
         config = uvicorn.Config(
-            application, log_level="warning", lifespan="off", ws="websockets-sansio", proxy_headers=False
+            application,
+            log_level="warning",
+            lifespan="off",
+            ws="websockets-sansio",
+            proxy_headers=False,
+            timeout_graceful_shutdown=2,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, daemon=True)
