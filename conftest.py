@@ -18,16 +18,71 @@ from django.core.cache import cache
 # Test helpers and fixture modules (testing/) get pytest's assertion messages too.
 pytest.register_assert_rewrite("testing")
 
+# The files that take longest on one leg or the other (--durations, 2026-12-07), slowest first. Under
+# `make test`'s --dist loadfile a file runs on one worker, and the workers take files in collection
+# order (the Makefile turns off xdist's own order, by number of tests, which put the one-test files
+# such as the schemathesis shards last): a long file taken last is the leg's tail, so they go first.
+# A stale entry costs nothing but its place; a file missing from here is taken after them, larger first.
+SLOWEST_FILES = (
+    "turbo_site/tests/test_schemathesis_",  # its shards, leg 1 only
+    "chats/tests/test_stream_faults.py",
+    "chats/tests/test_reply_lifecycle.py",
+    "proxy/tests/test_gateway.py",
+    "accounts/tests/test_auth_fronts.py",
+    "turbo_site/tests/test_grpc_server.py",
+    "chats/tests/test_programs_processes.py",
+    "accounts/tests/test_api_keys.py",
+    "chats/tests/test_sigterm_loop.py",
+    "chats/tests/test_web_browser.py",
+    "accounts/tests/test_admin.py",
+    "chats/tests/test_db_pool.py",
+    "turbo_site/tests/test_servers.py",
+    "groups/tests/test_web_browser.py",
+    "turbo_site/tests/test_runtime_install.py",
+    "turbo_site/tests/test_metrics.py",
+    "turbo_site/tests/test_docs_examples.py",
+    "turbo_site/tests/test_startup.py",
+    "turbo_site/tests/test_first_run.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under xdist (`make test`): files in SLOWEST_FILES' order, then the others by number of tests, most
+    first. A file's tests stay together and in their order. In one process the order is left alone."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    files: dict[str, list[int]] = {}  # path -> [tests, position of its first]
+    for position, item in enumerate(items):
+        files.setdefault(item.nodeid.split("::")[0], [0, position])[0] += 1
+
+    def rank(path: str) -> tuple[int, int, int]:
+        tests, first = files[path]
+        for index, prefix in enumerate(SLOWEST_FILES):
+            if path.startswith(prefix):
+                return index, 0, first
+        return len(SLOWEST_FILES), -tests, first
+
+    items.sort(key=lambda item: rank(item.nodeid.split("::")[0]))  # stable: within a file, the same order
+
 
 @pytest.fixture(autouse=True)
 def _clean_cache(request):
     """Rate-limit counters, cached sessions and queued events must not leak from one test into the next."""
-    cache.clear()
-    yield
-    if request.node.get_closest_marker("django_db"):
-        from proxy.events import events_flush
+    from proxy.events import events_flush, events_writer_pause, events_writer_resume
 
+    cache.clear()
+    database = request.node.get_closest_marker("django_db")
+    # A test inside one transaction (django_db without transaction=True) holds the database's write lock:
+    # the event writer's own connection would wait for it (SQLite's 20 s busy timeout, twice as it splits
+    # the batch) at its next tick. Its events are saved at the end from the test's connection instead.
+    in_one_transaction = database is not None and not database.kwargs.get("transaction", False)
+    if in_one_transaction:
+        events_writer_pause()
+    yield
+    if database:
         events_flush()
+    if in_one_transaction:
+        events_writer_resume()
 
 
 class LiveServer:
@@ -36,13 +91,22 @@ class LiveServer:
     def __init__(self):
         from turbo_site.asgi import application
 
-        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP: asyncio turns Nagle off only on sockets that say they are TCP (turbo_site/testing/
+        # fake_upstream.py); with the default 0, each response waits ~40 ms for the client's delayed ACK.
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind(("127.0.0.1", 0))
         self.port = self.socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
+        # A stream a test left open would hold the shutdown at the session's end until stop()'s join gives
+        # up (10 s, more on a loaded machine, at the tail of each worker): 2 s, then it is cut.
         config = uvicorn.Config(
-            application, log_level="warning", lifespan="off", ws="websockets-sansio", proxy_headers=False
+            application,
+            log_level="warning",
+            lifespan="off",
+            ws="websockets-sansio",
+            proxy_headers=False,
+            timeout_graceful_shutdown=2,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, daemon=True)

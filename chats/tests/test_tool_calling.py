@@ -2,13 +2,13 @@
 
 import json
 import signal
-import time
 
 import httpx
 import pytest
 from websockets.sync.client import connect
 
 from chats.models import Message
+from chats.tests.processes import wait_for
 from conftest import SERVER_KEY, run_python
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -108,7 +108,8 @@ def test_shutdown_saves_a_running_generation_as_interrupted(cli_env, upstream):
                 data={"id": chat["id"], "prompt": "[scenario:stall] echo: never finishes", "stream": "true"},
                 headers=bearer(token),
             ).json()["message"]
-        time.sleep(0.5)
+        # The generation is running once its model call reached the upstream (which stalls it there).
+        wait_for(lambda: upstream.requests, 30, "the model call to reach the upstream")
     finally:
         turbo.send_signal(signal.SIGTERM)
         turbo.wait(timeout=30)

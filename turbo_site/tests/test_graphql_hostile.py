@@ -283,7 +283,12 @@ async def answered(socket: WebsocketCommunicator, operation_id: str, query: str,
 async def closed_with(socket: WebsocketCommunicator) -> dict:
     closed = await socket.receive_output(timeout=10)
     assert closed["type"] == "websocket.close", closed
-    await socket.wait(timeout=10)  # the consumer ended without an exception
+    # What a server sends once the close handshake is done: the consumer then ends. (Without it, it
+    # waits for it, and wait() below would sit out its whole timeout.)
+    await socket.send_input({"type": "websocket.disconnect", "code": closed["code"]})
+    await socket.wait(timeout=10)  # raises what the consumer raised, if it did
+    # wait() swallows its own timeout, cancelling the consumer: a consumer still running is a failure.
+    assert not socket.future.cancelled(), "the consumer did not end after the disconnect"
     return closed
 
 

@@ -1,0 +1,10 @@
+"""Schemathesis over the other chat operations (streams, prompts, members, deletes): one shard of the run
+(turbo_site/tests/schemathesis_run.py)."""
+
+from turbo_site.tests.schemathesis_run import MARKS, run_shard
+
+pytestmark = MARKS
+
+
+def test_chat_operations_answer_as_the_schema_says(turbo_server, signup, client, upstream, tmp_path):
+    run_shard("chats", server_url=turbo_server.url, signup=signup, client=client, tmp_path=tmp_path)
