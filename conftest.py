@@ -91,7 +91,7 @@ class LiveServer:
     def __init__(self):
         from turbo_site.asgi import application
 
-        # IPPROTO_TCP: asyncio turns Nagle off only on sockets that say they are TCP (turbo_site/testing/
+        # IPPROTO_TCP: asyncio turns Nagle off only on sockets that say they are TCP (testing/
         # fake_upstream.py); with the default 0, each response waits ~40 ms for the client's delayed ACK.
         self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
