@@ -19,8 +19,7 @@ from django.http.request import split_domain_port, validate_host
 
 from accounts.auth import AuthRefused, Credentials, aauthenticate, aauthenticate_unconfirmed
 from accounts.tokens import AuthSession
-from proxy.usage.caller import Caller
-from proxy.views import ProxyReply, ProxyRequest, exchange, openai_error_body
+from proxy.views import ProxyReply, ProxyRequest, caller_fields, exchange, openai_error_body
 from turbo_site.core.acache import CacheChanged, CachedCheck
 from turbo_site.core.errors import outcome_of
 from turbo_site.core.http import client_ip_from, is_trusted_proxy, scope_headers
@@ -196,10 +195,7 @@ async def serve(scope, receive, send) -> None:
         try:
             reply = await exchange(
                 ProxyRequest(
-                    user_id=found.user.pk,
-                    is_staff=found.user.is_staff,
-                    allowed_models=found.allowed_models,
-                    caller=Caller.of(found),
+                    **caller_fields(found),
                     method=scope["method"],
                     path=path[len(PREFIX) :],
                     request_path=path,

@@ -411,6 +411,16 @@ def _django_headers(request) -> dict[str, str]:
     return headers
 
 
+def caller_fields(found) -> dict:
+    """Who a /v1 request is for, as ProxyRequest takes it (from either front door's authentication)."""
+    return {
+        "user_id": found.user.pk,
+        "is_staff": found.user.is_staff,
+        "allowed_models": found.allowed_models,
+        "caller": Caller.of(found),
+    }
+
+
 @csrf_exempt
 async def proxy_view(request, path: str = ""):
     """The proxy behind Django's middleware (CORS, cookies, sessions); `proxy.fast` takes the rest."""
@@ -422,10 +432,7 @@ async def proxy_view(request, path: str = ""):
     request.turbo_event_handled = True  # the proxy logs its own, once the stream has ended
     reply = await exchange(
         ProxyRequest(
-            user_id=found.user.pk,
-            is_staff=found.user.is_staff,
-            allowed_models=found.allowed_models,
-            caller=Caller.of(found),
+            **caller_fields(found),
             method=request.method,
             path=path,
             request_path=request.path,

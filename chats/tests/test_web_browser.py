@@ -524,16 +524,22 @@ def picker_models(browser) -> list[str]:
     return [option.get_attribute("value") for option in Select(browser.find("#chat-model")).options]
 
 
-def test_the_model_picker_offers_the_models_the_upstream_serves(browser, signup, upstream):
-    """Zero config: the chat models the upstream lists at /models, not the aliases; the one picked answers."""
+def picked_and_answered(browser, signup, offered: list[str], picked: str, prompt: str) -> str:
+    """A new user's picker offers `offered`; a chat made with `picked` keeps it and answers `prompt`."""
     token, _, _ = signup()
     browser.sign_in(token)
     browser.open("/")
-    assert picker_models(browser) == ["gpt-4o-mini", "gpt-4o"]
-    chat_id = chat_create_with_model(browser, "Picked", "gpt-4o")
-    assert Chat.objects.get(pk=chat_id).model == "gpt-4o"
-    message_id = prompt_send(browser, "echo: picked by hand")
+    assert picker_models(browser) == offered
+    chat_id = chat_create_with_model(browser, f"Picked {picked}", picked)
+    assert Chat.objects.get(pk=chat_id).model == picked
+    message_id = prompt_send(browser, prompt)
     message_status_wait(browser, message_id, "complete")
+    return message_id
+
+
+def test_the_model_picker_offers_the_models_the_upstream_serves(browser, signup, upstream):
+    """Zero config: the chat models the upstream lists at /models, not the aliases; the one picked answers."""
+    picked_and_answered(browser, signup, ["gpt-4o-mini", "gpt-4o"], "gpt-4o", "echo: picked by hand")
     asked = [r.json()["model"] for r in upstream.requests if r.path.endswith("/chat/completions")]
     assert asked == ["gpt-4o"]
     assert browser.console_errors() == []
@@ -551,14 +557,9 @@ def test_under_a_gateway_file_the_picker_offers_its_public_names(browser, signup
     )
     health.forget()
     settings.TURBO_CONFIG = str(config)
-    token, _, _ = signup()
-    browser.sign_in(token)
-    browser.open("/")
-    assert picker_models(browser) == ["house-fast", "house-smart"]
-    chat_id = chat_create_with_model(browser, "Through the gateway", "house-smart")
-    assert Chat.objects.get(pk=chat_id).model == "house-smart"
-    message_id = prompt_send(browser, "echo: routed by name")
-    message_status_wait(browser, message_id, "complete")
+    message_id = picked_and_answered(
+        browser, signup, ["house-fast", "house-smart"], "house-smart", "echo: routed by name"
+    )
     assert browser.text(f"{message_css(message_id)} .reply") == "routed by name"
     asked = [r.json()["model"] for r in upstream.requests if r.path.endswith("/chat/completions")]
     assert asked == ["gpt-4o"]  # house-smart's deployment
