@@ -42,7 +42,7 @@ PAGES = [
 BLOCK = re.compile(r"(<!-- not run: [^>]*-->\n)?```(sh|python|js)\n(.*?)\n```", re.DOTALL)
 TROUBLE = ("Traceback", '"internal_error"')
 # The JavaScript clients the examples import, pinned in package-lock.json beside them (`make js-deps`).
-JS_CLIENTS = PROJECT_ROOT / "turbo_site" / "testing" / "js"
+JS_CLIENTS = PROJECT_ROOT / "testing" / "js"
 
 
 def free_port() -> int:
