@@ -174,11 +174,14 @@ def test_a_budget_and_a_rate_limit_together_refuse_without_taking_from_each_othe
     assert ask(client, token).json()["error"]["code"] == "budget_exceeded"
 
 
-def _top_level_commands(monitor, until: str) -> list[list[str]]:
-    """The commands Redis received from clients (not those a script ran) up to the ECHO of `until`."""
+def _top_level_commands(monitor, until: str, db: int) -> list[list[str]]:
+    """The commands Redis received from clients (not those a script ran) on database `db` (MONITOR sees
+    every database: the suite's other workers use their own) up to the ECHO of `until`."""
     seen = []
     while True:
         command = monitor.next_command()
+        if int(command["db"]) != db:
+            continue
         words = command["command"].split()
         if words[:2] == ["ECHO", until]:
             return seen
@@ -212,7 +215,7 @@ def test_a_keys_lookup_and_admission_share_one_round_trip_and_its_revocation_hol
     with observer.monitor() as monitor:
         answer = ask(client, key)
         observer.echo("end-of-call")
-        commands = _top_level_commands(monitor, "end-of-call")
+        commands = _top_level_commands(monitor, "end-of-call", observer.connection_pool.connection_kwargs.get("db", 0))
     assert answer.status_code == 200, answer.text
     assert answer.headers["x-ratelimit-remaining-requests"] == "97"
     names = [words[0].upper() for words in commands]
