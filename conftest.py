@@ -75,13 +75,13 @@ def _clean_cache(request):
     # A test inside one transaction (django_db without transaction=True) holds the database's write lock:
     # the event writer's own connection would wait for it (SQLite's 20 s busy timeout, twice as it splits
     # the batch) at its next tick. Its events are saved at the end from the test's connection instead.
-    in_one_transaction = database is not None and not database.kwargs.get("transaction", False)
-    if in_one_transaction:
+    one_transaction = in_one_transaction(request)
+    if one_transaction:
         events_writer_pause()
     yield
     if database:
         events_flush()
-    if in_one_transaction:
+    if one_transaction:
         events_writer_resume()
 
 
@@ -158,9 +158,60 @@ def grpc_server(django_db_setup, django_db_blocker):
     server.stop()
 
 
+def in_one_transaction(request) -> bool:
+    """Whether the test runs inside one database transaction (`django_db` without `transaction=True`)."""
+    database = request.node.get_closest_marker("django_db")
+    if database is None:
+        return False
+    return not database.kwargs.get("transaction", bool(database.args and database.args[0]))
+
+
 @pytest.fixture
-def client(turbo_server):
-    """An HTTP client for the live server, like curl would be: it keeps no cookies between calls."""
+def client(request):
+    """An HTTP client for Turbo, like curl would be: it keeps no cookies between calls.
+
+    In a test that runs in one transaction (`django_db`), the whole ASGI app in process, on the test's
+    own database connection (testing/inprocess.py); in a transactional one (`transaction=True`: a test
+    that needs committed data, work that outlives the request, or a stream read as it comes), the live
+    server over its socket, as `live_client`."""
+    jar = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+    if in_one_transaction(request):
+        from testing.inprocess import in_process_client
+
+        with in_process_client(cookies=jar) as http:
+            yield http
+        return
+    server = request.getfixturevalue("turbo_server")
+    with httpx.Client(base_url=server.url, timeout=30, cookies=jar) as http:
+        yield http
+
+
+@pytest.fixture
+def new_client(request):
+    """Makes more clients like `client` (in process or over the live server's socket, by the same rule),
+    with httpx.Client's options: `new_client(cookies={"sess": token})` is a browser that has signed in.
+    Each has `base_url`, which is also Turbo's own origin for an Origin header."""
+    opened: list[httpx.Client] = []
+
+    def make(**options) -> httpx.Client:
+        options.setdefault("timeout", 30)
+        if in_one_transaction(request):
+            from testing.inprocess import in_process_client
+
+            http = in_process_client(**options)
+        else:
+            http = httpx.Client(base_url=request.getfixturevalue("turbo_server").url, **options)
+        opened.append(http)
+        return http
+
+    yield make
+    for http in opened:
+        http.close()
+
+
+@pytest.fixture
+def live_client(turbo_server):
+    """An HTTP client for the live server over its socket, whatever the test's database marker."""
     jar = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
     with httpx.Client(base_url=turbo_server.url, timeout=30, cookies=jar) as http:
         yield http

@@ -8,7 +8,7 @@ from accounts.models import Session, User
 from conftest import unique_name
 from groups.models import Group, GroupMember
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 
 def bearer(token: str) -> dict:
@@ -142,14 +142,11 @@ def test_failed_logins_are_rate_limited_per_client_address(client, settings):
     assert client.post("/user/login", data={"username": unique_name(), "password": "wrong-pw"}).status_code == 429
 
 
-def test_every_token_source_authenticates(client, signup, turbo_server):
-    import httpx
-
+def test_every_token_source_authenticates(client, signup, new_client):
     token, user, _ = signup()
     by_bearer = client.get("/user/session", headers=bearer(token))
     by_basic = client.get("/user/session", auth=("ignored-username", token))
-    with httpx.Client(base_url=turbo_server.url, cookies={"sess": token}) as browser:
-        by_cookie = browser.get("/user/session")
+    by_cookie = new_client(cookies={"sess": token}).get("/user/session")
     for response in (by_bearer, by_basic, by_cookie):
         assert response.status_code == 200, response.text
         assert response.json()["user"]["id"] == user["id"]
@@ -199,12 +196,9 @@ def test_logout_by_token_field_form_and_json_and_clears_cookie(client, signup):
         assert client.get("/user/session", headers=bearer(token)).status_code == 401
 
 
-def test_logout_with_get_and_cookie_like_the_seed(turbo_server, signup):
-    import httpx
-
+def test_logout_with_get_and_cookie_like_the_seed(new_client, signup):
     token, _, _ = signup()
-    with httpx.Client(base_url=turbo_server.url, cookies={"sess": token}) as browser:
-        assert browser.get("/user/logout").status_code == 200
+    assert new_client(cookies={"sess": token}).get("/user/logout").status_code == 200
     from accounts.tokens import token_hash
 
     assert Session.objects.get(token_hash=token_hash(token)).revoked_at is not None
@@ -332,18 +326,16 @@ def test_jwt_is_revoked_by_logout_and_forgery_is_refused(client):
     assert client.get("/user/session", headers=bearer(token)).status_code == 401
 
 
-def test_cookie_authenticated_cross_site_post_is_refused(client, turbo_server, signup):
-    import httpx
-
+def test_cookie_authenticated_cross_site_post_is_refused(client, new_client, signup):
     token, me, _ = signup()
-    with httpx.Client(base_url=turbo_server.url, cookies={"sess": token}) as browser:
+    with new_client(cookies={"sess": token}) as browser:
         evil = browser.post(
             "/user/update", data={"id": me["id"], "first_name": "pwned"}, headers={"Origin": "https://evil.example"}
         )
         assert evil.status_code == 403
         assert User.objects.get(pk=me["id"]).first_name == ""
         same_origin = browser.post(
-            "/user/update", data={"id": me["id"], "first_name": "Me"}, headers={"Origin": turbo_server.url}
+            "/user/update", data={"id": me["id"], "first_name": "Me"}, headers={"Origin": str(browser.base_url).rstrip("/")}
         )
         assert same_origin.status_code == 200
         # curl --cookie sends no Origin at all: still works, as documented.

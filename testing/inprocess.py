@@ -1,0 +1,61 @@
+"""Turbo's whole ASGI app served in process to a synchronous httpx client, inside the test's transaction.
+
+`InProcessTransport` hands each request to `turbo_site.asgi.application` (the same stack a server runs:
+metrics, tracing, the /v1 fast path, Django's middleware) through `httpx.ASGITransport`, on an event
+loop of its own made by asgiref's `async_to_sync`, as Django's own test client does. The thread that
+sends the request (the test's) serves the app's thread-sensitive `sync_to_async` calls meanwhile, so
+the ORM answers on the test's own database connection: a test marked `django_db` without
+`transaction=True` sees everything the request wrote, and the database is rolled back after it rather
+than flushed (a TRUNCATE of every table on Postgres).
+
+What a committed transaction would set off (`transaction.on_commit`: cache invalidation, stream
+sends) runs when the request ends, as it would have after the view's commit.
+
+Its limits, which keep such tests on the live server (`live_client`): the body is read whole before
+the response is returned, so a stream that waits for the client to go away never ends; the request's
+loop is closed once the response is complete, so work it leaves running (a chat's reply) is cancelled;
+and the app's calls that use a thread of their own (`thread_sensitive=False`: the cache, /health's
+checks) see only what is committed.
+"""
+
+import httpx
+from asgiref.sync import async_to_sync
+from django.core.signals import request_finished, request_started
+from django.db import close_old_connections
+from django.test import TestCase
+
+ORIGIN = "http://127.0.0.1"
+
+
+class InProcessTransport(httpx.BaseTransport):
+    def __init__(self, app=None, client_address: tuple[str, int] = ("127.0.0.1", 40000)):
+        if app is None:
+            from turbo_site.asgi import application as app
+        self._asgi = httpx.ASGITransport(app=app, client=client_address)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        body = request.read()
+
+        async def exchange() -> tuple[int, httpx.Headers, bytes]:
+            inner = httpx.Request(request.method, request.url, headers=request.headers, content=body)
+            response = await self._asgi.handle_async_request(inner)
+            content = await response.aread()
+            return response.status_code, response.headers, content
+
+        # As Django's test client does: the handler's signals would otherwise close the test's connection.
+        request_started.disconnect(close_old_connections)
+        request_finished.disconnect(close_old_connections)
+        try:
+            with TestCase.captureOnCommitCallbacks(execute=True):
+                status, headers, content = async_to_sync(exchange)()
+        finally:
+            request_started.connect(close_old_connections)
+            request_finished.connect(close_old_connections)
+        # The body as the app sent it: httpx decodes a compressed one for the client as it would off a socket.
+        return httpx.Response(status, headers=headers, stream=httpx.ByteStream(content), request=request)
+
+
+def in_process_client(**options) -> httpx.Client:
+    """An httpx client whose requests `InProcessTransport` serves (httpx.Client's options otherwise)."""
+    options.setdefault("timeout", 30)
+    return httpx.Client(transport=InProcessTransport(), base_url=ORIGIN, **options)
