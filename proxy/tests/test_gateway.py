@@ -1,8 +1,8 @@
 """The model gateway end to end: several fake upstreams on real loopback ports, each failing on demand,
-behind the real server, with httpx, the openai SDK, /ws and chats as clients."""
+behind Turbo's ASGI app (in process; the live server where a test needs its own thread or process), with
+httpx, the openai SDK, /ws and chats as clients."""
 
 import contextlib
-import json
 import socket
 import textwrap
 import threading
@@ -12,7 +12,8 @@ from collections import Counter
 import httpx
 import openai
 import pytest
-from websockets.sync.client import connect
+from asgiref.sync import async_to_sync
+from channels.testing import WebsocketCommunicator
 
 # The fault tests' server processes and Redis of a test's own.
 from chats.tests.processes import free_port, redis_start
@@ -21,8 +22,9 @@ from proxy.events import events_flush
 from proxy.gateway import health
 from proxy.models import Event
 from testing.fake_upstream import FakeUpstream
+from testing.inprocess import ORIGIN, in_process_sdk_client
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 
 def bearer(token: str) -> dict:
@@ -85,6 +87,11 @@ def ask(client, token, model="pool", text="echo: hello there", **extra):
     return client.post("/v1/chat/completions", json=body, headers=bearer(token))
 
 
+def sdk(token: str, **options) -> openai.OpenAI:
+    """The openai SDK against Turbo served in process."""
+    return openai.OpenAI(base_url=ORIGIN + "/v1", api_key=token, http_client=in_process_sdk_client(), **options)
+
+
 def chat_requests(fake) -> list:
     return [r for r in fake.requests if r.path == "/v1/chat/completions"]
 
@@ -140,7 +147,8 @@ def test_each_deployment_gets_its_own_model_name_and_key(client, token, fakes, c
 
 @contextlib.contextmanager
 def one_request_held(turbo_server, token, fakes):
-    """A request in flight (gated at its upstream) while the block runs; yields the fake holding it."""
+    """A request in flight (gated at its upstream) while the block runs; yields the fake holding it.
+    It is sent from a thread of its own to the live server, so its test is transactional."""
     results = {}
 
     def hold():
@@ -166,6 +174,7 @@ def one_request_held(turbo_server, token, fakes):
     assert results["held"].status_code == 200
 
 
+@pytest.mark.django_db(transaction=True)
 def test_least_busy_sends_to_the_idle_deployment(client, token, fakes, configure, turbo_server):
     configure(balanced_pair(fakes, "least_busy"))
     with one_request_held(turbo_server, token, fakes) as busy:
@@ -174,6 +183,7 @@ def test_least_busy_sends_to_the_idle_deployment(client, token, fakes, configure
             assert ask(client, token).headers["x-turbo-upstream"] == f"{idle}/gpt-4o-mini"
 
 
+@pytest.mark.django_db(transaction=True)
 def test_an_upstream_at_max_in_flight_is_passed_over(client, token, fakes, configure, turbo_server):
     config = balanced_pair(fakes, "weighted").replace("/v1}", "/v1, max_in_flight: 1}")
     assert config.count("max_in_flight") == 2
@@ -395,7 +405,7 @@ def test_auto_picks_the_cheapest_model_that_can_serve_the_request(client, token,
 
 def test_models_lists_the_public_names_and_unknown_models_are_404_before_any_upstream(client, token, fakes, configure):
     configure(router_config(fakes))
-    listed = openai.OpenAI(base_url=str(client.base_url) + "/v1", api_key=token).models.list()
+    listed = sdk(token).models.list()
     assert [model.id for model in listed.data] == ["cheap-text", "pricey-all", "auto"]
     assert client.get("/v1/models/auto", headers=bearer(token)).json()["id"] == "auto"
     assert client.get("/v1/models/nope", headers=bearer(token)).status_code == 404
@@ -455,8 +465,7 @@ def test_instruction_mapping_rewrites_the_request_per_deployment(client, token, 
 def test_the_openai_sdk_streams_through_a_failover(client, token, fakes, configure):
     configure(two_deployments(fakes))
     fakes["a"].forced_scenario = "error_500"
-    sdk = openai.OpenAI(base_url=str(client.base_url) + "/v1", api_key=token, max_retries=0)
-    chunks = sdk.chat.completions.create(
+    chunks = sdk(token, max_retries=0).chat.completions.create(
         model="pool", stream=True, messages=[{"role": "user", "content": "echo: streamed after failover"}]
     )
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "streamed after failover"
@@ -483,15 +492,25 @@ def test_a_chat_on_an_unknown_model_fails_with_a_clear_message(client, token, fa
     assert reply.json()["error"]["code"] == "model_not_found"
 
 
-def test_ws_rpc_falls_over_the_same_way(turbo_server, token, fakes, configure):
+def test_ws_rpc_falls_over_the_same_way(token, fakes, configure):
+    from turbo_site.asgi import application
+
     configure(two_deployments(fakes))
     fakes["a"].forced_scenario = "error_500"
-    with connect(f"ws://127.0.0.1:{turbo_server.port}/ws?token={token}", open_timeout=10) as ws:
+
+    async def over_ws() -> list[dict]:  # Channels' communicator: the app in process, on this test's connection
+        ws = WebsocketCommunicator(application, f"/ws?token={token}")
+        connected, _ = await ws.connect(timeout=10)
+        assert connected
         payload = {"model": "pool", "messages": [{"role": "user", "content": "echo: over ws"}]}
-        ws.send(json.dumps({"type": "chat_completion_stream", "request_id": "1", "payload": payload}))
+        await ws.send_json_to({"type": "chat_completion_stream", "request_id": "1", "payload": payload})
         frames = []
         while not frames or frames[-1]["type"] not in ("chat_completion_done", "error"):
-            frames.append(json.loads(ws.recv(timeout=15)))
+            frames.append(await ws.receive_json_from(timeout=15))
+        await ws.disconnect()
+        return frames
+
+    frames = async_to_sync(over_ws)()
     assert frames[-1]["type"] == "chat_completion_done", frames[-1]
     assert frames[-1]["data"]["content"] == "over ws"
     assert len(chat_requests(fakes["b"])) == 1
@@ -515,6 +534,7 @@ def test_ai_helpers_fall_over_the_same_way(settings, fakes, configure):
 # --- two processes ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.django_db(transaction=True)  # the servers are processes of their own: they see only what is committed
 def test_a_cooldown_is_shared_by_two_processes_over_redis(start_server, processes, fakes, tmp_path):  # noqa: F811
     config = tmp_path / "turbo.yaml"
     config.write_text(textwrap.dedent(two_deployments(fakes, cooldown_seconds=60)))
