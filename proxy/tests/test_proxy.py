@@ -1,4 +1,5 @@
-"""/v1/* through a real Turbo server to a real fake upstream, with httpx and the openai SDK."""
+"""/v1/* through Turbo (served in process; the live server for a stream read as it comes) to a real fake
+upstream, with httpx and the openai SDK."""
 
 import json
 
@@ -8,8 +9,9 @@ import pytest
 
 from proxy.events import events_flush
 from proxy.models import Event
+from testing.inprocess import ORIGIN, in_process_sdk_client
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 SERVER_KEY = "sk-server-side-key"
 
@@ -35,8 +37,8 @@ def proxy_events(account):
 
 
 @pytest.fixture
-def sdk(turbo_server, token):
-    return openai.OpenAI(base_url=turbo_server.url + "/v1", api_key=token, max_retries=0)
+def sdk(token):
+    return openai.OpenAI(base_url=ORIGIN + "/v1", api_key=token, max_retries=0, http_client=in_process_sdk_client())
 
 
 def test_models_list_with_the_sdk_and_the_server_key_only(sdk, upstream, token):
@@ -114,6 +116,7 @@ def test_streamed_chat_with_the_sdk_and_usage_from_the_final_chunk(sdk, upstream
     assert event.completion_tokens == 4
 
 
+@pytest.mark.django_db(transaction=True)  # read as it comes: over the live server's socket
 def test_stream_chunks_arrive_before_the_upstream_finishes(client, upstream, token):
     body = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "echo: first second third"}]}
     with client.stream(
@@ -202,6 +205,7 @@ def test_no_upstream_configured_is_503_naming_the_variable(client, token, settin
     assert "OPENAI_API_KEY" in response.json()["error"]["message"]
 
 
+@pytest.mark.django_db(transaction=True)  # a hang-up mid-stream: over the live server's socket
 def test_client_disconnect_cancels_the_upstream_request(turbo_server, upstream, token):
     body = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "echo: a b c"}]}
     with httpx.Client(base_url=turbo_server.url, timeout=10) as http:
