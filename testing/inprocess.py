@@ -46,10 +46,13 @@ class InProcessTransport(httpx.BaseTransport):
         self._asgi = httpx.ASGITransport(app=app, client=client_address)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        body = request.read()
+        # The headers as they are and the body in the client's pieces, as the app would read them off a
+        # socket: a body sent from a generator comes in chunks under Transfer-Encoding with no
+        # Content-Length (giving it `content=` would add one, and the app would judge it by that instead).
+        chunks = [bytes(chunk) for chunk in request.stream if chunk]
 
         async def exchange() -> tuple[int, httpx.Headers, bytes]:
-            inner = httpx.Request(request.method, request.url, headers=request.headers, content=body)
+            inner = httpx.Request(request.method, request.url, headers=request.headers, stream=_Chunks(chunks))
             response = await self._asgi.handle_async_request(inner)
             content = await response.aread()
             return response.status_code, response.headers, content
@@ -65,6 +68,15 @@ class InProcessTransport(httpx.BaseTransport):
             request_finished.connect(close_old_connections)
         # The body as the app sent it: httpx decodes a compressed one for the client as it would off a socket.
         return httpx.Response(status, headers=headers, stream=httpx.ByteStream(content), request=request)
+
+
+class _Chunks(httpx.AsyncByteStream):
+    def __init__(self, chunks: list[bytes]):
+        self._chunks = chunks
+
+    async def __aiter__(self):
+        for chunk in self._chunks:
+            yield chunk
 
 
 @contextmanager
