@@ -2,14 +2,13 @@
 
 import base64
 
-import httpx
 import pytest
 
 from proxy.events import events_flush
 from proxy.fast import takes
 from proxy.models import Event
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 COMPLETION = {"model": "gpt-4o", "messages": [{"role": "user", "content": "echo: same answer"}]}
 
@@ -35,7 +34,7 @@ def test_only_token_bearing_non_browser_calls_to_v1_take_the_hot_path():
     assert not takes({"type": "websocket", "path": "/v1/models", "headers": [token]})
 
 
-def test_both_doors_give_the_same_answer_and_log_it(client, upstream, signup, turbo_server, settings):
+def test_both_doors_give_the_same_answer_and_log_it(client, upstream, signup, settings):
     token, user, _ = signup()
     settings.CORS_ALLOWED_ORIGINS = ["https://app.example.com"]
     hot = client.post("/v1/chat/completions", json=COMPLETION, headers=bearer(token))
@@ -98,9 +97,9 @@ def test_chunked_body_over_the_limit_is_413(client, upstream, signup, settings):
     assert small.status_code != 413 and len(upstream.requests) == 1
 
 
-def test_cookie_calls_keep_the_origin_rule(turbo_server, upstream, signup):
+def test_cookie_calls_keep_the_origin_rule(new_client, upstream, signup):
     token, _, _ = signup()
-    with httpx.Client(base_url=turbo_server.url, cookies={"sess": token}, timeout=30) as browser:
+    with new_client(cookies={"sess": token}) as browser:
         assert browser.get("/v1/models").status_code == 200
         foreign = browser.post("/v1/chat/completions", json=COMPLETION, headers={"Origin": "https://evil.example"})
         assert foreign.status_code == 403
