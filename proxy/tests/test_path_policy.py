@@ -10,7 +10,7 @@ from django.core.cache import cache
 
 from accounts.models import User
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 
 def make_staff(user_json) -> None:
