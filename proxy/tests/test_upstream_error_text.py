@@ -1,21 +1,30 @@
 """/ws error frames carry an upstream's error text with keys taken out."""
 
-import json
-
 import pytest
-from websockets.sync.client import connect
+from asgiref.sync import async_to_sync
+from channels.testing import WebsocketCommunicator
 
 from conftest import SERVER_KEY
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 
-def test_a_key_the_upstream_quotes_is_redacted_from_the_ws_error_frame(turbo_server, signup, upstream):
+def test_a_key_the_upstream_quotes_is_redacted_from_the_ws_error_frame(signup, upstream):
+    from turbo_site.asgi import application
+
     token, _, _ = signup()
-    with connect(f"ws://127.0.0.1:{turbo_server.port}/ws?token={token}", open_timeout=10) as ws:
+
+    async def over_ws() -> dict:  # Channels' communicator: the app in process, on this test's connection
+        ws = WebsocketCommunicator(application, f"/ws?token={token}")
+        connected, _ = await ws.connect(timeout=10)
+        assert connected
         payload = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "[scenario:error_401_echo] hi"}]}
-        ws.send(json.dumps({"type": "chat_completion", "request_id": "k1", "payload": payload}))
-        frame = json.loads(ws.recv(timeout=15))
+        await ws.send_json_to({"type": "chat_completion", "request_id": "k1", "payload": payload})
+        frame = await ws.receive_json_from(timeout=15)
+        await ws.disconnect()
+        return frame
+
+    frame = async_to_sync(over_ws)()
     assert frame["type"] == "error" and frame["error"]["code"] == "upstream_error"
     assert upstream.requests[-1].headers["authorization"] == f"Bearer {SERVER_KEY}"
     assert "Incorrect API key provided: [redacted]" in frame["error"]["message"]
