@@ -1,8 +1,9 @@
 """/v1 policy reads every model call, whatever its Content-Type, through both front doors, in process.
 
 The hot path (proxy.fast: a token in Authorization, no Origin) and the Django view (an Origin) are both
-driven through turbo_site.asgi.application over httpx.ASGITransport; the fake upstream records what
-reached it, so a refusal is also checked to have sent nothing upstream.
+driven through turbo_site.asgi.application served in process (testing/inprocess.py), inside the test's
+transaction; the fake upstream records what reached it, so a refusal is also checked to have sent nothing
+upstream.
 """
 
 import json
@@ -10,17 +11,15 @@ from decimal import Decimal
 
 import httpx
 import pytest
-from asgiref.sync import async_to_sync
 
 from accounts.keys import api_key_create
 from accounts.services import session_create, user_create
 from groups.models import Group
 from groups.services import group_allowed_models_set
 from proxy.requests import form_fields, v1_request_read
+from testing.inprocess import in_process_client
 
-# Django's ASGI handler closes the database connection at each request's end (close_old_connections),
-# which a test wrapped in one transaction cannot survive.
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 ORIGIN = {"Origin": "http://127.0.0.1"}  # a browser's request: proxy_view, behind Django's middleware
 DOORS = {"fast": {}, "django": ORIGIN}
@@ -29,14 +28,8 @@ CONTENT_TYPES = ["Application/JSON", "text/plain", "application/vnd.api+json", N
 
 def post_all(requests: list[tuple[str, dict, bytes]]) -> list[httpx.Response]:
     """POST each (path, headers, body) in turn to the ASGI app, in this process."""
-    from turbo_site.asgi import application
-
-    async def run():
-        transport = httpx.ASGITransport(app=application, client=("127.0.0.1", 5555))
-        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=30) as http:
-            return [await http.post(path, headers=headers, content=body) for path, headers, body in requests]
-
-    return async_to_sync(run)()
+    with in_process_client() as http:
+        return [http.post(path, headers=headers, content=body) for path, headers, body in requests]
 
 
 def post(path: str, headers: dict, body: bytes) -> httpx.Response:
