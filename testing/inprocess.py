@@ -18,10 +18,13 @@ and the app's calls that use a thread of their own (`thread_sensitive=False`: th
 checks) see only what is committed.
 """
 
+from unittest import mock
+
+import channels.db
 import httpx
 from asgiref.sync import async_to_sync
 from django.core.signals import request_finished, request_started
-from django.db import close_old_connections
+from django.db import close_old_connections, connections
 from django.test import TestCase
 
 ORIGIN = "http://127.0.0.1"
@@ -46,13 +49,25 @@ class InProcessTransport(httpx.BaseTransport):
         request_started.disconnect(close_old_connections)
         request_finished.disconnect(close_old_connections)
         try:
-            with TestCase.captureOnCommitCallbacks(execute=True):
+            # Channels' database_sync_to_async (the session lookup on a cache miss, the async views' ORM
+            # calls) closes old connections before and after each call, the test's too: not one in a transaction.
+            with (
+                mock.patch.object(channels.db, "close_old_connections", _close_old_connections_outside_transactions),
+                TestCase.captureOnCommitCallbacks(execute=True),
+            ):
                 status, headers, content = async_to_sync(exchange)()
         finally:
             request_started.connect(close_old_connections)
             request_finished.connect(close_old_connections)
         # The body as the app sent it: httpx decodes a compressed one for the client as it would off a socket.
         return httpx.Response(status, headers=headers, stream=httpx.ByteStream(content), request=request)
+
+
+def _close_old_connections_outside_transactions() -> None:
+    """django.db.close_old_connections, leaving alone a connection inside a transaction (the test's)."""
+    for connection in connections.all(initialized_only=True):
+        if not connection.in_atomic_block:
+            connection.close_if_unusable_or_obsolete()
 
 
 def in_process_client(**options) -> httpx.Client:
