@@ -1,4 +1,5 @@
-"""The Django admin over real HTTP, logged in as a superuser the way a browser would be.
+"""The Django admin through Turbo's whole ASGI app (in process: testing/inprocess.py), logged in as a
+superuser the way a browser would be.
 
 Every page loads; a session's token and token hash never appear; the revoke actions and the other admin
 writes go through Turbo's services, so a revoked token stops working at once.
@@ -16,7 +17,7 @@ from conftest import unique_name
 from groups.models import Group, GroupMember
 from proxy.models import Event
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 ADMIN_PASSWORD = "admin-pass-123"
 
@@ -49,10 +50,10 @@ def run_action(browser: httpx.Client, changelist: str, action: str, ids: list) -
 
 
 @pytest.fixture
-def browser(turbo_server):
-    """An HTTP client that keeps cookies, like a browser, against the live server."""
-    with httpx.Client(base_url=turbo_server.url, timeout=30) as http:
-        yield http
+def browser(new_client):
+    """An HTTP client that keeps cookies, like a browser (in process, or the live server's in a
+    transactional test: conftest's `new_client`)."""
+    return new_client()
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
-"""API keys over real HTTP and WebSocket against the live server and the fake upstream: made and shown
-once, used on /v1 (the openai SDK, both front doors) and /ws, limited to their models, refused
-everywhere else, expired and revoked at once (an open socket closes), group keys, bad input, the admin,
-`manage.py keys`, and a revocation crossing from one server process to another."""
+"""API keys through Turbo's whole ASGI app (in process; over the live server's socket where a test needs one:
+the openai SDK, WebSockets) and the fake upstream: made and shown once, used on /v1 (the openai SDK, both
+front doors) and /ws, limited to their models, refused everywhere else, expired and revoked at once (an open
+socket closes), group keys, bad input, the admin, `manage.py keys`, and a revocation crossing from one server
+process to another."""
 
 import asyncio
 import hashlib
@@ -30,7 +31,7 @@ from groups.models import Group
 from groups.services import group_allowed_models_set, group_create, group_members_add
 from testing.commands import manage
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 ALLOWED, OTHER = "gpt-4o-mini", "gpt-4o"
 LISTED_FIELDS = {
@@ -144,6 +145,7 @@ def test_a_key_is_shown_once_stored_hashed_and_listed_without_it(client, signup)
 # --- used on /v1 and /ws --------------------------------------------------------------------------------
 
 
+@pytest.mark.django_db(transaction=True)  # the openai SDK, over the live server's socket
 def test_a_key_works_with_the_openai_sdk_on_v1_streamed_and_not(client, signup, upstream, turbo_server):
     token, _, _ = signup()
     key = make_key(client, token)["key"]
@@ -166,6 +168,7 @@ def test_a_key_works_with_the_openai_sdk_on_v1_streamed_and_not(client, signup, 
     assert listed[0]["last_used_at"] is not None
 
 
+@pytest.mark.django_db(transaction=True)  # /ws over the live server's socket
 def test_a_key_works_on_ws(client, signup, upstream, turbo_server):
     token, _, _ = signup()
     key = make_key(client, token)["key"]
@@ -208,6 +211,7 @@ def assert_model_refused(response: httpx.Response) -> None:
     assert response.json()["error"]["code"] == "model_not_allowed"
 
 
+@pytest.mark.django_db(transaction=True)  # the openai SDK and /ws, over the live server's socket
 def test_a_key_is_limited_to_its_models_on_v1_and_ws(client, signup, upstream, turbo_server):
     token, _, _ = signup()
     key = make_key(client, token, models=[ALLOWED])["key"]
@@ -261,6 +265,7 @@ def test_a_key_follows_its_users_group_limit_as_it_changes(client, signup, upstr
 # --- expired and revoked ---------------------------------------------------------------------------------
 
 
+@pytest.mark.django_db(transaction=True)  # an open /ws socket
 def test_an_expired_key_is_refused_at_once_and_its_socket_closes(client, signup, upstream, turbo_server):
     token, _, _ = signup()
     expires_at = timezone.now() + timedelta(seconds=3)
@@ -278,6 +283,7 @@ def test_an_expired_key_is_refused_at_once_and_its_socket_closes(client, signup,
         connect(ws_url(turbo_server, key), open_timeout=10)
 
 
+@pytest.mark.django_db(transaction=True)  # open /ws sockets and the SDK
 def test_a_revoked_key_is_refused_at_once_and_its_open_socket_closes(client, signup, upstream, turbo_server):
     token, _, _ = signup()
     made = make_key(client, token)
@@ -342,6 +348,7 @@ def assert_key_refused(response: httpx.Response) -> None:
     assert "/v1" in error["message"] and "/ws" in error["message"]
 
 
+@pytest.mark.django_db(transaction=True)  # a WebSocket handshake
 def test_a_key_cannot_use_or_change_the_account(client, signup, upstream, turbo_server):
     token, user, password = signup()
     key = make_key(client, token)["key"]
@@ -384,6 +391,7 @@ def test_a_key_cannot_use_or_change_the_account(client, signup, upstream, turbo_
 # --- group keys -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.django_db(transaction=True)  # /ws over the live server's socket
 def test_a_group_key_is_the_owners_and_limited_to_what_the_group_allows(client, signup, upstream, turbo_server):
     owner_token, owner, _ = signup()
     member_token, member, _ = signup()
@@ -495,12 +503,12 @@ def test_the_51st_live_key_is_refused(client, signup):
 
 
 @pytest.fixture
-def admin(turbo_server):
+def admin(new_client):
     username = unique_name("admin")
     User.objects.create_superuser(username=username, password=ADMIN_PASSWORD)
-    with httpx.Client(base_url=turbo_server.url, timeout=30) as browser:
-        assert log_in(browser, username, ADMIN_PASSWORD).status_code == 302
-        yield browser
+    browser = new_client()
+    assert log_in(browser, username, ADMIN_PASSWORD).status_code == 302
+    return browser
 
 
 def test_the_admin_lists_and_searches_keys_never_shows_a_hash_and_revokes(admin, client, signup, upstream):
@@ -598,6 +606,7 @@ def test_manage_keys_help():
     not django_settings.REDIS_ADDRESS or connection.vendor != "postgresql",
     reason="needs DB_ADDRESS=postgresql://... and REDIS_ADDRESS",
 )
+@pytest.mark.django_db(transaction=True)  # two server processes
 def test_a_key_revoked_through_one_process_is_refused_by_the_other_at_once(two_servers):  # noqa: F811
     first, second = (server.address for server in two_servers)
     with (

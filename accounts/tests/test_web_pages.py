@@ -1,4 +1,5 @@
-"""The web app's sign-in pages over real HTTP, with cookies and CSRF as a browser has them.
+"""The web app's sign-in pages through Turbo's whole ASGI app (in process: testing/inprocess.py), with cookies
+and CSRF as a browser has them.
 
 /signup and /login start the same session (and set the same `sess` cookie) as the API's /user/login;
 /logout revokes it; wrong credentials and a missing CSRF token change nothing. And /keys, where a user
@@ -25,7 +26,7 @@ from testing.pages import (
     sign_up,
 )
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 pytest_plugins = ["testing.pages"]  # the browsers fixture
 
 
