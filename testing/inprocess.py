@@ -39,12 +39,12 @@ T = TypeVar("T")
 
 @contextmanager
 def connection_kept() -> Iterator[None]:
-    """While app code runs for the test, nothing closes the test's own database connection (closing it
-    inside the test's transaction ends the transaction): not the request signals (as Django's test client
-    does), nor channels' database_sync_to_async and its consumers' aclose_old_connections, which close
-    old connections around each call (as channels' own test communicator does, but for as long as this
-    lasts: its communicator's wait() for a consumer to finish is not covered). Other threads' connections
-    are closed as usual."""
+    """Keeps the test's own database connection open while app code runs on this thread (closed inside the
+    test's transaction, it would end the transaction). Two things close it otherwise: the request signals
+    (Django's test client disconnects them too) and channels' close_old_connections, which
+    database_sync_to_async calls around each call and a consumer calls before each message. Channels' own
+    communicator patches the latter only while it sends or receives, not while it waits for a consumer to
+    end; this holds for the whole scenario. Other threads' connections are closed as usual."""
     ours = threading.get_ident()
 
     def close_old_connections_but_ours(**kwargs):
