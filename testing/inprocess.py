@@ -6,7 +6,8 @@ loop of its own made by asgiref's `async_to_sync`, as Django's own test client d
 sends the request (the test's) serves the app's thread-sensitive `sync_to_async` calls meanwhile, so
 the ORM answers on the test's own database connection: a test marked `django_db` without
 `transaction=True` sees everything the request wrote, and the database is rolled back after it rather
-than flushed (a TRUNCATE of every table on Postgres).
+than flushed (a TRUNCATE of every table on Postgres). `run_in_process` runs any scenario the same way,
+such as a WebSocket through Channels' communicator.
 
 What a committed transaction would set off (`transaction.on_commit`: cache invalidation, stream
 sends) runs when the request ends, as it would have after the view's commit.
@@ -25,8 +26,9 @@ that runs in one transaction, which may call the app's async code itself through
 """
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import channels.db
 import httpx
@@ -37,6 +39,24 @@ from django.db import close_old_connections
 from django.test import TestCase
 
 ORIGIN = "http://127.0.0.1"
+
+T = TypeVar("T")
+
+
+def run_in_process(scenario: Callable[[], Awaitable[T]]) -> T:
+    """`await scenario()` on an event loop of asgiref's, as the in-process client's requests run: the app's
+    thread-sensitive calls on this thread's connection, inside the test's transaction, and what would
+    run on commit run at the end. For a scenario that drives the ASGI app itself, such as a WebSocket
+    through Channels' WebsocketCommunicator(turbo_site.asgi.application, path)."""
+    # As Django's test client does: the handler's signals would otherwise close the test's connection.
+    request_started.disconnect(close_old_connections)
+    request_finished.disconnect(close_old_connections)
+    try:
+        with connection_kept(), TestCase.captureOnCommitCallbacks(execute=True):
+            return async_to_sync(scenario)()
+    finally:
+        request_started.connect(close_old_connections)
+        request_finished.connect(close_old_connections)
 
 
 class InProcessTransport(httpx.BaseTransport):
@@ -57,15 +77,7 @@ class InProcessTransport(httpx.BaseTransport):
             content = await response.aread()
             return response.status_code, response.headers, content
 
-        # As Django's test client does: the handler's signals would otherwise close the test's connection.
-        request_started.disconnect(close_old_connections)
-        request_finished.disconnect(close_old_connections)
-        try:
-            with connection_kept(), TestCase.captureOnCommitCallbacks(execute=True):
-                status, headers, content = async_to_sync(exchange)()
-        finally:
-            request_started.connect(close_old_connections)
-            request_finished.connect(close_old_connections)
+        status, headers, content = run_in_process(exchange)
         # The body as the app sent it: httpx decodes a compressed one for the client as it would off a socket.
         return httpx.Response(status, headers=headers, stream=httpx.ByteStream(content), request=request)
 

@@ -12,7 +12,7 @@ def test_every_middleware_is_async_capable():
     assert sync_only == []
 
 
-@pytest.mark.django_db(transaction=True)
+@pytest.mark.django_db
 def test_admin_static_files_are_served_without_debug(client):
     assert settings.DEBUG is False
     response = client.get("/static/admin/css/base.css")

@@ -4,7 +4,7 @@ import pytest
 
 from accounts.models import User
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 
 def assert_error(response, status: int, code: str | None = None) -> dict:
@@ -69,6 +69,7 @@ def test_chunked_body_over_the_limit_is_413(client, settings):
 
 
 def test_bad_content_length_is_400(turbo_server):
+    """Over the live server's socket (the HTTP parser is under test); nothing reaches the database."""
     import socket
 
     with socket.create_connection(("127.0.0.1", turbo_server.port)) as raw:

@@ -208,7 +208,7 @@ def test_fakellm_help_and_a_taken_port(tmp_path):
     assert taken.returncode == 1 and "cannot listen" in taken.stderr and "Traceback" not in taken.stderr
 
 
-@pytest.mark.django_db(transaction=True)
+@pytest.mark.django_db
 def test_api_docs_load_no_external_asset(client):
     page = client.get("/api/docs/")
     assert page.status_code == 200
@@ -222,7 +222,7 @@ def test_api_docs_load_no_external_asset(client):
     assert "cdn." not in page.text and "unpkg" not in page.text and "jsdelivr" not in page.text
 
 
-@pytest.mark.django_db(transaction=True)
+@pytest.mark.django_db
 def test_upstream_headers_pass_an_allowlist(client, signup, upstream):
     token, _, _ = signup()
     for path in ("/v1/models", "/v1/chat/completions"):

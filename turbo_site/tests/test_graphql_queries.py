@@ -1,20 +1,20 @@
 """Database queries of a GraphQL request do not grow with the length of its lists (dataloaders).
 
-As chats/tests/test_query_counts.py: requests run in-process through Django's test client, whose
+Requests run through the whole ASGI app in process (the `new_client` fixture, testing/inprocess.py), whose
 `database_sync_to_async` calls run on this thread's connection, which CaptureQueriesContext watches.
 Counts, never the clock.
 """
 
+import httpx
 import pytest
 from django.db import connection
-from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
 from chats.models import Chat, ChatMember, Message
 from conftest import unique_name
 from groups.models import Group, GroupMember
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 # Every link the types have, in lists: chats with their owner, group (its members, its chats, their
 # owners) and messages (their author and chat); groups with members and chats.
@@ -28,12 +28,12 @@ QUERY = """{
 }"""
 
 
-def graphql_client(settings) -> tuple[Client, str]:
+def graphql_client(new_client, settings) -> tuple[httpx.Client, str]:
     settings.SESSION_CACHE_SECONDS = 3600  # the token's lookup stays cached, as in steady use
-    response = Client().post("/user/signup", {"username": unique_name("gql"), "password": "correct-horse"})
-    assert response.status_code == 200, response.content
+    response = new_client().post("/user/signup", data={"username": unique_name("gql"), "password": "correct-horse"})
+    assert response.status_code == 200, response.text
     body = response.json()
-    return Client(headers={"Authorization": f"Bearer {body['token']}"}), body["user"]["id"]
+    return new_client(headers={"Authorization": f"Bearer {body['token']}"}), body["user"]["id"]
 
 
 def populate(user_id: str, chats: int) -> None:
@@ -53,24 +53,21 @@ def populate(user_id: str, chats: int) -> None:
         )
 
 
-def run(client: Client) -> tuple[dict, list[str]]:
+def run(client: httpx.Client) -> tuple[dict, list[str]]:
     with CaptureQueriesContext(connection) as queries:
-        response = client.post("/graphql", {"query": QUERY}, content_type="application/json")
-    assert response.status_code == 200, response.content
+        response = client.post("/graphql", json={"query": QUERY})
+    assert response.status_code == 200, response.text
     body = response.json()
     assert not body.get("errors"), body["errors"]
     return body["data"], [query["sql"] for query in queries.captured_queries]
 
 
-def test_query_count_is_constant_in_list_length(settings):
+def test_query_count_is_constant_in_list_length(new_client, settings):
     counts = {}
     for size in (2, 8):
-        client, user_id = graphql_client(settings)
+        client, user_id = graphql_client(new_client, settings)
         populate(user_id, size)
-        assert (
-            client.post("/graphql", {"query": "{ me { user { id } } }"}, content_type="application/json").status_code
-            == 200
-        )
+        assert client.post("/graphql", json={"query": "{ me { user { id } } }"}).status_code == 200
         data, queries = run(client)
         assert len(data["chats"]) == size
         assert all(len(chat["messages"]["nodes"]) == 3 and chat["messages"]["hasPrevious"] for chat in data["chats"])

@@ -1,4 +1,5 @@
-"""/health and /info: real requests; the failure cases against a Turbo process whose Redis or database is down."""
+"""/health and /info: real requests, in process; the failure cases against a Turbo process whose Redis or database
+is down."""
 
 import shutil
 import socket
@@ -11,7 +12,7 @@ import pytest
 
 from conftest import PROJECT_ROOT
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 
 def test_health_is_ok_without_auth(client, upstream):
@@ -24,13 +25,26 @@ def test_health_is_ok_without_auth(client, upstream):
     assert isinstance(body["websocket_clients"], int)
 
 
-def test_health_counts_websocket_clients(client, turbo_server, signup):
-    from websockets.sync.client import connect
+def test_health_counts_websocket_clients(client, signup):
+    from channels.testing import WebsocketCommunicator
+
+    from testing.inprocess import ORIGIN, run_in_process
+    from turbo_site.asgi import application
 
     token, _, _ = signup()
     before = client.get("/health").json()["websocket_clients"]
-    with connect(f"ws://127.0.0.1:{turbo_server.port}/ws?token={token}"):
-        assert client.get("/health").json()["websocket_clients"] == before + 1
+
+    async def counted_while_connected() -> int:
+        socket = WebsocketCommunicator(application, f"/ws?token={token}")
+        connected, close_code = await socket.connect(timeout=10)
+        assert connected, close_code
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=application), base_url=ORIGIN) as http:
+                return (await http.get("/health")).json()["websocket_clients"]
+        finally:
+            await socket.disconnect()
+
+    assert run_in_process(counted_while_connected) == before + 1
 
 
 def test_info_tells_configuration_but_no_secret(client, upstream, settings):

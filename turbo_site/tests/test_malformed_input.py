@@ -8,9 +8,11 @@ sends is parsed by turbo_site.core.parsers.client_json_loads, and text fields ar
 import json
 
 import pytest
-from websockets.sync.client import connect
+from channels.testing import WebsocketCommunicator
 
-pytestmark = pytest.mark.django_db(transaction=True)
+from testing.inprocess import run_in_process
+
+pytestmark = pytest.mark.django_db
 
 DEEP = "[" * 5000 + "]" * 5000
 DEEP_OBJECT = '{"a":' * 5000 + "1" + "}" * 5000
@@ -123,12 +125,30 @@ def test_kept_json_with_nul_or_a_lone_surrogate_is_a_400(client, signup, upstrea
     assert [listed["name"] for listed in client.get("/chat/index", headers=bearer(token)).json()["chats"]] == ["kept"]
 
 
-def ws_send_and_expect_error(socket, frame: str) -> dict:
-    socket.send(frame)
+async def ws_send_and_expect_error(socket: WebsocketCommunicator, frame: str) -> dict:
+    await socket.send_to(text_data=frame)
     while True:
-        reply = json.loads(socket.recv(timeout=10))
+        reply = await socket.receive_json_from(timeout=10)
         if reply["type"] == "error":
             return reply
+
+
+def over_the_socket(path: str, scenario) -> None:
+    """`scenario(socket)` on a WebSocket to Turbo's whole ASGI app, in process (testing/inprocess.py): the
+    consumer's database calls run on this thread's connection, inside the test's transaction."""
+
+    async def run():
+        from turbo_site.asgi import application
+
+        socket = WebsocketCommunicator(application, path)
+        connected, close_code = await socket.connect(timeout=10)
+        assert connected, close_code
+        try:
+            await scenario(socket)
+        finally:
+            await socket.disconnect()
+
+    run_in_process(run)
 
 
 @pytest.mark.parametrize(
@@ -140,25 +160,30 @@ def ws_send_and_expect_error(socket, frame: str) -> dict:
     ],
     ids=["deep", "type-list", "type-object"],
 )
-def test_rpc_socket_answers_malformed_frames_with_an_error_and_stays_open(turbo_server, signup, frame, code):
+def test_rpc_socket_answers_malformed_frames_with_an_error_and_stays_open(signup, frame, code):
     token, _, _ = signup()
-    with connect(f"ws://127.0.0.1:{turbo_server.port}/ws?token={token}", open_timeout=10) as socket:
-        error = ws_send_and_expect_error(socket, frame)
+
+    async def scenario(socket):
+        error = await ws_send_and_expect_error(socket, frame)
         assert error["error"]["code"] == code
-        socket.send(json.dumps({"type": "ping", "request_id": "p1"}))
-        assert json.loads(socket.recv(timeout=10)) == {"type": "pong", "request_id": "p1", "data": {}}
+        await socket.send_json_to({"type": "ping", "request_id": "p1"})
+        assert await socket.receive_json_from(timeout=10) == {"type": "pong", "request_id": "p1", "data": {}}
+
+    over_the_socket(f"/ws?token={token}", scenario)
 
 
-def test_chat_stream_socket_answers_deep_json_with_an_error_and_stays_open(client, turbo_server, signup):
+def test_chat_stream_socket_answers_deep_json_with_an_error_and_stays_open(client, signup):
     token, _, _ = signup()
     chat = client.post("/chat/create", data={"name": "c"}, headers=bearer(token)).json()
-    url = f"ws://127.0.0.1:{turbo_server.port}/chat/stream?id={chat['id']}&token={token}"
-    with connect(url, open_timeout=10) as socket:
-        error = ws_send_and_expect_error(socket, DEEP_SMALL)
+
+    async def scenario(socket):
+        error = await ws_send_and_expect_error(socket, DEEP_SMALL)
         assert error["message"]
-        socket.send(json.dumps({"type": "ping"}))
-        while (reply := json.loads(socket.recv(timeout=10)))["type"] != "pong":
+        await socket.send_json_to({"type": "ping"})
+        while (reply := await socket.receive_json_from(timeout=10))["type"] != "pong":
             assert reply["type"] != "error", reply
+
+    over_the_socket(f"/chat/stream?id={chat['id']}&token={token}", scenario)
 
 
 def test_nesting_a_real_request_needs_is_still_accepted(client, signup, upstream):

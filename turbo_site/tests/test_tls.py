@@ -148,29 +148,30 @@ def test_the_tls_settings_come_from_the_environment():
     }
 
 
-@pytest.mark.django_db(transaction=True)
-async def test_the_v1_fast_path_sends_hsts_and_the_referrer_policy_as_django_does(production, upstream):
+@pytest.mark.django_db
+def test_the_v1_fast_path_sends_hsts_and_the_referrer_policy_as_django_does(production, upstream):
     """An API client's /v1 call skips Django's middleware (proxy.fast): the same security headers all the same."""
     import httpx
 
     from proxy.fast import takes
-    from turbo_site.asgi import application
+    from testing.inprocess import InProcessTransport
 
     production.SECURE_REFERRER_POLICY = "no-referrer"
 
-    def client(scheme: str) -> httpx.AsyncClient:
-        return httpx.AsyncClient(transport=httpx.ASGITransport(app=application), base_url=f"{scheme}://127.0.0.1")
+    def client(scheme: str) -> httpx.Client:
+        """Turbo's whole ASGI app in process, over http or https (the ASGI scope's scheme), from 127.0.0.1."""
+        return httpx.Client(transport=InProcessTransport(), base_url=f"{scheme}://127.0.0.1")
 
-    async with client("http") as http:
-        signed = await http.post("/user/signup", data={"username": "tls-fast", "password": "correct-horse"})
+    with client("http") as http:
+        signed = http.post("/user/signup", data={"username": "tls-fast", "password": "correct-horse"})
         bearer = {"Authorization": f"Bearer {signed.json()['token']}"}
-        plain = await http.get("/v1/models", headers=bearer)
-        proxied = await http.get("/v1/models", headers={**bearer, "X-Forwarded-Proto": "https"})
-        refused = await http.get("/v1/nowhere", headers={**bearer, "X-Forwarded-Proto": "https"})
+        plain = http.get("/v1/models", headers=bearer)
+        proxied = http.get("/v1/models", headers={**bearer, "X-Forwarded-Proto": "https"})
+        refused = http.get("/v1/nowhere", headers={**bearer, "X-Forwarded-Proto": "https"})
         production.TRUSTED_PROXIES = ["10.0.0.1"]  # the caller is no longer the trusted proxy
-        spoofed = await http.get("/v1/models", headers={**bearer, "X-Forwarded-Proto": "https"})
-    async with client("https") as http:
-        direct = await http.get("/v1/models", headers=bearer)
+        spoofed = http.get("/v1/models", headers={**bearer, "X-Forwarded-Proto": "https"})
+    with client("https") as http:
+        direct = http.get("/v1/models", headers=bearer)
     assert takes({"type": "http", "path": "/v1/models", "method": "GET", "headers": [(b"authorization", b"Bearer x")]})
     assert [response.status_code for response in (plain, proxied, refused, spoofed, direct)] == [
         200,
