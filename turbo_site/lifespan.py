@@ -97,6 +97,9 @@ async def lifespan(scope, receive, send) -> None:
         message = await receive()
         if message["type"] == "lifespan.startup":
             _drain_before_server_stops(asyncio.get_running_loop())
+            from proxy.usage.tokens import encodings_warm
+
+            encodings_warm()  # started by turbo_site.asgi; again in a worker forked since (gunicorn --preload)
             _background.add(asyncio.get_running_loop().create_task(_sweeper()))
             from proxy.events import events_writer_start
 
