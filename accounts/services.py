@@ -7,6 +7,7 @@ also carries the user and their groups' model limit; changes to either delete it
 (`tk-...`, accounts.keys) are looked up the same way, as sessions of kind "key".
 """
 
+import copy
 import hashlib
 import secrets
 import uuid
@@ -30,6 +31,7 @@ from accounts.throttle import login_throttle_check, login_throttle_fail, login_t
 from accounts.tokens import AuthSession, cache_key, token_hash, token_lookups_forget
 from turbo_site.core.acache import CachedCheck, acache_get, acache_get_unconfirmed
 from turbo_site.core.errors import Conflict, Invalid, NotFound, Unauthorized
+from turbo_site.core.singleflight import load_once
 
 # A hash to compare against when the username is unknown, so both failures take the same time.
 _DUMMY_PASSWORD_HASH = None
@@ -167,10 +169,19 @@ async def _asession_of(hashed: str, *, maybe_key: bool, keys: bool, shared: bool
     key = cache_key(hashed)
     found = await acache_get(key, shared=shared)
     if found is None:
-        found = await database_sync_to_async(_session_from_db)(hashed, maybe_key=maybe_key)
-        if found is not None:
-            await _cache_set(key, found, settings.SESSION_CACHE_SECONDS)
+        # Requests that miss the token's cached lookup together (it expired, or the process is new)
+        # share one query and one cache write (turbo_site.core.singleflight), not one each.
+        found = await load_once(("session", hashed, maybe_key), lambda: _asession_load(key, hashed, maybe_key))
+        if found is not None and not shared:
+            found = copy.deepcopy(found)  # its own, as a cache read gives it: the others hold the loaded one
     return _still_valid(found, keys)
+
+
+async def _asession_load(key: str, hashed: str, maybe_key: bool) -> AuthSession | None:
+    found = await database_sync_to_async(_session_from_db)(hashed, maybe_key=maybe_key)
+    if found is not None:
+        await _cache_set(key, found, settings.SESSION_CACHE_SECONDS)
+    return found
 
 
 async def _cache_set(key: str, value, timeout: int) -> None:

@@ -26,6 +26,11 @@ from turbo_site.core.startup import process_start  # noqa: E402
 # after Django's logging setup, so that the filters sit on the loggers the server configured.
 process_start("asgi")
 
+from proxy.usage.tokens import encodings_warm  # noqa: E402
+
+# The token counts' encodings (~0.2 s each), built in a thread from now on: no request waits for them.
+encodings_warm()
+
 from chats.routing import websocket_urlpatterns as chat_websockets  # noqa: E402
 from proxy.fast import ProxyFastPath  # noqa: E402
 from proxy.routing import websocket_urlpatterns as rpc_websockets  # noqa: E402

@@ -28,6 +28,9 @@ async def drain() -> None:
     from turbo_site.core import streams
 
     await generations_stop(grace_seconds=settings.SHUTDOWN_GRACE_SECONDS)
+    # The replies' final events are stored, but on Redis this process's reader may not have read them
+    # back yet: a stream ended before then would get `server.shutdown` without the final event.
+    await streams.subscriptions_caught_up(timeout=1.0)
     ended = streams.subscriptions_end_all(shutdown_notice())
     logger.info("shutdown: %d open streams told to reconnect", ended)
     for _ in range(50):  # the streams' last frames go out before the server closes their connections
@@ -94,6 +97,9 @@ async def lifespan(scope, receive, send) -> None:
         message = await receive()
         if message["type"] == "lifespan.startup":
             _drain_before_server_stops(asyncio.get_running_loop())
+            from proxy.usage.tokens import encodings_warm
+
+            encodings_warm()  # started by turbo_site.asgi; again in a worker forked since (gunicorn --preload)
             _background.add(asyncio.get_running_loop().create_task(_sweeper()))
             from proxy.events import events_writer_start
 

@@ -15,6 +15,7 @@ rebuilt from the usage rollups in the database before anything is reserved.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -253,14 +254,20 @@ def reserve_arguments(limits: list[Limit], reservation_id: str, amount: int) -> 
 
 
 async def spent_load(limits: list[Limit], indexes: list[int]) -> None:
-    """A period's first call (or Redis lost its figures): what it spent so far, from the database."""
-    from turbo_site.core.acache import redis_client
+    """A period's first call (or Redis lost its figures): what it spent so far, from the database.
 
-    client = redis_client(settings.REDIS_ADDRESS)
+    Requests that find a figure missing together share one query and one write (turbo_site.core.
+    singleflight): the load they wait for ends once the figure is in Redis."""
     for index in indexes:  # 1-based, as the scripts answer
         limit = limits[index - 1]
-        spent = await database_sync_to_async(_spent_in_db)(limit)
-        await client.set(limit.key + ":spent", spent, nx=True, ex=limit.keep_seconds or None)
+        await load_once(("budget-spent", "redis", limit.key), functools.partial(_spent_to_redis, limit))
+
+
+async def _spent_to_redis(limit: Limit) -> None:
+    from turbo_site.core.acache import redis_client
+
+    spent = await database_sync_to_async(_spent_in_db)(limit)
+    await redis_client(settings.REDIS_ADDRESS).set(limit.key + ":spent", spent, nx=True, ex=limit.keep_seconds or None)
 
 
 class RedisStore:
@@ -299,10 +306,8 @@ class MemoryStore:
 
     async def reserve(self, limits: list[Limit], reservation_id: str, amount: int) -> tuple[int, int, int]:
         for limit in limits:
-            if limit.key not in self.spent:
-                spent = await database_sync_to_async(_spent_in_db)(limit)
-                with self.lock:
-                    self.spent.setdefault(limit.key, spent)
+            if limit.key not in self.spent:  # requests that find it missing together share one query
+                await load_once(("budget-spent", "memory", limit.key), functools.partial(self._spent_load, limit))
         now = time.monotonic()
         with self.lock:
             for index, limit in enumerate(limits, start=1):
@@ -319,6 +324,11 @@ class MemoryStore:
             for limit in limits:
                 self.reserved[limit.key][reservation_id] = (amount, now + settings.BUDGET_RESERVATION_SECONDS)
         return 0, 0, 0
+
+    async def _spent_load(self, limit: Limit) -> None:
+        spent = await database_sync_to_async(_spent_in_db)(limit)
+        with self.lock:
+            self.spent.setdefault(limit.key, spent)
 
     async def settle(self, limits: list[Limit], reservation_id: str, actual: int) -> None:
         with self.lock:

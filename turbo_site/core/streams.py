@@ -160,6 +160,10 @@ class MemoryBackend:
             if stream is not None:
                 stream.listeners.discard(subscription)
 
+    async def caught_up(self, keys: set[str]) -> None:
+        """Nothing to wait for: an append hands its event to the stream's subscriptions itself (to one on
+        another loop through that loop's queue, where it lands before any later `end_threadsafe`)."""
+
 
 # Numbers the event, keeps it (bounded in length and time) and publishes it: one round trip.
 _APPEND_SCRIPT = """
@@ -197,6 +201,11 @@ def _redis_keys(key: str) -> tuple[str, str]:
 
 def _seq_of(stream_id: bytes) -> int:
     return int(stream_id.split(b"-", 1)[0])
+
+
+def _id_order(stream_id: bytes) -> tuple[int, int]:
+    first, _, second = stream_id.partition(b"-")
+    return int(first), int(second or 0)
 
 
 class RedisBackend:
@@ -283,6 +292,12 @@ class RedisBackend:
         if reader is not None:
             reader.remove(key, subscription)
 
+    async def caught_up(self, keys: set[str]) -> None:
+        """Wait until this loop's reader has handed out everything stored in these streams so far."""
+        reader = _readers.get(asyncio.get_running_loop())
+        if reader is not None:
+            await reader.caught_up(keys)
+
 
 class _RedisReader:
     """One process's follower of every stream its subscribers want: one blocking XREAD, one connection."""
@@ -307,6 +322,7 @@ class _RedisReader:
         self.version = 0  # bumped when the set of streams changes
         self.read_version = 0  # the version the running XREAD was sent with
         self.changed = asyncio.Event()
+        self.delivered = asyncio.Event()  # set once a read's entries are handed out (or reading failed)
         self.task: asyncio.Task | None = None
 
     async def add(self, key: str, subscription: "Subscription") -> None:
@@ -340,6 +356,29 @@ class _RedisReader:
         except TRANSPORT_ERRORS as exc:
             raise StreamUnavailable(str(exc)) from exc
         return last[0][0] if last else b"0-0"
+
+    async def caught_up(self, keys: set[str]) -> None:
+        """Wait until every one of these streams that is followed has been read (and its entries handed
+        to the subscriptions) up to its newest entry as of now. Raises StreamUnavailable."""
+        stream_keys = [stream_key for stream_key, key in self.keys.items() if key in keys]
+        if not stream_keys:
+            return
+        try:
+            async with self.backend._client().pipeline(transaction=False) as pipe:
+                for stream_key in stream_keys:
+                    pipe.xrevrange(stream_key, "+", "-", count=1)
+                newest = await pipe.execute()
+        except TRANSPORT_ERRORS as exc:
+            raise StreamUnavailable(str(exc)) from exc
+        _raise_swallowed_cancellation()  # a timeout swallowed by redis-py: not waited for without end below
+        targets = [(k, _id_order(last[0][0])) for k, last in zip(stream_keys, newest, strict=True) if last]
+        # A stream no longer followed (its subscribers left, or reading failed) is not waited for.
+        while any(
+            (position := self.positions.get(stream_key)) is not None and _id_order(position) < target
+            for stream_key, target in targets
+        ):
+            self.delivered.clear()
+            await self.delivered.wait()
 
     def _started(self, key: str, task: asyncio.Task) -> None:
         if self.starting.get(key) is task:
@@ -419,6 +458,7 @@ class _RedisReader:
                         )
                         for subscription in tuple(self.listeners.get(key, ())):
                             subscription.push(entry)
+                self.delivered.set()
             except asyncio.CancelledError:
                 await self._disconnect()
                 raise
@@ -469,6 +509,7 @@ class _RedisReader:
         self.ids_packed.clear()
         self.keys_packed = None
         self.keys.clear()
+        self.delivered.set()
         for subscribers in listeners.values():
             for subscription in subscribers:
                 subscription.end(
@@ -849,6 +890,27 @@ class Subscription(ReadsByGet):
         if gap:
             self._replayed.append(self._gap_notice())
         self._replayed.extend(entries)
+
+
+async def subscriptions_caught_up(timeout: float = 1.0) -> bool:
+    """Wait (`timeout` seconds at most) until each open subscription of this loop not ended yet has been
+    handed everything stored in its stream so far; False if that did not happen in time.
+
+    At shutdown, before `subscriptions_end_all`: on Redis a reply's final event is stored as soon as its
+    append returns, but this process's reader may not have read it back and handed it to the
+    subscriptions yet, and one ended before then would miss it (it got `server.shutdown` first).
+    """
+    loop = asyncio.get_running_loop()
+    keys = {s.key for s in list(_open) if s._loop is loop and s._ending is None}
+    if not keys:
+        return True
+    try:
+        async with asyncio.timeout(timeout):
+            await backend().caught_up(keys)
+    except (TimeoutError, StreamUnavailable) as exc:
+        logger.warning("shutdown: open streams not caught up with what was stored (%s)", exc or "timed out")
+        return False
+    return True
 
 
 def subscriptions_end_all(why: Entry) -> int:

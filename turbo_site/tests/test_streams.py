@@ -134,6 +134,37 @@ def test_ending_hands_out_what_is_buffered_then_the_notice():
     assert ended
 
 
+def test_the_shutdown_drain_hands_out_what_was_stored_before_it_ends_the_streams():
+    """The drain ends a follower's stream after every event stored before it, not before the last ones:
+    on Redis the process's reader may not have read them back yet when the drain starts (it did not
+    wait: a follower got `server.shutdown` without the reply's final event)."""
+    from chats import running
+    from turbo_site.lifespan import drain
+
+    key = new_key()
+
+    async def scenario():
+        subscription = await streams.Subscription(key).start()
+        # Stored without this loop turning meanwhile: the reader cannot have read them back yet when the
+        # drain starts (the reply's final event, stored just before it, often has not either).
+        seqs = [streams.append_sync(key, "t", {"n": n}) for n in range(3)]
+        draining = asyncio.create_task(drain())
+        got = []
+        async with asyncio.timeout(10):
+            async for entry in subscription:
+                got.append(entry)
+            await subscription.close()
+            await draining
+        return seqs, got
+
+    try:
+        seqs, got = run(scenario)
+    finally:
+        running._draining = False  # this test process goes on
+        streams._closing = False
+    assert [(entry.seq, entry.type) for entry in got] == [*((seq, "t") for seq in seqs), (0, "server.shutdown")]
+
+
 def test_a_resume_from_beyond_the_last_event_is_told_so_and_then_gets_the_live_events():
     key = new_key()
 

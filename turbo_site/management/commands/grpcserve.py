@@ -9,6 +9,7 @@ import signal
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
+from proxy.usage.tokens import encodings_warm
 from turbo_site.core.startup import process_start
 from turbo_site.grpc import SERVICE_NAMES, server_start, server_stop
 
@@ -28,6 +29,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, address: str | None, **options):
         process_start("grpc")  # log redaction, tracing, metrics: as the ASGI app has them
+        encodings_warm()  # the token counts' encodings, built in a thread meanwhile: no call waits for them
         address = address or settings.GRPC_ADDRESS
         try:
             asyncio.run(self.serve(address))
