@@ -128,5 +128,8 @@ def test_requests_finding_a_budget_s_spend_not_loaded_together_share_one_query()
     finally:
         budget_rules_forget()
     assert all(reservation is not None for reservation in reservations)
-    assert len(statements.reads_of("usage_rollups")) == 1  # the period's spend, loaded once for the sixteen
-    assert len(statements.reads_of("budgets")) == 2  # the caller's budgets (once), and the spend's target
+    # The period's spend, loaded once for the sixteen (one more at most: on Redis, a caller whose script saw
+    # the figure missing may reach the load only after the first one ended; its SET nx then changes nothing).
+    assert len(statements.reads_of("usage_rollups")) in (1, 2)
+    # the caller's budgets (once), and the spend's target (once per load)
+    assert len(statements.reads_of("budgets")) == 1 + len(statements.reads_of("usage_rollups"))
