@@ -160,18 +160,10 @@ def log_in(browser: httpx.Client, username: str, password: str = PASSWORD, *, ne
 
 
 @pytest.fixture
-def browsers(turbo_server):
-    """Makes clients that keep cookies, like separate browsers, against the live server."""
-    opened = []
-
-    def open_browser() -> httpx.Client:
-        browser = httpx.Client(base_url=turbo_server.url, timeout=30)
-        opened.append(browser)
-        return browser
-
-    yield open_browser
-    for browser in opened:
-        browser.close()
+def browsers(new_client):
+    """Makes clients that keep cookies, like separate browsers: in process in a test that runs in one
+    transaction, against the live server in a transactional one (conftest's `new_client` rule)."""
+    return new_client
 
 
 @pytest.fixture
