@@ -1,5 +1,6 @@
-"""The web app's chat pages over real HTTP: the index (my chats and groups, the new-chat form) and a
-chat's page (its history as the browser tests and chat.js expect it), without a browser.
+"""The web app's chat pages over HTTP (Turbo's whole ASGI app in process; the live server where a test says
+why): the index (my chats and groups, the new-chat form) and a chat's page (its history as the browser tests
+and chat.js expect it), without a browser.
 
 What a user sees is read from the HTML; what the forms did (or, refused, did not do) from the database.
 And /usage: my usage per day, from the usage rollups.
