@@ -1,5 +1,6 @@
-"""The web app's chat pages over real HTTP: the index (my chats and groups, the new-chat form) and a
-chat's page (its history as the browser tests and chat.js expect it), without a browser.
+"""The web app's chat pages over HTTP (Turbo's whole ASGI app in process; the live server where a test says
+why): the index (my chats and groups, the new-chat form) and a chat's page (its history as the browser tests
+and chat.js expect it), without a browser.
 
 What a user sees is read from the HTML; what the forms did (or, refused, did not do) from the database.
 And /usage: my usage per day, from the usage rollups.
@@ -24,7 +25,7 @@ from conftest import PROJECT_ROOT, unique_name
 from groups.models import Group, GroupMember
 from testing.pages import page_of, post_form
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 pytest_plugins = ["testing.pages"]  # the browsers and person fixtures
 
 XSS_PROMPT = "<script>alert(1)</script> and <img src=x onerror=alert(1)>"
@@ -131,6 +132,10 @@ def test_creating_a_group_chat_and_refusing_a_group_i_am_not_in(client, person):
     assert not Chat.objects.filter(name="Sneaky").exists()
 
 
+# Live server: the form's sync view runs the opening turn through a nested async_to_sync, whose generation task
+# (a fresh context) saves the reply through the loop's thread executor, in process the test's own thread, which
+# is busy in that view: the save would wait for ever.
+@pytest.mark.django_db(transaction=True)
 def test_creating_a_chat_with_a_program_runs_its_opening_turn(person, upstream):
     _, user, browser = person()
     response = create_chat_form(browser, name="Stars", program="horoscope")

@@ -4,7 +4,7 @@ import pytest
 
 from groups.models import Group, GroupMember
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 
 def bearer(token: str) -> dict:

@@ -1,6 +1,7 @@
-"""Groups limited to some public models, over real HTTP and WebSocket against the fake upstream: /v1,
-/v1/models, /ws, chats and conversations refuse other models with 403 `model_not_allowed`, and a
-change in the admin or in a group's members applies to the very next request (sessions stay cached)."""
+"""Groups limited to some public models, over HTTP and WebSocket (Turbo's whole ASGI app, in process) against
+the fake upstream: /v1, /v1/models, /ws, chats and conversations refuse other models with 403
+`model_not_allowed`, and a change in the admin or in a group's members applies to the very next request
+(sessions stay cached)."""
 
 import asyncio
 import json
@@ -8,7 +9,8 @@ import textwrap
 
 import httpx
 import pytest
-from websockets.sync.client import connect
+from asgiref.sync import async_to_sync, sync_to_async
+from channels.testing import WebsocketCommunicator
 
 from accounts.models import User
 from accounts.tests.test_admin import ADMIN_PASSWORD, log_in, post_form
@@ -22,7 +24,7 @@ from turbo_site.core import streams
 from turbo_site.core.errors import Invalid
 from turbo_site.core.loops import loop_clients_close
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 ALLOWED, OTHER = "gpt-4o-mini", "gpt-4o"
 
@@ -123,14 +125,12 @@ def test_the_service_cleans_and_validates_a_list(member):
 # --- /v1 ----------------------------------------------------------------------------------------------
 
 
-def test_a_limited_member_is_refused_other_models_on_v1_and_the_upstream_hears_nothing(
-    client, member, upstream, turbo_server
-):
+def test_a_limited_member_is_refused_other_models_on_v1_and_the_upstream_hears_nothing(client, member, upstream):
     token, _, group = member
     limit(group, ALLOWED)
     assert_refused(ask(client, token, OTHER), OTHER)
     # the same through Django (a browser's call, with an Origin), not the fast path
-    assert_refused(ask(client, token, OTHER, Origin=turbo_server.url), OTHER)
+    assert_refused(ask(client, token, OTHER, Origin=str(client.base_url).rstrip("/")), OTHER)
     assert upstream.requests == []
     allowed = ask(client, token, ALLOWED)
     assert allowed.status_code == 200, allowed.text
@@ -181,13 +181,13 @@ def test_a_user_in_two_limited_groups_may_use_what_both_list(client, member, sig
 
 
 @pytest.fixture
-def admin(turbo_server):
+def admin(new_client):
     """A browser logged into the admin as a fresh superuser."""
     username = unique_name("admin")
     User.objects.create_superuser(username=username, password=ADMIN_PASSWORD)
-    with httpx.Client(base_url=turbo_server.url, timeout=30) as browser:
-        assert log_in(browser, username, ADMIN_PASSWORD).status_code == 302
-        yield browser
+    browser = new_client()
+    assert log_in(browser, username, ADMIN_PASSWORD).status_code == 302
+    return browser
 
 
 def change_group(admin, group: Group, allowed_models: str, **inline) -> httpx.Response:
@@ -371,31 +371,57 @@ def test_changing_a_chats_model_to_a_forbidden_one_is_403_and_changes_nothing(cl
 # --- /ws ----------------------------------------------------------------------------------------------------
 
 
-def test_ws_rpc_refuses_a_forbidden_model_with_an_error_frame(turbo_server, member, upstream):
+def ws_session(token: str, talk) -> None:
+    """Open /ws on Turbo's whole ASGI app in process (Channels' communicator) and run `await talk(ws)`; the
+    app's ORM calls and those `talk` makes through sync_to_async run on the test's connection."""
+
+    from turbo_site.asgi import application
+
+    async def session():
+        ws = WebsocketCommunicator(application, f"/ws?token={token}")
+        connected, _ = await ws.connect(timeout=10)
+        assert connected
+        try:
+            await talk(ws)
+        finally:
+            await ws.disconnect()
+
+    async_to_sync(session)()
+
+
+def test_ws_rpc_refuses_a_forbidden_model_with_an_error_frame(member, upstream):
     token, _, group = member
     limit(group, ALLOWED)
-    with connect(f"ws://127.0.0.1:{turbo_server.port}/ws?token={token}", open_timeout=10) as ws:
+
+    async def talk(ws):
         for kind in ("chat_completion", "chat_completion_stream"):
             payload = {"messages": [{"role": "user", "content": "echo: hi"}], "model": OTHER}
-            ws.send(json.dumps({"type": kind, "request_id": kind, "payload": payload}))
-            frame = json.loads(ws.recv(timeout=15))
+            await ws.send_json_to({"type": kind, "request_id": kind, "payload": payload})
+            frame = await ws.receive_json_from(timeout=15)
             assert frame["type"] == "error" and frame["request_id"] == kind
             assert frame["error"]["code"] == "model_not_allowed"
         assert upstream.requests == []
         payload = {"messages": [{"role": "user", "content": "echo: hi"}], "model": ALLOWED}
-        ws.send(json.dumps({"type": "chat_completion", "request_id": "ok", "payload": payload}))
-        frame = json.loads(ws.recv(timeout=15))
+        await ws.send_json_to({"type": "chat_completion", "request_id": "ok", "payload": payload})
+        frame = await ws.receive_json_from(timeout=15)
         assert frame["type"] == "chat_completion" and frame["data"]["choices"][0]["message"]["content"] == "hi"
 
+    ws_session(token, talk)
 
-def test_an_open_ws_socket_gets_a_new_limit_with_its_next_request(turbo_server, member, upstream):
+
+def test_an_open_ws_socket_gets_a_new_limit_with_its_next_request(member, upstream):
     token, _, group = member
     payload = {"messages": [{"role": "user", "content": "echo: hi"}], "model": OTHER}
-    with connect(f"ws://127.0.0.1:{turbo_server.port}/ws?token={token}", open_timeout=10) as ws:
-        ws.send(json.dumps({"type": "chat_completion", "request_id": "before", "payload": payload}))
-        assert json.loads(ws.recv(timeout=15))["type"] == "chat_completion"
-        limit(group, ALLOWED)  # while the socket stays open
-        ws.send(json.dumps({"type": "chat_completion", "request_id": "after", "payload": payload}))
-        frame = json.loads(ws.recv(timeout=15))
+    frames = []
+
+    async def talk(ws):
+        await ws.send_json_to({"type": "chat_completion", "request_id": "before", "payload": payload})
+        assert (await ws.receive_json_from(timeout=15))["type"] == "chat_completion"
+        await sync_to_async(limit)(group, ALLOWED)  # while the socket stays open
+        await ws.send_json_to({"type": "chat_completion", "request_id": "after", "payload": payload})
+        frames.append(await ws.receive_json_from(timeout=15))
+
+    ws_session(token, talk)
+    (frame,) = frames
     assert frame["type"] == "error" and frame["error"]["code"] == "model_not_allowed"
     assert len(upstream.requests) == 1

@@ -1,6 +1,6 @@
-"""The web app's group pages over real HTTP: create, rename, add and remove members, leave; who may do
-which (the owner manages, a member may only leave, anyone else gets a 404), and that a refused request
-changes nothing."""
+"""The web app's group pages over HTTP (Turbo's whole ASGI app, in process): create, rename, add and remove
+members, leave; who may do which (the owner manages, a member may only leave, anyone else gets a 404), and
+that a refused request changes nothing."""
 
 import uuid
 
@@ -11,7 +11,7 @@ from conftest import unique_name
 from groups.models import Group, GroupMember
 from testing.pages import page_of, post_form
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 pytest_plugins = ["testing.pages"]  # the browsers and person fixtures
 
 

@@ -5,7 +5,7 @@ import re
 import pytest
 from django.urls import get_resolver
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 NOT_IN_SCHEMA = ("admin/", "api/schema/", "api/docs/")
 
