@@ -78,7 +78,14 @@ def _clean_cache(request):
     one_transaction = in_one_transaction(request)
     if one_transaction:
         events_writer_pause()
-    yield
+        # The app's async code, called by the test through async_to_sync or served in process, runs its
+        # ORM calls on the test's thread: Channels' close_old_connections must not close its connection.
+        from testing.inprocess import connection_kept
+
+        with connection_kept():
+            yield
+    else:
+        yield
     if database:
         events_flush()
     if one_transaction:

@@ -16,8 +16,19 @@ the response is returned, so a stream that waits for the client to go away never
 loop is closed once the response is complete, so work it leaves running (a chat's reply) is cancelled;
 and the app's calls that use a thread of their own (`thread_sensitive=False`: the cache, /health's
 checks) see only what is committed.
+
+Channels' `database_sync_to_async` (the /v1 fast path's and the consumers' ORM calls, the gateway's)
+calls `close_old_connections` before and after each call; on the test's thread, inside its transaction
+(autocommit off), that would close the test's connection. `connection_kept()` makes it leave the
+test thread's connection alone: while a request is served here, and (conftest) for the whole of a test
+that runs in one transaction, which may call the app's async code itself through `async_to_sync`.
 """
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import channels.db
 import httpx
 from asgiref.sync import async_to_sync
 from django.core.signals import request_finished, request_started
@@ -46,13 +57,30 @@ class InProcessTransport(httpx.BaseTransport):
         request_started.disconnect(close_old_connections)
         request_finished.disconnect(close_old_connections)
         try:
-            with TestCase.captureOnCommitCallbacks(execute=True):
+            with connection_kept(), TestCase.captureOnCommitCallbacks(execute=True):
                 status, headers, content = async_to_sync(exchange)()
         finally:
             request_started.connect(close_old_connections)
             request_finished.connect(close_old_connections)
         # The body as the app sent it: httpx decodes a compressed one for the client as it would off a socket.
         return httpx.Response(status, headers=headers, stream=httpx.ByteStream(content), request=request)
+
+
+@contextmanager
+def connection_kept() -> Iterator[None]:
+    """Channels' close_old_connections calls skip the calling thread's connection (the test's)."""
+    test_thread = threading.get_ident()
+    before = channels.db.close_old_connections
+
+    def close_old_connections_but_the_tests(**kwargs) -> None:
+        if threading.get_ident() != test_thread:
+            close_old_connections(**kwargs)
+
+    channels.db.close_old_connections = close_old_connections_but_the_tests
+    try:
+        yield
+    finally:
+        channels.db.close_old_connections = before
 
 
 def in_process_client(**options) -> httpx.Client:
