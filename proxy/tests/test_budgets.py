@@ -4,6 +4,7 @@ import asyncio
 from decimal import Decimal
 
 import pytest
+from asgiref.sync import async_to_sync
 
 from accounts.services import user_create
 from conftest import unique_name
@@ -12,7 +13,10 @@ from proxy.usage.budgets import BudgetExceeded, budget_reserve, budget_rules_for
 from proxy.usage.caller import Caller
 from testing.commands import manage
 
-pytestmark = pytest.mark.django_db(transaction=True)
+# In one transaction: the scenarios run through async_to_sync, so the budgets' database reads run on the
+# test's own thread and connection (asyncio.run would send them to a thread of their own, which sees
+# nothing uncommitted).
+pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +60,7 @@ def test_forty_concurrent_reservations_against_a_budget_for_ten(user):
         last = await _try(caller, "0")
         assert isinstance(last, BudgetExceeded)  # a spent budget refuses even a call that costs nothing
 
-    asyncio.run(scenario())
+    async_to_sync(scenario)()
 
 
 def test_every_budget_of_the_caller_applies_and_a_refusal_reserves_nothing(user):
@@ -79,7 +83,7 @@ def test_every_budget_of_the_caller_applies_and_a_refusal_reserves_nothing(user)
         assert not isinstance(granted, BudgetExceeded)
         assert isinstance(await _try(without_key, "0.01"), BudgetExceeded)
 
-    asyncio.run(scenario())
+    async_to_sync(scenario)()
 
 
 def test_a_reservation_whose_process_died_expires(user, settings):
@@ -94,12 +98,12 @@ def test_a_reservation_whose_process_died_expires(user, settings):
         await asyncio.sleep(1.2)
         assert not isinstance(await _try(caller, "0.5"), BudgetExceeded)
 
-    asyncio.run(scenario())
+    async_to_sync(scenario)()
 
 
 def test_a_caller_without_budgets_reserves_nothing(user):
-    assert asyncio.run(budget_reserve(Caller(user.pk), Decimal("100"))) is None
-    assert asyncio.run(budget_reserve(None, Decimal("100"))) is None
+    assert async_to_sync(budget_reserve)(Caller(user.pk), Decimal("100")) is None
+    assert async_to_sync(budget_reserve)(None, Decimal("100")) is None
 
 
 def test_bad_amounts_and_periods_are_refused():

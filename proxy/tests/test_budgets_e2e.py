@@ -1,4 +1,5 @@
-"""Budgets on every path that reaches a model, with real servers: /v1, chats, and two processes."""
+"""Budgets on every path that reaches a model: /v1 and chats through Turbo's whole ASGI app in process, and two
+server processes."""
 
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
@@ -8,13 +9,15 @@ import httpx
 import pytest
 from django.conf import settings
 from django.db import connection
+from django.test import TestCase
 
 from chats.models import Message
 from conftest import SERVER_KEY
 from proxy.events import events_flush
-from proxy.usage.budgets import budget_rules_forget, budget_set
+from proxy.usage.budgets import budget_rules_forget
+from proxy.usage.budgets import budget_set as budget_set_uncommitted
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 # Ten words of reply at $1000 per 1M output tokens: every call costs exactly $0.01, and reserves as much
 # (max_tokens 10), so a $0.10 budget lets exactly ten through whatever the timing.
@@ -37,6 +40,13 @@ def priced_config(tmp_path, upstream_url: str) -> str:
         )
     )
     return str(path)
+
+
+def budget_set(**fields):
+    """budget_set, then what its commit sets off (the cached rules forgotten), as when it commits: a test that
+    runs in one transaction never commits."""
+    with TestCase.captureOnCommitCallbacks(execute=True):
+        return budget_set_uncommitted(**fields)
 
 
 def bearer(token: str) -> dict:
@@ -97,6 +107,7 @@ def test_a_chat_prompt_over_budget_is_refused_and_stores_nothing(client, signup,
     not settings.REDIS_ADDRESS or connection.vendor != "postgresql",
     reason="two processes share only Postgres + Redis",
 )
+@pytest.mark.django_db(transaction=True)  # two server processes of their own on the test database
 def test_forty_concurrent_requests_on_two_processes_against_a_budget_for_ten(
     start_server,  # noqa: F811
     upstream,

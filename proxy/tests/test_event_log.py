@@ -6,7 +6,7 @@ from conftest import unique_name
 from proxy.events import events_flush, events_prune
 from proxy.models import Event
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 
 def events_of(user_id=None, **filters):
@@ -190,17 +190,26 @@ def test_a_lone_surrogate_model_does_not_stop_the_log(client, signup, upstream):
     assert_next_events_are_written(client, token, user["id"], "surrogate")
 
 
-def test_a_nul_model_on_the_ws_does_not_stop_the_log(client, signup, upstream, turbo_server):
-    import json
+def test_a_nul_model_on_the_ws_does_not_stop_the_log(client, signup, upstream):
+    from asgiref.sync import async_to_sync
+    from channels.testing import WebsocketCommunicator
 
-    from websockets.sync.client import connect
+    from turbo_site.asgi import application
 
     token, user, _ = signup()
-    with connect(f"ws://127.0.0.1:{turbo_server.port}/ws?token={token}", open_timeout=10) as socket:
+
+    async def call():
+        socket = WebsocketCommunicator(application, f"/ws?token={token}")
+        connected, _ = await socket.connect(timeout=10)
+        assert connected
         frame = {"type": "chat_completion", "request_id": "n1", "payload": {"model": "\u0000", "messages": []}}
-        socket.send(json.dumps(frame))
-        answer = json.loads(socket.recv(timeout=15))
-        assert answer["type"] == "error" and answer["request_id"] == "n1"
+        await socket.send_json_to(frame)
+        answer = await socket.receive_json_from(timeout=15)
+        await socket.disconnect()
+        return answer
+
+    answer = async_to_sync(call)()
+    assert answer["type"] == "error" and answer["request_id"] == "n1"
     logged = wait_for_event(user_id=user["id"], path="/ws", query="type=chat_completion")
     assert "\x00" not in logged.model
     assert_next_events_are_written(client, token, user["id"], "nul-ws")

@@ -1,7 +1,7 @@
 """Rate limits end to end: requests and tokens per minute of users, groups, API keys and deployments,
-through the real server (/v1 with httpx and the openai SDK, /ws, chat prompts), and across two processes."""
+through Turbo's whole ASGI app in process (/v1 with httpx and the openai SDK, /ws, chat prompts), and across two
+server processes."""
 
-import json
 import textwrap
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -9,9 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+from asgiref.sync import async_to_sync
+from channels.testing import WebsocketCommunicator
 from django.conf import settings as django_settings
 from django.db import connection
-from websockets.sync.client import connect
 
 # The fault tests' server processes.
 from proxy.config import ConfigError, load
@@ -19,7 +20,7 @@ from proxy.models import RateLimit
 from proxy.tests.test_gateway import configure, fakes  # noqa: F401 (fixtures: three fake upstreams, TURBO_CONFIG)
 from proxy.usage.ratelimits import duration_text, ratelimits_forget
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 HOUR = 3600  # a long "minute": no request's share comes back while a test runs
 
@@ -46,10 +47,11 @@ def chat_requests(fake) -> list:
     return [request for request in fake.requests if request.path == "/v1/chat/completions"]
 
 
-def test_a_user_rpm_limit_counts_down_then_answers_429_with_retry_after(client, signup, upstream, limits, turbo_server):
+def test_a_user_rpm_limit_counts_down_then_answers_429_with_retry_after(client, signup, upstream, limits, new_client):
     limits.RATE_LIMIT_USER_RPM = 3
     token = signup()[0]
-    sdk = openai.OpenAI(base_url=turbo_server.url + "/v1", api_key=token, max_retries=0)
+    http = new_client()
+    sdk = openai.OpenAI(base_url=str(http.base_url).rstrip("/") + "/v1", api_key=token, max_retries=0, http_client=http)
     remaining = []
     for _ in range(3):
         raw = sdk.chat.completions.with_raw_response.create(
@@ -152,15 +154,25 @@ def test_a_group_limit_holds_for_every_member_prompting_in_its_chat(client, sign
     assert mine.status_code == 200
 
 
-def test_ws_answers_an_error_frame_rate_limited(turbo_server, signup, upstream, limits):
+def test_ws_answers_an_error_frame_rate_limited(signup, upstream, limits):
+    from turbo_site.asgi import application
+
     limits.RATE_LIMIT_USER_RPM = 1
     token = signup()[0]
     payload = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "echo: hi"}]}
-    with connect(f"ws://127.0.0.1:{turbo_server.port}/ws?token={token}", open_timeout=10) as ws:
-        ws.send(json.dumps({"type": "chat_completion", "request_id": "r1", "payload": payload}))
-        assert json.loads(ws.recv(timeout=10))["type"] == "chat_completion"
-        ws.send(json.dumps({"type": "chat_completion", "request_id": "r2", "payload": payload}))
-        frame = json.loads(ws.recv(timeout=10))
+
+    async def calls():
+        ws = WebsocketCommunicator(application, f"/ws?token={token}")
+        connected, _ = await ws.connect(timeout=10)
+        assert connected
+        await ws.send_json_to({"type": "chat_completion", "request_id": "r1", "payload": payload})
+        assert (await ws.receive_json_from(timeout=10))["type"] == "chat_completion"
+        await ws.send_json_to({"type": "chat_completion", "request_id": "r2", "payload": payload})
+        frame = await ws.receive_json_from(timeout=10)
+        await ws.disconnect()
+        return frame
+
+    frame = async_to_sync(calls)()
     assert frame["type"] == "error" and frame["request_id"] == "r2"
     assert frame["error"]["code"] == "rate_limited"
 
@@ -266,6 +278,7 @@ def test_reset_durations_read_like_openais():
     not django_settings.REDIS_ADDRESS or connection.vendor != "postgresql",
     reason="needs DB_ADDRESS=postgresql://... and REDIS_ADDRESS",
 )
+@pytest.mark.django_db(transaction=True)  # two server processes of their own on the test database
 def test_forty_concurrent_requests_on_two_processes_let_exactly_the_limit_through(
     start_server,  # noqa: F811
     upstream,

@@ -1,11 +1,10 @@
-"""The admin's read-only "Upstream health" page over real HTTP: what the running server knows of each
-deployment (in this process, or shared through Redis on that leg), for staff only, never a key."""
+"""The admin's read-only "Upstream health" page over HTTP (Turbo's whole ASGI app, in process): what the server
+knows of each deployment (in this process, or shared through Redis on that leg), for staff only, never a key."""
 
 import textwrap
 import time
 import uuid
 
-import httpx
 import pytest
 
 from accounts.models import User
@@ -14,7 +13,7 @@ from conftest import unique_name
 from proxy.gateway import health
 from testing.fake_upstream import FakeUpstream
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 PAGE = "/admin/proxy/upstreamhealth/"
 PASSWORD = "staff-pass-123"
@@ -23,10 +22,9 @@ BAD_KEY = "sk-bad-upstream-key-9876543210"
 
 
 @pytest.fixture
-def browser(turbo_server):
-    """An HTTP client that keeps cookies, like a browser, against the live server."""
-    with httpx.Client(base_url=turbo_server.url, timeout=30) as http:
-        yield http
+def browser(new_client):
+    """An HTTP client that keeps cookies, like a browser (Turbo's whole ASGI app, in process)."""
+    return new_client()
 
 
 @pytest.fixture

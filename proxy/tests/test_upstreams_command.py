@@ -229,7 +229,6 @@ def shared_redis(settings, processes):  # noqa: F811
     health.forget()
 
 
-@pytest.mark.django_db(transaction=True)  # the live server's thread signs the user up
 def test_list_shows_a_deployment_cooling_in_the_running_server(
     client, signup, settings, live, names, config_file, shared_redis
 ):

@@ -1,6 +1,7 @@
 """Usage and cost: every model call recorded once (exact, or estimated offline), rollups, /usage, the command.
 
-Against the real server and the fake upstream, with the official SDK where a client would use it.
+Against Turbo's whole ASGI app in process (over the live server's socket where a client hangs up mid-stream)
+and the fake upstream, with the official SDK where a client would use it.
 """
 
 import json
@@ -13,7 +14,7 @@ import httpx
 import openai
 import pytest
 from asgiref.sync import async_to_sync
-from websockets.sync.client import connect
+from channels.testing import WebsocketCommunicator
 
 from accounts.services import user_create
 from proxy import ai, gateway
@@ -28,7 +29,7 @@ from proxy.usage.records import Usage, usage_from, usage_record
 from proxy.usage.tokens import count_text, estimate_prompt_tokens
 from testing.commands import manage
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 MINI = DEFAULT_PRICES["gpt-4o-mini"]
 
@@ -44,8 +45,17 @@ def account(signup):
 
 
 @pytest.fixture
-def sdk(turbo_server, account):
-    return openai.OpenAI(base_url=turbo_server.url + "/v1", api_key=account[0], max_retries=0)
+def sdk(new_client, account):
+    http = new_client()
+    base_url = str(http.base_url).rstrip("/") + "/v1"
+    return openai.OpenAI(base_url=base_url, api_key=account[0], max_retries=0, http_client=http)
+
+
+@pytest.fixture
+def upstream_http():
+    """A plain client for the fake upstream itself (the in-process client serves only Turbo)."""
+    with httpx.Client(timeout=10) as http:
+        yield http
 
 
 def rollups(user_id, wait_for: int = 1, timeout: float = 10) -> list[UsageRollup]:
@@ -88,9 +98,9 @@ def chat_body(text: str, **extra) -> dict:
 # --- /v1 streams ---------------------------------------------------------------------------------------
 
 
-def test_stream_without_include_usage_looks_unchanged_and_is_recorded(client, upstream, account):
+def test_stream_without_include_usage_looks_unchanged_and_is_recorded(client, upstream_http, upstream, account):
     body = chat_body("echo: one two three four five")
-    direct = stream_bytes(client, upstream.url + "/v1/chat/completions", body, {})
+    direct = stream_bytes(upstream_http, upstream.url + "/v1/chat/completions", body, {})
     assert b'"usage"' not in direct
     via = stream_bytes(client, "/v1/chat/completions", body, bearer(account[0]))
     # Turbo asked the upstream for usage; the client gets exactly what it would have got without it.
@@ -103,14 +113,14 @@ def test_stream_without_include_usage_looks_unchanged_and_is_recorded(client, up
     assert row.group_id is None and row.key_id is None  # a token, not a group's API key
 
 
-def test_stream_with_include_usage_passes_through_byte_for_byte(client, upstream, account):
+def test_stream_with_include_usage_passes_through_byte_for_byte(client, upstream_http, upstream, account):
     body = chat_body("echo: alpha beta gamma", stream_options={"include_usage": True})
     sent = json.dumps(body).encode()
     headers = {**bearer(account[0]), "content-type": "application/json"}
     with client.stream("POST", "/v1/chat/completions", content=sent, headers=headers) as response:
         via = b"".join(response.iter_raw())
     assert upstream.requests[-1].body == sent  # nothing added to the request either
-    direct = stream_bytes(client, upstream.url + "/v1/chat/completions", body, {})
+    direct = stream_bytes(upstream_http, upstream.url + "/v1/chat/completions", body, {})
     assert normalized(via) == normalized(direct)
     usage_chunk = json.loads(via.split(b"data: ")[-2])
     assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == 3
@@ -131,10 +141,10 @@ def test_sdk_stream_sees_no_usage_chunk_it_did_not_ask_for(sdk, upstream, accoun
     assert row.cost_usd == exact_cost(DEFAULT_PRICES["gpt-4o"], 4, 3)
 
 
-def test_usage_on_a_chunk_with_choices_is_taken_off_that_chunk_only(client, upstream, account):
+def test_usage_on_a_chunk_with_choices_is_taken_off_that_chunk_only(client, upstream_http, upstream, account):
     body = chat_body("echo: one two", metadata={"scenario": "usage_on_choices"})
     via = stream_bytes(client, "/v1/chat/completions", body, bearer(account[0]))
-    direct = stream_bytes(client, upstream.url + "/v1/chat/completions", body, {})
+    direct = stream_bytes(upstream_http, upstream.url + "/v1/chat/completions", body, {})
     assert b'"usage"' not in via
     assert normalized(via) == normalized(direct)
     assert upstream.requests[-2].json()["stream_options"] == {"include_usage": True}
@@ -153,6 +163,7 @@ def test_an_upstream_without_usage_is_estimated_and_never_zero(client, upstream,
     assert row.cost_usd == exact_cost(MINI, row.input_tokens, row.output_tokens) > 0
 
 
+@pytest.mark.django_db(transaction=True)  # hangs up mid-stream: needs the stream as it comes, over a socket
 def test_a_client_that_aborts_mid_stream_is_charged_for_what_was_generated(turbo_server, upstream, account):
     words = " ".join(f"word{n}" for n in range(40))
     body = chat_body(f"echo: {words}")
@@ -250,22 +261,31 @@ def one_rollup_of(user_id, requests: int) -> UsageRollup:
     return row
 
 
-def test_ws_calls_are_recorded(turbo_server, upstream, account):
+def test_ws_calls_are_recorded(upstream, account):
     token, user = account
-    with connect(f"ws://127.0.0.1:{turbo_server.port}/ws?token={token}", open_timeout=10) as ws:
+
+    async def calls():
+        from turbo_site.asgi import application
+
+        ws = WebsocketCommunicator(application, f"/ws?token={token}")
+        connected, _ = await ws.connect(timeout=10)
+        assert connected
         messages = [{"role": "user", "content": "echo: one two"}]
         for kind, payload in (
             ("chat_completion", {"messages": messages, "model": "gpt-4o-mini"}),
             ("chat_completion_stream", {"messages": messages, "model": "gpt-4o-mini"}),
             ("embedding", {"input": "a b c", "model": "text-embedding-3-small"}),
         ):
-            ws.send(json.dumps({"type": kind, "request_id": kind, "payload": payload}))
-            while json.loads(ws.recv(timeout=15))["type"] not in (
+            await ws.send_json_to({"type": kind, "request_id": kind, "payload": payload})
+            while (await ws.receive_json_from(timeout=15))["type"] not in (
                 "chat_completion",
                 "chat_completion_done",
                 "embedding",
             ):
                 pass
+        await ws.disconnect()
+
+    async_to_sync(calls)()
     chat, embedding = rollups(user["id"], wait_for=3)
     assert (chat.requests, chat.input_tokens, chat.output_tokens, chat.estimated_requests) == (2, 6, 4, 0)
     assert (embedding.requests, embedding.input_tokens) == (1, 3)

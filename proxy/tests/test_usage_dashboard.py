@@ -1,6 +1,6 @@
-"""The admin's Usage page over real HTTP, logged in as staff the way a browser would be: its tables and
-charts agree with `GET /usage` for the same range, it is refused to anyone but staff, a range it cannot
-read is a message on the page, and it loads nothing from outside the server."""
+"""The admin's Usage page over HTTP (Turbo's whole ASGI app, in process), logged in as staff the way a browser
+would be: its tables and charts agree with `GET /usage` for the same range, it is refused to anyone but staff, a
+range it cannot read is a message on the page, and it loads nothing from outside the server."""
 
 import time
 import uuid
@@ -23,7 +23,7 @@ from proxy.usage.caller import Caller
 from proxy.usage.records import Usage, usage_record
 from proxy.usage.selectors import usage_overview
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 PAGE = "/admin/usage/"
 PASSWORD = "staff-pass-123"
@@ -111,10 +111,9 @@ def summed(*reports: dict) -> dict[str, str]:
 
 
 @pytest.fixture
-def browser(turbo_server):
-    """An HTTP client that keeps cookies, like a browser, against the live server."""
-    with httpx.Client(base_url=turbo_server.url, timeout=30) as http:
-        yield http
+def browser(new_client):
+    """An HTTP client that keeps cookies, like a browser (Turbo's whole ASGI app, in process)."""
+    return new_client()
 
 
 @pytest.fixture
@@ -256,7 +255,7 @@ def test_the_admin_index_links_to_the_page(staff):
     assert "Proxy and event log" in index.text  # the stock app list is still there
 
 
-def test_anyone_but_staff_is_sent_to_the_login(browser, signup):
+def test_anyone_but_staff_is_sent_to_the_login(browser, new_client, signup):
     response = browser.get(PAGE)
     assert response.status_code == 302
     assert response.headers["location"] == f"/admin/login/?next={PAGE}"
@@ -266,8 +265,7 @@ def test_anyone_but_staff_is_sent_to_the_login(browser, signup):
     response = browser.get(PAGE)
     assert response.status_code == 302 and response.headers["location"].startswith("/admin/login/")
     # Nor does a Turbo token open it.
-    with httpx.Client(base_url=str(browser.base_url), timeout=30) as fresh:
-        response = fresh.get(PAGE, headers=bearer(token))
+    response = new_client().get(PAGE, headers=bearer(token))
     assert response.status_code == 302 and response.headers["location"].startswith("/admin/login/")
 
 
@@ -294,7 +292,7 @@ def test_a_range_it_cannot_read_is_a_message_on_the_page(staff, query, message):
     assert 'id="usage-range"' in page.text  # the form is there to correct it
 
 
-def test_the_page_loads_nothing_from_outside_the_server(staff, seeded, turbo_server):
+def test_the_page_loads_nothing_from_outside_the_server(staff, seeded):
     page = staff.get(PAGE, params=day_range())
     assert page.status_code == 200
     seen = Page(page.text)
