@@ -32,7 +32,6 @@ from typing import TypeVar
 
 import channels.db
 import httpx
-import httpx2
 from asgiref.sync import async_to_sync
 from django.core.signals import request_finished, request_started
 from django.db import close_old_connections
@@ -112,24 +111,3 @@ def in_process_client(**options) -> httpx.Client:
     """An httpx client whose requests `InProcessTransport` serves (httpx.Client's options otherwise)."""
     options.setdefault("timeout", 30)
     return httpx.Client(transport=InProcessTransport(), base_url=ORIGIN, **options)
-
-
-class InProcessSdkTransport(httpx2.BaseTransport):
-    """`InProcessTransport` for the openai SDK, which sends with httpx2 (a fork of httpx) rather than httpx."""
-
-    def __init__(self):
-        self._inner = InProcessTransport()
-
-    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
-        sent = httpx.Request(request.method, str(request.url), headers=request.headers.raw, content=request.read())
-        answer = self._inner.handle_request(sent)
-        # The raw body: httpx2 decodes a compressed one itself, by the headers passed on with it.
-        content = b"".join(answer.iter_raw())
-        return httpx2.Response(answer.status_code, headers=answer.headers.raw, content=content, request=request)
-
-
-def in_process_sdk_client(**options) -> httpx2.Client:
-    """An httpx2 client served in process, for the openai SDK:
-    `openai.OpenAI(base_url=ORIGIN + "/v1", api_key=token, http_client=in_process_sdk_client())`."""
-    options.setdefault("timeout", 30)
-    return httpx2.Client(transport=InProcessSdkTransport(), base_url=ORIGIN, **options)

@@ -22,7 +22,7 @@ from proxy.events import events_flush
 from proxy.gateway import health
 from proxy.models import Event
 from testing.fake_upstream import FakeUpstream
-from testing.inprocess import ORIGIN, in_process_sdk_client
+from testing.inprocess import ORIGIN, in_process_client
 
 pytestmark = pytest.mark.django_db
 
@@ -89,7 +89,7 @@ def ask(client, token, model="pool", text="echo: hello there", **extra):
 
 def sdk(token: str, **options) -> openai.OpenAI:
     """The openai SDK against Turbo served in process."""
-    return openai.OpenAI(base_url=ORIGIN + "/v1", api_key=token, http_client=in_process_sdk_client(), **options)
+    return openai.OpenAI(base_url=ORIGIN + "/v1", api_key=token, http_client=in_process_client(), **options)
 
 
 def chat_requests(fake) -> list:

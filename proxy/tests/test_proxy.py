@@ -9,7 +9,7 @@ import pytest
 
 from proxy.events import events_flush
 from proxy.models import Event
-from testing.inprocess import ORIGIN, in_process_sdk_client
+from testing.inprocess import ORIGIN, in_process_client
 
 pytestmark = pytest.mark.django_db
 
@@ -38,7 +38,7 @@ def proxy_events(account):
 
 @pytest.fixture
 def sdk(token):
-    return openai.OpenAI(base_url=ORIGIN + "/v1", api_key=token, max_retries=0, http_client=in_process_sdk_client())
+    return openai.OpenAI(base_url=ORIGIN + "/v1", api_key=token, max_retries=0, http_client=in_process_client())
 
 
 def test_models_list_with_the_sdk_and_the_server_key_only(sdk, upstream, token):
