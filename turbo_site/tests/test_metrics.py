@@ -1,8 +1,10 @@
 """`/metrics`: who may scrape it, and counters that move by exactly what went through every front.
 
-Each test scrapes the real server with prometheus-client's own parser before and after real requests
+Each test scrapes Turbo with prometheus-client's own parser before and after real requests
 (/v1 on the fast path and through Django, streamed and not, chat prompts with SSE and WebSocket
 subscribers, the /ws RPC socket, the gateway's retries, refusals, the event writer), and compares.
+Requests are served in process in the test's transaction; a test that holds a stream open while it
+scrapes, opens WebSockets, or lets a reply run on after its request uses the live server (transaction=True).
 The last tests run two server processes sharing one METRICS_MULTIPROC_DIR: a scrape of either sums both.
 """
 
@@ -28,7 +30,7 @@ from proxy.usage.pricing import DEFAULT_PRICES
 from proxy.usage.ratelimits import ratelimits_forget
 from turbo_site.core.metrics import METHODS, ROUTE_GROUPS
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 TOKEN = "metrics-scraper-secret"
 SCRAPE = {"Authorization": f"Bearer {TOKEN}"}
@@ -169,6 +171,7 @@ def test_v1_calls_on_the_fast_path_and_through_django_move_every_counter(client,
     assert_no_private_labels(after, user=user, token=token, prompt="one two three")
 
 
+@pytest.mark.django_db(transaction=True)
 def test_an_open_v1_stream_is_counted_until_it_ends(client, signup, upstream, metrics_on, turbo_server):
     token, _, _ = signup()
     before = scrape(client)
@@ -190,6 +193,7 @@ def test_an_open_v1_stream_is_counted_until_it_ends(client, signup, upstream, me
 # --- chats: prompt, SSE and WebSocket subscribers -----------------------------------------------------------------
 
 
+@pytest.mark.django_db(transaction=True)
 def test_a_chat_prompt_with_sse_and_websocket_subscribers(client, signup, upstream, metrics_on, turbo_server):
     token, user, _ = signup()
     chat = client.post("/chat/create", data={"name": "measured"}, headers=bearer(token)).json()
@@ -250,6 +254,7 @@ def test_a_chat_prompt_with_sse_and_websocket_subscribers(client, signup, upstre
     assert_no_private_labels(after, user=user, token=token, prompt="counted words")
 
 
+@pytest.mark.django_db(transaction=True)
 def test_a_refused_websocket_handshake_and_the_ws_rpc_socket(client, signup, upstream, metrics_on, turbo_server):
     token, user, _ = signup()
     outsider, _, _ = signup()
@@ -403,6 +408,7 @@ def assert_no_private_labels(found: Scrape, *, user: dict, token: str, prompt: s
 # --- several processes --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.django_db(transaction=True)
 def test_two_processes_sharing_a_directory_sum_their_counters(client, signup, start_server, tmp_path, upstream):  # noqa: F811
     shared = tmp_path / "metrics"
     env = {"METRICS_TOKEN": TOKEN, "METRICS_MULTIPROC_DIR": str(shared)}
