@@ -1,6 +1,6 @@
 """Traces: spans of Turbo as an in-memory exporter sees them (requests served in process, in the test's
-transaction; /ws and gRPC on the live servers of this process), and once as a real OTLP/HTTP receiver on
-loopback sees them from a server process of its own."""
+transaction, /ws through Channels' communicator; gRPC on the live server of this process), and once as
+a real OTLP/HTTP receiver on loopback sees them from a server process of its own."""
 
 import asyncio
 import gzip
@@ -427,15 +427,17 @@ def test_a_server_with_an_otlp_endpoint_exports_its_spans_over_http(upstream, st
     assert parent_id == attempt.span_id.hex()
 
 
-@pytest.mark.django_db(transaction=True)
-def test_a_ws_request_has_a_span_of_its_own_over_its_attempt(turbo_server, signup, upstream, spans):
-    from websockets.sync.client import connect
+def test_a_ws_request_has_a_span_of_its_own_over_its_attempt(signup, upstream, spans):
+    from proxy.tests.test_ws_rpc import send, ws_run
 
     token = signup()[0]
-    with connect(f"ws://127.0.0.1:{turbo_server.port}/ws?token={token}", open_timeout=10) as socket:
-        request = {"messages": [{"role": "user", "content": "echo: over the socket"}], "model": "gpt-4o-mini"}
-        socket.send(json.dumps({"type": "chat_completion", "request_id": "t1", "payload": request}))
-        assert json.loads(socket.recv(timeout=15))["type"] == "chat_completion"
+    request = {"messages": [{"role": "user", "content": "echo: over the socket"}], "model": "gpt-4o-mini"}
+
+    async def scenario(socket):
+        await send(socket, "chat_completion", "t1", request)
+        return json.loads(await socket.receive_from(timeout=15))
+
+    assert ws_run(token, scenario)["type"] == "chat_completion"
     (served,) = spans.wait("ws chat_completion")
     (attempt,) = spans.wait("chat gpt-4o-mini")
     assert served.kind == SpanKind.SERVER and served.attributes["rpc.method"] == "chat_completion"
