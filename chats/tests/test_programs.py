@@ -10,7 +10,7 @@ from accounts.tests.test_admin import admin, browser, post_form  # noqa: F401
 from chats.models import Chat, ChatProgram
 from chats.tests.test_stream import bearer, receive_until_final, ws_url
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 CHAT_PROGRAMS = [
     f"{name}=chats.tests.programs_for_tests:{name}" for name in ("looper", "redis_looper", "composed", "broken")
@@ -26,6 +26,7 @@ def chat_requests(fake) -> list[dict]:
     return [request.json() for request in fake.requests if request.path == "/v1/chat/completions"]
 
 
+@pytest.mark.django_db(transaction=True)
 def test_horoscope_end_to_end_over_http_with_a_websocket_subscriber(client, turbo_server, signup, upstream):
     token, user, _ = signup()
     created = client.post(
@@ -177,6 +178,7 @@ def test_the_seed_example_runs_from_python_with_only_its_import_changed(upstream
     assert request["temperature"] == 0.9
 
 
+@pytest.mark.django_db(transaction=True)
 def test_composition_sub_programs_keep_their_own_memory_and_settings(client, signup, upstream, programs):
     token, _, _ = signup()
     chat = create_program_chat(client, token, "composed", {"topic": "tides"})
@@ -199,6 +201,7 @@ def test_composition_sub_programs_keep_their_own_memory_and_settings(client, sig
     assert ChatProgram.objects.get(chat_id=chat["id"]).status == "finished"
 
 
+@pytest.mark.django_db(transaction=True)
 def test_a_program_without_turbo_runs_as_if_decorated(client, signup, upstream, programs, settings):
     settings.CHAT_PROGRAMS = [*CHAT_PROGRAMS, "hello=chats.tests.programs_for_tests:undecorated"]
     token, _, _ = signup()
@@ -207,6 +210,7 @@ def test_a_program_without_turbo_runs_as_if_decorated(client, signup, upstream, 
     assert chat_requests(upstream) == []
 
 
+@pytest.mark.django_db(transaction=True)
 def test_a_failing_program_fails_its_turn_and_the_chat_stays_usable(
     client, turbo_server, signup, upstream, programs, caplog
 ):
@@ -237,6 +241,7 @@ def test_a_failing_program_fails_its_turn_and_the_chat_stays_usable(
     assert [m["status"] for m in messages_of(client, token, chat)] == ["complete", "error", "error", "complete"]
 
 
+@pytest.mark.django_db(transaction=True)
 def test_a_second_prompt_while_the_program_answers_is_refused(client, signup, upstream, programs):
     token, _, _ = signup()
     chat = create_program_chat(client, token, "looper")
@@ -313,6 +318,7 @@ def test_chat_settings_go_with_every_prompt_and_max_tokens_has_a_default(client,
     }
 
 
+@pytest.mark.django_db(transaction=True)
 def test_the_admin_edits_settings_with_validation_and_shows_program_state(admin, client, signup, upstream):  # noqa: F811
     token, _, _ = signup()
     chat = create_program_chat(client, token, "horoscope", {"user_id": 1})
@@ -404,6 +410,7 @@ def test_the_library_from_python_memory_argument_quiet_generate_and_errors(upstr
     ]
 
 
+@pytest.mark.django_db(transaction=True)
 def test_many_program_chats_at_once_and_racing_prompts_on_one(turbo_server, signup, upstream, programs):
     from concurrent.futures import ThreadPoolExecutor
 

@@ -9,7 +9,7 @@ from websockets.sync.client import connect
 from chats.models import Chat, Message
 from proxy.structured import RETRY_INSTRUCTION
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 PERSON = {
     "type": "json_schema",
@@ -60,6 +60,7 @@ def test_a_valid_reply_is_parsed_stored_and_read_back(client, chat, upstream):
     assert Message.objects.get(pk=message["id"]).data == ADA
 
 
+@pytest.mark.django_db(transaction=True)  # a WebSocket member reads the streamed reply
 def test_an_invalid_reply_is_asked_again_with_the_errors_and_members_see_it_replaced(
     client, turbo_server, chat, upstream
 ):

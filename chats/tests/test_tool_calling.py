@@ -11,7 +11,7 @@ from chats.models import Message
 from chats.tests.processes import wait_for
 from conftest import SERVER_KEY, run_python
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 
 def bearer(token: str) -> dict:
@@ -48,6 +48,7 @@ def test_tool_round_trip_ends_in_a_stored_answer(client, tool_chat, upstream):
     assert read["messages"][0]["tool_calls"] == message["tool_calls"]
 
 
+@pytest.mark.django_db(transaction=True)  # a WebSocket member reads the streamed reply
 def test_streamed_tool_round_trip_shows_the_calls_on_the_stream(client, turbo_server, tool_chat, upstream):
     token, chat = tool_chat
     with connect(f"ws://127.0.0.1:{turbo_server.port}/chat/stream?id={chat['id']}&token={token}") as ws:

@@ -6,16 +6,16 @@ import textwrap
 import time
 
 import pytest
-from websockets.sync.client import connect
 
 from conftest import FAKE_HEADERS
 from proxy import ai
 from proxy.gateway import health
 from proxy.gateway.instructions import SCHEMA_INSTRUCTIONS
 from proxy.structured import RETRY_INSTRUCTION, ResponseFormatInvalid, StructuredOutputError
+from proxy.tests.test_ws_rpc import send, ws_run
 from testing.fake_upstream import FakeUpstream
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 SCHEMA = {
     "type": "object",
@@ -28,20 +28,16 @@ INSTRUCTION_START = SCHEMA_INSTRUCTIONS.split("{name}")[0]
 
 
 @pytest.fixture
-def ws(turbo_server, signup, upstream):
+def rpc(signup, upstream):
+    """rpc(scenario): `await scenario(ws)` on /ws for a new user, in process in the test's transaction."""
     token, _, _ = signup()
-    with connect(f"ws://127.0.0.1:{turbo_server.port}/ws?token={token}", open_timeout=10) as socket:
-        yield socket
+    return lambda scenario: ws_run(token, scenario)
 
 
-def send(ws, kind: str, request_id, payload) -> None:
-    ws.send(json.dumps({"type": kind, "request_id": request_id, "payload": payload}))
-
-
-def frames_until(ws, request_id: str, last: str) -> list[dict]:
+async def frames_until(ws, request_id: str, last: str) -> list[dict]:
     frames: list[dict] = []
     while not frames or frames[-1]["type"] not in (last, "error"):
-        frame = json.loads(ws.recv(timeout=15))
+        frame = json.loads(await ws.receive_from(timeout=15))
         if frame.get("request_id") == request_id:
             frames.append(frame)
     return frames
@@ -58,9 +54,12 @@ def completions(fake) -> list[dict]:
 # --- /ws ------------------------------------------------------------------------------------------------
 
 
-def test_ws_chat_completion_returns_the_parsed_reply(ws, upstream):
-    send(ws, "chat_completion", "c1", asking("echo: " + json.dumps(GOOD), response_format=WEATHER))
-    (frame,) = frames_until(ws, "c1", "chat_completion")
+def test_ws_chat_completion_returns_the_parsed_reply(rpc, upstream):
+    async def scenario(ws):
+        await send(ws, "chat_completion", "c1", asking("echo: " + json.dumps(GOOD), response_format=WEATHER))
+        return await frames_until(ws, "c1", "chat_completion")
+
+    (frame,) = rpc(scenario)
     message = frame["data"]["choices"][0]["message"]
     assert frame["type"] == "chat_completion" and message["parsed"] == GOOD
     assert json.loads(message["content"]) == GOOD
@@ -68,30 +67,37 @@ def test_ws_chat_completion_returns_the_parsed_reply(ws, upstream):
     assert sent["response_format"] == WEATHER
 
 
-def test_ws_retries_with_the_errors_then_refuses(ws, upstream, settings):
-    send(
-        ws,
-        "chat_completion",
-        "c1",
-        asking('sequence: {"city": "Oslo"} ||| ' + json.dumps(GOOD), response_format=WEATHER),
-    )
-    (frame,) = frames_until(ws, "c1", "chat_completion")
-    assert frame["data"]["choices"][0]["message"]["parsed"] == GOOD
-    _, retried = completions(upstream)
-    assert retried["messages"][-1]["content"].startswith(RETRY_INSTRUCTION)
-    assert "'celsius' is a required property" in retried["messages"][-1]["content"]
+def test_ws_retries_with_the_errors_then_refuses(rpc, upstream, settings):
+    async def scenario(ws):
+        await send(
+            ws,
+            "chat_completion",
+            "c1",
+            asking('sequence: {"city": "Oslo"} ||| ' + json.dumps(GOOD), response_format=WEATHER),
+        )
+        (frame,) = await frames_until(ws, "c1", "chat_completion")
+        assert frame["data"]["choices"][0]["message"]["parsed"] == GOOD
+        _, retried = completions(upstream)
+        assert retried["messages"][-1]["content"].startswith(RETRY_INSTRUCTION)
+        assert "'celsius' is a required property" in retried["messages"][-1]["content"]
 
-    settings.STRUCTURED_RETRIES = 0
-    send(ws, "chat_completion", "c2", asking('echo: {"city": 5, "celsius": 1}', response_format=WEATHER))
-    (error,) = frames_until(ws, "c2", "chat_completion")
+        settings.STRUCTURED_RETRIES = 0
+        await send(ws, "chat_completion", "c2", asking('echo: {"city": 5, "celsius": 1}', response_format=WEATHER))
+        return await frames_until(ws, "c2", "chat_completion")
+
+    (error,) = rpc(scenario)
     assert error["type"] == "error" and error["error"]["code"] == "invalid_structured_output"
     assert "at $.city: 5 is not of type 'string'" in error["error"]["message"]
     assert len(completions(upstream)) == 3  # no retry with STRUCTURED_RETRIES=0
 
 
-def test_ws_stream_shows_a_retry_then_the_parsed_reply(ws, upstream):
-    send(ws, "chat_completion_stream", "s1", asking("sequence: nope ||| " + json.dumps(GOOD), response_format=WEATHER))
-    frames = frames_until(ws, "s1", "chat_completion_done")
+def test_ws_stream_shows_a_retry_then_the_parsed_reply(rpc, upstream):
+    async def scenario(ws):
+        ask = asking("sequence: nope ||| " + json.dumps(GOOD), response_format=WEATHER)
+        await send(ws, "chat_completion_stream", "s1", ask)
+        return await frames_until(ws, "s1", "chat_completion_done")
+
+    frames = rpc(scenario)
     kinds = [frame["type"] for frame in frames]
     assert kinds.count("chat_completion_retry") == 1
     retry = frames[kinds.index("chat_completion_retry")]["data"]
@@ -100,10 +106,14 @@ def test_ws_stream_shows_a_retry_then_the_parsed_reply(ws, upstream):
     assert done["parsed"] == GOOD and json.loads(done["content"]) == GOOD
 
 
-def test_ws_refuses_a_bad_schema_without_calling_the_model(ws, upstream):
+def test_ws_refuses_a_bad_schema_without_calling_the_model(rpc, upstream):
     bad = {"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "object", "minProperties": -1}}}
-    send(ws, "chat_completion", "c1", asking("hi", response_format=bad))
-    (error,) = frames_until(ws, "c1", "chat_completion")
+
+    async def scenario(ws):
+        await send(ws, "chat_completion", "c1", asking("hi", response_format=bad))
+        return await frames_until(ws, "c1", "chat_completion")
+
+    (error,) = rpc(scenario)
     assert error["type"] == "error" and error["error"]["code"] == "invalid_response_format"
     assert "json_schema.schema.minProperties" in error["error"]["message"]
     assert completions(upstream) == []

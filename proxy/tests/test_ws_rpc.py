@@ -1,33 +1,62 @@
-"""/ws: RPC requests multiplexed on one authenticated WebSocket, with a real client and a fake upstream."""
+"""/ws: RPC requests multiplexed on one authenticated WebSocket, against a fake upstream.
 
+Each test's frames go through Channels' WebsocketCommunicator to Turbo's whole ASGI app in process, in
+the test's transaction (`rpc`: the test's scenario runs on an event loop of asgiref's, and the app's
+ORM calls on the test's own connection); the handshake's refusals, which a client sees as HTTP
+statuses, are read by a real client over the live server's socket.
+"""
+
+import asyncio
 import json
 
 import pytest
+from asgiref.sync import async_to_sync
+from channels.testing import WebsocketCommunicator
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
+
+
+def ws_run(token: str, scenario):
+    """`await scenario(ws)` on a /ws connection for `token` served in process; returns what it returns.
+    Called from a sync test, so that the app's thread-sensitive calls run on the test's thread."""
+
+    async def run():
+        from turbo_site.asgi import application
+
+        ws = WebsocketCommunicator(application, f"/ws?token={token}")
+        ws.scope["client"] = ("127.0.0.1", 40000)  # as a server would say
+        connected, code = await ws.connect(timeout=10)
+        assert connected, f"the handshake was refused ({code})"
+        try:
+            return await scenario(ws)
+        finally:
+            await ws.disconnect()
+
+    return async_to_sync(run)()
 
 
 @pytest.fixture
-def ws(turbo_server, signup, upstream):
+def rpc(signup, upstream):
+    """rpc(scenario): runs `await scenario(ws)` on a /ws connection of a new user (ws_run)."""
     token, _, _ = signup()
-    with connect(f"ws://127.0.0.1:{turbo_server.port}/ws?token={token}", open_timeout=10) as socket:
-        yield socket
+    return lambda scenario: ws_run(token, scenario)
 
 
-def send(ws, kind: str, request_id, payload=None) -> None:
-    ws.send(json.dumps({"type": kind, "request_id": request_id, "payload": payload if payload is not None else {}}))
+async def send(ws, kind: str, request_id, payload=None) -> None:
+    frame = {"type": kind, "request_id": request_id, "payload": payload if payload is not None else {}}
+    await ws.send_to(text_data=json.dumps(frame))
 
 
-def recv(ws) -> dict:
-    return json.loads(ws.recv(timeout=15))
+async def recv(ws) -> dict:
+    return json.loads(await ws.receive_from(timeout=15))
 
 
-def recv_for(ws, request_id: str, until: str) -> list[dict]:
+async def recv_for(ws, request_id: str, until: str) -> list[dict]:
     frames = []
     while not frames or frames[-1]["type"] not in (until, "error"):
-        frame = recv(ws)
+        frame = await recv(ws)
         if frame["request_id"] == request_id:
             frames.append(frame)
     return frames
@@ -37,72 +66,94 @@ def user(text: str) -> dict:
     return {"messages": [{"role": "user", "content": text}], "model": "gpt-4o-mini"}
 
 
-def test_ping(ws):
-    send(ws, "ping", "p1")
-    assert recv(ws) == {"type": "pong", "request_id": "p1", "data": {}}
+def test_ping(rpc):
+    async def scenario(ws):
+        await send(ws, "ping", "p1")
+        assert await recv(ws) == {"type": "pong", "request_id": "p1", "data": {}}
+
+    rpc(scenario)
 
 
-def test_chat_completion(ws, upstream):
-    send(ws, "chat_completion", "c1", {**user("echo: hello there"), "max_tokens": 20, "temperature": 0.2})
-    frame = recv(ws)
+def test_chat_completion(rpc, upstream):
+    async def scenario(ws):
+        await send(ws, "chat_completion", "c1", {**user("echo: hello there"), "max_tokens": 20, "temperature": 0.2})
+        return await recv(ws)
+
+    frame = rpc(scenario)
     assert frame["type"] == "chat_completion" and frame["request_id"] == "c1"
     assert frame["data"]["choices"][0]["message"]["content"] == "hello there"
     sent = json.loads(upstream.requests[-1].body)
     assert sent["max_tokens"] == 20 and sent["temperature"] == 0.2
 
 
-def test_chat_completion_stream_chunks_then_done(ws):
-    send(ws, "chat_completion_stream", "s1", user("echo: one two three"))
-    frames = recv_for(ws, "s1", "chat_completion_done")
+def test_chat_completion_stream_chunks_then_done(rpc):
+    async def scenario(ws):
+        await send(ws, "chat_completion_stream", "s1", user("echo: one two three"))
+        return await recv_for(ws, "s1", "chat_completion_done")
+
+    frames = rpc(scenario)
     assert {f["type"] for f in frames[:-1]} == {"chat_completion_chunk"}
     done = frames[-1]["data"]
     assert done["content"] == "one two three"
     assert done["usage"]["completion_tokens"] == 3
 
 
-def test_embedding(ws):
-    send(ws, "embedding", "e1", {"input": ["a", "b"], "model": "text-embedding-3-small"})
-    frame = recv(ws)
+def test_embedding(rpc):
+    async def scenario(ws):
+        await send(ws, "embedding", "e1", {"input": ["a", "b"], "model": "text-embedding-3-small"})
+        return await recv(ws)
+
+    frame = rpc(scenario)
     assert frame["type"] == "embedding" and len(frame["data"]["data"]) == 2
 
 
-def test_tools_list_and_execute(ws):
-    send(ws, "tools_list", "t1")
-    names = {tool["name"] for tool in recv(ws)["data"]["tools"]}
-    assert {"get_current_time", "calculator", "get_weather"} <= names
+def test_tools_list_and_execute(rpc):
     call = {
         "id": "call_9",
         "type": "function",
         "function": {"name": "calculator", "arguments": '{"expression": "6*7"}'},
     }
-    send(ws, "tool_execute", "t2", {"tool_call": call})
-    result = recv(ws)["data"]
-    assert result["tool_call_id"] == "call_9" and json.loads(result["content"])["result"] == 42
     bad = {**call, "function": {"name": "calculator", "arguments": "{}"}}
-    send(ws, "tool_execute", "t3", {"tool_call": bad})
-    assert recv(ws)["data"]["is_error"] is True
+
+    async def scenario(ws):
+        await send(ws, "tools_list", "t1")
+        names = {tool["name"] for tool in (await recv(ws))["data"]["tools"]}
+        assert {"get_current_time", "calculator", "get_weather"} <= names
+        await send(ws, "tool_execute", "t2", {"tool_call": call})
+        result = (await recv(ws))["data"]
+        assert result["tool_call_id"] == "call_9" and json.loads(result["content"])["result"] == 42
+        await send(ws, "tool_execute", "t3", {"tool_call": bad})
+        assert (await recv(ws))["data"]["is_error"] is True
+
+    rpc(scenario)
 
 
-def test_concurrent_requests_are_answered_as_they_finish(ws, upstream):
-    send(ws, "chat_completion_stream", "slow", user("[scenario:gated] echo: slow reply here"))
-    send(ws, "chat_completion", "fast", user("echo: quick"))
-    send(ws, "ping", "p")
-    seen = []
-    while "fast" not in seen or "p" not in seen:
-        seen.append(recv(ws)["request_id"])
-    upstream.release()
-    frames = recv_for(ws, "slow", "chat_completion_done")
+def test_concurrent_requests_are_answered_as_they_finish(rpc, upstream):
+    async def scenario(ws):
+        await send(ws, "chat_completion_stream", "slow", user("[scenario:gated] echo: slow reply here"))
+        await send(ws, "chat_completion", "fast", user("echo: quick"))
+        await send(ws, "ping", "p")
+        seen = []
+        while "fast" not in seen or "p" not in seen:
+            seen.append((await recv(ws))["request_id"])
+        upstream.release()
+        return await recv_for(ws, "slow", "chat_completion_done")
+
+    frames = rpc(scenario)
     assert frames[-1]["data"]["content"] == "slow reply here"
 
 
-def test_cancel_stops_an_in_flight_stream(ws, upstream):
-    send(ws, "chat_completion_stream", "s", user("[scenario:stall] echo: never ends"))
-    assert recv(ws)["type"] == "chat_completion_chunk"
-    send(ws, "cancel", "s")
-    assert recv(ws) == {"type": "cancelled", "request_id": "s", "data": {}}
-    assert upstream.wait_for_abort(timeout=10)
-    send(ws, "ping", "after")
-    assert recv(ws)["type"] == "pong"
+def test_cancel_stops_an_in_flight_stream(rpc, upstream):
+    async def scenario(ws):
+        await send(ws, "chat_completion_stream", "s", user("[scenario:stall] echo: never ends"))
+        assert (await recv(ws))["type"] == "chat_completion_chunk"
+        await send(ws, "cancel", "s")
+        assert await recv(ws) == {"type": "cancelled", "request_id": "s", "data": {}}
+        assert await asyncio.to_thread(upstream.wait_for_abort, timeout=10)
+        await send(ws, "ping", "after")
+        assert (await recv(ws))["type"] == "pong"
+
+    rpc(scenario)
 
 
 @pytest.mark.parametrize(
@@ -124,45 +175,62 @@ def test_cancel_stops_an_in_flight_stream(ws, upstream):
         (json.dumps({"type": "cancel", "request_id": "nothing"}), "not_found"),
     ],
 )
-def test_bad_frames_get_an_error_and_the_socket_stays_usable(ws, raw, code):
-    ws.send(raw)
-    frame = recv(ws)
-    assert frame["type"] == "error" and frame["error"]["code"] == code, frame
-    assert frame["error"]["message"]
-    send(ws, "ping", "still-there")
-    assert recv(ws)["type"] == "pong"
+def test_bad_frames_get_an_error_and_the_socket_stays_usable(rpc, raw, code):
+    async def scenario(ws):
+        await ws.send_to(text_data=raw)
+        frame = await recv(ws)
+        assert frame["type"] == "error" and frame["error"]["code"] == code, frame
+        assert frame["error"]["message"]
+        await send(ws, "ping", "still-there")
+        assert (await recv(ws))["type"] == "pong"
+
+    rpc(scenario)
 
 
-def test_oversized_frame(ws, settings):
+def test_oversized_frame(rpc, settings):
     settings.WS_MAX_FRAME_BYTES = 1000
-    send(ws, "chat_completion", "big", user("x" * 2000))
-    assert recv(ws)["error"]["code"] == "frame_too_large"
+
+    async def scenario(ws):
+        await send(ws, "chat_completion", "big", user("x" * 2000))
+        return await recv(ws)
+
+    assert rpc(scenario)["error"]["code"] == "frame_too_large"
 
 
-def test_in_flight_cap(ws, upstream, settings):
+def test_in_flight_cap(rpc, upstream, settings):
     settings.WS_MAX_IN_FLIGHT = 2
-    for n in range(2):
-        send(ws, "chat_completion_stream", f"g{n}", user("[scenario:gated] echo: wait"))
-    send(ws, "chat_completion", "third", user("echo: x"))
-    # The gated streams' first chunks and the refusal arrive in any order.
-    frames = [recv(ws)]
-    while frames[-1]["request_id"] != "third" and len(frames) < 10:
-        frames.append(recv(ws))
+
+    async def scenario(ws):
+        for n in range(2):
+            await send(ws, "chat_completion_stream", f"g{n}", user("[scenario:gated] echo: wait"))
+        await send(ws, "chat_completion", "third", user("echo: x"))
+        # The gated streams' first chunks and the refusal arrive in any order.
+        frames = [await recv(ws)]
+        while frames[-1]["request_id"] != "third" and len(frames) < 10:
+            frames.append(await recv(ws))
+        upstream.release()
+        return frames
+
+    frames = rpc(scenario)
     refusal = frames[-1]
     assert refusal["request_id"] == "third" and refusal["error"]["code"] == "too_many_requests"
     assert all(f["type"] == "chat_completion_chunk" for f in frames[:-1]), frames
-    upstream.release()
 
 
-def test_upstream_failure_is_an_error_frame(ws, settings):
+def test_upstream_failure_is_an_error_frame(rpc, settings):
     settings.OPENAI_API_URL = "http://127.0.0.1:9/v1"
-    send(ws, "chat_completion", "down", user("hi"))
-    frame = recv(ws)
+
+    async def scenario(ws):
+        await send(ws, "chat_completion", "down", user("hi"))
+        return await recv(ws)
+
+    frame = rpc(scenario)
     assert (
         frame["type"] == "error" and frame["error"]["code"] == "upstream_unreachable"
     )  # the same code as /v1 and every front
 
 
+@pytest.mark.django_db(transaction=True)  # a real client's handshake over the live server's socket
 def test_handshake_needs_a_token_and_an_allowed_origin(turbo_server, signup):
     token, _, _ = signup()
     base = f"ws://127.0.0.1:{turbo_server.port}/ws"
@@ -175,8 +243,8 @@ def test_handshake_needs_a_token_and_an_allowed_origin(turbo_server, signup):
             connect(url, additional_headers=headers, open_timeout=10)
         assert refused.value.response.status_code == 403
     with connect(f"{base}?token={token}", additional_headers={"Origin": f"http://127.0.0.1:{turbo_server.port}"}) as ok:
-        send(ok, "ping", "1")
-        assert recv(ok)["type"] == "pong"
+        ok.send(json.dumps({"type": "ping", "request_id": "1", "payload": {}}))
+        assert json.loads(ok.recv(timeout=15))["type"] == "pong"
 
 
 WEATHER = {
@@ -187,10 +255,14 @@ WEATHER = {
 
 
 @pytest.mark.parametrize("kind", ["chat_completion", "chat_completion_stream"])
-def test_seed_003_flat_tools_reach_the_upstream_in_openai_shape(ws, upstream, kind):
+def test_seed_003_flat_tools_reach_the_upstream_in_openai_shape(rpc, upstream, kind):
     already_openai = {"type": "function", "function": {"name": "now", "parameters": {"type": "object"}}}
-    send(ws, kind, "t1", {**user("echo: hi"), "tools": [WEATHER, already_openai], "tool_choice": "auto"})
-    recv_for(ws, "t1", "chat_completion_done" if kind.endswith("stream") else "chat_completion")
+
+    async def scenario(ws):
+        await send(ws, kind, "t1", {**user("echo: hi"), "tools": [WEATHER, already_openai], "tool_choice": "auto"})
+        await recv_for(ws, "t1", "chat_completion_done" if kind.endswith("stream") else "chat_completion")
+
+    rpc(scenario)
     sent = json.loads(upstream.requests[-1].body)
     assert sent["tools"] == [{"type": "function", "function": WEATHER}, already_openai]
     assert sent["tool_choice"] == "auto"

@@ -1,8 +1,11 @@
 """`/metrics`: who may scrape it, and counters that move by exactly what went through every front.
 
-Each test scrapes the real server with prometheus-client's own parser before and after real requests
+Each test scrapes Turbo with prometheus-client's own parser before and after real requests
 (/v1 on the fast path and through Django, streamed and not, chat prompts with SSE and WebSocket
 subscribers, the /ws RPC socket, the gateway's retries, refusals, the event writer), and compares.
+Requests are served in process in the test's transaction (WebSockets through Channels' communicator);
+a test that holds a stream open while it scrapes, or lets a reply run on after its request, uses the
+live server (transaction=True).
 The last tests run two server processes sharing one METRICS_MULTIPROC_DIR: a scrape of either sums both.
 """
 
@@ -16,19 +19,21 @@ from decimal import Decimal
 import grpc
 import httpx
 import pytest
+from asgiref.sync import async_to_sync, sync_to_async
+from channels.testing import WebsocketCommunicator
 from prometheus_client.parser import text_string_to_metric_families
-from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 # Fixtures of other suites: server processes, fake upstreams, a TURBO_CONFIG of the test's own.
 from proxy.events import event_record, events_flush, events_state
 from proxy.tests.test_gateway import configure, fakes, two_deployments  # noqa: F401
+from proxy.tests.test_ws_rpc import send, ws_run
 from proxy.usage.budgets import budget_rules_forget, budget_set
 from proxy.usage.pricing import DEFAULT_PRICES
 from proxy.usage.ratelimits import ratelimits_forget
 from turbo_site.core.metrics import METHODS, ROUTE_GROUPS
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 TOKEN = "metrics-scraper-secret"
 SCRAPE = {"Authorization": f"Bearer {TOKEN}"}
@@ -169,6 +174,7 @@ def test_v1_calls_on_the_fast_path_and_through_django_move_every_counter(client,
     assert_no_private_labels(after, user=user, token=token, prompt="one two three")
 
 
+@pytest.mark.django_db(transaction=True)
 def test_an_open_v1_stream_is_counted_until_it_ends(client, signup, upstream, metrics_on, turbo_server):
     token, _, _ = signup()
     before = scrape(client)
@@ -190,6 +196,7 @@ def test_an_open_v1_stream_is_counted_until_it_ends(client, signup, upstream, me
 # --- chats: prompt, SSE and WebSocket subscribers -----------------------------------------------------------------
 
 
+@pytest.mark.django_db(transaction=True)
 def test_a_chat_prompt_with_sse_and_websocket_subscribers(client, signup, upstream, metrics_on, turbo_server):
     token, user, _ = signup()
     chat = client.post("/chat/create", data={"name": "measured"}, headers=bearer(token)).json()
@@ -250,27 +257,31 @@ def test_a_chat_prompt_with_sse_and_websocket_subscribers(client, signup, upstre
     assert_no_private_labels(after, user=user, token=token, prompt="counted words")
 
 
-def test_a_refused_websocket_handshake_and_the_ws_rpc_socket(client, signup, upstream, metrics_on, turbo_server):
+def test_a_refused_websocket_handshake_and_the_ws_rpc_socket(client, signup, upstream, metrics_on):
     token, user, _ = signup()
     outsider, _, _ = signup()
     chat = client.post("/chat/create", data={"name": "private"}, headers=bearer(token)).json()
     before = scrape(client)
-    with pytest.raises(InvalidStatus):
-        connect(f"ws://127.0.0.1:{turbo_server.port}/chat/stream?id={chat['id']}&token={outsider}", open_timeout=10)
 
-    with connect(f"ws://127.0.0.1:{turbo_server.port}/ws?token={token}", open_timeout=10) as ws:
-        assert moved(before, scrape(client), "turbo_streams_open", protocol="websocket", route="ws") == 1
-        ws.send(
-            json.dumps(
-                {
-                    "type": "chat_completion",
-                    "request_id": "r1",
-                    "payload": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "echo: over ws"}]},
-                }
-            )
-        )
-        answer = json.loads(ws.recv(timeout=15))
-        assert answer["type"] == "chat_completion" and answer["request_id"] == "r1"
+    async def knock() -> bool:
+        from turbo_site.asgi import application
+
+        socket = WebsocketCommunicator(application, f"/chat/stream?id={chat['id']}&token={outsider}")
+        connected, _ = await socket.connect(timeout=10)
+        await socket.disconnect()  # what the server tells the app once it has refused the handshake
+        return connected
+
+    assert async_to_sync(knock)() is False
+
+    async def over_ws(ws):
+        during = await sync_to_async(scrape)(client)
+        assert moved(before, during, "turbo_streams_open", protocol="websocket", route="ws") == 1
+        request = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "echo: over ws"}]}
+        await send(ws, "chat_completion", "r1", request)
+        return json.loads(await ws.receive_from(timeout=15))
+
+    answer = ws_run(token, over_ws)
+    assert answer["type"] == "chat_completion" and answer["request_id"] == "r1"
 
     after = scrape(client)
     assert moved(before, after, "turbo_http_requests_total", route="chat", method="WEBSOCKET", status="403") == 1
@@ -403,6 +414,7 @@ def assert_no_private_labels(found: Scrape, *, user: dict, token: str, prompt: s
 # --- several processes --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.django_db(transaction=True)
 def test_two_processes_sharing_a_directory_sum_their_counters(client, signup, start_server, tmp_path, upstream):  # noqa: F811
     shared = tmp_path / "metrics"
     env = {"METRICS_TOKEN": TOKEN, "METRICS_MULTIPROC_DIR": str(shared)}

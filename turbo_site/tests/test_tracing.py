@@ -1,5 +1,6 @@
-"""Traces: spans of the live server as an in-memory exporter sees them (the server runs in this process),
-and once as a real OTLP/HTTP receiver on loopback sees them from a server process of its own."""
+"""Traces: spans of Turbo as an in-memory exporter sees them (requests served in process, in the test's
+transaction, /ws through Channels' communicator; gRPC on the live server of this process), and once as
+a real OTLP/HTTP receiver on loopback sees them from a server process of its own."""
 
 import asyncio
 import gzip
@@ -16,15 +17,15 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-# The admin tests' logged-in browser, and the fault tests' server processes.
-from accounts.tests.test_admin import admin, browser  # noqa: F401
+# The admin tests' logged-in browser (over `browser`, below), and the fault tests' server processes.
+from accounts.tests.test_admin import admin  # noqa: F401
 from proxy import gateway
 from proxy.events import events_flush
 from proxy.models import Event
 from turbo_site.core import tracing
 from turbo_site.core.loops import loop_clients_close
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
@@ -73,6 +74,12 @@ class Spans:
 def install(capture: bool = False):
     exporter = InMemorySpanExporter()
     return exporter, tracing.tracing_install(SimpleSpanProcessor(exporter), capture=capture)
+
+
+@pytest.fixture
+def browser(new_client):
+    """A client that keeps cookies, like a browser: in process in this file's one-transaction tests."""
+    return new_client()
 
 
 @pytest.fixture
@@ -381,6 +388,7 @@ def receiver():
     started.stop()
 
 
+@pytest.mark.django_db(transaction=True)
 def test_a_server_with_an_otlp_endpoint_exports_its_spans_over_http(upstream, start_server, receiver):  # noqa: F811
     server = start_server(
         OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url,
@@ -419,20 +427,24 @@ def test_a_server_with_an_otlp_endpoint_exports_its_spans_over_http(upstream, st
     assert parent_id == attempt.span_id.hex()
 
 
-def test_a_ws_request_has_a_span_of_its_own_over_its_attempt(turbo_server, signup, upstream, spans):
-    from websockets.sync.client import connect
+def test_a_ws_request_has_a_span_of_its_own_over_its_attempt(signup, upstream, spans):
+    from proxy.tests.test_ws_rpc import send, ws_run
 
     token = signup()[0]
-    with connect(f"ws://127.0.0.1:{turbo_server.port}/ws?token={token}", open_timeout=10) as socket:
-        request = {"messages": [{"role": "user", "content": "echo: over the socket"}], "model": "gpt-4o-mini"}
-        socket.send(json.dumps({"type": "chat_completion", "request_id": "t1", "payload": request}))
-        assert json.loads(socket.recv(timeout=15))["type"] == "chat_completion"
+    request = {"messages": [{"role": "user", "content": "echo: over the socket"}], "model": "gpt-4o-mini"}
+
+    async def scenario(socket):
+        await send(socket, "chat_completion", "t1", request)
+        return json.loads(await socket.receive_from(timeout=15))
+
+    assert ws_run(token, scenario)["type"] == "chat_completion"
     (served,) = spans.wait("ws chat_completion")
     (attempt,) = spans.wait("chat gpt-4o-mini")
     assert served.kind == SpanKind.SERVER and served.attributes["rpc.method"] == "chat_completion"
     assert attempt.parent.span_id == served.context.span_id and hex_trace(attempt) == hex_trace(served)
 
 
+@pytest.mark.django_db(transaction=True)
 async def test_a_grpc_call_continues_the_client_traceparent(grpc_server, signup, upstream, spans):
     from protos.turbo.v1 import turbo_pb2, turbo_pb2_grpc
     from testing.grpc import bearer as grpc_bearer
