@@ -10,10 +10,11 @@ import asyncio
 import json
 
 import pytest
-from asgiref.sync import async_to_sync
 from channels.testing import WebsocketCommunicator
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
+
+from testing.inprocess import run_in_process
 
 pytestmark = pytest.mark.django_db
 
@@ -34,7 +35,7 @@ def ws_run(token: str, scenario):
         finally:
             await ws.disconnect()
 
-    return async_to_sync(run)()
+    return run_in_process(run)
 
 
 @pytest.fixture
