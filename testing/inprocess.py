@@ -18,6 +18,9 @@ and the app's calls that use a thread of their own (`thread_sensitive=False`: th
 checks) see only what is committed.
 """
 
+import threading
+from unittest import mock
+
 import httpx
 from asgiref.sync import async_to_sync
 from django.core.signals import request_finished, request_started
@@ -43,10 +46,21 @@ class InProcessTransport(httpx.BaseTransport):
             return response.status_code, response.headers, content
 
         # As Django's test client does: the handler's signals would otherwise close the test's connection.
+        # So would channels' database_sync_to_async (GraphQL's resolvers, the session lookup) around each
+        # call it runs on this thread: as channels' own test communicator does, not on this thread.
         request_started.disconnect(close_old_connections)
         request_finished.disconnect(close_old_connections)
+        ours = threading.get_ident()
+
+        def close_old_connections_but_ours(**kwargs):
+            if threading.get_ident() != ours:
+                close_old_connections(**kwargs)
+
         try:
-            with TestCase.captureOnCommitCallbacks(execute=True):
+            with (
+                mock.patch("channels.db.close_old_connections", close_old_connections_but_ours),
+                TestCase.captureOnCommitCallbacks(execute=True),
+            ):
                 status, headers, content = async_to_sync(exchange)()
         finally:
             request_started.connect(close_old_connections)
