@@ -40,7 +40,9 @@ class InProcessTransport(httpx.BaseTransport):
         body = request.read()
 
         async def exchange() -> tuple[int, httpx.Headers, bytes]:
-            inner = httpx.Request(request.method, request.url, headers=request.headers, content=body)
+            # The request's own headers, as they would cross a socket: `content=` would add a Content-Length
+            # to a chunked body (and so skip the app's reading of a body that declares no length).
+            inner = httpx.Request(request.method, request.url, headers=request.headers, stream=httpx.ByteStream(body))
             response = await self._asgi.handle_async_request(inner)
             content = await response.aread()
             return response.status_code, response.headers, content
