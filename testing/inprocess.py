@@ -8,6 +8,8 @@ the ORM answers on the test's own database connection: a test marked `django_db`
 `transaction=True` sees everything the request wrote, and the database is rolled back after it rather
 than flushed (a TRUNCATE of every table on Postgres).
 
+`run_in_process` runs any scenario the same way, such as a WebSocket through channels' communicator.
+
 What a committed transaction would set off (`transaction.on_commit`: cache invalidation, stream
 sends) runs when the request ends, as it would have after the view's commit.
 
@@ -19,6 +21,9 @@ checks) see only what is committed.
 """
 
 import threading
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
 from unittest import mock
 
 import httpx
@@ -28,6 +33,41 @@ from django.db import close_old_connections
 from django.test import TestCase
 
 ORIGIN = "http://127.0.0.1"
+
+T = TypeVar("T")
+
+
+@contextmanager
+def connection_kept() -> Iterator[None]:
+    """While app code runs for the test, nothing closes the test's own database connection (closing it
+    inside the test's transaction ends the transaction): not the request signals (as Django's test client
+    does), nor channels' database_sync_to_async and its consumers' aclose_old_connections, which close
+    old connections around each call (as channels' own test communicator does, but for as long as this
+    lasts: its communicator's wait() for a consumer to finish is not covered). Other threads' connections
+    are closed as usual."""
+    ours = threading.get_ident()
+
+    def close_old_connections_but_ours(**kwargs):
+        if threading.get_ident() != ours:
+            close_old_connections(**kwargs)
+
+    request_started.disconnect(close_old_connections)
+    request_finished.disconnect(close_old_connections)
+    try:
+        with mock.patch("channels.db.close_old_connections", close_old_connections_but_ours):
+            yield
+    finally:
+        request_started.connect(close_old_connections)
+        request_finished.connect(close_old_connections)
+
+
+def run_in_process(scenario: Callable[[], Awaitable[T]]) -> T:
+    """`await scenario()` on an event loop of asgiref's, as the in-process client's requests run: the app's
+    thread-sensitive calls on this thread's connection, inside the test's transaction, and what would
+    run on commit run at the end. For a scenario that drives the ASGI app itself, such as a WebSocket
+    through channels' WebsocketCommunicator(turbo_site.asgi.application, path)."""
+    with connection_kept(), TestCase.captureOnCommitCallbacks(execute=True):
+        return async_to_sync(scenario)()
 
 
 class InProcessTransport(httpx.BaseTransport):
@@ -47,26 +87,7 @@ class InProcessTransport(httpx.BaseTransport):
             content = await response.aread()
             return response.status_code, response.headers, content
 
-        # As Django's test client does: the handler's signals would otherwise close the test's connection.
-        # So would channels' database_sync_to_async (GraphQL's resolvers, the session lookup) around each
-        # call it runs on this thread: as channels' own test communicator does, not on this thread.
-        request_started.disconnect(close_old_connections)
-        request_finished.disconnect(close_old_connections)
-        ours = threading.get_ident()
-
-        def close_old_connections_but_ours(**kwargs):
-            if threading.get_ident() != ours:
-                close_old_connections(**kwargs)
-
-        try:
-            with (
-                mock.patch("channels.db.close_old_connections", close_old_connections_but_ours),
-                TestCase.captureOnCommitCallbacks(execute=True),
-            ):
-                status, headers, content = async_to_sync(exchange)()
-        finally:
-            request_started.connect(close_old_connections)
-            request_finished.connect(close_old_connections)
+        status, headers, content = run_in_process(exchange)
         # The body as the app sent it: httpx decodes a compressed one for the client as it would off a socket.
         return httpx.Response(status, headers=headers, stream=httpx.ByteStream(content), request=request)
 
