@@ -20,14 +20,17 @@ and the app's calls that use a thread of their own (`thread_sensitive=False`: th
 checks) see only what is committed.
 """
 
+import asyncio
 import threading
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from typing import TypeVar
 from unittest import mock
 
 import httpx
-from asgiref.sync import async_to_sync
+from asgiref.current_thread_executor import CurrentThreadExecutor
+from asgiref.sync import AsyncToSync, async_to_sync
 from django.core.signals import request_finished, request_started
 from django.db import close_old_connections
 from django.test import TestCase
@@ -61,13 +64,55 @@ def connection_kept() -> Iterator[None]:
         request_finished.connect(close_old_connections)
 
 
+class _InnermostExecutor(Executor):
+    """This thread's innermost running CurrentThreadExecutor, for the loop's tasks of no request.
+
+    asgiref sends the thread-sensitive calls of a task made in a fresh context (a chat's generation, which
+    outlives its request) to the executor of the async_to_sync that started the loop: the test's thread,
+    outermost. When a sync view on that thread calls async_to_sync itself (a program chat's opening turn,
+    generation.program_open), the thread serves only that inner call's executor until it returns, and the
+    task's calls, queued on the outer one, never run. Sent to the innermost one running, they run."""
+
+    def __init__(self, outermost: CurrentThreadExecutor, running: list[CurrentThreadExecutor]):
+        self.outermost = outermost
+        self.running = running
+
+    def submit(self, fn, /, *args, **kwargs):
+        return (self.running[-1] if self.running else self.outermost).submit(fn, *args, **kwargs)
+
+
+@contextmanager
+def _innermost_executor_tracked(running: list[CurrentThreadExecutor]) -> Iterator[None]:
+    ours = threading.get_ident()
+    run_until_future = CurrentThreadExecutor.run_until_future
+
+    def tracked(executor, future):
+        if threading.get_ident() != ours:
+            return run_until_future(executor, future)
+        running.append(executor)
+        try:
+            return run_until_future(executor, future)
+        finally:
+            running.remove(executor)
+
+    with mock.patch.object(CurrentThreadExecutor, "run_until_future", tracked):
+        yield
+
+
 def run_in_process(scenario: Callable[[], Awaitable[T]]) -> T:
     """`await scenario()` on an event loop of asgiref's, as the in-process client's requests run: the app's
     thread-sensitive calls on this thread's connection, inside the test's transaction, and what would
     run on commit run at the end. For a scenario that drives the ASGI app itself, such as a WebSocket
     through channels' WebsocketCommunicator(turbo_site.asgi.application, path)."""
-    with connection_kept(), TestCase.captureOnCommitCallbacks(execute=True):
-        return async_to_sync(scenario)()
+    running: list[CurrentThreadExecutor] = []
+
+    async def on_this_thread() -> T:
+        loop = asyncio.get_running_loop()
+        AsyncToSync.loop_thread_executors[loop] = _InnermostExecutor(AsyncToSync.loop_thread_executors[loop], running)
+        return await scenario()
+
+    with connection_kept(), _innermost_executor_tracked(running), TestCase.captureOnCommitCallbacks(execute=True):
+        return async_to_sync(on_this_thread)()
 
 
 class InProcessTransport(httpx.BaseTransport):
