@@ -89,10 +89,6 @@ def test_a_long_chat_on_a_server_whose_listing_says_no_window_keeps_answering(cl
     assert not health.is_cooling("default")
 
 
-# Transactional: creating a program chat runs its opening turn (generation.program_open, async_to_sync inside
-# the sync /chat/create view), whose generation task, in a fresh context, sends its ORM calls to the outer
-# in-process executor while the test's thread serves the inner one: in process, a deadlock.
-@pytest.mark.django_db(transaction=True)
 def test_a_program_of_long_exchanges_keeps_answering_within_the_window(client, signup, small_model, settings):
     settings.CHAT_PROGRAMS = ["looper=chats.tests.programs_for_tests:looper"]
     token, _, _ = signup()
