@@ -25,17 +25,23 @@ test thread's connection alone: while a request is served here, and (conftest) f
 that runs in one transaction, which may call the app's async code itself through `async_to_sync`.
 """
 
+import asyncio
+import logging
 import threading
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from typing import TypeVar
+from unittest import mock
 
 import channels.db
 import httpx
-from asgiref.sync import async_to_sync
+from asgiref.current_thread_executor import CurrentThreadExecutor
+from asgiref.sync import AsyncToSync, async_to_sync
 from django.core.signals import request_finished, request_started
-from django.db import close_old_connections
-from django.test import TestCase
+from django.db import close_old_connections, connection
+
+logger = logging.getLogger(__name__)
 
 ORIGIN = "http://127.0.0.1"
 
@@ -47,15 +53,79 @@ def run_in_process(scenario: Callable[[], Awaitable[T]]) -> T:
     thread-sensitive calls on this thread's connection, inside the test's transaction, and what would
     run on commit run at the end. For a scenario that drives the ASGI app itself, such as a WebSocket
     through Channels' WebsocketCommunicator(turbo_site.asgi.application, path)."""
+    running: list[CurrentThreadExecutor] = []
+
+    async def on_this_thread() -> T:
+        loop = asyncio.get_running_loop()
+        AsyncToSync.loop_thread_executors[loop] = _InnermostExecutor(AsyncToSync.loop_thread_executors[loop], running)
+        return await scenario()
+
     # As Django's test client does: the handler's signals would otherwise close the test's connection.
     request_started.disconnect(close_old_connections)
     request_finished.disconnect(close_old_connections)
     try:
-        with connection_kept(), TestCase.captureOnCommitCallbacks(execute=True):
-            return async_to_sync(scenario)()
+        with connection_kept(), _innermost_executor_tracked(running), _committed_at_the_end():
+            return async_to_sync(on_this_thread)()
     finally:
         request_started.connect(close_old_connections)
         request_finished.connect(close_old_connections)
+
+
+@contextmanager
+def _committed_at_the_end() -> Iterator[None]:
+    """Run what was registered with `transaction.on_commit` meanwhile (and what that registers) at the end,
+    as a commit would, once: what ran leaves the list, so a scenario around a request does not run the
+    request's again (Django's captureOnCommitCallbacks leaves them there)."""
+    start = len(connection.run_on_commit)
+    try:
+        yield
+    finally:
+        while len(connection.run_on_commit) > start:
+            pending = connection.run_on_commit[start:]
+            del connection.run_on_commit[start:]
+            for _, callback, robust in pending:
+                if not robust:
+                    callback()
+                    continue
+                try:
+                    callback()
+                except Exception:
+                    logger.exception("an on-commit callback failed")
+
+
+class _InnermostExecutor(Executor):
+    """This thread's innermost running CurrentThreadExecutor, for the loop's tasks of no request.
+
+    asgiref sends the thread-sensitive calls of a task made in a fresh context (a chat's generation, which
+    outlives its request) to the executor of the async_to_sync that started the loop: the test's thread,
+    outermost. When a sync view on that thread calls async_to_sync itself (a program chat's opening turn,
+    generation.program_open), the thread serves only that inner call's executor until it returns, and the
+    task's calls, queued on the outer one, never run. Sent to the innermost one running, they run."""
+
+    def __init__(self, outermost: CurrentThreadExecutor, running: list[CurrentThreadExecutor]):
+        self.outermost = outermost
+        self.running = running
+
+    def submit(self, fn, /, *args, **kwargs):
+        return (self.running[-1] if self.running else self.outermost).submit(fn, *args, **kwargs)
+
+
+@contextmanager
+def _innermost_executor_tracked(running: list[CurrentThreadExecutor]) -> Iterator[None]:
+    ours = threading.get_ident()
+    run_until_future = CurrentThreadExecutor.run_until_future
+
+    def tracked(executor, future):
+        if threading.get_ident() != ours:
+            return run_until_future(executor, future)
+        running.append(executor)
+        try:
+            return run_until_future(executor, future)
+        finally:
+            running.remove(executor)
+
+    with mock.patch.object(CurrentThreadExecutor, "run_until_future", tracked):
+        yield
 
 
 class InProcessTransport(httpx.BaseTransport):

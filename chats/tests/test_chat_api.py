@@ -1,12 +1,13 @@
 """The /chat/* endpoints over real HTTP against a real fake upstream: CRUD, access, prompting, context."""
 
 import json
+from functools import partial
 
 import pytest
 
 from chats.models import Chat, ChatMember, Message
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 
 def bearer(token: str) -> dict:
@@ -344,12 +345,11 @@ def test_query_counts_do_not_grow_with_history(client, alice, upstream):
             action()
         return len(captured.captured_queries)
 
-    # Queries run in the server's thread; count them there through the test's own connection by
-    # driving the same selectors and services the views use.
-    from asgiref.sync import async_to_sync
-
+    # Count them on the test's own connection by driving the same selectors and services the views use
+    # (run_in_process: as an in-process request runs them, the connection kept through the transaction).
     from accounts.models import User
     from chats import generation, selectors
+    from testing.inprocess import run_in_process
 
     user = User.objects.get(pk=chat["owner_id"])
     chat_row = Chat.objects.get(pk=chat["id"])
@@ -359,9 +359,8 @@ def test_query_counts_do_not_grow_with_history(client, alice, upstream):
         selectors.chat_users(chat=chat_row)
 
     def send():
-        async_to_sync(generation.message_prompt)(
-            chat=chat_row, user=user, prompt="echo: x", context_size=10, stream=False, otr=False
-        )
+        fields = {"prompt": "echo: x", "context_size": 10, "stream": False, "otr": False}
+        run_in_process(partial(generation.message_prompt, chat=chat_row, user=user, **fields))
 
     for _ in range(3):
         send()

@@ -10,6 +10,9 @@ from accounts.models import User
 from chats.models import Chat
 from chats.services import chat_create
 
+# Transactional: the creators are threads with connections of their own, as server threads are; they must
+# see the committed owner and race each other on the database, which the test's own transaction would hide
+# (and, on SQLite, hold the write lock they wait for).
 pytestmark = pytest.mark.django_db(transaction=True)
 
 CREATORS = 40

@@ -8,7 +8,7 @@ from websockets.sync.client import connect
 
 from chats.models import Message
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 LOOKUP_STOCK = {
     "type": "function",
@@ -78,6 +78,9 @@ def test_a_client_function_call_ends_the_turn_and_its_result_resumes_it(client, 
     assert read["messages"][0]["status"] == "complete"
 
 
+# Transactional: the reply is generated after the streamed prompt's response, and read as it comes from the
+# live server's WebSocket.
+@pytest.mark.django_db(transaction=True)
 def test_members_see_the_turn_end_with_the_call_on_the_stream(client, turbo_server, chat, upstream):
     token, chat = chat
     with connect(f"ws://127.0.0.1:{turbo_server.port}/chat/stream?id={chat['id']}&token={token}") as ws:

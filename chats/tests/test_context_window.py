@@ -9,7 +9,7 @@ from chats.tests.test_conversations import sse_events
 from proxy.gateway import health
 from proxy.usage.tokens import count_messages
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 WINDOW = 800
 

@@ -7,7 +7,7 @@ import pytest
 
 from chats.models import Chat
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 
 def bearer(token: str) -> dict:

@@ -1,26 +1,27 @@
 """Database queries of POST /chat/prompt and /chat/read do not grow with a chat's history.
 
-The requests run in-process through Django's test client: the views, their `database_sync_to_async`
-calls (thread-sensitive, so they run on this thread) and the middleware all use this thread's
-connection, which CaptureQueriesContext watches. The prompt goes to the fake upstream over a real
-socket. Queries made off the request path (the event log's writer thread) are not counted.
+The requests run through the whole ASGI app in process (the `new_client` fixture, testing/inprocess.py):
+the views, their `database_sync_to_async` calls (thread-sensitive, so they run on this thread) and the
+middleware all use this thread's connection, inside the test's transaction, which CaptureQueriesContext
+watches. The prompt goes to the fake upstream over a real socket. Queries made off the request path (the
+event log's writer thread) are not counted.
 
 Not timed: these tests count queries and read their SQL, never the clock.
 """
 
 import re
 
+import httpx
 import pytest
 from django.core.cache import cache
 from django.db import connection
-from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
 from chats.context import CONTEXT_CACHE_PREFIX
 from chats.models import Chat, Message
 from conftest import unique_name
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 SMALL, LARGE = 5, 300
 # A SELECT reading the messages table (also as a subquery).
@@ -29,25 +30,26 @@ LIMIT = re.compile(r"\bLIMIT\s+(\d+)", re.IGNORECASE)
 
 
 @pytest.fixture
-def http(settings) -> Client:
-    """Django's test client carrying a fresh user's token; its session lookup stays cached all test long."""
+def http(new_client, settings) -> httpx.Client:
+    """A client carrying a fresh user's token; its session lookup stays cached all test long."""
     settings.SESSION_CACHE_SECONDS = 3600
-    response = Client().post("/user/signup", {"username": unique_name("queries"), "password": "correct-horse"})
-    assert response.status_code == 200, response.content
-    return Client(headers={"Authorization": f"Bearer {response.json()['token']}"})
+    signup = {"username": unique_name("queries"), "password": "correct-horse"}
+    response = new_client().post("/user/signup", data=signup)
+    assert response.status_code == 200, response.text
+    return new_client(headers={"Authorization": f"Bearer {response.json()['token']}"})
 
 
-def chat_with_history(http: Client, size: int) -> Chat:
+def chat_with_history(http: httpx.Client, size: int) -> Chat:
     """A new chat of the client's user holding `size` complete exchanges, bulk-inserted."""
-    response = http.post("/chat/create", {"name": f"history-{size}", "model": "gpt-4o-mini"})
-    assert response.status_code == 200, response.content
+    response = http.post("/chat/create", data={"name": f"history-{size}", "model": "gpt-4o-mini"})
+    assert response.status_code == 200, response.text
     chat = Chat.objects.get(pk=response.json()["id"])
     Message.objects.bulk_create(
         [Message(chat=chat, author_id=chat.owner_id, prompt=f"p{n}", reply=f"r{n}") for n in range(size)],
         batch_size=500,
     )
     # One request before measuring, so that the token's session is cached as in steady use.
-    assert http.get("/chat/read", {"id": str(chat.pk), "limit": "1"}).status_code == 200
+    assert http.get("/chat/read", params={"id": str(chat.pk), "limit": "1"}).status_code == 200
     return chat
 
 
@@ -72,13 +74,13 @@ def unbounded(queries: list[str], most: int) -> list[str]:
     return found
 
 
-def prompt_queries(http: Client, chat: Chat) -> dict[str, list[str]]:
+def prompt_queries(http: httpx.Client, chat: Chat) -> dict[str, list[str]]:
     """The queries of a cold prompt (the context is rebuilt from the database), then of a warm one."""
     key = f"{CONTEXT_CACHE_PREFIX}{chat.pk}"
 
     def send():
-        response = http.post("/chat/prompt", {"id": str(chat.pk), "prompt": "echo: hello", "context": "20"})
-        assert response.status_code == 200, response.content
+        response = http.post("/chat/prompt", data={"id": str(chat.pk), "prompt": "echo: hello", "context": "20"})
+        assert response.status_code == 200, response.text
         assert response.json()["message"]["reply"] == "hello"
 
     cache.delete(key)
@@ -88,14 +90,14 @@ def prompt_queries(http: Client, chat: Chat) -> dict[str, list[str]]:
     return {"cold": cold, "warm": warm}
 
 
-def read_queries(http: Client, chat: Chat) -> dict[str, list[str]]:
+def read_queries(http: httpx.Client, chat: Chat) -> dict[str, list[str]]:
     """The queries of /chat/read: the newest page (default limit), and a page before a message."""
     anchor = Message.objects.filter(chat=chat).order_by("created_at", "id").values_list("pk", flat=True)[2]
 
     def read(**extra):
         def run():
-            response = http.get("/chat/read", {"id": str(chat.pk), **extra})
-            assert response.status_code == 200, response.content
+            response = http.get("/chat/read", params={"id": str(chat.pk), **extra})
+            assert response.status_code == 200, response.text
 
         return run
 

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import SERVER_KEY
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 ECHO = "[scenario:error_401_echo] hi"
 
