@@ -6,11 +6,14 @@ outcome (status, and Turbo's code where the transport carries one: an HTTP body 
 `extensions.code`; a socket's close code 4401/4403; a gRPC status). The fronts are driven in process:
 Django's async client (DRF, the async chat views, SSE, /v1 through Django, GraphQL over HTTP),
 `httpx.ASGITransport` (the /v1 fast path), Channels' communicators (/ws, /chat/stream, GraphQL's
-socket), and the gRPC servicers with the call's metadata (their statuses from turbo_site.core.grpc).
+socket), and the gRPC servicers with the call's metadata (their statuses from turbo_site.core.grpc). Each
+call runs through run_in_process (testing/inprocess.py): the app's database calls on the test's own
+connection, inside its one transaction, rolled back after the test.
 """
 
 import base64
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -40,11 +43,11 @@ from testing.fronts import (
     session_tokens_of,
     socket_parts,
 )
+from testing.inprocess import run_in_process
 from turbo_site.core.grpc import grpc_status
 from turbo_site.graphql_server import websocket_urlpatterns as graphql_websockets
 
-# Async views and consumers reach the database from other threads: they must see committed rows.
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 FOREIGN = "https://evil.example"
 GRPC_STATUSES = {grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.PERMISSION_DENIED: 403}
@@ -71,6 +74,15 @@ def tokens(db) -> Tokens:
 class Outcome:
     status: int  # an HTTP status; 101 for an accepted socket; 200 for a GraphQL answer without errors
     code: str | None  # Turbo's code, where the front carries one
+
+
+def awaited(call: Callable[..., Awaitable], *args):
+    """`await call(*args)` in process, as the test's requests run (testing/inprocess.py)."""
+
+    async def scenario():
+        return await call(*args)
+
+    return run_in_process(scenario)
 
 
 # --- the adapters: one function per front, sending `Sent` its way and reading the outcome --------------
@@ -235,7 +247,7 @@ def is_unauthorized(outcome: Outcome, front) -> bool:
 
 @pytest.mark.parametrize("front", EVERY_FRONT, ids=lambda f: f.__name__)
 @pytest.mark.parametrize("which", ["none", "garbage", "revoked", "expired"])
-async def test_no_live_credential_is_401_unauthorized_on_every_front(front, which, tokens):
+def test_no_live_credential_is_401_unauthorized_on_every_front(front, which, tokens):
     token = {"none": None, "garbage": "not-a-token", "revoked": tokens.revoked, "expired": tokens.expired}[which]
     if which == "none" and front is proxy_fast:
         # Without an Authorization header the fast path does not take the request: Django's /v1 view
@@ -243,59 +255,59 @@ async def test_no_live_credential_is_401_unauthorized_on_every_front(front, whic
         scope = {"type": "http", "path": "/v1/chat/completions", "method": "POST", "headers": []}
         assert not fast_path_takes(scope)
         return
-    outcome = await front(Sent(token))
+    outcome = awaited(front, Sent(token))
     assert is_unauthorized(outcome, front), outcome
 
 
 @pytest.mark.parametrize("front", EVERY_FRONT, ids=lambda f: f.__name__)
-async def test_a_live_session_token_passes_every_front(front, tokens, upstream):
-    outcome = await front(Sent(tokens.live))
+def test_a_live_session_token_passes_every_front(front, tokens, upstream):
+    outcome = awaited(front, Sent(tokens.live))
     assert outcome.status not in (401, 403), outcome
 
 
 @pytest.mark.parametrize("front", SESSION_ONLY, ids=lambda f: f.__name__)
-async def test_an_api_key_is_403_key_not_allowed_here_where_keys_are_not_allowed(front, tokens):
-    outcome = await front(Sent(tokens.key))
+def test_an_api_key_is_403_key_not_allowed_here_where_keys_are_not_allowed(front, tokens):
+    outcome = awaited(front, Sent(tokens.key))
     assert refused(outcome, 403, "key_not_allowed_here"), outcome
 
 
 @pytest.mark.parametrize("front", KEYS_WELCOME, ids=lambda f: f.__name__)
-async def test_an_api_key_passes_the_model_fronts(front, tokens, upstream):
-    outcome = await front(Sent(tokens.key))
+def test_an_api_key_passes_the_model_fronts(front, tokens, upstream):
+    outcome = awaited(front, Sent(tokens.key))
     assert outcome.status not in (401, 403), outcome
 
 
 @pytest.mark.parametrize("front", COOKIE_POSTS, ids=lambda f: f.__name__)
-async def test_a_cross_site_post_may_not_use_the_cookie(front, tokens, upstream):
-    outcome = await front(Sent(tokens.live, "cookie", FOREIGN))
+def test_a_cross_site_post_may_not_use_the_cookie(front, tokens, upstream):
+    outcome = awaited(front, Sent(tokens.live, "cookie", FOREIGN))
     assert refused(outcome, 403, "forbidden"), outcome
-    same_site = await front(Sent(tokens.live, "cookie", OURS))
+    same_site = awaited(front, Sent(tokens.live, "cookie", OURS))
     assert same_site.status not in (401, 403), same_site
 
 
-async def test_a_cross_site_post_changed_nothing(tokens):
+def test_a_cross_site_post_changed_nothing(tokens):
     from accounts.models import User
 
-    await rest_update(Sent(tokens.live, "cookie", FOREIGN))
-    assert not await User.objects.filter(first_name="Mallory").aexists()
+    awaited(rest_update, Sent(tokens.live, "cookie", FOREIGN))
+    assert not User.objects.filter(first_name="Mallory").exists()
 
 
 @pytest.mark.parametrize("front", SOCKETS, ids=lambda f: f.__name__)
 @pytest.mark.parametrize("way", ["header", "cookie", "parameter"])
-async def test_a_cross_site_socket_is_refused_whatever_it_carries(front, way, tokens):
-    outcome = await front(Sent(tokens.live, way, FOREIGN))
+def test_a_cross_site_socket_is_refused_whatever_it_carries(front, way, tokens):
+    outcome = awaited(front, Sent(tokens.live, way, FOREIGN))
     assert outcome.status == 403, outcome
 
 
 @pytest.mark.parametrize("front", NO_PARAMETER, ids=lambda f: f.__name__)
-async def test_a_token_parameter_does_not_count_where_it_is_not_allowed(front, tokens):
-    outcome = await front(Sent(tokens.live, "parameter"))
+def test_a_token_parameter_does_not_count_where_it_is_not_allowed(front, tokens):
+    outcome = awaited(front, Sent(tokens.live, "parameter"))
     assert is_unauthorized(outcome, front), outcome
 
 
 @pytest.mark.parametrize("front", PARAMETER_WELCOME, ids=lambda f: f.__name__)
-async def test_a_token_parameter_counts_where_it_is_allowed(front, tokens):
-    outcome = await front(Sent(tokens.live, "parameter"))
+def test_a_token_parameter_counts_where_it_is_allowed(front, tokens):
+    outcome = awaited(front, Sent(tokens.live, "parameter"))
     assert outcome.status not in (401, 403), outcome
 
 
@@ -321,7 +333,7 @@ def test_every_row_refuses_what_no_front_may_take(front, tokens):
 
 
 @pytest.mark.parametrize("front", sorted(FRONTS))
-async def test_every_row_reads_only_its_kinds_in_its_order(front, tokens):
+def test_every_row_reads_only_its_kinds_in_its_order(front, tokens):
     kinds = FRONTS[front].kinds
     basic = base64.b64encode(f"anyone:{tokens.live}".encode()).decode()
     one_each = {
@@ -331,10 +343,10 @@ async def test_every_row_reads_only_its_kinds_in_its_order(front, tokens):
     }
     for kind, credentials in one_each.items():
         if kind in kinds:
-            assert (await aauthenticate(front, credentials)).kind == "token"
+            assert awaited(aauthenticate, front, credentials).kind == "token"
         else:
             with pytest.raises(AuthRefused) as refusal:
-                await aauthenticate(front, credentials)
+                awaited(aauthenticate, front, credentials)
             assert refusal.value.status_code == 401
     # Where two kinds are sent, the earlier one in the row decides (here: a dead token first).
     if len(kinds) > 1:
@@ -344,5 +356,5 @@ async def test_every_row_reads_only_its_kinds_in_its_order(front, tokens):
         values[second] = f"Bearer {tokens.live}" if second == "header" else tokens.live
         credentials = Credentials(safe_method=True, **{fields[kind]: value for kind, value in values.items()})
         with pytest.raises(AuthRefused) as refusal:
-            await aauthenticate(front, credentials)
+            awaited(aauthenticate, front, credentials)
         assert refusal.value.status_code == 401

@@ -1,23 +1,48 @@
 """The gRPC Chats service with a real grpc.aio client: prompts, a chat's live stream (resumed with
-`after`, ended when access or the session ends), refusals with their statuses, structured output."""
+`after`, ended when access or the session ends), refusals with their statuses, structured output.
+
+Each test runs in one transaction, rolled back after it: Turbo's gRPC server (turbo_site/grpc.py, its
+interceptors and all) is started for the test on the event loop of run_in_process (testing/inprocess.py),
+beside its grpc.aio client, so the servicers' database calls run on the test's own connection; the HTTP
+calls made meanwhile (a member removed, a logout) go to the in-process client through sync_to_async,
+on the same thread."""
 
 import asyncio
 import json
 import uuid
+from collections.abc import Awaitable, Callable
 
 import grpc
 import pytest
+from asgiref.sync import sync_to_async
 
 from protos.turbo.v1 import turbo_pb2, turbo_pb2_grpc
 from testing.grpc import bearer
+from testing.inprocess import run_in_process
+from turbo_site.grpc import server_start
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
 
 
 def rest(token: str) -> dict:
     return {"Authorization": f"Bearer {token}"}
+
+
+def over_grpc(scenario: Callable[[turbo_pb2_grpc.ChatsStub], Awaitable]):
+    """`scenario(chats)` with a Chats stub of a grpc.aio channel to Turbo's gRPC server, both on the loop of
+    run_in_process: the server is started for it on a free loopback port, and stopped after it."""
+
+    async def serving():
+        running = await server_start("127.0.0.1:0")
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+                return await scenario(turbo_pb2_grpc.ChatsStub(channel))
+        finally:
+            await running.server.stop(None)
+
+    return run_in_process(serving)
 
 
 @pytest.fixture
@@ -45,24 +70,25 @@ async def until_final(call) -> list[turbo_pb2.ChatEvent]:
                 return events
 
 
-async def test_prompt_waits_for_the_reply(grpc_server, chat_of_two, upstream):
+def test_prompt_waits_for_the_reply(chat_of_two, upstream):
     chat, owner, _, _ = chat_of_two
-    async with grpc_server.channel() as channel:
-        chats = turbo_pb2_grpc.ChatsStub(channel)
-        answer = await chats.Prompt(
+
+    async def scenario(chats):
+        return await chats.Prompt(
             turbo_pb2.PromptRequest(chat_id=chat["id"], prompt="echo: hello chat"), metadata=bearer(owner)
         )
-    message = answer.message
+
+    message = over_grpc(scenario).message
     assert (message.prompt, message.reply, message.status) == ("echo: hello chat", "hello chat", "complete")
     assert message.chat_id == chat["id"]
     assert message.completion_tokens == 2
     assert json.loads(message.tool_calls_json) == []
 
 
-async def test_events_stream_a_reply_to_every_member_and_resume_after_a_seq(grpc_server, client, chat_of_two, upstream):
+def test_events_stream_a_reply_to_every_member_and_resume_after_a_seq(client, chat_of_two, upstream):
     chat, owner, member, _ = chat_of_two
-    async with grpc_server.channel() as channel:
-        chats = turbo_pb2_grpc.ChatsStub(channel)
+
+    async def scenario(chats):
         watching = [
             chats.Events(turbo_pb2.EventsRequest(chat_id=chat["id"]), metadata=bearer(token))
             for token in (owner, member)
@@ -96,14 +122,16 @@ async def test_events_stream_a_reply_to_every_member_and_resume_after_a_seq(grpc
         resumed.cancel()
         assert [e.seq for e in replayed] == [e.seq for e in received[0][1:]]
 
+    over_grpc(scenario)
 
-async def test_a_removed_member_stream_ends_with_permission_denied(grpc_server, client, chat_of_two):
+
+def test_a_removed_member_stream_ends_with_permission_denied(client, chat_of_two):
     chat, owner, member, member_user = chat_of_two
-    async with grpc_server.channel() as channel:
-        chats = turbo_pb2_grpc.ChatsStub(channel)
+
+    async def scenario(chats):
         call = chats.Events(turbo_pb2.EventsRequest(chat_id=chat["id"]), metadata=bearer(member))
         await call.initial_metadata()
-        removed = client.post(
+        removed = await sync_to_async(client.post)(
             "/chat/user/remove", data={"chat_id": chat["id"], "user_id": member_user["id"]}, headers=rest(owner)
         )
         assert removed.status_code == 200
@@ -111,50 +139,58 @@ async def test_a_removed_member_stream_ends_with_permission_denied(grpc_server, 
         with pytest.raises(grpc.aio.AioRpcError) as ended:
             async for event in call:
                 events.append(event)
+        return ended, events
+
+    ended, events = over_grpc(scenario)
     assert ended.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "no longer have access" in ended.value.details()
     assert [event.type for event in events] == ["member.removed", "stream.closed"]
     assert events[-1].seq == 0  # a notice: not numbered
 
 
-async def test_a_revoked_session_ends_its_stream_with_unauthenticated(grpc_server, client, chat_of_two):
+def test_a_revoked_session_ends_its_stream_with_unauthenticated(client, chat_of_two):
     chat, _, member, _ = chat_of_two
-    async with grpc_server.channel() as channel:
-        chats = turbo_pb2_grpc.ChatsStub(channel)
+
+    async def scenario(chats):
         call = chats.Events(turbo_pb2.EventsRequest(chat_id=chat["id"]), metadata=bearer(member))
         await call.initial_metadata()
-        assert client.post("/user/logout", headers=rest(member)).status_code == 200
+        assert (await sync_to_async(client.post)("/user/logout", headers=rest(member))).status_code == 200
         with pytest.raises(grpc.aio.AioRpcError) as ended:
             async for event in call:
                 assert event.type == "stream.closed"
+        return ended
+
+    ended = over_grpc(scenario)
     assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-async def test_a_deleted_chat_ends_its_stream_with_not_found(grpc_server, client, chat_of_two):
+def test_a_deleted_chat_ends_its_stream_with_not_found(client, chat_of_two):
     chat, owner, member, _ = chat_of_two
-    async with grpc_server.channel() as channel:
-        chats = turbo_pb2_grpc.ChatsStub(channel)
+
+    async def scenario(chats):
         call = chats.Events(turbo_pb2.EventsRequest(chat_id=chat["id"]), metadata=bearer(member))
         await call.initial_metadata()
-        assert client.post("/chat/delete", data={"id": chat["id"]}, headers=rest(owner)).status_code == 200
+        deleted = await sync_to_async(client.post)("/chat/delete", data={"id": chat["id"]}, headers=rest(owner))
+        assert deleted.status_code == 200
         types = []
         with pytest.raises(grpc.aio.AioRpcError) as ended:
             async for event in call:
                 types.append(event.type)
+        return ended, types
+
+    ended, types = over_grpc(scenario)
     assert ended.value.code() == grpc.StatusCode.NOT_FOUND
     assert types == ["chat.deleted", "stream.closed"]
 
 
-async def test_refusals_and_their_statuses(grpc_server, client, signup, chat_of_two, upstream):
+def test_refusals_and_their_statuses(client, signup, chat_of_two, upstream):
     chat, owner, _, _ = chat_of_two
     outsider = signup()[0]
     key = client.post("/user/keys/create", data={"name": "k"}, headers=rest(owner)).json()["key"]
     prompt = turbo_pb2.PromptRequest(chat_id=chat["id"], prompt="echo: hi")
     events = turbo_pb2.EventsRequest(chat_id=chat["id"])
 
-    async with grpc_server.channel() as channel:
-        chats = turbo_pb2_grpc.ChatsStub(channel)
-
+    async def scenario(chats):
         async def refusal(method, request, metadata):
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 if method is chats.Events:
@@ -192,30 +228,34 @@ async def test_refusals_and_their_statuses(grpc_server, client, signup, chat_of_
         )
         assert code == grpc.StatusCode.UNAVAILABLE
         assert "upstream error 500" in details
+
+    over_grpc(scenario)
     messages = client.get("/chat/read", params={"id": chat["id"]}, headers=rest(owner)).json()["messages"]
     assert [(m["prompt"], m["status"]) for m in messages] == [("[scenario:error_500] hi", "error")]
 
 
-async def test_a_structured_prompt(grpc_server, chat_of_two, upstream):
+def test_a_structured_prompt(chat_of_two, upstream):
     chat, owner, _, _ = chat_of_two
-    async with grpc_server.channel() as channel:
-        chats = turbo_pb2_grpc.ChatsStub(channel)
-        answer = await chats.Prompt(
+
+    async def scenario(chats):
+        return await chats.Prompt(
             turbo_pb2.PromptRequest(
                 chat_id=chat["id"], prompt='echo: {"answer": 3}', response_format_json_schema=json.dumps(SCHEMA)
             ),
             metadata=bearer(owner),
         )
+
+    answer = over_grpc(scenario)
     assert answer.message.status == "complete"
     assert json.loads(answer.message.data_json) == {"answer": 3}
     sent = [request.json() for request in upstream.requests if request.path == "/v1/chat/completions"][-1]
     assert sent["response_format"]["json_schema"]["schema"] == SCHEMA
 
 
-async def test_a_prompt_whose_reply_is_stopped_is_aborted(grpc_server, client, chat_of_two, upstream):
+def test_a_prompt_whose_reply_is_stopped_is_aborted(client, chat_of_two, upstream):
     chat, owner, _, _ = chat_of_two
-    async with grpc_server.channel() as channel:
-        chats = turbo_pb2_grpc.ChatsStub(channel)
+
+    async def scenario(chats):
         prompt = asyncio.ensure_future(
             chats.Prompt(
                 turbo_pb2.PromptRequest(chat_id=chat["id"], prompt="[scenario:gated] echo: never finished"),
@@ -228,9 +268,12 @@ async def test_a_prompt_whose_reply_is_stopped_is_aborted(grpc_server, client, c
                 break
             assert not prompt.done(), prompt
             await asyncio.sleep(0.02)
-        stopped = await asyncio.to_thread(client.post, "/chat/stop", data={"id": chat["id"]}, headers=rest(owner))
+        stopped = await sync_to_async(client.post)("/chat/stop", data={"id": chat["id"]}, headers=rest(owner))
         assert stopped.json() == {"stopped": 1}, stopped.text
         with pytest.raises(grpc.aio.AioRpcError) as ended:
             await prompt
+        return ended
+
+    ended = over_grpc(scenario)
     assert ended.value.code() == grpc.StatusCode.ABORTED
     assert ended.value.details() == "the reply was stopped"

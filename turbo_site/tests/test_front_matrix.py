@@ -35,10 +35,12 @@ from proxy.usage.caller import Caller
 from proxy.usage.ratelimits import ratelimit_admit
 from testing import fronts
 from testing.fronts import Ask, Front, Seen, session_tokens_of
+from testing.inprocess import run_in_process
 from turbo_site.core.errors import CODES, grpc_name_of
 
-# Async views and consumers reach the database from other threads: they must see committed rows.
-pytestmark = pytest.mark.django_db(transaction=True)
+# One transaction per test: each row's fronts run through run_in_process (testing/inprocess.py), so the async
+# views' and consumers' database calls run on the test's own connection, and the world is rolled back after.
+pytestmark = pytest.mark.django_db
 
 LIMIT_BYTES = 64 * 1024  # bodies, frames: small limits, so that an oversize request is quick to send
 SCHEMA = {
@@ -347,8 +349,11 @@ def _table(cells: dict[str, tuple[Seen, Seen]]) -> str:
 
 # One test per row (one world, so the suite stays quick); a known disagreement is a cell of its own below.
 @pytest.mark.parametrize("row", ROWS, ids=lambda row: row.name)
-async def test_a_rule_has_one_outcome_on_every_front(row: Row, world, settings, upstream):
-    cells = await _row_run(row, row.fronts, world, settings, upstream)
+def test_a_rule_has_one_outcome_on_every_front(row: Row, world, settings, upstream):
+    async def scenario():
+        return await _row_run(row, row.fronts, world, settings, upstream)
+
+    cells = run_in_process(scenario)
     assert all(seen == want for seen, want in cells.values()), f"{row.name}:\n{_table(cells)}"
     if not row.upstream_asked:  # a refusal is decided before the upstream hears of the call
         calls = [request.path for request in upstream.requests if request.method == "POST"]

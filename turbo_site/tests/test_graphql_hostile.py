@@ -8,7 +8,6 @@ import logging
 
 import httpx
 import pytest
-from asgiref.sync import sync_to_async
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 from graphql import get_introspection_query
@@ -16,6 +15,7 @@ from graphql import get_introspection_query
 from accounts.keys import api_key_create
 from accounts.services import session_create, user_create
 from conftest import unique_name
+from testing.inprocess import run_in_process
 from turbo_site.asgi import application
 from turbo_site.graphql_server import websocket_urlpatterns
 
@@ -54,14 +54,11 @@ def codes(body: dict) -> list[str]:
     return [error["extensions"]["code"] for error in body.get("errors") or []]
 
 
-def _user_token(*, key: bool = False) -> str:
+def user_token(*, key: bool = False) -> str:
     user = user_create(username=unique_name("hostile"), password="correct-horse-battery")
     if key:
         return api_key_create(user=user, name="program")[1]
     return session_create(user=user)[1]
-
-
-user_token = sync_to_async(_user_token)
 
 
 # --- HTTP: deep JSON -------------------------------------------------------------------------------
@@ -192,50 +189,62 @@ async def test_suggestions_only_with_debug(settings):
 # --- model calls --------------------------------------------------------------------------------------
 
 
-@pytest.mark.django_db(transaction=True)
-async def test_aliased_model_calls_are_refused_before_any_upstream_call(upstream, settings):
-    key = await user_token(key=True)
-    many = "mutation {" + " ".join(COMPLETE.format(n=n) for n in range(200)) + "}"
-    settings.GRAPHQL_MAX_FIELDS = 1000  # the model-call limit alone refuses it
-    settings.GRAPHQL_MAX_TOKENS = 10_000
-    body = await graphql(many, token=key)
-    assert body["data"] is None and codes(body) == ["query_too_costly"]
-    assert "200 times" in body["errors"][0]["message"] and "GRAPHQL_MAX_MODEL_CALLS" in body["errors"][0]["message"]
-    two = "mutation {" + " ".join(COMPLETE.format(n=n) for n in range(2)) + "}"
-    assert codes(await graphql(two, token=key)) == ["query_too_costly"]
-    # fragments are counted where they are spread
-    spread = "mutation { ...M ...M2 } fragment M on Mutation { " + COMPLETE.format(n=1)
-    spread += " } fragment M2 on Mutation { " + COMPLETE.format(n=2) + " }"
-    assert codes(await graphql(spread, token=key)) == ["query_too_costly"]
-    assert upstream.requests == []
+@pytest.mark.django_db
+def test_aliased_model_calls_are_refused_before_any_upstream_call(upstream, settings):
+    key = user_token(key=True)
 
-    # one is allowed, and answered
-    body = await graphql("mutation {" + COMPLETE.format(n=0) + "}", token=key)
-    assert body["data"] == {"a0": {"text": "hi"}}, body
-    assert len(upstream.requests) == 1
-    settings.GRAPHQL_MAX_MODEL_CALLS = 2
-    assert not codes(await graphql(two, token=key))
-    assert len(upstream.requests) == 3
+    async def scenario():
+        many = "mutation {" + " ".join(COMPLETE.format(n=n) for n in range(200)) + "}"
+        settings.GRAPHQL_MAX_FIELDS = 1000  # the model-call limit alone refuses it
+        settings.GRAPHQL_MAX_TOKENS = 10_000
+        body = await graphql(many, token=key)
+        assert body["data"] is None and codes(body) == ["query_too_costly"]
+        assert "200 times" in body["errors"][0]["message"] and "GRAPHQL_MAX_MODEL_CALLS" in body["errors"][0]["message"]
+        two = "mutation {" + " ".join(COMPLETE.format(n=n) for n in range(2)) + "}"
+        assert codes(await graphql(two, token=key)) == ["query_too_costly"]
+        # fragments are counted where they are spread
+        spread = "mutation { ...M ...M2 } fragment M on Mutation { " + COMPLETE.format(n=1)
+        spread += " } fragment M2 on Mutation { " + COMPLETE.format(n=2) + " }"
+        assert codes(await graphql(spread, token=key)) == ["query_too_costly"]
+        assert upstream.requests == []
 
+        # one is allowed, and answered
+        body = await graphql("mutation {" + COMPLETE.format(n=0) + "}", token=key)
+        assert body["data"] == {"a0": {"text": "hi"}}, body
+        assert len(upstream.requests) == 1
+        settings.GRAPHQL_MAX_MODEL_CALLS = 2
+        assert not codes(await graphql(two, token=key))
+        assert len(upstream.requests) == 3
 
-@pytest.mark.django_db(transaction=True)
-async def test_prompts_count_as_model_calls(upstream):
-    token = await user_token()
-    prompts = (
-        'mutation($c: ID!) { a: prompt(chatId: $c, prompt: "x") { id } b: prompt(chatId: $c, prompt: "y") { id } }'
-    )
-    body = await graphql(prompts, token=token, variables={"c": "00000000-0000-0000-0000-000000000000"})
-    assert codes(body) == ["query_too_costly"]
-    assert upstream.requests == []
+    run_in_process(scenario)
 
 
-@pytest.mark.django_db(transaction=True)
-async def test_aliased_models_ask_the_upstream_once(upstream):
-    key = await user_token(key=True)
-    body = await graphql("{" + " ".join(f"m{n}: models {{ id }}" for n in range(20)) + "}", token=key)
-    assert not codes(body), body
-    assert len({json.dumps(listed) for listed in body["data"].values()}) == 1
-    assert [request.path for request in upstream.requests] == ["/v1/models"]
+@pytest.mark.django_db
+def test_prompts_count_as_model_calls(upstream):
+    token = user_token()
+
+    async def scenario():
+        prompts = (
+            'mutation($c: ID!) { a: prompt(chatId: $c, prompt: "x") { id } b: prompt(chatId: $c, prompt: "y") { id } }'
+        )
+        body = await graphql(prompts, token=token, variables={"c": "00000000-0000-0000-0000-000000000000"})
+        assert codes(body) == ["query_too_costly"]
+        assert upstream.requests == []
+
+    run_in_process(scenario)
+
+
+@pytest.mark.django_db
+def test_aliased_models_ask_the_upstream_once(upstream):
+    key = user_token(key=True)
+
+    async def scenario():
+        body = await graphql("{" + " ".join(f"m{n}: models {{ id }}" for n in range(20)) + "}", token=key)
+        assert not codes(body), body
+        assert len({json.dumps(listed) for listed in body["data"].values()}) == 1
+        assert [request.path for request in upstream.requests] == ["/v1/models"]
+
+    run_in_process(scenario)
 
 
 # --- the socket ---------------------------------------------------------------------------------------
@@ -292,62 +301,74 @@ async def closed_with(socket: WebsocketCommunicator) -> dict:
     return closed
 
 
-@pytest.mark.django_db(transaction=True)
+@pytest.mark.django_db
 @pytest.mark.parametrize("frame", BAD_FRAMES.values(), ids=BAD_FRAMES.keys())
-async def test_frames_that_break_the_protocol_close_4400(frame, caplog):
-    token = await user_token()
-    socket = await socket_for(token)
-    await socket.send_json_to({"type": "ping"})
-    assert await socket.receive_json_from(timeout=10) == {"type": "pong"}
-    await socket.send_to(text_data=json.dumps(frame))
-    closed = await closed_with(socket)
-    assert closed["code"] == 4400 and closed["reason"]
-    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+def test_frames_that_break_the_protocol_close_4400(frame, caplog):
+    token = user_token()
 
-
-@pytest.mark.django_db(transaction=True)
-async def test_deep_or_broken_json_closes_4400(caplog):
-    token = await user_token()
-    for text in (
-        '{"id": "a", "type": "subscribe", "payload": {"query": "' + ME + '", "variables": ' + deep_json() + "}}",
-        "[" * DEEP + "]" * DEEP,
-        '{"type": "ping", "payload": {"a": NaN}}',
-        "not json",
-    ):
+    async def scenario():
         socket = await socket_for(token)
-        await socket.send_to(text_data=text)
+        await socket.send_json_to({"type": "ping"})
+        assert await socket.receive_json_from(timeout=10) == {"type": "pong"}
+        await socket.send_to(text_data=json.dumps(frame))
         closed = await closed_with(socket)
-        assert closed["code"] == 4400 and "JSON" in closed["reason"], closed
-    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+        assert closed["code"] == 4400 and closed["reason"]
+        assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+    run_in_process(scenario)
 
 
-@pytest.mark.django_db(transaction=True)
-async def test_costly_operations_are_refused_and_the_socket_answers_on(upstream, settings):
-    key = await user_token(key=True)
-    socket = await socket_for(key)
-    many = "mutation {" + " ".join(COMPLETE.format(n=n) for n in range(20)) + "}"
-    [refused] = await answered(socket, "many", many)
-    assert refused["type"] == "error" and refused["payload"][0]["extensions"]["code"] == "query_too_costly"
-    assert upstream.requests == []
+@pytest.mark.django_db
+def test_deep_or_broken_json_closes_4400(caplog):
+    token = user_token()
 
-    settings.GRAPHQL_MAX_QUERY_BYTES = 100
-    [refused] = await answered(socket, "large", '{ me(pad: "' + "x" * 100 + '") { sessionKind } }')
-    assert refused["type"] == "error" and refused["payload"][0]["extensions"]["code"] == "invalid_query"
-    settings.GRAPHQL_MAX_QUERY_BYTES = 32 * 1024
-    [refused] = await answered(socket, "values", ME, {"a": list(range(6000))})
-    assert "GRAPHQL_MAX_VARIABLE_VALUES" in refused["payload"][0]["message"]
+    async def scenario():
+        for text in (
+            '{"id": "a", "type": "subscribe", "payload": {"query": "' + ME + '", "variables": ' + deep_json() + "}}",
+            "[" * DEEP + "]" * DEEP,
+            '{"type": "ping", "payload": {"a": NaN}}',
+            "not json",
+        ):
+            socket = await socket_for(token)
+            await socket.send_to(text_data=text)
+            closed = await closed_with(socket)
+            assert closed["code"] == 4400 and "JSON" in closed["reason"], closed
+        assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
 
-    [refused] = await answered(socket, "suggest", "{ mee { sessionKind } }")
-    assert "Did you mean" not in refused["payload"][0]["message"]
+    run_in_process(scenario)
 
-    # still answering: a query, then one model call
-    assert await answered(socket, "me", ME) == [
-        {"id": "me", "type": "next", "payload": {"data": {"me": {"sessionKind": "key"}}}}
-    ]
-    [done] = await answered(socket, "one", "mutation {" + COMPLETE.format(n=0) + "}")
-    assert done["payload"] == {"data": {"a0": {"text": "hi"}}}
-    assert len(upstream.requests) == 1
-    await socket.disconnect()
+
+@pytest.mark.django_db
+def test_costly_operations_are_refused_and_the_socket_answers_on(upstream, settings):
+    key = user_token(key=True)
+
+    async def scenario():
+        socket = await socket_for(key)
+        many = "mutation {" + " ".join(COMPLETE.format(n=n) for n in range(20)) + "}"
+        [refused] = await answered(socket, "many", many)
+        assert refused["type"] == "error" and refused["payload"][0]["extensions"]["code"] == "query_too_costly"
+        assert upstream.requests == []
+
+        settings.GRAPHQL_MAX_QUERY_BYTES = 100
+        [refused] = await answered(socket, "large", '{ me(pad: "' + "x" * 100 + '") { sessionKind } }')
+        assert refused["type"] == "error" and refused["payload"][0]["extensions"]["code"] == "invalid_query"
+        settings.GRAPHQL_MAX_QUERY_BYTES = 32 * 1024
+        [refused] = await answered(socket, "values", ME, {"a": list(range(6000))})
+        assert "GRAPHQL_MAX_VARIABLE_VALUES" in refused["payload"][0]["message"]
+
+        [refused] = await answered(socket, "suggest", "{ mee { sessionKind } }")
+        assert "Did you mean" not in refused["payload"][0]["message"]
+
+        # still answering: a query, then one model call
+        assert await answered(socket, "me", ME) == [
+            {"id": "me", "type": "next", "payload": {"data": {"me": {"sessionKind": "key"}}}}
+        ]
+        [done] = await answered(socket, "one", "mutation {" + COMPLETE.format(n=0) + "}")
+        assert done["payload"] == {"data": {"a0": {"text": "hi"}}}
+        assert len(upstream.requests) == 1
+        await socket.disconnect()
+
+    run_in_process(scenario)
 
 
 async def test_the_playground_s_introspection_fits_the_default_limits(settings):
