@@ -232,7 +232,7 @@ async def test_a_turn_with_its_retries_stays_whole_while_earlier_exchanges_go(pa
     assert len(fitted["messages"]) < len(retried)
 
 
-@pytest.mark.django_db(transaction=True)
+@pytest.mark.django_db
 @pytest.mark.parametrize(
     ("scenario", "code"), [("empty_stream", "upstream_empty_answer"), ("html_502", "upstream_html_error")]
 )

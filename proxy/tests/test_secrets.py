@@ -1,8 +1,9 @@
 """No secret leaves: token parameters in logs and the event log, upstream headers, error events, captured bodies.
 
-In production mode (DEBUG=0), in process (httpx.ASGITransport over Turbo's ASGI app); the upstream is a
-scripted server on a loopback socket, since what it sends (headers, chunk boundaries, a compressed body)
-is what is under test.
+In production mode (DEBUG=0), in process (httpx.ASGITransport over Turbo's ASGI app, through run_in_process:
+its database calls on the test's connection, in one transaction rolled back, not flushed); the upstream is
+a scripted server on a loopback socket, since what it sends (headers, chunk boundaries, a compressed body)
+is what is under test. One test runs a Turbo process of its own, on the committed test database.
 """
 
 import gzip
@@ -21,10 +22,11 @@ from channels.db import database_sync_to_async
 from proxy.events import events_flush
 from proxy.models import Event
 from proxy.redaction import EventStreamRedactor, response_headers_allowed
+from testing.inprocess import run_in_process
 from turbo_site.core.http import REDACTED, redact_query
 from turbo_site.core.logs import SERVER_LOGGERS, log_redaction_install
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 SERVER_KEY = "sk-live-server-key-0123456789abcdef"
 # Keys of TURBO_CONFIG upstreams need not look like OpenAI's: only knowing them finds them.
@@ -174,20 +176,24 @@ def test_server_log_lines_never_hold_a_token(name, caplog):
     assert caplog.text.encode()  # writable: the lone surrogate is gone
 
 
-async def test_the_event_log_never_holds_a_token_sent_as_an_encoded_parameter(scripted):
-    async with await asgi_client() as http:
-        token, user_id = await signed_up(http)
-        stream = await http.get(f"/chat/stream?id={uuid.uuid4()}&%74oken={token}")
-        scripted.reply = (200, [("Content-Type", "application/json")], [b'{"object": "list", "data": []}'])
-        listed = await http.get(f"/v1/models?%74oken={token}&TOKEN={token}", headers=bearer(token))
-    assert stream.status_code == 404  # the token was accepted: the chat is what does not exist
-    assert listed.status_code == 200
-    events = await logged_events(user_id)
-    assert {event.path for event in events} >= {"/chat/stream", "/v1/models"}
-    assert all(token not in event.query for event in events)
-    assert any(REDACTED in event.query for event in events if event.path == "/v1/models")
+def test_the_event_log_never_holds_a_token_sent_as_an_encoded_parameter(scripted):
+    async def scenario():
+        async with await asgi_client() as http:
+            token, user_id = await signed_up(http)
+            stream = await http.get(f"/chat/stream?id={uuid.uuid4()}&%74oken={token}")
+            scripted.reply = (200, [("Content-Type", "application/json")], [b'{"object": "list", "data": []}'])
+            listed = await http.get(f"/v1/models?%74oken={token}&TOKEN={token}", headers=bearer(token))
+        assert stream.status_code == 404  # the token was accepted: the chat is what does not exist
+        assert listed.status_code == 200
+        events = await logged_events(user_id)
+        assert {event.path for event in events} >= {"/chat/stream", "/v1/models"}
+        assert all(token not in event.query for event in events)
+        assert any(REDACTED in event.query for event in events if event.path == "/v1/models")
+
+    run_in_process(scenario)
 
 
+@pytest.mark.django_db(transaction=True)  # a server process of its own reads the user and writes the events
 def test_a_real_servers_log_and_event_log_hold_no_token_sent_as_an_encoded_parameter(start_server):
     """uvicorn at INFO (its access lines, and the WebSocket handshakes it logs even without them), then the
     events the server wrote on SIGTERM: the token, accepted under `%74oken`, is in neither."""
@@ -248,27 +254,30 @@ def test_only_allowed_headers_holding_no_key_pass():
 
 
 @pytest.mark.parametrize("status", [200, 401])
-async def test_upstream_headers_carrying_the_key_never_reach_the_client(scripted, status):
-    scripted.reply = (
-        status,
-        [
-            ("Content-Type", "application/json"),
-            ("X-Upstream-Debug-Key", SERVER_KEY),
-            ("WWW-Authenticate", f'Bearer error="invalid_token", key="{SERVER_KEY}"'),
-            ("OpenAI-Echo", SERVER_KEY),
-            ("X-Request-Id", "req_42"),
-            ("OpenAI-Processing-Ms", "7"),
-        ],
-        [b'{"error": {"message": "no"}}' if status >= 400 else b'{"id": "x", "choices": []}'],
-    )
-    async with await asgi_client() as http:
-        token, _ = await signed_up(http)
-        response = await http.post("/v1/chat/completions", json=CHAT, headers=bearer(token))
-    assert response.status_code == status
-    assert SERVER_KEY not in json.dumps(dict(response.headers)) + response.text
-    assert "x-upstream-debug-key" not in response.headers and "www-authenticate" not in response.headers
-    assert "openai-echo" not in response.headers
-    assert (response.headers["x-request-id"], response.headers["openai-processing-ms"]) == ("req_42", "7")
+def test_upstream_headers_carrying_the_key_never_reach_the_client(scripted, status):
+    async def scenario():
+        scripted.reply = (
+            status,
+            [
+                ("Content-Type", "application/json"),
+                ("X-Upstream-Debug-Key", SERVER_KEY),
+                ("WWW-Authenticate", f'Bearer error="invalid_token", key="{SERVER_KEY}"'),
+                ("OpenAI-Echo", SERVER_KEY),
+                ("X-Request-Id", "req_42"),
+                ("OpenAI-Processing-Ms", "7"),
+            ],
+            [b'{"error": {"message": "no"}}' if status >= 400 else b'{"id": "x", "choices": []}'],
+        )
+        async with await asgi_client() as http:
+            token, _ = await signed_up(http)
+            response = await http.post("/v1/chat/completions", json=CHAT, headers=bearer(token))
+        assert response.status_code == status
+        assert SERVER_KEY not in json.dumps(dict(response.headers)) + response.text
+        assert "x-upstream-debug-key" not in response.headers and "www-authenticate" not in response.headers
+        assert "openai-echo" not in response.headers
+        assert (response.headers["x-request-id"], response.headers["openai-processing-ms"]) == ("req_42", "7")
+
+    run_in_process(scenario)
 
 
 # --- streamed error events ----------------------------------------------------------------------------
@@ -307,74 +316,95 @@ def test_crlf_events_and_an_event_too_long_to_hold_are_redacted_too():
         assert SERVER_KEY.encode() not in sent and len(sent) == len(endless) - len(SERVER_KEY) + len(REDACTED)
 
 
-async def test_a_streamed_error_event_quoting_the_key_is_redacted_across_chunks(scripted):
-    event = error_event(SERVER_KEY)
-    split = event.index(SERVER_KEY.encode()) + 10  # the key's first 10 characters in one chunk, the rest in the next
-    first = b'data: {"choices": [{"index": 0, "delta": {"content": "Hi"}}]}\n\n'
-    scripted.reply = (200, [("Content-Type", "text/event-stream")], [first, event[:split], event[split:]])
-    async with await asgi_client() as http:
-        token, _ = await signed_up(http)
-        response = await http.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=bearer(token))
-    assert response.status_code == 200
-    # Neither part: the first looks like a key on its own, the second does not.
-    assert SERVER_KEY[:10] not in response.text and SERVER_KEY[10:] not in response.text
-    assert response.text.startswith(first.decode())
-    assert f"Incorrect API key provided: {REDACTED}" in response.text
+def test_a_streamed_error_event_quoting_the_key_is_redacted_across_chunks(scripted):
+    async def scenario():
+        event = error_event(SERVER_KEY)
+        split = (
+            event.index(SERVER_KEY.encode()) + 10
+        )  # the key's first 10 characters in one chunk, the rest in the next
+        first = b'data: {"choices": [{"index": 0, "delta": {"content": "Hi"}}]}\n\n'
+        scripted.reply = (200, [("Content-Type", "text/event-stream")], [first, event[:split], event[split:]])
+        async with await asgi_client() as http:
+            token, _ = await signed_up(http)
+            response = await http.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=bearer(token))
+        assert response.status_code == 200
+        # Neither part: the first looks like a key on its own, the second does not.
+        assert SERVER_KEY[:10] not in response.text and SERVER_KEY[10:] not in response.text
+        assert response.text.startswith(first.decode())
+        assert f"Incorrect API key provided: {REDACTED}" in response.text
+
+    run_in_process(scenario)
 
 
 # --- captured bodies ----------------------------------------------------------------------------------
 
 
-async def test_captured_bodies_hold_no_configured_key(two_upstreams, settings):
-    settings.EVENT_CAPTURE_BODIES = True
-    quoted = {"error": {"message": f"keys tried: {FIRST_KEY} and {SECOND_KEY} and {SERVER_KEY}", "type": "x"}}
-    two_upstreams.reply = (401, [("Content-Type", "application/json")], [json.dumps(quoted).encode()])
-    async with await asgi_client() as http:
-        token, user_id = await signed_up(http)
-        response = await http.post(
-            "/v1/chat/completions",
-            json={**CHAT, "messages": [{"role": "user", "content": f"is {SECOND_KEY} mine?"}]},
-            headers=bearer(token),
-        )
-    assert response.status_code == 401
-    assert all(key not in response.text for key in (FIRST_KEY, SECOND_KEY, SERVER_KEY))
-    (event,) = [event for event in await logged_events(user_id) if event.type == "proxy"]
-    stored = event.request_body + event.response_body
-    assert "keys tried" in event.response_body and "is " in event.request_body
-    assert all(key not in stored for key in (FIRST_KEY, SECOND_KEY, SERVER_KEY))
+def test_captured_bodies_hold_no_configured_key(two_upstreams, settings):
+    async def scenario():
+        settings.EVENT_CAPTURE_BODIES = True
+        quoted = {"error": {"message": f"keys tried: {FIRST_KEY} and {SECOND_KEY} and {SERVER_KEY}", "type": "x"}}
+        two_upstreams.reply = (401, [("Content-Type", "application/json")], [json.dumps(quoted).encode()])
+        async with await asgi_client() as http:
+            token, user_id = await signed_up(http)
+            response = await http.post(
+                "/v1/chat/completions",
+                json={**CHAT, "messages": [{"role": "user", "content": f"is {SECOND_KEY} mine?"}]},
+                headers=bearer(token),
+            )
+        assert response.status_code == 401
+        assert all(key not in response.text for key in (FIRST_KEY, SECOND_KEY, SERVER_KEY))
+        (event,) = [event for event in await logged_events(user_id) if event.type == "proxy"]
+        stored = event.request_body + event.response_body
+        assert "keys tried" in event.response_body and "is " in event.request_body
+        assert all(key not in stored for key in (FIRST_KEY, SECOND_KEY, SERVER_KEY))
+
+    run_in_process(scenario)
 
 
 # --- compressed error bodies --------------------------------------------------------------------------
 
 
-async def test_a_gzip_error_body_is_sent_decoded_without_its_encoding(scripted):
-    body = json.dumps({"error": {"message": f"bad key {SERVER_KEY}", "type": "invalid_request_error"}}).encode()
-    packed = gzip.compress(body)
-    scripted.reply = (401, [("Content-Type", "application/json"), ("Content-Encoding", "gzip")], [packed])
-    async with await asgi_client() as http:
-        token, _ = await signed_up(http)
-        response = await http.post("/v1/chat/completions", json=CHAT, headers=bearer(token))
-    assert response.status_code == 401
-    assert "content-encoding" not in response.headers
-    assert response.json()["error"]["message"] == f"bad key {REDACTED}"
+def test_a_gzip_error_body_is_sent_decoded_without_its_encoding(scripted):
+    async def scenario():
+        body = json.dumps({"error": {"message": f"bad key {SERVER_KEY}", "type": "invalid_request_error"}}).encode()
+        packed = gzip.compress(body)
+        scripted.reply = (401, [("Content-Type", "application/json"), ("Content-Encoding", "gzip")], [packed])
+        async with await asgi_client() as http:
+            token, _ = await signed_up(http)
+            response = await http.post("/v1/chat/completions", json=CHAT, headers=bearer(token))
+        assert response.status_code == 401
+        assert "content-encoding" not in response.headers
+        assert response.json()["error"]["message"] == f"bad key {REDACTED}"
+
+    run_in_process(scenario)
 
 
-async def test_an_error_body_in_an_unknown_encoding_is_replaced_not_mislabelled(scripted):
-    scripted.reply = (500, [("Content-Type", "application/json"), ("Content-Encoding", "br")], [b"\x8b\x02\x80"])
-    async with await asgi_client() as http:
-        token, _ = await signed_up(http)
-        response = await http.post("/v1/chat/completions", json=CHAT, headers=bearer(token))
-    assert response.status_code == 500
-    assert "content-encoding" not in response.headers
-    assert "cannot read (br)" in response.json()["error"]["message"]
+def test_an_error_body_in_an_unknown_encoding_is_replaced_not_mislabelled(scripted):
+    async def scenario():
+        scripted.reply = (500, [("Content-Type", "application/json"), ("Content-Encoding", "br")], [b"\x8b\x02\x80"])
+        async with await asgi_client() as http:
+            token, _ = await signed_up(http)
+            response = await http.post("/v1/chat/completions", json=CHAT, headers=bearer(token))
+        assert response.status_code == 500
+        assert "content-encoding" not in response.headers
+        assert "cannot read (br)" in response.json()["error"]["message"]
+
+    run_in_process(scenario)
 
 
-async def test_a_successful_compressed_body_keeps_its_encoding(scripted):
-    body = json.dumps({"id": "x", "choices": []}).encode()
-    scripted.reply = (200, [("Content-Type", "application/json"), ("Content-Encoding", "gzip")], [gzip.compress(body)])
-    async with await asgi_client() as http:
-        token, _ = await signed_up(http)
-        response = await http.post("/v1/chat/completions", json=CHAT, headers=bearer(token))
-    assert response.status_code == 200
-    assert response.headers["content-encoding"] == "gzip"
-    assert response.json() == {"id": "x", "choices": []}  # httpx decoded it: the label was right
+def test_a_successful_compressed_body_keeps_its_encoding(scripted):
+    async def scenario():
+        body = json.dumps({"id": "x", "choices": []}).encode()
+        scripted.reply = (
+            200,
+            [("Content-Type", "application/json"), ("Content-Encoding", "gzip")],
+            [gzip.compress(body)],
+        )
+        async with await asgi_client() as http:
+            token, _ = await signed_up(http)
+            response = await http.post("/v1/chat/completions", json=CHAT, headers=bearer(token))
+        assert response.status_code == 200
+        assert response.headers["content-encoding"] == "gzip"
+        assert response.json() == {"id": "x", "choices": []}  # httpx decoded it: the label was right
+
+    run_in_process(scenario)

@@ -6,6 +6,8 @@ any of them to anyone; so the proxy lets only the user whose call created an obj
 staff, and refuses methods no OpenAI endpoint uses.
 """
 
+from collections.abc import Awaitable, Callable
+
 import httpx
 import pytest
 from asgiref.sync import sync_to_async
@@ -17,18 +19,24 @@ from proxy.events import events_flush
 from proxy.models import StoredObject
 from proxy.owners import objects_forget
 from proxy.usage.ratelimits import redis_script
+from testing.inprocess import run_in_process
 from turbo_site.asgi import application
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 STORED = {"model": "gpt-4o", "store": True, "messages": [{"role": "user", "content": "echo: mine"}]}
 
 
-@pytest.fixture
-async def http():
-    transport = httpx.ASGITransport(app=application, client=("127.0.0.1", 4000))
-    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=30) as client:
-        yield client
+def serve(scenario: Callable[[httpx.AsyncClient], Awaitable[None]]) -> None:
+    """`await scenario(http)`, `http` an async client of Turbo's whole ASGI app, through run_in_process: the
+    app's database calls on the test's connection, inside its transaction (rolled back, not flushed)."""
+
+    async def run() -> None:
+        transport = httpx.ASGITransport(app=application, client=("127.0.0.1", 4000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=30) as http:
+            await scenario(http)
+
+    run_in_process(run)
 
 
 def _account(username: str, *, is_staff: bool = False) -> tuple[str, str]:
@@ -66,113 +74,141 @@ async def _created(http, headers, path="/v1/chat/completions", body=STORED) -> s
 # --- stored chat completions ------------------------------------------------------------------------
 
 
-async def test_another_users_completion_is_404_and_never_reaches_the_upstream(http, upstream, accounts, door):
-    completion = await _created(http, door(accounts["alice"]))
-    upstream.requests.clear()
-    bob = door(accounts["bob"])
-    for method, path in [
-        ("GET", f"/v1/chat/completions/{completion}"),
-        ("POST", f"/v1/chat/completions/{completion}"),
-        ("DELETE", f"/v1/chat/completions/{completion}"),
-        ("GET", f"/v1/chat/completions/{completion}/messages"),
-    ]:
-        response = await http.request(method, path, headers=bob, json={"metadata": {}} if method == "POST" else None)
-        assert response.status_code == 404, (method, path, response.text)
-        assert response.json()["error"]["code"] == "not_found"
-    assert upstream.requests == []
-    assert completion in upstream.stored  # nothing deleted
+def test_another_users_completion_is_404_and_never_reaches_the_upstream(upstream, accounts, door):
+    async def scenario(http):
+        completion = await _created(http, door(accounts["alice"]))
+        upstream.requests.clear()
+        bob = door(accounts["bob"])
+        for method, path in [
+            ("GET", f"/v1/chat/completions/{completion}"),
+            ("POST", f"/v1/chat/completions/{completion}"),
+            ("DELETE", f"/v1/chat/completions/{completion}"),
+            ("GET", f"/v1/chat/completions/{completion}/messages"),
+        ]:
+            response = await http.request(
+                method, path, headers=bob, json={"metadata": {}} if method == "POST" else None
+            )
+            assert response.status_code == 404, (method, path, response.text)
+            assert response.json()["error"]["code"] == "not_found"
+        assert upstream.requests == []
+        assert completion in upstream.stored  # nothing deleted
+
+    serve(scenario)
 
 
-async def test_the_owner_reaches_their_completion_and_its_messages(http, upstream, accounts, door):
-    alice = door(accounts["alice"])
-    completion = await _created(http, alice)
-    got = await http.get(f"/v1/chat/completions/{completion}", headers=alice)
-    assert got.status_code == 200, got.text
-    assert got.json()["id"] == completion
-    messages = await http.get(f"/v1/chat/completions/{completion}/messages", headers=alice)
-    assert messages.status_code == 200
-    assert messages.json()["data"] == STORED["messages"]
-    deleted = await http.delete(f"/v1/chat/completions/{completion}", headers=alice)
-    assert deleted.json() == {"id": completion, "object": "chat.completion.deleted", "deleted": True}
+def test_the_owner_reaches_their_completion_and_its_messages(upstream, accounts, door):
+    async def scenario(http):
+        alice = door(accounts["alice"])
+        completion = await _created(http, alice)
+        got = await http.get(f"/v1/chat/completions/{completion}", headers=alice)
+        assert got.status_code == 200, got.text
+        assert got.json()["id"] == completion
+        messages = await http.get(f"/v1/chat/completions/{completion}/messages", headers=alice)
+        assert messages.status_code == 200
+        assert messages.json()["data"] == STORED["messages"]
+        deleted = await http.delete(f"/v1/chat/completions/{completion}", headers=alice)
+        assert deleted.json() == {"id": completion, "object": "chat.completion.deleted", "deleted": True}
+
+    serve(scenario)
 
 
-async def test_a_streamed_completion_is_recorded_too(http, upstream, accounts):
-    alice, bob = {"Authorization": f"Bearer {accounts['alice']}"}, {"Authorization": f"Bearer {accounts['bob']}"}
-    async with http.stream("POST", "/v1/chat/completions", json={**STORED, "stream": True}, headers=alice) as reply:
-        assert reply.status_code == 200
-        body = (await reply.aread()).decode()
-    completion = body.split('"id": "', 1)[1].split('"', 1)[0]
-    assert completion.startswith("chatcmpl-")
-    assert (await http.get(f"/v1/chat/completions/{completion}", headers=alice)).status_code == 200
-    assert (await http.get(f"/v1/chat/completions/{completion}", headers=bob)).status_code == 404
+def test_a_streamed_completion_is_recorded_too(upstream, accounts):
+    async def scenario(http):
+        alice, bob = {"Authorization": f"Bearer {accounts['alice']}"}, {"Authorization": f"Bearer {accounts['bob']}"}
+        async with http.stream("POST", "/v1/chat/completions", json={**STORED, "stream": True}, headers=alice) as reply:
+            assert reply.status_code == 200
+            body = (await reply.aread()).decode()
+        completion = body.split('"id": "', 1)[1].split('"', 1)[0]
+        assert completion.startswith("chatcmpl-")
+        assert (await http.get(f"/v1/chat/completions/{completion}", headers=alice)).status_code == 200
+        assert (await http.get(f"/v1/chat/completions/{completion}", headers=bob)).status_code == 404
+
+    serve(scenario)
 
 
-async def test_ownership_outlives_the_process_memory(http, upstream, accounts, user_ids, settings):
+def test_ownership_outlives_the_process_memory(upstream, accounts, user_ids, settings):
     """Another process (or this one after a restart) finds the owner on Redis or in the database."""
-    alice, bob = {"Authorization": f"Bearer {accounts['alice']}"}, {"Authorization": f"Bearer {accounts['bob']}"}
-    completion = await _created(http, alice)
-    if settings.REDIS_ADDRESS:  # the other processes know it at once: Redis has it (read on the same
-        # connection the SET went out on without waiting, so after it)
-        key = f"turbo:owner:chat/completions:{completion}"
-        assert await redis_script("return redis.call('GET', KEYS[1])", [key], []) == user_ids["alice"].encode()
-    await sync_to_async(events_flush)()
-    assert await StoredObject.objects.filter(collection="chat/completions", object_id=completion).aexists()
-    objects_forget()
-    assert (await http.get(f"/v1/chat/completions/{completion}", headers=alice)).status_code == 200
-    objects_forget()
-    cache.clear()  # Redis too (the Redis leg): the database alone
-    assert (await http.get(f"/v1/chat/completions/{completion}", headers=bob)).status_code == 404
-    assert (await http.get(f"/v1/chat/completions/{completion}", headers=alice)).status_code == 200
+
+    async def scenario(http):
+        alice, bob = {"Authorization": f"Bearer {accounts['alice']}"}, {"Authorization": f"Bearer {accounts['bob']}"}
+        completion = await _created(http, alice)
+        if settings.REDIS_ADDRESS:  # the other processes know it at once: Redis has it (read on the same
+            # connection the SET went out on without waiting, so after it)
+            key = f"turbo:owner:chat/completions:{completion}"
+            assert await redis_script("return redis.call('GET', KEYS[1])", [key], []) == user_ids["alice"].encode()
+        await sync_to_async(events_flush)()
+        assert await StoredObject.objects.filter(collection="chat/completions", object_id=completion).aexists()
+        objects_forget()
+        assert (await http.get(f"/v1/chat/completions/{completion}", headers=alice)).status_code == 200
+        objects_forget()
+        cache.clear()  # Redis too (the Redis leg): the database alone
+        assert (await http.get(f"/v1/chat/completions/{completion}", headers=bob)).status_code == 404
+        assert (await http.get(f"/v1/chat/completions/{completion}", headers=alice)).status_code == 200
+
+    serve(scenario)
 
 
-async def test_an_unstored_completion_is_nobodys(http, upstream, accounts):
+def test_an_unstored_completion_is_nobodys(upstream, accounts):
     """Without `store` the upstream keeps nothing, and Turbo records nothing (its ids are not reachable)."""
-    alice = {"Authorization": f"Bearer {accounts['alice']}"}
-    completion = await _created(http, alice, body={**STORED, "store": False})
-    upstream.requests.clear()
-    assert (await http.get(f"/v1/chat/completions/{completion}", headers=alice)).status_code == 404
-    assert upstream.requests == []
+
+    async def scenario(http):
+        alice = {"Authorization": f"Bearer {accounts['alice']}"}
+        completion = await _created(http, alice, body={**STORED, "store": False})
+        upstream.requests.clear()
+        assert (await http.get(f"/v1/chat/completions/{completion}", headers=alice)).status_code == 404
+        assert upstream.requests == []
+
+    serve(scenario)
 
 
-async def test_an_id_nobody_created_is_404_without_the_upstream(http, upstream, accounts, door):
-    response = await http.get("/v1/chat/completions/chatcmpl-unknown", headers=door(accounts["alice"]))
-    assert response.status_code == 404
-    assert upstream.requests == []
+def test_an_id_nobody_created_is_404_without_the_upstream(upstream, accounts, door):
+    async def scenario(http):
+        response = await http.get("/v1/chat/completions/chatcmpl-unknown", headers=door(accounts["alice"]))
+        assert response.status_code == 404
+        assert upstream.requests == []
+
+    serve(scenario)
 
 
 # --- responses ------------------------------------------------------------------------------------------
 
 
-async def test_responses_are_their_creators_only(http, upstream, accounts, door):
-    alice, bob = door(accounts["alice"]), door(accounts["bob"])
-    response_id = await _created(http, alice, "/v1/responses", {"model": "gpt-4o", "input": "echo: secret"})
-    upstream.requests.clear()
-    for method, path in [
-        ("GET", f"/v1/responses/{response_id}"),
-        ("DELETE", f"/v1/responses/{response_id}"),
-        ("GET", f"/v1/responses/{response_id}/input_items"),
-        ("POST", f"/v1/responses/{response_id}/cancel"),
-    ]:
-        assert (await http.request(method, path, headers=bob)).status_code == 404, (method, path)
-    # Nor may bob continue alice's conversation (the upstream would read hers to answer him).
-    follow = {"model": "gpt-4o", "input": "what did I say?", "previous_response_id": response_id}
-    assert (await http.post("/v1/responses", json=follow, headers=bob)).status_code == 404
-    assert upstream.requests == []
+def test_responses_are_their_creators_only(upstream, accounts, door):
+    async def scenario(http):
+        alice, bob = door(accounts["alice"]), door(accounts["bob"])
+        response_id = await _created(http, alice, "/v1/responses", {"model": "gpt-4o", "input": "echo: secret"})
+        upstream.requests.clear()
+        for method, path in [
+            ("GET", f"/v1/responses/{response_id}"),
+            ("DELETE", f"/v1/responses/{response_id}"),
+            ("GET", f"/v1/responses/{response_id}/input_items"),
+            ("POST", f"/v1/responses/{response_id}/cancel"),
+        ]:
+            assert (await http.request(method, path, headers=bob)).status_code == 404, (method, path)
+        # Nor may bob continue alice's conversation (the upstream would read hers to answer him).
+        follow = {"model": "gpt-4o", "input": "what did I say?", "previous_response_id": response_id}
+        assert (await http.post("/v1/responses", json=follow, headers=bob)).status_code == 404
+        assert upstream.requests == []
 
-    items = await http.get(f"/v1/responses/{response_id}/input_items", headers=alice)
-    assert items.status_code == 200 and items.json()["data"][0]["content"] == "echo: secret"
-    assert (await http.post("/v1/responses", json=follow, headers=alice)).status_code == 200
+        items = await http.get(f"/v1/responses/{response_id}/input_items", headers=alice)
+        assert items.status_code == 200 and items.json()["data"][0]["content"] == "echo: secret"
+        assert (await http.post("/v1/responses", json=follow, headers=alice)).status_code == 200
+
+    serve(scenario)
 
 
-async def test_a_streamed_response_is_recorded(http, upstream, accounts):
-    alice, bob = {"Authorization": f"Bearer {accounts['alice']}"}, {"Authorization": f"Bearer {accounts['bob']}"}
-    body = {"model": "gpt-4o", "input": "echo: hi", "stream": True}
-    async with http.stream("POST", "/v1/responses", json=body, headers=alice) as reply:
-        text = (await reply.aread()).decode()
-    response_id = text.split('"id": "', 1)[1].split('"', 1)[0]
-    assert response_id.startswith("resp_")
-    assert (await http.get(f"/v1/responses/{response_id}", headers=alice)).status_code == 200
-    assert (await http.get(f"/v1/responses/{response_id}", headers=bob)).status_code == 404
+def test_a_streamed_response_is_recorded(upstream, accounts):
+    async def scenario(http):
+        alice, bob = {"Authorization": f"Bearer {accounts['alice']}"}, {"Authorization": f"Bearer {accounts['bob']}"}
+        body = {"model": "gpt-4o", "input": "echo: hi", "stream": True}
+        async with http.stream("POST", "/v1/responses", json=body, headers=alice) as reply:
+            text = (await reply.aread()).decode()
+        response_id = text.split('"id": "', 1)[1].split('"', 1)[0]
+        assert response_id.startswith("resp_")
+        assert (await http.get(f"/v1/responses/{response_id}", headers=alice)).status_code == 200
+        assert (await http.get(f"/v1/responses/{response_id}", headers=bob)).status_code == 404
+
+    serve(scenario)
 
 
 @pytest.mark.parametrize(
@@ -184,21 +220,27 @@ async def test_a_streamed_response_is_recorded(http, upstream, accounts):
     ],
     ids=["named-twice", "not-json", "utf-16"],
 )
-async def test_a_body_that_may_name_an_object_unreadably_is_refused(http, upstream, accounts, raw):
-    headers = {"Authorization": f"Bearer {accounts['alice']}", "Content-Type": "application/json"}
-    response = await http.post("/v1/responses", content=raw, headers=headers)
-    assert response.status_code in (400, 404), response.text
-    assert upstream.requests == []
+def test_a_body_that_may_name_an_object_unreadably_is_refused(upstream, accounts, raw):
+    async def scenario(http):
+        headers = {"Authorization": f"Bearer {accounts['alice']}", "Content-Type": "application/json"}
+        response = await http.post("/v1/responses", content=raw, headers=headers)
+        assert response.status_code in (400, 404), response.text
+        assert upstream.requests == []
+
+    serve(scenario)
 
 
-async def test_a_field_name_spelled_with_escapes_is_still_read(http, upstream, accounts):
-    alice = {"Authorization": f"Bearer {accounts['alice']}"}
-    response_id = await _created(http, alice, "/v1/responses", {"model": "gpt-4o", "input": "hi"})
-    raw = b'{"model": "gpt-4o", "input": "x", "previous\\u005fresponse_id": "' + response_id.encode() + b'"}'
-    bob = {"Authorization": f"Bearer {accounts['bob']}", "Content-Type": "application/json"}
-    upstream.requests.clear()
-    assert (await http.post("/v1/responses", content=raw, headers=bob)).status_code == 404
-    assert upstream.requests == []
+def test_a_field_name_spelled_with_escapes_is_still_read(upstream, accounts):
+    async def scenario(http):
+        alice = {"Authorization": f"Bearer {accounts['alice']}"}
+        response_id = await _created(http, alice, "/v1/responses", {"model": "gpt-4o", "input": "hi"})
+        raw = b'{"model": "gpt-4o", "input": "x", "previous\\u005fresponse_id": "' + response_id.encode() + b'"}'
+        bob = {"Authorization": f"Bearer {accounts['bob']}", "Content-Type": "application/json"}
+        upstream.requests.clear()
+        assert (await http.post("/v1/responses", content=raw, headers=bob)).status_code == 404
+        assert upstream.requests == []
+
+    serve(scenario)
 
 
 # --- account-wide paths and methods --------------------------------------------------------------------
@@ -208,66 +250,92 @@ async def test_a_field_name_spelled_with_escapes_is_still_read(http, upstream, a
     "method, path",
     [("GET", "/v1/chat/completions"), ("DELETE", "/v1/models/ft:gpt-4o:acme::abc")],
 )
-async def test_account_wide_listings_and_model_deletion_are_staff_only(http, upstream, accounts, door, method, path):
-    refused = await http.request(method, path, headers=door(accounts["alice"]))
-    assert refused.status_code == 403, refused.text
-    assert refused.json()["error"]["code"] == "staff_only"
-    assert upstream.requests == []
-    served = await http.request(method, path, headers=door(accounts["staff"]))
-    assert served.status_code != 403
-    assert [(r.method, r.path) for r in upstream.requests] == [(method, path)]
+def test_account_wide_listings_and_model_deletion_are_staff_only(upstream, accounts, door, method, path):
+    async def scenario(http):
+        refused = await http.request(method, path, headers=door(accounts["alice"]))
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["error"]["code"] == "staff_only"
+        assert upstream.requests == []
+        served = await http.request(method, path, headers=door(accounts["staff"]))
+        assert served.status_code != 403
+        assert [(r.method, r.path) for r in upstream.requests] == [(method, path)]
+
+    serve(scenario)
 
 
-async def test_staff_listing_shows_what_users_stored(http, upstream, accounts):
-    completion = await _created(http, {"Authorization": f"Bearer {accounts['alice']}"})
-    listed = await http.get("/v1/chat/completions", headers={"Authorization": f"Bearer {accounts['staff']}"})
-    assert [entry["id"] for entry in listed.json()["data"]] == [completion]
+def test_staff_listing_shows_what_users_stored(upstream, accounts):
+    async def scenario(http):
+        completion = await _created(http, {"Authorization": f"Bearer {accounts['alice']}"})
+        listed = await http.get("/v1/chat/completions", headers={"Authorization": f"Bearer {accounts['staff']}"})
+        assert [entry["id"] for entry in listed.json()["data"]] == [completion]
+
+    serve(scenario)
 
 
-async def test_fine_tuning_is_closed_and_staff_only_once_opened(http, upstream, accounts, settings):
-    alice, staff = {"Authorization": f"Bearer {accounts['alice']}"}, {"Authorization": f"Bearer {accounts['staff']}"}
-    closed = await http.post("/v1/fine_tuning/jobs", json={}, headers=staff)
-    assert (closed.status_code, closed.json()["error"]["code"]) == (403, "path_not_allowed")
-    settings.PROXY_ALLOWED_PATHS = [*settings.PROXY_ALLOWED_PATHS, "fine_tuning"]  # opened to all: still staff's
-    refused = await http.post("/v1/fine_tuning/jobs", json={}, headers=alice)
-    assert (refused.status_code, refused.json()["error"]["code"]) == (403, "staff_only")
-    assert upstream.requests == []
-    assert (await http.post("/v1/fine_tuning/jobs", json={}, headers=staff)).status_code == 404  # the fake's
-    assert [r.path for r in upstream.requests] == ["/v1/fine_tuning/jobs"]
+def test_fine_tuning_is_closed_and_staff_only_once_opened(upstream, accounts, settings):
+    async def scenario(http):
+        alice, staff = (
+            {"Authorization": f"Bearer {accounts['alice']}"},
+            {"Authorization": f"Bearer {accounts['staff']}"},
+        )
+        closed = await http.post("/v1/fine_tuning/jobs", json={}, headers=staff)
+        assert (closed.status_code, closed.json()["error"]["code"]) == (403, "path_not_allowed")
+        settings.PROXY_ALLOWED_PATHS = [*settings.PROXY_ALLOWED_PATHS, "fine_tuning"]  # opened to all: still staff's
+        refused = await http.post("/v1/fine_tuning/jobs", json={}, headers=alice)
+        assert (refused.status_code, refused.json()["error"]["code"]) == (403, "staff_only")
+        assert upstream.requests == []
+        assert (await http.post("/v1/fine_tuning/jobs", json={}, headers=staff)).status_code == 404  # the fake's
+        assert [r.path for r in upstream.requests] == ["/v1/fine_tuning/jobs"]
+
+    serve(scenario)
 
 
 @pytest.mark.parametrize("method", ["TRACE", "PATCH", "PUT", "HEAD", "CONNECT", "PROPFIND"])
-async def test_unknown_methods_are_refused_before_the_upstream(http, upstream, accounts, door, method):
-    response = await http.request(method, "/v1/chat/completions", headers=door(accounts["staff"]))
-    assert response.status_code == 405
-    assert set(response.headers["allow"].split(", ")) == {"GET", "POST", "DELETE"}
-    if method != "HEAD":
-        assert response.json()["error"]["code"] == "method_not_allowed"
-    assert upstream.requests == []
+def test_unknown_methods_are_refused_before_the_upstream(upstream, accounts, door, method):
+    async def scenario(http):
+        response = await http.request(method, "/v1/chat/completions", headers=door(accounts["staff"]))
+        assert response.status_code == 405
+        assert set(response.headers["allow"].split(", ")) == {"GET", "POST", "DELETE"}
+        if method != "HEAD":
+            assert response.json()["error"]["code"] == "method_not_allowed"
+        assert upstream.requests == []
+
+    serve(scenario)
 
 
-async def test_a_known_path_with_a_method_it_does_not_take_is_405(http, upstream, accounts, door):
-    response = await http.delete("/v1/embeddings", headers=door(accounts["staff"]))
-    assert response.status_code == 405
-    assert response.headers["allow"] == "POST"
-    assert upstream.requests == []
+def test_a_known_path_with_a_method_it_does_not_take_is_405(upstream, accounts, door):
+    async def scenario(http):
+        response = await http.delete("/v1/embeddings", headers=door(accounts["staff"]))
+        assert response.status_code == 405
+        assert response.headers["allow"] == "POST"
+        assert upstream.requests == []
+
+    serve(scenario)
 
 
-async def test_an_unlisted_path_under_a_known_prefix_is_refused(http, upstream, accounts, door):
-    response = await http.get("/v1/chat/completions/abc/def/ghi", headers=door(accounts["staff"]))
-    assert (response.status_code, response.json()["error"]["code"]) == (403, "path_not_allowed")
-    assert upstream.requests == []
+def test_an_unlisted_path_under_a_known_prefix_is_refused(upstream, accounts, door):
+    async def scenario(http):
+        response = await http.get("/v1/chat/completions/abc/def/ghi", headers=door(accounts["staff"]))
+        assert (response.status_code, response.json()["error"]["code"]) == (403, "path_not_allowed")
+        assert upstream.requests == []
+
+    serve(scenario)
 
 
-async def test_opted_in_files_are_their_uploaders_only(http, upstream, accounts, settings):
-    settings.PROXY_ALLOWED_PATHS = [*settings.PROXY_ALLOWED_PATHS, "files"]
-    alice, bob = {"Authorization": f"Bearer {accounts['alice']}"}, {"Authorization": f"Bearer {accounts['bob']}"}
-    uploaded = await http.post("/v1/files", headers=alice, data={"purpose": "batch"}, files={"file": ("a", b"{}")})
-    assert uploaded.status_code == 200, uploaded.text
-    file_id = uploaded.json()["id"]
-    upstream.requests.clear()
-    assert (await http.get(f"/v1/files/{file_id}", headers=bob)).status_code == 404
-    assert (await http.get("/v1/files", headers=bob)).status_code == 403
-    assert upstream.requests == []
-    assert (await http.get(f"/v1/files/{file_id}", headers=alice)).status_code == 404  # reached: the fake has no GET
-    assert [r.path for r in upstream.requests] == [f"/v1/files/{file_id}"]
+def test_opted_in_files_are_their_uploaders_only(upstream, accounts, settings):
+    async def scenario(http):
+        settings.PROXY_ALLOWED_PATHS = [*settings.PROXY_ALLOWED_PATHS, "files"]
+        alice, bob = {"Authorization": f"Bearer {accounts['alice']}"}, {"Authorization": f"Bearer {accounts['bob']}"}
+        uploaded = await http.post("/v1/files", headers=alice, data={"purpose": "batch"}, files={"file": ("a", b"{}")})
+        assert uploaded.status_code == 200, uploaded.text
+        file_id = uploaded.json()["id"]
+        upstream.requests.clear()
+        assert (await http.get(f"/v1/files/{file_id}", headers=bob)).status_code == 404
+        assert (await http.get("/v1/files", headers=bob)).status_code == 403
+        assert upstream.requests == []
+        assert (
+            await http.get(f"/v1/files/{file_id}", headers=alice)
+        ).status_code == 404  # reached: the fake has no GET
+        assert [r.path for r in upstream.requests] == [f"/v1/files/{file_id}"]
+
+    serve(scenario)
