@@ -18,31 +18,42 @@ from django.core.cache import cache
 # Test helpers and fixture modules (testing/) get pytest's assertion messages too.
 pytest.register_assert_rewrite("testing")
 
-# The files that take longest on one leg or the other (--durations, 2026-12-07), slowest first. Under
+# The files that take longest on one leg or the other (--durations, 2026-12-07, after the in-process
+# move), slowest first. Under
 # `make test`'s --dist loadfile a file runs on one worker, and the workers take files in collection
 # order (the Makefile turns off xdist's own order, by number of tests, which put the one-test files
 # such as the schemathesis shards last): a long file taken last is the leg's tail, so they go first.
 # A stale entry costs nothing but its place; a file missing from here is taken after them, larger first.
 SLOWEST_FILES = (
     "turbo_site/tests/test_schemathesis_",  # its shards, leg 1 only
+    "chats/tests/test_sigterm_loop.py",
+    "proxy/tests/test_poison.py",
     "chats/tests/test_stream_faults.py",
+    "proxy/tests/test_shutdown.py",
+    "turbo_site/tests/test_metrics.py",
+    "chats/tests/test_db_pool.py",
+    "chats/tests/test_two_processes.py",
+    "turbo_site/tests/test_settings.py",
     "chats/tests/test_reply_lifecycle.py",
-    "proxy/tests/test_gateway.py",
-    "accounts/tests/test_auth_fronts.py",
+    "proxy/tests/test_budgets_e2e.py",
+    "chats/tests/test_chat_stop.py",
+    "turbo_site/tests/test_servers.py",
+    "chats/tests/test_web_browser.py",
+    "chats/tests/test_tool_calling.py",
+    "chats/tests/test_stream_listeners.py",
+    "turbo_site/tests/test_tls.py",
+    "turbo_site/tests/test_health.py",
     "turbo_site/tests/test_grpc_server.py",
     "chats/tests/test_programs_processes.py",
-    "accounts/tests/test_api_keys.py",
-    "chats/tests/test_sigterm_loop.py",
-    "chats/tests/test_web_browser.py",
-    "accounts/tests/test_admin.py",
-    "chats/tests/test_db_pool.py",
-    "turbo_site/tests/test_servers.py",
+    "chats/tests/test_stream_load.py",
+    "proxy/tests/test_secrets.py",
+    "proxy/tests/test_rate_limits.py",
     "groups/tests/test_web_browser.py",
     "turbo_site/tests/test_runtime_install.py",
-    "turbo_site/tests/test_metrics.py",
     "turbo_site/tests/test_docs_examples.py",
     "turbo_site/tests/test_startup.py",
     "turbo_site/tests/test_first_run.py",
+    "proxy/tests/test_token_counts.py",
 )
 
 
