@@ -1,6 +1,7 @@
 """The gRPC server as operators run it (`manage.py grpcserve` in a process of its own), and the generated
 modules in protos/ matching turbo.proto."""
 
+import asyncio
 import signal
 import subprocess
 import sys
@@ -167,8 +168,15 @@ async def test_grpcserve_traces_each_call_with_its_attempts_and_counts_it_in_met
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await completions.Complete(request, metadata=bearer("not-a-token"))
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        after = await _scrape()
         counted = {"grpc_service": "turbo.v1.Completions", "grpc_method": "Complete"}
+        # A refused call's status reaches the client as `abort` sends it, before the server's interceptor
+        # has counted it: wait (a little) until both calls are counted, then read every figure.
+        after = await _scrape()
+        for _ in range(100):
+            if moved(before, after, "turbo_grpc_request_duration_seconds_count", **counted) >= 2:
+                break
+            await asyncio.sleep(0.05)
+            after = await _scrape()
         assert moved(before, after, "turbo_grpc_requests_total", grpc_code="OK", **counted) == 1
         assert moved(before, after, "turbo_grpc_requests_total", grpc_code="UNAUTHENTICATED", **counted) == 1
         assert moved(before, after, "turbo_grpc_request_duration_seconds_count", **counted) == 2
