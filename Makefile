@@ -149,7 +149,8 @@ PROJECT_CODE := manage.py conftest.py accounts groups chats proxy turbo_site pro
 # every worker pays Django's start-up, its own database and its own session servers again.
 # Leg 1 alone on a quiet machine with 4 workers: 9:04 (2026-12-07), then 4:50 once the suite stopped waiting
 # out timeouts (the same CPU, ~8.5 min): the files are taken in collection order, which conftest.py sets, the
-# slowest first (SLOWEST_FILES).
+# slowest first (SLOWEST_FILES). Once the API tests ran in process (one transaction each, rolled back, not
+# flushed: docs/layout.md), each leg alone on a quiet machine: leg 1 3:32, leg 2 4:04 (2026-12-07).
 # TEST_WORKERS=0: one process.
 # PYTEST_ARGS come last, so `make test PYTEST_ARGS="-k foo"` or `PYTEST_ARGS="-n 0 -x"` do the obvious thing.
 TEST_WORKERS ?= 4
