@@ -5,7 +5,9 @@ comes after it from being logged, charged (usage rollups), counted (/metrics) an
 encoding of the spans).
 
 In process (httpx.ASGITransport over Turbo's ASGI app), in production mode, on whichever database the
-suite runs (SQLite, or Postgres where NUL is refused), against the fake upstream.
+suite runs (SQLite, or Postgres where NUL is refused), against the fake upstream. The reproductions run
+through run_in_process, in one transaction rolled back, not flushed; the shutdown tests and the hypothesis
+test run on committed data (each says why).
 """
 
 import json
@@ -28,10 +30,11 @@ from proxy.models import Event, UsageRollup
 from proxy.owners import objects_pending
 from proxy.usage.caller import Caller
 from proxy.usage.records import Usage, usage_pending, usage_record
+from testing.inprocess import run_in_process
 from turbo_site.core import metrics, tracing
 from turbo_site.core.text import storable
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 METRICS_TOKEN = "poison-scraper-secret"
 ORDINARY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "echo: all is well"}]}
@@ -152,23 +155,26 @@ async def assert_ordinary_call_served(http: httpx.AsyncClient, exporter: InMemor
 
 
 @pytest.mark.parametrize("model", POISON[:2], ids=["nul", "lone-surrogate"])
-async def test_a_poisoned_model_name_is_served_and_blocks_nothing_behind_it(production, model):
-    dropped = events_state()["dropped"]  # this process's count since it started: earlier tests' too
-    async with await asgi_client() as http:
-        token, user_id = await signed_up(http)
-        production.clear()
-        response = await post_json(http, "/v1/chat/completions", {**ORDINARY, "model": model}, token)
-        assert response.status_code == 200, response.text
-        events, rollups = await flushed_records(user_id)
-        # Stored as storable text, the same on both databases; counted once, never retried.
-        assert [event.model for event in events] == [storable(model)]
-        assert [(rollup.model, rollup.requests) for rollup in rollups] == [(storable(model), 1)]
-        assert encode_spans(production.get_finished_spans()).SerializeToString()
-        assert events_state()["dropped"] == dropped  # none of this call's records was refused
-        await assert_ordinary_call_served(http, production)
+def test_a_poisoned_model_name_is_served_and_blocks_nothing_behind_it(production, model):
+    async def scenario():
+        dropped = events_state()["dropped"]  # this process's count since it started: earlier tests' too
+        async with await asgi_client() as http:
+            token, user_id = await signed_up(http)
+            production.clear()
+            response = await post_json(http, "/v1/chat/completions", {**ORDINARY, "model": model}, token)
+            assert response.status_code == 200, response.text
+            events, rollups = await flushed_records(user_id)
+            # Stored as storable text, the same on both databases; counted once, never retried.
+            assert [event.model for event in events] == [storable(model)]
+            assert [(rollup.model, rollup.requests) for rollup in rollups] == [(storable(model), 1)]
+            assert encode_spans(production.get_finished_spans()).SerializeToString()
+            assert events_state()["dropped"] == dropped  # none of this call's records was refused
+            await assert_ordinary_call_served(http, production)
+
+    run_in_process(scenario)
 
 
-async def test_a_lone_surrogate_in_a_message_is_sent_upstream_escaped(production, upstream, settings, tmp_path):
+def test_a_lone_surrogate_in_a_message_is_sent_upstream_escaped(production, upstream, settings, tmp_path):
     config = tmp_path / "turbo.yaml"
     config.write_text(
         f"upstreams:\n  - {{name: fake, base_url: {upstream.url}/v1, api_key: sk-k}}\n"
@@ -176,28 +182,35 @@ async def test_a_lone_surrogate_in_a_message_is_sent_upstream_escaped(production
     )
     settings.TURBO_CONFIG = str(config)  # a renamed model: the gateway rewrites the body (body_for)
     poisoned = {"model": "public", "messages": [{"role": "user", "content": "echo: a\ud800b"}]}
-    async with await asgi_client() as http:
-        token, _ = await signed_up(http)
-        plain = await post_json(http, "/v1/chat/completions", poisoned, token)
-        streamed = await post_json(
-            http, "/v1/chat/completions", {**poisoned, "stream": True}, token
-        )  # usage asked for: the body is rewritten for that too
-    assert plain.status_code == streamed.status_code == 200, plain.text
-    sent = [request.json() for request in upstream.requests]
-    assert [body["messages"][0]["content"] for body in sent] == ["echo: a\ud800b"] * 2
-    assert sent[1]["stream_options"] == {"include_usage": True}
 
-
-async def test_metrics_answer_even_with_a_label_an_older_process_poisoned(production):
-    metrics.tokens.labels("\ud800", "input").inc(3)  # as written before labels were made storable
-    try:
+    async def scenario():
         async with await asgi_client() as http:
-            scrape = await http.get("/metrics", headers=bearer(METRICS_TOKEN))
-    finally:
-        metrics.tokens.remove("\ud800", "input")
-    assert scrape.status_code == 200
-    samples = [sample for family in text_string_to_metric_families(scrape.text) for sample in family.samples]
-    assert any(sample.labels == {"model": "?", "direction": "input"} and sample.value == 3 for sample in samples)
+            token, _ = await signed_up(http)
+            plain = await post_json(http, "/v1/chat/completions", poisoned, token)
+            streamed = await post_json(
+                http, "/v1/chat/completions", {**poisoned, "stream": True}, token
+            )  # usage asked for: the body is rewritten for that too
+        assert plain.status_code == streamed.status_code == 200, plain.text
+        sent = [request.json() for request in upstream.requests]
+        assert [body["messages"][0]["content"] for body in sent] == ["echo: a\ud800b"] * 2
+        assert sent[1]["stream_options"] == {"include_usage": True}
+
+    run_in_process(scenario)
+
+
+def test_metrics_answer_even_with_a_label_an_older_process_poisoned(production):
+    async def scenario():
+        metrics.tokens.labels("\ud800", "input").inc(3)  # as written before labels were made storable
+        try:
+            async with await asgi_client() as http:
+                scrape = await http.get("/metrics", headers=bearer(METRICS_TOKEN))
+        finally:
+            metrics.tokens.remove("\ud800", "input")
+        assert scrape.status_code == 200
+        samples = [sample for family in text_string_to_metric_families(scrape.text) for sample in family.samples]
+        assert any(sample.labels == {"model": "?", "direction": "input"} and sample.value == 3 for sample in samples)
+
+    run_in_process(scenario)
 
 
 def dropped(name: str, reason: str) -> float:
@@ -252,11 +265,14 @@ def _write_a_refused_record_and_a_good_one() -> tuple[list[UsageRollup], float]:
     return list(UsageRollup.objects.filter(user_id__in=[user.pk for user in users])), after - before
 
 
-async def test_a_usage_record_the_database_refuses_is_dropped_and_counted(production):
-    rollups, dropped = await _write_a_refused_record_and_a_good_one()
-    assert [(rollup.input_tokens, rollup.output_tokens) for rollup in rollups] == [(5, 1)]
-    assert dropped == 1
-    assert usage_pending() == 0
+def test_a_usage_record_the_database_refuses_is_dropped_and_counted(production):
+    async def scenario():
+        rollups, dropped = await _write_a_refused_record_and_a_good_one()
+        assert [(rollup.input_tokens, rollup.output_tokens) for rollup in rollups] == [(5, 1)]
+        assert dropped == 1
+        assert usage_pending() == 0
+
+    run_in_process(scenario)
 
 
 @database_sync_to_async
@@ -272,6 +288,7 @@ def _usage_written_at_shutdown() -> list[UsageRollup]:
     return list(UsageRollup.objects.filter(user_id=user.pk))
 
 
+@pytest.mark.django_db(transaction=True)  # the shutdown's flush closes its thread's connection
 async def test_pending_usage_is_written_at_shutdown(production):
     rollups = await _usage_written_at_shutdown()
     assert [(rollup.input_tokens, rollup.output_tokens, rollup.cost_usd > Decimal(0)) for rollup in rollups] == [
@@ -308,6 +325,7 @@ def _shutdown_with_the_database_away() -> tuple[int, int]:
         events_writer_resume()
 
 
+@pytest.mark.django_db(transaction=True)  # the shutdown's flush closes its thread's connection
 async def test_what_is_pending_at_shutdown_with_the_database_away_is_counted(production, paused_event_writer):
     # The writer paused: the records stay queued for the shutdown's flush, not written just before it.
     from proxy.owners import object_record
@@ -340,7 +358,10 @@ poison_text = st.one_of(
 poison = st.one_of(poison_text, st.integers(min_value=500, max_value=100_000).map(Nested))
 
 
-# Each kind of poison in every place at least once, whatever hypothesis draws besides.
+# Each kind of poison in every place at least once, whatever hypothesis draws besides. Transactional: its
+# program chat's opening turn (/chat/create) runs a generation from a sync view through async_to_sync, whose
+# database calls would wait for ever in process on the test's thread, busy in that view.
+@pytest.mark.django_db(transaction=True)
 @example(model=POISON[0], content=POISON[2], name=POISON[1])  # NUL, 10 MB, a lone surrogate
 @example(model=POISON[1], content=Nested(100_000), name=POISON[0])
 @example(model=Nested(5_000), content=POISON[3], name=POISON[2])  # odd Unicode
