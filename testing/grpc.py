@@ -6,10 +6,15 @@ loop, sharing the test database (like conftest.py's LiveServer for HTTP), and cl
         stub = turbo_pb2_grpc.CompletionsStub(channel)
         reply = await stub.Complete(request, metadata=bearer(token))
     server.stop()
+
+In a test that runs in one transaction, `serving()` starts it on the running loop instead (a scenario of
+testing.inprocess.run_in_process), so its servicers' database calls run on the test's connection.
 """
 
 import asyncio
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import grpc
 
@@ -49,3 +54,17 @@ class GrpcServer:
     def channel(self) -> grpc.aio.Channel:
         """A new grpc.aio channel to the server (use `async with`, in the test's own event loop)."""
         return grpc.aio.insecure_channel(self.address)
+
+
+@asynccontextmanager
+async def serving() -> AsyncIterator[grpc.aio.Channel]:
+    """Turbo's gRPC server on a free loopback port, on the running loop, and a channel to it; the server stops
+    at the end (calls still open are cancelled)."""
+    from turbo_site.grpc import server_start
+
+    running = await server_start("127.0.0.1:0")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            yield channel
+    finally:
+        await running.server.stop(None)

@@ -17,9 +17,8 @@ import pytest
 from asgiref.sync import sync_to_async
 
 from protos.turbo.v1 import turbo_pb2, turbo_pb2_grpc
-from testing.grpc import bearer
+from testing.grpc import bearer, serving
 from testing.inprocess import run_in_process
-from turbo_site.grpc import server_start
 
 pytestmark = pytest.mark.django_db
 
@@ -34,15 +33,11 @@ def over_grpc(scenario: Callable[[turbo_pb2_grpc.ChatsStub], Awaitable]):
     """`scenario(chats)` with a Chats stub of a grpc.aio channel to Turbo's gRPC server, both on the loop of
     run_in_process: the server is started for it on a free loopback port, and stopped after it."""
 
-    async def serving():
-        running = await server_start("127.0.0.1:0")
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-                return await scenario(turbo_pb2_grpc.ChatsStub(channel))
-        finally:
-            await running.server.stop(None)
+    async def served():
+        async with serving() as channel:
+            return await scenario(turbo_pb2_grpc.ChatsStub(channel))
 
-    return run_in_process(serving)
+    return run_in_process(served)
 
 
 @pytest.fixture

@@ -8,8 +8,6 @@ gRPC over the socket as they would between processes."""
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import grpc
 import pytest
@@ -19,25 +17,12 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from protos.turbo.v1 import turbo_pb2, turbo_pb2_grpc
 from proxy.usage.ratelimits import ratelimits_forget
 from testing.fake_upstream import fake_embedding
-from testing.grpc import bearer
+from testing.grpc import bearer, serving
 from testing.inprocess import run_in_process
-from turbo_site.grpc import server_start
 
 pytestmark = pytest.mark.django_db
 
 SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
-
-
-@asynccontextmanager
-async def serving() -> AsyncIterator[grpc.aio.Channel]:
-    """Turbo's gRPC server (turbo_site/grpc.py) on a free loopback port, on the running loop, and a channel to it;
-    the server stops at the end (calls still open are cancelled)."""
-    running = await server_start("127.0.0.1:0")
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-            yield channel
-    finally:
-        await running.server.stop(None)
 
 
 def ask(text: str, **fields) -> turbo_pb2.CompleteRequest:
