@@ -335,7 +335,9 @@ def test_cookie_authenticated_cross_site_post_is_refused(client, new_client, sig
         assert evil.status_code == 403
         assert User.objects.get(pk=me["id"]).first_name == ""
         same_origin = browser.post(
-            "/user/update", data={"id": me["id"], "first_name": "Me"}, headers={"Origin": str(browser.base_url).rstrip("/")}
+            "/user/update",
+            data={"id": me["id"], "first_name": "Me"},
+            headers={"Origin": str(browser.base_url).rstrip("/")},
         )
         assert same_origin.status_code == 200
         # curl --cookie sends no Origin at all: still works, as documented.
